@@ -1,0 +1,34 @@
+//! `surge.toml`: the typed configuration of a Surge deployment.
+//!
+//! Parsing happens in two steps. Serde reads the file into the `raw` types, which keep the
+//! source span of every value a later check may need to point at; then `validate` turns them
+//! into the [`Config`] model, collecting every semantic error (with its key and line) instead
+//! of stopping at the first, the way Vector's config compiler does.
+
+mod error;
+mod model;
+mod raw;
+mod validate;
+
+pub use error::{ConfigError, ConfigErrors, Site};
+pub use model::{
+    AdminConfig, Balance, Config, GatewayConfig, HealthConfig, InstanceBounds, LifecycleConfig, Route,
+    ServiceConfig, TimeoutConfig,
+};
+pub use validate::check_listeners;
+
+use std::path::Path;
+
+/// Reads and validates the configuration file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let source = std::fs::read_to_string(path)
+        .map_err(|err| ConfigErrors::single(ConfigError::unreadable(path, &err)))?;
+    parse(&source, path)
+}
+
+/// Parses and validates `source`; `path` names the file in error messages and anchors
+/// relative command paths.
+pub fn parse(source: &str, path: &Path) -> Result<Config, ConfigErrors> {
+    let raw = raw::parse(source).map_err(|err| ConfigErrors::single(err.locate(source, path)))?;
+    validate::validate(raw, source, path)
+}

@@ -1,0 +1,111 @@
+//! The validated configuration: every default applied, every bound checked.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::Site;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: PathBuf,
+    pub gateway: GatewayConfig,
+    pub admin: AdminConfig,
+    /// In the order the file declares them.
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub listen: SocketAddr,
+    /// Where `listen` was written, for "port already in use" errors.
+    pub listen_site: Site,
+    /// How long in-flight requests may take to finish once shutdown begins.
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    pub listen_site: Site,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub name: String,
+    /// The resolved path of the executable.
+    pub command: PathBuf,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub routes: Vec<Route>,
+    pub instances: InstanceBounds,
+    pub health: HealthConfig,
+    pub balance: Balance,
+    pub timeouts: TimeoutConfig,
+    pub lifecycle: LifecycleConfig,
+}
+
+/// A path prefix, matched on segment boundaries, optionally for one host only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Normalised: starts with `/`, no trailing `/` unless it is the root.
+    pub prefix: String,
+    /// Lower case, without a port.
+    pub host: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InstanceBounds {
+    pub min: u32,
+    pub max: u32,
+    pub initial: u32,
+}
+
+impl InstanceBounds {
+    pub fn contains(&self, count: u32) -> bool {
+        (self.min..=self.max).contains(&count)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct TimeoutConfig {
+    pub connect: Duration,
+    pub request: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct LifecycleConfig {
+    /// How long a new instance may take to pass its first health check.
+    pub start_timeout: Duration,
+    /// How long a stopping instance's in-flight requests may take to finish.
+    pub drain_timeout: Duration,
+    /// How long after SIGTERM before SIGKILL.
+    pub stop_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// The instance with the fewest in-flight requests; ties rotate.
+    #[default]
+    LeastConn,
+    RoundRobin,
+}
+
+impl Balance {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Balance::LeastConn => "least_conn",
+            Balance::RoundRobin => "round_robin",
+        }
+    }
+}

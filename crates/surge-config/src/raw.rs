@@ -1,0 +1,205 @@
+//! The file as serde reads it: every field optional where a default exists, every value that a
+//! later check may report on wrapped in `Spanned` so the error can point at it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::Path;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::error::{ConfigError, Site};
+use crate::model::Balance;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    #[serde(default)]
+    pub gateway: RawGateway,
+    #[serde(default)]
+    pub admin: RawAdmin,
+    #[serde(default)]
+    pub services: BTreeMap<String, Spanned<RawService>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawGateway {
+    pub listen: Option<Spanned<SocketAddr>>,
+    pub shutdown_timeout: Option<Spanned<Duration>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAdmin {
+    pub listen: Option<Spanned<SocketAddr>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawService {
+    pub command: Option<Spanned<String>>,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub routes: Option<Spanned<Vec<Spanned<RawRoute>>>>,
+    pub instances: Option<Spanned<RawInstances>>,
+    #[serde(default)]
+    pub health: RawHealth,
+    #[serde(default)]
+    pub balance: Balance,
+    #[serde(default)]
+    pub timeouts: RawTimeouts,
+    #[serde(default)]
+    pub lifecycle: RawLifecycle,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawInstances {
+    pub min: Option<u32>,
+    pub max: Option<u32>,
+    pub initial: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawHealth {
+    pub path: Option<Spanned<String>>,
+    pub interval: Option<Spanned<Duration>>,
+    pub timeout: Option<Spanned<Duration>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTimeouts {
+    pub connect: Option<Spanned<Duration>>,
+    pub request: Option<Spanned<Duration>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLifecycle {
+    pub start_timeout: Option<Spanned<Duration>>,
+    pub drain_timeout: Option<Spanned<Duration>>,
+    pub stop_timeout: Option<Spanned<Duration>>,
+}
+
+/// A route is written either as a bare prefix, `"/api"`, or as a table,
+/// `{ prefix = "/api", host = "shop.example" }`.
+#[derive(Debug)]
+pub(crate) struct RawRoute {
+    pub prefix: String,
+    pub host: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for RawRoute {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            #[serde(default = "root")]
+            prefix: String,
+            host: Option<String>,
+        }
+        fn root() -> String {
+            "/".to_owned()
+        }
+
+        struct RouteVisitor;
+        impl<'de> Visitor<'de> for RouteVisitor {
+            type Value = RawRoute;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#"a path prefix such as "/api", or a table such as { prefix = "/api", host = "shop.example" }"#)
+            }
+            fn visit_str<E: de::Error>(self, prefix: &str) -> Result<RawRoute, E> {
+                Ok(RawRoute { prefix: prefix.to_owned(), host: None })
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawRoute, A::Error> {
+                let table = Table::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(RawRoute { prefix: table.prefix, host: table.host })
+            }
+        }
+        deserializer.deserialize_any(RouteVisitor)
+    }
+}
+
+/// A duration written the human way: "250ms", "2s", "1m", "1h 30m".
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Duration(pub std::time::Duration);
+
+impl<'de> Deserialize<'de> for Duration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct DurationVisitor;
+        impl Visitor<'_> for DurationVisitor {
+            type Value = Duration;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#"a duration with a unit, such as "250ms", "2s" or "1m""#)
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Duration, E> {
+                humantime::parse_duration(text).map(Duration).map_err(|err| {
+                    E::custom(format!(
+                        r#"invalid duration "{text}" ({err}); write a number and a unit, such as "250ms", "2s" or "1m""#
+                    ))
+                })
+            }
+        }
+        deserializer.deserialize_str(DurationVisitor)
+    }
+}
+
+/// A serde or TOML syntax error, with the key path serde was reading when it failed.
+pub(crate) struct ParseError {
+    key: String,
+    message: String,
+    span: Option<Range<usize>>,
+}
+
+impl ParseError {
+    pub fn locate(self, source: &str, file: &Path) -> ConfigError {
+        match self.span {
+            Some(span) => Site::new(source, file, span, self.key).error(self.message),
+            None => Site { key: self.key, ..Site::file(file) }.error(self.message),
+        }
+    }
+}
+
+pub(crate) fn parse(source: &str) -> Result<RawConfig, ParseError> {
+    let syntax_error = |err: toml::de::Error| ParseError {
+        key: String::new(),
+        message: err.message().to_owned(),
+        span: err.span(),
+    };
+    let deserializer = toml::Deserializer::parse(source).map_err(syntax_error)?;
+    serde_path_to_error::deserialize(deserializer).map_err(|err| {
+        let key = dotted_key(err.path());
+        let inner = err.into_inner();
+        ParseError { key, message: inner.message().to_owned(), span: inner.span() }
+    })
+}
+
+/// `services.api.instances.min`, leaving out the private segments `Spanned` reads through.
+fn dotted_key(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut key = String::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Map { key: name } | Segment::Enum { variant: name } => {
+                if name.starts_with("$__") {
+                    continue;
+                }
+                if !key.is_empty() {
+                    key.push('.');
+                }
+                key.push_str(name);
+            }
+            Segment::Seq { index } => key.push_str(&format!("[{index}]")),
+            Segment::Unknown => {}
+        }
+    }
+    key
+}

@@ -1,0 +1,369 @@
+//! From the raw file to the [`Config`] model: defaults, bounds, routes and commands, with every
+//! error collected and reported with its key and line.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::Spanned;
+
+use crate::error::{ConfigError, ConfigErrors, Site};
+use crate::model::*;
+use crate::raw::{self, RawConfig, RawService};
+
+const DEFAULT_GATEWAY_LISTEN: &str = "127.0.0.1:8080";
+const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9900";
+const MAX_INSTANCES: u32 = 1024;
+
+pub(crate) fn validate(raw: RawConfig, source: &str, file: &Path) -> Result<Config, ConfigErrors> {
+    let mut v = Validator { source, file, errors: Vec::new() };
+    let gateway = v.gateway(raw.gateway);
+    let admin = v.admin(raw.admin);
+    if gateway.listen == admin.listen {
+        v.errors.push(admin.listen_site.error(format!(
+            "the admin API and the gateway both listen on {}; give them different addresses",
+            admin.listen
+        )));
+    }
+
+    let mut services: Vec<_> = raw.services.into_iter().collect();
+    services.sort_by_key(|(_, service)| service.span().start);
+    if services.is_empty() {
+        v.errors.push(
+            Site::file(file).error(
+                "no services are defined; add one, for example [services.web] with a command and routes",
+            ),
+        );
+    }
+    let mut routes = RouteTable::default();
+    let services =
+        services.into_iter().filter_map(|(name, service)| v.service(name, service, &mut routes)).collect();
+
+    if v.errors.is_empty() {
+        Ok(Config { file: file.to_owned(), gateway, admin, services })
+    } else {
+        v.errors.sort_by_key(|e| (e.site.line, e.site.column));
+        Err(ConfigErrors(v.errors))
+    }
+}
+
+/// Tries to bind every listen address, as `surge up` will: a port already taken is reported
+/// with the key that names it.
+pub fn check_listeners(config: &Config) -> Vec<ConfigError> {
+    [(&config.gateway.listen, &config.gateway.listen_site), (&config.admin.listen, &config.admin.listen_site)]
+        .into_iter()
+        .filter_map(|(addr, site)| {
+            TcpListener::bind(addr).err().map(|err| site.error(format!("cannot listen on {addr}: {err}")))
+        })
+        .collect()
+}
+
+struct Validator<'a> {
+    source: &'a str,
+    file: &'a Path,
+    errors: Vec<ConfigError>,
+}
+
+impl Validator<'_> {
+    fn site(&self, span: Range<usize>, key: impl Into<String>) -> Site {
+        Site::new(self.source, self.file, span, key.into())
+    }
+
+    fn error(&mut self, span: Range<usize>, key: impl Into<String>, message: impl Into<String>) {
+        let error = self.site(span, key).error(message);
+        self.errors.push(error);
+    }
+
+    fn listen(&self, listen: Option<Spanned<SocketAddr>>, key: &str, default: &str) -> (SocketAddr, Site) {
+        match listen {
+            Some(addr) => (*addr.get_ref(), self.site(addr.span(), key)),
+            None => {
+                let addr = default.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)));
+                (addr, Site { key: key.to_owned(), ..Site::file(self.file) })
+            }
+        }
+    }
+
+    /// A duration that must be positive, or the default when absent.
+    fn duration(
+        &mut self,
+        value: Option<Spanned<raw::Duration>>,
+        key: String,
+        default: Duration,
+    ) -> Duration {
+        match value {
+            Some(d) if d.get_ref().0.is_zero() => {
+                self.error(d.span(), key, "must be greater than zero");
+                default
+            }
+            Some(d) => d.get_ref().0,
+            None => default,
+        }
+    }
+
+    fn gateway(&mut self, raw: raw::RawGateway) -> GatewayConfig {
+        let (listen, listen_site) = self.listen(raw.listen, "gateway.listen", DEFAULT_GATEWAY_LISTEN);
+        let shutdown_timeout =
+            self.duration(raw.shutdown_timeout, "gateway.shutdown_timeout".into(), Duration::from_secs(30));
+        GatewayConfig { listen, listen_site, shutdown_timeout }
+    }
+
+    fn admin(&mut self, raw: raw::RawAdmin) -> AdminConfig {
+        let (listen, listen_site) = self.listen(raw.listen, "admin.listen", DEFAULT_ADMIN_LISTEN);
+        AdminConfig { listen, listen_site }
+    }
+
+    fn service(
+        &mut self,
+        name: String,
+        raw: Spanned<RawService>,
+        routes: &mut RouteTable,
+    ) -> Option<ServiceConfig> {
+        let errors_before = self.errors.len();
+        let key = format!("services.{name}");
+        // The table's own span: where problems with the service as a whole are reported.
+        let name_span = raw.span();
+        if name.is_empty()
+            || name.len() > 64
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            self.error(
+                name_span.clone(),
+                &key,
+                "a service name is 1 to 64 letters, digits, '-' or '_' (it appears in URLs and metrics)",
+            );
+        }
+        let raw = raw.into_inner();
+
+        let command = match &raw.command {
+            None => {
+                self.error(name_span.clone(), &key, "missing `command`: the program that runs one instance");
+                None
+            }
+            Some(command) => match resolve_command(command.get_ref(), self.file) {
+                Ok(path) => Some(path),
+                Err(message) => {
+                    self.error(command.span(), format!("{key}.command"), message);
+                    None
+                }
+            },
+        };
+
+        let service_routes = self.routes(&name, &key, name_span.clone(), raw.routes, routes);
+        let instances = self.instances(&key, name_span, raw.instances);
+        let health = self.health(&key, raw.health);
+        let timeouts = TimeoutConfig {
+            connect: self.duration(
+                raw.timeouts.connect,
+                format!("{key}.timeouts.connect"),
+                Duration::from_secs(2),
+            ),
+            request: self.duration(
+                raw.timeouts.request,
+                format!("{key}.timeouts.request"),
+                Duration::from_secs(60),
+            ),
+        };
+        let lifecycle = LifecycleConfig {
+            start_timeout: self.duration(
+                raw.lifecycle.start_timeout,
+                format!("{key}.lifecycle.start_timeout"),
+                Duration::from_secs(30),
+            ),
+            drain_timeout: self.duration(
+                raw.lifecycle.drain_timeout,
+                format!("{key}.lifecycle.drain_timeout"),
+                Duration::from_secs(30),
+            ),
+            stop_timeout: self.duration(
+                raw.lifecycle.stop_timeout,
+                format!("{key}.lifecycle.stop_timeout"),
+                Duration::from_secs(10),
+            ),
+        };
+
+        if self.errors.len() > errors_before {
+            return None;
+        }
+        Some(ServiceConfig {
+            name,
+            command: command?,
+            args: raw.args,
+            env: raw.env.into_iter().collect(),
+            routes: service_routes,
+            instances,
+            health,
+            balance: raw.balance,
+            timeouts,
+            lifecycle,
+        })
+    }
+
+    fn routes(
+        &mut self,
+        service: &str,
+        key: &str,
+        name_span: Range<usize>,
+        raw: Option<Spanned<Vec<Spanned<raw::RawRoute>>>>,
+        table: &mut RouteTable,
+    ) -> Vec<Route> {
+        let key = format!("{key}.routes");
+        let Some(raw) = raw.filter(|r| !r.get_ref().is_empty()) else {
+            self.error(
+                name_span,
+                key,
+                r#"missing `routes`: list the path prefixes this service answers, such as ["/api"]"#,
+            );
+            return Vec::new();
+        };
+        let mut routes = Vec::new();
+        for (index, route) in raw.into_inner().into_iter().enumerate() {
+            let span = route.span();
+            let route_key = format!("{key}[{index}]");
+            let raw::RawRoute { prefix, host } = route.into_inner();
+            if !prefix.starts_with('/') {
+                self.error(span, route_key, format!(r#"the route prefix "{prefix}" must start with "/""#));
+                continue;
+            }
+            let host = match host {
+                Some(host) if host.is_empty() || host.contains([':', '/', ' ']) => {
+                    self.error(
+                        span,
+                        route_key,
+                        format!(r#"the route host "{host}" must be a bare host name, without scheme, port or path"#),
+                    );
+                    continue;
+                }
+                host => host.map(|h| h.to_ascii_lowercase()),
+            };
+            let normalised = Route { prefix: normalise_prefix(&prefix), host };
+            let site = self.site(span, route_key);
+            if let Some(earlier) = table.insert(&normalised, service, &prefix, site.clone()) {
+                self.errors.push(site.error(earlier));
+                continue;
+            }
+            routes.push(normalised);
+        }
+        routes
+    }
+
+    fn instances(
+        &mut self,
+        key: &str,
+        name_span: Range<usize>,
+        raw: Option<Spanned<raw::RawInstances>>,
+    ) -> InstanceBounds {
+        let key = format!("{key}.instances");
+        let (span, raw) = match raw {
+            Some(raw) => (raw.span(), raw.into_inner()),
+            None => (name_span, raw::RawInstances::default()),
+        };
+        let min = raw.min.unwrap_or(1);
+        let max = raw.max.unwrap_or(min.max(1));
+        let initial = raw.initial.unwrap_or(min);
+        let bounds = InstanceBounds { min, max, initial };
+        if max == 0 {
+            self.error(span, key, "max must be at least 1");
+        } else if max > MAX_INSTANCES {
+            self.error(
+                span,
+                key,
+                format!("max ({max}) is above the limit of {MAX_INSTANCES} instances per service"),
+            );
+        } else if min > max {
+            self.error(span, key, format!("min ({min}) is greater than max ({max})"));
+        } else if !bounds.contains(initial) {
+            self.error(
+                span,
+                key,
+                format!("initial ({initial}) must lie between min ({min}) and max ({max})"),
+            );
+        }
+        bounds
+    }
+
+    fn health(&mut self, key: &str, raw: raw::RawHealth) -> HealthConfig {
+        let key = format!("{key}.health");
+        let path = match raw.path {
+            Some(path) if !path.get_ref().starts_with('/') => {
+                let message = format!(r#"the health path "{}" must start with "/""#, path.get_ref());
+                self.error(path.span(), format!("{key}.path"), message);
+                String::new()
+            }
+            Some(path) => path.into_inner(),
+            None => "/healthz".to_owned(),
+        };
+        HealthConfig {
+            path,
+            interval: self.duration(raw.interval, format!("{key}.interval"), Duration::from_secs(2)),
+            timeout: self.duration(raw.timeout, format!("{key}.timeout"), Duration::from_secs(1)),
+        }
+    }
+}
+
+/// "/api/" and "/api" match the same paths on segment boundaries, so they are one prefix.
+fn normalise_prefix(prefix: &str) -> String {
+    let trimmed = prefix.trim_end_matches('/');
+    if trimmed.is_empty() {
+        "/".to_owned()
+    } else {
+        trimmed.to_owned()
+    }
+}
+
+/// Every route seen so far, to find two that would match the same requests.
+#[derive(Default)]
+struct RouteTable {
+    seen: HashMap<(Option<String>, String), (String, String, Site)>,
+}
+
+impl RouteTable {
+    /// Records a route; if an earlier one matches the same requests, says which.
+    fn insert(&mut self, route: &Route, service: &str, written: &str, site: Site) -> Option<String> {
+        let key = (route.host.clone(), route.prefix.clone());
+        if let Some((other_service, other_written, other_site)) = self.seen.get(&key) {
+            let host = route.host.as_deref().map(|h| format!(" for host {h}")).unwrap_or_default();
+            let kind = if other_written == written { "duplicate route" } else { "overlapping route" };
+            return Some(format!(
+                r#"{kind}: "{written}"{host} matches the same requests as "{other_written}" of service `{other_service}` (line {})"#,
+                other_site.line
+            ));
+        }
+        self.seen.insert(key, (service.to_owned(), written.to_owned(), site));
+        None
+    }
+}
+
+/// Finds the executable a service runs: a path with a `/` is taken relative to the config
+/// file's folder; a bare name is looked up in PATH, then beside the running surge binary
+/// (where `cargo build` puts `surge-echo`).
+fn resolve_command(command: &str, config_file: &Path) -> Result<PathBuf, String> {
+    if command.is_empty() {
+        return Err("the command is empty".to_owned());
+    }
+    if command.contains('/') {
+        let base = config_file.parent().unwrap_or(Path::new("."));
+        let path = base.join(command);
+        return if is_executable(&path) {
+            Ok(path)
+        } else {
+            Err(format!("no executable file at {}", path.display()))
+        };
+    }
+    let path_dirs =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect::<Vec<_>>()).unwrap_or_default();
+    let own_dir = std::env::current_exe().ok().and_then(|exe| exe.parent().map(Path::to_path_buf));
+    path_dirs
+        .into_iter()
+        .chain(own_dir)
+        .map(|dir| dir.join(command))
+        .find(|candidate| is_executable(candidate))
+        .ok_or_else(|| format!("`{command}` was not found in PATH nor beside the surge binary"))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}

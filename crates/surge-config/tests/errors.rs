@@ -1,0 +1,170 @@
+//! Every broken configuration is reported with its key and line.
+
+use std::path::Path;
+
+fn errors(source: &str) -> Vec<surge_config::ConfigError> {
+    match surge_config::parse(source, Path::new("surge.toml")) {
+        Ok(_) => panic!("expected the configuration to be rejected:\n{source}"),
+        Err(errors) => errors.0,
+    }
+}
+
+/// Asserts that exactly one error names `key` at `line` and says `words`.
+fn assert_single(source: &str, key: &str, line: usize, words: &str) {
+    let errors = errors(source);
+    assert_eq!(errors.len(), 1, "expected one error, got {errors:#?}");
+    let error = &errors[0];
+    assert_eq!(error.site.key, key, "{error}");
+    assert_eq!(error.site.line, line, "{error}");
+    assert!(error.message.contains(words), "`{words}` not in: {error}");
+    let shown = error.to_string();
+    assert!(shown.contains(&format!("surge.toml:{line}:")), "{shown}");
+}
+
+const GOOD_SERVICE: &str = r#"
+[services.api]
+command = "sh"
+routes = ["/api"]
+"#;
+
+#[test]
+fn valid_config_gets_defaults() {
+    let config = surge_config::parse(GOOD_SERVICE, Path::new("surge.toml")).expect("valid");
+    let api = &config.services[0];
+    assert_eq!(api.name, "api");
+    assert_eq!(api.instances, surge_config::InstanceBounds { min: 1, max: 1, initial: 1 });
+    assert_eq!(api.health.path, "/healthz");
+    assert_eq!(config.admin.listen.port(), 9900);
+    assert!(api.command.ends_with("sh"));
+}
+
+#[test]
+fn unknown_key() {
+    let source = format!("{GOOD_SERVICE}colour = \"red\"\n");
+    assert_single(&source, "services.api.colour", 5, "unknown field `colour`");
+}
+
+#[test]
+fn unknown_top_level_table() {
+    assert_single(
+        &format!("[gatway]\nlisten = \"127.0.0.1:1\"\n{GOOD_SERVICE}"),
+        "gatway",
+        1,
+        "unknown field",
+    );
+}
+
+#[test]
+fn bad_duration() {
+    let source = format!("{GOOD_SERVICE}health = {{ interval = \"2 parsecs\" }}\n");
+    assert_single(&source, "services.api.health.interval", 5, "invalid duration");
+}
+
+#[test]
+fn duration_without_unit() {
+    let source = format!("{GOOD_SERVICE}timeouts = {{ request = 5 }}\n");
+    assert_single(&source, "services.api.timeouts.request", 5, "such as \"250ms\"");
+}
+
+#[test]
+fn min_greater_than_max() {
+    let source = format!("{GOOD_SERVICE}instances = {{ min = 5, max = 2 }}\n");
+    assert_single(&source, "services.api.instances", 5, "min (5) is greater than max (2)");
+}
+
+#[test]
+fn initial_out_of_bounds() {
+    let source = format!("{GOOD_SERVICE}instances = {{ min = 1, max = 3, initial = 9 }}\n");
+    assert_single(&source, "services.api.instances", 5, "initial (9)");
+}
+
+#[test]
+fn duplicate_route() {
+    let source = format!("{GOOD_SERVICE}\n[services.web]\ncommand = \"sh\"\nroutes = [\"/\", \"/api\"]\n");
+    assert_single(&source, "services.web.routes[1]", 8, "duplicate route");
+}
+
+#[test]
+fn overlapping_route() {
+    let source = format!("{GOOD_SERVICE}\n[services.web]\ncommand = \"sh\"\nroutes = [\"/api/\"]\n");
+    assert_single(&source, "services.web.routes[0]", 8, "overlapping route");
+}
+
+#[test]
+fn same_prefix_on_another_host_is_fine() {
+    let source = format!("{GOOD_SERVICE}\n[services.web]\ncommand = \"sh\"\nroutes = [{{ prefix = \"/api\", host = \"Shop.Example\" }}]\n");
+    let config = surge_config::parse(&source, Path::new("surge.toml")).expect("valid");
+    assert_eq!(config.services[1].routes[0].host.as_deref(), Some("shop.example"));
+}
+
+#[test]
+fn missing_command() {
+    assert_single("[services.api]\nroutes = [\"/\"]\n", "services.api", 1, "missing `command`");
+}
+
+#[test]
+fn command_not_found() {
+    let source = "[services.api]\ncommand = \"no-such-program-surge\"\nroutes = [\"/\"]\n";
+    assert_single(source, "services.api.command", 2, "was not found in PATH");
+}
+
+#[test]
+fn bad_balance() {
+    let source = format!("{GOOD_SERVICE}balance = \"fastest\"\n");
+    assert_single(&source, "services.api.balance", 5, "unknown variant `fastest`");
+}
+
+#[test]
+fn route_without_slash() {
+    let source = "[services.api]\ncommand = \"sh\"\nroutes = [\"api\"]\n";
+    assert_single(source, "services.api.routes[0]", 3, "must start with \"/\"");
+}
+
+#[test]
+fn bad_listen_address() {
+    let source = format!("[gateway]\nlisten = \"localhost\"\n{GOOD_SERVICE}");
+    assert_single(&source, "gateway.listen", 2, "invalid socket address");
+}
+
+#[test]
+fn toml_syntax_error() {
+    let errors = errors("[services.api\ncommand = 1\n");
+    assert_eq!(errors[0].site.line, 1, "{}", errors[0]);
+}
+
+#[test]
+fn every_semantic_error_is_reported_at_once() {
+    let source = r#"
+[services.api]
+command = "sh"
+routes = ["/api"]
+instances = { min = 3, max = 1 }
+
+[services.web]
+routes = ["/api"]
+health = { path = "healthz" }
+"#;
+    let errors = errors(source);
+    let keys: Vec<_> = errors.iter().map(|e| (e.site.line, e.site.key.as_str())).collect();
+    assert_eq!(
+        keys,
+        [
+            (5, "services.api.instances"),
+            (7, "services.web"),
+            (8, "services.web.routes[0]"),
+            (9, "services.web.health.path"),
+        ]
+    );
+}
+
+#[test]
+fn port_in_use_names_the_listen_key() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let source = format!("[gateway]\nlisten = \"127.0.0.1:{port}\"\n{GOOD_SERVICE}");
+    let config = surge_config::parse(&source, Path::new("surge.toml")).expect("valid");
+    let errors = surge_config::check_listeners(&config);
+    assert_eq!(errors.len(), 1);
+    assert_eq!((errors[0].site.key.as_str(), errors[0].site.line), ("gateway.listen", 2));
+    assert!(errors[0].message.contains("cannot listen"), "{}", errors[0]);
+}
