@@ -1,1 +1,158 @@
-pub fn placeholder() {}
+//! Instance pools: each service runs as a pool of instances that surge launches, health-checks,
+//! drains and replaces, through a [`Driver`] (local processes by default).
+//!
+//! The data path reads a pool through [`Pool::ready`], a lock-free snapshot of the instances
+//! that take traffic; everything that changes a pool goes to its supervisor task as a message.
+
+mod driver;
+mod health;
+mod instance;
+mod metrics;
+pub mod plan;
+mod process;
+mod status;
+mod supervisor;
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use surge_config::ServiceConfig;
+use tokio::sync::{mpsc, oneshot};
+
+pub use driver::{Driver, Exit, InstanceControl, LaunchError, LaunchSpec, Launched};
+pub use instance::{InFlight, Instance, InstanceState};
+pub use metrics::PoolMetrics;
+pub use process::ProcessDriver;
+pub use status::{InstanceStatus, PoolStatus};
+
+use supervisor::{Command, Supervisor};
+
+/// A snapshot of instances, cheap to load on every request.
+pub type Snapshot = arc_swap::Guard<Arc<Vec<Arc<Instance>>>>;
+
+pub struct Pool {
+    config: Arc<ServiceConfig>,
+    ready: ArcSwap<Vec<Arc<Instance>>>,
+    all: ArcSwap<Vec<Arc<Instance>>>,
+    desired: AtomicU32,
+    failures: AtomicU32,
+    restarts: AtomicU64,
+    commands: mpsc::Sender<Command>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScaleError {
+    #[error("service `{service}` can run {min} to {max} instances (services.{service}.instances); {requested} is out of bounds")]
+    OutOfBounds { service: String, requested: u32, min: u32, max: u32 },
+    #[error("service `{service}` is shutting down")]
+    ShuttingDown { service: String },
+}
+
+impl Pool {
+    /// Starts the pool's supervisor, which launches the initial instances.
+    pub fn start(config: ServiceConfig, driver: Arc<dyn Driver>, metrics: PoolMetrics) -> Arc<Pool> {
+        let (commands, receiver) = mpsc::channel(64);
+        let pool = Arc::new(Pool {
+            desired: AtomicU32::new(config.instances.initial),
+            config: Arc::new(config),
+            ready: ArcSwap::default(),
+            all: ArcSwap::default(),
+            failures: AtomicU32::new(0),
+            restarts: AtomicU64::new(0),
+            commands,
+        });
+        tokio::spawn(Supervisor::new(Arc::clone(&pool), driver, metrics, receiver).run());
+        pool
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    pub fn config(&self) -> &ServiceConfig {
+        &self.config
+    }
+
+    /// The instances that take traffic now.
+    pub fn ready(&self) -> Snapshot {
+        self.ready.load()
+    }
+
+    /// Sets the desired number of instances, within the service's bounds.
+    pub async fn scale(&self, count: u32) -> Result<u32, ScaleError> {
+        let (reply, answer) = oneshot::channel();
+        let shutting_down = || ScaleError::ShuttingDown { service: self.name().to_owned() };
+        self.commands.send(Command::Scale { count, reply }).await.map_err(|_| shutting_down())?;
+        answer.await.map_err(|_| shutting_down())?
+    }
+
+    /// Drains and stops every instance; returns once all have exited.
+    pub async fn shutdown(&self) {
+        let (reply, done) = oneshot::channel();
+        if self.commands.send(Command::Shutdown { reply }).await.is_ok() {
+            let _ = done.await;
+        }
+    }
+
+    pub fn status(&self) -> PoolStatus {
+        let failures = self.failures.load(Ordering::Relaxed);
+        let instances = self
+            .all
+            .load()
+            .iter()
+            .map(|instance| InstanceStatus {
+                id: instance.id.clone(),
+                pid: instance.pid,
+                port: instance.addr.port(),
+                state: instance.state(),
+                in_flight: instance.in_flight(),
+                served: instance.served(),
+                uptime_ms: u64::try_from(instance.launched.elapsed().as_millis()).unwrap_or(u64::MAX),
+            })
+            .collect();
+        PoolStatus {
+            service: self.config.name.clone(),
+            desired: self.desired.load(Ordering::Relaxed),
+            min: self.config.instances.min,
+            max: self.config.instances.max,
+            balance: self.config.balance.as_str().to_owned(),
+            failures,
+            crash_looping: failures >= plan::CRASH_LOOP_THRESHOLD,
+            restarts: self.restarts.load(Ordering::Relaxed),
+            instances,
+        }
+    }
+}
+
+/// Every pool of a deployment, in configuration order.
+pub struct Pools(Vec<Arc<Pool>>);
+
+impl Pools {
+    pub fn start(services: &[ServiceConfig], driver: Arc<dyn Driver>, metrics: &PoolMetrics) -> Self {
+        Pools(services.iter().map(|s| Pool::start(s.clone(), Arc::clone(&driver), metrics.clone())).collect())
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Pool>> {
+        self.0.iter().find(|pool| pool.name() == name)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Pool>> {
+        self.0.iter()
+    }
+
+    /// Stops every pool at once and waits for all of them.
+    pub async fn shutdown(&self) {
+        let stopping: Vec<_> = self
+            .0
+            .iter()
+            .map(|pool| {
+                let pool = Arc::clone(pool);
+                tokio::spawn(async move { pool.shutdown().await })
+            })
+            .collect();
+        for pool in stopping {
+            let _ = pool.await;
+        }
+    }
+}

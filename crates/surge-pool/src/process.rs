@@ -1,0 +1,160 @@
+//! The local process driver: each instance is a child process on a port of its own.
+//!
+//! No instance may outlive surge, even when surge is killed with SIGKILL and has no chance to
+//! clean up. Each child therefore asks the kernel for `PR_SET_PDEATHSIG(SIGKILL)`, which fires
+//! when the thread that forked it exits. Launches happen on tokio worker threads, which live as
+//! long as the runtime (surge never calls `block_in_place`, which could retire one early).
+//! Each child also leads a process group of its own, so stopping it reaches the processes it
+//! started (a shell wrapper's children), and a Ctrl-C in surge's terminal reaches surge alone,
+//! which then drains and stops the instances in order.
+#![allow(unsafe_code)]
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::os::unix::process::ExitStatusExt;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::Command;
+
+use crate::driver::{Driver, Exit, InstanceControl, LaunchError, LaunchSpec, Launched};
+
+#[derive(Debug, Default)]
+pub struct ProcessDriver;
+
+impl Driver for ProcessDriver {
+    fn launch(&self, spec: &LaunchSpec) -> Result<Launched, LaunchError> {
+        let port = free_port().map_err(LaunchError::Port)?;
+        let mut command = Command::new(&spec.command);
+        command
+            .args(&spec.args)
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .env("PORT", port.to_string())
+            .env("SURGE_INSTANCE", &spec.instance_id)
+            .env("SURGE_SERVICE", &spec.service)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        let parent = std::process::id();
+        // SAFETY: the closure runs in the child between fork and exec and only makes
+        // async-signal-safe system calls (prctl, getppid); it touches no locks or allocations.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // If surge died between fork and prctl, no signal will ever come: leave now.
+                if u32::try_from(libc::getppid()).ok() != Some(parent) {
+                    return Err(std::io::Error::other("surge exited while the instance was starting"));
+                }
+                Ok(())
+            });
+        }
+        let mut child = command
+            .spawn()
+            .map_err(|source| LaunchError::Spawn { command: spec.command.display().to_string(), source })?;
+        let pid = child.id();
+
+        for (stream, reader) in [
+            ("stdout", child.stdout.take().map(|r| Box::new(r) as Box<dyn AsyncRead + Send + Unpin>)),
+            ("stderr", child.stderr.take().map(|r| Box::new(r) as Box<dyn AsyncRead + Send + Unpin>)),
+        ] {
+            if let Some(reader) = reader {
+                tokio::spawn(fold_into_log(reader, spec.instance_id.clone(), stream));
+            }
+        }
+
+        let exited_flag = Arc::new(AtomicBool::new(false));
+        let control = ProcessControl { pid, exited: Arc::clone(&exited_flag) };
+        let exited = async move {
+            let exit = match child.wait().await {
+                Ok(status) => describe(status),
+                Err(err) => Exit { success: false, description: format!("could not be waited for: {err}") },
+            };
+            exited_flag.store(true, Ordering::SeqCst);
+            exit
+        };
+        Ok(Launched {
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            pid,
+            control: Box::new(control),
+            exited: Box::pin(exited),
+        })
+    }
+}
+
+/// A port the kernel just handed out. Another process could take it before the instance
+/// binds it; the instance then fails its start and is replaced.
+fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
+}
+
+/// Copies an instance's output into surge's log, one event per line.
+async fn fold_into_log(reader: impl AsyncRead + Unpin, instance: String, stream: &'static str) {
+    let mut reader = BufReader::new(reader);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                let text = String::from_utf8_lossy(&line);
+                tracing::info!(target: "instance", %stream, "[{instance}] {}", text.trim_end());
+            }
+        }
+    }
+}
+
+fn describe(status: std::process::ExitStatus) -> Exit {
+    let description = match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(signal)) => format!("killed by signal {signal}{}", signal_name(signal)),
+        (None, None) => status.to_string(),
+    };
+    Exit { success: status.success(), description }
+}
+
+fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        libc::SIGKILL => " (SIGKILL)",
+        libc::SIGTERM => " (SIGTERM)",
+        libc::SIGSEGV => " (SIGSEGV)",
+        libc::SIGABRT => " (SIGABRT)",
+        libc::SIGINT => " (SIGINT)",
+        _ => "",
+    }
+}
+
+struct ProcessControl {
+    pid: Option<u32>,
+    exited: Arc<AtomicBool>,
+}
+
+impl ProcessControl {
+    fn signal_group(&self, signal: i32) {
+        // Once reaped, the pid may belong to someone else: never signal it then.
+        if self.exited.load(Ordering::SeqCst) {
+            return;
+        }
+        if let Some(pid) = self.pid.and_then(|pid| i32::try_from(pid).ok()) {
+            // SAFETY: kill(2) has no memory-safety preconditions. A negative pid addresses
+            // the process group the child leads (it was started with process_group(0)).
+            unsafe {
+                libc::kill(-pid, signal);
+            }
+        }
+    }
+}
+
+impl InstanceControl for ProcessControl {
+    fn terminate(&self) {
+        self.signal_group(libc::SIGTERM);
+    }
+
+    fn kill(&self) {
+        self.signal_group(libc::SIGKILL);
+    }
+}

@@ -1,0 +1,30 @@
+//! The read-only view of a pool served by the admin API and printed by `surge status`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::instance::InstanceState;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PoolStatus {
+    pub service: String,
+    pub desired: u32,
+    pub min: u32,
+    pub max: u32,
+    pub balance: String,
+    /// Consecutive failures; at `CRASH_LOOP_THRESHOLD` the pool is crash-looping.
+    pub failures: u32,
+    pub crash_looping: bool,
+    pub restarts: u64,
+    pub instances: Vec<InstanceStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstanceStatus {
+    pub id: String,
+    pub pid: Option<u32>,
+    pub port: u16,
+    pub state: InstanceState,
+    pub in_flight: usize,
+    pub served: u64,
+    pub uptime_ms: u64,
+}

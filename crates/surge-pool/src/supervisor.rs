@@ -1,0 +1,441 @@
+//! One task per pool owns its instances: it launches, health-checks, drains and replaces them
+//! so that the number of live instances follows the desired count. Everything reaches it as a
+//! message (commands from the admin API, events from probes and exit watchers), so its state
+//! needs no lock; the data path reads only what it publishes.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use surge_config::{HealthConfig, LifecycleConfig, ServiceConfig};
+use surge_metrics::ServiceLabels;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::driver::{Driver, Exit, InstanceControl, LaunchSpec};
+use crate::health::Prober;
+use crate::instance::{Instance, InstanceState};
+use crate::metrics::{PoolMetrics, StateLabels};
+use crate::plan::{self, Candidate, CRASH_LOOP_THRESHOLD, STABLE_AFTER};
+use crate::{Pool, ScaleError};
+
+/// How often a starting instance is probed: fast, so new capacity serves as soon as it can.
+const STARTUP_PROBE_PERIOD: Duration = Duration::from_millis(50);
+/// Consecutive failed checks that take a ready instance out of rotation.
+const UNHEALTHY_THRESHOLD: u32 = 3;
+/// Housekeeping cadence: start timeouts, restart backoff, crash-loop recovery.
+const TICK: Duration = Duration::from_millis(100);
+
+pub(crate) enum Command {
+    Scale { count: u32, reply: oneshot::Sender<Result<u32, ScaleError>> },
+    Shutdown { reply: oneshot::Sender<()> },
+}
+
+enum Event {
+    Probe { key: u64, result: Result<(), String> },
+    Exited { key: u64, exit: Exit },
+}
+
+struct Member {
+    key: u64,
+    instance: Arc<Instance>,
+    control: Arc<dyn InstanceControl>,
+    /// Set once surge decided to stop it, so its exit is expected.
+    stopping: bool,
+    ready_since: Option<Instant>,
+    failed_checks: u32,
+    last_check_error: Option<String>,
+}
+
+pub(crate) struct Supervisor {
+    pool: Arc<Pool>,
+    config: Arc<ServiceConfig>,
+    driver: Arc<dyn Driver>,
+    prober: Prober,
+    metrics: PoolMetrics,
+    labels: ServiceLabels,
+    members: Vec<Member>,
+    next_key: u64,
+    failures: u32,
+    restart_at: Option<Instant>,
+    /// Set by a shutdown command: who to tell once every instance has stopped.
+    shutdown_waiters: Option<Vec<oneshot::Sender<()>>>,
+    events_tx: mpsc::UnboundedSender<Event>,
+    events_rx: mpsc::UnboundedReceiver<Event>,
+    commands: mpsc::Receiver<Command>,
+}
+
+impl Supervisor {
+    pub fn new(
+        pool: Arc<Pool>,
+        driver: Arc<dyn Driver>,
+        metrics: PoolMetrics,
+        commands: mpsc::Receiver<Command>,
+    ) -> Self {
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let config = Arc::clone(&pool.config);
+        let labels = ServiceLabels { service: config.name.clone() };
+        Supervisor {
+            pool,
+            config,
+            driver,
+            prober: Prober::new(),
+            metrics,
+            labels,
+            members: Vec::new(),
+            next_key: 1,
+            failures: 0,
+            restart_at: None,
+            shutdown_waiters: None,
+            events_tx,
+            events_rx,
+            commands,
+        }
+    }
+
+    pub async fn run(mut self) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            self.reconcile();
+            if self.shutdown_waiters.is_some() && self.members.is_empty() {
+                for waiter in self.shutdown_waiters.take().unwrap_or_default() {
+                    let _ = waiter.send(());
+                }
+                return;
+            }
+            tokio::select! {
+                Some(command) = self.commands.recv() => self.command(command),
+                Some(event) = self.events_rx.recv() => self.event(event),
+                _ = tick.tick() => self.housekeeping(),
+            }
+        }
+    }
+
+    fn service(&self) -> &str {
+        &self.config.name
+    }
+
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::Scale { count, reply } => {
+                let result = if self.shutdown_waiters.is_some() {
+                    Err(ScaleError::ShuttingDown { service: self.service().to_owned() })
+                } else if !self.config.instances.contains(count) {
+                    let bounds = self.config.instances;
+                    Err(ScaleError::OutOfBounds {
+                        service: self.service().to_owned(),
+                        requested: count,
+                        min: bounds.min,
+                        max: bounds.max,
+                    })
+                } else {
+                    let before = self.pool.desired.swap(count, Ordering::SeqCst);
+                    if before != count {
+                        tracing::info!("{}: scaling from {before} to {count} instances", self.service());
+                    }
+                    Ok(count)
+                };
+                let _ = reply.send(result);
+            }
+            Command::Shutdown { reply } => {
+                self.shutdown_waiters.get_or_insert_with(Vec::new).push(reply);
+                for index in 0..self.members.len() {
+                    self.drain(index);
+                }
+            }
+        }
+    }
+
+    fn event(&mut self, event: Event) {
+        match event {
+            Event::Probe { key, result } => self.probe_result(key, result),
+            Event::Exited { key, exit } => self.exited(key, exit),
+        }
+    }
+
+    fn probe_result(&mut self, key: u64, result: Result<(), String>) {
+        let service = self.config.name.clone();
+        let Some(member) = self.members.iter_mut().find(|m| m.key == key && !m.stopping) else {
+            return;
+        };
+        let instance = &member.instance;
+        match result {
+            Ok(()) => {
+                member.failed_checks = 0;
+                if instance.transition(InstanceState::Starting, InstanceState::Ready) {
+                    member.ready_since = Some(Instant::now());
+                    tracing::info!("{} is ready after {:?}", instance.id, instance.launched.elapsed());
+                } else if instance.transition(InstanceState::Unhealthy, InstanceState::Ready) {
+                    member.ready_since = Some(Instant::now());
+                    tracing::info!("{} passes its health check again; back in rotation", instance.id);
+                }
+            }
+            Err(error) => match instance.state() {
+                InstanceState::Starting => member.last_check_error = Some(error),
+                InstanceState::Ready => {
+                    member.failed_checks += 1;
+                    if member.failed_checks >= UNHEALTHY_THRESHOLD
+                        && instance.transition(InstanceState::Ready, InstanceState::Unhealthy)
+                    {
+                        member.ready_since = None;
+                        tracing::warn!(
+                            "{service}: {} failed {UNHEALTHY_THRESHOLD} health checks in a row ({error}); \
+                             out of rotation",
+                            instance.id
+                        );
+                    }
+                }
+                _ => {}
+            },
+        }
+    }
+
+    fn exited(&mut self, key: u64, exit: Exit) {
+        let Some(position) = self.members.iter().position(|m| m.key == key) else {
+            return;
+        };
+        let member = self.members.remove(position);
+        let id = &member.instance.id;
+        if member.stopping {
+            tracing::info!("{id} stopped ({})", exit.description);
+            return;
+        }
+        tracing::warn!("{id} {} unexpectedly; replacing it", exit.description);
+        if member.ready_since.is_some_and(|since| since.elapsed() >= STABLE_AFTER) {
+            self.failures = 0;
+        }
+        self.record_failure();
+    }
+
+    /// Start timeouts, and clearing the failure count once an instance has proved stable.
+    fn housekeeping(&mut self) {
+        let start_timeout = self.config.lifecycle.start_timeout;
+        let health_path = self.config.health.path.clone();
+        let mut timed_out = 0;
+        for member in &mut self.members {
+            let instance = &member.instance;
+            if member.stopping
+                || instance.state() != InstanceState::Starting
+                || instance.launched.elapsed() < start_timeout
+            {
+                continue;
+            }
+            let last = member.last_check_error.as_deref().unwrap_or("no answer");
+            tracing::error!(
+                "{} did not pass its health check (GET {health_path}) within start_timeout \
+                 {start_timeout:?}; last attempt: {last}; replacing it",
+                instance.id
+            );
+            member.stopping = true;
+            instance.set_state(InstanceState::Stopping);
+            member.control.kill();
+            timed_out += 1;
+        }
+        for _ in 0..timed_out {
+            self.record_failure();
+        }
+
+        let stable = self.members.iter().any(|m| {
+            m.instance.state() == InstanceState::Ready
+                && m.ready_since.is_some_and(|s| s.elapsed() >= STABLE_AFTER)
+        });
+        if self.failures > 0 && stable {
+            if self.failures >= CRASH_LOOP_THRESHOLD {
+                tracing::info!("{}: instances are stable again; crash loop over", self.service());
+            }
+            self.failures = 0;
+            self.restart_at = None;
+        }
+    }
+
+    fn record_failure(&mut self) {
+        self.failures = self.failures.saturating_add(1);
+        self.metrics.restarts.get_or_create(&self.labels).inc();
+        self.pool.restarts.fetch_add(1, Ordering::Relaxed);
+        let delay = plan::restart_delay(self.failures);
+        self.restart_at = Some(Instant::now() + delay);
+        if self.failures == CRASH_LOOP_THRESHOLD {
+            tracing::error!(
+                "{}: crash loop: {} consecutive instance failures; restarts are backed off (now {delay:?}, \
+                 up to 30s). Check the instance's log lines above.",
+                self.service(),
+                self.failures
+            );
+        }
+    }
+
+    /// Launches or drains instances until the live count matches the desired count.
+    fn reconcile(&mut self) {
+        if self.shutdown_waiters.is_none() {
+            let desired = self.pool.desired.load(Ordering::SeqCst) as usize;
+            let live: Vec<usize> = (0..self.members.len())
+                .filter(|&i| !self.members[i].stopping && self.members[i].instance.state().is_live())
+                .collect();
+            let backoff_over = self.restart_at.is_none_or(|at| Instant::now() >= at);
+            if live.len() < desired && backoff_over {
+                for _ in live.len()..desired {
+                    self.launch();
+                }
+            } else if live.len() > desired {
+                let candidates: Vec<Candidate> = live
+                    .iter()
+                    .map(|&i| {
+                        let instance = &self.members[i].instance;
+                        Candidate { state: instance.state(), in_flight: instance.in_flight() }
+                    })
+                    .collect();
+                for victim in plan::choose_victims(&candidates, live.len() - desired) {
+                    self.drain(live[victim]);
+                }
+            }
+        }
+        self.publish();
+    }
+
+    fn launch(&mut self) {
+        let key = self.next_key;
+        self.next_key += 1;
+        let spec = LaunchSpec {
+            service: self.config.name.clone(),
+            instance_id: format!("{}-{key}", self.config.name),
+            command: self.config.command.clone(),
+            args: self.config.args.clone(),
+            env: self.config.env.clone(),
+        };
+        let launched = match self.driver.launch(&spec) {
+            Ok(launched) => launched,
+            Err(err) => {
+                tracing::error!("{}: {err}", spec.instance_id);
+                self.record_failure();
+                return;
+            }
+        };
+        let instance = Arc::new(Instance::new(spec.instance_id, launched.addr, launched.pid));
+        tracing::info!(
+            "{} launched (pid {}, port {})",
+            instance.id,
+            launched.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+            launched.addr.port()
+        );
+
+        let exit_events = self.events_tx.clone();
+        let exited = launched.exited;
+        let watched = Arc::clone(&instance);
+        tokio::spawn(async move {
+            let exit = exited.await;
+            watched.mark_exited();
+            let _ = exit_events.send(Event::Exited { key, exit });
+        });
+        tokio::spawn(check_health(
+            key,
+            Arc::clone(&instance),
+            self.prober.clone(),
+            self.config.health.clone(),
+            self.events_tx.clone(),
+        ));
+
+        self.members.push(Member {
+            key,
+            instance,
+            control: Arc::from(launched.control),
+            stopping: false,
+            ready_since: None,
+            failed_checks: 0,
+            last_check_error: None,
+        });
+    }
+
+    /// Takes an instance out of rotation and stops it once its requests have finished.
+    fn drain(&mut self, index: usize) {
+        let member = &mut self.members[index];
+        if member.stopping {
+            return;
+        }
+        member.stopping = true;
+        let instance = Arc::clone(&member.instance);
+        for state in [InstanceState::Ready, InstanceState::Starting, InstanceState::Unhealthy] {
+            if instance.transition(state, InstanceState::Draining) {
+                break;
+            }
+        }
+        tracing::info!("{} draining ({} in flight)", instance.id, instance.in_flight());
+        tokio::spawn(stop(instance, Arc::clone(&member.control), self.config.lifecycle));
+    }
+
+    /// Makes the current instances visible to the data path, the admin API and the metrics.
+    fn publish(&self) {
+        let all: Vec<Arc<Instance>> = self.members.iter().map(|m| Arc::clone(&m.instance)).collect();
+        let ready: Vec<Arc<Instance>> =
+            all.iter().filter(|i| i.state() == InstanceState::Ready).cloned().collect();
+        let mut counts = [0i64; InstanceState::ALL.len()];
+        for instance in &all {
+            counts[instance.state() as usize] += 1;
+        }
+        self.pool.ready.store(Arc::new(ready));
+        self.pool.all.store(Arc::new(all));
+        self.pool.failures.store(self.failures, Ordering::Relaxed);
+
+        for (state, count) in InstanceState::ALL.into_iter().zip(counts) {
+            let labels = StateLabels { service: self.labels.service.clone(), state };
+            self.metrics.instances.get_or_create(&labels).set(count);
+        }
+        let desired = self.pool.desired.load(Ordering::Relaxed);
+        self.metrics.desired.get_or_create(&self.labels).set(i64::from(desired));
+        let looping = self.failures >= CRASH_LOOP_THRESHOLD;
+        self.metrics.crash_looping.get_or_create(&self.labels).set(i64::from(looping));
+    }
+}
+
+/// Probes an instance until it stops: fast while it starts, every `interval` once it serves.
+async fn check_health(
+    key: u64,
+    instance: Arc<Instance>,
+    prober: Prober,
+    health: HealthConfig,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    loop {
+        let period = match instance.state() {
+            InstanceState::Starting => STARTUP_PROBE_PERIOD.min(health.interval),
+            InstanceState::Ready | InstanceState::Unhealthy => health.interval,
+            _ => return,
+        };
+        tokio::time::sleep(period).await;
+        if !instance.state().is_live() {
+            return;
+        }
+        let result = prober.probe(instance.addr, &health.path, health.timeout).await;
+        if events.send(Event::Probe { key, result }).is_err() {
+            return;
+        }
+    }
+}
+
+/// Waits for in-flight requests (up to the drain timeout), then SIGTERM, then SIGKILL.
+async fn stop(instance: Arc<Instance>, control: Arc<dyn InstanceControl>, lifecycle: LifecycleConfig) {
+    let deadline = Instant::now() + lifecycle.drain_timeout;
+    while instance.in_flight_strict() > 0 {
+        if Instant::now() >= deadline {
+            tracing::warn!(
+                "{}: drain_timeout {:?} passed with {} requests in flight; stopping it anyway",
+                instance.id,
+                lifecycle.drain_timeout,
+                instance.in_flight()
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if !instance.transition(InstanceState::Draining, InstanceState::Stopping) {
+        return; // it exited by itself meanwhile
+    }
+    control.terminate();
+    if tokio::time::timeout(lifecycle.stop_timeout, instance.wait_exited()).await.is_err() {
+        tracing::warn!(
+            "{} still running {:?} after SIGTERM (stop_timeout); sending SIGKILL",
+            instance.id,
+            lifecycle.stop_timeout
+        );
+        control.kill();
+    }
+}
