@@ -1,1 +1,148 @@
-pub fn placeholder() {}
+//! `surge-echo`, the test backend used by the tests, the benchmarks and the demo.
+//!
+//! It listens on `$PORT` and answers every request with a JSON echo of the method, path,
+//! query and headers, or with knobs in the query string:
+//! `?delay=50ms` waits, `?cpu=5ms` busy-works, `?status=503` sets the status, `?bytes=N`
+//! streams an N-byte body. `/healthz` answers 200. Every response carries
+//! `x-surge-instance: $SURGE_INSTANCE`. SIGTERM stops it gracefully.
+
+mod body;
+mod knobs;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use body::EchoBody;
+use knobs::Knobs;
+
+pub const INSTANCE_HEADER: &str = "x-surge-instance";
+
+/// Runs the backend until SIGTERM or SIGINT. Returns an error message for a bad environment.
+pub fn run() -> Result<(), String> {
+    let port: u16 = match std::env::var("PORT") {
+        Ok(port) => port.parse().map_err(|_| format!("PORT must be a port number, not {port:?}"))?,
+        Err(_) => 8000,
+    };
+    let instance = std::env::var("SURGE_INSTANCE").unwrap_or_else(|_| "echo".to_owned());
+    // One thread, like one worker process: instances scale out as processes, not threads.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|err| format!("cannot start the runtime: {err}"))?;
+    runtime.block_on(serve(SocketAddr::from(([127, 0, 0, 1], port)), instance.into()))
+}
+
+async fn serve(addr: SocketAddr, instance: Arc<str>) -> Result<(), String> {
+    let listener = TcpListener::bind(addr).await.map_err(|err| format!("cannot listen on {addr}: {err}"))?;
+    eprintln!("surge-echo {instance} listening on {addr}");
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|err| format!("cannot handle SIGTERM: {err}"))?;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let _ = stream.set_nodelay(true);
+                let instance = Arc::clone(&instance);
+                let service = hyper::service::service_fn(move |req| handle(req, Arc::clone(&instance)));
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service);
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+            }
+            _ = terminate.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    drop(listener);
+    eprintln!("surge-echo {instance} stopping");
+    let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
+    Ok(())
+}
+
+async fn handle(request: Request<Incoming>, instance: Arc<str>) -> Result<Response<EchoBody>, Infallible> {
+    let mut response = respond(request).await;
+    if let Ok(value) = HeaderValue::from_str(&instance) {
+        response.headers_mut().insert(INSTANCE_HEADER, value);
+    }
+    Ok(response)
+}
+
+async fn respond(request: Request<Incoming>) -> Response<EchoBody> {
+    if request.uri().path() == "/healthz" {
+        return text(StatusCode::OK, "ok\n");
+    }
+    let knobs = match Knobs::parse(request.uri().query().unwrap_or("")) {
+        Ok(knobs) => knobs,
+        Err(message) => return text(StatusCode::BAD_REQUEST, &format!("{message}\n")),
+    };
+    let (parts, body) = request.into_parts();
+    let body_bytes = count_body(body).await;
+    if let Some(delay) = knobs.delay {
+        tokio::time::sleep(delay).await;
+    }
+    if let Some(cpu) = knobs.cpu {
+        busy_work(cpu);
+    }
+    let status = knobs.status.unwrap_or(StatusCode::OK);
+    if let Some(bytes) = knobs.bytes {
+        let mut response = Response::new(EchoBody::repeat(bytes));
+        *response.status_mut() = status;
+        response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        return response;
+    }
+    let headers: serde_json::Map<String, serde_json::Value> = parts
+        .headers
+        .iter()
+        .map(|(name, value)| (name.to_string(), String::from_utf8_lossy(value.as_bytes()).into()))
+        .collect();
+    let echo = serde_json::json!({
+        "method": parts.method.as_str(),
+        "path": parts.uri.path(),
+        "query": parts.uri.query().unwrap_or(""),
+        "headers": headers,
+        "body_bytes": body_bytes,
+    });
+    let mut response = Response::new(EchoBody::full(Bytes::from(echo.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// Reads the request body to its end without keeping it, so uploads of any size stream.
+async fn count_body(mut body: Incoming) -> u64 {
+    let mut total = 0;
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Some(data) = frame.data_ref() {
+            total += data.len() as u64;
+        }
+    }
+    total
+}
+
+/// Spins the CPU like a request that computes, rather than one that waits.
+fn busy_work(duration: Duration) {
+    let until = Instant::now() + duration;
+    while Instant::now() < until {
+        std::hint::spin_loop();
+    }
+}
+
+fn text(status: StatusCode, text: &str) -> Response<EchoBody> {
+    let mut response = Response::new(EchoBody::full(Bytes::copy_from_slice(text.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    response
+}

@@ -1,1 +1,131 @@
-pub fn placeholder() {}
+//! The gateway: an HTTP server that routes each request to a service and proxies it to one
+//! of the service's ready instances.
+//!
+//! Per service the data path is a stack of tower layers, outermost first:
+//! [`RecordMetrics`](layers::RecordMetrics) → [`Respond`](layers::Respond) →
+//! [`RequestTimeout`](layers::RequestTimeout) → [`Proxy`](proxy::Proxy).
+//! Resilience layers (retries, budgets, load shedding) slot into the same stack.
+
+mod body;
+mod error;
+mod layers;
+mod proxy;
+mod router;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::HOST;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use surge_config::Config;
+use surge_pool::Pools;
+use tokio::net::TcpListener;
+use tower::{ServiceBuilder, ServiceExt};
+
+pub use body::GatewayBody;
+pub use error::{GatewayError, ERROR_HEADER};
+pub use layers::GatewayMetrics;
+pub use proxy::ClientAddr;
+pub use router::Router;
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+type ServiceStack = layers::RecordMetrics<layers::Respond<layers::RequestTimeout<proxy::Proxy>>>;
+
+pub struct Gateway {
+    router: Router,
+    services: Vec<ServiceStack>,
+    metrics: GatewayMetrics,
+}
+
+impl Gateway {
+    /// Builds the route table and one layer stack per service of `config`.
+    pub fn new(config: &Config, pools: &Pools, metrics: GatewayMetrics) -> Self {
+        let mut routes = Vec::new();
+        let mut services = Vec::new();
+        for service in &config.services {
+            let Some(pool) = pools.get(&service.name) else { continue };
+            let index = services.len();
+            routes.extend(service.routes.iter().map(|route| (route.clone(), index)));
+            let stack = ServiceBuilder::new()
+                .layer(layers::RecordMetricsLayer::new(&metrics, &service.name))
+                .layer(layers::RespondLayer)
+                .layer(layers::RequestTimeoutLayer {
+                    timeout: service.timeouts.request,
+                    service: service.name.as_str().into(),
+                })
+                .service(proxy::Proxy::new(Arc::clone(pool)));
+            services.push(stack);
+        }
+        Gateway { router: Router::new(routes), services, metrics }
+    }
+
+    /// Answers one request: route it, then run it through its service's stack.
+    pub async fn handle(&self, mut request: Request<Incoming>, client: SocketAddr) -> Response<GatewayBody> {
+        let host = request.headers().get(HOST).and_then(|h| h.to_str().ok()).or(request.uri().host());
+        let Some(index) = self.router.route(host, request.uri().path()) else {
+            self.metrics.unrouted.inc();
+            let host = host.unwrap_or_default().to_owned();
+            let path = request.uri().path().to_owned();
+            return GatewayError::NoRoute { host, path }.into_response();
+        };
+        request.extensions_mut().insert(ClientAddr(client));
+        match self.services[index].clone().oneshot(request).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        }
+    }
+}
+
+/// Serves HTTP/1.1 on `listener` until `shutdown` resolves, then stops accepting and gives
+/// open requests up to `drain_timeout` to finish.
+pub async fn serve(
+    gateway: Arc<Gateway>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    drain_timeout: Duration,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, client)) => {
+                    let _ = stream.set_nodelay(true);
+                    let gateway = Arc::clone(&gateway);
+                    let service = hyper::service::service_fn(move |request| {
+                        let gateway = Arc::clone(&gateway);
+                        async move { Ok::<_, Infallible>(gateway.handle(request, client).await) }
+                    });
+                    let connection = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .serve_connection(TokioIo::new(stream), service);
+                    let connection = graceful.watch(connection);
+                    tokio::spawn(async move {
+                        if let Err(err) = connection.await {
+                            tracing::debug!("connection from {client}: {err}");
+                        }
+                    });
+                }
+                Err(err) => {
+                    // Out of file descriptors, most likely: back off instead of spinning.
+                    tracing::warn!("gateway cannot accept a connection: {err}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(drain_timeout, graceful.shutdown()).await.is_err() {
+        tracing::warn!(
+            "requests still open after gateway.shutdown_timeout ({drain_timeout:?}); closing them"
+        );
+    }
+}

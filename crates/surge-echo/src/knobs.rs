@@ -1,0 +1,69 @@
+//! The query-string knobs that shape a response.
+
+use std::time::Duration;
+
+use http::StatusCode;
+
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct Knobs {
+    pub delay: Option<Duration>,
+    pub cpu: Option<Duration>,
+    pub status: Option<StatusCode>,
+    pub bytes: Option<u64>,
+}
+
+impl Knobs {
+    /// Unknown parameters are ignored (they may be cache-busters); bad values are errors.
+    pub fn parse(query: &str) -> Result<Knobs, String> {
+        let mut knobs = Knobs::default();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match name {
+                "delay" => knobs.delay = Some(duration(name, value)?),
+                "cpu" => knobs.cpu = Some(duration(name, value)?),
+                "status" => {
+                    let code = value.parse::<u16>().ok().and_then(|c| StatusCode::from_u16(c).ok());
+                    knobs.status = Some(code.ok_or_else(|| format!("status={value} is not an HTTP status"))?);
+                }
+                "bytes" => {
+                    knobs.bytes =
+                        Some(value.parse().map_err(|_| format!("bytes={value} is not a number of bytes"))?)
+                }
+                _ => {}
+            }
+        }
+        Ok(knobs)
+    }
+}
+
+fn duration(name: &str, value: &str) -> Result<Duration, String> {
+    humantime::parse_duration(value)
+        .map_err(|err| format!("{name}={value} is not a duration like 50ms: {err}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_knob() {
+        let knobs = Knobs::parse("delay=50ms&cpu=2ms&status=503&bytes=100&cachebust=1").expect("valid");
+        assert_eq!(
+            knobs,
+            Knobs {
+                delay: Some(Duration::from_millis(50)),
+                cpu: Some(Duration::from_millis(2)),
+                status: Some(StatusCode::SERVICE_UNAVAILABLE),
+                bytes: Some(100),
+            }
+        );
+        assert_eq!(Knobs::parse("").expect("empty"), Knobs::default());
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        assert!(Knobs::parse("delay=soon").is_err());
+        assert!(Knobs::parse("status=42").is_err());
+        assert!(Knobs::parse("bytes=-1").is_err());
+    }
+}

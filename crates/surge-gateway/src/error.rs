@@ -1,0 +1,76 @@
+//! Every way the gateway itself can fail a request, mapped to a status in one place.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use http::{Response, StatusCode};
+
+use crate::body::GatewayBody;
+
+/// Set on responses the gateway generates, so they can be told from an instance's own.
+pub const ERROR_HEADER: &str = "x-surge-error";
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("no route matches host {host:?} and path {path:?}")]
+    NoRoute { host: String, path: String },
+    #[error("service `{service}` has no ready instance")]
+    NoReadyInstance { service: String },
+    #[error("cannot connect to instance {instance} of service `{service}`: {cause}")]
+    Connect { service: String, instance: String, cause: String },
+    #[error("instance {instance} of service `{service}` failed: {cause}")]
+    Upstream { service: String, instance: String, cause: String },
+    #[error("service `{service}` did not answer within {timeout:?} (services.{service}.timeouts.request)")]
+    Timeout { service: String, timeout: Duration },
+}
+
+impl GatewayError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            GatewayError::NoReadyInstance { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::Connect { .. } | GatewayError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            GatewayError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// A stable, machine-readable name for the error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            GatewayError::NoRoute { .. } => "no_route",
+            GatewayError::NoReadyInstance { .. } => "no_ready_instance",
+            GatewayError::Connect { .. } => "connect_failed",
+            GatewayError::Upstream { .. } => "upstream_failed",
+            GatewayError::Timeout { .. } => "upstream_timeout",
+        }
+    }
+
+    /// A short JSON body that says why.
+    pub fn into_response(self) -> Response<GatewayBody> {
+        let status = self.status();
+        let body = serde_json::json!({
+            "error": self.code(),
+            "status": status.as_u16(),
+            "message": self.to_string(),
+        });
+        let mut response = Response::new(GatewayBody::full(Bytes::from(body.to_string())));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(ERROR_HEADER, HeaderValue::from_static(self.code()));
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+/// "connection refused" rather than "client error (Connect)": the deepest cause says most.
+pub(crate) fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = err;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    cause.to_string()
+}

@@ -1,0 +1,99 @@
+//! Which service a request is for: longest path prefix, host-specific routes first.
+
+use surge_config::Route;
+
+#[derive(Debug, Default)]
+pub struct Router {
+    entries: Vec<(Route, usize)>,
+}
+
+impl Router {
+    /// `routes` pairs each route with the index of the service it leads to.
+    pub fn new(routes: impl IntoIterator<Item = (Route, usize)>) -> Self {
+        Router { entries: routes.into_iter().collect() }
+    }
+
+    /// The service for `host` (as sent, port and case allowed) and `path`.
+    ///
+    /// As in nginx, a route for the request's host wins over any route for all hosts; among
+    /// those, the longest prefix wins. Prefixes match whole path segments: `/api` matches
+    /// `/api` and `/api/users`, not `/apix`.
+    pub fn route(&self, host: Option<&str>, path: &str) -> Option<usize> {
+        let host = host.map(strip_port);
+        self.entries
+            .iter()
+            .filter(|(route, _)| match &route.host {
+                None => true,
+                Some(wanted) => host.is_some_and(|h| h.eq_ignore_ascii_case(wanted)),
+            })
+            .filter(|(route, _)| prefix_matches(&route.prefix, path))
+            .max_by_key(|(route, _)| (route.host.is_some(), route.prefix.len()))
+            .map(|(_, service)| *service)
+    }
+}
+
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    prefix == "/" || path.strip_prefix(prefix).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        // An IPv6 literal: "[::1]:8080".
+        return host.split_once(']').map_or(host, |(addr, _)| &host[..addr.len() + 1]);
+    }
+    host.rsplit_once(':').map_or(host, |(name, _)| name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(prefix: &str, host: Option<&str>) -> Route {
+        Route { prefix: prefix.into(), host: host.map(Into::into) }
+    }
+
+    fn router() -> Router {
+        Router::new([
+            (route("/", None), 0),
+            (route("/api", None), 1),
+            (route("/api/v2", None), 2),
+            (route("/", Some("shop.example")), 3),
+            (route("/static", Some("shop.example")), 4),
+        ])
+    }
+
+    #[test]
+    fn longest_prefix_on_segment_boundaries() {
+        let router = router();
+        assert_eq!(router.route(None, "/"), Some(0));
+        assert_eq!(router.route(None, "/api"), Some(1));
+        assert_eq!(router.route(None, "/api/users"), Some(1));
+        assert_eq!(router.route(None, "/apix"), Some(0));
+        assert_eq!(router.route(None, "/api/v2/orders"), Some(2));
+        assert_eq!(router.route(None, "/api/v20"), Some(1));
+    }
+
+    #[test]
+    fn host_routes_win_and_ignore_port_and_case() {
+        let router = router();
+        assert_eq!(router.route(Some("Shop.Example:8080"), "/api/users"), Some(3));
+        assert_eq!(router.route(Some("shop.example"), "/static/app.js"), Some(4));
+        assert_eq!(router.route(Some("other.example"), "/api"), Some(1));
+        assert_eq!(router.route(Some("[::1]:80"), "/api"), Some(1));
+    }
+
+    #[test]
+    fn no_match_without_a_catch_all() {
+        let router = Router::new([(route("/api", None), 0)]);
+        assert_eq!(router.route(None, "/"), None);
+        assert_eq!(router.route(None, "/other"), None);
+    }
+
+    #[test]
+    fn strips_ports() {
+        assert_eq!(strip_port("a.example:80"), "a.example");
+        assert_eq!(strip_port("a.example"), "a.example");
+        assert_eq!(strip_port("[::1]:8080"), "[::1]");
+        assert_eq!(strip_port("[::1]"), "[::1]");
+    }
+}
