@@ -1,1 +1,80 @@
-pub fn placeholder() {}
+//! The admin API, on its own listener (loopback by default): status, scaling commands and
+//! Prometheus metrics. It reads pools through their public handles only.
+//!
+//! - `GET /status`: every service, its instances and counters ([`StatusResponse`]).
+//! - `POST /services/{name}/scale` with `{"instances": N}`: sets the desired count.
+//! - `GET /metrics`: the Prometheus (OpenMetrics) text exposition.
+
+pub mod api;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Json;
+use surge_metrics::Metrics;
+use surge_pool::{Pools, ScaleError};
+use tokio::net::TcpListener;
+
+use api::{ErrorResponse, ScaleRequest, ScaleResponse, StatusResponse};
+
+#[derive(Clone)]
+struct AdminState {
+    pools: Arc<Pools>,
+    metrics: Arc<Metrics>,
+}
+
+pub fn router(pools: Arc<Pools>, metrics: Arc<Metrics>) -> axum::Router {
+    axum::Router::new()
+        .route("/status", get(status))
+        .route("/services/{name}/scale", post(scale))
+        .route("/metrics", get(metrics_text))
+        .with_state(AdminState { pools, metrics })
+}
+
+/// Serves the admin API until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    if let Err(err) = axum::serve(listener, router).with_graceful_shutdown(shutdown).await {
+        tracing::error!("admin API stopped: {err}");
+    }
+}
+
+async fn status(State(state): State<AdminState>) -> Json<StatusResponse> {
+    Json(StatusResponse { services: state.pools.iter().map(|pool| pool.status()).collect() })
+}
+
+async fn scale(State(state): State<AdminState>, Path(name): Path<String>, body: Bytes) -> Response {
+    let Some(pool) = state.pools.get(&name) else {
+        return error(StatusCode::NOT_FOUND, format!("no service named `{name}`"));
+    };
+    let request: ScaleRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(err) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(r#"expected a body like {{"instances": 3}}: {err}"#),
+            )
+        }
+    };
+    match pool.scale(request.instances).await {
+        Ok(desired) => Json(ScaleResponse { service: name, desired }).into_response(),
+        Err(err @ ScaleError::OutOfBounds { .. }) => error(StatusCode::UNPROCESSABLE_ENTITY, err.to_string()),
+        Err(err @ ScaleError::ShuttingDown { .. }) => error(StatusCode::SERVICE_UNAVAILABLE, err.to_string()),
+    }
+}
+
+async fn metrics_text(State(state): State<AdminState>) -> Response {
+    ([(header::CONTENT_TYPE, surge_metrics::CONTENT_TYPE)], state.metrics.encode()).into_response()
+}
+
+fn error(status: StatusCode, message: String) -> Response {
+    (status, Json(ErrorResponse { error: message })).into_response()
+}

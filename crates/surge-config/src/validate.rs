@@ -21,7 +21,8 @@ pub(crate) fn validate(raw: RawConfig, source: &str, file: &Path) -> Result<Conf
     let mut v = Validator { source, file, errors: Vec::new() };
     let gateway = v.gateway(raw.gateway);
     let admin = v.admin(raw.admin);
-    if gateway.listen == admin.listen {
+    // Port 0 asks the kernel for any free port, so two of them never clash.
+    if gateway.listen == admin.listen && gateway.listen.port() != 0 {
         v.errors.push(admin.listen_site.error(format!(
             "the admin API and the gateway both listen on {}; give them different addresses",
             admin.listen
@@ -54,6 +55,7 @@ pub(crate) fn validate(raw: RawConfig, source: &str, file: &Path) -> Result<Conf
 pub fn check_listeners(config: &Config) -> Vec<ConfigError> {
     [(&config.gateway.listen, &config.gateway.listen_site), (&config.admin.listen, &config.admin.listen_site)]
         .into_iter()
+        .filter(|(addr, _)| addr.port() != 0)
         .filter_map(|(addr, site)| {
             TcpListener::bind(addr).err().map(|err| site.error(format!("cannot listen on {addr}: {err}")))
         })

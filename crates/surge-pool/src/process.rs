@@ -58,13 +58,11 @@ impl Driver for ProcessDriver {
             .map_err(|source| LaunchError::Spawn { command: spec.command.display().to_string(), source })?;
         let pid = child.id();
 
-        for (stream, reader) in [
-            ("stdout", child.stdout.take().map(|r| Box::new(r) as Box<dyn AsyncRead + Send + Unpin>)),
-            ("stderr", child.stderr.take().map(|r| Box::new(r) as Box<dyn AsyncRead + Send + Unpin>)),
-        ] {
-            if let Some(reader) = reader {
-                tokio::spawn(fold_into_log(reader, spec.instance_id.clone(), stream));
-            }
+        if let Some(stdout) = child.stdout.take() {
+            tokio::spawn(fold_into_log(stdout, spec.instance_id.clone()));
+        }
+        if let Some(stderr) = child.stderr.take() {
+            tokio::spawn(fold_into_log(stderr, spec.instance_id.clone()));
         }
 
         let exited_flag = Arc::new(AtomicBool::new(false));
@@ -93,7 +91,7 @@ fn free_port() -> std::io::Result<u16> {
 }
 
 /// Copies an instance's output into surge's log, one event per line.
-async fn fold_into_log(reader: impl AsyncRead + Unpin, instance: String, stream: &'static str) {
+async fn fold_into_log(reader: impl AsyncRead + Unpin, instance: String) {
     let mut reader = BufReader::new(reader);
     let mut line = Vec::new();
     loop {
@@ -102,7 +100,7 @@ async fn fold_into_log(reader: impl AsyncRead + Unpin, instance: String, stream:
             Ok(0) | Err(_) => return,
             Ok(_) => {
                 let text = String::from_utf8_lossy(&line);
-                tracing::info!(target: "instance", %stream, "[{instance}] {}", text.trim_end());
+                tracing::info!(target: "instance", "[{instance}] {}", text.trim_end());
             }
         }
     }

@@ -1,1 +1,110 @@
-fn main() {}
+//! The `surge` command line. It only wires the crates together: configuration, pools,
+//! gateway and admin API.
+#![allow(clippy::print_stdout)]
+
+mod admin_client;
+mod check;
+mod control;
+mod up;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "surge",
+    version,
+    about = "Runs stateless services as pools of instances behind a gateway, and scales them with load",
+    after_help = "Start with `surge check` on your surge.toml, then `surge up`. Documentation: docs/config.md"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start every service of the configuration and serve until SIGINT or SIGTERM
+    Up(ConfigArg),
+    /// Validate the configuration (keys, values, routes, commands, ports) and summarise it
+    Check(ConfigArg),
+    /// Show the services and instances of a running surge
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Print the raw JSON of the admin API instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set the number of instances a service runs (within its min and max)
+    Scale {
+        /// The service, as named in [services.NAME]
+        service: String,
+        /// The desired number of instances
+        instances: u32,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Args)]
+struct ConfigArg {
+    /// The configuration file
+    #[arg(short, long, default_value = "surge.toml")]
+    config: PathBuf,
+}
+
+#[derive(Args)]
+struct AdminArgs {
+    /// The admin API of the running surge (host:port); by default the [admin] listen address
+    /// of the configuration file, else 127.0.0.1:9900
+    #[arg(long, env = "SURGE_ADMIN")]
+    admin: Option<String>,
+    /// The configuration file to take the admin address from
+    #[arg(short, long, default_value = "surge.toml")]
+    config: PathBuf,
+}
+
+/// Why a command failed, reported once at the top.
+enum Failure {
+    /// Configuration errors print themselves, each with its file, line and key.
+    Config(surge_config::ConfigErrors),
+    Message(String),
+}
+
+impl From<surge_config::ConfigErrors> for Failure {
+    fn from(errors: surge_config::ConfigErrors) -> Self {
+        Failure::Config(errors)
+    }
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Failure::Message(message)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Up(args) => up::run(&args.config),
+        Command::Check(args) => check::run(&args.config),
+        Command::Status { admin, json } => control::status(&admin, json),
+        Command::Scale { service, instances, admin } => control::scale(&admin, &service, instances),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config(errors)) => {
+            eprint!("{errors}");
+            let count = errors.0.len();
+            eprintln!("surge: {count} configuration error{}", if count == 1 { "" } else { "s" });
+            ExitCode::FAILURE
+        }
+        Err(Failure::Message(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! The admin API's JSON bodies, shared by the server and the `surge` command line.
+
+use serde::{Deserialize, Serialize};
+pub use surge_pool::{InstanceState, InstanceStatus, PoolStatus};
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StatusResponse {
+    pub services: Vec<PoolStatus>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ScaleRequest {
+    pub instances: u32,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ScaleResponse {
+    pub service: String,
+    pub desired: u32,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorResponse {
+    pub error: String,
+}

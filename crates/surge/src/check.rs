@@ -1,0 +1,45 @@
+//! `surge check`: validate a configuration and summarise it.
+
+use std::path::Path;
+
+use surge_config::{check_listeners, ConfigErrors};
+
+use crate::Failure;
+
+pub fn run(path: &Path) -> Result<(), Failure> {
+    let config = surge_config::load(path)?;
+    let errors = check_listeners(&config);
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors).into());
+    }
+    let count = config.services.len();
+    println!(
+        "{} is valid: {count} service{}, gateway on {}, admin API on {}",
+        path.display(),
+        if count == 1 { "" } else { "s" },
+        config.gateway.listen,
+        config.admin.listen
+    );
+    for service in &config.services {
+        let routes: Vec<String> = service
+            .routes
+            .iter()
+            .map(|r| match &r.host {
+                Some(host) => format!("{host}{}", r.prefix),
+                None => r.prefix.clone(),
+            })
+            .collect();
+        let bounds = service.instances;
+        println!(
+            "  {}: {} ({}), instances {}..{} starting at {}, runs {}",
+            service.name,
+            routes.join(" "),
+            service.balance.as_str(),
+            bounds.min,
+            bounds.max,
+            bounds.initial,
+            service.command.display()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,81 @@
+//! `surge status` and `surge scale`: talk to a running surge through its admin API.
+
+use surge_admin::api::{PoolStatus, ScaleRequest, ScaleResponse, StatusResponse};
+
+use crate::admin_client::AdminClient;
+use crate::{AdminArgs, Failure};
+
+fn block_on<T>(future: impl std::future::Future<Output = Result<T, String>>) -> Result<T, Failure> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|err| format!("cannot start the async runtime: {err}"))?;
+    Ok(runtime.block_on(future)?)
+}
+
+pub fn status(args: &AdminArgs, json: bool) -> Result<(), Failure> {
+    let client = AdminClient::new(args.admin.as_deref(), &args.config);
+    if json {
+        let status: serde_json::Value = block_on(client.get("/status"))?;
+        println!("{}", serde_json::to_string_pretty(&status).unwrap_or_default());
+        return Ok(());
+    }
+    let status: StatusResponse = block_on(client.get("/status"))?;
+    print!("{}", render(&status.services));
+    Ok(())
+}
+
+pub fn scale(args: &AdminArgs, service: &str, instances: u32) -> Result<(), Failure> {
+    let client = AdminClient::new(args.admin.as_deref(), &args.config);
+    let path = format!("/services/{service}/scale");
+    let answer: ScaleResponse = block_on(client.post(&path, &ScaleRequest { instances }))?;
+    println!("{}: desired instances set to {}", answer.service, answer.desired);
+    Ok(())
+}
+
+/// One block per service: a summary line, then a table of its instances.
+fn render(services: &[PoolStatus]) -> String {
+    let mut out = String::new();
+    for (i, service) in services.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        let ready =
+            service.instances.iter().filter(|i| i.state == surge_admin::api::InstanceState::Ready).count();
+        out.push_str(&format!(
+            "{}  {ready}/{} ready (min {}, max {})  {}  restarts {}{}\n",
+            service.service,
+            service.desired,
+            service.min,
+            service.max,
+            service.balance,
+            service.restarts,
+            if service.crash_looping { "  CRASH LOOP: restarts backed off" } else { "" }
+        ));
+        let mut rows =
+            vec![["INSTANCE", "PID", "PORT", "STATE", "IN-FLIGHT", "SERVED", "UPTIME"].map(String::from)];
+        rows.extend(service.instances.iter().map(|instance| {
+            [
+                instance.id.clone(),
+                instance.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+                instance.port.to_string(),
+                instance.state.as_str().to_owned(),
+                instance.in_flight.to_string(),
+                instance.served.to_string(),
+                format!("{}s", instance.uptime_ms / 1000),
+            ]
+        }));
+        if rows.len() == 1 {
+            out.push_str("  (no instances)\n");
+            continue;
+        }
+        let widths: Vec<usize> =
+            (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
+        for row in rows {
+            let cells: Vec<String> =
+                row.iter().zip(&widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
+            out.push_str(&format!("  {}\n", cells.join("  ").trim_end()));
+        }
+    }
+    out
+}

@@ -1,0 +1,124 @@
+//! `surge up`: start the pools, the gateway and the admin API; on SIGINT or SIGTERM stop
+//! accepting, drain in-flight requests, stop the instances and exit 0.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use surge_config::{Config, Site};
+use surge_gateway::{Gateway, GatewayMetrics};
+use surge_metrics::Metrics;
+use surge_pool::{PoolMetrics, Pools, ProcessDriver};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+
+use crate::Failure;
+
+pub fn run(path: &Path) -> Result<(), Failure> {
+    init_logging();
+    let config = surge_config::load(path)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|err| format!("cannot start the async runtime: {err}"))?;
+    runtime.block_on(serve(config))
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SURGE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn bind(addr: SocketAddr, site: &Site) -> Result<TcpListener, Failure> {
+    TcpListener::bind(addr).await.map_err(|err| {
+        Failure::Config(surge_config::ConfigErrors(vec![
+            site.error(format!("cannot listen on {addr}: {err}"))
+        ]))
+    })
+}
+
+async fn serve(config: Config) -> Result<(), Failure> {
+    let gateway_listener = bind(config.gateway.listen, &config.gateway.listen_site).await?;
+    let admin_listener = bind(config.admin.listen, &config.admin.listen_site).await?;
+    let local = |listener: &TcpListener| listener.local_addr().map_err(|err| err.to_string());
+    let (gateway_addr, admin_addr) = (local(&gateway_listener)?, local(&admin_listener)?);
+
+    let metrics = Arc::new(Metrics::new());
+    let pool_metrics = PoolMetrics::register(&metrics);
+    let gateway_metrics = GatewayMetrics::register(&metrics);
+    let pools = Arc::new(Pools::start(&config.services, Arc::new(ProcessDriver), &pool_metrics));
+    let gateway = Arc::new(Gateway::new(&config, &pools, gateway_metrics));
+
+    let (stop_gateway, gateway_stopping) = watch::channel(false);
+    let (stop_admin, admin_stopping) = watch::channel(false);
+    let gateway_task = tokio::spawn(surge_gateway::serve(
+        gateway,
+        gateway_listener,
+        stopped(gateway_stopping),
+        config.gateway.shutdown_timeout,
+    ));
+    let admin = surge_admin::router(Arc::clone(&pools), Arc::clone(&metrics));
+    let admin_task = tokio::spawn(surge_admin::serve(admin_listener, admin, stopped(admin_stopping)));
+    tracing::info!(
+        "surge is up: gateway on http://{gateway_addr}, admin API on http://{admin_addr}, {} service{}",
+        config.services.len(),
+        if config.services.len() == 1 { "" } else { "s" }
+    );
+
+    let mut signals = Signals::new()?;
+    let first = signals.next().await;
+    tracing::info!("{first}: draining requests, then stopping instances (send it again to stop at once)");
+    let _ = stop_gateway.send(true);
+    let graceful = async {
+        let _ = gateway_task.await;
+        pools.shutdown().await;
+        // The admin API stays up until the end so `surge status` can watch the drain.
+        let _ = stop_admin.send(true);
+        let _ = admin_task.await;
+    };
+    tokio::select! {
+        _ = graceful => {
+            tracing::info!("surge stopped");
+            Ok(())
+        }
+        second = signals.next() => {
+            // Exiting is enough: every instance has PR_SET_PDEATHSIG and dies with surge.
+            Err(Failure::Message(format!("{second} again: stopped at once, without draining")))
+        }
+    }
+}
+
+async fn stopped(mut flag: watch::Receiver<bool>) {
+    let _ = flag.wait_for(|stop| *stop).await;
+}
+
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self, Failure> {
+        let listen =
+            |kind| signal(kind).map_err(|err| Failure::Message(format!("cannot handle signals: {err}")));
+        Ok(Signals {
+            interrupt: listen(SignalKind::interrupt())?,
+            terminate: listen(SignalKind::terminate())?,
+        })
+    }
+
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.interrupt.recv() => "SIGINT",
+            _ = self.terminate.recv() => "SIGTERM",
+        }
+    }
+}
