@@ -31,26 +31,32 @@ impl Balancer {
         self.policy
     }
 
-    /// The index of the endpoint to use among `count`, given each one's in-flight requests,
-    /// or `None` when there is none.
-    pub fn pick(&self, count: usize, in_flight: impl Fn(usize) -> usize) -> Option<usize> {
+    /// The index of the endpoint to use among `count`, or `None` when none is available.
+    /// `in_flight(i)` is endpoint `i`'s in-flight requests, or `None` if it cannot take one
+    /// (a snapshot can hold an endpoint that stopped since it was taken).
+    pub fn pick(&self, count: usize, in_flight: impl Fn(usize) -> Option<usize>) -> Option<usize> {
         // Relaxed: the cursor only spreads ties; no other memory depends on it.
         let cursor = self.cursor.fetch_add(1, Ordering::Relaxed);
         match self.policy {
             Policy::LeastConn => least_conn(count, cursor, in_flight),
-            Policy::RoundRobin => round_robin(count, cursor),
+            Policy::RoundRobin => round_robin(count, cursor, |i| in_flight(i).is_some()),
         }
     }
 }
 
-/// The endpoint with the least load, scanning from `start` so that equal loads take turns.
-pub fn least_conn(count: usize, start: usize, load: impl Fn(usize) -> usize) -> Option<usize> {
-    (0..count).map(|offset| (start + offset) % count).min_by_key(|&i| load(i))
+/// The available endpoint with the least load, scanning from `start` so that equal loads
+/// take turns.
+pub fn least_conn(count: usize, start: usize, load: impl Fn(usize) -> Option<usize>) -> Option<usize> {
+    (0..count)
+        .map(|offset| (start + offset) % count)
+        .filter_map(|i| load(i).map(|load| (i, load)))
+        .min_by_key(|&(_, load)| load)
+        .map(|(i, _)| i)
 }
 
-/// The endpoint at `cursor`, wrapping around.
-pub fn round_robin(count: usize, cursor: usize) -> Option<usize> {
-    (count > 0).then(|| cursor % count)
+/// The first available endpoint from `cursor` on, wrapping around.
+pub fn round_robin(count: usize, cursor: usize, available: impl Fn(usize) -> bool) -> Option<usize> {
+    (0..count).map(|offset| (cursor + offset) % count).find(|&i| available(i))
 }
 
 #[cfg(test)]
@@ -61,29 +67,43 @@ mod tests {
     fn least_conn_picks_the_least_loaded() {
         let loads = [5, 2, 7, 3];
         for start in 0..8 {
-            assert_eq!(least_conn(loads.len(), start, |i| loads[i]), Some(1));
+            assert_eq!(least_conn(loads.len(), start, |i| Some(loads[i])), Some(1));
         }
     }
 
     #[test]
     fn least_conn_rotates_among_equals() {
         let loads = [1, 0, 0, 0];
-        let picks: Vec<_> = (0..6).map(|start| least_conn(4, start, |i| loads[i])).collect();
+        let picks: Vec<_> = (0..6).map(|start| least_conn(4, start, |i| Some(loads[i]))).collect();
         assert_eq!(picks, [Some(1), Some(1), Some(2), Some(3), Some(1), Some(1)]);
     }
 
     #[test]
     fn empty_sets_pick_nothing() {
-        assert_eq!(least_conn(0, 3, |_| 0), None);
-        assert_eq!(round_robin(0, 3), None);
-        assert_eq!(Balancer::new(Policy::LeastConn).pick(0, |_| 0), None);
+        assert_eq!(least_conn(0, 3, |_| Some(0)), None);
+        assert_eq!(round_robin(0, 3, |_| true), None);
+        assert_eq!(Balancer::new(Policy::LeastConn).pick(0, |_| Some(0)), None);
+    }
+
+    #[test]
+    fn unavailable_endpoints_are_never_picked() {
+        // Endpoint 0 looks idle but has stopped: least_conn must not keep choosing it.
+        let loads = [None, Some(4), Some(2), None];
+        for policy in [Policy::LeastConn, Policy::RoundRobin] {
+            let balancer = Balancer::new(policy);
+            for _ in 0..8 {
+                let pick = balancer.pick(4, |i| loads[i]).expect("two are available");
+                assert!(pick == 1 || pick == 2, "{policy:?} picked {pick}");
+            }
+            assert_eq!(balancer.pick(2, |_| None), None);
+        }
     }
 
     #[test]
     fn round_robin_cycles() {
         let balancer = Balancer::new(Policy::RoundRobin);
         let loads = [9, 0, 0];
-        let picks: Vec<_> = (0..6).filter_map(|_| balancer.pick(3, |i| loads[i])).collect();
+        let picks: Vec<_> = (0..6).filter_map(|_| balancer.pick(3, |i| Some(loads[i]))).collect();
         assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
     }
 
@@ -92,7 +112,7 @@ mod tests {
         let balancer = Balancer::new(Policy::LeastConn);
         let mut counts = [0; 3];
         for _ in 0..300 {
-            counts[balancer.pick(3, |_| 0).expect("non-empty")] += 1;
+            counts[balancer.pick(3, |_| Some(0)).expect("non-empty")] += 1;
         }
         assert_eq!(counts, [100, 100, 100]);
     }

@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use surge_balance::Balancer;
-use surge_pool::{InFlight, Pool};
+use surge_pool::{InFlight, Instance, InstanceState, Pool};
 
 use crate::body::GatewayBody;
 use crate::error::{root_cause, GatewayError};
@@ -85,12 +85,17 @@ impl ProxyInner {
         Ok(response.map(|body| GatewayBody::upstream(body, in_flight)))
     }
 
-    /// Claims a slot on the instance the balancer picks. A pick can lose a race with a drain
-    /// that began after the snapshot was taken; then the next pick goes elsewhere.
+    /// Claims a slot on the instance the balancer picks. The snapshot may hold instances that
+    /// stopped since it was published; the balancer skips them, and a pick that loses a race
+    /// with a drain starting this very moment is simply made again.
     fn choose(&self) -> Option<InFlight> {
         let ready = self.pool.ready();
+        let load = |i: usize| {
+            let instance: &Instance = &ready[i];
+            (instance.state() == InstanceState::Ready).then(|| instance.in_flight())
+        };
         for _ in 0..=ready.len() {
-            let index = self.balancer.pick(ready.len(), |i| ready[i].in_flight())?;
+            let index = self.balancer.pick(ready.len(), load)?;
             if let Some(in_flight) = ready[index].begin() {
                 return Some(in_flight);
             }

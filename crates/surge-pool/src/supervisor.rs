@@ -74,6 +74,8 @@ impl Supervisor {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let config = Arc::clone(&pool.config);
         let labels = ServiceLabels { service: config.name.clone() };
+        // Expose the counter at zero from the start, so rate() works from the first scrape.
+        let _ = metrics.restarts.get_or_create(&labels);
         Supervisor {
             pool,
             config,

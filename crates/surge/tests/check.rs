@@ -1,0 +1,121 @@
+//! `surge check` names the file, the line and the key of every problem.
+
+mod common;
+
+use std::process::Command;
+
+use common::{ECHO, SURGE};
+
+fn check(config: &str) -> (bool, String, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("surge.toml");
+    std::fs::write(&path, config.replace("{echo}", ECHO)).expect("write");
+    let output = Command::new(SURGE).args(["check", "-c"]).arg(&path).output().expect("run surge check");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).replace(&path.display().to_string(), "surge.toml");
+    (output.status.success(), stdout, stderr)
+}
+
+/// The configuration is rejected, and the message says `surge.toml:LINE:` and names `key`.
+fn assert_rejected(config: &str, line: usize, key: &str, words: &str) {
+    let (ok, _, stderr) = check(config);
+    assert!(!ok, "accepted:\n{config}");
+    assert!(stderr.contains(&format!("surge.toml:{line}:")), "no line {line} in:\n{stderr}");
+    assert!(stderr.contains(&format!("`{key}`")), "no key {key} in:\n{stderr}");
+    assert!(stderr.contains(words), "no `{words}` in:\n{stderr}");
+}
+
+const SERVICE: &str = "[services.web]\ncommand = \"{echo}\"\nroutes = [\"/\"]\n";
+
+#[test]
+fn a_valid_configuration_is_summarised() {
+    let (ok, stdout, stderr) =
+        check(&format!("[gateway]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{SERVICE}"));
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("is valid: 1 service"), "{stdout}");
+    assert!(stdout.contains("web: / (least_conn), instances 1..1 starting at 1"), "{stdout}");
+}
+
+#[test]
+fn unknown_key() {
+    assert_rejected(
+        &format!("{SERVICE}replicas = 3\n"),
+        4,
+        "services.web.replicas",
+        "unknown field `replicas`",
+    );
+}
+
+#[test]
+fn bad_duration() {
+    assert_rejected(
+        &format!("{SERVICE}health = {{ timeout = \"fast\" }}\n"),
+        4,
+        "services.web.health.timeout",
+        "invalid duration",
+    );
+}
+
+#[test]
+fn min_greater_than_max() {
+    assert_rejected(
+        &format!("{SERVICE}instances = {{ min = 4, max = 2 }}\n"),
+        4,
+        "services.web.instances",
+        "min (4) is greater than max (2)",
+    );
+}
+
+#[test]
+fn duplicate_route() {
+    let config = format!("{SERVICE}\n[services.api]\ncommand = \"{{echo}}\"\nroutes = [\"/api\", \"/\"]\n");
+    assert_rejected(&config, 7, "services.api.routes[1]", "duplicate route");
+}
+
+#[test]
+fn overlapping_route() {
+    let config = "[services.a]\ncommand = \"{echo}\"\nroutes = [\"/api\"]\n[services.b]\ncommand = \"{echo}\"\nroutes = [\"/api/\"]\n";
+    assert_rejected(config, 6, "services.b.routes[0]", "overlapping route");
+}
+
+#[test]
+fn missing_command() {
+    assert_rejected("[services.web]\nroutes = [\"/\"]\n", 1, "services.web", "missing `command`");
+}
+
+#[test]
+fn command_not_found() {
+    assert_rejected(
+        "[services.web]\ncommand = \"./bin/nothing-here\"\nroutes = [\"/\"]\n",
+        2,
+        "services.web.command",
+        "no executable file",
+    );
+}
+
+#[test]
+fn port_already_in_use() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let config =
+        format!("[gateway]\nlisten = \"127.0.0.1:{port}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{SERVICE}");
+    assert_rejected(&config, 2, "gateway.listen", "cannot listen on");
+}
+
+#[test]
+fn every_error_is_reported_at_once() {
+    let config = "[services.a]\nroutes = [\"/\"]\n[services.b]\ncommand = \"{echo}\"\nroutes = [\"/\"]\ninstances = { min = 2, max = 1 }\n";
+    let (ok, _, stderr) = check(config);
+    assert!(!ok);
+    for expected in ["surge.toml:1:", "surge.toml:5:", "surge.toml:6:", "3 configuration errors"] {
+        assert!(stderr.contains(expected), "no `{expected}` in:\n{stderr}");
+    }
+}
+
+#[test]
+fn an_unreadable_file_is_one_clear_line() {
+    let output = Command::new(SURGE).args(["check", "-c", "/nonexistent/surge.toml"]).output().expect("run");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("/nonexistent/surge.toml: cannot read the configuration file"), "{stderr}");
+}

@@ -1,0 +1,159 @@
+//! The gateway end to end: routing, error bodies, forwarding headers, streaming, metrics.
+
+mod common;
+
+use bytes::Bytes;
+use common::{Surge, ECHO};
+use hyper::{Method, StatusCode};
+
+const ROUTED: &str = r#"
+[services.web]
+command = "{echo}"
+routes = ["/web"]
+
+[services.api]
+command = "{echo}"
+routes = ["/api", "/api/v2/"]
+instances = { min = 1, max = 2, initial = 2 }
+
+[services.shop]
+command = "{echo}"
+routes = [{ prefix = "/", host = "shop.example" }, { prefix = "/api", host = "shop.example" }]
+
+[services.idle]
+command = "{echo}"
+routes = ["/idle"]
+instances = { min = 0, max = 1, initial = 0 }
+
+[services.slow]
+command = "{echo}"
+routes = ["/slow"]
+timeouts = { request = "300ms" }
+"#;
+
+fn service_of(instance: &str) -> &str {
+    instance.rsplit_once('-').map_or("", |(service, _)| service)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_by_longest_prefix_and_by_host() {
+    let surge = Surge::start(ROUTED).await;
+    let cases = [
+        ("/web", None, "web"),
+        ("/web/index.html", None, "web"),
+        ("/api", None, "api"),
+        ("/api/users/7", None, "api"),
+        ("/api/v2/orders", None, "api"),
+        ("/anything", Some("shop.example"), "shop"),
+        ("/api/users", Some("SHOP.example:8080"), "shop"),
+        ("/api/users", Some("other.example"), "api"),
+    ];
+    for (path, host, service) in cases {
+        let headers: Vec<(&str, &str)> = host.map(|h| ("host", h)).into_iter().collect();
+        let answer = surge.request(Method::GET, path, &headers, Bytes::new()).await;
+        assert_eq!(answer.status, StatusCode::OK, "{path} {host:?}");
+        assert_eq!(service_of(&answer.instance()), service, "{path} with host {host:?}");
+        assert_eq!(answer.json()["path"], path);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_short_json_bodies_that_say_why() {
+    let surge = Surge::start(ROUTED).await;
+
+    let answer = surge.get("/webshop").await;
+    assert_eq!(answer.status, StatusCode::NOT_FOUND, "prefixes match whole segments");
+    assert_eq!(answer.json()["error"], "no_route");
+    assert!(answer.json()["message"].as_str().unwrap_or_default().contains("/webshop"));
+
+    let answer = surge.get("/idle").await;
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(answer.json()["error"], "no_ready_instance");
+    assert_eq!(answer.headers.get("retry-after").map(|v| v.as_bytes()), Some(&b"1"[..]));
+
+    let answer = surge.get("/slow?delay=3s").await;
+    assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(answer.json()["error"], "upstream_timeout");
+    assert!(answer.json()["message"].as_str().unwrap_or_default().contains("services.slow.timeouts.request"));
+
+    // The instance's own error statuses pass through untouched.
+    let answer = surge.get("/web?status=503").await;
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(answer.headers.get("x-surge-error").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_dying_mid_request_gives_a_502() {
+    let surge = Surge::start(ROUTED).await;
+    let pid = surge.service("web").await.instances[0].pid.expect("pid");
+    let pending = tokio::spawn({
+        let (client, url) = (common::http_client(), surge.url("/web?delay=5s"));
+        async move { common::send(&client, Method::GET, &url, &[], Bytes::new()).await }
+    });
+    surge
+        .wait_for("the request to be in flight", |s| {
+            s.iter().any(|s| s.service == "web" && s.instances.iter().any(|i| i.in_flight == 1))
+        })
+        .await;
+    common::kill(pid, 9);
+    let answer = pending.await.expect("task").expect("an answer");
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(answer.json()["error"], "upstream_failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_are_set_and_hop_by_hop_headers_removed() {
+    let surge = Surge::start(ROUTED).await;
+    let headers = [
+        ("connection", "keep-alive, x-private"),
+        ("x-private", "secret"),
+        ("x-forwarded-for", "203.0.113.9"),
+        ("x-custom", "kept"),
+    ];
+    let answer = surge.request(Method::GET, "/web", &headers, Bytes::new()).await;
+    let seen = &answer.json()["headers"];
+    assert_eq!(seen["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    assert_eq!(seen["x-forwarded-host"], surge.gateway.to_string());
+    assert_eq!(seen["host"], surge.gateway.to_string(), "the Host header is kept");
+    assert_eq!(seen["x-custom"], "kept");
+    assert!(seen.get("x-private").is_none(), "named by Connection, so hop-by-hop: {seen}");
+    assert!(answer.headers.get("x-surge-instance").is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_stream_both_ways() {
+    let surge = Surge::start(ROUTED).await;
+    let upload = Bytes::from(vec![b'u'; 24 * 1024 * 1024 + 3]);
+    let answer = surge.request(Method::POST, "/api/upload", &[], upload.clone()).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.json()["body_bytes"], upload.len());
+
+    let size = 32 * 1024 * 1024 + 5;
+    let answer = surge.get(&format!("/api/download?bytes={size}")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.body.len(), size);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_requests_by_service_and_status_class() {
+    let surge = Surge::start(ROUTED).await;
+    for _ in 0..3 {
+        assert_eq!(surge.get("/web").await.status, StatusCode::OK);
+    }
+    assert_eq!(surge.get("/web?status=502").await.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(surge.get("/nowhere").await.status, StatusCode::NOT_FOUND);
+    let text = surge.metrics().await;
+    for expected in [
+        r#"surge_requests_total{service="web",class="2xx"} 3"#,
+        r#"surge_requests_total{service="web",class="5xx"} 1"#,
+        r#"surge_unrouted_requests_total 1"#,
+        r#"surge_request_duration_seconds_count{service="web"} 4"#,
+        r#"surge_requests_in_flight{service="web"} 0"#,
+        r#"surge_instances{service="api",state="ready"} 2"#,
+        r#"surge_instance_restarts_total{service="web"} 0"#,
+    ] {
+        assert!(text.contains(expected), "missing {expected} in:\n{text}");
+    }
+    assert!(ECHO.ends_with("surge-echo"));
+}
