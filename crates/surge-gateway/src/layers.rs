@@ -166,7 +166,16 @@ where
         let response = self.inner.call(request);
         Box::pin(async move {
             Ok(response.await.unwrap_or_else(|error| {
-                tracing::debug!("{error}");
+                // A failing or slow instance is news for the operator; a missing route or an
+                // empty pool is the client's or the configuration's, and shows in metrics.
+                match error {
+                    GatewayError::Connect { .. }
+                    | GatewayError::Upstream { .. }
+                    | GatewayError::Timeout { .. } => {
+                        tracing::warn!("{error}")
+                    }
+                    _ => tracing::debug!("{error}"),
+                }
                 error.into_response()
             }))
         })

@@ -15,7 +15,7 @@ instances = { min = 2, max = 2 }
 
 [services.api]
 command = "sh"
-# A shell wrapper: its child must die too.
+# The usual shell wrapper, which execs the server.
 args = ["-c", "exec {echo}"]
 routes = ["/api"]
 "#;
@@ -49,4 +49,30 @@ async fn sigterm_drains_in_flight_requests_then_stops_everything() {
     let log = surge.log();
     assert!(log.contains("SIGTERM: draining requests"), "{log}");
     assert!(log.contains("surge stopped"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_ignores_sigterm_is_killed_after_stop_timeout() {
+    // An ignored SIGTERM survives exec, and Python's http.server installs no handler of its
+    // own: this instance never stops by itself. It answers GET / with a directory listing.
+    let surge = Surge::start(
+        r#"
+[services.stubborn]
+command = "sh"
+args = ["-c", "trap '' TERM; exec python3 -m http.server --bind 127.0.0.1 $PORT"]
+routes = ["/"]
+instances = { min = 0, max = 1, initial = 1 }
+health = { path = "/" }
+lifecycle = { stop_timeout = "300ms" }
+"#,
+    )
+    .await;
+    let pid = pids(&surge.status().await)[0];
+    let output = surge.cli(&["scale", "stubborn", "0"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    surge.wait_for("the instance to be gone", |s| s[0].instances.is_empty()).await;
+    assert!(survivors(&[pid], Duration::from_secs(2)).is_empty());
+    let log = surge.log();
+    assert!(log.contains("after SIGTERM (stop_timeout); sending SIGKILL"), "{log}");
+    assert!(log.contains("stubborn-1 stopped (killed by signal 9 (SIGKILL))"), "{log}");
 }

@@ -9,17 +9,14 @@ use std::time::Duration;
 use common::{load, ready_count, Surge};
 use hyper::StatusCode;
 
+/// One service, `web`, of the test backend, with the given instance bounds.
+fn web(instances: &str) -> String {
+    format!("[services.web]\ncommand = \"{{echo}}\"\nroutes = [\"/\"]\ninstances = {instances}\n")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_conn_spreads_concurrent_load_fairly() {
-    let surge = Surge::start(
-        r#"
-[services.web]
-command = "{echo}"
-routes = ["/"]
-instances = { min = 3, max = 3 }
-"#,
-    )
-    .await;
+    let surge = Surge::start(&web("{ min = 3, max = 3 }")).await;
     let report = load(&surge, "/?delay=20ms", 12, 30, Arc::new(AtomicBool::new(false))).await;
     assert!(report.failures.is_empty(), "{:?}", report.failures);
     assert_eq!(report.ok, 360);
@@ -36,15 +33,7 @@ instances = { min = 3, max = 3 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_instance_is_replaced_and_traffic_keeps_flowing() {
-    let surge = Surge::start(
-        r#"
-[services.web]
-command = "{echo}"
-routes = ["/"]
-instances = { min = 3, max = 3 }
-"#,
-    )
-    .await;
+    let surge = Surge::start(&web("{ min = 3, max = 3 }")).await;
     let stop = Arc::new(AtomicBool::new(false));
     let background = {
         let stop = Arc::clone(&stop);
@@ -79,15 +68,7 @@ instances = { min = 3, max = 3 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scaling_up_and_down_under_load_loses_no_request() {
-    let surge = Surge::start(
-        r#"
-[services.web]
-command = "{echo}"
-routes = ["/"]
-instances = { min = 1, max = 5, initial = 1 }
-"#,
-    )
-    .await;
+    let surge = Surge::start(&web("{ min = 1, max = 5, initial = 1 }")).await;
     let stop = Arc::new(AtomicBool::new(false));
     let background = load(&surge, "/?delay=20ms", 8, usize::MAX, Arc::clone(&stop));
     let scaling = async {
@@ -113,15 +94,7 @@ instances = { min = 1, max = 5, initial = 1 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scale_outside_the_bounds_is_refused_clearly() {
-    let surge = Surge::start(
-        r#"
-[services.web]
-command = "{echo}"
-routes = ["/"]
-instances = { min = 1, max = 3 }
-"#,
-    )
-    .await;
+    let surge = Surge::start(&web("{ min = 1, max = 3 }")).await;
     let output = surge.cli(&["scale", "web", "9"]);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -135,15 +108,7 @@ instances = { min = 1, max = 3 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_prints_a_table_of_services_and_instances() {
-    let surge = Surge::start(
-        r#"
-[services.web]
-command = "{echo}"
-routes = ["/"]
-instances = { min = 2, max = 3 }
-"#,
-    )
-    .await;
+    let surge = Surge::start(&web("{ min = 2, max = 3 }")).await;
     assert_eq!(surge.get("/").await.status, StatusCode::OK);
     let output = surge.cli(&["status"]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
