@@ -19,7 +19,8 @@ pub struct Site {
 }
 
 impl Site {
-    pub(crate) fn new(source: &str, file: &Path, span: Range<usize>, key: String) -> Self {
+    /// The place of `span` (byte offsets) in `source`, the text of `file`.
+    pub fn new(source: &str, file: &Path, span: Range<usize>, key: String) -> Self {
         let start = span.start.min(source.len());
         let before = &source[..start];
         let line = before.matches('\n').count() + 1;
@@ -77,7 +78,7 @@ impl fmt::Display for ConfigError {
 pub struct ConfigErrors(pub Vec<ConfigError>);
 
 impl ConfigErrors {
-    pub(crate) fn single(error: ConfigError) -> Self {
+    pub fn single(error: ConfigError) -> Self {
         ConfigErrors(vec![error])
     }
 }

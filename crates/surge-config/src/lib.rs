@@ -10,6 +10,9 @@ mod model;
 mod raw;
 mod validate;
 
+/// Parsed durations ("250ms", "2s") for other TOML documents.
+pub use raw::Duration as HumanDuration;
+
 pub use error::{ConfigError, ConfigErrors, Site};
 pub use model::{
     AdminConfig, Balance, Config, GatewayConfig, HealthConfig, InstanceBounds, LifecycleConfig, Route,
@@ -29,6 +32,18 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 /// Parses and validates `source`; `path` names the file in error messages and anchors
 /// relative command paths.
 pub fn parse(source: &str, path: &Path) -> Result<Config, ConfigErrors> {
-    let raw = raw::parse(source).map_err(|err| ConfigErrors::single(err.locate(source, path)))?;
+    let raw = parse_document(source, path)?;
     validate::validate(raw, source, path)
+}
+
+/// Reads any TOML document into `T` (such as a `surge load` scenario), with the same errors
+/// as `surge.toml`: file, line, column and dotted key. Use `toml::Spanned` fields and
+/// [`Site::new`] to report later checks the same way.
+pub fn parse_document<T: serde::de::DeserializeOwned>(source: &str, path: &Path) -> Result<T, ConfigErrors> {
+    raw::parse(source).map_err(|err| ConfigErrors::single(err.locate(source, path)))
+}
+
+/// Reads a file for [`parse_document`], turning a read failure into the same kind of error.
+pub fn read_document(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|err| ConfigErrors::single(ConfigError::unreadable(path, &err)))
 }

@@ -130,7 +130,7 @@ impl<'de> Deserialize<'de> for RawRoute {
 
 /// A duration written the human way: "250ms", "2s", "1m", "1h 30m".
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Duration(pub std::time::Duration);
+pub struct Duration(pub std::time::Duration);
 
 impl<'de> Deserialize<'de> for Duration {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -168,7 +168,7 @@ impl ParseError {
     }
 }
 
-pub(crate) fn parse(source: &str) -> Result<RawConfig, ParseError> {
+pub(crate) fn parse<T: serde::de::DeserializeOwned>(source: &str) -> Result<T, ParseError> {
     let syntax_error = |err: toml::de::Error| ParseError {
         key: String::new(),
         message: err.message().to_owned(),

@@ -1,0 +1,3 @@
+pub mod mix;
+pub mod shape;
+pub mod trace;
