@@ -11,7 +11,7 @@ mod raw;
 mod validate;
 
 /// Parsed durations ("250ms", "2s") for other TOML documents.
-pub use raw::Duration as HumanDuration;
+pub use raw::{parse_duration, Duration as HumanDuration};
 
 pub use error::{ConfigError, ConfigErrors, Site};
 pub use model::{

@@ -141,15 +141,20 @@ impl<'de> Deserialize<'de> for Duration {
                 f.write_str(r#"a duration with a unit, such as "250ms", "2s" or "1m""#)
             }
             fn visit_str<E: de::Error>(self, text: &str) -> Result<Duration, E> {
-                humantime::parse_duration(text).map(Duration).map_err(|err| {
-                    E::custom(format!(
-                        r#"invalid duration "{text}" ({err}); write a number and a unit, such as "250ms", "2s" or "1m""#
-                    ))
-                })
+                parse_duration(text).map(Duration).map_err(E::custom)
             }
         }
         deserializer.deserialize_str(DurationVisitor)
     }
+}
+
+/// Parses "250ms", "2s", "1m", "1h 30m"; the error says how to write one.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(text).map_err(|err| {
+        format!(
+            r#"invalid duration "{text}" ({err}); write a number and a unit, such as "250ms", "2s" or "1m""#
+        )
+    })
 }
 
 /// A serde or TOML syntax error, with the key path serde was reading when it failed.

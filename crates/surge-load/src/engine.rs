@@ -88,6 +88,8 @@ impl Run {
     }
 }
 
+const HALF_TICK: Duration = Duration::from_micros(500);
+
 struct Job {
     kind: usize,
     path: String,
@@ -176,8 +178,11 @@ async fn dispatch(
     let mut scheduled = 0;
     for offset in shape.schedule(plan.duration) {
         let intended = run.start + offset;
-        if intended > Instant::now() {
-            tokio::time::sleep_until(intended.into()).await;
+        // Tokio's timer ticks every millisecond and rounds a deadline up to the next tick;
+        // aiming half a tick early centres the release on the intended time.
+        let wake = intended.checked_sub(HALF_TICK).unwrap_or(intended);
+        if wake > Instant::now() {
+            tokio::time::sleep_until(wake.into()).await;
         }
         worst_lag = worst_lag.max(Instant::now().saturating_duration_since(intended));
         let kind = plan.mix.choose(&mut rng);
@@ -304,7 +309,7 @@ mod tests {
         assert_eq!(target.host_header, "127.0.0.1:8080");
         let (target, path) = Target::parse("http://localhost").expect("valid");
         assert_eq!((target.authority.as_str(), path.as_str()), ("localhost:80", "/"));
-        assert!(Target::parse("https://x").unwrap_err().contains("only http://"));
-        assert!(Target::parse("localhost:80/x").unwrap_err().contains("http://"));
+        assert!(Target::parse("https://x").expect_err("rejected").contains("only http://"));
+        assert!(Target::parse("localhost:80/x").expect_err("rejected").contains("http://"));
     }
 }

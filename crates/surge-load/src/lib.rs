@@ -8,9 +8,14 @@
 
 pub mod engine;
 pub mod mix;
+pub mod plot;
+pub mod progress;
+pub mod report;
+pub mod scenario;
 pub mod shape;
 pub mod stats;
 pub mod trace;
 
 pub use engine::{preflight, run, Mode, Plan, Run, Target};
+pub use scenario::Settings;
 pub use stats::Report;

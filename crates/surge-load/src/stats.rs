@@ -112,7 +112,9 @@ impl Collector {
     }
 
     pub fn record(&mut self, sample: Sample) {
-        let latency = micros(sample.done.saturating_duration_since(sample.intended));
+        // A request released a little before its intended time (timer resolution) counts from
+        // its actual send, so latency is never below service time.
+        let latency = micros(sample.done.saturating_duration_since(sample.intended.min(sample.sent)));
         let service = micros(sample.done.saturating_duration_since(sample.sent));
         self.latency.saturating_record(latency);
         self.service.saturating_record(service);

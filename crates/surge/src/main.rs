@@ -5,6 +5,7 @@
 mod admin_client;
 mod check;
 mod control;
+mod load;
 mod up;
 
 use std::path::PathBuf;
@@ -47,6 +48,12 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Load-test an HTTP service: open loop at a rate or shape, or closed loop
+    #[command(after_help = "Examples:\n  surge load http://127.0.0.1:8080/ --rate 500/s --duration 30s\n  \
+        surge load -s scenario.toml --json report.json --plot report.svg\n  \
+        surge load http://127.0.0.1:8080/ --closed --connections 64 --duration 10s\n\n\
+        Scenario files: docs/load.md")]
+    Load(load::LoadArgs),
 }
 
 #[derive(Args)]
@@ -93,6 +100,7 @@ fn main() -> ExitCode {
         Command::Check(args) => check::run(&args.config),
         Command::Status { admin, json } => control::status(&admin, json),
         Command::Scale { service, instances, admin } => control::scale(&admin, &service, instances),
+        Command::Load(args) => load::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
