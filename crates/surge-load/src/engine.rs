@@ -5,15 +5,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::header::HOST;
-use http::{HeaderValue, Request};
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
+use bytes::{Bytes, BytesMut};
+use http::HeaderValue;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::mix::Mix;
+use crate::http1::{self, Progress, ResponseReader};
+use crate::mix::{Mix, RequestKind};
 use crate::shape::Shape;
 use crate::stats::{Collector, LiveView, Outcome, Report, RunMeta, Sample};
 
@@ -92,8 +90,48 @@ const HALF_TICK: Duration = Duration::from_micros(500);
 
 struct Job {
     kind: usize,
-    path: String,
+    request: Bytes,
     intended: Instant,
+}
+
+/// Makes the bytes of each request: once per kind for fixed paths, per request for templates.
+struct RequestMaker {
+    fixed: Vec<Option<Bytes>>,
+    path: String,
+    encoded: Vec<u8>,
+}
+
+impl RequestMaker {
+    fn new(plan: &Plan) -> Self {
+        let mut encoded = Vec::new();
+        let fixed = plan
+            .mix
+            .kinds()
+            .iter()
+            .map(|kind| {
+                let path = kind.path.fixed()?;
+                encode(plan, kind, path, &mut encoded);
+                Some(Bytes::copy_from_slice(&encoded))
+            })
+            .collect();
+        RequestMaker { fixed, path: String::new(), encoded }
+    }
+
+    /// A kind chosen from the mix, and its request.
+    fn next(&mut self, plan: &Plan, rng: &mut fastrand::Rng) -> (usize, Bytes) {
+        let index = plan.mix.choose(rng);
+        if let Some(request) = &self.fixed[index] {
+            return (index, request.clone());
+        }
+        let kind = &plan.mix.kinds()[index];
+        kind.path.render(rng, &mut self.path);
+        encode(plan, kind, &self.path, &mut self.encoded);
+        (index, Bytes::copy_from_slice(&self.encoded))
+    }
+}
+
+fn encode(plan: &Plan, kind: &RequestKind, path: &str, out: &mut Vec<u8>) {
+    http1::encode_request(&kind.method, path, &plan.target.host_header, &kind.headers, &kind.body, out);
 }
 
 /// Checks that the target accepts connections, so a wrong address is one clear error.
@@ -174,6 +212,7 @@ async fn dispatch(
     jobs: async_channel::Sender<Job>,
 ) -> (u64, Duration) {
     let mut rng = fastrand::Rng::with_seed(plan.seed);
+    let mut requests = RequestMaker::new(plan);
     let mut worst_lag = Duration::ZERO;
     let mut scheduled = 0;
     for offset in shape.schedule(plan.duration) {
@@ -185,11 +224,9 @@ async fn dispatch(
             tokio::time::sleep_until(wake.into()).await;
         }
         worst_lag = worst_lag.max(Instant::now().saturating_duration_since(intended));
-        let kind = plan.mix.choose(&mut rng);
-        let mut path = String::new();
-        plan.mix.kinds()[kind].path.render(&mut rng, &mut path);
         scheduled += 1;
-        if jobs.send(Job { kind, path, intended }).await.is_err() {
+        let (kind, request) = requests.next(plan, &mut rng);
+        if jobs.send(Job { kind, request, intended }).await.is_err() {
             break;
         }
     }
@@ -202,7 +239,7 @@ async fn open_worker(plan: Arc<Plan>, run: Arc<Run>, queue: async_channel::Recei
     while let Ok(job) = queue.recv().await {
         let sent = Instant::now();
         run.sent.fetch_add(1, Ordering::Relaxed);
-        let outcome = connection.send(&plan, job.kind, &job.path).await;
+        let outcome = connection.send(&plan, job.kind, &job.request).await;
         let sample = Sample { kind: job.kind, intended: job.intended, sent, done: Instant::now(), outcome };
         run.lock().record(sample);
     }
@@ -210,14 +247,13 @@ async fn open_worker(plan: Arc<Plan>, run: Arc<Run>, queue: async_channel::Recei
 
 async fn closed_worker(plan: Arc<Plan>, run: Arc<Run>, think: Duration, deadline: Instant, index: u64) {
     let mut rng = fastrand::Rng::with_seed(plan.seed.wrapping_add(index));
+    let mut requests = RequestMaker::new(&plan);
     let mut connection = Connection::default();
-    let mut path = String::new();
     while Instant::now() < deadline {
-        let kind = plan.mix.choose(&mut rng);
-        plan.mix.kinds()[kind].path.render(&mut rng, &mut path);
+        let (kind, request) = requests.next(&plan, &mut rng);
         let sent = Instant::now();
         run.sent.fetch_add(1, Ordering::Relaxed);
-        let outcome = connection.send(&plan, kind, &path).await;
+        let outcome = connection.send(&plan, kind, &request).await;
         run.lock().record(Sample { kind, intended: sent, sent, done: Instant::now(), outcome });
         if !think.is_zero() {
             tokio::time::sleep(think).await;
@@ -228,74 +264,74 @@ async fn closed_worker(plan: Arc<Plan>, run: Arc<Run>, think: Duration, deadline
 /// One keep-alive connection, reopened when the server closes it.
 #[derive(Default)]
 struct Connection {
-    sender: Option<SendRequest<Full<Bytes>>>,
+    stream: Option<TcpStream>,
+    buffer: BytesMut,
 }
 
 impl Connection {
-    async fn send(&mut self, plan: &Plan, kind: usize, path: &str) -> Outcome {
-        match tokio::time::timeout(plan.timeout, self.exchange(plan, kind, path)).await {
+    async fn send(&mut self, plan: &Plan, kind: usize, request: &[u8]) -> Outcome {
+        let head = plan.mix.kinds()[kind].method == http::Method::HEAD;
+        match tokio::time::timeout(plan.timeout, self.exchange(&plan.target, request, head)).await {
             Ok(outcome) => outcome,
             Err(_) => {
                 // The connection may still carry the late answer: never reuse it.
-                self.sender = None;
+                self.stream = None;
                 Outcome::Timeout
             }
         }
     }
 
-    async fn exchange(&mut self, plan: &Plan, kind: usize, path: &str) -> Outcome {
-        let sender = match self.ready(&plan.target).await {
-            Ok(sender) => sender,
-            Err(outcome) => return outcome,
+    /// Writes the request and reads the response; keeps the connection only if it can serve
+    /// another request.
+    async fn exchange(&mut self, target: &Target, request: &[u8], head: bool) -> Outcome {
+        let mut stream = match self.stream.take().filter(open_while_idle) {
+            Some(stream) => stream,
+            None => match TcpStream::connect(&target.authority).await {
+                Ok(stream) => {
+                    let _ = stream.set_nodelay(true);
+                    stream
+                }
+                Err(_) => return Outcome::ConnectError,
+            },
         };
-        let kind = &plan.mix.kinds()[kind];
-        let mut request = Request::new(Full::new(kind.body.clone()));
-        *request.method_mut() = kind.method.clone();
-        *request.uri_mut() = match path.parse() {
-            Ok(uri) => uri,
-            Err(_) => return Outcome::ConnectionError,
-        };
-        let headers = request.headers_mut();
-        headers.insert(HOST, plan.target.host_header.clone());
-        for (name, value) in &kind.headers {
-            headers.insert(name, value.clone());
+        if stream.write_all(request).await.is_err() {
+            return Outcome::ConnectionError;
         }
-        let response = match sender.send_request(request).await {
-            Ok(response) => response,
-            Err(_) => {
-                self.sender = None;
-                return Outcome::ConnectionError;
+        let mut response = ResponseReader::new(head);
+        self.buffer.clear();
+        loop {
+            match response.feed(&mut self.buffer) {
+                Ok(Progress::NeedMore) => {}
+                Ok(Progress::Done { status, keep_alive }) => {
+                    if keep_alive {
+                        self.stream = Some(stream);
+                    }
+                    return Outcome::Status(status);
+                }
+                Err(_) => return Outcome::MalformedResponse,
             }
-        };
-        let status = response.status().as_u16();
-        let mut body = response.into_body();
-        while let Some(frame) = body.frame().await {
-            if frame.is_err() {
-                self.sender = None;
-                return Outcome::ConnectionError;
+            self.buffer.reserve(READ_SIZE);
+            match stream.read_buf(&mut self.buffer).await {
+                Ok(0) => {
+                    return match response.closed() {
+                        Ok(Progress::Done { status, .. }) => Outcome::Status(status),
+                        _ => Outcome::ConnectionError,
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => return Outcome::ConnectionError,
             }
         }
-        Outcome::Status(status)
     }
+}
 
-    /// The open connection, ready for a request, or a new one.
-    async fn ready(&mut self, target: &Target) -> Result<&mut SendRequest<Full<Bytes>>, Outcome> {
-        if let Some(sender) = &mut self.sender {
-            if sender.ready().await.is_err() {
-                self.sender = None;
-            }
-        }
-        if self.sender.is_none() {
-            let stream = TcpStream::connect(&target.authority).await.map_err(|_| Outcome::ConnectError)?;
-            let _ = stream.set_nodelay(true);
-            let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .map_err(|_| Outcome::ConnectError)?;
-            tokio::spawn(connection);
-            self.sender = Some(sender);
-        }
-        self.sender.as_mut().ok_or(Outcome::ConnectError)
-    }
+const READ_SIZE: usize = 16 * 1024;
+
+/// An idle keep-alive connection is usable if the server has neither closed it nor sent
+/// anything unasked.
+fn open_while_idle(stream: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(stream.try_read(&mut byte), Err(err) if err.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! as text, JSON or an SVG plot.
 
 pub mod engine;
+pub mod http1;
 pub mod mix;
 pub mod plot;
 pub mod progress;

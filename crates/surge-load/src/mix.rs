@@ -65,6 +65,11 @@ pub struct Template {
 impl Template {
     /// `ids` is the range of `{id}`: 1 to `ids`.
     pub fn parse(text: &str, ids: u64) -> Result<Template, String> {
+        if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!(
+                "the path {text:?} contains a space or control character; percent-encode it"
+            ));
+        }
         let mut parts = Vec::new();
         let mut rest = text;
         while let Some(open) = rest.find('{') {
@@ -79,6 +84,15 @@ impl Template {
             parts.push(Part::Text(rest.to_owned()));
         }
         Ok(Template { parts })
+    }
+
+    /// The text itself, when there is no placeholder to fill.
+    pub fn fixed(&self) -> Option<&str> {
+        match self.parts.as_slice() {
+            [] => Some(""),
+            [Part::Text(text)] => Some(text),
+            _ => None,
+        }
     }
 
     pub fn render(&self, rng: &mut fastrand::Rng, out: &mut String) {
@@ -172,6 +186,7 @@ mod tests {
         assert!(Template::parse("/{name}", 1).expect_err("rejected").contains("unknown placeholder {name}"));
         assert!(Template::parse("/{id", 1).expect_err("rejected").contains("unclosed"));
         assert!(Template::parse("/{int:9-1}", 1).expect_err("rejected").contains("low end"));
+        assert!(Template::parse("/a b", 1).expect_err("rejected").contains("percent-encode"));
         assert_eq!(Template::parse("/plain", 1).expect("valid").parts, [Part::Text("/plain".into())]);
     }
 }

@@ -18,12 +18,14 @@ fn micros(duration: Duration) -> u64 {
 }
 
 /// How one request ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Outcome {
     Status(u16),
     ConnectError,
     Timeout,
     ConnectionError,
+    /// The target answered something that is not HTTP/1.1.
+    MalformedResponse,
 }
 
 impl Outcome {
@@ -38,6 +40,7 @@ impl Outcome {
             Outcome::ConnectError => "connect error".to_owned(),
             Outcome::Timeout => "timeout".to_owned(),
             Outcome::ConnectionError => "connection error".to_owned(),
+            Outcome::MalformedResponse => "malformed response".to_owned(),
         }
     }
 }
@@ -54,7 +57,8 @@ pub struct Sample {
 
 struct KindStats {
     latency: Histogram<u64>,
-    outcomes: BTreeMap<String, u64>,
+    /// Few distinct values: a small map, labelled only in the report.
+    outcomes: BTreeMap<Outcome, u64>,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -120,7 +124,7 @@ impl Collector {
         self.service.saturating_record(service);
         if let Some(kind) = self.kinds.get_mut(sample.kind) {
             kind.latency.saturating_record(latency);
-            *kind.outcomes.entry(sample.outcome.label()).or_default() += 1;
+            *kind.outcomes.entry(sample.outcome).or_default() += 1;
         }
 
         let intended_second = sample.intended.saturating_duration_since(self.start).as_secs() as usize;
@@ -229,7 +233,7 @@ impl Collector {
                 .map(|(kind, name)| KindReport {
                     name: name.clone(),
                     count: kind.latency.len(),
-                    outcomes: kind.outcomes.clone(),
+                    outcomes: kind.outcomes.iter().map(|(outcome, n)| (outcome.label(), *n)).collect(),
                     latency_ms: Percentiles::of(&kind.latency),
                 })
                 .collect(),
