@@ -1,0 +1,8 @@
+//! Autoscaling as pure functions: a [`Policy`] sees [`Signals`] (one pool's load at an instant)
+//! and answers how many instances the pool should run. No I/O and no clock: time is a field of
+//! the signals, so the same policy runs live (sampled every second by the pool supervisor) and
+//! in virtual time in the simulator.
+
+mod policy;
+
+pub use policy::{Decision, Metric, Policy, ScaleConfig, Signals, SurgePolicy};
