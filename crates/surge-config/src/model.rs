@@ -45,6 +45,18 @@ pub struct ServiceConfig {
     pub balance: Balance,
     pub timeouts: TimeoutConfig,
     pub lifecycle: LifecycleConfig,
+    /// Present when the pool follows the load; its `min` and `max` are `instances`'.
+    pub autoscale: Option<surge_scale::ScaleConfig>,
+    pub buffer: BufferConfig,
+    /// At most this many requests in flight per instance; the rest wait in the buffer.
+    pub instance_concurrency: Option<usize>,
+}
+
+/// Requests that arrive while no instance is ready wait here (scale from zero, restarts).
+#[derive(Debug, Clone, Copy)]
+pub struct BufferConfig {
+    pub requests: usize,
+    pub timeout: Duration,
 }
 
 /// A path prefix, matched on segment boundaries, optionally for one host only.

@@ -56,6 +56,33 @@ pub(crate) struct RawService {
     pub timeouts: RawTimeouts,
     #[serde(default)]
     pub lifecycle: RawLifecycle,
+    pub autoscale: Option<Spanned<RawAutoscale>>,
+    #[serde(default)]
+    pub buffer: RawBuffer,
+    pub instance_concurrency: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAutoscale {
+    pub metric: Option<Spanned<String>>,
+    pub target: Option<Spanned<f64>>,
+    pub utilization: Option<Spanned<f64>>,
+    pub stable_window: Option<Spanned<Duration>>,
+    pub panic_window: Option<Spanned<Duration>>,
+    pub panic_threshold: Option<Spanned<f64>>,
+    pub max_scale_up_rate: Option<Spanned<f64>>,
+    pub max_scale_down_rate: Option<Spanned<f64>>,
+    pub scale_down_delay: Option<Spanned<Duration>>,
+    pub tolerance: Option<Spanned<f64>>,
+    pub idle_window: Option<Spanned<Duration>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBuffer {
+    pub requests: Option<usize>,
+    pub timeout: Option<Spanned<Duration>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -12,6 +12,7 @@ use toml::Spanned;
 use crate::error::{ConfigError, ConfigErrors, Site};
 use crate::model::*;
 use crate::raw::{self, RawConfig, RawService};
+use surge_scale::ScaleConfig;
 
 const DEFAULT_GATEWAY_LISTEN: &str = "127.0.0.1:8080";
 const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9900";
@@ -186,6 +187,16 @@ impl Validator<'_> {
             ),
         };
 
+        let autoscale = raw.autoscale.map(|raw| self.autoscale(&key, raw, instances));
+        let buffer = BufferConfig {
+            requests: raw.buffer.requests.unwrap_or(1000),
+            timeout: self.duration(
+                raw.buffer.timeout,
+                format!("{key}.buffer.timeout"),
+                Duration::from_secs(30),
+            ),
+        };
+
         if self.errors.len() > errors_before {
             return None;
         }
@@ -200,7 +211,126 @@ impl Validator<'_> {
             balance: raw.balance,
             timeouts,
             lifecycle,
+            autoscale,
+            buffer,
+            instance_concurrency: raw.instance_concurrency.filter(|&limit| limit > 0),
         })
+    }
+
+    fn autoscale(
+        &mut self,
+        key: &str,
+        raw: Spanned<raw::RawAutoscale>,
+        bounds: InstanceBounds,
+    ) -> surge_scale::ScaleConfig {
+        use surge_scale::Metric;
+        let key = format!("{key}.autoscale");
+        let table_span = raw.span();
+        let raw = raw.into_inner();
+        let defaults = surge_scale::ScaleConfig::default();
+        let metric = match &raw.metric {
+            None => Metric::Concurrency,
+            Some(metric) => match metric.get_ref().as_str() {
+                "concurrency" => Metric::Concurrency,
+                "rps" => Metric::Rps,
+                "cpu" => Metric::Cpu,
+                "latency_p95" => Metric::LatencyP95,
+                other => {
+                    let message = format!(
+                        r#""{other}" is not a metric: use "concurrency", "rps", "cpu" or "latency_p95""#
+                    );
+                    self.error(metric.span(), format!("{key}.metric"), message);
+                    Metric::Concurrency
+                }
+            },
+        };
+        // A sensible target per metric: 10 in flight, 100 requests/s, 70% of a core, 500 ms.
+        let default_target = match metric {
+            Metric::Concurrency => 10.0,
+            Metric::Rps => 100.0,
+            Metric::Cpu => 0.7,
+            Metric::LatencyP95 => 0.5,
+        };
+        // CPU and latency targets are already the level to hold; concurrency and rps leave
+        // Knative's 30% headroom for bursts.
+        let default_utilization = match metric {
+            Metric::Concurrency | Metric::Rps => defaults.utilization,
+            Metric::Cpu | Metric::LatencyP95 => 1.0,
+        };
+        let mut number =
+            |value: Option<Spanned<f64>>, name: &str, default: f64, valid: fn(f64) -> bool, rule: &str| {
+                match value {
+                    Some(v) if !valid(*v.get_ref()) => {
+                        self.error(v.span(), format!("{key}.{name}"), format!("{} {rule}", v.get_ref()));
+                        default
+                    }
+                    Some(v) => *v.get_ref(),
+                    None => default,
+                }
+            };
+        let positive = |v: f64| v > 0.0 && v.is_finite();
+        let target = number(raw.target, "target", default_target, positive, "must be greater than zero");
+        let utilization = number(
+            raw.utilization,
+            "utilization",
+            default_utilization,
+            |v| v > 0.0 && v <= 1.0,
+            "must be above 0 and at most 1",
+        );
+        let panic_threshold = number(
+            raw.panic_threshold,
+            "panic_threshold",
+            defaults.panic_threshold,
+            |v| v >= 1.0,
+            "must be at least 1",
+        );
+        let max_scale_up_rate = number(
+            raw.max_scale_up_rate,
+            "max_scale_up_rate",
+            defaults.max_scale_up_rate,
+            |v| v > 1.0,
+            "must be above 1",
+        );
+        let max_scale_down_rate = number(
+            raw.max_scale_down_rate,
+            "max_scale_down_rate",
+            defaults.max_scale_down_rate,
+            |v| v > 1.0,
+            "must be above 1",
+        );
+        let tolerance = number(
+            raw.tolerance,
+            "tolerance",
+            defaults.tolerance,
+            |v| (0.0..1.0).contains(&v),
+            "must be from 0 to below 1",
+        );
+        let stable_window =
+            self.duration(raw.stable_window, format!("{key}.stable_window"), defaults.stable_window);
+        let panic_window =
+            self.duration(raw.panic_window, format!("{key}.panic_window"), defaults.panic_window);
+        if panic_window > stable_window {
+            self.error(table_span.clone(), key.clone(), "panic_window must not be longer than stable_window");
+        }
+        let scale_down_delay = match raw.scale_down_delay {
+            Some(d) => d.get_ref().0,
+            None => defaults.scale_down_delay,
+        };
+        ScaleConfig {
+            metric,
+            target,
+            utilization,
+            stable_window,
+            panic_window,
+            panic_threshold,
+            max_scale_up_rate,
+            max_scale_down_rate,
+            scale_down_delay,
+            tolerance,
+            idle_window: self.duration(raw.idle_window, format!("{key}.idle_window"), defaults.idle_window),
+            min: bounds.min,
+            max: bounds.max,
+        }
     }
 
     fn routes(

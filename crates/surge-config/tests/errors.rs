@@ -168,3 +168,24 @@ fn port_in_use_names_the_listen_key() {
     assert_eq!((errors[0].site.key.as_str(), errors[0].site.line), ("gateway.listen", 2));
     assert!(errors[0].message.contains("cannot listen"), "{}", errors[0]);
 }
+
+#[test]
+fn autoscale_takes_its_bounds_from_instances() {
+    let source = format!(
+        "{GOOD_SERVICE}instances = {{ min = 0, max = 6 }}\nautoscale = {{ metric = \"rps\", target = 50, panic_window = \"3s\" }}\n"
+    );
+    let config = surge_config::parse(&source, Path::new("surge.toml")).expect("valid");
+    let scale = config.services[0].autoscale.clone().expect("autoscaled");
+    assert_eq!((scale.min, scale.max, scale.target), (0, 6, 50.0));
+    assert_eq!(scale.metric, surge_scale::Metric::Rps);
+    assert_eq!(scale.panic_window, std::time::Duration::from_secs(3));
+    assert_eq!(config.services[0].buffer.requests, 1000);
+}
+
+#[test]
+fn bad_autoscale_values() {
+    let source = format!("{GOOD_SERVICE}autoscale = {{ metric = \"vibes\" }}\n");
+    assert_single(&source, "services.api.autoscale.metric", 5, "not a metric");
+    let source = format!("{GOOD_SERVICE}autoscale = {{ utilization = 1.5 }}\n");
+    assert_single(&source, "services.api.autoscale.utilization", 5, "at most 1");
+}

@@ -5,6 +5,10 @@
 //! `?delay=50ms` waits, `?cpu=5ms` busy-works, `?status=503` sets the status, `?bytes=N`
 //! streams an N-byte body. `/healthz` answers 200. Every response carries
 //! `x-surge-instance: $SURGE_INSTANCE`. SIGTERM stops it gracefully.
+//!
+//! Two variables model a real service's limits: `SURGE_ECHO_CONCURRENCY=N` serves at most N
+//! requests at once (others wait their turn, as behind a worker pool), and
+//! `SURGE_ECHO_STARTUP=2s` waits before listening, like a slow start.
 
 mod body;
 mod knobs;
@@ -21,6 +25,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use body::EchoBody;
 use knobs::Knobs;
@@ -34,15 +39,45 @@ pub fn run() -> Result<(), String> {
         Err(_) => 8000,
     };
     let instance = std::env::var("SURGE_INSTANCE").unwrap_or_else(|_| "echo".to_owned());
+    let limit =
+        match std::env::var("SURGE_ECHO_CONCURRENCY") {
+            Ok(limit) => {
+                Some(limit.parse::<usize>().ok().filter(|&l| l > 0).ok_or_else(|| {
+                    format!("SURGE_ECHO_CONCURRENCY must be a positive number, not {limit:?}")
+                })?)
+            }
+            Err(_) => None,
+        };
+    let startup = match std::env::var("SURGE_ECHO_STARTUP") {
+        Ok(startup) => Some(
+            humantime::parse_duration(&startup)
+                .map_err(|err| format!("SURGE_ECHO_STARTUP must be a duration such as 2s: {err}"))?,
+        ),
+        Err(_) => None,
+    };
     // One thread, like one worker process: instances scale out as processes, not threads.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|err| format!("cannot start the runtime: {err}"))?;
-    runtime.block_on(serve(SocketAddr::from(([127, 0, 0, 1], port)), instance.into()))
+    let echo = Echo { instance: instance.into(), limit: limit.map(|l| Arc::new(Semaphore::new(l))) };
+    runtime.block_on(async move {
+        if let Some(startup) = startup {
+            tokio::time::sleep(startup).await;
+        }
+        serve(SocketAddr::from(([127, 0, 0, 1], port)), echo).await
+    })
 }
 
-async fn serve(addr: SocketAddr, instance: Arc<str>) -> Result<(), String> {
+/// What every request needs: the instance's name, and its concurrency limit if it has one.
+#[derive(Clone)]
+struct Echo {
+    instance: Arc<str>,
+    limit: Option<Arc<Semaphore>>,
+}
+
+async fn serve(addr: SocketAddr, echo: Echo) -> Result<(), String> {
+    let instance = Arc::clone(&echo.instance);
     let listener = TcpListener::bind(addr).await.map_err(|err| format!("cannot listen on {addr}: {err}"))?;
     eprintln!("surge-echo {instance} listening on {addr}");
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -53,8 +88,8 @@ async fn serve(addr: SocketAddr, instance: Arc<str>) -> Result<(), String> {
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 let _ = stream.set_nodelay(true);
-                let instance = Arc::clone(&instance);
-                let service = hyper::service::service_fn(move |req| handle(req, Arc::clone(&instance)));
+                let echo = echo.clone();
+                let service = hyper::service::service_fn(move |req| handle(req, echo.clone()));
                 let connection = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service);
                 let connection = graceful.watch(connection);
@@ -72,9 +107,14 @@ async fn serve(addr: SocketAddr, instance: Arc<str>) -> Result<(), String> {
     Ok(())
 }
 
-async fn handle(request: Request<Incoming>, instance: Arc<str>) -> Result<Response<EchoBody>, Infallible> {
+async fn handle(request: Request<Incoming>, echo: Echo) -> Result<Response<EchoBody>, Infallible> {
+    // Health checks bypass the limit: a busy service is still alive.
+    let _permit = match &echo.limit {
+        Some(limit) if request.uri().path() != "/healthz" => limit.acquire().await.ok(),
+        _ => None,
+    };
     let mut response = respond(request).await;
-    if let Ok(value) = HeaderValue::from_str(&instance) {
+    if let Ok(value) = HeaderValue::from_str(&echo.instance) {
         response.headers_mut().insert(INSTANCE_HEADER, value);
     }
     Ok(response)

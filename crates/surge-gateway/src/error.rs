@@ -17,6 +17,10 @@ pub enum GatewayError {
     NoRoute { host: String, path: String },
     #[error("service `{service}` has no ready instance")]
     NoReadyInstance { service: String },
+    #[error("service `{service}` has no ready instance and {limit} requests already wait for one (services.{service}.buffer.requests)")]
+    BufferFull { service: String, limit: usize },
+    #[error("no instance of service `{service}` became ready within {timeout:?} (services.{service}.buffer.timeout)")]
+    NoInstanceInTime { service: String, timeout: Duration },
     #[error("cannot connect to instance {instance} of service `{service}`: {cause}")]
     Connect { service: String, instance: String, cause: String },
     #[error("instance {instance} of service `{service}` failed: {cause}")]
@@ -29,7 +33,9 @@ impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
             GatewayError::NoRoute { .. } => StatusCode::NOT_FOUND,
-            GatewayError::NoReadyInstance { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::NoReadyInstance { .. }
+            | GatewayError::BufferFull { .. }
+            | GatewayError::NoInstanceInTime { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::Connect { .. } | GatewayError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -40,6 +46,8 @@ impl GatewayError {
         match self {
             GatewayError::NoRoute { .. } => "no_route",
             GatewayError::NoReadyInstance { .. } => "no_ready_instance",
+            GatewayError::BufferFull { .. } => "buffer_full",
+            GatewayError::NoInstanceInTime { .. } => "no_instance_in_time",
             GatewayError::Connect { .. } => "connect_failed",
             GatewayError::Upstream { .. } => "upstream_failed",
             GatewayError::Timeout { .. } => "upstream_timeout",

@@ -68,8 +68,10 @@ impl tower::Service<Request<Incoming>> for Proxy {
 impl ProxyInner {
     async fn forward(&self, mut request: Request<Incoming>) -> Result<Response<GatewayBody>, GatewayError> {
         let service = self.pool.name();
-        let in_flight =
-            self.choose().ok_or_else(|| GatewayError::NoReadyInstance { service: service.to_owned() })?;
+        let in_flight = match self.choose() {
+            Some(in_flight) => in_flight,
+            None => self.wait_for_instance().await?,
+        };
         let instance = in_flight.instance();
         rewrite_request(&mut request, instance.addr);
         let mut response = self.client.request(request).await.map_err(|err| {
@@ -85,14 +87,49 @@ impl ProxyInner {
         Ok(response.map(|body| GatewayBody::upstream(body, in_flight)))
     }
 
+    /// No instance can take the request: none is ready (scale from zero, a replacement after a
+    /// crash) or all are at `instance_concurrency`. Wait in the pool's bounded buffer for a
+    /// slot or a new instance, up to the buffer timeout. A pool that expects no instance
+    /// answers at once.
+    async fn wait_for_instance(&self) -> Result<InFlight, GatewayError> {
+        let service = || self.pool.name().to_owned();
+        if !self.pool.expects_instances() {
+            return Err(GatewayError::NoReadyInstance { service: service() });
+        }
+        let buffer = self.pool.config().buffer;
+        let Some(_waiting) = self.pool.load().wait(buffer.requests) else {
+            return Err(GatewayError::BufferFull { service: service(), limit: buffer.requests });
+        };
+        let mut ready = self.pool.watch_ready();
+        self.pool.signal_demand();
+        let deadline = tokio::time::sleep(buffer.timeout);
+        tokio::pin!(deadline);
+        loop {
+            if let Some(in_flight) = self.choose() {
+                return Ok(in_flight);
+            }
+            tokio::select! {
+                changed = ready.changed() => if changed.is_err() {
+                    return Err(GatewayError::NoReadyInstance { service: service() });
+                },
+                _ = self.pool.load().slot_freed() => {}
+                _ = &mut deadline => {
+                    return Err(GatewayError::NoInstanceInTime { service: service(), timeout: buffer.timeout });
+                }
+            }
+        }
+    }
+
     /// Claims a slot on the instance the balancer picks. The snapshot may hold instances that
     /// stopped since it was published; the balancer skips them, and a pick that loses a race
     /// with a drain starting this very moment is simply made again.
     fn choose(&self) -> Option<InFlight> {
         let ready = self.pool.ready();
+        let limit = self.pool.config().instance_concurrency.unwrap_or(usize::MAX);
         let load = |i: usize| {
             let instance: &Instance = &ready[i];
-            (instance.state() == InstanceState::Ready).then(|| instance.in_flight())
+            let in_flight = instance.in_flight();
+            (instance.state() == InstanceState::Ready && in_flight < limit).then_some(in_flight)
         };
         for _ in 0..=ready.len() {
             let index = self.balancer.pick(ready.len(), load)?;

@@ -8,6 +8,8 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::load::PoolLoad;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum InstanceState {
@@ -66,10 +68,11 @@ pub struct Instance {
     in_flight: AtomicUsize,
     served: AtomicU64,
     exited: watch::Sender<bool>,
+    load: Arc<PoolLoad>,
 }
 
 impl Instance {
-    pub(crate) fn new(id: String, addr: SocketAddr, pid: Option<u32>) -> Self {
+    pub(crate) fn new(id: String, addr: SocketAddr, pid: Option<u32>, load: Arc<PoolLoad>) -> Self {
         Instance {
             id,
             addr,
@@ -79,6 +82,7 @@ impl Instance {
             in_flight: AtomicUsize::new(0),
             served: AtomicU64::new(0),
             exited: watch::Sender::new(false),
+            load,
         }
     }
 
@@ -111,7 +115,7 @@ impl Instance {
     pub fn begin(self: &Arc<Self>) -> Option<InFlight> {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         if self.state() == InstanceState::Ready {
-            Some(InFlight(Arc::clone(self)))
+            Some(InFlight { instance: Arc::clone(self), started: Instant::now() })
         } else {
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
             None
@@ -137,18 +141,23 @@ impl Instance {
 
 /// One request in flight on an instance; dropping it (when the response body is done) ends it.
 #[derive(Debug)]
-pub struct InFlight(Arc<Instance>);
+pub struct InFlight {
+    instance: Arc<Instance>,
+    started: Instant,
+}
 
 impl InFlight {
     pub fn instance(&self) -> &Instance {
-        &self.0
+        &self.instance
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.served.fetch_add(1, Ordering::Relaxed);
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        let instance = &self.instance;
+        instance.served.fetch_add(1, Ordering::Relaxed);
+        instance.in_flight.fetch_sub(1, Ordering::SeqCst);
+        instance.load.finished(self.started.elapsed());
     }
 }
 
@@ -157,7 +166,7 @@ mod tests {
     use super::*;
 
     fn instance() -> Arc<Instance> {
-        Arc::new(Instance::new("api-1".into(), SocketAddr::from(([127, 0, 0, 1], 1)), None))
+        Arc::new(Instance::new("api-1".into(), SocketAddr::from(([127, 0, 0, 1], 1)), None, Arc::default()))
     }
 
     #[test]

@@ -4,9 +4,11 @@
 //! The data path reads a pool through [`Pool::ready`], a lock-free snapshot of the instances
 //! that take traffic; everything that changes a pool goes to its supervisor task as a message.
 
+mod cpu;
 mod driver;
 mod health;
 mod instance;
+mod load;
 mod metrics;
 pub mod plan;
 mod process;
@@ -18,13 +20,14 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use surge_config::ServiceConfig;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 pub use driver::{Driver, Exit, InstanceControl, LaunchError, LaunchSpec, Launched};
 pub use instance::{InFlight, Instance, InstanceState};
+pub use load::{PoolLoad, Waiting};
 pub use metrics::PoolMetrics;
 pub use process::ProcessDriver;
-pub use status::{InstanceStatus, PoolStatus};
+pub use status::{AutoscaleStatus, InstanceStatus, PoolStatus};
 
 use supervisor::{Command, Supervisor};
 
@@ -39,6 +42,10 @@ pub struct Pool {
     failures: AtomicU32,
     restarts: AtomicU64,
     commands: mpsc::Sender<Command>,
+    load: Arc<PoolLoad>,
+    /// The number of ready instances, for requests waiting for one.
+    ready_count: watch::Sender<usize>,
+    autoscale_status: std::sync::Mutex<Option<AutoscaleStatus>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -47,6 +54,8 @@ pub enum ScaleError {
     OutOfBounds { service: String, requested: u32, min: u32, max: u32 },
     #[error("service `{service}` is shutting down")]
     ShuttingDown { service: String },
+    #[error("service `{service}` is autoscaled (services.{service}.autoscale): its size follows the load; change services.{service}.instances to bound it")]
+    Autoscaled { service: String },
 }
 
 impl Pool {
@@ -61,6 +70,9 @@ impl Pool {
             failures: AtomicU32::new(0),
             restarts: AtomicU64::new(0),
             commands,
+            load: Arc::default(),
+            ready_count: watch::Sender::new(0),
+            autoscale_status: std::sync::Mutex::new(None),
         });
         tokio::spawn(Supervisor::new(Arc::clone(&pool), driver, metrics, receiver).run());
         pool
@@ -77,6 +89,28 @@ impl Pool {
     /// The instances that take traffic now.
     pub fn ready(&self) -> Snapshot {
         self.ready.load()
+    }
+
+    /// What the data path reports to the autoscaler.
+    pub fn load(&self) -> &PoolLoad {
+        &self.load
+    }
+
+    /// Whether an instance is on its way, so that a request may wait for one: the pool is
+    /// autoscaled (it scales from zero on demand) or asked to run instances.
+    pub fn expects_instances(&self) -> bool {
+        self.config.autoscale.is_some() || self.desired.load(Ordering::SeqCst) > 0
+    }
+
+    /// Tells the supervisor a request is waiting (an autoscaled pool at zero starts one now).
+    pub fn signal_demand(&self) {
+        // A full channel already carries commands that wake the supervisor.
+        let _ = self.commands.try_send(Command::Demand);
+    }
+
+    /// Changes whenever the number of ready instances does.
+    pub fn watch_ready(&self) -> watch::Receiver<usize> {
+        self.ready_count.subscribe()
     }
 
     /// Sets the desired number of instances, within the service's bounds.
@@ -120,6 +154,7 @@ impl Pool {
             failures,
             crash_looping: failures >= plan::CRASH_LOOP_THRESHOLD,
             restarts: self.restarts.load(Ordering::Relaxed),
+            autoscale: self.autoscale_status.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             instances,
         }
     }

@@ -24,6 +24,7 @@ pub struct PoolMetrics {
     pub(crate) desired: Family<ServiceLabels, Gauge>,
     pub(crate) restarts: Family<ServiceLabels, Counter>,
     pub(crate) crash_looping: Family<ServiceLabels, Gauge>,
+    pub(crate) panic: Family<ServiceLabels, Gauge>,
 }
 
 impl PoolMetrics {
@@ -45,6 +46,11 @@ impl PoolMetrics {
                 "crash_looping",
                 "1 while a pool's instances keep failing and restarts are backed off",
                 this.crash_looping.clone(),
+            );
+            registry.register(
+                "autoscale_panic",
+                "1 while a pool's autoscaler is in panic mode (answering a burst)",
+                this.panic.clone(),
             );
         });
         this

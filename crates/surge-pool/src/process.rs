@@ -84,6 +84,17 @@ impl Driver for ProcessDriver {
     }
 }
 
+/// The unit of the CPU times in /proc (USER_HZ, 100 on Linux unless configured otherwise).
+pub(crate) fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions and only reads a configuration value.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 {
+        ticks as f64
+    } else {
+        100.0
+    }
+}
+
 /// A port the kernel just handed out. Another process could take it before the instance
 /// binds it; the instance then fails its start and is replaced.
 fn free_port() -> std::io::Result<u16> {

@@ -15,7 +15,22 @@ pub struct PoolStatus {
     pub failures: u32,
     pub crash_looping: bool,
     pub restarts: u64,
+    /// The autoscaler's last decision, for autoscaled pools.
+    pub autoscale: Option<AutoscaleStatus>,
     pub instances: Vec<InstanceStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AutoscaleStatus {
+    pub metric: String,
+    pub target: f64,
+    pub panic: bool,
+    pub reason: String,
+    pub concurrency: f64,
+    pub rps: f64,
+    pub latency_p95_ms: Option<f64>,
+    /// Cores used by all instances.
+    pub cpu: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

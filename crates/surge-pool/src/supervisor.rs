@@ -16,18 +16,29 @@ use crate::health::Prober;
 use crate::instance::{Instance, InstanceState};
 use crate::metrics::{PoolMetrics, StateLabels};
 use crate::plan::{self, Candidate, CRASH_LOOP_THRESHOLD, STABLE_AFTER};
+use crate::status::AutoscaleStatus;
 use crate::{Pool, ScaleError};
+use surge_scale::{Policy, Signals, SurgePolicy};
 
 /// How often a starting instance is probed: fast, so new capacity serves as soon as it can.
 const STARTUP_PROBE_PERIOD: Duration = Duration::from_millis(50);
 /// Consecutive failed checks that take a ready instance out of rotation.
 const UNHEALTHY_THRESHOLD: u32 = 3;
+/// Waiting requests trigger a decision at most this often.
+const EARLIEST_DECISION: Duration = Duration::from_millis(200);
 /// Housekeeping cadence: start timeouts, restart backoff, crash-loop recovery.
 const TICK: Duration = Duration::from_millis(100);
 
 pub(crate) enum Command {
-    Scale { count: u32, reply: oneshot::Sender<Result<u32, ScaleError>> },
-    Shutdown { reply: oneshot::Sender<()> },
+    Scale {
+        count: u32,
+        reply: oneshot::Sender<Result<u32, ScaleError>>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+    /// A request is waiting and nothing is ready: an autoscaled pool at zero starts one now.
+    Demand,
 }
 
 enum Event {
@@ -59,6 +70,7 @@ pub(crate) struct Supervisor {
     restart_at: Option<Instant>,
     /// Set by a shutdown command: who to tell once every instance has stopped.
     shutdown_waiters: Option<Vec<oneshot::Sender<()>>>,
+    autoscaler: Option<Autoscaler>,
     events_tx: mpsc::UnboundedSender<Event>,
     events_rx: mpsc::UnboundedReceiver<Event>,
     commands: mpsc::Receiver<Command>,
@@ -73,6 +85,7 @@ impl Supervisor {
     ) -> Self {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let config = Arc::clone(&pool.config);
+        let autoscaler = config.autoscale.clone().map(Autoscaler::new);
         let labels = ServiceLabels { service: config.name.clone() };
         // Expose the counter at zero from the start, so rate() works from the first scrape.
         let _ = metrics.restarts.get_or_create(&labels);
@@ -88,6 +101,7 @@ impl Supervisor {
             failures: 0,
             restart_at: None,
             shutdown_waiters: None,
+            autoscaler,
             events_tx,
             events_rx,
             commands,
@@ -119,9 +133,28 @@ impl Supervisor {
 
     fn command(&mut self, command: Command) {
         match command {
+            Command::Demand => {
+                if self.autoscaler.is_none() || self.shutdown_waiters.is_some() {
+                    return;
+                }
+                if self.pool.desired.load(Ordering::SeqCst) == 0 {
+                    tracing::info!("{}: scaling from zero: a request is waiting", self.service());
+                    self.pool.desired.store(1, Ordering::SeqCst);
+                }
+                // Requests are waiting: decide now rather than at the next tick, so a burst is
+                // answered the moment it arrives.
+                if let Some(autoscaler) = &mut self.autoscaler {
+                    if autoscaler.last_decision.elapsed() >= EARLIEST_DECISION {
+                        autoscaler.decide_now = true;
+                        self.autoscale();
+                    }
+                }
+            }
             Command::Scale { count, reply } => {
                 let result = if self.shutdown_waiters.is_some() {
                     Err(ScaleError::ShuttingDown { service: self.service().to_owned() })
+                } else if self.autoscaler.is_some() {
+                    Err(ScaleError::Autoscaled { service: self.service().to_owned() })
                 } else if !self.config.instances.contains(count) {
                     let bounds = self.config.instances;
                     Err(ScaleError::OutOfBounds {
@@ -197,6 +230,9 @@ impl Supervisor {
             return;
         };
         let member = self.members.remove(position);
+        if let Some(autoscaler) = &mut self.autoscaler {
+            autoscaler.served_by_gone += member.instance.served();
+        }
         let id = &member.instance.id;
         if member.stopping {
             tracing::info!("{id} stopped ({})", exit.description);
@@ -209,8 +245,10 @@ impl Supervisor {
         self.record_failure();
     }
 
-    /// Start timeouts, and clearing the failure count once an instance has proved stable.
+    /// Start timeouts, clearing the failure count once an instance has proved stable, and
+    /// the autoscaler's sampling and decisions.
     fn housekeeping(&mut self) {
+        self.autoscale();
         let start_timeout = self.config.lifecycle.start_timeout;
         let health_path = self.config.health.path.clone();
         let mut timed_out = 0;
@@ -248,6 +286,66 @@ impl Supervisor {
             self.failures = 0;
             self.restart_at = None;
         }
+    }
+
+    /// Samples the load every tick and decides once per policy period.
+    fn autoscale(&mut self) {
+        let Some(autoscaler) = &mut self.autoscaler else { return };
+        if self.shutdown_waiters.is_some() {
+            return;
+        }
+        let in_flight: usize = self.members.iter().map(|m| m.instance.in_flight()).sum();
+        autoscaler.concurrency_sum += (in_flight + self.pool.load.waiting()) as f64;
+        autoscaler.concurrency_samples += 1;
+        let elapsed = autoscaler.last_decision.elapsed();
+        if elapsed < autoscaler.policy.period() && !std::mem::take(&mut autoscaler.decide_now) {
+            return;
+        }
+        let seconds = elapsed.as_secs_f64();
+        let served: u64 =
+            autoscaler.served_by_gone + self.members.iter().map(|m| m.instance.served()).sum::<u64>();
+        let pids: Vec<u32> = self.members.iter().filter_map(|m| m.instance.pid).collect();
+        let cpu_seconds = crate::cpu::process_tree_seconds(&pids);
+        let count =
+            |state| self.members.iter().filter(|m| !m.stopping && m.instance.state() == state).count() as u32;
+        let signals = Signals {
+            now: autoscaler.started.elapsed(),
+            ready: count(InstanceState::Ready),
+            starting: count(InstanceState::Starting),
+            concurrency: autoscaler.concurrency_sum / f64::from(autoscaler.concurrency_samples.max(1)),
+            rps: served.saturating_sub(autoscaler.served_before) as f64 / seconds,
+            latency_p95: self.pool.load.take_quantile(0.95).map(|d| d.as_secs_f64()),
+            // CPU of the instances that were there both times: a new one counts from its start.
+            cpu: ((cpu_seconds - autoscaler.cpu_before).max(0.0)) / seconds,
+        };
+        autoscaler.served_before = served;
+        autoscaler.cpu_before = cpu_seconds;
+        autoscaler.concurrency_sum = 0.0;
+        autoscaler.concurrency_samples = 0;
+        autoscaler.last_decision = Instant::now();
+
+        let current = self.pool.desired.load(Ordering::SeqCst);
+        let decision = autoscaler.policy.decide(&signals, current);
+        if decision.desired != current {
+            tracing::info!(
+                "{}: autoscale {current} → {} ({})",
+                self.config.name,
+                decision.desired,
+                decision.reason
+            );
+            self.pool.desired.store(decision.desired, Ordering::SeqCst);
+        }
+        self.metrics.panic.get_or_create(&self.labels).set(i64::from(decision.panic));
+        *self.pool.autoscale_status.lock().unwrap_or_else(|p| p.into_inner()) = Some(AutoscaleStatus {
+            metric: autoscaler.policy.config().metric.as_str().to_owned(),
+            target: autoscaler.policy.config().target,
+            panic: decision.panic,
+            reason: decision.reason,
+            concurrency: signals.concurrency,
+            rps: signals.rps,
+            latency_p95_ms: signals.latency_p95.map(|s| s * 1e3),
+            cpu: signals.cpu,
+        });
     }
 
     fn record_failure(&mut self) {
@@ -312,7 +410,12 @@ impl Supervisor {
                 return;
             }
         };
-        let instance = Arc::new(Instance::new(spec.instance_id, launched.addr, launched.pid));
+        let instance = Arc::new(Instance::new(
+            spec.instance_id,
+            launched.addr,
+            launched.pid,
+            Arc::clone(&self.pool.load),
+        ));
         tracing::info!(
             "{} launched (pid {}, port {})",
             instance.id,
@@ -373,8 +476,10 @@ impl Supervisor {
         for instance in &all {
             counts[instance.state() as usize] += 1;
         }
+        let ready_count = ready.len();
         self.pool.ready.store(Arc::new(ready));
         self.pool.all.store(Arc::new(all));
+        self.pool.ready_count.send_if_modified(|count| std::mem::replace(count, ready_count) != ready_count);
         self.pool.failures.store(self.failures, Ordering::Relaxed);
 
         for (state, count) in InstanceState::ALL.into_iter().zip(counts) {
@@ -385,6 +490,37 @@ impl Supervisor {
         self.metrics.desired.get_or_create(&self.labels).set(i64::from(desired));
         let looping = self.failures >= CRASH_LOOP_THRESHOLD;
         self.metrics.crash_looping.get_or_create(&self.labels).set(i64::from(looping));
+    }
+}
+
+/// The live side of autoscaling: the policy and what it needs to turn counters into rates.
+struct Autoscaler {
+    policy: SurgePolicy,
+    started: Instant,
+    last_decision: Instant,
+    concurrency_sum: f64,
+    concurrency_samples: u32,
+    /// Requests served by instances that have since gone, so rates survive their exit.
+    served_by_gone: u64,
+    served_before: u64,
+    cpu_before: f64,
+    /// Requests are waiting: decide at once instead of at the next period.
+    decide_now: bool,
+}
+
+impl Autoscaler {
+    fn new(config: surge_scale::ScaleConfig) -> Self {
+        Autoscaler {
+            policy: SurgePolicy::new(config),
+            started: Instant::now(),
+            last_decision: Instant::now(),
+            concurrency_sum: 0.0,
+            concurrency_samples: 0,
+            served_by_gone: 0,
+            served_before: 0,
+            cpu_before: 0.0,
+            decide_now: false,
+        }
     }
 }
 
