@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 
 use crate::http1::{self, Progress, ResponseReader};
 use crate::mix::{Mix, RequestKind};
-use crate::shape::Shape;
+use surge_shape::Shape;
 use crate::stats::{Collector, LiveView, Outcome, Report, RunMeta, Sample};
 
 /// Where requests go: `http://host:port`.

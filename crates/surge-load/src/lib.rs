@@ -13,10 +13,9 @@ pub mod plot;
 pub mod progress;
 pub mod report;
 pub mod scenario;
-pub mod shape;
 pub mod stats;
-pub mod trace;
 
 pub use engine::{preflight, run, Mode, Plan, Run, Target};
 pub use scenario::Settings;
+pub use surge_shape::{shape, trace};
 pub use stats::Report;

@@ -15,7 +15,7 @@ use toml::Spanned;
 
 use crate::engine::{Mode, Plan, Target};
 use crate::mix::{Mix, RequestKind, Template};
-use crate::shape::Shape;
+use surge_shape::Shape;
 
 const DEFAULT_DURATION: Duration = Duration::from_secs(10);
 const DEFAULT_CONNECTIONS: usize = 64;
@@ -349,8 +349,8 @@ fn to_shape(shape: ShapeFile, scenario: &Path, seed: u64) -> Result<Shape, Strin
             let text = std::fs::read_to_string(&trace_path)
                 .map_err(|err| format!("cannot read the trace {}: {err}", trace_path.display()))?;
             let arrivals =
-                crate::trace::parse(&text).map_err(|err| format!("{}: {err}", trace_path.display()))?;
-            Shape::Trace(crate::trace::replay(&arrivals, speedup, scale))
+                surge_shape::trace::parse(&text).map_err(|err| format!("{}: {err}", trace_path.display()))?;
+            Shape::Trace(surge_shape::trace::replay(&arrivals, speedup, scale))
         }
     })
 }
