@@ -328,6 +328,7 @@ impl Validator<'_> {
             scale_down_delay,
             tolerance,
             idle_window: self.duration(raw.idle_window, format!("{key}.idle_window"), defaults.idle_window),
+            tick: defaults.tick,
             min: bounds.min,
             max: bounds.max,
         }

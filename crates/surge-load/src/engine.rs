@@ -12,8 +12,8 @@ use tokio::net::TcpStream;
 
 use crate::http1::{self, Progress, ResponseReader};
 use crate::mix::{Mix, RequestKind};
-use surge_shape::Shape;
 use crate::stats::{Collector, LiveView, Outcome, Report, RunMeta, Sample};
+use surge_shape::Shape;
 
 /// Where requests go: `http://host:port`.
 #[derive(Debug, Clone)]

@@ -17,5 +17,5 @@ pub mod stats;
 
 pub use engine::{preflight, run, Mode, Plan, Run, Target};
 pub use scenario::Settings;
-pub use surge_shape::{shape, trace};
 pub use stats::Report;
+pub use surge_shape::{shape, trace};

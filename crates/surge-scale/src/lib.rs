@@ -3,6 +3,8 @@
 //! the signals, so the same policy runs live (sampled every second by the pool supervisor) and
 //! in virtual time in the simulator.
 
+pub mod baselines;
 mod policy;
+pub mod sim;
 
 pub use policy::{Decision, Metric, Policy, ScaleConfig, Signals, SurgePolicy};

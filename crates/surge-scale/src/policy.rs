@@ -98,6 +98,8 @@ pub struct ScaleConfig {
     pub tolerance: f64,
     /// With `min = 0`, a pool with no request for this long goes to zero.
     pub idle_window: Duration,
+    /// How often it decides.
+    pub tick: Duration,
     pub min: u32,
     pub max: u32,
 }
@@ -116,6 +118,7 @@ impl Default for ScaleConfig {
             scale_down_delay: Duration::from_secs(30),
             tolerance: 0.1,
             idle_window: Duration::from_secs(30),
+            tick: Duration::from_secs(1),
             min: 1,
             max: 10,
         }
@@ -125,6 +128,7 @@ impl Default for ScaleConfig {
 /// Surge's policy. Keeps the samples of its windows; everything else is computed per call.
 #[derive(Debug, Clone)]
 pub struct SurgePolicy {
+    name: String,
     config: ScaleConfig,
     /// (time, pool-wide metric value), oldest first, spanning the stable window.
     samples: VecDeque<(Duration, f64)>,
@@ -136,7 +140,13 @@ pub struct SurgePolicy {
 
 impl SurgePolicy {
     pub fn new(config: ScaleConfig) -> Self {
+        Self::named("surge", config)
+    }
+
+    /// The same algorithm under another name (Knative's KPA is this with its own defaults).
+    pub fn named(name: &str, config: ScaleConfig) -> Self {
         SurgePolicy {
+            name: name.to_owned(),
             config,
             samples: VecDeque::new(),
             recommendations: VecDeque::new(),
@@ -178,11 +188,11 @@ impl SurgePolicy {
 
 impl Policy for SurgePolicy {
     fn name(&self) -> &str {
-        "surge"
+        &self.name
     }
 
     fn period(&self) -> Duration {
-        Duration::from_secs(1)
+        self.config.tick
     }
 
     fn decide(&mut self, signals: &Signals, current: u32) -> Decision {

@@ -1,0 +1,231 @@
+//! The autoscalers Surge is measured against, each built from its published defaults, as
+//! policies over the same signals. Where a default could be read two ways, the comment says
+//! which reading is used.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use crate::policy::{Decision, Policy, ScaleConfig, Signals, SurgePolicy};
+
+/// What a Kubernetes HPA scales on.
+#[derive(Debug, Clone, Copy)]
+enum HpaMetric {
+    /// Mean CPU utilisation per ready pod (1.0 = one core), from metrics-server.
+    Cpu { target: f64 },
+    /// An external metric with an AverageValue target per pod, refreshed every `poll` (KEDA).
+    External { target_per_pod: f64, poll: Duration },
+}
+
+/// Kubernetes HPA (autoscaling/v2 defaults): a 15 s sync period, tolerance 0.1, scale-up by
+/// at most 100% or 4 pods per 15 s (whichever is more), and a 300 s scale-down stabilisation
+/// window. CPU is averaged over the last 30 s (metrics-server's 15 s resolution plus the
+/// kubelet's averaging window).
+#[derive(Debug, Clone)]
+pub struct Hpa {
+    name: &'static str,
+    metric: HpaMetric,
+    min: u32,
+    max: u32,
+    samples: VecDeque<(Duration, f64)>,
+    recommendations: VecDeque<(Duration, u32)>,
+    /// KEDA: the value the HPA sees, and when KEDA last polled.
+    polled: Option<(Duration, f64)>,
+}
+
+const HPA_SYNC: Duration = Duration::from_secs(15);
+const HPA_TOLERANCE: f64 = 0.1;
+const HPA_STABILISATION: Duration = Duration::from_secs(300);
+const CPU_WINDOW: Duration = Duration::from_secs(30);
+
+impl Hpa {
+    /// HPA on CPU at `target` utilisation (0.7 is the classic setting).
+    pub fn cpu(target: f64, min: u32, max: u32) -> Self {
+        Hpa::with(HpaMetric::Cpu { target }, "hpa-cpu", min, max)
+    }
+
+    /// KEDA scaling on queue length (requests waiting or in flight), polled every 30 s, with a
+    /// target per instance, through the HPA it drives.
+    pub fn keda(target_per_pod: f64, min: u32, max: u32) -> Self {
+        let poll = Duration::from_secs(30);
+        Hpa::with(HpaMetric::External { target_per_pod, poll }, "keda-queue", min, max)
+    }
+
+    fn with(metric: HpaMetric, name: &'static str, min: u32, max: u32) -> Self {
+        Hpa {
+            name,
+            metric,
+            min,
+            max,
+            samples: VecDeque::new(),
+            recommendations: VecDeque::new(),
+            polled: None,
+        }
+    }
+}
+
+impl Policy for Hpa {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn period(&self) -> Duration {
+        HPA_SYNC
+    }
+
+    fn decide(&mut self, signals: &Signals, current: u32) -> Decision {
+        let now = signals.now;
+        let ready = signals.ready.max(1);
+        // The usage ratio: observed per pod over target per pod.
+        let ratio = match self.metric {
+            HpaMetric::Cpu { target } => {
+                self.samples.push_back((now, signals.cpu / f64::from(ready)));
+                while self.samples.front().is_some_and(|(at, _)| now.saturating_sub(*at) >= CPU_WINDOW) {
+                    self.samples.pop_front();
+                }
+                let mean =
+                    self.samples.iter().map(|(_, v)| v).sum::<f64>() / self.samples.len().max(1) as f64;
+                mean / target
+            }
+            HpaMetric::External { target_per_pod, poll } => {
+                if self.polled.is_none_or(|(at, _)| now.saturating_sub(at) >= poll) {
+                    self.polled = Some((now, signals.concurrency));
+                }
+                let value = self.polled.map_or(0.0, |(_, v)| v);
+                value / (target_per_pod * f64::from(ready))
+            }
+        };
+        let mut desired = if (ratio - 1.0).abs() <= HPA_TOLERANCE {
+            current
+        } else {
+            (f64::from(ready) * ratio).ceil() as u32
+        };
+        let up_limit = (current * 2).max(current + 4);
+        desired = desired.min(up_limit);
+        self.recommendations.push_back((now, desired));
+        while self.recommendations.front().is_some_and(|(at, _)| now.saturating_sub(*at) >= HPA_STABILISATION)
+        {
+            self.recommendations.pop_front();
+        }
+        if desired < current {
+            desired = self.recommendations.iter().map(|(_, d)| *d).max().unwrap_or(desired).min(current);
+        }
+        let desired = desired.clamp(self.min, self.max);
+        Decision { desired, panic: false, reason: format!("usage ratio {ratio:.2}") }
+    }
+}
+
+/// Knative's KPA with its defaults: 60 s stable and 6 s panic windows, panic at 200%, a 2 s
+/// tick, scale-up rate 1000, scale-down rate 2, no scale-down delay, no tolerance band.
+pub fn kpa(target: f64, utilization: f64, min: u32, max: u32) -> SurgePolicy {
+    SurgePolicy::named(
+        "knative-kpa",
+        ScaleConfig {
+            target,
+            utilization,
+            max_scale_up_rate: 1000.0,
+            max_scale_down_rate: 2.0,
+            scale_down_delay: Duration::ZERO,
+            tolerance: 0.0,
+            tick: Duration::from_secs(2),
+            min,
+            max,
+            ..ScaleConfig::default()
+        },
+    )
+}
+
+/// AWS target tracking on CPU: one datapoint a minute; scale out when three in a row are above
+/// the target, scale in when fifteen in a row are below 90% of it (the low alarm), with the
+/// default 300 s scale-in cooldown. Capacity moves to `ceil(current × value / target)`.
+#[derive(Debug, Clone)]
+pub struct AwsTargetTracking {
+    target: f64,
+    min: u32,
+    max: u32,
+    datapoints: VecDeque<f64>,
+    last_scale_in: Option<Duration>,
+}
+
+impl AwsTargetTracking {
+    pub fn cpu(target: f64, min: u32, max: u32) -> Self {
+        AwsTargetTracking { target, min, max, datapoints: VecDeque::new(), last_scale_in: None }
+    }
+}
+
+impl Policy for AwsTargetTracking {
+    fn name(&self) -> &str {
+        "aws-target-tracking"
+    }
+
+    fn period(&self) -> Duration {
+        Duration::from_secs(60)
+    }
+
+    fn decide(&mut self, signals: &Signals, current: u32) -> Decision {
+        let ready = signals.ready.max(1);
+        let utilisation = signals.cpu / f64::from(ready);
+        self.datapoints.push_back(utilisation);
+        if self.datapoints.len() > 15 {
+            self.datapoints.pop_front();
+        }
+        let proportional = (f64::from(ready) * utilisation / self.target).ceil() as u32;
+        let last = |n: usize| self.datapoints.iter().rev().take(n);
+        let (mut desired, mut reason) = (current, format!("utilisation {utilisation:.2}"));
+        if self.datapoints.len() >= 3 && last(3).all(|&v| v > self.target) && proportional > current {
+            desired = proportional;
+            reason.push_str(": 3 of 3 datapoints high");
+        } else if self.datapoints.len() >= 15
+            && last(15).all(|&v| v < self.target * 0.9)
+            && self.last_scale_in.is_none_or(|at| signals.now.saturating_sub(at) >= Duration::from_secs(300))
+            && proportional < current
+        {
+            desired = proportional;
+            self.last_scale_in = Some(signals.now);
+            reason.push_str(": 15 of 15 datapoints low");
+        }
+        Decision { desired: desired.clamp(self.min, self.max), panic: false, reason }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(seconds: u64, ready: u32, cpu: f64, concurrency: f64) -> Signals {
+        Signals { now: Duration::from_secs(seconds), ready, cpu, concurrency, ..Signals::default() }
+    }
+
+    #[test]
+    fn hpa_doubles_at_most_per_sync_and_holds_scale_down_for_five_minutes() {
+        let mut hpa = Hpa::cpu(0.7, 1, 100);
+        // Ten times the load on 2 pods: each pod is pinned at 100% and cannot show more, so
+        // each 15 s sync grows the pool by at most 1/0.7: several syncs for a 10x step.
+        let mut current = 2;
+        let mut steps = Vec::new();
+        for sync in 0..5 {
+            let decision = hpa.decide(&at(sync * 15, current, f64::from(current), 0.0), current);
+            current = decision.desired;
+            steps.push(current);
+        }
+        assert_eq!(steps, [3, 5, 8, 12, 18]);
+        // Load gone: the 300 s stabilisation window keeps the highest recent recommendation.
+        let decision = hpa.decide(&at(90, 18, 0.0, 0.0), 18);
+        assert_eq!(decision.desired, 18);
+    }
+
+    #[test]
+    fn keda_sees_the_queue_only_every_thirty_seconds() {
+        let mut keda = Hpa::keda(10.0, 1, 100);
+        assert_eq!(keda.decide(&at(0, 2, 0.0, 20.0), 2).desired, 2);
+        // The queue jumps at 15 s, but the HPA still sees the value polled at 0 s.
+        assert_eq!(keda.decide(&at(15, 2, 0.0, 200.0), 2).desired, 2);
+        assert_eq!(keda.decide(&at(30, 2, 0.0, 200.0), 2).desired, 6, "polled at 30 s: +4 limit");
+    }
+
+    #[test]
+    fn aws_needs_three_high_minutes() {
+        let mut aws = AwsTargetTracking::cpu(0.7, 1, 100);
+        let decisions: Vec<u32> = (0..3).map(|m| aws.decide(&at(m * 60, 2, 2.0, 0.0), 2).desired).collect();
+        assert_eq!(decisions, [2, 2, 3], "scales out only on the third high datapoint");
+    }
+}
