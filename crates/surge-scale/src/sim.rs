@@ -298,7 +298,7 @@ impl Sim<'_> {
             concurrency: self.demand_integral / dt,
             rps: f64::from(self.completed_since_tick) / dt,
             latency_p95: (!self.latencies_since_tick.is_empty())
-                .then(|| f64::from(percentile(&mut self.latencies_since_tick, 0.95))),
+                .then(|| percentile(&mut self.latencies_since_tick, 0.95)),
             cpu: self.busy_integral / dt / f64::from(self.model.slots),
         };
         self.demand_integral = 0.0;
