@@ -329,6 +329,8 @@ impl Validator<'_> {
             tolerance,
             idle_window: self.duration(raw.idle_window, format!("{key}.idle_window"), defaults.idle_window),
             tick: defaults.tick,
+            littles_law: defaults.littles_law,
+            burst_at_once: defaults.burst_at_once,
             min: bounds.min,
             max: bounds.max,
         }

@@ -68,6 +68,7 @@ impl tower::Service<Request<Incoming>> for Proxy {
 impl ProxyInner {
     async fn forward(&self, mut request: Request<Incoming>) -> Result<Response<GatewayBody>, GatewayError> {
         let service = self.pool.name();
+        self.pool.load().arrived();
         let in_flight = match self.choose() {
             Some(in_flight) => in_flight,
             None => self.wait_for_instance().await?,

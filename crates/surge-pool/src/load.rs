@@ -16,6 +16,10 @@ pub struct PoolLoad {
     latency: [AtomicU64; BUCKETS],
     /// Wakes one waiting request when a request finishes and frees a slot.
     freed: Notify,
+    arrivals: AtomicU64,
+    /// Time finished requests spent at instances, in microseconds, and how many there were.
+    service_micros: AtomicU64,
+    services: AtomicU64,
 }
 
 impl Default for PoolLoad {
@@ -24,6 +28,9 @@ impl Default for PoolLoad {
             waiting: AtomicUsize::new(0),
             latency: std::array::from_fn(|_| AtomicU64::new(0)),
             freed: Notify::new(),
+            arrivals: AtomicU64::new(0),
+            service_micros: AtomicU64::new(0),
+            services: AtomicU64::new(0),
         }
     }
 }
@@ -53,9 +60,28 @@ impl PoolLoad {
         Some(Waiting(self))
     }
 
+    /// A request for the pool arrived at the gateway.
+    pub fn arrived(&self) {
+        self.arrivals.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Arrivals since the last call, which resets the count.
+    pub(crate) fn take_arrivals(&self) -> u64 {
+        self.arrivals.swap(0, Ordering::Relaxed)
+    }
+
+    /// The mean time at an instance of requests finished since the last call, which resets it.
+    pub(crate) fn take_mean_service(&self) -> Option<Duration> {
+        let count = self.services.swap(0, Ordering::Relaxed);
+        let micros = self.service_micros.swap(0, Ordering::Relaxed);
+        (count > 0).then(|| Duration::from_micros(micros / count))
+    }
+
     /// A request finished: record its latency and hand its slot to a waiting request.
     pub(crate) fn finished(&self, latency: Duration) {
         let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.service_micros.fetch_add(micros, Ordering::Relaxed);
+        self.services.fetch_add(1, Ordering::Relaxed);
         self.latency[bucket(micros)].fetch_add(1, Ordering::Relaxed);
         if self.waiting() > 0 {
             self.freed.notify_one();

@@ -295,7 +295,9 @@ impl Supervisor {
             return;
         }
         let in_flight: usize = self.members.iter().map(|m| m.instance.in_flight()).sum();
-        autoscaler.concurrency_sum += (in_flight + self.pool.load.waiting()) as f64;
+        let waiting = self.pool.load.waiting();
+        autoscaler.concurrency_sum += (in_flight + waiting) as f64;
+        autoscaler.waiting_sum += waiting as f64;
         autoscaler.concurrency_samples += 1;
         let elapsed = autoscaler.last_decision.elapsed();
         if elapsed < autoscaler.policy.period() && !std::mem::take(&mut autoscaler.decide_now) {
@@ -314,6 +316,9 @@ impl Supervisor {
             starting: count(InstanceState::Starting),
             concurrency: autoscaler.concurrency_sum / f64::from(autoscaler.concurrency_samples.max(1)),
             rps: served.saturating_sub(autoscaler.served_before) as f64 / seconds,
+            arrivals: self.pool.load.take_arrivals() as f64 / seconds,
+            waiting: autoscaler.waiting_sum / f64::from(autoscaler.concurrency_samples.max(1)),
+            service_time: self.pool.load.take_mean_service().map(|d| d.as_secs_f64()),
             latency_p95: self.pool.load.take_quantile(0.95).map(|d| d.as_secs_f64()),
             // CPU of the instances that were there both times: a new one counts from its start.
             cpu: ((cpu_seconds - autoscaler.cpu_before).max(0.0)) / seconds,
@@ -321,6 +326,7 @@ impl Supervisor {
         autoscaler.served_before = served;
         autoscaler.cpu_before = cpu_seconds;
         autoscaler.concurrency_sum = 0.0;
+        autoscaler.waiting_sum = 0.0;
         autoscaler.concurrency_samples = 0;
         autoscaler.last_decision = Instant::now();
 
@@ -499,6 +505,7 @@ struct Autoscaler {
     started: Instant,
     last_decision: Instant,
     concurrency_sum: f64,
+    waiting_sum: f64,
     concurrency_samples: u32,
     /// Requests served by instances that have since gone, so rates survive their exit.
     served_by_gone: u64,
@@ -515,6 +522,7 @@ impl Autoscaler {
             started: Instant::now(),
             last_decision: Instant::now(),
             concurrency_sum: 0.0,
+            waiting_sum: 0.0,
             concurrency_samples: 0,
             served_by_gone: 0,
             served_before: 0,

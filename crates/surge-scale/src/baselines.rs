@@ -115,7 +115,8 @@ impl Policy for Hpa {
 }
 
 /// Knative's KPA with its defaults: 60 s stable and 6 s panic windows, panic at 200%, a 2 s
-/// tick, scale-up rate 1000, scale-down rate 2, no scale-down delay, no tolerance band.
+/// tick, scale-up rate 1000, scale-down rate 2, no scale-down delay, no tolerance band, and
+/// the measured concurrency as its signal, averaged over each window.
 pub fn kpa(target: f64, utilization: f64, min: u32, max: u32) -> SurgePolicy {
     SurgePolicy::named(
         "knative-kpa",
@@ -127,6 +128,8 @@ pub fn kpa(target: f64, utilization: f64, min: u32, max: u32) -> SurgePolicy {
             scale_down_delay: Duration::ZERO,
             tolerance: 0.0,
             tick: Duration::from_secs(2),
+            littles_law: false,
+            burst_at_once: false,
             min,
             max,
             ..ScaleConfig::default()

@@ -4,7 +4,9 @@
 //! in virtual time in the simulator.
 
 pub mod baselines;
+pub mod plot;
 mod policy;
 pub mod sim;
+pub mod suite;
 
 pub use policy::{Decision, Metric, Policy, ScaleConfig, Signals, SurgePolicy};

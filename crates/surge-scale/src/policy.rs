@@ -18,6 +18,12 @@ pub struct Signals {
     pub concurrency: f64,
     /// Requests finished per second over the last sample period.
     pub rps: f64,
+    /// Requests that arrived per second over the last sample period.
+    pub arrivals: f64,
+    /// Mean requests waiting for an instance (part of `concurrency`).
+    pub waiting: f64,
+    /// Mean time a request spent at an instance, in seconds, if any finished.
+    pub service_time: Option<f64>,
     /// 95th percentile latency in seconds, if any request finished.
     pub latency_p95: Option<f64>,
     /// CPU used by all instances, in cores (1.0 = one core busy).
@@ -49,13 +55,35 @@ impl Metric {
     }
 
     /// The pool-wide value of the metric in `signals`.
-    pub fn observe(&self, signals: &Signals) -> f64 {
+    pub fn observe(&self, signals: &Signals, littles_law: bool) -> f64 {
         match self {
+            Metric::Concurrency if littles_law => concurrency_demand(signals),
             Metric::Concurrency => signals.concurrency,
             Metric::Rps => signals.rps,
             Metric::Cpu => signals.cpu,
             Metric::LatencyP95 => signals.latency_p95.unwrap_or(0.0),
         }
+    }
+}
+
+const URGENT_TICK: Duration = Duration::from_millis(200);
+
+/// How long a backlog of waiting requests may take to clear: sets how much concurrency the
+/// backlog asks for beyond what arrivals need.
+const BACKLOG_CLEARANCE: f64 = 1.0;
+
+/// The concurrency the load needs. Measured concurrency counts waiting requests, and a queue
+/// that grows while new instances start would ask for ever more of them; by Little's law the
+/// arrivals need `arrivals × service time`, plus what clears the backlog within
+/// `BACKLOG_CLEARANCE`. Never more than measured; the measurement alone when no request has
+/// finished yet (a pool at zero).
+fn concurrency_demand(signals: &Signals) -> f64 {
+    match signals.service_time {
+        Some(service) if signals.arrivals > 0.0 => {
+            let needed = signals.arrivals * service + signals.waiting * service / BACKLOG_CLEARANCE;
+            needed.min(signals.concurrency)
+        }
+        _ => signals.concurrency,
     }
 }
 
@@ -98,8 +126,14 @@ pub struct ScaleConfig {
     pub tolerance: f64,
     /// With `min = 0`, a pool with no request for this long goes to zero.
     pub idle_window: Duration,
-    /// How often it decides.
+    /// How often it decides while no request waits for an instance.
     pub tick: Duration,
+    /// Estimate the concurrency the load needs from arrivals and service time (Little's law)
+    /// rather than taking the measured concurrency, which a growing queue inflates.
+    pub littles_law: bool,
+    /// In panic, size for the latest sample when it is above the panic window's average,
+    /// rather than wait for a burst to fill the window.
+    pub burst_at_once: bool,
     pub min: u32,
     pub max: u32,
 }
@@ -115,10 +149,12 @@ impl Default for ScaleConfig {
             panic_threshold: 2.0,
             max_scale_up_rate: 10.0,
             max_scale_down_rate: 2.0,
-            scale_down_delay: Duration::from_secs(30),
+            scale_down_delay: Duration::from_secs(10),
             tolerance: 0.1,
             idle_window: Duration::from_secs(30),
             tick: Duration::from_secs(1),
+            littles_law: true,
+            burst_at_once: true,
             min: 1,
             max: 10,
         }
@@ -136,6 +172,8 @@ pub struct SurgePolicy {
     recommendations: VecDeque<(Duration, u32)>,
     panic_until: Option<Duration>,
     last_request: Option<Duration>,
+    /// Requests were waiting at the last decision: decide again soon.
+    urgent: bool,
 }
 
 impl SurgePolicy {
@@ -152,6 +190,7 @@ impl SurgePolicy {
             recommendations: VecDeque::new(),
             panic_until: None,
             last_request: None,
+            urgent: false,
         }
     }
 
@@ -191,14 +230,21 @@ impl Policy for SurgePolicy {
         &self.name
     }
 
+    /// The tick, or every 200 ms while requests wait for an instance (as the live supervisor
+    /// decides whenever a waiting request signals demand).
     fn period(&self) -> Duration {
-        self.config.tick
+        if self.urgent {
+            URGENT_TICK.min(self.config.tick)
+        } else {
+            self.config.tick
+        }
     }
 
     fn decide(&mut self, signals: &Signals, current: u32) -> Decision {
         let now = signals.now;
         let config = self.config.clone();
-        let value = config.metric.observe(signals);
+        let value = config.metric.observe(signals, config.littles_law);
+        self.urgent = signals.waiting > 0.0;
         self.samples.push_back((now, value));
         while self.samples.front().is_some_and(|(at, _)| now.saturating_sub(*at) >= config.stable_window) {
             self.samples.pop_front();
@@ -211,6 +257,9 @@ impl Policy for SurgePolicy {
         let recent = self.average_over(now, config.panic_window);
         let ready = signals.ready;
         let want_stable = self.needed(stable, ready);
+        // A burst is answered at once: the latest sample counts in full when it is above the
+        // panic window's average (the panic threshold still has to be crossed).
+        let recent = if config.burst_at_once { recent.max(value) } else { recent };
         let want_panic = self.needed(recent, ready);
 
         // Panic: the recent window asks for panic_threshold times what is ready (or anything
@@ -256,8 +305,10 @@ impl Policy for SurgePolicy {
             }
         }
 
-        // Rate limits, from the ready instances (a pool at zero may go to any size).
-        let base = f64::from(ready.max(1));
+        // Rate limits, from the instances already serving or on their way (a pool at zero may
+        // go to any size), so a burst can be answered in successive decisions while the first
+        // new instances still start.
+        let base = f64::from((ready + signals.starting).max(1));
         let up_limit = (base * config.max_scale_up_rate).ceil() as u32;
         let down_limit = (f64::from(ready) / config.max_scale_down_rate).floor() as u32;
         if desired > up_limit.max(current) {
@@ -348,18 +399,18 @@ mod tests {
     fn a_burst_enters_panic_and_scales_at_once() {
         let mut policy = SurgePolicy::new(config());
         run(&mut policy, 0, &[20.0; 60], 2);
-        // Ten times the load: the first second of it enters panic and scales up; the pool
-        // reaches the full need once the burst fills the 6 s panic window.
+        // Ten times the load: its first second enters panic and asks for the full need.
         let decisions = run(&mut policy, 60, &[200.0; 6], 2);
         assert!(decisions[0].panic, "{:?}", decisions[0]);
-        assert_eq!(
-            decisions[0].desired, 5,
-            "a sixth of the window at 200, the rest at 20: {:?}",
-            decisions[0]
-        );
         let counts: Vec<u32> = decisions.iter().map(|d| d.desired).collect();
-        assert_eq!(counts, [5, 8, 11, 14, 17, 20]);
+        assert_eq!(counts, [20; 6]);
         assert!(decisions[5].reason.starts_with("panic"), "{}", decisions[5].reason);
+
+        // Knative averages the panic window: the pool grows as the burst fills it.
+        let mut averaging = SurgePolicy::new(ScaleConfig { burst_at_once: false, ..config() });
+        run(&mut averaging, 0, &[20.0; 60], 2);
+        let counts: Vec<u32> = run(&mut averaging, 60, &[200.0; 6], 2).iter().map(|d| d.desired).collect();
+        assert_eq!(counts, [5, 8, 11, 14, 17, 20]);
     }
 
     #[test]
@@ -368,9 +419,10 @@ mod tests {
         run(&mut policy, 0, &[20.0; 60], 2);
         run(&mut policy, 60, &[200.0; 10], 2);
         let after = run(&mut policy, 70, &[20.0; 100], 20);
-        assert!(after[..50].iter().all(|d| d.desired == 20 && d.panic), "{:?}", &after[..3]);
-        // Panic ends 60 s after the burst; the scale-down delay then holds 30 s more.
-        assert!(after[70].desired == 20 && !after[70].panic, "{:?}", after[70]);
+        // The burst condition held until the pool reached 20 (second 61): panic lasts 60 s
+        // from then, and the scale-down delay holds 10 s more.
+        assert!(after[..45].iter().all(|d| d.desired == 20 && d.panic), "{:?}", &after[..3]);
+        assert!(after[55].desired == 20 && !after[55].panic, "{:?}", after[55]);
         let calm = &after[99];
         assert!(!calm.panic && calm.desired < 20, "{calm:?}");
     }
@@ -396,7 +448,7 @@ mod tests {
         run(&mut policy, 0, &[100.0; 10], 10);
         let decisions = run(&mut policy, 10, &[10.0; 60], 10);
         let first_down = decisions.iter().position(|d| d.desired < 10).expect("scales down");
-        assert!(first_down >= 29, "held for the 30 s delay: went down after {first_down} s");
+        assert!(first_down >= 9, "held for the 10 s delay: went down after {first_down} s");
     }
 
     #[test]

@@ -96,10 +96,11 @@ struct Instance {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Event {
-    /// A request (arrived at `arrival` ns) finishes on an instance.
+    /// A request (arrived at `arrival` ns, served for `service` ns) finishes on an instance.
     Completion {
         instance: usize,
         arrival: u64,
+        service: u64,
     },
     Ready {
         instance: usize,
@@ -128,6 +129,9 @@ struct Sim<'a> {
     busy_integral: f64,
     completed_since_tick: u32,
     latencies_since_tick: Vec<f32>,
+    arrivals_since_tick: u32,
+    waiting_integral: f64,
+    service_since_tick: f64,
     // Per second.
     seconds: Vec<Second>,
     latencies_this_second: Vec<f32>,
@@ -159,6 +163,7 @@ impl Sim<'_> {
             let dt = (step_end - self.now) as f64 / NS;
             let busy = f64::from(self.in_service());
             self.demand_integral += (busy + self.queue.len() as f64) * dt;
+            self.waiting_integral += self.queue.len() as f64 * dt;
             self.busy_integral += busy * dt;
             self.instance_integral += f64::from(self.paid()) * dt;
             self.now = step_end;
@@ -207,8 +212,8 @@ impl Sim<'_> {
             if instance.busy >= self.model.slots {
                 self.free.pop();
             }
-            let done = self.now + self.service_time();
-            self.schedule(done, Event::Completion { instance: index, arrival });
+            let service = self.service_time();
+            self.schedule(self.now + service, Event::Completion { instance: index, arrival, service });
             return true;
         }
         false
@@ -233,6 +238,7 @@ impl Sim<'_> {
 
     fn arrive(&mut self) {
         self.requests += 1;
+        self.arrivals_since_tick += 1;
         self.current_second().arrivals += 1;
         let now = self.now;
         if self.queue.is_empty() && self.start_on_free_slot(now) {
@@ -242,7 +248,8 @@ impl Sim<'_> {
         self.drain_queue();
     }
 
-    fn complete(&mut self, index: usize, arrival: u64) {
+    fn complete(&mut self, index: usize, arrival: u64, service: u64) {
+        self.service_since_tick += service as f64 / NS;
         let latency = ((self.now - arrival) as f64 / NS) as f32;
         self.latencies_this_second.push(latency);
         self.latencies_since_tick.push(latency);
@@ -297,6 +304,10 @@ impl Sim<'_> {
             starting: count(State::Starting),
             concurrency: self.demand_integral / dt,
             rps: f64::from(self.completed_since_tick) / dt,
+            arrivals: f64::from(self.arrivals_since_tick) / dt,
+            waiting: self.waiting_integral / dt,
+            service_time: (self.completed_since_tick > 0)
+                .then(|| self.service_since_tick / f64::from(self.completed_since_tick)),
             latency_p95: (!self.latencies_since_tick.is_empty())
                 .then(|| percentile(&mut self.latencies_since_tick, 0.95)),
             cpu: self.busy_integral / dt / f64::from(self.model.slots),
@@ -305,6 +316,9 @@ impl Sim<'_> {
         self.busy_integral = 0.0;
         self.completed_since_tick = 0;
         self.latencies_since_tick.clear();
+        self.arrivals_since_tick = 0;
+        self.waiting_integral = 0.0;
+        self.service_since_tick = 0.0;
         let desired = policy.decide(&signals, self.desired).desired.clamp(self.model.min, self.model.max);
         self.desired = desired;
         self.resize(desired);
@@ -342,6 +356,9 @@ pub fn simulate(
         busy_integral: 0.0,
         completed_since_tick: 0,
         latencies_since_tick: Vec::new(),
+        arrivals_since_tick: 0,
+        waiting_integral: 0.0,
+        service_since_tick: 0.0,
         seconds: Vec::new(),
         latencies_this_second: Vec::new(),
         instance_integral: 0.0,
@@ -355,8 +372,8 @@ pub fn simulate(
         sim.free.push(index);
     }
     let end = length.as_nanos() as u64;
-    let period = policy.period().as_nanos().max(1) as u64;
-    sim.schedule(period, Event::Tick);
+    let period = |policy: &dyn Policy| policy.period().as_nanos().max(1) as u64;
+    sim.schedule(period(policy), Event::Tick);
     let mut last_tick = 0;
     let mut arrivals = arrivals.map(|at| at.as_nanos() as u64).take_while(|&at| at < end).peekable();
 
@@ -380,7 +397,7 @@ pub fn simulate(
         }
         let Some(Reverse((_, _, event))) = sim.events.pop() else { break };
         match event {
-            Event::Completion { instance, arrival } => sim.complete(instance, arrival),
+            Event::Completion { instance, arrival, service } => sim.complete(instance, arrival, service),
             Event::Ready { instance } => {
                 if sim.instances[instance].state == State::Starting {
                     sim.instances[instance].state = State::Ready;
@@ -390,7 +407,7 @@ pub fn simulate(
             }
             Event::Tick => {
                 sim.tick(policy, &mut last_tick);
-                let next = sim.now + period;
+                let next = sim.now + period(policy);
                 sim.schedule(next, Event::Tick);
             }
         }

@@ -6,6 +6,7 @@ mod admin_client;
 mod check;
 mod control;
 mod load;
+mod sim;
 mod up;
 
 use std::path::PathBuf;
@@ -54,6 +55,10 @@ enum Command {
         surge load http://127.0.0.1:8080/ --closed --connections 64 --duration 10s\n\n\
         Scenario files: docs/load.md")]
     Load(load::LoadArgs),
+    /// Simulate Surge's autoscaler against HPA, Knative, KEDA and AWS in virtual time
+    #[command(after_help = "Examples:\n  surge sim\n  surge sim --scenario step --plot step.svg\n  \
+        surge sim --trace ../shared/data/traces/azure-llm-2023-code.csv --scale 20")]
+    Sim(sim::SimArgs),
 }
 
 #[derive(Args)]
@@ -101,6 +106,7 @@ fn main() -> ExitCode {
         Command::Status { admin, json } => control::status(&admin, json),
         Command::Scale { service, instances, admin } => control::scale(&admin, &service, instances),
         Command::Load(args) => load::run(args),
+        Command::Sim(args) => sim::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
