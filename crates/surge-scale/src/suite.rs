@@ -21,6 +21,19 @@ pub struct Scenario {
     pub stationary: bool,
 }
 
+impl Scenario {
+    /// The model with a warm pool sized for the load at the start (at 70% utilisation), the
+    /// same for every policy, so no run begins with a cold-start burst.
+    pub fn model(&self, model: &Model) -> Model {
+        let first = match &self.shape {
+            Shape::Trace(arrivals) => arrivals.iter().take_while(|at| at.as_secs() < 1).count() as f64,
+            shape => shape.rate_at(0.0),
+        };
+        let initial = ((first / (model.capacity() * 0.7)).ceil() as u32).clamp(model.min.max(1), model.max);
+        Model { initial, ..model.clone() }
+    }
+}
+
 const MINUTE: u64 = 60;
 
 fn minutes(m: u64) -> Duration {
@@ -128,6 +141,7 @@ pub struct Row {
     pub dropped: u64,
 }
 
+/// `model` is the scenario's own ([`Scenario::model`]).
 pub fn evaluate(model: &Model, scenario: &Scenario, run: &Run) -> Row {
     let oracle = sim::oracle_instance_seconds(model, &run.seconds);
     let hours = scenario.length.as_secs_f64() / 3600.0;

@@ -61,6 +61,7 @@ pub fn run(args: SimArgs) -> Result<(), Failure> {
     let mut rows: Vec<Row> = Vec::new();
     let mut runs = Vec::new();
     for scenario in &scenarios {
+        let model = scenario.model(&model);
         // The policies of one scenario run side by side, one thread each.
         let scenario_runs: Vec<sim::Run> = std::thread::scope(|scope| {
             let handles: Vec<_> = suite::policies(&model)
@@ -94,6 +95,7 @@ pub fn run(args: SimArgs) -> Result<(), Failure> {
 
     if let Some(path) = &args.json {
         let json = serde_json::json!({ "model": model, "seed": args.seed, "rows": rows });
+        // `model.initial` differs per scenario: each starts warm for its own first load.
         let text = serde_json::to_string_pretty(&json).map_err(|err| err.to_string())?;
         std::fs::write(path, text).map_err(|err| format!("cannot write {}: {err}", path.display()))?;
     }
