@@ -320,7 +320,11 @@ impl Policy for SurgePolicy {
             reason.push_str(&format!(", down rate limit {down_limit}"));
         }
 
-        // Scale-down stabilisation: the highest recommendation of the delay window.
+        // Scale-down stabilisation: the highest recommendation of the delay window. The count
+        // the pool started with counts as one, so a new pool is not cut at its first decision.
+        if self.samples.len() == 1 {
+            self.recommendations.push_back((now, current));
+        }
         self.recommendations.push_back((now, desired));
         while self
             .recommendations
@@ -449,6 +453,14 @@ mod tests {
         let decisions = run(&mut policy, 10, &[10.0; 60], 10);
         let first_down = decisions.iter().position(|d| d.desired < 10).expect("scales down");
         assert!(first_down >= 9, "held for the 10 s delay: went down after {first_down} s");
+    }
+
+    #[test]
+    fn a_new_pool_keeps_its_initial_size_for_the_scale_down_delay() {
+        let mut policy = SurgePolicy::new(config());
+        let decisions = run(&mut policy, 0, &[0.0; 12], 3);
+        assert!(decisions[..9].iter().all(|d| d.desired == 3), "{:?}", &decisions[..3]);
+        assert!(decisions[11].desired < 3);
     }
 
     #[test]
