@@ -15,8 +15,8 @@ pub use raw::{parse_duration, Duration as HumanDuration};
 
 pub use error::{ConfigError, ConfigErrors, Site};
 pub use model::{
-    AdminConfig, Balance, Config, GatewayConfig, HealthConfig, InstanceBounds, LifecycleConfig, Route,
-    ServiceConfig, TimeoutConfig,
+    AdminConfig, Balance, BufferConfig, Config, GatewayConfig, HealthConfig, InstanceBounds, LifecycleConfig,
+    OutlierConfig, RetryConfig, Route, ServiceConfig, TimeoutConfig,
 };
 pub use validate::check_listeners;
 

@@ -50,6 +50,29 @@ pub struct ServiceConfig {
     pub buffer: BufferConfig,
     /// At most this many requests in flight per instance; the rest wait in the buffer.
     pub instance_concurrency: Option<usize>,
+    pub retry: RetryConfig,
+    pub outlier: OutlierConfig,
+}
+
+/// Retries of failed tries on other instances, within a budget.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryConfig {
+    /// Tries per request, the first included (1 turns retries off).
+    pub attempts: u32,
+    /// Retries may add this fraction of recent requests...
+    pub budget: f64,
+    /// ...or this many per second, whichever is more.
+    pub min_per_second: f64,
+    /// Base of the exponential backoff with full jitter between tries.
+    pub backoff: Duration,
+}
+
+/// Passive outlier ejection: the circuit breaker of each instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutlierConfig {
+    pub consecutive_failures: u32,
+    pub ejection: Duration,
+    pub max_ejected_percent: u32,
 }
 
 /// Requests that arrive while no instance is ready wait here (scale from zero, restarts).
@@ -66,6 +89,8 @@ pub struct Route {
     pub prefix: String,
     /// Lower case, without a port.
     pub host: Option<String>,
+    /// Retry its requests whatever their method (they are safe to repeat).
+    pub retry: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,12 +111,18 @@ pub struct HealthConfig {
     pub path: String,
     pub interval: Duration,
     pub timeout: Duration,
+    /// Consecutive passed checks that put an unhealthy instance back in rotation.
+    pub healthy_threshold: u32,
+    /// Consecutive failed checks that take a ready instance out of rotation.
+    pub unhealthy_threshold: u32,
 }
 
 #[derive(Debug, Clone, Copy)]
 pub struct TimeoutConfig {
     pub connect: Duration,
     pub request: Duration,
+    /// Bounds each try; a try past it is retried elsewhere when the request may be.
+    pub per_try: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy)]

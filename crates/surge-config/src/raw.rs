@@ -60,6 +60,27 @@ pub(crate) struct RawService {
     #[serde(default)]
     pub buffer: RawBuffer,
     pub instance_concurrency: Option<usize>,
+    #[serde(default)]
+    pub retry: RawRetry,
+    #[serde(default)]
+    pub outlier: RawOutlier,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRetry {
+    pub attempts: Option<u32>,
+    pub budget: Option<Spanned<f64>>,
+    pub min_per_second: Option<f64>,
+    pub backoff: Option<Spanned<Duration>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawOutlier {
+    pub consecutive_failures: Option<u32>,
+    pub ejection: Option<Spanned<Duration>>,
+    pub max_ejected_percent: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -99,6 +120,8 @@ pub(crate) struct RawHealth {
     pub path: Option<Spanned<String>>,
     pub interval: Option<Spanned<Duration>>,
     pub timeout: Option<Spanned<Duration>>,
+    pub healthy_threshold: Option<u32>,
+    pub unhealthy_threshold: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -106,6 +129,8 @@ pub(crate) struct RawHealth {
 pub(crate) struct RawTimeouts {
     pub connect: Option<Spanned<Duration>>,
     pub request: Option<Spanned<Duration>>,
+    #[serde(rename = "try")]
+    pub per_try: Option<Spanned<Duration>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -122,6 +147,7 @@ pub(crate) struct RawLifecycle {
 pub(crate) struct RawRoute {
     pub prefix: String,
     pub host: Option<String>,
+    pub retry: bool,
 }
 
 impl<'de> Deserialize<'de> for RawRoute {
@@ -132,6 +158,8 @@ impl<'de> Deserialize<'de> for RawRoute {
             #[serde(default = "root")]
             prefix: String,
             host: Option<String>,
+            #[serde(default)]
+            retry: bool,
         }
         fn root() -> String {
             "/".to_owned()
@@ -144,11 +172,11 @@ impl<'de> Deserialize<'de> for RawRoute {
                 f.write_str(r#"a path prefix such as "/api", or a table such as { prefix = "/api", host = "shop.example" }"#)
             }
             fn visit_str<E: de::Error>(self, prefix: &str) -> Result<RawRoute, E> {
-                Ok(RawRoute { prefix: prefix.to_owned(), host: None })
+                Ok(RawRoute { prefix: prefix.to_owned(), host: None, retry: false })
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawRoute, A::Error> {
                 let table = Table::deserialize(de::value::MapAccessDeserializer::new(map))?;
-                Ok(RawRoute { prefix: table.prefix, host: table.host })
+                Ok(RawRoute { prefix: table.prefix, host: table.host, retry: table.retry })
             }
         }
         deserializer.deserialize_any(RouteVisitor)

@@ -168,6 +168,10 @@ impl Validator<'_> {
                 format!("{key}.timeouts.request"),
                 Duration::from_secs(60),
             ),
+            per_try: raw
+                .timeouts
+                .per_try
+                .map(|t| self.duration(Some(t), format!("{key}.timeouts.try"), Duration::from_secs(60))),
         };
         let lifecycle = LifecycleConfig {
             start_timeout: self.duration(
@@ -188,6 +192,27 @@ impl Validator<'_> {
         };
 
         let autoscale = raw.autoscale.map(|raw| self.autoscale(&key, raw, instances));
+        let retry = self.retry(&key, raw.retry);
+        let outlier = OutlierConfig {
+            consecutive_failures: raw.outlier.consecutive_failures.unwrap_or(3).max(1),
+            ejection: self.duration(
+                raw.outlier.ejection,
+                format!("{key}.outlier.ejection"),
+                Duration::from_secs(5),
+            ),
+            max_ejected_percent: match raw.outlier.max_ejected_percent {
+                Some(p) if *p.get_ref() > 100 => {
+                    self.error(
+                        p.span(),
+                        format!("{key}.outlier.max_ejected_percent"),
+                        "must be from 0 to 100",
+                    );
+                    50
+                }
+                Some(p) => *p.get_ref(),
+                None => 50,
+            },
+        };
         let buffer = BufferConfig {
             requests: raw.buffer.requests.unwrap_or(1000),
             timeout: self.duration(
@@ -214,6 +239,8 @@ impl Validator<'_> {
             autoscale,
             buffer,
             instance_concurrency: raw.instance_concurrency.filter(|&limit| limit > 0),
+            retry,
+            outlier,
         })
     }
 
@@ -336,6 +363,27 @@ impl Validator<'_> {
         }
     }
 
+    fn retry(&mut self, key: &str, raw: raw::RawRetry) -> RetryConfig {
+        let budget = match raw.budget {
+            Some(b) if !(0.0..=10.0).contains(b.get_ref()) => {
+                self.error(
+                    b.span(),
+                    format!("{key}.retry.budget"),
+                    "is a fraction of requests, from 0 to 10",
+                );
+                0.2
+            }
+            Some(b) => *b.get_ref(),
+            None => 0.2,
+        };
+        RetryConfig {
+            attempts: raw.attempts.unwrap_or(3).max(1),
+            budget,
+            min_per_second: raw.min_per_second.unwrap_or(10.0).max(0.0),
+            backoff: self.duration(raw.backoff, format!("{key}.retry.backoff"), Duration::from_millis(25)),
+        }
+    }
+
     fn routes(
         &mut self,
         service: &str,
@@ -357,7 +405,7 @@ impl Validator<'_> {
         for (index, route) in raw.into_inner().into_iter().enumerate() {
             let span = route.span();
             let route_key = format!("{key}[{index}]");
-            let raw::RawRoute { prefix, host } = route.into_inner();
+            let raw::RawRoute { prefix, host, retry } = route.into_inner();
             if !prefix.starts_with('/') {
                 self.error(span, route_key, format!(r#"the route prefix "{prefix}" must start with "/""#));
                 continue;
@@ -373,7 +421,7 @@ impl Validator<'_> {
                 }
                 host => host.map(|h| h.to_ascii_lowercase()),
             };
-            let normalised = Route { prefix: normalise_prefix(&prefix), host };
+            let normalised = Route { prefix: normalise_prefix(&prefix), host, retry };
             let site = self.site(span, route_key);
             if let Some(earlier) = table.insert(&normalised, service, &prefix, site.clone()) {
                 self.errors.push(site.error(earlier));
@@ -434,6 +482,8 @@ impl Validator<'_> {
             path,
             interval: self.duration(raw.interval, format!("{key}.interval"), Duration::from_secs(2)),
             timeout: self.duration(raw.timeout, format!("{key}.timeout"), Duration::from_secs(1)),
+            healthy_threshold: raw.healthy_threshold.unwrap_or(1).max(1),
+            unhealthy_threshold: raw.unhealthy_threshold.unwrap_or(3).max(1),
         }
     }
 }

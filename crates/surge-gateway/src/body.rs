@@ -89,3 +89,80 @@ impl Drop for GaugeGuard {
         self.0.dec();
     }
 }
+
+pin_project_lite::pin_project! {
+    /// A request body on its way to an instance: kept whole when small (so a failed try can be
+    /// sent again), streamed otherwise.
+    #[project = RequestBodyProj]
+    pub enum RequestBody {
+        Kept { bytes: Option<Bytes> },
+        Streaming { #[pin] body: Incoming },
+    }
+}
+
+/// The body of one request across its tries.
+pub(crate) enum Replay {
+    Kept(Bytes),
+    Streaming(Option<Incoming>),
+}
+
+impl RequestBody {
+    /// Keeps bodies of known size up to the replay limit; streams the rest.
+    pub(crate) async fn prepare(body: Incoming) -> Result<Replay, hyper::Error> {
+        use http_body_util::BodyExt;
+        if body.is_end_stream() {
+            return Ok(Replay::Kept(Bytes::new()));
+        }
+        match body.size_hint().exact() {
+            Some(len) if len <= crate::proxy::replayable_limit() => {
+                Ok(Replay::Kept(body.collect().await?.to_bytes()))
+            }
+            _ => Ok(Replay::Streaming(Some(body))),
+        }
+    }
+}
+
+impl Replay {
+    /// The body for the next try; a streamed body can be sent only once.
+    pub(crate) fn for_try(&mut self) -> Option<RequestBody> {
+        match self {
+            Replay::Kept(bytes) => Some(RequestBody::Kept { bytes: Some(bytes.clone()) }),
+            Replay::Streaming(body) => body.take().map(|body| RequestBody::Streaming { body }),
+        }
+    }
+
+    pub(crate) fn replayable(&self) -> bool {
+        matches!(self, Replay::Kept(_))
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.project() {
+            RequestBodyProj::Streaming { body } => body.poll_frame(cx),
+            RequestBodyProj::Kept { bytes } => {
+                Poll::Ready(bytes.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Streaming { body } => body.is_end_stream(),
+            RequestBody::Kept { bytes } => bytes.as_ref().is_none_or(Bytes::is_empty),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Streaming { body } => body.size_hint(),
+            RequestBody::Kept { bytes } => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+        }
+    }
+}

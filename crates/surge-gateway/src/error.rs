@@ -15,6 +15,8 @@ pub const ERROR_HEADER: &str = "x-surge-error";
 pub enum GatewayError {
     #[error("no route matches host {host:?} and path {path:?}")]
     NoRoute { host: String, path: String },
+    #[error("the request body could not be read: {cause}")]
+    BadRequestBody { cause: String },
     #[error("service `{service}` has no ready instance")]
     NoReadyInstance { service: String },
     #[error("service `{service}` has no ready instance and {limit} requests already wait for one (services.{service}.buffer.requests)")]
@@ -33,6 +35,7 @@ impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
             GatewayError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            GatewayError::BadRequestBody { .. } => StatusCode::BAD_REQUEST,
             GatewayError::NoReadyInstance { .. }
             | GatewayError::BufferFull { .. }
             | GatewayError::NoInstanceInTime { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -45,6 +48,7 @@ impl GatewayError {
     pub fn code(&self) -> &'static str {
         match self {
             GatewayError::NoRoute { .. } => "no_route",
+            GatewayError::BadRequestBody { .. } => "bad_request_body",
             GatewayError::NoReadyInstance { .. } => "no_ready_instance",
             GatewayError::BufferFull { .. } => "buffer_full",
             GatewayError::NoInstanceInTime { .. } => "no_instance_in_time",

@@ -23,6 +23,8 @@ pub struct GatewayMetrics {
     duration: Family<ServiceLabels, Histogram, fn() -> Histogram>,
     in_flight: Family<ServiceLabels, Gauge>,
     pub(crate) unrouted: Counter,
+    retries: Family<ServiceLabels, Counter>,
+    retries_denied: Family<ServiceLabels, Counter>,
 }
 
 impl GatewayMetrics {
@@ -32,6 +34,8 @@ impl GatewayMetrics {
             duration: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
             in_flight: Family::default(),
             unrouted: Counter::default(),
+            retries: Family::default(),
+            retries_denied: Family::default(),
         };
         metrics.register(|registry| {
             registry.register(
@@ -50,8 +54,22 @@ impl GatewayMetrics {
                 "Requests that matched no route (404)",
                 this.unrouted.clone(),
             );
+            registry.register("retries", "Tries sent again to another instance", this.retries.clone());
+            registry.register(
+                "retries_denied",
+                "Retries the retry budget refused (the pool is failing as a whole)",
+                this.retries_denied.clone(),
+            );
         });
         this
+    }
+
+    pub(crate) fn retries(&self, service: &str) -> Counter {
+        self.retries.get_or_create(&ServiceLabels { service: service.to_owned() }).clone()
+    }
+
+    pub(crate) fn retries_denied(&self, service: &str) -> Counter {
+        self.retries_denied.get_or_create(&ServiceLabels { service: service.to_owned() }).clone()
     }
 
     /// One service's handles, looked up once so the data path never hashes a label.

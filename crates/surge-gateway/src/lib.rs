@@ -7,6 +7,7 @@
 //! Resilience layers (retries, budgets, load shedding) slot into the same stack.
 
 mod body;
+mod budget;
 mod error;
 mod layers;
 mod proxy;
@@ -60,7 +61,11 @@ impl Gateway {
                     timeout: service.timeouts.request,
                     service: service.name.as_str().into(),
                 })
-                .service(proxy::Proxy::new(Arc::clone(pool)));
+                .service(proxy::Proxy::new(
+                    Arc::clone(pool),
+                    metrics.retries(&service.name),
+                    metrics.retries_denied(&service.name),
+                ));
             services.push(stack);
         }
         Gateway { router: Router::new(routes), services, metrics }
@@ -69,13 +74,16 @@ impl Gateway {
     /// Answers one request: route it, then run it through its service's stack.
     pub async fn handle(&self, mut request: Request<Incoming>, client: SocketAddr) -> Response<GatewayBody> {
         let host = request.headers().get(HOST).and_then(|h| h.to_str().ok()).or(request.uri().host());
-        let Some(index) = self.router.route(host, request.uri().path()) else {
+        let Some((index, retry_route)) = self.router.route(host, request.uri().path()) else {
             self.metrics.unrouted.inc();
             let host = host.unwrap_or_default().to_owned();
             let path = request.uri().path().to_owned();
             return GatewayError::NoRoute { host, path }.into_response();
         };
         request.extensions_mut().insert(ClientAddr(client));
+        if retry_route {
+            request.extensions_mut().insert(proxy::RetryRoute);
+        }
         match self.services[index].clone().oneshot(request).await {
             Ok(response) => response,
             Err(never) => match never {},

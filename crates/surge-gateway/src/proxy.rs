@@ -10,8 +10,15 @@ use http::{HeaderMap, Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use std::time::{Duration, Instant};
 use surge_balance::Balancer;
-use surge_pool::{InFlight, Instance, InstanceState, Pool};
+
+use http::{Method, StatusCode};
+use surge_metrics::Counter;
+use surge_pool::{InFlight, Instance, Pool};
+
+use crate::body::RequestBody;
+use crate::budget::RetryBudget;
 
 use crate::body::GatewayBody;
 use crate::error::{root_cause, GatewayError};
@@ -21,6 +28,18 @@ use crate::BoxFuture;
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub SocketAddr);
 
+/// Set by the router when the matching route allows retrying any method.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryRoute;
+
+/// Bodies up to this size are kept, so that a failed try can be sent again elsewhere.
+pub(crate) const fn replayable_limit() -> u64 {
+    64 * 1024
+}
+
+/// The header that tells an instance how long the gateway will wait for it.
+const DEADLINE_HEADER: HeaderName = HeaderName::from_static("x-surge-deadline-ms");
+
 #[derive(Clone)]
 pub struct Proxy {
     inner: Arc<ProxyInner>,
@@ -29,24 +48,31 @@ pub struct Proxy {
 struct ProxyInner {
     pool: Arc<Pool>,
     balancer: Balancer,
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, RequestBody>,
+    budget: RetryBudget,
+    epoch: Instant,
+    retries: Counter,
+    retries_denied: Counter,
 }
 
 impl Proxy {
-    pub fn new(pool: Arc<Pool>) -> Self {
+    pub fn new(pool: Arc<Pool>, retries: Counter, retries_denied: Counter) -> Self {
         let config = pool.config();
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(config.timeouts.connect));
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(std::time::Duration::from_secs(60))
+            .pool_idle_timeout(Duration::from_secs(60))
             .build(connector);
         let balancer = Balancer::new(match config.balance {
             surge_config::Balance::LeastConn => surge_balance::Policy::LeastConn,
             surge_config::Balance::RoundRobin => surge_balance::Policy::RoundRobin,
         });
-        Proxy { inner: Arc::new(ProxyInner { pool, balancer, client }) }
+        let budget = RetryBudget::new(config.retry.budget, config.retry.min_per_second);
+        let inner =
+            ProxyInner { pool, balancer, client, budget, epoch: Instant::now(), retries, retries_denied };
+        Proxy { inner: Arc::new(inner) }
     }
 }
 
@@ -65,34 +91,104 @@ impl tower::Service<Request<Incoming>> for Proxy {
     }
 }
 
+/// How one try ended, and whether it may be tried again elsewhere.
+enum Try {
+    Answered(Response<Incoming>),
+    /// An answer of 502, 503 or 504: tried again for requests that may be repeated.
+    Unavailable(Response<Incoming>),
+    /// Never written to the instance: safe to try again whatever the method.
+    NotSent(GatewayError),
+    /// Failed after the request may have reached the instance.
+    Failed(GatewayError),
+}
+
 impl ProxyInner {
-    async fn forward(&self, mut request: Request<Incoming>) -> Result<Response<GatewayBody>, GatewayError> {
+    async fn forward(&self, request: Request<Incoming>) -> Result<Response<GatewayBody>, GatewayError> {
+        let started = Instant::now();
         let service = self.pool.name();
+        let config = self.pool.config();
         self.pool.load().arrived();
-        let in_flight = match self.choose() {
-            Some(in_flight) => in_flight,
-            None => self.wait_for_instance().await?,
-        };
-        let instance = in_flight.instance();
-        rewrite_request(&mut request, instance.addr);
-        let mut response = self.client.request(request).await.map_err(|err| {
-            let cause = root_cause(&err);
-            let (service, instance) = (service.to_owned(), instance.id.clone());
-            if err.is_connect() {
-                GatewayError::Connect { service, instance, cause }
-            } else {
-                GatewayError::Upstream { service, instance, cause }
+        self.budget.request(self.epoch.elapsed());
+        let repeatable =
+            is_idempotent(request.method()) || request.extensions().get::<RetryRoute>().is_some();
+        let (parts, body) = request.into_parts();
+        let mut body = RequestBody::prepare(body)
+            .await
+            .map_err(|err| GatewayError::BadRequestBody { cause: root_cause(&err) })?;
+        let mut tried: Vec<SocketAddr> = Vec::new();
+
+        for attempt in 1..=config.retry.attempts {
+            let mut in_flight = match self.choose(&tried) {
+                Some(in_flight) => in_flight,
+                None => self.wait_for_instance(&tried).await?,
+            };
+            let instance = in_flight.instance();
+            tried.push(instance.addr);
+            let Some(this_body) = body.for_try() else { break };
+            let mut request = Request::from_parts(parts.clone(), this_body);
+            rewrite_request(&mut request, instance.addr);
+            let remaining = config.timeouts.request.saturating_sub(started.elapsed());
+            let try_timeout = config.timeouts.per_try.map_or(remaining, |t| t.min(remaining));
+            if let Ok(value) = HeaderValue::from_str(&try_timeout.as_millis().to_string()) {
+                request.headers_mut().insert(DEADLINE_HEADER, value);
             }
-        })?;
-        strip_hop_by_hop(response.headers_mut());
-        Ok(response.map(|body| GatewayBody::upstream(body, in_flight)))
+
+            let outcome = self.try_once(request, &in_flight, try_timeout).await;
+            let succeeded =
+                matches!(&outcome, Try::Answered(response) if !response.status().is_server_error());
+            self.pool.report(&mut in_flight, succeeded);
+            let last = attempt == config.retry.attempts;
+            let (retry, backoff) = match &outcome {
+                Try::Answered(_) => (false, false),
+                Try::NotSent(_) => (body.replayable(), false),
+                Try::Unavailable(_) | Try::Failed(_) => (repeatable && body.replayable(), true),
+            };
+            if !last && retry && self.budget.try_retry(self.epoch.elapsed()) {
+                self.retries.inc();
+                drop((outcome, in_flight));
+                if backoff {
+                    tokio::time::sleep(jittered_backoff(config.retry.backoff, attempt)).await;
+                }
+                continue;
+            }
+            if !last && retry {
+                self.retries_denied.inc();
+            }
+            return match outcome {
+                Try::Answered(mut response) | Try::Unavailable(mut response) => {
+                    strip_hop_by_hop(response.headers_mut());
+                    Ok(response.map(|body| GatewayBody::upstream(body, in_flight)))
+                }
+                Try::NotSent(error) | Try::Failed(error) => Err(error),
+            };
+        }
+        Err(GatewayError::NoReadyInstance { service: service.to_owned() })
+    }
+
+    async fn try_once(&self, request: Request<RequestBody>, in_flight: &InFlight, timeout: Duration) -> Try {
+        let instance = in_flight.instance();
+        let service = self.pool.name();
+        match tokio::time::timeout(timeout, self.client.request(request)).await {
+            Err(_) => Try::Failed(GatewayError::Timeout { service: service.to_owned(), timeout }),
+            Ok(Ok(response)) if is_unavailable(response.status()) => Try::Unavailable(response),
+            Ok(Ok(response)) => Try::Answered(response),
+            Ok(Err(err)) => {
+                let cause = root_cause(&err);
+                let (service, instance) = (service.to_owned(), instance.id.clone());
+                if err.is_connect() {
+                    Try::NotSent(GatewayError::Connect { service, instance, cause })
+                } else {
+                    Try::Failed(GatewayError::Upstream { service, instance, cause })
+                }
+            }
+        }
     }
 
     /// No instance can take the request: none is ready (scale from zero, a replacement after a
     /// crash) or all are at `instance_concurrency`. Wait in the pool's bounded buffer for a
     /// slot or a new instance, up to the buffer timeout. A pool that expects no instance
     /// answers at once.
-    async fn wait_for_instance(&self) -> Result<InFlight, GatewayError> {
+    async fn wait_for_instance(&self, tried: &[SocketAddr]) -> Result<InFlight, GatewayError> {
         let service = || self.pool.name().to_owned();
         if !self.pool.expects_instances() {
             return Err(GatewayError::NoReadyInstance { service: service() });
@@ -106,7 +202,7 @@ impl ProxyInner {
         let deadline = tokio::time::sleep(buffer.timeout);
         tokio::pin!(deadline);
         loop {
-            if let Some(in_flight) = self.choose() {
+            if let Some(in_flight) = self.choose(tried) {
                 return Ok(in_flight);
             }
             tokio::select! {
@@ -122,20 +218,27 @@ impl ProxyInner {
     }
 
     /// Claims a slot on the instance the balancer picks. The snapshot may hold instances that
-    /// stopped since it was published; the balancer skips them, and a pick that loses a race
-    /// with a drain starting this very moment is simply made again.
-    fn choose(&self) -> Option<InFlight> {
+    /// stopped or were ejected since it was published; the balancer skips them, and a pick
+    /// that loses a race with a drain or a probe is simply made again. Instances in `tried`
+    /// are skipped while another one is available.
+    fn choose(&self, tried: &[SocketAddr]) -> Option<InFlight> {
         let ready = self.pool.ready();
         let limit = self.pool.config().instance_concurrency.unwrap_or(usize::MAX);
-        let load = |i: usize| {
+        let load = |i: usize, skip_tried: bool| {
             let instance: &Instance = &ready[i];
             let in_flight = instance.in_flight();
-            (instance.state() == InstanceState::Ready && in_flight < limit).then_some(in_flight)
+            let usable = instance.is_available() && in_flight < limit;
+            (usable && !(skip_tried && tried.contains(&instance.addr))).then_some(in_flight)
         };
-        for _ in 0..=ready.len() {
-            let index = self.balancer.pick(ready.len(), load)?;
-            if let Some(in_flight) = ready[index].begin() {
-                return Some(in_flight);
+        for skip_tried in [true, false] {
+            if !skip_tried && tried.is_empty() {
+                break;
+            }
+            for _ in 0..=ready.len() {
+                let Some(index) = self.balancer.pick(ready.len(), |i| load(i, skip_tried)) else { break };
+                if let Some(in_flight) = ready[index].begin() {
+                    return Some(in_flight);
+                }
             }
         }
         None
@@ -144,7 +247,7 @@ impl ProxyInner {
 
 /// Points the request at `upstream` and sets the forwarding headers. The Host header is kept,
 /// so instances see the name the client asked for.
-fn rewrite_request(request: &mut Request<Incoming>, upstream: SocketAddr) {
+fn rewrite_request<B>(request: &mut Request<B>, upstream: SocketAddr) {
     let client = request.extensions().get::<ClientAddr>().map(|c| c.0.ip());
     let original_host = request
         .headers()
@@ -171,6 +274,21 @@ fn rewrite_request(request: &mut Request<Incoming>, upstream: SocketAddr) {
     if let Some(host) = original_host {
         headers.insert(X_FORWARDED_HOST, host);
     }
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE)
+}
+
+fn is_unavailable(status: StatusCode) -> bool {
+    matches!(status, StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT)
+}
+
+/// Exponential backoff with full jitter: up to `base`, doubling per retry, at most 1 s.
+fn jittered_backoff(base: Duration, attempt: u32) -> Duration {
+    let ceiling =
+        base.saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1))).min(Duration::from_secs(1));
+    ceiling.mul_f64(fastrand::f64())
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -200,6 +318,23 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backoff_is_jittered_under_a_doubling_ceiling() {
+        let base = Duration::from_millis(25);
+        for attempt in 1..=6 {
+            let ceiling = (base * 2u32.pow(attempt - 1)).min(Duration::from_secs(1));
+            for _ in 0..50 {
+                assert!(jittered_backoff(base, attempt) <= ceiling);
+            }
+        }
+    }
+
+    #[test]
+    fn only_safe_methods_are_retried_by_default() {
+        assert!(is_idempotent(&Method::GET) && is_idempotent(&Method::PUT) && is_idempotent(&Method::DELETE));
+        assert!(!is_idempotent(&Method::POST) && !is_idempotent(&Method::PATCH));
+    }
 
     #[test]
     fn hop_by_hop_headers_are_removed() {

@@ -13,12 +13,13 @@ impl Router {
         Router { entries: routes.into_iter().collect() }
     }
 
-    /// The service for `host` (as sent, port and case allowed) and `path`.
+    /// The service for `host` (as sent, port and case allowed) and `path`, and whether the
+    /// matching route allows retrying any method.
     ///
     /// As in nginx, a route for the request's host wins over any route for all hosts; among
     /// those, the longest prefix wins. Prefixes match whole path segments: `/api` matches
     /// `/api` and `/api/users`, not `/apix`.
-    pub fn route(&self, host: Option<&str>, path: &str) -> Option<usize> {
+    pub fn route(&self, host: Option<&str>, path: &str) -> Option<(usize, bool)> {
         let host = host.map(strip_port);
         self.entries
             .iter()
@@ -28,7 +29,7 @@ impl Router {
             })
             .filter(|(route, _)| prefix_matches(&route.prefix, path))
             .max_by_key(|(route, _)| (route.host.is_some(), route.prefix.len()))
-            .map(|(_, service)| *service)
+            .map(|(route, service)| (*service, route.retry))
     }
 }
 
@@ -49,7 +50,17 @@ mod tests {
     use super::*;
 
     fn route(prefix: &str, host: Option<&str>) -> Route {
-        Route { prefix: prefix.into(), host: host.map(Into::into) }
+        Route { prefix: prefix.into(), host: host.map(Into::into), retry: prefix == "/api/v2" }
+    }
+
+    /// The service index alone.
+    trait Service {
+        fn service(self) -> Option<usize>;
+    }
+    impl Service for Option<(usize, bool)> {
+        fn service(self) -> Option<usize> {
+            self.map(|(service, _)| service)
+        }
     }
 
     fn router() -> Router {
@@ -65,28 +76,29 @@ mod tests {
     #[test]
     fn longest_prefix_on_segment_boundaries() {
         let router = router();
-        assert_eq!(router.route(None, "/"), Some(0));
-        assert_eq!(router.route(None, "/api"), Some(1));
-        assert_eq!(router.route(None, "/api/users"), Some(1));
-        assert_eq!(router.route(None, "/apix"), Some(0));
-        assert_eq!(router.route(None, "/api/v2/orders"), Some(2));
-        assert_eq!(router.route(None, "/api/v20"), Some(1));
+        assert_eq!(router.route(None, "/").service(), Some(0));
+        assert_eq!(router.route(None, "/api").service(), Some(1));
+        assert_eq!(router.route(None, "/api/users").service(), Some(1));
+        assert_eq!(router.route(None, "/apix").service(), Some(0));
+        assert_eq!(router.route(None, "/api/v2/orders").service(), Some(2));
+        assert_eq!(router.route(None, "/api/v2/orders"), Some((2, true)), "the route's retry flag");
+        assert_eq!(router.route(None, "/api/v20").service(), Some(1));
     }
 
     #[test]
     fn host_routes_win_and_ignore_port_and_case() {
         let router = router();
-        assert_eq!(router.route(Some("Shop.Example:8080"), "/api/users"), Some(3));
-        assert_eq!(router.route(Some("shop.example"), "/static/app.js"), Some(4));
-        assert_eq!(router.route(Some("other.example"), "/api"), Some(1));
-        assert_eq!(router.route(Some("[::1]:80"), "/api"), Some(1));
+        assert_eq!(router.route(Some("Shop.Example:8080"), "/api/users").service(), Some(3));
+        assert_eq!(router.route(Some("shop.example"), "/static/app.js").service(), Some(4));
+        assert_eq!(router.route(Some("other.example"), "/api").service(), Some(1));
+        assert_eq!(router.route(Some("[::1]:80"), "/api").service(), Some(1));
     }
 
     #[test]
     fn no_match_without_a_catch_all() {
         let router = Router::new([(route("/api", None), 0)]);
-        assert_eq!(router.route(None, "/"), None);
-        assert_eq!(router.route(None, "/other"), None);
+        assert_eq!(router.route(None, "/").service(), None);
+        assert_eq!(router.route(None, "/other").service(), None);
     }
 
     #[test]

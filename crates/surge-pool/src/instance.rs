@@ -1,7 +1,7 @@
 //! One running instance as the data path sees it: an address, a state, and lock-free counters.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -69,6 +69,18 @@ pub struct Instance {
     served: AtomicU64,
     exited: watch::Sender<bool>,
     load: Arc<PoolLoad>,
+    breaker: Breaker,
+}
+
+/// The passive circuit breaker: closed, open until `ejected_until`, then half-open for one
+/// probe request. Times are milliseconds since the instance's launch.
+#[derive(Debug, Default)]
+struct Breaker {
+    consecutive_failures: AtomicU32,
+    ejections: AtomicU32,
+    /// 0 while closed.
+    ejected_until: AtomicU64,
+    probing: AtomicBool,
 }
 
 impl Instance {
@@ -83,6 +95,7 @@ impl Instance {
             served: AtomicU64::new(0),
             exited: watch::Sender::new(false),
             load,
+            breaker: Breaker::default(),
         }
     }
 
@@ -114,12 +127,83 @@ impl Instance {
     /// drain sees the request and waits for it. No request reaches a stopped instance.
     pub fn begin(self: &Arc<Self>) -> Option<InFlight> {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
-        if self.state() == InstanceState::Ready {
-            Some(InFlight { instance: Arc::clone(self), started: Instant::now() })
+        let admitted = if self.state() == InstanceState::Ready { self.admits() } else { None };
+        if admitted.is_some() {
+            let probe = admitted == Some(true);
+            Some(InFlight { instance: Arc::clone(self), started: Instant::now(), probe })
         } else {
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
             None
         }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.launched.elapsed().as_millis()).unwrap_or(u64::MAX).max(1)
+    }
+
+    /// Whether the breaker lets traffic through: `None` while ejected, `Some(true)` for the one
+    /// probe of a half-open breaker, `Some(false)` when closed.
+    fn admits(&self) -> Option<bool> {
+        let until = self.breaker.ejected_until.load(Ordering::SeqCst);
+        if until == 0 {
+            return Some(false);
+        }
+        if self.now_ms() < until {
+            return None;
+        }
+        let claimed = !self.breaker.probing.swap(true, Ordering::SeqCst);
+        claimed.then_some(true)
+    }
+
+    /// Whether the balancer should consider this instance: ready, and not ejected (a
+    /// half-open breaker is considered only while its probe is free).
+    pub fn is_available(&self) -> bool {
+        if self.state() != InstanceState::Ready {
+            return false;
+        }
+        let until = self.breaker.ejected_until.load(Ordering::SeqCst);
+        until == 0 || (self.now_ms() >= until && !self.breaker.probing.load(Ordering::SeqCst))
+    }
+
+    /// Ejected now, or half-open waiting for its probe to pass.
+    pub fn is_ejected(&self) -> bool {
+        self.breaker.ejected_until.load(Ordering::SeqCst) != 0
+    }
+
+    pub fn ejections(&self) -> u32 {
+        self.breaker.ejections.load(Ordering::Relaxed)
+    }
+
+    /// A request succeeded: the failure streak ends, and a passed probe closes the breaker.
+    /// Returns whether this closed an open breaker.
+    pub(crate) fn record_success(&self, probe: bool) -> bool {
+        self.breaker.consecutive_failures.store(0, Ordering::Relaxed);
+        if probe {
+            self.breaker.ejected_until.store(0, Ordering::SeqCst);
+            self.breaker.probing.store(false, Ordering::SeqCst);
+            return true;
+        }
+        false
+    }
+
+    /// A request failed; returns the failure streak, counting a failed probe as a full one.
+    pub(crate) fn record_failure(&self, probe: bool) -> u32 {
+        let streak = self.breaker.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if probe {
+            u32::MAX
+        } else {
+            streak
+        }
+    }
+
+    /// Opens the breaker for `duration`; returns how many times it has been opened.
+    pub(crate) fn eject(&self, ejection: impl Fn(u32) -> std::time::Duration) -> u32 {
+        let ejections = self.breaker.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        let until = self.now_ms() + u64::try_from(ejection(ejections).as_millis()).unwrap_or(u64::MAX / 2);
+        self.breaker.consecutive_failures.store(0, Ordering::Relaxed);
+        self.breaker.ejected_until.store(until, Ordering::SeqCst);
+        self.breaker.probing.store(false, Ordering::SeqCst);
+        ejections
     }
 
     pub(crate) fn in_flight_strict(&self) -> usize {
@@ -144,17 +228,32 @@ impl Instance {
 pub struct InFlight {
     instance: Arc<Instance>,
     started: Instant,
+    /// The one request a half-open breaker let through.
+    probe: bool,
 }
 
 impl InFlight {
     pub fn instance(&self) -> &Instance {
         &self.instance
     }
+
+    pub fn is_probe(&self) -> bool {
+        self.probe
+    }
+
+    /// The outcome was reported: a probe no longer holds the breaker when it ends.
+    pub(crate) fn reported(&mut self) {
+        self.probe = false;
+    }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         let instance = &self.instance;
+        if self.probe {
+            // Ended without a verdict (the client went away): let another request probe.
+            instance.breaker.probing.store(false, Ordering::SeqCst);
+        }
         instance.served.fetch_add(1, Ordering::Relaxed);
         instance.in_flight.fetch_sub(1, Ordering::SeqCst);
         instance.load.finished(self.started.elapsed());
@@ -181,6 +280,32 @@ mod tests {
         assert_eq!((instance.in_flight(), instance.served()), (0, 1));
         instance.set_state(InstanceState::Draining);
         assert!(instance.begin().is_none(), "a draining instance takes no new traffic");
+    }
+
+    #[test]
+    fn an_open_breaker_admits_nothing_then_one_probe() {
+        let instance = instance();
+        instance.set_state(InstanceState::Ready);
+        instance.eject(|_| std::time::Duration::ZERO);
+        assert!(instance.is_ejected());
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let mut probe = instance.begin().expect("half-open: one probe");
+        assert!(probe.is_probe());
+        assert!(instance.begin().is_none(), "only one probe at a time");
+        assert!(instance.record_success(probe.is_probe()));
+        probe.reported();
+        drop(probe);
+        assert!(!instance.is_ejected());
+        assert!(!instance.begin().expect("closed").is_probe());
+    }
+
+    #[test]
+    fn an_open_breaker_stays_shut_for_its_ejection_time() {
+        let instance = instance();
+        instance.set_state(InstanceState::Ready);
+        assert_eq!(instance.eject(|n| std::time::Duration::from_secs(u64::from(n) * 60)), 1);
+        assert!(instance.begin().is_none());
+        assert!(!instance.is_available());
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod health;
 mod instance;
 mod load;
 mod metrics;
+mod outlier;
 pub mod plan;
 mod process;
 mod status;
@@ -26,6 +27,7 @@ pub use driver::{Driver, Exit, InstanceControl, LaunchError, LaunchSpec, Launche
 pub use instance::{InFlight, Instance, InstanceState};
 pub use load::{PoolLoad, Waiting};
 pub use metrics::PoolMetrics;
+pub use outlier::OutlierPolicy;
 pub use process::ProcessDriver;
 pub use status::{AutoscaleStatus, InstanceStatus, PoolStatus};
 
@@ -46,6 +48,7 @@ pub struct Pool {
     /// The number of ready instances, for requests waiting for one.
     ready_count: watch::Sender<usize>,
     autoscale_status: std::sync::Mutex<Option<AutoscaleStatus>>,
+    ejections: surge_metrics::Counter,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -62,6 +65,8 @@ impl Pool {
     /// Starts the pool's supervisor, which launches the initial instances.
     pub fn start(config: ServiceConfig, driver: Arc<dyn Driver>, metrics: PoolMetrics) -> Arc<Pool> {
         let (commands, receiver) = mpsc::channel(64);
+        let labels = surge_metrics::ServiceLabels { service: config.name.clone() };
+        let ejections = metrics.ejections.get_or_create(&labels).clone();
         let pool = Arc::new(Pool {
             desired: AtomicU32::new(config.instances.initial),
             config: Arc::new(config),
@@ -73,6 +78,7 @@ impl Pool {
             load: Arc::default(),
             ready_count: watch::Sender::new(0),
             autoscale_status: std::sync::Mutex::new(None),
+            ejections,
         });
         tokio::spawn(Supervisor::new(Arc::clone(&pool), driver, metrics, receiver).run());
         pool
@@ -106,6 +112,39 @@ impl Pool {
     pub fn signal_demand(&self) {
         // A full channel already carries commands that wake the supervisor.
         let _ = self.commands.try_send(Command::Demand);
+    }
+
+    /// Reports a request's outcome for the instance's circuit breaker: a success closes a
+    /// half-open breaker, a failure streak of `outlier.consecutive_failures` (or a failed
+    /// probe) ejects the instance, unless too much of the pool is ejected already.
+    pub fn report(&self, in_flight: &mut InFlight, success: bool) {
+        let probe = in_flight.is_probe();
+        in_flight.reported();
+        let instance = in_flight.instance();
+        if success {
+            if instance.record_success(probe) {
+                tracing::info!("{} passed its probe; back in rotation", instance.id);
+            }
+            return;
+        }
+        let streak = instance.record_failure(probe);
+        let policy = OutlierPolicy::from(&self.config.outlier);
+        if streak < policy.consecutive_failures {
+            return;
+        }
+        let ready = self.ready();
+        let ejected = ready.iter().filter(|i| i.is_ejected() && i.id != instance.id).count();
+        if !probe && !policy.may_eject(ejected, ready.len()) {
+            return;
+        }
+        let ejections = instance.eject(|n| policy.ejection_time(n));
+        self.ejections.inc();
+        tracing::warn!(
+            "{} ejected for {:?} after {} (ejection {ejections})",
+            instance.id,
+            policy.ejection_time(ejections),
+            if probe { "a failed probe".to_owned() } else { format!("{streak} failures in a row") }
+        );
     }
 
     /// Changes whenever the number of ready instances does.
@@ -142,6 +181,8 @@ impl Pool {
                 state: instance.state(),
                 in_flight: instance.in_flight(),
                 served: instance.served(),
+                ejected: instance.is_ejected(),
+                ejections: instance.ejections(),
                 uptime_ms: u64::try_from(instance.launched.elapsed().as_millis()).unwrap_or(u64::MAX),
             })
             .collect();

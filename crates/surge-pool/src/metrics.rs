@@ -25,6 +25,7 @@ pub struct PoolMetrics {
     pub(crate) restarts: Family<ServiceLabels, Counter>,
     pub(crate) crash_looping: Family<ServiceLabels, Gauge>,
     pub(crate) panic: Family<ServiceLabels, Gauge>,
+    pub(crate) ejections: Family<ServiceLabels, Counter>,
 }
 
 impl PoolMetrics {
@@ -51,6 +52,11 @@ impl PoolMetrics {
                 "autoscale_panic",
                 "1 while a pool's autoscaler is in panic mode (answering a burst)",
                 this.panic.clone(),
+            );
+            registry.register(
+                "outlier_ejections",
+                "Instances taken out of rotation by their circuit breaker",
+                this.ejections.clone(),
             );
         });
         this

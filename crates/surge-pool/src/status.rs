@@ -41,5 +41,8 @@ pub struct InstanceStatus {
     pub state: InstanceState,
     pub in_flight: usize,
     pub served: u64,
+    /// Out of rotation by its circuit breaker (or waiting for its probe).
+    pub ejected: bool,
+    pub ejections: u32,
     pub uptime_ms: u64,
 }

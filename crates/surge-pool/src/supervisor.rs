@@ -22,8 +22,6 @@ use surge_scale::{Policy, Signals, SurgePolicy};
 
 /// How often a starting instance is probed: fast, so new capacity serves as soon as it can.
 const STARTUP_PROBE_PERIOD: Duration = Duration::from_millis(50);
-/// Consecutive failed checks that take a ready instance out of rotation.
-const UNHEALTHY_THRESHOLD: u32 = 3;
 /// Waiting requests trigger a decision at most this often.
 const EARLIEST_DECISION: Duration = Duration::from_millis(200);
 /// Housekeeping cadence: start timeouts, restart backoff, crash-loop recovery.
@@ -54,6 +52,7 @@ struct Member {
     stopping: bool,
     ready_since: Option<Instant>,
     failed_checks: u32,
+    passed_checks: u32,
     last_check_error: Option<String>,
 }
 
@@ -190,6 +189,8 @@ impl Supervisor {
 
     fn probe_result(&mut self, key: u64, result: Result<(), String>) {
         let service = self.config.name.clone();
+        let (healthy_threshold, unhealthy_threshold) =
+            (self.config.health.healthy_threshold, self.config.health.unhealthy_threshold);
         let Some(member) = self.members.iter_mut().find(|m| m.key == key && !m.stopping) else {
             return;
         };
@@ -197,24 +198,28 @@ impl Supervisor {
         match result {
             Ok(()) => {
                 member.failed_checks = 0;
+                member.passed_checks += 1;
                 if instance.transition(InstanceState::Starting, InstanceState::Ready) {
                     member.ready_since = Some(Instant::now());
                     tracing::info!("{} is ready after {:?}", instance.id, instance.launched.elapsed());
-                } else if instance.transition(InstanceState::Unhealthy, InstanceState::Ready) {
+                } else if member.passed_checks >= healthy_threshold
+                    && instance.transition(InstanceState::Unhealthy, InstanceState::Ready)
+                {
                     member.ready_since = Some(Instant::now());
                     tracing::info!("{} passes its health check again; back in rotation", instance.id);
                 }
             }
             Err(error) => match instance.state() {
                 InstanceState::Starting => member.last_check_error = Some(error),
-                InstanceState::Ready => {
+                InstanceState::Ready | InstanceState::Unhealthy => {
+                    member.passed_checks = 0;
                     member.failed_checks += 1;
-                    if member.failed_checks >= UNHEALTHY_THRESHOLD
+                    if member.failed_checks >= unhealthy_threshold
                         && instance.transition(InstanceState::Ready, InstanceState::Unhealthy)
                     {
                         member.ready_since = None;
                         tracing::warn!(
-                            "{service}: {} failed {UNHEALTHY_THRESHOLD} health checks in a row ({error}); \
+                            "{service}: {} failed {unhealthy_threshold} health checks in a row ({error}); \
                              out of rotation",
                             instance.id
                         );
@@ -452,6 +457,7 @@ impl Supervisor {
             stopping: false,
             ready_since: None,
             failed_checks: 0,
+            passed_checks: 0,
             last_check_error: None,
         });
     }

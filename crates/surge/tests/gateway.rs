@@ -82,13 +82,13 @@ async fn errors_are_short_json_bodies_that_say_why() {
     assert!(answer.headers.get("x-surge-error").is_none());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_instance_dying_mid_request_gives_a_502() {
-    let surge = Surge::start(ROUTED).await;
+/// Sends `method` to a slow path, SIGKILLs the only `web` instance while the request is in
+/// flight, and returns the answer.
+async fn kill_mid_request(surge: &Surge, method: Method) -> common::Answer {
     let pid = surge.service("web").await.instances[0].pid.expect("pid");
     let pending = tokio::spawn({
         let (client, url) = (common::http_client(), surge.url("/web?delay=5s"));
-        async move { common::send(&client, Method::GET, &url, &[], Bytes::new()).await }
+        async move { common::send(&client, method, &url, &[], Bytes::new()).await }
     });
     surge
         .wait_for("the request to be in flight", |s| {
@@ -96,9 +96,25 @@ async fn an_instance_dying_mid_request_gives_a_502() {
         })
         .await;
     common::kill(pid, 9);
-    let answer = pending.await.expect("task").expect("an answer");
+    pending.await.expect("task").expect("an answer")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_dying_mid_request_gives_a_502_to_a_post() {
+    let surge = Surge::start(ROUTED).await;
+    // A POST may have reached the instance: it is not sent again.
+    let answer = kill_mid_request(&surge, Method::POST).await;
     assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
     assert_eq!(answer.json()["error"], "upstream_failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_whose_instance_dies_is_retried_on_the_replacement() {
+    let surge = Surge::start(ROUTED).await;
+    let answer = kill_mid_request(&surge, Method::GET).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", String::from_utf8_lossy(&answer.body));
+    assert_eq!(answer.instance(), "web-2", "served by the replacement");
+    assert!(surge.metrics().await.contains(r#"surge_retries_total{service="web"} 1"#));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
