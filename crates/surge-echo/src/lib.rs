@@ -9,6 +9,11 @@
 //! Two variables model a real service's limits: `SURGE_ECHO_CONCURRENCY=N` serves at most N
 //! requests at once (others wait their turn, as behind a worker pool), and
 //! `SURGE_ECHO_STARTUP=2s` waits before listening, like a slow start.
+//!
+//! Two more misbehave on purpose, for chaos tests: `SURGE_ECHO_IDLE_TIMEOUT=50ms` closes
+//! keep-alive connections idle that long (racing a client that reuses them), and
+//! `SURGE_ECHO_FAULTY=web-2` makes the instance of that name answer 503 to everything but its
+//! health check.
 
 mod body;
 mod knobs;
@@ -60,7 +65,20 @@ pub fn run() -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|err| format!("cannot start the runtime: {err}"))?;
-    let echo = Echo { instance: instance.into(), limit: limit.map(|l| Arc::new(Semaphore::new(l))) };
+    let idle_timeout = match std::env::var("SURGE_ECHO_IDLE_TIMEOUT") {
+        Ok(idle) => Some(
+            humantime::parse_duration(&idle)
+                .map_err(|err| format!("SURGE_ECHO_IDLE_TIMEOUT must be a duration such as 50ms: {err}"))?,
+        ),
+        Err(_) => None,
+    };
+    let faulty = std::env::var("SURGE_ECHO_FAULTY").is_ok_and(|name| name == instance);
+    let echo = Echo {
+        instance: instance.into(),
+        limit: limit.map(|l| Arc::new(Semaphore::new(l))),
+        idle_timeout,
+        faulty,
+    };
     runtime.block_on(async move {
         if let Some(startup) = startup {
             tokio::time::sleep(startup).await;
@@ -74,6 +92,8 @@ pub fn run() -> Result<(), String> {
 struct Echo {
     instance: Arc<str>,
     limit: Option<Arc<Semaphore>>,
+    idle_timeout: Option<Duration>,
+    faulty: bool,
 }
 
 async fn serve(addr: SocketAddr, echo: Echo) -> Result<(), String> {
@@ -88,10 +108,15 @@ async fn serve(addr: SocketAddr, echo: Echo) -> Result<(), String> {
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 let _ = stream.set_nodelay(true);
+                let idle_timeout = echo.idle_timeout;
                 let echo = echo.clone();
                 let service = hyper::service::service_fn(move |req| handle(req, echo.clone()));
-                let connection = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service);
+                let mut builder = hyper::server::conn::http1::Builder::new();
+                if let Some(idle) = idle_timeout {
+                    // Waiting for the next request's head counts as idle: close then.
+                    builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(idle);
+                }
+                let connection = builder.serve_connection(TokioIo::new(stream), service);
                 let connection = graceful.watch(connection);
                 tokio::spawn(async move {
                     let _ = connection.await;
@@ -113,7 +138,11 @@ async fn handle(request: Request<Incoming>, echo: Echo) -> Result<Response<EchoB
         Some(limit) if request.uri().path() != "/healthz" => limit.acquire().await.ok(),
         _ => None,
     };
-    let mut response = respond(request).await;
+    let mut response = if echo.faulty && request.uri().path() != "/healthz" {
+        text(StatusCode::SERVICE_UNAVAILABLE, "faulty on purpose\n")
+    } else {
+        respond(request).await
+    };
     if let Ok(value) = HeaderValue::from_str(&echo.instance) {
         response.headers_mut().insert(INSTANCE_HEADER, value);
     }
