@@ -50,6 +50,9 @@ pub struct ServiceConfig {
     pub buffer: BufferConfig,
     /// At most this many requests in flight per instance; the rest wait in the buffer.
     pub instance_concurrency: Option<usize>,
+    /// At most this many requests in flight for the whole service (a bulkhead); the rest wait
+    /// in the buffer.
+    pub max_concurrency: Option<usize>,
     pub retry: RetryConfig,
     pub outlier: OutlierConfig,
 }

@@ -60,6 +60,7 @@ pub(crate) struct RawService {
     #[serde(default)]
     pub buffer: RawBuffer,
     pub instance_concurrency: Option<usize>,
+    pub max_concurrency: Option<usize>,
     #[serde(default)]
     pub retry: RawRetry,
     #[serde(default)]

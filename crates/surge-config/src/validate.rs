@@ -239,6 +239,7 @@ impl Validator<'_> {
             autoscale,
             buffer,
             instance_concurrency: raw.instance_concurrency.filter(|&limit| limit > 0),
+            max_concurrency: raw.max_concurrency.filter(|&limit| limit > 0),
             retry,
             outlier,
         })

@@ -12,13 +12,13 @@
 //!
 //! Two more misbehave on purpose, for chaos tests: `SURGE_ECHO_IDLE_TIMEOUT=50ms` closes
 //! keep-alive connections idle that long (racing a client that reuses them), and
-//! `SURGE_ECHO_FAULTY=web-2` makes the instance of that name answer 503 to everything but its
-//! health check.
+//! `SURGE_ECHO_FAULTY=web-2[:MODE]` makes the instance of that name misbehave on everything but
+//! its health check: `503` (the default) answers 503, `hang` never answers, `reset` closes the
+//! connection without answering, `malformed` answers bytes that are not HTTP.
 
 mod body;
 mod knobs;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -72,7 +72,24 @@ pub fn run() -> Result<(), String> {
         ),
         Err(_) => None,
     };
-    let faulty = std::env::var("SURGE_ECHO_FAULTY").is_ok_and(|name| name == instance);
+    let faulty = match std::env::var("SURGE_ECHO_FAULTY") {
+        Ok(value) => {
+            let (name, mode) = value.split_once(':').unwrap_or((value.as_str(), "503"));
+            let mode = match mode {
+                "503" => Fault::Unavailable,
+                "hang" => Fault::Hang,
+                "reset" => Fault::Reset,
+                "malformed" => Fault::Malformed,
+                other => {
+                    return Err(format!(
+                        "SURGE_ECHO_FAULTY mode {other:?} is not 503, hang, reset or malformed"
+                    ))
+                }
+            };
+            (name == instance).then_some(mode)
+        }
+        Err(_) => None,
+    };
     let echo = Echo {
         instance: instance.into(),
         limit: limit.map(|l| Arc::new(Semaphore::new(l))),
@@ -93,7 +110,15 @@ struct Echo {
     instance: Arc<str>,
     limit: Option<Arc<Semaphore>>,
     idle_timeout: Option<Duration>,
-    faulty: bool,
+    faulty: Option<Fault>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Fault {
+    Unavailable,
+    Hang,
+    Reset,
+    Malformed,
 }
 
 async fn serve(addr: SocketAddr, echo: Echo) -> Result<(), String> {
@@ -107,6 +132,10 @@ async fn serve(addr: SocketAddr, echo: Echo) -> Result<(), String> {
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
+                if echo.faulty == Some(Fault::Malformed) {
+                    tokio::spawn(answer_malformed(stream));
+                    continue;
+                }
                 let _ = stream.set_nodelay(true);
                 let idle_timeout = echo.idle_timeout;
                 let echo = echo.clone();
@@ -132,13 +161,33 @@ async fn serve(addr: SocketAddr, echo: Echo) -> Result<(), String> {
     Ok(())
 }
 
-async fn handle(request: Request<Incoming>, echo: Echo) -> Result<Response<EchoBody>, Infallible> {
+/// Answers health checks properly and everything else with bytes that are not HTTP.
+async fn answer_malformed(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = [0u8; 1024];
+    let Ok(read) = stream.read(&mut head).await else { return };
+    let reply: &[u8] = if head[..read].starts_with(b"GET /healthz ") {
+        b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n"
+    } else {
+        b"HTTP/1.1 2OO NOT A STATUS\r\n\x00\x01garbage\r\n\r\n"
+    };
+    let _ = stream.write_all(reply).await;
+}
+
+async fn handle(request: Request<Incoming>, echo: Echo) -> Result<Response<EchoBody>, std::io::Error> {
+    let healthz = request.uri().path() == "/healthz";
+    match echo.faulty {
+        Some(Fault::Hang) if !healthz => std::future::pending::<()>().await,
+        // Failing the service makes hyper close the connection without an answer.
+        Some(Fault::Reset) if !healthz => return Err(std::io::Error::other("reset on purpose")),
+        _ => {}
+    }
     // Health checks bypass the limit: a busy service is still alive.
     let _permit = match &echo.limit {
         Some(limit) if request.uri().path() != "/healthz" => limit.acquire().await.ok(),
         _ => None,
     };
-    let mut response = if echo.faulty && request.uri().path() != "/healthz" {
+    let mut response = if echo.faulty == Some(Fault::Unavailable) && !healthz {
         text(StatusCode::SERVICE_UNAVAILABLE, "faulty on purpose\n")
     } else {
         respond(request).await

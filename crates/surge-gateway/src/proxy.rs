@@ -37,6 +37,9 @@ pub(crate) const fn replayable_limit() -> u64 {
     64 * 1024
 }
 
+/// How often a waiting request looks for a slot even without a wake-up.
+const RECHECK: Duration = Duration::from_millis(50);
+
 /// The header that tells an instance how long the gateway will wait for it.
 const DEADLINE_HEADER: HeaderName = HeaderName::from_static("x-surge-deadline-ms");
 
@@ -118,9 +121,13 @@ impl ProxyInner {
         let mut tried: Vec<SocketAddr> = Vec::new();
 
         for attempt in 1..=config.retry.attempts {
-            let mut in_flight = match self.choose(&tried) {
+            // First come, first served: while requests wait for a slot, a new one waits behind
+            // them instead of taking the next free slot.
+            let behind_others = self.pool.load().waiting() > 0;
+            let chosen = if behind_others { None } else { self.choose(&tried) };
+            let mut in_flight = match chosen {
                 Some(in_flight) => in_flight,
-                None => self.wait_for_instance(&tried).await?,
+                None => self.wait_for_instance(&tried, behind_others).await?,
             };
             let instance = in_flight.instance();
             tried.push(instance.addr);
@@ -188,7 +195,11 @@ impl ProxyInner {
     /// crash) or all are at `instance_concurrency`. Wait in the pool's bounded buffer for a
     /// slot or a new instance, up to the buffer timeout. A pool that expects no instance
     /// answers at once.
-    async fn wait_for_instance(&self, tried: &[SocketAddr]) -> Result<InFlight, GatewayError> {
+    async fn wait_for_instance(
+        &self,
+        tried: &[SocketAddr],
+        behind_others: bool,
+    ) -> Result<InFlight, GatewayError> {
         let service = || self.pool.name().to_owned();
         if !self.pool.expects_instances() {
             return Err(GatewayError::NoReadyInstance { service: service() });
@@ -201,15 +212,21 @@ impl ProxyInner {
         self.pool.signal_demand();
         let deadline = tokio::time::sleep(buffer.timeout);
         tokio::pin!(deadline);
+        let mut look = !behind_others;
         loop {
-            if let Some(in_flight) = self.choose(tried) {
-                return Ok(in_flight);
+            if look {
+                if let Some(in_flight) = self.choose(tried) {
+                    return Ok(in_flight);
+                }
             }
+            look = true;
             tokio::select! {
                 changed = ready.changed() => if changed.is_err() {
                     return Err(GatewayError::NoReadyInstance { service: service() });
                 },
                 _ = self.pool.load().slot_freed() => {}
+                // A safety net should a wake-up go to a request that has just left.
+                _ = tokio::time::sleep(RECHECK) => {}
                 _ = &mut deadline => {
                     return Err(GatewayError::NoInstanceInTime { service: service(), timeout: buffer.timeout });
                 }
@@ -223,7 +240,13 @@ impl ProxyInner {
     /// are skipped while another one is available.
     fn choose(&self, tried: &[SocketAddr]) -> Option<InFlight> {
         let ready = self.pool.ready();
-        let limit = self.pool.config().instance_concurrency.unwrap_or(usize::MAX);
+        let config = self.pool.config();
+        if let Some(service_limit) = config.max_concurrency {
+            if ready.iter().map(|i| i.in_flight()).sum::<usize>() >= service_limit {
+                return None;
+            }
+        }
+        let limit = config.instance_concurrency.unwrap_or(usize::MAX);
         let load = |i: usize, skip_tried: bool| {
             let instance: &Instance = &ready[i];
             let in_flight = instance.in_flight();
@@ -240,6 +263,16 @@ impl ProxyInner {
                     return Some(in_flight);
                 }
             }
+        }
+        // Every ready instance is ejected: ignore the breakers rather than fail everything
+        // (Envoy's panic routing); the failures still reach the outlier counts.
+        if !ready.is_empty() && ready.iter().all(|i| i.is_ejected()) {
+            let index = self.balancer.pick(ready.len(), |i| {
+                let instance: &Instance = &ready[i];
+                (instance.state() == surge_pool::InstanceState::Ready && instance.in_flight() < limit)
+                    .then(|| instance.in_flight())
+            })?;
+            return ready[index].begin_ignoring_breaker();
         }
         None
     }

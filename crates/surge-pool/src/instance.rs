@@ -137,6 +137,18 @@ impl Instance {
         }
     }
 
+    /// Like [`Instance::begin`], with the circuit breaker ignored: for when every instance of
+    /// the pool is ejected.
+    pub fn begin_ignoring_breaker(self: &Arc<Self>) -> Option<InFlight> {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        if self.state() == InstanceState::Ready {
+            Some(InFlight { instance: Arc::clone(self), started: Instant::now(), probe: false })
+        } else {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            None
+        }
+    }
+
     fn now_ms(&self) -> u64 {
         u64::try_from(self.launched.elapsed().as_millis()).unwrap_or(u64::MAX).max(1)
     }

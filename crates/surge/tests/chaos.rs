@@ -153,3 +153,176 @@ instances = { min = 5, max = 5 }
     assert!(metrics.contains("surge_outlier_ejections_total{service=\"web\"} 1"), "{metrics}");
     assert!(surge.log().contains("web-3 ejected for 5s after 3 failures in a row"), "{}", surge.log());
 }
+
+/// Sends `count` GETs to `path` from `workers` clients; returns (status, latency, gateway error).
+async fn timed(surge: &Surge, path: &str, workers: usize, count: usize) -> Vec<(StatusCode, Duration, bool)> {
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let (client, url) = (common::http_client(), surge.url(path));
+        tasks.push(tokio::spawn(async move {
+            let mut results = Vec::new();
+            for _ in 0..count / workers {
+                let started = std::time::Instant::now();
+                let answer =
+                    common::send(&client, Method::GET, &url, &[], Bytes::new()).await.expect("answer");
+                results.push((
+                    answer.status,
+                    started.elapsed(),
+                    answer.headers.contains_key("x-surge-error"),
+                ));
+            }
+            results
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.expect("worker"));
+    }
+    all
+}
+
+fn percentile(mut values: Vec<Duration>, quantile: f64) -> Duration {
+    values.sort();
+    let rank = ((values.len() as f64 * quantile).ceil() as usize).clamp(1, values.len().max(1)) - 1;
+    values.get(rank).copied().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_instance_is_timed_out_per_try_and_ejected() {
+    let surge = Surge::start(
+        r#"
+[services.web]
+command = "{echo}"
+routes = ["/"]
+env = { SURGE_ECHO_FAULTY = "web-2:hang" }
+instances = { min = 4, max = 4 }
+timeouts = { try = "300ms" }
+"#,
+    )
+    .await;
+    let results = timed(&surge, "/?delay=20ms", 6, 600).await;
+    let failed: Vec<_> = results.iter().filter(|(status, _, _)| *status != StatusCode::OK).collect();
+    assert!(failed.is_empty(), "{failed:?}");
+    let latencies: Vec<Duration> = results.iter().map(|(_, latency, _)| *latency).collect();
+    // The healthy latency: the slowest request that never met the hanging instance.
+    let healthy =
+        latencies.iter().filter(|l| **l < Duration::from_millis(300)).max().copied().unwrap_or_default();
+    let p99 = percentile(latencies, 0.99);
+    eprintln!("600 requests, 0 failed; p99 {p99:?}, slowest healthy {healthy:?}, per-try timeout 300ms");
+    assert!(p99 <= Duration::from_millis(300) + healthy, "p99 {p99:?}");
+    let status = surge.service("web").await;
+    assert!(status.instances.iter().any(|i| i.id == "web-2" && i.ejections >= 1), "{status:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_shed_at_once_and_admitted_requests_stay_fast() {
+    // Capacity C: 2 instances × 4 requests at once × 50 ms = 160 requests/s.
+    let surge = Surge::start(
+        r#"
+[services.web]
+command = "{echo}"
+routes = ["/"]
+env = { SURGE_ECHO_CONCURRENCY = "4" }
+instances = { min = 2, max = 2 }
+instance_concurrency = 4
+buffer = { requests = 2, timeout = "100ms" }
+"#,
+    )
+    .await;
+    let unloaded: Vec<Duration> =
+        timed(&surge, "/?delay=50ms", 4, 80).await.into_iter().map(|(_, l, _)| l).collect();
+    let unloaded_p99 = percentile(unloaded, 0.99);
+
+    // Five times C, open loop: a request every 1/800 s whatever the answers do.
+    let client = common::http_client();
+    let url = surge.url("/?delay=50ms");
+    let start = tokio::time::Instant::now();
+    let seconds = 4.0;
+    let mut tasks = Vec::new();
+    for i in 0..(800.0 * seconds) as u32 {
+        let at = start + Duration::from_secs_f64(f64::from(i) / 800.0);
+        let (client, url) = (client.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep_until(at).await;
+            let sent = std::time::Instant::now();
+            let answer = common::send(&client, Method::GET, &url, &[], Bytes::new()).await.expect("answer");
+            let code = answer.headers.get("x-surge-error").map(|v| v.to_str().unwrap_or("").to_owned());
+            (answer.status, sent.elapsed(), code, answer.headers.contains_key("retry-after"))
+        }));
+    }
+    let mut results = Vec::new();
+    for task in tasks {
+        results.push(task.await.expect("request"));
+    }
+    let admitted: Vec<Duration> = results.iter().filter(|r| r.0 == StatusCode::OK).map(|r| r.1).collect();
+    let shed: Vec<&_> = results.iter().filter(|r| r.2.as_deref() == Some("buffer_full")).collect();
+    let goodput = admitted.len() as f64 / seconds;
+    let admitted_p99 = percentile(admitted.clone(), 0.99);
+    let shed_p99 = percentile(shed.iter().map(|r| r.1).collect(), 0.99);
+    let other: Vec<_> =
+        results.iter().filter(|r| r.0 != StatusCode::OK && r.2.as_deref() != Some("buffer_full")).collect();
+    eprintln!(
+        "offered 800/s to C = 160/s: goodput {goodput:.0}/s; admitted p99 {admitted_p99:?} (unloaded {unloaded_p99:?}); \
+         {} shed, p99 {shed_p99:?}; {} other",
+        shed.len(),
+        other.len()
+    );
+    assert!(goodput >= 0.9 * 160.0, "goodput {goodput}");
+    assert!(admitted_p99 <= unloaded_p99 * 2, "admitted p99 {admitted_p99:?}, unloaded {unloaded_p99:?}");
+    assert!(
+        !shed.is_empty() && shed.iter().all(|r| r.0 == StatusCode::SERVICE_UNAVAILABLE && r.3),
+        "503 + Retry-After"
+    );
+    assert!(shed_p99 < Duration::from_millis(5), "shed p99 {shed_p99:?}");
+    assert!(other.is_empty(), "{other:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hanging_resetting_and_malformed_instances_get_clean_errors() {
+    let surge = Surge::start(
+        r#"
+[services.hang]
+command = "{echo}"
+routes = ["/hang"]
+env = { SURGE_ECHO_FAULTY = "hang-1:hang" }
+timeouts = { request = "500ms" }
+
+[services.reset]
+command = "{echo}"
+routes = ["/reset"]
+env = { SURGE_ECHO_FAULTY = "reset-1:reset" }
+
+[services.malformed]
+command = "{echo}"
+routes = ["/malformed"]
+env = { SURGE_ECHO_FAULTY = "malformed-1:malformed" }
+
+[services.ok]
+command = "{echo}"
+routes = ["/"]
+"#,
+    )
+    .await;
+    for round in 0..3 {
+        let (hang, reset_post, reset_get, malformed) = tokio::join!(
+            surge.get("/hang"),
+            surge.request(Method::POST, "/reset", &[], Bytes::from_static(b"{}")),
+            surge.get("/reset"),
+            surge.get("/malformed"),
+        );
+        for (answer, status, code) in [
+            (&hang, StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+            (&reset_post, StatusCode::BAD_GATEWAY, "upstream_failed"),
+            (&reset_get, StatusCode::BAD_GATEWAY, "upstream_failed"),
+            (&malformed, StatusCode::BAD_GATEWAY, "upstream_failed"),
+        ] {
+            assert_eq!(answer.status, status, "round {round}: {}", String::from_utf8_lossy(&answer.body));
+            assert_eq!(answer.json()["error"], code, "round {round}");
+        }
+    }
+    // The gateway stays healthy: the good service answers, and every faulty instance still runs.
+    let report = load(&surge, "/", 4, 50, Arc::new(AtomicBool::new(false))).await;
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    let status = surge.status().await;
+    assert!(status.iter().all(|s| ready_count(s) == 1), "{status:#?}");
+}
