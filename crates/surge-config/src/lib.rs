@@ -16,7 +16,7 @@ pub use raw::{parse_duration, Duration as HumanDuration};
 pub use error::{ConfigError, ConfigErrors, Site};
 pub use model::{
     AdminConfig, Balance, BufferConfig, Config, GatewayConfig, HealthConfig, InstanceBounds, LifecycleConfig,
-    OutlierConfig, RetryConfig, Route, ServiceConfig, TimeoutConfig,
+    OutlierConfig, RateKey, RateLimit, RetryConfig, Route, ServiceConfig, TimeoutConfig,
 };
 pub use validate::check_listeners;
 

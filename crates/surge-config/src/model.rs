@@ -15,6 +15,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// In the order the file declares them.
     pub services: Vec<ServiceConfig>,
+    /// Shared state for several surge nodes; `None`: each node keeps its own.
+    pub redis: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -94,6 +96,24 @@ pub struct Route {
     pub host: Option<String>,
     /// Retry its requests whatever their method (they are safe to repeat).
     pub retry: bool,
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A token bucket per client: `rate` requests per `per`, bursts of up to `burst`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimit {
+    pub rate: u32,
+    pub per: Duration,
+    pub burst: u32,
+    pub key: RateKey,
+}
+
+/// Who a rate limit counts separately.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RateKey {
+    ClientIp,
+    /// The value of this header (requests without it count by client IP).
+    Header(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

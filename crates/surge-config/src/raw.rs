@@ -23,6 +23,14 @@ pub(crate) struct RawConfig {
     pub admin: RawAdmin,
     #[serde(default)]
     pub services: BTreeMap<String, Spanned<RawService>>,
+    #[serde(default)]
+    pub store: RawStore,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawStore {
+    pub redis: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -149,6 +157,26 @@ pub(crate) struct RawRoute {
     pub prefix: String,
     pub host: Option<String>,
     pub retry: bool,
+    pub rate_limit: Option<RawRateLimit>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRateLimit {
+    pub rate: u32,
+    #[serde(default = "one_second")]
+    pub per: Duration,
+    pub burst: Option<u32>,
+    #[serde(default = "by_ip")]
+    pub key: String,
+}
+
+fn one_second() -> Duration {
+    Duration(std::time::Duration::from_secs(1))
+}
+
+fn by_ip() -> String {
+    "ip".to_owned()
 }
 
 impl<'de> Deserialize<'de> for RawRoute {
@@ -161,6 +189,7 @@ impl<'de> Deserialize<'de> for RawRoute {
             host: Option<String>,
             #[serde(default)]
             retry: bool,
+            rate_limit: Option<RawRateLimit>,
         }
         fn root() -> String {
             "/".to_owned()
@@ -173,11 +202,16 @@ impl<'de> Deserialize<'de> for RawRoute {
                 f.write_str(r#"a path prefix such as "/api", or a table such as { prefix = "/api", host = "shop.example" }"#)
             }
             fn visit_str<E: de::Error>(self, prefix: &str) -> Result<RawRoute, E> {
-                Ok(RawRoute { prefix: prefix.to_owned(), host: None, retry: false })
+                Ok(RawRoute { prefix: prefix.to_owned(), host: None, retry: false, rate_limit: None })
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawRoute, A::Error> {
                 let table = Table::deserialize(de::value::MapAccessDeserializer::new(map))?;
-                Ok(RawRoute { prefix: table.prefix, host: table.host, retry: table.retry })
+                Ok(RawRoute {
+                    prefix: table.prefix,
+                    host: table.host,
+                    retry: table.retry,
+                    rate_limit: table.rate_limit,
+                })
             }
         }
         deserializer.deserialize_any(RouteVisitor)

@@ -43,8 +43,19 @@ pub(crate) fn validate(raw: RawConfig, source: &str, file: &Path) -> Result<Conf
     let services =
         services.into_iter().filter_map(|(name, service)| v.service(name, service, &mut routes)).collect();
 
+    let redis = match raw.store.redis {
+        Some(url) if !url.get_ref().starts_with("redis://") && !url.get_ref().starts_with("rediss://") => {
+            v.error(
+                url.span(),
+                "store.redis",
+                r#"a Redis URL starts with "redis://", such as "redis://127.0.0.1:6379""#,
+            );
+            None
+        }
+        other => other.map(Spanned::into_inner),
+    };
     if v.errors.is_empty() {
-        Ok(Config { file: file.to_owned(), gateway, admin, services })
+        Ok(Config { file: file.to_owned(), gateway, admin, services, redis })
     } else {
         v.errors.sort_by_key(|e| (e.site.line, e.site.column));
         Err(ConfigErrors(v.errors))
@@ -406,7 +417,14 @@ impl Validator<'_> {
         for (index, route) in raw.into_inner().into_iter().enumerate() {
             let span = route.span();
             let route_key = format!("{key}[{index}]");
-            let raw::RawRoute { prefix, host, retry } = route.into_inner();
+            let raw::RawRoute { prefix, host, retry, rate_limit } = route.into_inner();
+            let rate_limit = match rate_limit.map(to_rate_limit) {
+                Some(Err(message)) => {
+                    self.error(span, format!("{route_key}.rate_limit"), message);
+                    continue;
+                }
+                other => other.and_then(Result::ok),
+            };
             if !prefix.starts_with('/') {
                 self.error(span, route_key, format!(r#"the route prefix "{prefix}" must start with "/""#));
                 continue;
@@ -422,7 +440,7 @@ impl Validator<'_> {
                 }
                 host => host.map(|h| h.to_ascii_lowercase()),
             };
-            let normalised = Route { prefix: normalise_prefix(&prefix), host, retry };
+            let normalised = Route { prefix: normalise_prefix(&prefix), host, retry, rate_limit };
             let site = self.site(span, route_key);
             if let Some(earlier) = table.insert(&normalised, service, &prefix, site.clone()) {
                 self.errors.push(site.error(earlier));
@@ -487,6 +505,20 @@ impl Validator<'_> {
             unhealthy_threshold: raw.unhealthy_threshold.unwrap_or(3).max(1),
         }
     }
+}
+
+fn to_rate_limit(raw: raw::RawRateLimit) -> Result<RateLimit, String> {
+    if raw.rate == 0 || raw.per.0.is_zero() {
+        return Err("rate and per must be greater than zero".to_owned());
+    }
+    let key = match raw.key.as_str() {
+        "ip" => RateKey::ClientIp,
+        other => match other.strip_prefix("header:") {
+            Some(name) if !name.is_empty() => RateKey::Header(name.to_ascii_lowercase()),
+            _ => return Err(format!(r#"key "{other}" is neither "ip" nor "header:NAME""#)),
+        },
+    };
+    Ok(RateLimit { rate: raw.rate, per: raw.per.0, burst: raw.burst.unwrap_or(raw.rate).max(1), key })
 }
 
 /// "/api/" and "/api" match the same paths on segment boundaries, so they are one prefix.

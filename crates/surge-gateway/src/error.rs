@@ -17,6 +17,8 @@ pub enum GatewayError {
     NoRoute { host: String, path: String },
     #[error("the request body could not be read: {cause}")]
     BadRequestBody { cause: String },
+    #[error("rate limit of {limit} requests exceeded; retry in {:.3} s", verdict.retry_after.as_secs_f64())]
+    RateLimited { limit: u32, verdict: crate::ratelimit::Verdict },
     #[error("service `{service}` has no ready instance")]
     NoReadyInstance { service: String },
     #[error("service `{service}` has no ready instance and {limit} requests already wait for one (services.{service}.buffer.requests)")]
@@ -36,6 +38,7 @@ impl GatewayError {
         match self {
             GatewayError::NoRoute { .. } => StatusCode::NOT_FOUND,
             GatewayError::BadRequestBody { .. } => StatusCode::BAD_REQUEST,
+            GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::NoReadyInstance { .. }
             | GatewayError::BufferFull { .. }
             | GatewayError::NoInstanceInTime { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -49,6 +52,7 @@ impl GatewayError {
         match self {
             GatewayError::NoRoute { .. } => "no_route",
             GatewayError::BadRequestBody { .. } => "bad_request_body",
+            GatewayError::RateLimited { .. } => "rate_limited",
             GatewayError::NoReadyInstance { .. } => "no_ready_instance",
             GatewayError::BufferFull { .. } => "buffer_full",
             GatewayError::NoInstanceInTime { .. } => "no_instance_in_time",
@@ -61,6 +65,10 @@ impl GatewayError {
     /// A short JSON body that says why.
     pub fn into_response(self) -> Response<GatewayBody> {
         let status = self.status();
+        let rate_headers = match &self {
+            GatewayError::RateLimited { limit, verdict } => Some((*limit, *verdict)),
+            _ => None,
+        };
         let body = serde_json::json!({
             "error": self.code(),
             "status": status.as_u16(),
@@ -73,6 +81,20 @@ impl GatewayError {
         headers.insert(ERROR_HEADER, HeaderValue::from_static(self.code()));
         if status == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if let Some((limit, verdict)) = rate_headers {
+            // Retry-After in whole seconds (rounded up); the RateLimit fields of the IETF draft.
+            let seconds = |d: Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
+            for (name, value) in [
+                (RETRY_AFTER.as_str(), seconds(verdict.retry_after).to_string()),
+                ("ratelimit-limit", limit.to_string()),
+                ("ratelimit-remaining", verdict.remaining.to_string()),
+                ("ratelimit-reset", seconds(verdict.reset).to_string()),
+            ] {
+                if let Ok(value) = HeaderValue::from_str(&value) {
+                    headers.insert(name, value);
+                }
+            }
         }
         response
     }

@@ -23,6 +23,7 @@ pub struct GatewayMetrics {
     duration: Family<ServiceLabels, Histogram, fn() -> Histogram>,
     in_flight: Family<ServiceLabels, Gauge>,
     pub(crate) unrouted: Counter,
+    pub(crate) rate_limited: Counter,
     retries: Family<ServiceLabels, Counter>,
     retries_denied: Family<ServiceLabels, Counter>,
 }
@@ -34,6 +35,7 @@ impl GatewayMetrics {
             duration: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
             in_flight: Family::default(),
             unrouted: Counter::default(),
+            rate_limited: Counter::default(),
             retries: Family::default(),
             retries_denied: Family::default(),
         };
@@ -55,6 +57,11 @@ impl GatewayMetrics {
                 this.unrouted.clone(),
             );
             registry.register("retries", "Tries sent again to another instance", this.retries.clone());
+            registry.register(
+                "rate_limited_requests",
+                "Requests refused with 429 by a route's rate limit",
+                this.rate_limited.clone(),
+            );
             registry.register(
                 "retries_denied",
                 "Retries the retry budget refused (the pool is failing as a whole)",

@@ -11,6 +11,7 @@ mod budget;
 mod error;
 mod layers;
 mod proxy;
+mod ratelimit;
 mod router;
 
 use std::convert::Infallible;
@@ -33,6 +34,7 @@ pub use body::GatewayBody;
 pub use error::{GatewayError, ERROR_HEADER};
 pub use layers::GatewayMetrics;
 pub use proxy::ClientAddr;
+pub use ratelimit::{gcra, RateLimiter, RateStore, Verdict};
 pub use router::Router;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -40,20 +42,34 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 type ServiceStack = layers::RecordMetrics<layers::Respond<layers::RequestTimeout<proxy::Proxy>>>;
 
 pub struct Gateway {
-    router: Router,
+    router: Router<RouteTarget>,
     services: Vec<ServiceStack>,
     metrics: GatewayMetrics,
 }
 
+/// What a matched route leads to.
+struct RouteTarget {
+    service: usize,
+    retry: bool,
+    limiter: Option<RateLimiter>,
+}
+
 impl Gateway {
     /// Builds the route table and one layer stack per service of `config`.
-    pub fn new(config: &Config, pools: &Pools, metrics: GatewayMetrics) -> Self {
+    pub fn new(config: &Config, pools: &Pools, metrics: GatewayMetrics, store: RateStore) -> Self {
         let mut routes = Vec::new();
         let mut services = Vec::new();
         for service in &config.services {
             let Some(pool) = pools.get(&service.name) else { continue };
             let index = services.len();
-            routes.extend(service.routes.iter().map(|route| (route.clone(), index)));
+            routes.extend(service.routes.iter().map(|route| {
+                let limiter = route.rate_limit.clone().map(|limit| {
+                    let name =
+                        format!("{}:{}{}", service.name, route.host.as_deref().unwrap_or(""), route.prefix);
+                    RateLimiter::new(limit, name, store.clone())
+                });
+                (route.clone(), RouteTarget { service: index, retry: route.retry, limiter })
+            }));
             let stack = ServiceBuilder::new()
                 .layer(layers::RecordMetricsLayer::new(&metrics, &service.name))
                 .layer(layers::RespondLayer)
@@ -74,17 +90,24 @@ impl Gateway {
     /// Answers one request: route it, then run it through its service's stack.
     pub async fn handle(&self, mut request: Request<Incoming>, client: SocketAddr) -> Response<GatewayBody> {
         let host = request.headers().get(HOST).and_then(|h| h.to_str().ok()).or(request.uri().host());
-        let Some((index, retry_route)) = self.router.route(host, request.uri().path()) else {
+        let Some(target) = self.router.route(host, request.uri().path()) else {
             self.metrics.unrouted.inc();
             let host = host.unwrap_or_default().to_owned();
             let path = request.uri().path().to_owned();
             return GatewayError::NoRoute { host, path }.into_response();
         };
+        if let Some(limiter) = &target.limiter {
+            let verdict = limiter.check(&limiter.key(request.headers(), client.ip())).await;
+            if !verdict.allowed {
+                self.metrics.rate_limited.inc();
+                return GatewayError::RateLimited { limit: limiter.limit().rate, verdict }.into_response();
+            }
+        }
         request.extensions_mut().insert(ClientAddr(client));
-        if retry_route {
+        if target.retry {
             request.extensions_mut().insert(proxy::RetryRoute);
         }
-        match self.services[index].clone().oneshot(request).await {
+        match self.services[target.service].clone().oneshot(request).await {
             Ok(response) => response,
             Err(never) => match never {},
         }

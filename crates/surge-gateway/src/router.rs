@@ -2,24 +2,23 @@
 
 use surge_config::Route;
 
-#[derive(Debug, Default)]
-pub struct Router {
-    entries: Vec<(Route, usize)>,
+/// Routes, each with what the gateway needs once it matches (`T`).
+#[derive(Debug)]
+pub struct Router<T> {
+    entries: Vec<(Route, T)>,
 }
 
-impl Router {
-    /// `routes` pairs each route with the index of the service it leads to.
-    pub fn new(routes: impl IntoIterator<Item = (Route, usize)>) -> Self {
+impl<T> Router<T> {
+    pub fn new(routes: impl IntoIterator<Item = (Route, T)>) -> Self {
         Router { entries: routes.into_iter().collect() }
     }
 
-    /// The service for `host` (as sent, port and case allowed) and `path`, and whether the
-    /// matching route allows retrying any method.
+    /// What the best route for `host` (as sent, port and case allowed) and `path` leads to.
     ///
     /// As in nginx, a route for the request's host wins over any route for all hosts; among
     /// those, the longest prefix wins. Prefixes match whole path segments: `/api` matches
     /// `/api` and `/api/users`, not `/apix`.
-    pub fn route(&self, host: Option<&str>, path: &str) -> Option<(usize, bool)> {
+    pub fn route(&self, host: Option<&str>, path: &str) -> Option<&T> {
         let host = host.map(strip_port);
         self.entries
             .iter()
@@ -29,7 +28,7 @@ impl Router {
             })
             .filter(|(route, _)| prefix_matches(&route.prefix, path))
             .max_by_key(|(route, _)| (route.host.is_some(), route.prefix.len()))
-            .map(|(route, service)| (*service, route.retry))
+            .map(|(_, target)| target)
     }
 }
 
@@ -50,20 +49,20 @@ mod tests {
     use super::*;
 
     fn route(prefix: &str, host: Option<&str>) -> Route {
-        Route { prefix: prefix.into(), host: host.map(Into::into), retry: prefix == "/api/v2" }
+        Route { prefix: prefix.into(), host: host.map(Into::into), retry: false, rate_limit: None }
     }
 
-    /// The service index alone.
+    /// The target, copied out.
     trait Service {
         fn service(self) -> Option<usize>;
     }
-    impl Service for Option<(usize, bool)> {
+    impl Service for Option<&usize> {
         fn service(self) -> Option<usize> {
-            self.map(|(service, _)| service)
+            self.copied()
         }
     }
 
-    fn router() -> Router {
+    fn router() -> Router<usize> {
         Router::new([
             (route("/", None), 0),
             (route("/api", None), 1),
@@ -81,7 +80,6 @@ mod tests {
         assert_eq!(router.route(None, "/api/users").service(), Some(1));
         assert_eq!(router.route(None, "/apix").service(), Some(0));
         assert_eq!(router.route(None, "/api/v2/orders").service(), Some(2));
-        assert_eq!(router.route(None, "/api/v2/orders"), Some((2, true)), "the route's retry flag");
         assert_eq!(router.route(None, "/api/v20").service(), Some(1));
     }
 

@@ -55,7 +55,8 @@ async fn serve(config: Config) -> Result<(), Failure> {
     let pool_metrics = PoolMetrics::register(&metrics);
     let gateway_metrics = GatewayMetrics::register(&metrics);
     let pools = Arc::new(Pools::start(&config.services, Arc::new(ProcessDriver), &pool_metrics));
-    let gateway = Arc::new(Gateway::new(&config, &pools, gateway_metrics));
+    let store = surge_gateway::RateStore::connect(config.redis.as_deref()).await?;
+    let gateway = Arc::new(Gateway::new(&config, &pools, gateway_metrics, store));
 
     let (stop_gateway, gateway_stopping) = watch::channel(false);
     let (stop_admin, admin_stopping) = watch::channel(false);
