@@ -241,10 +241,17 @@ impl ProxyInner {
     fn choose(&self, tried: &[SocketAddr]) -> Option<InFlight> {
         let ready = self.pool.ready();
         let config = self.pool.config();
-        if let Some(service_limit) = config.max_concurrency {
-            if ready.iter().map(|i| i.in_flight()).sum::<usize>() >= service_limit {
-                return None;
+        // The pool-wide limit: a slot is claimed first and given back when over, so two requests
+        // racing for the last slot can both back off but never both get in.
+        let within_service_limit = |in_flight: InFlight| match config.max_concurrency {
+            Some(limit) if self.pool.load().active() > limit => {
+                in_flight.cancel();
+                None
             }
+            _ => Some(in_flight),
+        };
+        if config.max_concurrency.is_some_and(|limit| self.pool.load().active() >= limit) {
+            return None;
         }
         let limit = config.instance_concurrency.unwrap_or(usize::MAX);
         let load = |i: usize, skip_tried: bool| {
@@ -260,7 +267,7 @@ impl ProxyInner {
             for _ in 0..=ready.len() {
                 let Some(index) = self.balancer.pick(ready.len(), |i| load(i, skip_tried)) else { break };
                 if let Some(in_flight) = ready[index].begin() {
-                    return Some(in_flight);
+                    return within_service_limit(in_flight);
                 }
             }
         }
@@ -272,7 +279,7 @@ impl ProxyInner {
                 (instance.state() == surge_pool::InstanceState::Ready && instance.in_flight() < limit)
                     .then(|| instance.in_flight())
             })?;
-            return ready[index].begin_ignoring_breaker();
+            return ready[index].begin_ignoring_breaker().and_then(within_service_limit);
         }
         None
     }

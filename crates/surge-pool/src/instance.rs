@@ -130,7 +130,7 @@ impl Instance {
         let admitted = if self.state() == InstanceState::Ready { self.admits() } else { None };
         if admitted.is_some() {
             let probe = admitted == Some(true);
-            Some(InFlight { instance: Arc::clone(self), started: Instant::now(), probe })
+            Some(InFlight::new(self, probe))
         } else {
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
             None
@@ -142,7 +142,7 @@ impl Instance {
     pub fn begin_ignoring_breaker(self: &Arc<Self>) -> Option<InFlight> {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         if self.state() == InstanceState::Ready {
-            Some(InFlight { instance: Arc::clone(self), started: Instant::now(), probe: false })
+            Some(InFlight::new(self, false))
         } else {
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
             None
@@ -242,9 +242,21 @@ pub struct InFlight {
     started: Instant,
     /// The one request a half-open breaker let through.
     probe: bool,
+    /// Given back unused: not a served request.
+    cancelled: bool,
 }
 
 impl InFlight {
+    fn new(instance: &Arc<Instance>, probe: bool) -> Self {
+        instance.load.started();
+        InFlight { instance: Arc::clone(instance), started: Instant::now(), probe, cancelled: false }
+    }
+
+    /// Gives the slot back without counting a request (a pool-wide limit was hit meanwhile).
+    pub fn cancel(mut self) {
+        self.cancelled = true;
+    }
+
     pub fn instance(&self) -> &Instance {
         &self.instance
     }
@@ -266,9 +278,12 @@ impl Drop for InFlight {
             // Ended without a verdict (the client went away): let another request probe.
             instance.breaker.probing.store(false, Ordering::SeqCst);
         }
-        instance.served.fetch_add(1, Ordering::Relaxed);
         instance.in_flight.fetch_sub(1, Ordering::SeqCst);
-        instance.load.finished(self.started.elapsed());
+        instance.load.ended();
+        if !self.cancelled {
+            instance.served.fetch_add(1, Ordering::Relaxed);
+            instance.load.finished(self.started.elapsed());
+        }
     }
 }
 

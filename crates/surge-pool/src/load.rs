@@ -13,6 +13,8 @@ const BUCKETS: usize = 4 * 36;
 #[derive(Debug)]
 pub struct PoolLoad {
     waiting: AtomicUsize,
+    /// Requests in flight on any instance of the pool.
+    active: AtomicUsize,
     latency: [AtomicU64; BUCKETS],
     /// Wakes one waiting request when a request finishes and frees a slot.
     freed: Notify,
@@ -26,6 +28,7 @@ impl Default for PoolLoad {
     fn default() -> Self {
         PoolLoad {
             waiting: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
             latency: std::array::from_fn(|_| AtomicU64::new(0)),
             freed: Notify::new(),
             arrivals: AtomicU64::new(0),
@@ -46,6 +49,18 @@ impl Drop for Waiting<'_> {
 }
 
 impl PoolLoad {
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn started(&self) {
+        self.active.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub(crate) fn ended(&self) {
+        self.active.fetch_sub(1, Ordering::SeqCst);
+    }
+
     pub fn waiting(&self) -> usize {
         self.waiting.load(Ordering::Relaxed)
     }

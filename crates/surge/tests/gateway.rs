@@ -9,7 +9,7 @@ use hyper::{Method, StatusCode};
 const ROUTED: &str = r#"
 [services.web]
 command = "{echo}"
-routes = ["/web"]
+routes = ["/web", { prefix = "/web/pay", retry = true }]
 
 [services.api]
 command = "{echo}"
@@ -84,10 +84,10 @@ async fn errors_are_short_json_bodies_that_say_why() {
 
 /// Sends `method` to a slow path, SIGKILLs the only `web` instance while the request is in
 /// flight, and returns the answer.
-async fn kill_mid_request(surge: &Surge, method: Method) -> common::Answer {
+async fn kill_mid_request(surge: &Surge, method: Method, path: &str) -> common::Answer {
     let pid = surge.service("web").await.instances[0].pid.expect("pid");
     let pending = tokio::spawn({
-        let (client, url) = (common::http_client(), surge.url("/web?delay=5s"));
+        let (client, url) = (common::http_client(), surge.url(path));
         async move { common::send(&client, method, &url, &[], Bytes::new()).await }
     });
     surge
@@ -103,7 +103,7 @@ async fn kill_mid_request(surge: &Surge, method: Method) -> common::Answer {
 async fn an_instance_dying_mid_request_gives_a_502_to_a_post() {
     let surge = Surge::start(ROUTED).await;
     // A POST may have reached the instance: it is not sent again.
-    let answer = kill_mid_request(&surge, Method::POST).await;
+    let answer = kill_mid_request(&surge, Method::POST, "/web?delay=5s").await;
     assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
     assert_eq!(answer.json()["error"], "upstream_failed");
 }
@@ -111,10 +111,52 @@ async fn an_instance_dying_mid_request_gives_a_502_to_a_post() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_get_whose_instance_dies_is_retried_on_the_replacement() {
     let surge = Surge::start(ROUTED).await;
-    let answer = kill_mid_request(&surge, Method::GET).await;
+    let answer = kill_mid_request(&surge, Method::GET, "/web?delay=5s").await;
     assert_eq!(answer.status, StatusCode::OK, "{}", String::from_utf8_lossy(&answer.body));
     assert_eq!(answer.instance(), "web-2", "served by the replacement");
     assert!(surge.metrics().await.contains(r#"surge_retries_total{service="web"} 1"#));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_on_a_retry_route_is_retried_on_the_replacement() {
+    let surge = Surge::start(ROUTED).await;
+    let answer = kill_mid_request(&surge, Method::POST, "/web/pay?delay=5s").await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", String::from_utf8_lossy(&answer.body));
+    assert_eq!(answer.instance(), "web-2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_concurrency_limit_sheds_the_excess_at_once() {
+    let surge = Surge::start(
+        r#"
+[services.web]
+command = "{echo}"
+routes = ["/"]
+instances = { min = 2, max = 2 }
+max_concurrency = 2
+buffer = { requests = 0 }
+"#,
+    )
+    .await;
+    let requests: Vec<_> = (0..5)
+        .map(|_| {
+            let (client, url) = (common::http_client(), surge.url("/?delay=500ms"));
+            tokio::spawn(async move { common::send(&client, Method::GET, &url, &[], Bytes::new()).await })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for request in requests {
+        let answer = request.await.expect("task").expect("answer");
+        statuses.push((answer.status, answer.headers.get("x-surge-error").cloned()));
+    }
+    let served = statuses.iter().filter(|(s, _)| *s == StatusCode::OK).count();
+    let shed = statuses
+        .iter()
+        .filter(|(s, e)| {
+            *s == StatusCode::SERVICE_UNAVAILABLE && e.as_ref().is_some_and(|e| e == "buffer_full")
+        })
+        .count();
+    assert_eq!((served, shed), (2, 3), "{statuses:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -133,6 +175,9 @@ async fn forwarding_headers_are_set_and_hop_by_hop_headers_removed() {
     assert_eq!(seen["x-forwarded-host"], surge.gateway.to_string());
     assert_eq!(seen["host"], surge.gateway.to_string(), "the Host header is kept");
     assert_eq!(seen["x-custom"], "kept");
+    let deadline: u64 =
+        seen["x-surge-deadline-ms"].as_str().and_then(|d| d.parse().ok()).expect("deadline header");
+    assert!(deadline > 50_000 && deadline <= 60_000, "the request timeout left: {deadline}");
     assert!(seen.get("x-private").is_none(), "named by Connection, so hop-by-hop: {seen}");
     assert!(answer.headers.get("x-surge-instance").is_some());
 }
