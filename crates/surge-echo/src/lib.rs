@@ -14,7 +14,8 @@
 //! keep-alive connections idle that long (racing a client that reuses them), and
 //! `SURGE_ECHO_FAULTY=web-2[:MODE]` makes the instance of that name misbehave on everything but
 //! its health check: `503` (the default) answers 503, `hang` never answers, `reset` closes the
-//! connection without answering, `malformed` answers bytes that are not HTTP.
+//! connection without answering, `malformed` answers bytes that are not HTTP; `unhealthy`
+//! serves normally but fails its health checks one second after it starts.
 
 mod body;
 mod knobs;
@@ -80,6 +81,7 @@ pub fn run() -> Result<(), String> {
                 "hang" => Fault::Hang,
                 "reset" => Fault::Reset,
                 "malformed" => Fault::Malformed,
+                "unhealthy" => Fault::Unhealthy,
                 other => {
                     return Err(format!(
                         "SURGE_ECHO_FAULTY mode {other:?} is not 503, hang, reset or malformed"
@@ -95,6 +97,7 @@ pub fn run() -> Result<(), String> {
         limit: limit.map(|l| Arc::new(Semaphore::new(l))),
         idle_timeout,
         faulty,
+        started: Instant::now(),
     };
     runtime.block_on(async move {
         if let Some(startup) = startup {
@@ -111,6 +114,7 @@ struct Echo {
     limit: Option<Arc<Semaphore>>,
     idle_timeout: Option<Duration>,
     faulty: Option<Fault>,
+    started: Instant,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -119,6 +123,7 @@ enum Fault {
     Hang,
     Reset,
     Malformed,
+    Unhealthy,
 }
 
 async fn serve(addr: SocketAddr, echo: Echo) -> Result<(), String> {
@@ -187,7 +192,8 @@ async fn handle(request: Request<Incoming>, echo: Echo) -> Result<Response<EchoB
         Some(limit) if request.uri().path() != "/healthz" => limit.acquire().await.ok(),
         _ => None,
     };
-    let mut response = if echo.faulty == Some(Fault::Unavailable) && !healthz {
+    let sick = echo.faulty == Some(Fault::Unhealthy) && echo.started.elapsed() > Duration::from_secs(1);
+    let mut response = if (echo.faulty == Some(Fault::Unavailable) && !healthz) || (sick && healthz) {
         text(StatusCode::SERVICE_UNAVAILABLE, "faulty on purpose\n")
     } else {
         respond(request).await

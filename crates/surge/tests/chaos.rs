@@ -326,3 +326,33 @@ routes = ["/"]
     let status = surge.status().await;
     assert!(status.iter().all(|s| ready_count(s) == 1), "{status:#?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_failing_its_health_checks_leaves_rotation() {
+    let surge = Surge::start(
+        r#"
+[services.web]
+command = "{echo}"
+routes = ["/"]
+env = { SURGE_ECHO_FAULTY = "web-2:unhealthy" }
+instances = { min = 3, max = 3 }
+health = { interval = "100ms", unhealthy_threshold = 3 }
+"#,
+    )
+    .await;
+    surge
+        .wait_for("web-2 to fail three checks", |s| {
+            s[0].instances
+                .iter()
+                .any(|i| i.id == "web-2" && i.state == surge_admin::api::InstanceState::Unhealthy)
+        })
+        .await;
+    let report = load(&surge, "/", 4, 50, Arc::new(AtomicBool::new(false))).await;
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    assert!(
+        !report.by_instance.contains_key("web-2"),
+        "an unhealthy instance gets no traffic: {:?}",
+        report.by_instance
+    );
+    assert!(surge.log().contains("web-2 failed 3 health checks in a row"), "{}", surge.log());
+}
