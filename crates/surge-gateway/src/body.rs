@@ -1,6 +1,8 @@
-//! The response body the gateway sends: an instance's body streamed through, or a small one
-//! of the gateway's own. It holds the request's in-flight guards, so an instance counts a
-//! request as in flight until the last byte has left, not just until the headers did.
+//! Bodies in both directions. A request body is kept whole when small, so a failed try can be
+//! sent again, and streamed otherwise. The response body the gateway sends is an instance's
+//! streamed through, or a small one of the gateway's own; it holds the request's in-flight
+//! guards, so an instance counts a request as in flight until the last byte has left, not just
+//! until the headers did.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -14,27 +16,19 @@ use surge_pool::InFlight;
 pin_project_lite::pin_project! {
     pub struct GatewayBody {
         #[pin]
-        inner: Inner,
+        inner: Payload,
         instance: Option<InFlight>,
         gauge: Option<GaugeGuard>,
     }
 }
 
-pin_project_lite::pin_project! {
-    #[project = InnerProj]
-    enum Inner {
-        Upstream { #[pin] body: Incoming },
-        Full { bytes: Option<Bytes> },
-    }
-}
-
 impl GatewayBody {
     pub fn full(bytes: Bytes) -> Self {
-        GatewayBody { inner: Inner::Full { bytes: Some(bytes) }, instance: None, gauge: None }
+        GatewayBody { inner: Payload::Kept { bytes: Some(bytes) }, instance: None, gauge: None }
     }
 
     pub(crate) fn upstream(body: Incoming, instance: InFlight) -> Self {
-        GatewayBody { inner: Inner::Upstream { body }, instance: Some(instance), gauge: None }
+        GatewayBody { inner: Payload::Streaming { body }, instance: Some(instance), gauge: None }
     }
 
     /// Keeps the gauge incremented until the body is done.
@@ -51,26 +45,15 @@ impl Body for GatewayBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        match self.project().inner.project() {
-            InnerProj::Upstream { body } => body.poll_frame(cx),
-            InnerProj::Full { bytes } => {
-                Poll::Ready(bytes.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b))))
-            }
-        }
+        self.project().inner.poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.inner {
-            Inner::Upstream { body } => body.is_end_stream(),
-            Inner::Full { bytes } => bytes.as_ref().is_none_or(Bytes::is_empty),
-        }
+        self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.inner {
-            Inner::Upstream { body } => body.size_hint(),
-            Inner::Full { bytes } => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
-        }
+        self.inner.size_hint()
     }
 }
 
@@ -91,10 +74,10 @@ impl Drop for GaugeGuard {
 }
 
 pin_project_lite::pin_project! {
-    /// A request body on its way to an instance: kept whole when small (so a failed try can be
-    /// sent again), streamed otherwise.
-    #[project = RequestBodyProj]
-    pub enum RequestBody {
+    /// A body kept whole (small request bodies, so a failed try can be sent again; the
+    /// gateway's own answers) or streamed through.
+    #[project = PayloadProj]
+    pub enum Payload {
         Kept { bytes: Option<Bytes> },
         Streaming { #[pin] body: Incoming },
     }
@@ -106,7 +89,7 @@ pub(crate) enum Replay {
     Streaming(Option<Incoming>),
 }
 
-impl RequestBody {
+impl Payload {
     /// Keeps bodies of known size up to the replay limit; streams the rest.
     pub(crate) async fn prepare(body: Incoming) -> Result<Replay, hyper::Error> {
         use http_body_util::BodyExt;
@@ -124,10 +107,10 @@ impl RequestBody {
 
 impl Replay {
     /// The body for the next try; a streamed body can be sent only once.
-    pub(crate) fn for_try(&mut self) -> Option<RequestBody> {
+    pub(crate) fn for_try(&mut self) -> Option<Payload> {
         match self {
-            Replay::Kept(bytes) => Some(RequestBody::Kept { bytes: Some(bytes.clone()) }),
-            Replay::Streaming(body) => body.take().map(|body| RequestBody::Streaming { body }),
+            Replay::Kept(bytes) => Some(Payload::Kept { bytes: Some(bytes.clone()) }),
+            Replay::Streaming(body) => body.take().map(|body| Payload::Streaming { body }),
         }
     }
 
@@ -136,7 +119,7 @@ impl Replay {
     }
 }
 
-impl Body for RequestBody {
+impl Body for Payload {
     type Data = Bytes;
     type Error = hyper::Error;
 
@@ -145,8 +128,8 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.project() {
-            RequestBodyProj::Streaming { body } => body.poll_frame(cx),
-            RequestBodyProj::Kept { bytes } => {
+            PayloadProj::Streaming { body } => body.poll_frame(cx),
+            PayloadProj::Kept { bytes } => {
                 Poll::Ready(bytes.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b))))
             }
         }
@@ -154,15 +137,15 @@ impl Body for RequestBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            RequestBody::Streaming { body } => body.is_end_stream(),
-            RequestBody::Kept { bytes } => bytes.as_ref().is_none_or(Bytes::is_empty),
+            Payload::Streaming { body } => body.is_end_stream(),
+            Payload::Kept { bytes } => bytes.as_ref().is_none_or(Bytes::is_empty),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            RequestBody::Streaming { body } => body.size_hint(),
-            RequestBody::Kept { bytes } => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Payload::Streaming { body } => body.size_hint(),
+            Payload::Kept { bytes } => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
         }
     }
 }

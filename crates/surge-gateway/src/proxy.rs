@@ -17,7 +17,7 @@ use http::{Method, StatusCode};
 use surge_metrics::Counter;
 use surge_pool::{InFlight, Instance, Pool};
 
-use crate::body::RequestBody;
+use crate::body::Payload;
 use crate::budget::RetryBudget;
 
 use crate::body::GatewayBody;
@@ -51,7 +51,7 @@ pub struct Proxy {
 struct ProxyInner {
     pool: Arc<Pool>,
     balancer: Balancer,
-    client: Client<HttpConnector, RequestBody>,
+    client: Client<HttpConnector, Payload>,
     budget: RetryBudget,
     epoch: Instant,
     retries: Counter,
@@ -115,7 +115,7 @@ impl ProxyInner {
         let repeatable =
             is_idempotent(request.method()) || request.extensions().get::<RetryRoute>().is_some();
         let (parts, body) = request.into_parts();
-        let mut body = RequestBody::prepare(body)
+        let mut body = Payload::prepare(body)
             .await
             .map_err(|err| GatewayError::BadRequestBody { cause: root_cause(&err) })?;
         let mut tried: Vec<SocketAddr> = Vec::new();
@@ -172,7 +172,7 @@ impl ProxyInner {
         Err(GatewayError::NoReadyInstance { service: service.to_owned() })
     }
 
-    async fn try_once(&self, request: Request<RequestBody>, in_flight: &InFlight, timeout: Duration) -> Try {
+    async fn try_once(&self, request: Request<Payload>, in_flight: &InFlight, timeout: Duration) -> Try {
         let instance = in_flight.instance();
         let service = self.pool.name();
         match tokio::time::timeout(timeout, self.client.request(request)).await {
