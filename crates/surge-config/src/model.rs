@@ -165,6 +165,9 @@ pub enum Balance {
     #[default]
     LeastConn,
     RoundRobin,
+    /// Power of two choices over peak-EWMA latency × in-flight requests.
+    P2cEwma,
+    Random,
 }
 
 impl Balance {
@@ -172,6 +175,8 @@ impl Balance {
         match self {
             Balance::LeastConn => "least_conn",
             Balance::RoundRobin => "round_robin",
+            Balance::P2cEwma => "p2c_ewma",
+            Balance::Random => "random",
         }
     }
 }

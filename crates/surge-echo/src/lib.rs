@@ -15,7 +15,8 @@
 //! `SURGE_ECHO_FAULTY=web-2[:MODE]` makes the instance of that name misbehave on everything but
 //! its health check: `503` (the default) answers 503, `hang` never answers, `reset` closes the
 //! connection without answering, `malformed` answers bytes that are not HTTP; `unhealthy`
-//! serves normally but fails its health checks one second after it starts.
+//! serves normally but fails its health checks one second after it starts; `slow` takes 50 ms
+//! longer over every request.
 
 mod body;
 mod knobs;
@@ -82,6 +83,7 @@ pub fn run() -> Result<(), String> {
                 "reset" => Fault::Reset,
                 "malformed" => Fault::Malformed,
                 "unhealthy" => Fault::Unhealthy,
+                "slow" => Fault::Slow,
                 other => {
                     return Err(format!(
                         "SURGE_ECHO_FAULTY mode {other:?} is not 503, hang, reset or malformed"
@@ -124,6 +126,7 @@ enum Fault {
     Reset,
     Malformed,
     Unhealthy,
+    Slow,
 }
 
 async fn serve(addr: SocketAddr, echo: Echo) -> Result<(), String> {
@@ -185,6 +188,7 @@ async fn handle(request: Request<Incoming>, echo: Echo) -> Result<Response<EchoB
         Some(Fault::Hang) if !healthz => std::future::pending::<()>().await,
         // Failing the service makes hyper close the connection without an answer.
         Some(Fault::Reset) if !healthz => return Err(std::io::Error::other("reset on purpose")),
+        Some(Fault::Slow) if !healthz => tokio::time::sleep(Duration::from_millis(50)).await,
         _ => {}
     }
     // Health checks bypass the limit: a busy service is still alive.

@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::time::{Duration, Instant};
-use surge_balance::Balancer;
+use surge_balance::{Balancer, Load};
 
 use http::{Method, StatusCode};
 use surge_metrics::Counter;
@@ -71,6 +71,8 @@ impl Proxy {
         let balancer = Balancer::new(match config.balance {
             surge_config::Balance::LeastConn => surge_balance::Policy::LeastConn,
             surge_config::Balance::RoundRobin => surge_balance::Policy::RoundRobin,
+            surge_config::Balance::P2cEwma => surge_balance::Policy::P2cEwma,
+            surge_config::Balance::Random => surge_balance::Policy::Random,
         });
         let budget = RetryBudget::new(config.retry.budget, config.retry.min_per_second);
         let inner =
@@ -258,7 +260,8 @@ impl ProxyInner {
             let instance: &Instance = &ready[i];
             let in_flight = instance.in_flight();
             let usable = instance.is_available() && in_flight < limit;
-            (usable && !(skip_tried && tried.contains(&instance.addr))).then_some(in_flight)
+            (usable && !(skip_tried && tried.contains(&instance.addr)))
+                .then(|| Load { in_flight, latency: instance.latency_estimate() })
         };
         for skip_tried in [true, false] {
             if !skip_tried && tried.is_empty() {
@@ -277,7 +280,7 @@ impl ProxyInner {
             let index = self.balancer.pick(ready.len(), |i| {
                 let instance: &Instance = &ready[i];
                 (instance.state() == surge_pool::InstanceState::Ready && instance.in_flight() < limit)
-                    .then(|| instance.in_flight())
+                    .then(|| Load { in_flight: instance.in_flight(), latency: instance.latency_estimate() })
             })?;
             return ready[index].begin_ignoring_breaker().and_then(within_service_limit);
         }

@@ -70,7 +70,18 @@ pub struct Instance {
     exited: watch::Sender<bool>,
     load: Arc<PoolLoad>,
     breaker: Breaker,
+    /// Peak-EWMA latency in microseconds (0: no sample yet), and when it was last updated (ms
+    /// since launch), for the p2c_ewma balancer.
+    latency_estimate_us: AtomicU64,
+    latency_updated_ms: AtomicU64,
 }
+
+/// The estimate of an instance without a sample yet (linkerd assumes the same).
+const DEFAULT_LATENCY: f64 = 0.030;
+/// How fast the estimate forgets a slow period.
+const LATENCY_DECAY: f64 = 10.0;
+/// What a failed try counts as, so an instance that fails fast never looks fast.
+const FAILURE_LATENCY: f64 = 1.0;
 
 /// The passive circuit breaker: closed, open until `ejected_until`, then half-open for one
 /// probe request. Times are milliseconds since the instance's launch.
@@ -96,6 +107,8 @@ impl Instance {
             exited: watch::Sender::new(false),
             load,
             breaker: Breaker::default(),
+            latency_estimate_us: AtomicU64::new(0),
+            latency_updated_ms: AtomicU64::new(0),
         }
     }
 
@@ -182,6 +195,22 @@ impl Instance {
         self.breaker.ejected_until.load(Ordering::SeqCst) != 0
     }
 
+    /// The peak-EWMA latency estimate, in seconds.
+    pub fn latency_estimate(&self) -> f64 {
+        match self.latency_estimate_us.load(Ordering::Relaxed) {
+            0 => DEFAULT_LATENCY,
+            us => us as f64 / 1e6,
+        }
+    }
+
+    fn observe_latency(&self, seconds: f64) {
+        let now = self.now_ms();
+        let elapsed = now.saturating_sub(self.latency_updated_ms.swap(now, Ordering::Relaxed)) as f64 / 1e3;
+        let estimate = surge_balance::peak_ewma(self.latency_estimate(), elapsed, seconds, LATENCY_DECAY);
+        // Concurrent updates may overwrite each other: an estimate tolerates a lost sample.
+        self.latency_estimate_us.store((estimate * 1e6).max(1.0) as u64, Ordering::Relaxed);
+    }
+
     pub fn ejections(&self) -> u32 {
         self.breaker.ejections.load(Ordering::Relaxed)
     }
@@ -200,6 +229,7 @@ impl Instance {
 
     /// A request failed; returns the failure streak, counting a failed probe as a full one.
     pub(crate) fn record_failure(&self, probe: bool) -> u32 {
+        self.observe_latency(FAILURE_LATENCY);
         let streak = self.breaker.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         if probe {
             u32::MAX
@@ -281,8 +311,10 @@ impl Drop for InFlight {
         instance.in_flight.fetch_sub(1, Ordering::SeqCst);
         instance.load.ended();
         if !self.cancelled {
+            let latency = self.started.elapsed();
             instance.served.fetch_add(1, Ordering::Relaxed);
-            instance.load.finished(self.started.elapsed());
+            instance.observe_latency(latency.as_secs_f64());
+            instance.load.finished(latency);
         }
     }
 }

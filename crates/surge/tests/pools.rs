@@ -32,6 +32,31 @@ async fn least_conn_spreads_concurrent_load_fairly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p2c_ewma_sends_most_requests_to_the_fast_instances() {
+    let surge = Surge::start(
+        r#"
+[services.web]
+command = "{echo}"
+routes = ["/"]
+env = { SURGE_ECHO_FAULTY = "web-2:slow" }
+instances = { min = 3, max = 3 }
+balance = "p2c_ewma"
+"#,
+    )
+    .await;
+    let report = load(&surge, "/?delay=5ms", 8, 75, Arc::new(AtomicBool::new(false))).await;
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    let slow = report.by_instance.get("web-2").copied().unwrap_or(0);
+    let fast_share = 1.0 - slow as f64 / report.ok as f64;
+    eprintln!(
+        "p2c_ewma with web-2 50 ms slower: {:?}, {:.1}% to the fast instances",
+        report.by_instance,
+        fast_share * 100.0
+    );
+    assert!(fast_share >= 0.8, "{:?}", report.by_instance);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_instance_is_replaced_and_traffic_keeps_flowing() {
     let surge = Surge::start(&web("{ min = 3, max = 3 }")).await;
     let stop = Arc::new(AtomicBool::new(false));
