@@ -24,7 +24,7 @@ use std::time::Duration;
 use http::header::HOST;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use surge_config::Config;
 use surge_pool::Pools;
 use tokio::net::TcpListener;
@@ -114,7 +114,7 @@ impl Gateway {
     }
 }
 
-/// Serves HTTP/1.1 on `listener` until `shutdown` resolves, then stops accepting and gives
+/// Serves HTTP/1.1 and h2c on `listener` until `shutdown` resolves, then stops accepting and gives
 /// open requests up to `drain_timeout` to finish.
 pub async fn serve(
     gateway: Arc<Gateway>,
@@ -134,10 +134,11 @@ pub async fn serve(
                         let gateway = Arc::clone(&gateway);
                         async move { Ok::<_, Infallible>(gateway.handle(request, client).await) }
                     });
-                    let connection = hyper::server::conn::http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .serve_connection(TokioIo::new(stream), service);
-                    let connection = graceful.watch(connection);
+                    // HTTP/1.1, or HTTP/2 for clients that speak it from the first byte (h2c).
+                    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    builder.http1().timer(TokioTimer::new());
+                    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    let connection = graceful.watch(connection.into_owned());
                     tokio::spawn(async move {
                         if let Err(err) = connection.await {
                             tracing::debug!("connection from {client}: {err}");

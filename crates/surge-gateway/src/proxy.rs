@@ -302,6 +302,8 @@ fn rewrite_request<B>(request: &mut Request<B>, upstream: SocketAddr) {
         *request.uri_mut() = uri;
     }
 
+    // Instances speak HTTP/1.1, whatever the client spoke.
+    *request.version_mut() = http::Version::HTTP_11;
     let headers = request.headers_mut();
     strip_hop_by_hop(headers);
     if let Some(ip) = client {
@@ -315,6 +317,10 @@ fn rewrite_request<B>(request: &mut Request<B>, upstream: SocketAddr) {
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     if let Some(host) = original_host {
+        // An HTTP/2 request names its host in the URI only: instances get it as Host.
+        if !headers.contains_key(HOST) {
+            headers.insert(HOST, host.clone());
+        }
         headers.insert(X_FORWARDED_HOST, host);
     }
 }

@@ -218,3 +218,22 @@ async fn metrics_count_requests_by_service_and_status_class() {
     }
     assert!(ECHO.ends_with("surge-echo"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_is_served_through_the_gateway() {
+    use http_body_util::{BodyExt, Full};
+    let surge = Surge::start(ROUTED).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    for path in ["/web/h2", "/api/users/1"] {
+        let request = hyper::Request::get(surge.url(path)).body(Full::new(Bytes::new())).expect("request");
+        let response = client.request(request).await.expect("an HTTP/2 answer");
+        assert_eq!(response.version(), hyper::Version::HTTP_2);
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = response.into_body().collect().await.expect("body").to_bytes();
+        let echo: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+        assert_eq!(echo["path"], path);
+        assert_eq!(echo["headers"]["host"], surge.gateway.to_string(), "the authority becomes Host");
+    }
+}
