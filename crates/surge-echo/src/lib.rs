@@ -8,7 +8,8 @@
 //!
 //! Two variables model a real service's limits: `SURGE_ECHO_CONCURRENCY=N` serves at most N
 //! requests at once (others wait their turn, as behind a worker pool), and
-//! `SURGE_ECHO_STARTUP=2s` waits before listening, like a slow start.
+//! `SURGE_ECHO_STARTUP=2s` waits before listening, like a slow start. A WebSocket upgrade is
+//! accepted and every message echoed back.
 //!
 //! Two more misbehave on purpose, for chaos tests: `SURGE_ECHO_IDLE_TIMEOUT=50ms` closes
 //! keep-alive connections idle that long (racing a client that reuses them), and
@@ -20,6 +21,7 @@
 
 mod body;
 mod knobs;
+mod websocket;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -148,12 +150,12 @@ async fn serve(addr: SocketAddr, echo: Echo) -> Result<(), String> {
                 let idle_timeout = echo.idle_timeout;
                 let echo = echo.clone();
                 let service = hyper::service::service_fn(move |req| handle(req, echo.clone()));
-                let mut builder = hyper::server::conn::http1::Builder::new();
+                let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
                 if let Some(idle) = idle_timeout {
                     // Waiting for the next request's head counts as idle: close then.
-                    builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(idle);
+                    builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(idle);
                 }
-                let connection = builder.serve_connection(TokioIo::new(stream), service);
+                let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
                 let connection = graceful.watch(connection);
                 tokio::spawn(async move {
                     let _ = connection.await;
@@ -182,7 +184,20 @@ async fn answer_malformed(mut stream: tokio::net::TcpStream) {
     let _ = stream.write_all(reply).await;
 }
 
-async fn handle(request: Request<Incoming>, echo: Echo) -> Result<Response<EchoBody>, std::io::Error> {
+async fn handle(mut request: Request<Incoming>, echo: Echo) -> Result<Response<EchoBody>, std::io::Error> {
+    if let Some(key) = websocket::upgrade_key(request.headers()) {
+        let upgrade = hyper::upgrade::on(&mut request);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = upgrade.await {
+                let _ = websocket::echo(upgraded).await;
+            }
+        });
+        let mut response = websocket::switching(&key);
+        if let Ok(value) = HeaderValue::from_str(&echo.instance) {
+            response.headers_mut().insert(INSTANCE_HEADER, value);
+        }
+        return Ok(response);
+    }
     let healthz = request.uri().path() == "/healthz";
     match echo.faulty {
         Some(Fault::Hang) if !healthz => std::future::pending::<()>().await,

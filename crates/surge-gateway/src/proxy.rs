@@ -9,7 +9,7 @@ use http::header::{HeaderName, HeaderValue, CONNECTION, HOST, TE, TRAILER, TRANS
 use http::{HeaderMap, Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::time::{Duration, Instant};
 use surge_balance::{Balancer, Load};
 
@@ -109,6 +109,9 @@ enum Try {
 
 impl ProxyInner {
     async fn forward(&self, request: Request<Incoming>) -> Result<Response<GatewayBody>, GatewayError> {
+        if let Some(protocol) = upgrade_protocol(request.headers()) {
+            return self.forward_upgrade(request, protocol).await;
+        }
         let started = Instant::now();
         let service = self.pool.name();
         let config = self.pool.config();
@@ -172,6 +175,49 @@ impl ProxyInner {
             };
         }
         Err(GatewayError::NoReadyInstance { service: service.to_owned() })
+    }
+
+    /// An upgrade (WebSocket): one try, the upgrade headers kept; once the instance switches
+    /// protocols, bytes are copied both ways until either side closes. The instance counts the
+    /// connection in flight for as long, so a drain waits for it (up to its timeout).
+    async fn forward_upgrade(
+        &self,
+        mut request: Request<Incoming>,
+        protocol: HeaderValue,
+    ) -> Result<Response<GatewayBody>, GatewayError> {
+        self.pool.load().arrived();
+        let mut in_flight = match self.choose(&[]) {
+            Some(in_flight) => in_flight,
+            None => self.wait_for_instance(&[], false).await?,
+        };
+        let client_side = hyper::upgrade::on(&mut request);
+        let (parts, body) = request.into_parts();
+        let mut upstream = Request::from_parts(parts, Payload::Streaming { body });
+        rewrite_request(&mut upstream, in_flight.instance().addr);
+        upstream.headers_mut().insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        upstream.headers_mut().insert(UPGRADE, protocol);
+        let timeout = self.pool.config().timeouts.request;
+        let outcome = self.try_once(upstream, &in_flight, timeout).await;
+        let succeeded = matches!(&outcome, Try::Answered(response) if !response.status().is_server_error());
+        self.pool.report(&mut in_flight, succeeded);
+        let mut response = match outcome {
+            Try::Answered(response) | Try::Unavailable(response) => response,
+            Try::NotSent(error) | Try::Failed(error) => return Err(error),
+        };
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            strip_hop_by_hop(response.headers_mut());
+            return Ok(response.map(|body| GatewayBody::upstream(body, in_flight)));
+        }
+        let instance_side = hyper::upgrade::on(&mut response);
+        tokio::spawn(async move {
+            let _in_flight = in_flight;
+            if let (Ok(client), Ok(instance)) = (client_side.await, instance_side.await) {
+                let (mut client, mut instance) = (TokioIo::new(client), TokioIo::new(instance));
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut instance).await;
+            }
+        });
+        let (parts, _) = response.into_parts();
+        Ok(Response::from_parts(parts, GatewayBody::full(bytes::Bytes::new())))
     }
 
     async fn try_once(&self, request: Request<Payload>, in_flight: &InFlight, timeout: Duration) -> Try {
@@ -322,6 +368,21 @@ fn rewrite_request<B>(request: &mut Request<B>, upstream: SocketAddr) {
             headers.insert(HOST, host.clone());
         }
         headers.insert(X_FORWARDED_HOST, host);
+    }
+}
+
+/// The protocol a request asks to switch to (`Connection: upgrade` with `Upgrade: ...`).
+fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asks = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    if asks {
+        headers.get(UPGRADE).cloned()
+    } else {
+        None
     }
 }
 

@@ -237,3 +237,52 @@ async fn an_http2_client_is_served_through_the_gateway() {
         assert_eq!(echo["headers"]["host"], surge.gateway.to_string(), "the authority becomes Host");
     }
 }
+
+/// One masked client frame (RFC 6455 §5.3), for payloads under 126 bytes.
+fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x12u8, 0x34, 0x56, 0x78];
+    let mut frame = vec![0x80 | opcode, 0x80 | payload.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, byte)| byte ^ mask[i % 4]));
+    frame
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_echo_through_the_gateway() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let surge = Surge::start(ROUTED).await;
+    let mut socket = tokio::net::TcpStream::connect(surge.gateway).await.expect("connect");
+    socket
+        .write_all(
+            b"GET /api/socket HTTP/1.1\r\nHost: gateway\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .await
+        .expect("handshake");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        socket.read_exact(&mut byte).await.expect("handshake answer");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+
+    for (opcode, message, answer) in
+        [(0x1, &b"hello surge"[..], 0x1u8), (0x2, &[0u8, 1, 2, 255][..], 0x2), (0x9, b"ping", 0xA)]
+    {
+        socket.write_all(&client_frame(opcode, message)).await.expect("send");
+        let mut frame_head = [0u8; 2];
+        socket.read_exact(&mut frame_head).await.expect("frame");
+        assert_eq!(frame_head[0], 0x80 | answer);
+        let mut payload = vec![0u8; usize::from(frame_head[1] & 0x7f)];
+        socket.read_exact(&mut payload).await.expect("payload");
+        assert_eq!(payload, message);
+    }
+    socket.write_all(&client_frame(0x8, &[0x03, 0xe8])).await.expect("close");
+    let mut close = [0u8; 4];
+    socket.read_exact(&mut close).await.expect("close answer");
+    assert_eq!(close[0], 0x88);
+}
