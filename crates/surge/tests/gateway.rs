@@ -286,3 +286,24 @@ async fn a_websocket_echo_through_the_gateway() {
     socket.read_exact(&mut close).await.expect("close answer");
     assert_eq!(close[0], 0x88);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_is_answered_before_the_body_is_sent() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let surge = Surge::start(ROUTED).await;
+    for size in [2_000usize, 200_000] {
+        let mut socket = tokio::net::TcpStream::connect(surge.gateway).await.expect("connect");
+        let head = format!(
+            "POST /web/upload HTTP/1.1\r\nHost: gateway\r\nContent-Length: {size}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+        );
+        socket.write_all(head.as_bytes()).await.expect("head");
+        let mut interim = [0u8; 25];
+        socket.read_exact(&mut interim).await.expect("an interim answer before the body");
+        assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n", "{}", String::from_utf8_lossy(&interim));
+        socket.write_all(&vec![b'b'; size]).await.expect("body");
+        let mut answer = String::new();
+        socket.read_to_string(&mut answer).await.expect("answer");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains(&format!("\"body_bytes\":{size}")), "{answer}");
+    }
+}
