@@ -68,7 +68,9 @@ async fn scale(State(state): State<AdminState>, Path(name): Path<String>, body: 
         Ok(desired) => Json(ScaleResponse { service: name, desired }).into_response(),
         Err(err @ ScaleError::OutOfBounds { .. }) => error(StatusCode::UNPROCESSABLE_ENTITY, err.to_string()),
         Err(err @ ScaleError::ShuttingDown { .. }) => error(StatusCode::SERVICE_UNAVAILABLE, err.to_string()),
-        Err(err @ ScaleError::Autoscaled { .. }) => error(StatusCode::CONFLICT, err.to_string()),
+        Err(err @ (ScaleError::Autoscaled { .. } | ScaleError::Upstreams { .. })) => {
+            error(StatusCode::CONFLICT, err.to_string())
+        }
     }
 }
 

@@ -15,8 +15,9 @@ pub use raw::{parse_duration, Duration as HumanDuration};
 
 pub use error::{ConfigError, ConfigErrors, Site};
 pub use model::{
-    AdminConfig, Balance, BufferConfig, Config, GatewayConfig, HealthConfig, InstanceBounds, LifecycleConfig,
-    OutlierConfig, RateKey, RateLimit, RetryConfig, Route, ServiceConfig, TimeoutConfig,
+    AdminConfig, Backend, Balance, BufferConfig, Config, GatewayConfig, HealthConfig, InstanceBounds,
+    LifecycleConfig, OutlierConfig, RateKey, RateLimit, RetryConfig, Route, ServiceConfig, TimeoutConfig,
+    Upstream, UpstreamProtocol,
 };
 pub use validate::check_listeners;
 

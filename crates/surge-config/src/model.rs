@@ -37,10 +37,10 @@ pub struct AdminConfig {
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
     pub name: String,
-    /// The resolved path of the executable.
-    pub command: PathBuf,
-    pub args: Vec<String>,
-    pub env: Vec<(String, String)>,
+    /// Where the instances come from.
+    pub backend: Backend,
+    /// How the gateway talks to instances.
+    pub protocol: UpstreamProtocol,
     pub routes: Vec<Route>,
     pub instances: InstanceBounds,
     pub health: HealthConfig,
@@ -57,6 +57,52 @@ pub struct ServiceConfig {
     pub max_concurrency: Option<usize>,
     pub retry: RetryConfig,
     pub outlier: OutlierConfig,
+}
+
+/// Where a service's instances come from.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// Surge runs the instances, one process each.
+    Command {
+        /// The resolved path of the executable.
+        command: PathBuf,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+    },
+    /// The instances run elsewhere, at fixed addresses (nginx's `upstream` block): each name is
+    /// resolved again every `dns_refresh`, and each address it yields is one instance.
+    Upstreams { upstreams: Vec<Upstream>, dns_refresh: Duration },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// An IP address or a DNS name.
+    pub host: String,
+    pub port: u16,
+    /// Its share of the traffic relative to the others (1 to 256).
+    pub weight: u32,
+}
+
+impl Upstream {
+    /// `host:port`, as the resolver takes it (an IPv6 address in brackets).
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// The protocol spoken to instances.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 over a pool of keep-alive connections.
+    #[default]
+    Http1,
+    /// HTTP/2 without TLS (prior knowledge): requests are multiplexed over one connection.
+    H2c,
 }
 
 /// Retries of failed tries on other instances, within a budget.

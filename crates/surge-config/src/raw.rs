@@ -12,7 +12,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::error::{ConfigError, Site};
-use crate::model::Balance;
+use crate::model::{Balance, UpstreamProtocol};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -50,6 +50,10 @@ pub(crate) struct RawAdmin {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawService {
     pub command: Option<Spanned<String>>,
+    pub upstreams: Option<Spanned<Vec<Spanned<RawUpstream>>>>,
+    pub dns_refresh: Option<Spanned<Duration>>,
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
     #[serde(default)]
     pub args: Vec<String>,
     #[serde(default)]
@@ -215,6 +219,41 @@ impl<'de> Deserialize<'de> for RawRoute {
             }
         }
         deserializer.deserialize_any(RouteVisitor)
+    }
+}
+
+/// An upstream is written either as `"host:port"` or as a table,
+/// `{ address = "host:port", weight = 3 }`.
+#[derive(Debug)]
+pub(crate) struct RawUpstream {
+    pub address: String,
+    pub weight: Option<u32>,
+}
+
+impl<'de> Deserialize<'de> for RawUpstream {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            address: String,
+            weight: Option<u32>,
+        }
+
+        struct UpstreamVisitor;
+        impl<'de> Visitor<'de> for UpstreamVisitor {
+            type Value = RawUpstream;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#"an address such as "10.0.0.7:8080", or a table such as { address = "app.internal:8080", weight = 3 }"#)
+            }
+            fn visit_str<E: de::Error>(self, address: &str) -> Result<RawUpstream, E> {
+                Ok(RawUpstream { address: address.to_owned(), weight: None })
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawUpstream, A::Error> {
+                let table = Table::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(RawUpstream { address: table.address, weight: table.weight })
+            }
+        }
+        deserializer.deserialize_any(UpstreamVisitor)
     }
 }
 

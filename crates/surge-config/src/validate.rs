@@ -17,6 +17,8 @@ use surge_scale::ScaleConfig;
 const DEFAULT_GATEWAY_LISTEN: &str = "127.0.0.1:8080";
 const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9900";
 const MAX_INSTANCES: u32 = 1024;
+/// HAProxy's bound, and plenty for shares.
+const MAX_WEIGHT: u32 = 256;
 
 pub(crate) fn validate(raw: RawConfig, source: &str, file: &Path) -> Result<Config, ConfigErrors> {
     let mut v = Validator { source, file, errors: Vec::new() };
@@ -149,24 +151,17 @@ impl Validator<'_> {
                 "a service name is 1 to 64 letters, digits, '-' or '_' (it appears in URLs and metrics)",
             );
         }
-        let raw = raw.into_inner();
+        let mut raw = raw.into_inner();
 
-        let command = match &raw.command {
-            None => {
-                self.error(name_span.clone(), &key, "missing `command`: the program that runs one instance");
-                None
-            }
-            Some(command) => match resolve_command(command.get_ref(), self.file) {
-                Ok(path) => Some(path),
-                Err(message) => {
-                    self.error(command.span(), format!("{key}.command"), message);
-                    None
-                }
-            },
-        };
-
+        let backend = self.backend(&key, name_span.clone(), &mut raw);
         let service_routes = self.routes(&name, &key, name_span.clone(), raw.routes, routes);
-        let instances = self.instances(&key, name_span, raw.instances);
+        let instances = match &backend {
+            Some(Backend::Upstreams { upstreams, .. }) => {
+                let count = u32::try_from(upstreams.len()).unwrap_or(u32::MAX);
+                InstanceBounds { min: count, max: count, initial: count }
+            }
+            _ => self.instances(&key, name_span, raw.instances),
+        };
         let health = self.health(&key, raw.health);
         let timeouts = TimeoutConfig {
             connect: self.duration(
@@ -238,9 +233,8 @@ impl Validator<'_> {
         }
         Some(ServiceConfig {
             name,
-            command: command?,
-            args: raw.args,
-            env: raw.env.into_iter().collect(),
+            backend: backend?,
+            protocol: raw.protocol,
             routes: service_routes,
             instances,
             health,
@@ -451,6 +445,94 @@ impl Validator<'_> {
         routes
     }
 
+    /// `command` (surge runs the instances) or `upstreams` (they run elsewhere), not both.
+    fn backend(&mut self, key: &str, name_span: Range<usize>, raw: &mut RawService) -> Option<Backend> {
+        let Some(upstreams) = raw.upstreams.take() else {
+            if let Some(refresh) = &raw.dns_refresh {
+                self.error(
+                    refresh.span(),
+                    format!("{key}.dns_refresh"),
+                    "applies only to a service with `upstreams`",
+                );
+            }
+            return match &raw.command {
+                None => {
+                    self.error(
+                        name_span,
+                        key,
+                        "missing `command` (the program that runs one instance) or `upstreams` \
+                         (the addresses of instances that run elsewhere)",
+                    );
+                    None
+                }
+                Some(command) => match resolve_command(command.get_ref(), self.file) {
+                    Ok(path) => Some(Backend::Command {
+                        command: path,
+                        args: std::mem::take(&mut raw.args),
+                        env: std::mem::take(&mut raw.env).into_iter().collect(),
+                    }),
+                    Err(message) => {
+                        self.error(command.span(), format!("{key}.command"), message);
+                        None
+                    }
+                },
+            };
+        };
+        let conflicts = [
+            ("command", raw.command.as_ref().map(Spanned::span)),
+            ("instances", raw.instances.as_ref().map(Spanned::span)),
+            ("autoscale", raw.autoscale.as_ref().map(Spanned::span)),
+        ];
+        for (conflict, span) in conflicts {
+            if let Some(span) = span {
+                self.error(
+                    span,
+                    format!("{key}.{conflict}"),
+                    "does not apply to a service with `upstreams`: its instances run elsewhere, \
+                     one per address",
+                );
+            }
+        }
+        if !raw.args.is_empty() || !raw.env.is_empty() {
+            let what = if raw.args.is_empty() { "env" } else { "args" };
+            self.error(
+                upstreams.span(),
+                format!("{key}.{what}"),
+                "applies only to a service with a `command`",
+            );
+        }
+        let span = upstreams.span();
+        let upstreams = upstreams.into_inner();
+        if upstreams.is_empty() {
+            self.error(
+                span,
+                format!("{key}.upstreams"),
+                "lists no address; add one such as \"10.0.0.7:8080\"",
+            );
+        }
+        let mut parsed = Vec::with_capacity(upstreams.len());
+        for (index, upstream) in upstreams.into_iter().enumerate() {
+            let entry_key = format!("{key}.upstreams[{index}]");
+            let span = upstream.span();
+            let upstream = upstream.into_inner();
+            let weight = upstream.weight.unwrap_or(1);
+            if !(1..=MAX_WEIGHT).contains(&weight) {
+                self.error(
+                    span.clone(),
+                    format!("{entry_key}.weight"),
+                    format!("must be from 1 to {MAX_WEIGHT}"),
+                );
+            }
+            match parse_upstream(&upstream.address) {
+                Ok((host, port)) => parsed.push(Upstream { host, port, weight }),
+                Err(message) => self.error(span, entry_key, message),
+            }
+        }
+        let dns_refresh =
+            self.duration(raw.dns_refresh.take(), format!("{key}.dns_refresh"), Duration::from_secs(5));
+        Some(Backend::Upstreams { upstreams: parsed, dns_refresh })
+    }
+
     fn instances(
         &mut self,
         key: &str,
@@ -557,6 +639,34 @@ impl RouteTable {
 /// Finds the executable a service runs: a path with a `/` is taken relative to the config
 /// file's folder; a bare name is looked up in PATH, then beside the running surge binary
 /// (where `cargo build` puts `surge-echo`).
+/// `host:port`, `ip:port` or `[ipv6]:port`.
+fn parse_upstream(address: &str) -> Result<(String, u16), String> {
+    if address.contains("://") {
+        return Err(format!(r#""{address}" has a scheme; write host:port, such as "10.0.0.7:8080""#));
+    }
+    if let Ok(addr) = address.parse::<SocketAddr>() {
+        return Ok((addr.ip().to_string(), addr.port()));
+    }
+    let missing_port = || format!(r#""{address}" has no port; write host:port, such as "{address}:8080""#);
+    let (host, port) = address.rsplit_once(':').ok_or_else(missing_port)?;
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|&p| p > 0)
+        .ok_or_else(|| format!(r#""{address}": the port must be a number from 1 to 65535"#))?;
+    let valid_name = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+    if !valid_name {
+        return Err(format!(r#""{address}": "{host}" is neither an IP address nor a DNS name"#));
+    }
+    Ok((host.to_owned(), port))
+}
+
 fn resolve_command(command: &str, config_file: &Path) -> Result<PathBuf, String> {
     if command.is_empty() {
         return Err("the command is empty".to_owned());

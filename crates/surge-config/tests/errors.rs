@@ -35,7 +35,9 @@ fn valid_config_gets_defaults() {
     assert_eq!(api.instances, surge_config::InstanceBounds { min: 1, max: 1, initial: 1 });
     assert_eq!(api.health.path, "/healthz");
     assert_eq!(config.admin.listen.port(), 9900);
-    assert!(api.command.ends_with("sh"));
+    assert!(
+        matches!(&api.backend, surge_config::Backend::Command { command, .. } if command.ends_with("sh"))
+    );
 }
 
 #[test]
@@ -188,4 +190,68 @@ fn bad_autoscale_values() {
     assert_single(&source, "services.api.autoscale.metric", 5, "not a metric");
     let source = format!("{GOOD_SERVICE}autoscale = {{ utilization = 1.5 }}\n");
     assert_single(&source, "services.api.autoscale.utilization", 5, "at most 1");
+}
+
+#[test]
+fn upstreams_take_addresses_names_and_weights() {
+    let source = r#"
+[services.api]
+upstreams = ["10.0.0.7:8080", { address = "app.internal:9000", weight = 3 }, "[::1]:7000"]
+dns_refresh = "30s"
+protocol = "h2c"
+routes = ["/api"]
+"#;
+    let config = surge_config::parse(source, Path::new("surge.toml")).expect("valid");
+    let api = &config.services[0];
+    let surge_config::Backend::Upstreams { upstreams, dns_refresh } = &api.backend else {
+        panic!("expected upstreams: {:?}", api.backend);
+    };
+    let listed: Vec<(String, u32)> = upstreams.iter().map(|u| (u.authority(), u.weight)).collect();
+    assert_eq!(
+        listed,
+        [("10.0.0.7:8080".into(), 1), ("app.internal:9000".into(), 3), ("[::1]:7000".into(), 1)]
+    );
+    assert_eq!(*dns_refresh, std::time::Duration::from_secs(30));
+    assert_eq!(api.protocol, surge_config::UpstreamProtocol::H2c);
+    assert_eq!(api.instances, surge_config::InstanceBounds { min: 3, max: 3, initial: 3 });
+}
+
+#[test]
+fn upstream_mistakes_name_the_entry() {
+    let service = |line: &str| format!("[services.api]\nroutes = [\"/\"]\n{line}\n");
+    assert_single(&service(r#"upstreams = ["10.0.0.7"]"#), "services.api.upstreams[0]", 3, "has no port");
+    assert_single(
+        &service(r#"upstreams = ["10.0.0.7:80", "http://app:80"]"#),
+        "services.api.upstreams[1]",
+        3,
+        "has a scheme",
+    );
+    assert_single(&service(r#"upstreams = ["app:0"]"#), "services.api.upstreams[0]", 3, "from 1 to 65535");
+    assert_single(
+        &service(r#"upstreams = ["bad host:80"]"#),
+        "services.api.upstreams[0]",
+        3,
+        "neither an IP",
+    );
+    assert_single(
+        &service(r#"upstreams = [{ address = "app:80", weight = 0 }]"#),
+        "services.api.upstreams[0].weight",
+        3,
+        "from 1 to 256",
+    );
+    assert_single(&service("upstreams = []"), "services.api.upstreams", 3, "lists no address");
+    assert_single(&service(r#"protocol = "h3""#), "services.api.protocol", 3, "unknown variant");
+}
+
+#[test]
+fn upstreams_exclude_what_only_launched_instances_have() {
+    let source = "[services.api]\nroutes = [\"/\"]\nupstreams = [\"10.0.0.7:80\"]\ncommand = \"sh\"\n";
+    assert_single(source, "services.api.command", 4, "does not apply to a service with `upstreams`");
+    let source =
+        "[services.api]\nroutes = [\"/\"]\nupstreams = [\"10.0.0.7:80\"]\n[services.api.autoscale]\n";
+    assert_single(source, "services.api.autoscale", 4, "does not apply");
+    let source = "[services.api]\nroutes = [\"/\"]\ncommand = \"sh\"\ndns_refresh = \"1s\"\n";
+    assert_single(source, "services.api.dns_refresh", 4, "applies only to a service with `upstreams`");
+    let source = "[services.api]\nroutes = [\"/\"]\n";
+    assert_single(source, "services.api", 1, "missing `command`");
 }

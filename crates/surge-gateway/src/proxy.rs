@@ -302,6 +302,7 @@ impl ProxyInner {
             return None;
         }
         let limit = config.instance_concurrency.unwrap_or(usize::MAX);
+        let weight = |i: usize| ready[i].weight;
         let load = |i: usize, skip_tried: bool| {
             let instance: &Instance = &ready[i];
             let in_flight = instance.in_flight();
@@ -314,7 +315,9 @@ impl ProxyInner {
                 break;
             }
             for _ in 0..=ready.len() {
-                let Some(index) = self.balancer.pick(ready.len(), |i| load(i, skip_tried)) else { break };
+                let Some(index) = self.balancer.pick(ready.len(), weight, |i| load(i, skip_tried)) else {
+                    break;
+                };
                 if let Some(in_flight) = ready[index].begin() {
                     return within_service_limit(in_flight);
                 }
@@ -323,7 +326,7 @@ impl ProxyInner {
         // Every ready instance is ejected: ignore the breakers rather than fail everything
         // (Envoy's panic routing); the failures still reach the outlier counts.
         if !ready.is_empty() && ready.iter().all(|i| i.is_ejected()) {
-            let index = self.balancer.pick(ready.len(), |i| {
+            let index = self.balancer.pick(ready.len(), weight, |i| {
                 let instance: &Instance = &ready[i];
                 (instance.state() == surge_pool::InstanceState::Ready && instance.in_flight() < limit)
                     .then(|| Load { in_flight: instance.in_flight(), latency: instance.latency_estimate() })

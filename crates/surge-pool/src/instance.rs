@@ -63,6 +63,8 @@ pub struct Instance {
     pub id: String,
     pub addr: SocketAddr,
     pub pid: Option<u32>,
+    /// Its share of the traffic relative to the pool's other instances.
+    pub weight: u32,
     pub launched: Instant,
     state: AtomicU8,
     in_flight: AtomicUsize,
@@ -95,11 +97,18 @@ struct Breaker {
 }
 
 impl Instance {
-    pub(crate) fn new(id: String, addr: SocketAddr, pid: Option<u32>, load: Arc<PoolLoad>) -> Self {
+    pub(crate) fn new(
+        id: String,
+        addr: SocketAddr,
+        pid: Option<u32>,
+        weight: u32,
+        load: Arc<PoolLoad>,
+    ) -> Self {
         Instance {
             id,
             addr,
             pid,
+            weight,
             launched: Instant::now(),
             state: AtomicU8::new(InstanceState::Starting as u8),
             in_flight: AtomicUsize::new(0),
@@ -324,7 +333,13 @@ mod tests {
     use super::*;
 
     fn instance() -> Arc<Instance> {
-        Arc::new(Instance::new("api-1".into(), SocketAddr::from(([127, 0, 0, 1], 1)), None, Arc::default()))
+        Arc::new(Instance::new(
+            "api-1".into(),
+            SocketAddr::from(([127, 0, 0, 1], 1)),
+            None,
+            1,
+            Arc::default(),
+        ))
     }
 
     #[test]

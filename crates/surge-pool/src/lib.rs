@@ -15,6 +15,7 @@ pub mod plan;
 mod process;
 mod status;
 mod supervisor;
+mod upstreams;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -57,6 +58,8 @@ pub enum ScaleError {
     OutOfBounds { service: String, requested: u32, min: u32, max: u32 },
     #[error("service `{service}` is shutting down")]
     ShuttingDown { service: String },
+    #[error("service `{service}` lists its upstreams (services.{service}.upstreams): it has one instance per address and cannot be scaled")]
+    Upstreams { service: String },
     #[error("service `{service}` is autoscaled (services.{service}.autoscale): its size follows the load; change services.{service}.instances to bound it")]
     Autoscaled { service: String },
 }
@@ -178,6 +181,8 @@ impl Pool {
                 id: instance.id.clone(),
                 pid: instance.pid,
                 port: instance.addr.port(),
+                address: instance.addr,
+                weight: instance.weight,
                 state: instance.state(),
                 in_flight: instance.in_flight(),
                 served: instance.served(),

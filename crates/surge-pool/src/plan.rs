@@ -48,9 +48,25 @@ pub fn choose_victims(candidates: &[Candidate], count: usize) -> Vec<usize> {
     order
 }
 
+/// How a pool of fixed addresses follows a new resolution: the indices in `wanted` to add (not
+/// live yet) and the indices in `live` to drain (no longer wanted).
+pub fn membership_changes<T: PartialEq>(live: &[T], wanted: &[T]) -> (Vec<usize>, Vec<usize>) {
+    let add = (0..wanted.len()).filter(|&i| !live.contains(&wanted[i])).collect();
+    let remove = (0..live.len()).filter(|&i| !wanted.contains(&live[i])).collect();
+    (add, remove)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn membership_follows_the_resolution() {
+        assert_eq!(membership_changes(&["a", "b", "c"], &["b", "d", "a"]), (vec![1], vec![2]));
+        assert_eq!(membership_changes::<&str>(&[], &["a"]), (vec![0], vec![]));
+        assert_eq!(membership_changes::<&str>(&["a"], &[]), (vec![], vec![0]));
+        assert_eq!(membership_changes(&["a"], &["a"]), (vec![], vec![]));
+    }
 
     #[test]
     fn backoff_starts_at_zero_and_doubles_to_a_cap() {

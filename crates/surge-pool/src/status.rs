@@ -1,5 +1,7 @@
 //! The read-only view of a pool served by the admin API and printed by `surge status`.
 
+use std::net::SocketAddr;
+
 use serde::{Deserialize, Serialize};
 
 use crate::instance::InstanceState;
@@ -38,6 +40,9 @@ pub struct InstanceStatus {
     pub id: String,
     pub pid: Option<u32>,
     pub port: u16,
+    pub address: SocketAddr,
+    /// Its share of the traffic relative to the others (1 unless an upstream sets it).
+    pub weight: u32,
     pub state: InstanceState,
     pub in_flight: usize,
     pub served: u64,

@@ -3,11 +3,12 @@
 //! message (commands from the admin API, events from probes and exit watchers), so its state
 //! needs no lock; the data path reads only what it publishes.
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use surge_config::{HealthConfig, LifecycleConfig, ServiceConfig};
+use surge_config::{Backend, HealthConfig, LifecycleConfig, ServiceConfig};
 use surge_metrics::ServiceLabels;
 use tokio::sync::{mpsc, oneshot};
 
@@ -17,6 +18,7 @@ use crate::instance::{Instance, InstanceState};
 use crate::metrics::{PoolMetrics, StateLabels};
 use crate::plan::{self, Candidate, CRASH_LOOP_THRESHOLD, STABLE_AFTER};
 use crate::status::AutoscaleStatus;
+use crate::upstreams::{self, Endpoint};
 use crate::{Pool, ScaleError};
 use surge_scale::{Policy, Signals, SurgePolicy};
 
@@ -40,8 +42,24 @@ pub(crate) enum Command {
 }
 
 enum Event {
-    Probe { key: u64, result: Result<(), String> },
-    Exited { key: u64, exit: Exit },
+    Probe {
+        key: u64,
+        result: Result<(), String>,
+    },
+    Exited {
+        key: u64,
+        exit: Exit,
+    },
+    /// The service's upstream names resolve to these addresses now.
+    Resolved(Vec<Endpoint>),
+}
+
+/// Where the pool's instances come from.
+enum Source {
+    /// Surge launches them through the driver, as many as desired.
+    Launched(Arc<dyn Driver>),
+    /// They run elsewhere: the pool holds one member per resolved address.
+    Upstreams { wanted: Vec<Endpoint> },
 }
 
 struct Member {
@@ -59,7 +77,7 @@ struct Member {
 pub(crate) struct Supervisor {
     pool: Arc<Pool>,
     config: Arc<ServiceConfig>,
-    driver: Arc<dyn Driver>,
+    source: Source,
     prober: Prober,
     metrics: PoolMetrics,
     labels: ServiceLabels,
@@ -88,10 +106,21 @@ impl Supervisor {
         let labels = ServiceLabels { service: config.name.clone() };
         // Expose the counter at zero from the start, so rate() works from the first scrape.
         let _ = metrics.restarts.get_or_create(&labels);
+        let source = match &config.backend {
+            Backend::Command { .. } => Source::Launched(driver),
+            Backend::Upstreams { upstreams, dns_refresh } => {
+                let events = events_tx.clone();
+                let send = move |endpoints| events.send(Event::Resolved(endpoints)).is_ok();
+                let resolving =
+                    upstreams::resolve_forever(config.name.clone(), upstreams.clone(), *dns_refresh, send);
+                tokio::spawn(resolving);
+                Source::Upstreams { wanted: Vec::new() }
+            }
+        };
         Supervisor {
             pool,
             config,
-            driver,
+            source,
             prober: Prober::new(),
             metrics,
             labels,
@@ -154,6 +183,8 @@ impl Supervisor {
                     Err(ScaleError::ShuttingDown { service: self.service().to_owned() })
                 } else if self.autoscaler.is_some() {
                     Err(ScaleError::Autoscaled { service: self.service().to_owned() })
+                } else if matches!(self.source, Source::Upstreams { .. }) {
+                    Err(ScaleError::Upstreams { service: self.service().to_owned() })
                 } else if !self.config.instances.contains(count) {
                     let bounds = self.config.instances;
                     Err(ScaleError::OutOfBounds {
@@ -184,6 +215,13 @@ impl Supervisor {
         match event {
             Event::Probe { key, result } => self.probe_result(key, result),
             Event::Exited { key, exit } => self.exited(key, exit),
+            Event::Resolved(endpoints) => {
+                if let Source::Upstreams { wanted } = &mut self.source {
+                    let count = u32::try_from(endpoints.len()).unwrap_or(u32::MAX);
+                    self.pool.desired.store(count, Ordering::SeqCst);
+                    *wanted = endpoints;
+                }
+            }
         }
     }
 
@@ -254,6 +292,10 @@ impl Supervisor {
     /// the autoscaler's sampling and decisions.
     fn housekeeping(&mut self) {
         self.autoscale();
+        if let Source::Upstreams { .. } = self.source {
+            // An upstream cannot be replaced: it stays out of rotation until it passes a check.
+            return;
+        }
         let start_timeout = self.config.lifecycle.start_timeout;
         let health_path = self.config.health.path.clone();
         let mut timed_out = 0;
@@ -377,6 +419,27 @@ impl Supervisor {
 
     /// Launches or drains instances until the live count matches the desired count.
     fn reconcile(&mut self) {
+        if let Source::Upstreams { wanted } = &self.source {
+            if self.shutdown_waiters.is_none() {
+                let live: Vec<(usize, SocketAddr)> = (0..self.members.len())
+                    .filter(|&i| !self.members[i].stopping)
+                    .map(|i| (i, self.members[i].instance.addr))
+                    .collect();
+                let live_addrs: Vec<SocketAddr> = live.iter().map(|&(_, addr)| addr).collect();
+                let wanted_addrs: Vec<SocketAddr> = wanted.iter().map(|e| e.addr).collect();
+                let (add, remove) = plan::membership_changes(&live_addrs, &wanted_addrs);
+                let adding: Vec<Endpoint> = add.iter().map(|&i| wanted[i]).collect();
+                for endpoint in adding {
+                    let id = format!("{}@{}", self.config.name, endpoint.addr);
+                    self.admit(id, upstreams::attach(endpoint.addr), endpoint.weight);
+                }
+                for index in remove {
+                    self.drain(live[index].0);
+                }
+            }
+            self.publish();
+            return;
+        }
         if self.shutdown_waiters.is_none() {
             let desired = self.pool.desired.load(Ordering::SeqCst) as usize;
             let live: Vec<usize> = (0..self.members.len())
@@ -404,35 +467,42 @@ impl Supervisor {
     }
 
     fn launch(&mut self) {
-        let key = self.next_key;
-        self.next_key += 1;
+        let (Source::Launched(driver), Backend::Command { command, args, env }) =
+            (&self.source, &self.config.backend)
+        else {
+            return;
+        };
         let spec = LaunchSpec {
             service: self.config.name.clone(),
-            instance_id: format!("{}-{key}", self.config.name),
-            command: self.config.command.clone(),
-            args: self.config.args.clone(),
-            env: self.config.env.clone(),
+            instance_id: format!("{}-{}", self.config.name, self.next_key),
+            command: command.clone(),
+            args: args.clone(),
+            env: env.clone(),
         };
-        let launched = match self.driver.launch(&spec) {
-            Ok(launched) => launched,
+        match driver.launch(&spec) {
+            Ok(launched) => {
+                tracing::info!(
+                    "{} launched (pid {}, port {})",
+                    spec.instance_id,
+                    launched.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+                    launched.addr.port()
+                );
+                self.admit(spec.instance_id, launched, 1);
+            }
             Err(err) => {
                 tracing::error!("{}: {err}", spec.instance_id);
                 self.record_failure();
-                return;
             }
-        };
-        let instance = Arc::new(Instance::new(
-            spec.instance_id,
-            launched.addr,
-            launched.pid,
-            Arc::clone(&self.pool.load),
-        ));
-        tracing::info!(
-            "{} launched (pid {}, port {})",
-            instance.id,
-            launched.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
-            launched.addr.port()
-        );
+        }
+    }
+
+    /// Makes a launched or attached instance a member: watched for its exit, health-checked,
+    /// and in rotation once a check passes.
+    fn admit(&mut self, id: String, launched: crate::driver::Launched, weight: u32) {
+        let key = self.next_key;
+        self.next_key += 1;
+        let instance =
+            Arc::new(Instance::new(id, launched.addr, launched.pid, weight, Arc::clone(&self.pool.load)));
 
         let exit_events = self.events_tx.clone();
         let exited = launched.exited;

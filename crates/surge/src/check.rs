@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use surge_config::{check_listeners, ConfigErrors};
+use surge_config::{check_listeners, Backend, ConfigErrors};
 
 use crate::Failure;
 
@@ -30,16 +30,26 @@ pub fn run(path: &Path) -> Result<(), Failure> {
             })
             .collect();
         let bounds = service.instances;
-        println!(
-            "  {}: {} ({}), instances {}..{} starting at {}, runs {}",
-            service.name,
-            routes.join(" "),
-            service.balance.as_str(),
-            bounds.min,
-            bounds.max,
-            bounds.initial,
-            service.command.display()
-        );
+        let instances = match &service.backend {
+            Backend::Command { command, .. } => format!(
+                "instances {}..{} starting at {}, runs {}",
+                bounds.min,
+                bounds.max,
+                bounds.initial,
+                command.display()
+            ),
+            Backend::Upstreams { upstreams, .. } => {
+                let addresses: Vec<String> = upstreams
+                    .iter()
+                    .map(|u| match u.weight {
+                        1 => u.authority(),
+                        weight => format!("{} (weight {weight})", u.authority()),
+                    })
+                    .collect();
+                format!("upstreams {}", addresses.join(", "))
+            }
+        };
+        println!("  {}: {} ({}), {instances}", service.name, routes.join(" "), service.balance.as_str());
     }
     Ok(())
 }

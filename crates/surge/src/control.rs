@@ -53,12 +53,14 @@ fn render(services: &[PoolStatus]) -> String {
             if service.crash_looping { "  CRASH LOOP: restarts backed off" } else { "" }
         ));
         let mut rows =
-            vec![["INSTANCE", "PID", "PORT", "STATE", "IN-FLIGHT", "SERVED", "UPTIME"].map(String::from)];
+            vec![["INSTANCE", "PID", "ADDRESS", "WEIGHT", "STATE", "IN-FLIGHT", "SERVED", "UPTIME"]
+                .map(String::from)];
         rows.extend(service.instances.iter().map(|instance| {
             [
                 instance.id.clone(),
                 instance.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
-                instance.port.to_string(),
+                instance.address.to_string(),
+                instance.weight.to_string(),
                 instance.state.as_str().to_owned(),
                 instance.in_flight.to_string(),
                 instance.served.to_string(),

@@ -2,49 +2,11 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{ECHO, SURGE};
-
-/// A `surge-echo` process on a free port, stopped when dropped.
-struct Echo {
-    child: Child,
-    port: u16,
-}
-
-impl Echo {
-    fn start() -> Echo {
-        let port = TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
-        let child = Command::new(ECHO)
-            .env("PORT", port.to_string())
-            .env("SURGE_INSTANCE", "echo-1")
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start surge-echo");
-        let echo = Echo { child, port };
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return echo;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        panic!("surge-echo did not start");
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-}
-
-impl Drop for Echo {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{Echo, SURGE};
 
 /// Runs `surge load ARGS --json FILE` and returns the parsed report.
 fn load(dir: &Path, args: &[&str]) -> serde_json::Value {

@@ -317,3 +317,47 @@ pub async fn load(
     }
     total
 }
+
+/// A `surge-echo` process started by the test (not by surge), stopped when dropped.
+pub struct Echo {
+    child: Child,
+    pub port: u16,
+}
+
+impl Echo {
+    /// On a free port, named `echo-1`.
+    pub fn start() -> Echo {
+        let port =
+            std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        Echo::start_on(port, "echo-1")
+    }
+
+    /// On `port`, answering with `x-surge-instance: name`; returns once it accepts connections.
+    pub fn start_on(port: u16, name: &str) -> Echo {
+        let child = Command::new(ECHO)
+            .env("PORT", port.to_string())
+            .env("SURGE_INSTANCE", name)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start surge-echo");
+        let echo = Echo { child, port };
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return echo;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("surge-echo did not start on port {port}");
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
