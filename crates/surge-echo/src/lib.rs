@@ -253,6 +253,7 @@ async fn respond(request: Request<Incoming>) -> Response<EchoBody> {
         .collect();
     let echo = serde_json::json!({
         "method": parts.method.as_str(),
+        "version": format!("{:?}", parts.version),
         "path": parts.uri.path(),
         "query": parts.uri.query().unwrap_or(""),
         "headers": headers,

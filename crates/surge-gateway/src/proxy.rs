@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use surge_balance::{Balancer, Load};
 
 use http::{Method, StatusCode};
+use surge_config::UpstreamProtocol;
 use surge_metrics::Counter;
 use surge_pool::{InFlight, Instance, Pool};
 
@@ -52,6 +53,8 @@ struct ProxyInner {
     pool: Arc<Pool>,
     balancer: Balancer,
     client: Client<HttpConnector, Payload>,
+    /// The HTTP version spoken to instances.
+    version: http::Version,
     budget: RetryBudget,
     epoch: Instant,
     retries: Counter,
@@ -64,10 +67,21 @@ impl Proxy {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(config.timeouts.connect));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector);
+        let mut client = Client::builder(TokioExecutor::new());
+        client.pool_timer(TokioTimer::new()).pool_idle_timeout(Duration::from_secs(60));
+        let version = match config.protocol {
+            UpstreamProtocol::Http1 => http::Version::HTTP_11,
+            UpstreamProtocol::H2c => {
+                // One multiplexed connection per instance; pings find a dead peer between requests.
+                client
+                    .http2_only(true)
+                    .timer(TokioTimer::new())
+                    .http2_keep_alive_interval(Duration::from_secs(10))
+                    .http2_keep_alive_while_idle(true);
+                http::Version::HTTP_2
+            }
+        };
+        let client = client.build(connector);
         let balancer = Balancer::new(match config.balance {
             surge_config::Balance::LeastConn => surge_balance::Policy::LeastConn,
             surge_config::Balance::RoundRobin => surge_balance::Policy::RoundRobin,
@@ -75,8 +89,16 @@ impl Proxy {
             surge_config::Balance::Random => surge_balance::Policy::Random,
         });
         let budget = RetryBudget::new(config.retry.budget, config.retry.min_per_second);
-        let inner =
-            ProxyInner { pool, balancer, client, budget, epoch: Instant::now(), retries, retries_denied };
+        let inner = ProxyInner {
+            pool,
+            balancer,
+            client,
+            version,
+            budget,
+            epoch: Instant::now(),
+            retries,
+            retries_denied,
+        };
         Proxy { inner: Arc::new(inner) }
     }
 }
@@ -138,7 +160,7 @@ impl ProxyInner {
             tried.push(instance.addr);
             let Some(this_body) = body.for_try() else { break };
             let mut request = Request::from_parts(parts.clone(), this_body);
-            rewrite_request(&mut request, instance.addr);
+            rewrite_request(&mut request, instance.addr, self.version);
             let remaining = config.timeouts.request.saturating_sub(started.elapsed());
             let try_timeout = config.timeouts.per_try.map_or(remaining, |t| t.min(remaining));
             if let Ok(value) = HeaderValue::from_str(&try_timeout.as_millis().to_string()) {
@@ -193,7 +215,7 @@ impl ProxyInner {
         let client_side = hyper::upgrade::on(&mut request);
         let (parts, body) = request.into_parts();
         let mut upstream = Request::from_parts(parts, Payload::Streaming { body });
-        rewrite_request(&mut upstream, in_flight.instance().addr);
+        rewrite_request(&mut upstream, in_flight.instance().addr, self.version);
         upstream.headers_mut().insert(CONNECTION, HeaderValue::from_static("upgrade"));
         upstream.headers_mut().insert(UPGRADE, protocol);
         let timeout = self.pool.config().timeouts.request;
@@ -339,7 +361,7 @@ impl ProxyInner {
 
 /// Points the request at `upstream` and sets the forwarding headers. The Host header is kept,
 /// so instances see the name the client asked for.
-fn rewrite_request<B>(request: &mut Request<B>, upstream: SocketAddr) {
+fn rewrite_request<B>(request: &mut Request<B>, upstream: SocketAddr, version: http::Version) {
     let client = request.extensions().get::<ClientAddr>().map(|c| c.0.ip());
     let original_host = request
         .headers()
@@ -351,8 +373,8 @@ fn rewrite_request<B>(request: &mut Request<B>, upstream: SocketAddr) {
         *request.uri_mut() = uri;
     }
 
-    // Instances speak HTTP/1.1, whatever the client spoke.
-    *request.version_mut() = http::Version::HTTP_11;
+    // Instances speak their service's protocol, whatever the client spoke.
+    *request.version_mut() = version;
     let headers = request.headers_mut();
     strip_hop_by_hop(headers);
     if let Some(ip) = client {

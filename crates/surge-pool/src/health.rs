@@ -14,10 +14,15 @@ pub(crate) struct Prober {
 }
 
 impl Prober {
-    pub fn new() -> Self {
+    /// Checks over HTTP/2 (h2c) for instances that speak only that.
+    pub fn new(http2: bool) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        Prober { client: Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1).build(connector) }
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(1)
+            .http2_only(http2)
+            .build(connector);
+        Prober { client }
     }
 
     /// Ok when the instance answered 2xx in time; otherwise why not.

@@ -117,11 +117,12 @@ impl Supervisor {
                 Source::Upstreams { wanted: Vec::new() }
             }
         };
+        let prober = Prober::new(config.protocol == surge_config::UpstreamProtocol::H2c);
         Supervisor {
             pool,
             config,
             source,
-            prober: Prober::new(),
+            prober,
             metrics,
             labels,
             members: Vec::new(),

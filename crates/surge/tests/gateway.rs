@@ -238,6 +238,39 @@ async fn an_http2_client_is_served_through_the_gateway() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_may_speak_h2c_to_its_instances() {
+    let surge = Surge::start(
+        r#"
+[services.grpcish]
+command = "{echo}"
+routes = ["/"]
+protocol = "h2c"
+"#,
+    )
+    .await;
+    // HTTP/1.1 clients, concurrently; the instance hears HTTP/2.
+    let mut requests = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let (client, url) = (common::http_client(), surge.url(if i == 0 { "/?bytes=300000" } else { "/h2" }));
+        requests.spawn(async move { (i, common::send(&client, Method::GET, &url, &[], Bytes::new()).await) });
+    }
+    let mut answers = Vec::new();
+    while let Some(answer) = requests.join_next().await {
+        let (i, answer) = answer.expect("request task");
+        answers.push((i, answer.expect("an answer")));
+    }
+    answers.sort_by_key(|(i, _)| *i);
+    let answers: Vec<common::Answer> = answers.into_iter().map(|(_, a)| a).collect();
+    assert!(answers.iter().all(|a| a.status == StatusCode::OK));
+    assert_eq!(answers[0].body.len(), 300_000, "a streamed body crosses intact");
+    let echo = answers[1].json();
+    assert_eq!(echo["version"], "HTTP/2.0");
+    assert_eq!(echo["path"], "/h2");
+    assert_eq!(echo["headers"]["host"], surge.gateway.to_string());
+    assert!(echo["headers"].get("connection").is_none(), "no HTTP/1 connection headers over HTTP/2");
+}
+
 /// One masked client frame (RFC 6455 §5.3), for payloads under 126 bytes.
 fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     let mask = [0x12u8, 0x34, 0x56, 0x78];
