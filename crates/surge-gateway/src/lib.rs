@@ -16,7 +16,6 @@ mod router;
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -88,7 +87,7 @@ impl Gateway {
     }
 
     /// Answers one request: route it, then run it through its service's stack.
-    pub async fn handle(&self, mut request: Request<Incoming>, client: SocketAddr) -> Response<GatewayBody> {
+    pub async fn handle(&self, mut request: Request<Incoming>, client: ClientAddr) -> Response<GatewayBody> {
         let host = request.headers().get(HOST).and_then(|h| h.to_str().ok()).or(request.uri().host());
         let Some(target) = self.router.route(host, request.uri().path()) else {
             self.metrics.unrouted.inc();
@@ -97,13 +96,13 @@ impl Gateway {
             return GatewayError::NoRoute { host, path }.into_response();
         };
         if let Some(limiter) = &target.limiter {
-            let verdict = limiter.check(&limiter.key(request.headers(), client.ip())).await;
+            let verdict = limiter.check(&limiter.key(request.headers(), client.addr.ip())).await;
             if !verdict.allowed {
                 self.metrics.rate_limited.inc();
                 return GatewayError::RateLimited { limit: limiter.limit().rate, verdict }.into_response();
             }
         }
-        request.extensions_mut().insert(ClientAddr(client));
+        request.extensions_mut().insert(client);
         if target.retry {
             request.extensions_mut().insert(proxy::RetryRoute);
         }
@@ -130,8 +129,9 @@ pub async fn serve(
                 Ok((stream, client)) => {
                     let _ = stream.set_nodelay(true);
                     let gateway = Arc::clone(&gateway);
+                    let client_addr = ClientAddr::new(client);
                     let service = hyper::service::service_fn(move |request| {
-                        let gateway = Arc::clone(&gateway);
+                        let (gateway, client) = (Arc::clone(&gateway), client_addr.clone());
                         async move { Ok::<_, Infallible>(gateway.handle(request, client).await) }
                     });
                     // HTTP/1.1, or HTTP/2 for clients that speak it from the first byte (h2c).

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::header::{HeaderName, HeaderValue, CONNECTION, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+use http::uri::PathAndQuery;
 use http::{HeaderMap, Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
@@ -25,9 +26,19 @@ use crate::body::GatewayBody;
 use crate::error::{root_cause, GatewayError};
 use crate::BoxFuture;
 
-/// The client's address, put in the request's extensions by the server.
-#[derive(Debug, Clone, Copy)]
-pub struct ClientAddr(pub SocketAddr);
+/// The client's address, put in the request's extensions by the server; its IP is rendered
+/// once per connection for `X-Forwarded-For`.
+#[derive(Debug, Clone)]
+pub struct ClientAddr {
+    pub addr: SocketAddr,
+    forwarded_for: Option<HeaderValue>,
+}
+
+impl ClientAddr {
+    pub fn new(addr: SocketAddr) -> Self {
+        ClientAddr { addr, forwarded_for: HeaderValue::from_str(&addr.ip().to_string()).ok() }
+    }
+}
 
 /// Set by the router when the matching route allows retrying any method.
 #[derive(Debug, Clone, Copy)]
@@ -160,12 +171,11 @@ impl ProxyInner {
             tried.push(instance.addr);
             let Some(this_body) = body.for_try() else { break };
             let mut request = Request::from_parts(parts.clone(), this_body);
-            rewrite_request(&mut request, instance.addr, self.version);
+            rewrite_request(&mut request, instance, self.version);
             let remaining = config.timeouts.request.saturating_sub(started.elapsed());
             let try_timeout = config.timeouts.per_try.map_or(remaining, |t| t.min(remaining));
-            if let Ok(value) = HeaderValue::from_str(&try_timeout.as_millis().to_string()) {
-                request.headers_mut().insert(DEADLINE_HEADER, value);
-            }
+            let millis = u64::try_from(try_timeout.as_millis()).unwrap_or(u64::MAX);
+            request.headers_mut().insert(DEADLINE_HEADER, HeaderValue::from(millis));
 
             let outcome = self.try_once(request, &in_flight, try_timeout).await;
             let succeeded =
@@ -215,7 +225,7 @@ impl ProxyInner {
         let client_side = hyper::upgrade::on(&mut request);
         let (parts, body) = request.into_parts();
         let mut upstream = Request::from_parts(parts, Payload::Streaming { body });
-        rewrite_request(&mut upstream, in_flight.instance().addr, self.version);
+        rewrite_request(&mut upstream, in_flight.instance(), self.version);
         upstream.headers_mut().insert(CONNECTION, HeaderValue::from_static("upgrade"));
         upstream.headers_mut().insert(UPGRADE, protocol);
         let timeout = self.pool.config().timeouts.request;
@@ -359,17 +369,21 @@ impl ProxyInner {
     }
 }
 
-/// Points the request at `upstream` and sets the forwarding headers. The Host header is kept,
+/// Points the request at `instance` and sets the forwarding headers. The Host header is kept,
 /// so instances see the name the client asked for.
-fn rewrite_request<B>(request: &mut Request<B>, upstream: SocketAddr, version: http::Version) {
-    let client = request.extensions().get::<ClientAddr>().map(|c| c.0.ip());
+fn rewrite_request<B>(request: &mut Request<B>, instance: &Instance, version: http::Version) {
+    let forwarded_for = request.extensions().get::<ClientAddr>().and_then(|c| c.forwarded_for.clone());
     let original_host = request
         .headers()
         .get(HOST)
         .cloned()
         .or_else(|| request.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
-    let path = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
-    if let Ok(uri) = Uri::try_from(format!("http://{upstream}{path}")) {
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(http::uri::Scheme::HTTP);
+    uri.authority = Some(instance.authority.clone());
+    uri.path_and_query =
+        Some(request.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")));
+    if let Ok(uri) = Uri::from_parts(uri) {
         *request.uri_mut() = uri;
     }
 
@@ -377,12 +391,14 @@ fn rewrite_request<B>(request: &mut Request<B>, upstream: SocketAddr, version: h
     *request.version_mut() = version;
     let headers = request.headers_mut();
     strip_hop_by_hop(headers);
-    if let Some(ip) = client {
-        let forwarded_for = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-            Some(earlier) => format!("{earlier}, {ip}"),
-            None => ip.to_string(),
+    if let Some(ip) = forwarded_for {
+        let value = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+            Some(earlier) => {
+                HeaderValue::from_str(&format!("{earlier}, {}", ip.to_str().unwrap_or_default())).ok()
+            }
+            None => Some(ip),
         };
-        if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+        if let Some(value) = value {
             headers.insert(X_FORWARDED_FOR, value);
         }
     }
@@ -432,21 +448,39 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Removes the headers that describe one connection, not the message (RFC 9110 §7.6.1),
-/// including any the Connection header names.
+/// The headers that describe one connection, not the message (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 7] =
+    [CONNECTION, KEEP_ALIVE, PROXY_CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE];
+
+/// Removes the hop-by-hop headers, including any the Connection header names. One pass over
+/// the names (cheap comparisons of standard headers) finds which are present; most messages
+/// carry none, or only `Connection: keep-alive`.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    let mut present = [false; 7];
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present[i] = true;
+        }
     }
-    for name in [CONNECTION, KEEP_ALIVE, PROXY_CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE] {
-        headers.remove(name);
+    if present[0] {
+        // Connection's own tokens: those that are not hop-by-hop already name extra headers.
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .map(str::trim)
+            .filter(|token| !["close", "keep-alive", "upgrade"].iter().any(|t| token.eq_ignore_ascii_case(t)))
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for (name, present) in HOP_BY_HOP.iter().zip(present) {
+        if present {
+            headers.remove(name);
+        }
     }
 }
 

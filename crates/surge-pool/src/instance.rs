@@ -62,6 +62,8 @@ impl InstanceState {
 pub struct Instance {
     pub id: String,
     pub addr: SocketAddr,
+    /// `addr` as a URI authority, made once rather than for every request.
+    pub authority: http::uri::Authority,
     pub pid: Option<u32>,
     /// Its share of the traffic relative to the pool's other instances.
     pub weight: u32,
@@ -104,9 +106,12 @@ impl Instance {
         weight: u32,
         load: Arc<PoolLoad>,
     ) -> Self {
+        let authority = http::uri::Authority::try_from(addr.to_string())
+            .unwrap_or_else(|_| http::uri::Authority::from_static("invalid"));
         Instance {
             id,
             addr,
+            authority,
             pid,
             weight,
             launched: Instant::now(),
