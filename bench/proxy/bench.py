@@ -1,0 +1,395 @@
+#!/usr/bin/env python3
+"""bench/proxy: Surge's gateway against nginx and HAProxy, in front of the same backend.
+
+Run through bench/proxy/run.sh, which builds surge first. For each backend (nginx serving a
+fixed body, and surge-echo), each response size and each connection count, wrk measures the
+backend directly and then through each proxy. Every proxy runs one worker (one process or one
+thread) pinned to core 1; the backend and wrk share core 0, the same for every proxy. Reports
+requests/s, p50 and p99, and the proxy's CPU time per request (from /proc), each as a ratio to
+nginx; then the resident memory of each proxy holding 10,000 idle keep-alive client
+connections. Appends a dated table to bench/RESULTS.md.
+"""
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+SURGE = os.path.join(ROOT, "target", "release", "surge")
+ECHO = os.path.join(ROOT, "target", "release", "surge-echo")
+DURATION = os.environ.get("DURATION", "10s")
+CONNECTIONS = [int(c) for c in os.environ.get("CONNECTIONS", "16 64 256").split()]
+SIZES = [int(s) for s in os.environ.get("SIZES", "100 65536").split()]
+IDLE_CONNECTIONS = int(os.environ.get("IDLE_CONNECTIONS", "10000"))
+PROXY_CORE, SHARED_CORE = "1", "0"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, what, timeout=10.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    sys.exit(f"bench/proxy: {what} did not start listening on port {port}")
+
+
+def process_tree(pid):
+    """pid and all its descendants."""
+    pids, frontier = [pid], [pid]
+    while frontier:
+        parent = frontier.pop()
+        try:
+            with open(f"/proc/{parent}/task/{parent}/children") as f:
+                children = [int(c) for c in f.read().split()]
+        except OSError:
+            children = []
+        pids += children
+        frontier += children
+    return pids
+
+
+def cpu_seconds(pid):
+    """User + system CPU time of a process tree, all threads included."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except OSError:
+            pass
+    return total / CLOCK_TICKS
+
+
+def rss_kib(pid):
+    total = 0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def to_ms(text):
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}[unit]
+
+
+def wrk(url, connections, core, duration=None):
+    threads = 1 if connections < 64 else 2
+    out = subprocess.run(
+        ["taskset", "-c", core, "wrk", f"-t{threads}", f"-c{connections}", f"-d{duration or DURATION}", "--latency", url],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p50 = to_ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))
+    p99 = to_ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    if errors or socket_errors:
+        print(f"  warning: {url}: {errors.group(0) if errors else ''} {socket_errors.group(0) if socket_errors else ''}",
+              file=sys.stderr)
+    return {"rps": rps, "p50": p50, "p99": p99, "requests": total}
+
+
+class Work:
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="surge-bench-proxy-")
+        self.processes = []
+
+    def spawn(self, args, core, env=None, **kwargs):
+        process = subprocess.Popen(
+            ["taskset", "-c", core] + args, env={**os.environ, **(env or {})},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, **kwargs,
+        )
+        self.processes.append(process)
+        return process
+
+    def stop(self, process):
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+    def close(self):
+        for process in self.processes:
+            if process.poll() is None:
+                self.stop(process)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+
+def nginx_origin(work, port, sizes):
+    """nginx, one worker, serving `/<size>` from memory-cached files."""
+    root = work.path("www")
+    os.makedirs(root, exist_ok=True)
+    for size in sizes:
+        with open(os.path.join(root, str(size)), "wb") as f:
+            f.write(b"x" * size)
+    conf = work.path("origin.conf")
+    with open(conf, "w") as f:
+        f.write(f"""
+worker_processes 1;
+daemon off;
+pid {work.path('origin.pid')};
+error_log {work.path('origin-error.log')};
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 10000000;
+  open_file_cache max=16;
+  client_body_temp_path {work.dir}; proxy_temp_path {work.dir}; fastcgi_temp_path {work.dir};
+  uwsgi_temp_path {work.dir}; scgi_temp_path {work.dir};
+  server {{
+    listen 127.0.0.1:{port} reuseport backlog=4096;
+    root {root};
+    default_type application/octet-stream;
+  }}
+}}
+""")
+    return work.spawn(["nginx", "-c", conf, "-p", work.dir], SHARED_CORE)
+
+
+def nginx_proxy(work, port, backend_port):
+    conf = work.path(f"proxy-{port}.conf")
+    with open(conf, "w") as f:
+        f.write(f"""
+worker_processes 1;
+worker_rlimit_nofile 20000;
+daemon off;
+pid {work.path(f'proxy-{port}.pid')};
+error_log {work.path('proxy-error.log')};
+events {{ worker_connections 19000; }}
+http {{
+  access_log off;
+  keepalive_requests 10000000;
+  client_body_temp_path {work.dir}; proxy_temp_path {work.dir}; fastcgi_temp_path {work.dir};
+  uwsgi_temp_path {work.dir}; scgi_temp_path {work.dir};
+  upstream backend {{
+    least_conn;
+    server 127.0.0.1:{backend_port};
+    keepalive 512;
+    keepalive_requests 10000000;
+  }}
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    location / {{
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }}
+  }}
+}}
+""")
+    return work.spawn(["nginx", "-c", conf, "-p", work.dir], PROXY_CORE)
+
+
+def haproxy(work, port, backend_port):
+    conf = work.path(f"haproxy-{port}.cfg")
+    with open(conf, "w") as f:
+        f.write(f"""
+global
+  nbthread 1
+  maxconn 10200
+  no strict-limits
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 60s
+  timeout server 60s
+  timeout http-keep-alive 60s
+frontend web
+  bind 127.0.0.1:{port} backlog 4096
+  default_backend backend
+backend backend
+  balance leastconn
+  http-reuse always
+  server b1 127.0.0.1:{backend_port}
+""")
+    return work.spawn(["haproxy", "-f", conf], PROXY_CORE)
+
+
+def surge(work, port, backend_port):
+    conf = work.path(f"surge-{port}.toml")
+    with open(conf, "w") as f:
+        f.write(f"""
+[gateway]
+listen = "127.0.0.1:{port}"
+[admin]
+listen = "127.0.0.1:{free_port()}"
+[services.backend]
+upstreams = ["127.0.0.1:{backend_port}"]
+routes = ["/"]
+health = {{ path = "/{SIZES[0]}" }}
+""")
+    return work.spawn([SURGE, "up", "-c", conf], PROXY_CORE, env={"SURGE_LOG": "warn"})
+
+
+def hold_idle_connections(port, count, path, batch=100):
+    """Opens `count` keep-alive connections with one request answered on each, `batch` at a time
+    (so the proxy never has more than `batch` requests upstream), and keeps them all open."""
+    request = f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
+    sockets, answered = [], 0
+    for start in range(0, count, batch):
+        group = [socket.create_connection(("127.0.0.1", port)) for _ in range(min(batch, count - start))]
+        for s in group:
+            s.sendall(request)
+        for s in group:
+            s.settimeout(10)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            answered += data.startswith(b"HTTP/1.1 200")
+        sockets += group
+    return sockets, answered
+
+
+def main():
+    for tool in ["nginx", "haproxy", "wrk", "taskset"]:
+        if not shutil.which(tool):
+            sys.exit(f"bench/proxy needs {tool}: apt-get install -y nginx haproxy wrk")
+    if os.cpu_count() < 2:
+        sys.exit("bench/proxy needs two cores: one for the proxy, one for the backend and wrk")
+    work = Work()
+    try:
+        run(work)
+    finally:
+        work.close()
+
+
+def run(work):
+    origin_port, echo_port = free_port(), free_port()
+    nginx_origin(work, origin_port, SIZES)
+    work.spawn([ECHO], SHARED_CORE, env={"PORT": str(echo_port), "SURGE_INSTANCE": "bench"})
+    wait_port(origin_port, "the nginx backend")
+    wait_port(echo_port, "surge-echo")
+    backends = [
+        ("nginx", origin_port, lambda size: f"/{size}"),
+        ("surge-echo", echo_port, lambda size: f"/?bytes={size}"),
+    ]
+    proxies = [("nginx", nginx_proxy), ("haproxy", haproxy), ("surge", surge)]
+
+    results = []  # (backend, size, connections, target, measurement)
+    for backend, backend_port, path_of in backends:
+        for name, start in proxies:
+            port = free_port()
+            process = start(work, port, backend_port)
+            wait_port(port, name)
+            time.sleep(0.5)
+            wrk(f"http://127.0.0.1:{port}{path_of(SIZES[0])}", 16, SHARED_CORE, "2s")  # warm-up
+            for size in SIZES:
+                for connections in CONNECTIONS:
+                    before = cpu_seconds(process.pid)
+                    m = wrk(f"http://127.0.0.1:{port}{path_of(size)}", connections, SHARED_CORE)
+                    m["cpu_us"] = (cpu_seconds(process.pid) - before) / max(m["requests"], 1) * 1e6
+                    results.append((backend, size, connections, name, m))
+                    print(f"{backend:10} {size:>6} B {connections:>3} conns  {name:8} {m['rps']:>10,.0f} req/s"
+                          f"  p50 {m['p50']:.2f} ms  p99 {m['p99']:.2f} ms  cpu {m['cpu_us']:.1f} µs/req",
+                          file=sys.stderr)
+            work.stop(process)
+        for size in SIZES:
+            for connections in CONNECTIONS:
+                m = wrk(f"http://127.0.0.1:{backend_port}{path_of(size)}", connections, PROXY_CORE)
+                m["cpu_us"] = None
+                results.append((backend, size, connections, "direct", m))
+
+    idle = []
+    for name, start in proxies:
+        port = free_port()
+        process = start(work, port, origin_port)
+        wait_port(port, name)
+        time.sleep(0.5)
+        baseline = rss_kib(process.pid)
+        sockets, answered = hold_idle_connections(port, IDLE_CONNECTIONS, f"/{SIZES[0]}")
+        time.sleep(1)
+        held = rss_kib(process.pid)
+        for s in sockets:
+            s.close()
+        work.stop(process)
+        idle.append((name, baseline, held, answered))
+        print(f"{name}: {baseline / 1024:.1f} MiB idle, {held / 1024:.1f} MiB with {answered} idle connections",
+              file=sys.stderr)
+
+    report(results, idle)
+
+
+def report(results, idle):
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    lines = [
+        f"### proxy, {day}, {os.cpu_count()} cores ({cpu})",
+        "",
+        f"`bench/proxy/run.sh` (DURATION={DURATION}): wrk closed loop; each proxy one worker pinned to core "
+        f"{PROXY_CORE} (nginx `worker_processes 1`, HAProxy `nbthread 1`, Surge's runtime sees one core), "
+        f"backend and wrk on core {SHARED_CORE}; `direct` is wrk on core {PROXY_CORE} against the backend. "
+        "Ratios are to nginx (higher req/s is better; lower latency and CPU are better). "
+        "CPU is the proxy's user + system time per request.",
+        "",
+        "| backend | body | conns | target | req/s | × nginx | p50 ms | p99 ms | p99 × nginx | CPU µs/req | CPU × nginx |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    index = {(b, s, c, t): m for b, s, c, t, m in results}
+    keys = []
+    for backend, size, connections, _, _ in results:
+        if (backend, size, connections) not in keys:
+            keys.append((backend, size, connections))
+    for backend, size, connections in keys:
+        base = index[(backend, size, connections, "nginx")]
+        for target in ["direct", "nginx", "haproxy", "surge"]:
+            m = index[(backend, size, connections, target)]
+            cpu_cell = "-" if m["cpu_us"] is None else f"{m['cpu_us']:.1f}"
+            cpu_ratio = "-" if m["cpu_us"] is None else f"{m['cpu_us'] / base['cpu_us']:.2f}"
+            body = f"{size} B" if size < 1024 else f"{size // 1024} KiB"
+            lines.append(
+                f"| {backend} | {body} | {connections} | {target} | {m['rps']:,.0f} | {m['rps'] / base['rps']:.2f} "
+                f"| {m['p50']:.2f} | {m['p99']:.2f} | {m['p99'] / base['p99']:.2f} | {cpu_cell} | {cpu_ratio} |"
+            )
+    lines += [
+        "",
+        f"Resident memory holding {IDLE_CONNECTIONS:,} idle keep-alive client connections (one request answered on each):",
+        "",
+        "| proxy | RSS before | RSS holding them | connections answered |",
+        "|---|---|---|---|",
+    ]
+    for name, baseline, held, answered in idle:
+        lines.append(f"| {name} | {baseline / 1024:.1f} MiB | {held / 1024:.1f} MiB | {answered:,} |")
+    lines.append("")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    with open(os.path.join(ROOT, "bench", "RESULTS.md"), "a") as f:
+        f.write(table)
+
+
+if __name__ == "__main__":
+    main()
