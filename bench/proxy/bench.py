@@ -387,6 +387,8 @@ def report(results, idle):
     lines.append("")
     table = "\n".join(lines) + "\n"
     print(table)
+    # A blank line first: the file before may end with a paragraph.
+    table = "\n" + table
     with open(os.path.join(ROOT, "bench", "RESULTS.md"), "a") as f:
         f.write(table)
 
