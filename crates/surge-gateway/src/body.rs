@@ -13,10 +13,12 @@ use hyper::body::Incoming;
 use surge_metrics::Gauge;
 use surge_pool::InFlight;
 
+use crate::server::{BoxError, RequestBody};
+
 pin_project_lite::pin_project! {
     pub struct GatewayBody {
         #[pin]
-        inner: Payload,
+        inner: Payload<Incoming>,
         instance: Option<InFlight>,
         gauge: Option<GaugeGuard>,
     }
@@ -73,25 +75,65 @@ impl Drop for GaugeGuard {
     }
 }
 
+/// A client's request body, as the server it came through reads it.
+pub enum ClientBody {
+    Empty,
+    Http1(RequestBody),
+    Http2(Incoming),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ClientBody::Empty => Poll::Ready(None),
+            ClientBody::Http1(body) => Pin::new(body).poll_frame(cx),
+            ClientBody::Http2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Empty => true,
+            ClientBody::Http1(body) => body.is_end_stream(),
+            ClientBody::Http2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Empty => SizeHint::with_exact(0),
+            ClientBody::Http1(body) => body.size_hint(),
+            ClientBody::Http2(body) => body.size_hint(),
+        }
+    }
+}
+
 pin_project_lite::pin_project! {
     /// A body kept whole (small request bodies, so a failed try can be sent again; the
-    /// gateway's own answers) or streamed through.
+    /// gateway's own answers) or streamed through: a client's request body, or an instance's
+    /// response body.
     #[project = PayloadProj]
-    pub enum Payload {
+    pub enum Payload<B> {
         Kept { bytes: Option<Bytes> },
-        Streaming { #[pin] body: Incoming },
+        Streaming { #[pin] body: B },
     }
 }
 
 /// The body of one request across its tries.
 pub(crate) enum Replay {
     Kept(Bytes),
-    Streaming(Option<Incoming>),
+    Streaming(Option<ClientBody>),
 }
 
-impl Payload {
+impl Payload<ClientBody> {
     /// Keeps bodies of known size up to the replay limit; streams the rest.
-    pub(crate) async fn prepare(body: Incoming) -> Result<Replay, hyper::Error> {
+    pub(crate) async fn prepare(body: ClientBody) -> Result<Replay, BoxError> {
         use http_body_util::BodyExt;
         if body.is_end_stream() {
             return Ok(Replay::Kept(Bytes::new()));
@@ -107,7 +149,7 @@ impl Payload {
 
 impl Replay {
     /// The body for the next try; a streamed body can be sent only once.
-    pub(crate) fn for_try(&mut self) -> Option<Payload> {
+    pub(crate) fn for_try(&mut self) -> Option<Payload<ClientBody>> {
         match self {
             Replay::Kept(bytes) => Some(Payload::Kept { bytes: Some(bytes.clone()) }),
             Replay::Streaming(body) => body.take().map(|body| Payload::Streaming { body }),
@@ -119,9 +161,9 @@ impl Replay {
     }
 }
 
-impl Body for Payload {
+impl<B: Body<Data = Bytes>> Body for Payload<B> {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = B::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,

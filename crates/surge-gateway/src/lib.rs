@@ -13,28 +13,25 @@ mod layers;
 mod proxy;
 mod ratelimit;
 mod router;
+mod server;
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::header::HOST;
 use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use surge_config::Config;
 use surge_pool::Pools;
-use tokio::net::TcpListener;
 use tower::{ServiceBuilder, ServiceExt};
 
-pub use body::GatewayBody;
+pub use body::{ClientBody, GatewayBody};
 pub use error::{GatewayError, ERROR_HEADER};
 pub use layers::GatewayMetrics;
 pub use proxy::ClientAddr;
 pub use ratelimit::{gcra, RateLimiter, RateStore, Verdict};
 pub use router::Router;
+pub use server::{serve, ClientStream, ClientUpgrade, RequestBody};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -87,7 +84,11 @@ impl Gateway {
     }
 
     /// Answers one request: route it, then run it through its service's stack.
-    pub async fn handle(&self, mut request: Request<Incoming>, client: ClientAddr) -> Response<GatewayBody> {
+    pub async fn handle(
+        &self,
+        mut request: Request<ClientBody>,
+        client: ClientAddr,
+    ) -> Response<GatewayBody> {
         let host = request.headers().get(HOST).and_then(|h| h.to_str().ok()).or(request.uri().host());
         let Some(target) = self.router.route(host, request.uri().path()) else {
             self.metrics.unrouted.inc();
@@ -110,54 +111,5 @@ impl Gateway {
             Ok(response) => response,
             Err(never) => match never {},
         }
-    }
-}
-
-/// Serves HTTP/1.1 and h2c on `listener` until `shutdown` resolves, then stops accepting and gives
-/// open requests up to `drain_timeout` to finish.
-pub async fn serve(
-    gateway: Arc<Gateway>,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
-    drain_timeout: Duration,
-) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, client)) => {
-                    let _ = stream.set_nodelay(true);
-                    let gateway = Arc::clone(&gateway);
-                    let client_addr = ClientAddr::new(client);
-                    let service = hyper::service::service_fn(move |request| {
-                        let (gateway, client) = (Arc::clone(&gateway), client_addr.clone());
-                        async move { Ok::<_, Infallible>(gateway.handle(request, client).await) }
-                    });
-                    // HTTP/1.1, or HTTP/2 for clients that speak it from the first byte (h2c).
-                    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                    builder.http1().timer(TokioTimer::new());
-                    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    let connection = graceful.watch(connection.into_owned());
-                    tokio::spawn(async move {
-                        if let Err(err) = connection.await {
-                            tracing::debug!("connection from {client}: {err}");
-                        }
-                    });
-                }
-                Err(err) => {
-                    // Out of file descriptors, most likely: back off instead of spinning.
-                    tracing::warn!("gateway cannot accept a connection: {err}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            _ = &mut shutdown => break,
-        }
-    }
-    drop(listener);
-    if tokio::time::timeout(drain_timeout, graceful.shutdown()).await.is_err() {
-        tracing::warn!(
-            "requests still open after gateway.shutdown_timeout ({drain_timeout:?}); closing them"
-        );
     }
 }

@@ -19,11 +19,10 @@ use surge_config::UpstreamProtocol;
 use surge_metrics::Counter;
 use surge_pool::{InFlight, Instance, Pool};
 
-use crate::body::Payload;
+use crate::body::{ClientBody, GatewayBody, Payload};
 use crate::budget::RetryBudget;
-
-use crate::body::GatewayBody;
 use crate::error::{root_cause, GatewayError};
+use crate::server::ClientUpgrade;
 use crate::BoxFuture;
 
 /// The client's address, put in the request's extensions by the server; its IP is rendered
@@ -63,7 +62,7 @@ pub struct Proxy {
 struct ProxyInner {
     pool: Arc<Pool>,
     balancer: Balancer,
-    client: Client<HttpConnector, Payload>,
+    client: Client<HttpConnector, Payload<ClientBody>>,
     /// The HTTP version spoken to instances.
     version: http::Version,
     budget: RetryBudget,
@@ -114,7 +113,7 @@ impl Proxy {
     }
 }
 
-impl tower::Service<Request<Incoming>> for Proxy {
+impl tower::Service<Request<ClientBody>> for Proxy {
     type Response = Response<GatewayBody>;
     type Error = GatewayError;
     type Future = BoxFuture<Result<Self::Response, GatewayError>>;
@@ -123,7 +122,7 @@ impl tower::Service<Request<Incoming>> for Proxy {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, request: Request<ClientBody>) -> Self::Future {
         let inner = Arc::clone(&self.inner);
         Box::pin(async move { inner.forward(request).await })
     }
@@ -141,9 +140,12 @@ enum Try {
 }
 
 impl ProxyInner {
-    async fn forward(&self, request: Request<Incoming>) -> Result<Response<GatewayBody>, GatewayError> {
+    async fn forward(&self, mut request: Request<ClientBody>) -> Result<Response<GatewayBody>, GatewayError> {
         if let Some(protocol) = upgrade_protocol(request.headers()) {
-            return self.forward_upgrade(request, protocol).await;
+            // Only an HTTP/1.1 connection can switch protocols.
+            if let Some(client_side) = request.extensions_mut().remove::<ClientUpgrade>() {
+                return self.forward_upgrade(request, protocol, client_side).await;
+            }
         }
         let started = Instant::now();
         let service = self.pool.name();
@@ -155,7 +157,7 @@ impl ProxyInner {
         let (parts, body) = request.into_parts();
         let mut body = Payload::prepare(body)
             .await
-            .map_err(|err| GatewayError::BadRequestBody { cause: root_cause(&err) })?;
+            .map_err(|err| GatewayError::BadRequestBody { cause: root_cause(&*err) })?;
         let mut tried: Vec<SocketAddr> = Vec::new();
 
         for attempt in 1..=config.retry.attempts {
@@ -214,15 +216,15 @@ impl ProxyInner {
     /// connection in flight for as long, so a drain waits for it (up to its timeout).
     async fn forward_upgrade(
         &self,
-        mut request: Request<Incoming>,
+        request: Request<ClientBody>,
         protocol: HeaderValue,
+        client_side: ClientUpgrade,
     ) -> Result<Response<GatewayBody>, GatewayError> {
         self.pool.load().arrived();
         let mut in_flight = match self.choose(&[]) {
             Some(in_flight) => in_flight,
             None => self.wait_for_instance(&[], false).await?,
         };
-        let client_side = hyper::upgrade::on(&mut request);
         let (parts, body) = request.into_parts();
         let mut upstream = Request::from_parts(parts, Payload::Streaming { body });
         rewrite_request(&mut upstream, in_flight.instance(), self.version);
@@ -243,8 +245,8 @@ impl ProxyInner {
         let instance_side = hyper::upgrade::on(&mut response);
         tokio::spawn(async move {
             let _in_flight = in_flight;
-            if let (Ok(client), Ok(instance)) = (client_side.await, instance_side.await) {
-                let (mut client, mut instance) = (TokioIo::new(client), TokioIo::new(instance));
+            if let (Some(mut client), Ok(instance)) = (client_side.upgraded().await, instance_side.await) {
+                let mut instance = TokioIo::new(instance);
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut instance).await;
             }
         });
@@ -252,7 +254,12 @@ impl ProxyInner {
         Ok(Response::from_parts(parts, GatewayBody::full(bytes::Bytes::new())))
     }
 
-    async fn try_once(&self, request: Request<Payload>, in_flight: &InFlight, timeout: Duration) -> Try {
+    async fn try_once(
+        &self,
+        request: Request<Payload<ClientBody>>,
+        in_flight: &InFlight,
+        timeout: Duration,
+    ) -> Try {
         let instance = in_flight.instance();
         let service = self.pool.name();
         match tokio::time::timeout(timeout, self.client.request(request)).await {

@@ -340,3 +340,64 @@ async fn expect_100_continue_is_answered_before_the_body_is_sent() {
         assert!(answer.contains(&format!("\"body_bytes\":{size}")), "{answer}");
     }
 }
+
+/// Writes `bytes` on a new connection and reads everything the gateway sends until it closes.
+async fn raw_exchange(surge: &Surge, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(surge.gateway).await.expect("connect");
+    socket.write_all(bytes).await.expect("write");
+    let mut answer = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), socket.read_to_end(&mut answer))
+        .await
+        .expect("the gateway closes the connection")
+        .expect("read");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_heads_get_a_clear_error_then_a_close() {
+    let surge = Surge::start(ROUTED).await;
+    let big = format!("GET /web HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(70_000));
+    for (request, status, code) in [
+        ("GET /web HTTP/1.1\r\nHo st: x\r\n\r\n", "400 Bad Request", "bad_request_head"),
+        (
+            "POST /web HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nabc",
+            "400 Bad Request",
+            "bad_request_head",
+        ),
+        (
+            "POST /web HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabc",
+            "400 Bad Request",
+            "bad_request_head",
+        ),
+        (big.as_str(), "431 Request Header Fields Too Large", "request_head_too_large"),
+    ] {
+        let answer = raw_exchange(&surge, request.as_bytes()).await;
+        assert!(answer.starts_with(&format!("HTTP/1.1 {status}\r\n")), "{answer}");
+        assert!(answer.contains("connection: close\r\n"), "{answer}");
+        assert!(answer.contains(&format!("\"error\":\"{code}\"")), "{answer}");
+    }
+    assert_eq!(surge.get("/web").await.status, StatusCode::OK, "still serving");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_chunked_and_http10_requests_are_answered_in_order() {
+    let surge = Surge::start(ROUTED).await;
+    let requests = concat!(
+        "POST /web/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "5;note=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n",
+        "GET /web/b HTTP/1.1\r\nHost: x\r\n\r\n",
+        "HEAD /web/c HTTP/1.1\r\nHost: x\r\n\r\n",
+        "GET /web/d HTTP/1.0\r\n\r\n",
+    );
+    let answer = raw_exchange(&surge, requests.as_bytes()).await;
+    let heads: Vec<&str> = answer.matches("HTTP/1.1 200 OK").collect();
+    assert_eq!(heads.len(), 4, "{answer}");
+    let a = answer.find("\"path\":\"/web/a\"").expect("a answered");
+    let b = answer.find("\"path\":\"/web/b\"").expect("b answered");
+    let d = answer.find("\"path\":\"/web/d\"").expect("d answered");
+    assert!(a < b && b < d, "in order: {answer}");
+    assert!(answer.contains("\"body_bytes\":11"), "the chunked body arrived whole: {answer}");
+    assert!(!answer.contains("\"path\":\"/web/c\""), "a HEAD answer has no body: {answer}");
+    assert!(answer.ends_with('}') && answer.contains("connection: close\r\n"), "HTTP/1.0 closes: {answer}");
+}

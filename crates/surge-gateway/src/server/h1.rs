@@ -1,0 +1,407 @@
+//! One HTTP/1.1 client connection: read a head, run the request through the gateway while its
+//! body streams in, write the response, repeat. Between requests the connection holds no
+//! buffer and no request state, so an idle keep-alive connection costs a small task and a
+//! socket (nginx's design; hyper keeps its buffers for the connection's life).
+
+use std::io::{self, IoSlice};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use http::{Method, Response, StatusCode};
+use http_body::Body;
+use http_body_util::BodyExt;
+use tokio::io::AsyncReadExt;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use super::decode::{Decoded, Decoder};
+use super::head::{self, BodyFraming, ChunkSizeLine, Exchange, Framing, Head, HeadError};
+use super::io::{request_body, write_all, BodySender, ClientStream, ClientUpgrade};
+use crate::body::{ClientBody, GatewayBody};
+use crate::error::GatewayError;
+use crate::{ClientAddr, Gateway};
+
+/// The first read buffer for a request head; it grows up to `head::MAX_HEAD_BYTES`.
+const HEAD_BUFFER: usize = 4 * 1024;
+/// How much room a read for body bytes asks for.
+const BODY_BUFFER: usize = 64 * 1024;
+/// How long a keep-alive connection may wait for its next request (nginx's default).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(75);
+/// How long a request head may take to arrive once it has begun, or a new connection's first.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// A body the gateway answered without reading is read and dropped, up to this much, so the
+/// connection can be kept; a longer one closes it.
+const DRAIN_LIMIT: u64 = 256 * 1024;
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+/// How a connection ended on the HTTP/1.1 side.
+pub(super) enum Handoff {
+    Closed,
+    /// The client opened with the HTTP/2 preface: serve it as h2c from these bytes on.
+    Http2(ClientStream),
+}
+
+/// Serves requests on `stream` until the client closes, an exchange ends the connection, or
+/// shutdown begins.
+pub(super) async fn serve(
+    gateway: &Gateway,
+    mut stream: TcpStream,
+    client: &ClientAddr,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Handoff {
+    let mut buf = BytesMut::new();
+    let mut first = true;
+    loop {
+        if buf.is_empty() {
+            // Idle: wait for the next request holding no buffer.
+            buf = BytesMut::new();
+            let timeout = if first { HEAD_TIMEOUT } else { IDLE_TIMEOUT };
+            tokio::select! {
+                biased;
+                ready = stream.readable() => if ready.is_err() { return Handoff::Closed },
+                _ = shutdown.changed() => return Handoff::Closed,
+                () = tokio::time::sleep(timeout) => return Handoff::Closed,
+            }
+        }
+        let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream, &mut buf, first)).await {
+            Ok(Ok(Some(HeadRead::Head(head)))) => head,
+            Ok(Ok(Some(HeadRead::Http2))) => return Handoff::Http2(ClientStream::new(buf.freeze(), stream)),
+            Ok(Err(err)) => {
+                let (_, writer) = stream.split();
+                let exchange =
+                    Exchange { head_request: false, version: http::Version::HTTP_11, keep_alive: false };
+                let _ = write_response(&writer, head_error(err), &exchange, &AtomicBool::new(false)).await;
+                Box::pin(linger(stream)).await;
+                return Handoff::Closed;
+            }
+            Ok(Ok(None)) | Err(_) => return Handoff::Closed,
+        };
+        first = false;
+        let keep_alive = !*shutdown.borrow();
+        let outcome = Box::pin(exchange(gateway, &mut stream, &mut buf, head, client, keep_alive)).await;
+        match outcome {
+            Outcome::KeepAlive if !*shutdown.borrow() => {}
+            Outcome::KeepAlive | Outcome::Close => return Handoff::Closed,
+            Outcome::CloseUnread => {
+                Box::pin(linger(stream)).await;
+                return Handoff::Closed;
+            }
+            Outcome::Upgraded(upgrade) => {
+                let _ = upgrade.send(ClientStream::new(buf.split().freeze(), stream));
+                return Handoff::Closed;
+            }
+        }
+    }
+}
+
+#[expect(
+    clippy::large_enum_variant,
+    reason = "a return value on the stack; boxing would allocate per request"
+)]
+enum HeadRead {
+    Head(Head),
+    Http2,
+}
+
+/// Reads until `buf` holds a whole request head (or the HTTP/2 preface, on a connection's
+/// first bytes). `Ok(None)`: the client closed.
+async fn read_head(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    first: bool,
+) -> Result<Option<HeadRead>, HeadError> {
+    loop {
+        if first && !buf.is_empty() && head::may_be_h2_preface(buf) {
+            if buf.len() >= head::H2_PREFACE.len() {
+                return Ok(Some(HeadRead::Http2));
+            }
+        } else if let Some(head) = head::parse(buf)? {
+            return Ok(Some(HeadRead::Head(head)));
+        }
+        if buf.capacity() == buf.len() {
+            buf.reserve(HEAD_BUFFER.max(buf.len()));
+        }
+        match stream.read_buf(buf).await {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(_) => {}
+        }
+    }
+}
+
+fn head_error(err: HeadError) -> Response<GatewayBody> {
+    GatewayError::BadRequestHead { status: err.status(), reason: err.to_string() }.into_response()
+}
+
+/// How an exchange left the connection.
+enum Outcome {
+    KeepAlive,
+    Close,
+    /// Close, though the client may still be sending the request body.
+    CloseUnread,
+    /// `101 Switching Protocols` was written: the connection now belongs to the upgrade.
+    Upgraded(tokio::sync::oneshot::Sender<ClientStream>),
+}
+
+/// The request body's side of an exchange.
+struct Receiving {
+    decoder: Decoder,
+    /// The body was asked for (so a `100 Continue`, if expected, was sent).
+    wanted: bool,
+    /// The body could not be read whole: the connection cannot carry another request.
+    broken: bool,
+}
+
+/// One request and its response. Boxed by the caller, so that a connection between requests
+/// holds none of this state.
+async fn exchange(
+    gateway: &Gateway,
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    head: Head,
+    client: &ClientAddr,
+    keep_alive: bool,
+) -> Outcome {
+    let Head { request, framing, keep_alive: client_keeps, expect_continue, upgrade } = head;
+    let exchange = Exchange {
+        head_request: request.method() == Method::HEAD,
+        version: request.version(),
+        keep_alive: keep_alive && client_keeps,
+    };
+    let (body, sender, decoder) = match framing {
+        Framing::Empty => (ClientBody::Empty, None, Decoder::length(0)),
+        Framing::Length(length) => {
+            let (body, sender) = request_body(Some(length));
+            (ClientBody::Http1(body), Some(sender), Decoder::length(length))
+        }
+        Framing::Chunked => {
+            let (body, sender) = request_body(None);
+            (ClientBody::Http1(body), Some(sender), Decoder::chunked())
+        }
+    };
+    let mut request = request.map(|()| body);
+    let upgrade = upgrade.then(|| {
+        let (client_side, sender) = ClientUpgrade::new();
+        request.extensions_mut().insert(client_side);
+        sender
+    });
+
+    let mut receiving = Receiving { decoder, wanted: false, broken: false };
+    // Once the response has begun, no `100 Continue` may be written (one task; atomic only
+    // to keep the future `Send`).
+    let head_started = AtomicBool::new(false);
+    let responded = {
+        let (mut reader, writer) = stream.split();
+        let receive =
+            receive_body(&mut reader, &writer, buf, &mut receiving, sender, expect_continue, &head_started);
+        let respond = async {
+            let response = gateway.handle(request, client.clone()).await;
+            write_response(&writer, response, &exchange, &head_started).await
+        };
+        tokio::pin!(receive, respond);
+        let mut received = false;
+        loop {
+            tokio::select! {
+                biased;
+                responded = &mut respond => break responded,
+                () = &mut receive, if !received => received = true,
+            }
+        }
+    };
+    let Ok(end) = responded else { return Outcome::Close };
+    if let (true, Some(upgrade)) = (end.switched, upgrade) {
+        return Outcome::Upgraded(upgrade);
+    }
+    let unread = !receiving.decoder.is_done();
+    if !end.keep_alive || receiving.broken {
+        return if unread { Outcome::CloseUnread } else { Outcome::Close };
+    }
+    if unread {
+        // Answered without the whole body: a client waiting for `100 Continue` may never send
+        // it; any other's rest is read and dropped, if short, to keep the connection.
+        let short = receiving.decoder.remaining().is_some_and(|r| r <= DRAIN_LIMIT);
+        if (expect_continue && !receiving.wanted) || !short {
+            return Outcome::CloseUnread;
+        }
+        let drained = tokio::time::timeout(DRAIN_TIMEOUT, drain(stream, buf, &mut receiving.decoder)).await;
+        if !matches!(drained, Ok(Ok(()))) {
+            return Outcome::CloseUnread;
+        }
+    }
+    Outcome::KeepAlive
+}
+
+/// Feeds the request body to its reader, once it is asked for and one piece ahead at most.
+async fn receive_body(
+    reader: &mut ReadHalf<'_>,
+    writer: &WriteHalf<'_>,
+    buf: &mut BytesMut,
+    receiving: &mut Receiving,
+    sender: Option<BodySender>,
+    expect_continue: bool,
+    head_started: &AtomicBool,
+) {
+    let Some(BodySender { pieces, wanted }) = sender else { return };
+    if wanted.await.is_err() {
+        return; // dropped unread
+    }
+    receiving.wanted = true;
+    if expect_continue && !head_started.load(Ordering::Relaxed) {
+        // Nothing of the response is written yet, so the socket's empty send buffer takes
+        // these few bytes in one write; should it not, the connection is given up.
+        if !matches!(writer.try_write(CONTINUE), Ok(n) if n == CONTINUE.len()) {
+            receiving.broken = true;
+            return;
+        }
+    }
+    loop {
+        let failure: super::io::BoxError = match receiving.decoder.decode(buf) {
+            Ok(Decoded::Data(data)) => {
+                if pieces.send(Ok(data)).await.is_err() {
+                    return; // the reader stopped; what is left is drained or the connection closed
+                }
+                continue;
+            }
+            Ok(Decoded::Done) => return,
+            Ok(Decoded::NeedMore) => {
+                if buf.capacity() - buf.len() < HEAD_BUFFER {
+                    buf.reserve(BODY_BUFFER);
+                }
+                match reader.read_buf(buf).await {
+                    Ok(0) => "the client closed the connection before the end of the body".into(),
+                    Ok(_) => continue,
+                    Err(err) => err.into(),
+                }
+            }
+            Err(err) => err.into(),
+        };
+        receiving.broken = true;
+        let _ = pieces.send(Err(failure)).await;
+        return;
+    }
+}
+
+/// Closes a connection the client may still be sending on: half-close, then read and drop
+/// what comes for a moment, so that unread bytes do not make the kernel answer with a reset
+/// that can destroy the response before the client has read it (nginx's lingering close).
+async fn linger(mut stream: TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let _ = stream.shutdown().await;
+    let mut scratch = vec![0u8; 16 * 1024];
+    let lingering = async {
+        let mut dropped = 0;
+        while dropped < DRAIN_LIMIT * 4 {
+            match stream.read(&mut scratch).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => dropped += n as u64,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT * 2, lingering).await;
+}
+
+/// Reads and drops the rest of a body nobody read.
+async fn drain(stream: &mut TcpStream, buf: &mut BytesMut, decoder: &mut Decoder) -> io::Result<()> {
+    loop {
+        match decoder.decode(buf) {
+            Ok(Decoded::Data(_)) => {}
+            Ok(Decoded::Done) => return Ok(()),
+            Ok(Decoded::NeedMore) => {
+                if buf.capacity() == buf.len() {
+                    buf.reserve(HEAD_BUFFER);
+                }
+                if stream.read_buf(buf).await? == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+            Err(err) => return Err(io::Error::new(io::ErrorKind::InvalidData, err)),
+        }
+    }
+}
+
+struct ResponseEnd {
+    keep_alive: bool,
+    switched: bool,
+}
+
+/// Writes the response: its head with the first piece of body when that is ready at once (one
+/// write for most responses), then each piece as it comes.
+async fn write_response(
+    writer: &WriteHalf<'_>,
+    response: Response<GatewayBody>,
+    exchange: &Exchange,
+    head_started: &AtomicBool,
+) -> io::Result<ResponseEnd> {
+    let (parts, mut body) = response.into_parts();
+    let framing = head::response_framing(parts.status, &parts.headers, body.size_hint().exact(), exchange);
+    let switched = parts.status == StatusCode::SWITCHING_PROTOCOLS;
+    let mut head = Vec::with_capacity(256);
+    head::write_response_head(&mut head, parts.status, &parts.headers, framing, exchange, &head::http_date());
+    head_started.store(true, Ordering::Relaxed);
+    let end = ResponseEnd { keep_alive: exchange.keep_alive && framing != BodyFraming::Close, switched };
+    if framing == BodyFraming::None {
+        write_all(writer, &mut [IoSlice::new(&head)]).await?;
+        return Ok(end);
+    }
+    let chunked = framing == BodyFraming::Chunked;
+    let mut head = Some(head);
+    let mut written = 0u64;
+    loop {
+        let frame = match &head {
+            // Poll once: the head waits for the first piece only if that is ready now.
+            Some(_) => tokio::select! {
+                biased;
+                frame = body.frame() => frame,
+                () = std::future::ready(()) => {
+                    if let Some(head) = head.take() {
+                        write_all(writer, &mut [IoSlice::new(&head)]).await?;
+                    }
+                    continue;
+                }
+            },
+            None => body.frame().await,
+        };
+        let data = match frame {
+            None => break,
+            Some(Err(err)) => return Err(io::Error::other(err)),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) if !data.is_empty() => data,
+                _ => continue, // trailers are not forwarded to HTTP/1.1 clients
+            },
+        };
+        written += data.len() as u64;
+        if let BodyFraming::Length(length) = framing {
+            if written > length {
+                return Err(io::Error::other("the response body is longer than its Content-Length"));
+            }
+        }
+        let last = chunked && body.is_end_stream();
+        let size_line = ChunkSizeLine::new(data.len());
+        let (size_line, tail): (&[u8], &[u8]) = match (chunked, last) {
+            (false, _) => (&[], &[]),
+            (true, false) => (size_line.as_bytes(), b"\r\n"),
+            (true, true) => (size_line.as_bytes(), b"\r\n0\r\n\r\n"),
+        };
+        let head_bytes = head.as_deref().unwrap_or_default();
+        let mut slices =
+            [IoSlice::new(head_bytes), IoSlice::new(size_line), IoSlice::new(&data), IoSlice::new(tail)];
+        write_all(writer, &mut slices).await?;
+        head = None;
+        if last {
+            return Ok(end);
+        }
+    }
+    let head_bytes = head.as_deref().unwrap_or_default();
+    let mut slices = [IoSlice::new(head_bytes), IoSlice::new(if chunked { LAST_CHUNK } else { &[] })];
+    write_all(writer, &mut slices).await?;
+    match framing {
+        BodyFraming::Length(length) if written != length => {
+            Err(io::Error::other("the response body ended before its Content-Length"))
+        }
+        _ => Ok(end),
+    }
+}

@@ -1,0 +1,146 @@
+//! What the HTTP/1.1 connection hands out: the request body as a channel fed by the
+//! connection, the raw stream after an upgrade, and writing vectored buffers whole.
+
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::tcp::WriteHalf;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A request body read off an HTTP/1.1 connection. The connection reads it only once the body
+/// is first polled (so `Expect: 100-continue` is answered only when the body is wanted) and at
+/// most one piece ahead of the reader.
+pub struct RequestBody {
+    pieces: mpsc::Receiver<Result<Bytes, BoxError>>,
+    wanted: Option<oneshot::Sender<()>>,
+    /// Bytes still to come, when the length is known.
+    remaining: Option<u64>,
+}
+
+/// The connection's side of a [`RequestBody`].
+pub(super) struct BodySender {
+    pub pieces: mpsc::Sender<Result<Bytes, BoxError>>,
+    pub wanted: oneshot::Receiver<()>,
+}
+
+pub(super) fn request_body(length: Option<u64>) -> (RequestBody, BodySender) {
+    let (pieces_tx, pieces) = mpsc::channel(1);
+    let (wanted, wanted_rx) = oneshot::channel();
+    let body = RequestBody { pieces, wanted: Some(wanted), remaining: length };
+    (body, BodySender { pieces: pieces_tx, wanted: wanted_rx })
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(wanted) = self.wanted.take() {
+            let _ = wanted.send(());
+        }
+        match self.pieces.poll_recv(cx) {
+            Poll::Ready(Some(Ok(data))) => {
+                if let Some(remaining) = &mut self.remaining {
+                    *remaining = remaining.saturating_sub(data.len() as u64);
+                }
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(err))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == Some(0)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.remaining.map_or_else(SizeHint::default, SizeHint::with_exact)
+    }
+}
+
+/// A client's connection handed on with bytes already read from it, which it yields first:
+/// after `101 Switching Protocols`, or to the HTTP/2 server after the preface was seen.
+pub struct ClientStream {
+    prefix: Bytes,
+    stream: TcpStream,
+}
+
+impl ClientStream {
+    pub(super) fn new(prefix: Bytes, stream: TcpStream) -> Self {
+        ClientStream { prefix, stream }
+    }
+}
+
+/// Put in an upgrade request's extensions: resolves to the client's connection once the
+/// `101` has been written to it.
+#[derive(Clone)]
+pub struct ClientUpgrade(Arc<Mutex<Option<oneshot::Receiver<ClientStream>>>>);
+
+impl ClientUpgrade {
+    pub(super) fn new() -> (Self, oneshot::Sender<ClientStream>) {
+        let (tx, rx) = oneshot::channel();
+        (ClientUpgrade(Arc::new(Mutex::new(Some(rx)))), tx)
+    }
+
+    /// The upgraded connection, or `None` if the connection closed instead.
+    pub async fn upgraded(self) -> Option<ClientStream> {
+        let receiver = self.0.lock().ok()?.take()?;
+        receiver.await.ok()
+    }
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+/// Writes all of `bufs` through a shared write half, so that the response and a
+/// `100 Continue` can both write without owning the half.
+pub(super) async fn write_all(writer: &WriteHalf<'_>, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        writer.writable().await?;
+        match writer.try_write_vectored(bufs) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
+}
