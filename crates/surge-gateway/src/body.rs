@@ -13,12 +13,14 @@ use hyper::body::Incoming;
 use surge_metrics::Gauge;
 use surge_pool::InFlight;
 
-use crate::server::{BoxError, RequestBody};
+use crate::client::Http1Body;
+use crate::server::RequestBody;
+use crate::wire::BoxError;
 
 pin_project_lite::pin_project! {
     pub struct GatewayBody {
         #[pin]
-        inner: Payload<Incoming>,
+        inner: Payload<UpstreamBody>,
         instance: Option<InFlight>,
         gauge: Option<GaugeGuard>,
     }
@@ -29,7 +31,7 @@ impl GatewayBody {
         GatewayBody { inner: Payload::Kept { bytes: Some(bytes) }, instance: None, gauge: None }
     }
 
-    pub(crate) fn upstream(body: Incoming, instance: InFlight) -> Self {
+    pub(crate) fn upstream(body: UpstreamBody, instance: InFlight) -> Self {
         GatewayBody { inner: Payload::Streaming { body }, instance: Some(instance), gauge: None }
     }
 
@@ -41,7 +43,7 @@ impl GatewayBody {
 
 impl Body for GatewayBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
@@ -74,6 +76,9 @@ impl Drop for GaugeGuard {
         self.0.dec();
     }
 }
+
+/// An instance's response body: read by the gateway's own HTTP/1.1 client, or by hyper's.
+pub type UpstreamBody = http_body_util::Either<Http1Body, Incoming>;
 
 /// A client's request body, as the server it came through reads it.
 pub enum ClientBody {

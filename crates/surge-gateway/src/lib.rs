@@ -8,12 +8,14 @@
 
 mod body;
 mod budget;
+mod client;
 mod error;
 mod layers;
 mod proxy;
 mod ratelimit;
 mod router;
 mod server;
+mod wire;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use http::header::{HeaderName, HeaderValue, CONNECTION, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, Request, Response, Uri};
-use hyper::body::Incoming;
+use http_body_util::Either;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::time::{Duration, Instant};
@@ -19,8 +19,9 @@ use surge_config::UpstreamProtocol;
 use surge_metrics::Counter;
 use surge_pool::{InFlight, Instance, Pool};
 
-use crate::body::{ClientBody, GatewayBody, Payload};
+use crate::body::{ClientBody, GatewayBody, Payload, UpstreamBody};
 use crate::budget::RetryBudget;
+use crate::client::{Http1Client, SendError};
 use crate::error::{root_cause, GatewayError};
 use crate::server::ClientUpgrade;
 use crate::BoxFuture;
@@ -63,6 +64,8 @@ struct ProxyInner {
     pool: Arc<Pool>,
     balancer: Balancer,
     client: Client<HttpConnector, Payload<ClientBody>>,
+    /// The gateway's own client, for whole bodies to HTTP/1.1 instances.
+    http1: Option<Arc<Http1Client>>,
     /// The HTTP version spoken to instances.
     version: http::Version,
     budget: RetryBudget,
@@ -79,8 +82,12 @@ impl Proxy {
         connector.set_connect_timeout(Some(config.timeouts.connect));
         let mut client = Client::builder(TokioExecutor::new());
         client.pool_timer(TokioTimer::new()).pool_idle_timeout(Duration::from_secs(60));
+        let mut http1 = None;
         let version = match config.protocol {
-            UpstreamProtocol::Http1 => http::Version::HTTP_11,
+            UpstreamProtocol::Http1 => {
+                http1 = Some(Http1Client::new(config.timeouts.connect));
+                http::Version::HTTP_11
+            }
             UpstreamProtocol::H2c => {
                 // One multiplexed connection per instance; pings find a dead peer between requests.
                 client
@@ -103,6 +110,7 @@ impl Proxy {
             pool,
             balancer,
             client,
+            http1,
             version,
             budget,
             epoch: Instant::now(),
@@ -130,9 +138,9 @@ impl tower::Service<Request<ClientBody>> for Proxy {
 
 /// How one try ended, and whether it may be tried again elsewhere.
 enum Try {
-    Answered(Response<Incoming>),
+    Answered(Response<UpstreamBody>),
     /// An answer of 502, 503 or 504: tried again for requests that may be repeated.
-    Unavailable(Response<Incoming>),
+    Unavailable(Response<UpstreamBody>),
     /// Never written to the instance: safe to try again whatever the method.
     NotSent(GatewayError),
     /// Failed after the request may have reached the instance.
@@ -179,7 +187,7 @@ impl ProxyInner {
             let millis = u64::try_from(try_timeout.as_millis()).unwrap_or(u64::MAX);
             request.headers_mut().insert(DEADLINE_HEADER, HeaderValue::from(millis));
 
-            let outcome = self.try_once(request, &in_flight, try_timeout).await;
+            let outcome = self.try_once(request, &in_flight, try_timeout, repeatable).await;
             let succeeded =
                 matches!(&outcome, Try::Answered(response) if !response.status().is_server_error());
             self.pool.report(&mut in_flight, succeeded);
@@ -231,7 +239,7 @@ impl ProxyInner {
         upstream.headers_mut().insert(CONNECTION, HeaderValue::from_static("upgrade"));
         upstream.headers_mut().insert(UPGRADE, protocol);
         let timeout = self.pool.config().timeouts.request;
-        let outcome = self.try_once(upstream, &in_flight, timeout).await;
+        let outcome = self.try_once(upstream, &in_flight, timeout, false).await;
         let succeeded = matches!(&outcome, Try::Answered(response) if !response.status().is_server_error());
         self.pool.report(&mut in_flight, succeeded);
         let mut response = match outcome {
@@ -254,22 +262,43 @@ impl ProxyInner {
         Ok(Response::from_parts(parts, GatewayBody::full(bytes::Bytes::new())))
     }
 
+    /// Sends one try. A whole body to an HTTP/1.1 instance goes through the gateway's own
+    /// client; a streamed body, an upgrade or h2c through hyper's.
     async fn try_once(
         &self,
         request: Request<Payload<ClientBody>>,
         in_flight: &InFlight,
         timeout: Duration,
+        repeatable: bool,
     ) -> Try {
         let instance = in_flight.instance();
         let service = self.pool.name();
-        match tokio::time::timeout(timeout, self.client.request(request)).await {
+        let (parts, body) = request.into_parts();
+        // Err((never sent, cause))
+        let sent = async {
+            match (&self.http1, body) {
+                (Some(http1), Payload::Kept { bytes }) => {
+                    let bytes = bytes.unwrap_or_default();
+                    match http1.send(instance.addr, &instance.authority, &parts, &bytes, repeatable).await {
+                        Ok(response) => Ok(response.map(Either::Left)),
+                        Err(SendError::Connect(cause)) => Err((true, cause)),
+                        Err(SendError::Failed(cause)) => Err((false, cause)),
+                    }
+                }
+                (_, body) => match self.client.request(Request::from_parts(parts, body)).await {
+                    Ok(response) => Ok(response.map(Either::Right)),
+                    Err(err) => Err((err.is_connect(), err.into())),
+                },
+            }
+        };
+        match tokio::time::timeout(timeout, sent).await {
             Err(_) => Try::Failed(GatewayError::Timeout { service: service.to_owned(), timeout }),
             Ok(Ok(response)) if is_unavailable(response.status()) => Try::Unavailable(response),
             Ok(Ok(response)) => Try::Answered(response),
-            Ok(Err(err)) => {
-                let cause = root_cause(&err);
+            Ok(Err((never_sent, err))) => {
+                let cause = root_cause(&*err);
                 let (service, instance) = (service.to_owned(), instance.id.clone());
-                if err.is_connect() {
+                if never_sent {
                     Try::NotSent(GatewayError::Connect { service, instance, cause })
                 } else {
                     Try::Failed(GatewayError::Upstream { service, instance, cause })

@@ -73,3 +73,44 @@ health = {{ interval = "100ms", unhealthy_threshold = 2, healthy_threshold = 1 }
     assert!(message.contains("services.web.upstreams"), "{message}");
     assert!(surge.log().contains("web@127.0.0.1"), "instances are named by address:\n{}", surge.log());
 }
+
+/// An upstream that answers each connection's first request as keep-alive, then closes the
+/// connection 20 ms later, as servers with a short idle timeout do.
+async fn closing_upstream() -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Instance: closing\r\n\r\nok";
+                let _ = socket.write_all(answer.as_bytes()).await;
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_an_upstream_closed_while_idle_are_not_reused() {
+    let port = closing_upstream().await;
+    let surge = Surge::start(&format!(
+        "[services.web]\nupstreams = [\"127.0.0.1:{port}\"]\nroutes = [\"/\"]\nhealth = {{ interval = \"1s\" }}\n"
+    ))
+    .await;
+    for method in [hyper::Method::GET, hyper::Method::POST].into_iter().cycle().take(20) {
+        let answer = surge.request(method.clone(), "/", &[], bytes::Bytes::from_static(b"body")).await;
+        assert_eq!(answer.status, StatusCode::OK, "{method}: {}", String::from_utf8_lossy(&answer.body));
+        assert_eq!(&answer.body[..], b"ok");
+        tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+    }
+}

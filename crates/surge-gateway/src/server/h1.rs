@@ -16,11 +16,12 @@ use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use super::decode::{Decoded, Decoder};
 use super::head::{self, BodyFraming, ChunkSizeLine, Exchange, Framing, Head, HeadError};
-use super::io::{request_body, write_all, BodySender, ClientStream, ClientUpgrade};
+use super::io::{request_body, BodySender, ClientStream, ClientUpgrade};
 use crate::body::{ClientBody, GatewayBody};
 use crate::error::GatewayError;
+use crate::wire::decode::{Decoded, Decoder};
+use crate::wire::{write_all, BoxError};
 use crate::{ClientAddr, Gateway};
 
 /// The first read buffer for a request head; it grows up to `head::MAX_HEAD_BYTES`.
@@ -259,7 +260,7 @@ async fn receive_body(
         }
     }
     loop {
-        let failure: super::io::BoxError = match receiving.decoder.decode(buf) {
+        let failure: BoxError = match receiving.decoder.decode(buf) {
             Ok(Decoded::Data(data)) => {
                 if pieces.send(Ok(data)).await.is_err() {
                     return; // the reader stopped; what is left is drained or the connection closed
@@ -344,7 +345,7 @@ async fn write_response(
     head_started.store(true, Ordering::Relaxed);
     let end = ResponseEnd { keep_alive: exchange.keep_alive && framing != BodyFraming::Close, switched };
     if framing == BodyFraming::None {
-        write_all(writer, &mut [IoSlice::new(&head)]).await?;
+        write_all(writer.as_ref(), &mut [IoSlice::new(&head)]).await?;
         return Ok(end);
     }
     let chunked = framing == BodyFraming::Chunked;
@@ -358,7 +359,7 @@ async fn write_response(
                 frame = body.frame() => frame,
                 () = std::future::ready(()) => {
                     if let Some(head) = head.take() {
-                        write_all(writer, &mut [IoSlice::new(&head)]).await?;
+                        write_all(writer.as_ref(), &mut [IoSlice::new(&head)]).await?;
                     }
                     continue;
                 }
@@ -389,7 +390,7 @@ async fn write_response(
         let head_bytes = head.as_deref().unwrap_or_default();
         let mut slices =
             [IoSlice::new(head_bytes), IoSlice::new(size_line), IoSlice::new(&data), IoSlice::new(tail)];
-        write_all(writer, &mut slices).await?;
+        write_all(writer.as_ref(), &mut slices).await?;
         head = None;
         if last {
             return Ok(end);
@@ -397,7 +398,7 @@ async fn write_response(
     }
     let head_bytes = head.as_deref().unwrap_or_default();
     let mut slices = [IoSlice::new(head_bytes), IoSlice::new(if chunked { LAST_CHUNK } else { &[] })];
-    write_all(writer, &mut slices).await?;
+    write_all(writer.as_ref(), &mut slices).await?;
     match framing {
         BodyFraming::Length(length) if written != length => {
             Err(io::Error::other("the response body ended before its Content-Length"))

@@ -2,10 +2,10 @@
 //! the facts that frame its body (RFC 9112 §6), and writing a response head.
 
 use bytes::{Bytes, BytesMut};
-use http::header::{
-    HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TRANSFER_ENCODING, UPGRADE,
-};
+use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderMap, Method, Request, StatusCode, Uri, Version};
+
+use crate::wire::{chunked_last, has_token, header_map, header_spans, span};
 
 /// The most header fields one request may carry (hyper's limit too).
 pub(super) const MAX_HEADERS: usize = 100;
@@ -68,29 +68,15 @@ pub(super) fn parse(buf: &mut BytesMut) -> Result<Option<Head>, HeadError> {
         Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
         Err(err) => return Err(malformed(err.to_string())),
     };
-    // Offsets into the head, so that the parsed slices can become shared `Bytes`.
-    let base = buf.as_ptr() as usize;
-    let offset = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
     let method = parsed.method.map(str::as_bytes).unwrap_or_default();
     let method = Method::from_bytes(method).map_err(|_| malformed("invalid method"))?;
-    let target = offset(parsed.path.map(str::as_bytes).unwrap_or_default());
+    let target = span(buf, parsed.path.map(str::as_bytes).unwrap_or_default());
     let version = if parsed.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
-    let mut spans = Vec::with_capacity(parsed.headers.len());
-    for field in parsed.headers.iter() {
-        let name = HeaderName::from_bytes(field.name.as_bytes())
-            .map_err(|_| malformed(format!("invalid header name {:?}", field.name)))?;
-        spans.push((name, offset(field.value)));
-    }
+    let spans = header_spans(parsed.headers, buf).map_err(malformed)?;
+    // The head's bytes become shared: the URI and header values are slices of them.
     let head = buf.split_to(length).freeze();
-    let slice = |(start, len): (usize, usize)| head.slice(start..start + len);
-
-    let uri = Uri::from_maybe_shared(slice(target)).map_err(|_| malformed("invalid request target"))?;
-    let mut headers = HeaderMap::with_capacity(spans.len());
-    for (name, value) in spans {
-        let value = HeaderValue::from_maybe_shared(slice(value))
-            .map_err(|_| malformed(format!("invalid value of header {name}")))?;
-        headers.append(name, value);
-    }
+    let uri = Uri::from_maybe_shared(head.slice(target)).map_err(|_| malformed("invalid request target"))?;
+    let headers = header_map(&head, spans).map_err(malformed)?;
     let framing = framing(version, &headers)?;
     let connection = |token: &str| has_token(&headers, CONNECTION, token);
     let keep_alive = match version {
@@ -119,15 +105,10 @@ fn framing(version: Version, headers: &HeaderMap) -> Result<Framing, HeadError> 
         if version == Version::HTTP_10 {
             return Err(malformed("Transfer-Encoding in an HTTP/1.0 request"));
         }
-        let last = headers
-            .get_all(TRANSFER_ENCODING)
-            .iter()
-            .flat_map(|value| value.as_bytes().split(|&b| b == b','))
-            .next_back()
-            .map(|coding| coding.trim_ascii());
-        return match last {
-            Some(coding) if coding.eq_ignore_ascii_case(b"chunked") => Ok(Framing::Chunked),
-            _ => Err(malformed("Transfer-Encoding must end with chunked")),
+        return if chunked_last(headers) {
+            Ok(Framing::Chunked)
+        } else {
+            Err(malformed("Transfer-Encoding must end with chunked"))
         };
     }
     let mut length = None;
@@ -148,15 +129,6 @@ fn framing(version: Version, headers: &HeaderMap) -> Result<Framing, HeadError> 
         None | Some(0) => Framing::Empty,
         Some(n) => Framing::Length(n),
     })
-}
-
-/// Whether a comma-separated header lists `token`, in any case.
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// How a response body is delimited on the wire.
@@ -313,6 +285,7 @@ pub(super) fn http_date() -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::HeaderValue;
 
     fn parse_all(text: &str) -> Result<Option<Head>, HeadError> {
         parse(&mut BytesMut::from(text))

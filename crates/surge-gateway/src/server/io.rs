@@ -1,7 +1,7 @@
 //! What the HTTP/1.1 connection hands out: the request body as a channel fed by the
-//! connection, the raw stream after an upgrade, and writing vectored buffers whole.
+//! connection, and the raw stream after an upgrade or the HTTP/2 preface.
 
-use std::io::{self, IoSlice};
+use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -9,11 +9,10 @@ use std::task::{Context, Poll};
 use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::tcp::WriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
-pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use crate::wire::BoxError;
 
 /// A request body read off an HTTP/1.1 connection. The connection reads it only once the body
 /// is first polled (so `Expect: 100-continue` is answered only when the body is wanted) and at
@@ -127,20 +126,4 @@ impl AsyncWrite for ClientStream {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
-}
-
-/// Writes all of `bufs` through a shared write half, so that the response and a
-/// `100 Continue` can both write without owning the half.
-pub(super) async fn write_all(writer: &WriteHalf<'_>, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
-    IoSlice::advance_slices(&mut bufs, 0);
-    while !bufs.is_empty() {
-        writer.writable().await?;
-        match writer.try_write_vectored(bufs) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-            Err(err) => return Err(err),
-        }
-    }
-    Ok(())
 }

@@ -2,7 +2,6 @@
 //! frees its buffers between requests; a client that opens with the HTTP/2 preface (h2c with
 //! prior knowledge) is handed to hyper's HTTP/2 server.
 
-mod decode;
 mod h1;
 mod head;
 mod io;
@@ -18,7 +17,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-pub(crate) use io::BoxError;
 pub use io::{ClientStream, ClientUpgrade, RequestBody};
 
 use crate::body::ClientBody;

@@ -1,5 +1,6 @@
-//! Request bodies off the wire, as a pure state machine over the connection's read buffer:
-//! a known length, or chunked (RFC 9112 §7.1) with extensions and trailers skipped.
+//! HTTP/1.1 bodies off the wire, as a pure state machine over a connection's read buffer: a
+//! known length, chunked (RFC 9112 §7.1) with extensions and trailers skipped, or (responses
+//! only) everything until the connection closes.
 
 use bytes::{Buf, Bytes, BytesMut};
 
@@ -7,13 +8,19 @@ use bytes::{Buf, Bytes, BytesMut};
 const MAX_TRAILER_BYTES: usize = 16 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Decoder {
-    Length { remaining: u64 },
+pub(crate) enum Decoder {
+    Length {
+        remaining: u64,
+    },
     Chunked(Chunked),
+    /// A response without Content-Length or chunked framing ends when the connection does.
+    UntilClose {
+        closed: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Chunked {
+pub(crate) enum Chunked {
     Size { size: u64, digits: u32 },
     Extension { size: u64 },
     SizeLf { size: u64 },
@@ -27,7 +34,7 @@ pub(super) enum Chunked {
 }
 
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum Decoded {
+pub(crate) enum Decoded {
     Data(Bytes),
     /// The buffer holds no more of the body; read more.
     NeedMore,
@@ -36,7 +43,7 @@ pub(super) enum Decoded {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("malformed chunked body: {0}")]
-pub(super) struct DecodeError(&'static str);
+pub(crate) struct DecodeError(&'static str);
 
 impl Decoder {
     pub fn length(length: u64) -> Self {
@@ -47,16 +54,37 @@ impl Decoder {
         Decoder::Chunked(Chunked::Size { size: 0, digits: 0 })
     }
 
+    pub fn until_close() -> Self {
+        Decoder::UntilClose { closed: false }
+    }
+
     pub fn is_done(&self) -> bool {
-        matches!(self, Decoder::Length { remaining: 0 } | Decoder::Chunked(Chunked::Done))
+        matches!(
+            self,
+            Decoder::Length { remaining: 0 }
+                | Decoder::Chunked(Chunked::Done)
+                | Decoder::UntilClose { closed: true }
+        )
+    }
+
+    /// The connection closed: the end of a body delimited by the close, else an error.
+    pub fn closed(&mut self) -> Result<(), DecodeError> {
+        match self {
+            Decoder::UntilClose { closed } => {
+                *closed = true;
+                Ok(())
+            }
+            _ if self.is_done() => Ok(()),
+            _ => Err(DecodeError("the connection closed before the end of the body")),
+        }
     }
 
     /// The body bytes still to come, when known.
     pub fn remaining(&self) -> Option<u64> {
         match self {
             Decoder::Length { remaining } => Some(*remaining),
-            Decoder::Chunked(Chunked::Done) => Some(0),
-            Decoder::Chunked(_) => None,
+            Decoder::Chunked(Chunked::Done) | Decoder::UntilClose { closed: true } => Some(0),
+            Decoder::Chunked(_) | Decoder::UntilClose { .. } => None,
         }
     }
 
@@ -64,9 +92,11 @@ impl Decoder {
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, DecodeError> {
         loop {
             let (remaining, next) = match self {
-                Decoder::Length { remaining: 0 } | Decoder::Chunked(Chunked::Done) => {
-                    return Ok(Decoded::Done)
-                }
+                Decoder::Length { remaining: 0 }
+                | Decoder::Chunked(Chunked::Done)
+                | Decoder::UntilClose { closed: true } => return Ok(Decoded::Done),
+                Decoder::UntilClose { .. } if buf.is_empty() => return Ok(Decoded::NeedMore),
+                Decoder::UntilClose { .. } => return Ok(Decoded::Data(buf.split().freeze())),
                 Decoder::Length { remaining } => (remaining, None),
                 Decoder::Chunked(Chunked::Data { remaining }) => (remaining, Some(Chunked::DataCr)),
                 Decoder::Chunked(state) => {
@@ -165,6 +195,17 @@ mod tests {
         assert_eq!(decoder.decode(&mut buf), Ok(Decoded::Data(Bytes::from_static(b"abcdef"))));
         assert!(decoder.is_done());
         assert_eq!(&buf[..], b"GET");
+    }
+
+    #[test]
+    fn a_body_until_close_ends_only_with_the_connection() {
+        let mut decoder = Decoder::until_close();
+        let mut buf = BytesMut::from(&b"abc"[..]);
+        assert_eq!(decoder.decode(&mut buf), Ok(Decoded::Data(Bytes::from_static(b"abc"))));
+        assert_eq!(decoder.decode(&mut buf), Ok(Decoded::NeedMore));
+        assert_eq!(decoder.closed(), Ok(()));
+        assert_eq!(decoder.decode(&mut buf), Ok(Decoded::Done));
+        assert!(Decoder::length(3).closed().is_err() && Decoder::chunked().closed().is_err());
     }
 
     #[test]

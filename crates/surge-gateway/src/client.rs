@@ -1,0 +1,411 @@
+//! The gateway's own HTTP/1.1 client, for the common request: one whose body is already whole
+//! (none, or a small one kept for retries) to an instance spoken to over HTTP/1.1. Each
+//! instance address keeps a stack of idle keep-alive connections. A request takes the most
+//! recently used one (or connects), writes head and body in one `writev` and reads the
+//! response head; the response body then reads straight from the connection, in the task that
+//! forwards it, and puts the connection back once it has ended. No connection task, no channel,
+//! no lock held across I/O. Streamed uploads, upgrades and h2c go through hyper's client.
+
+use std::collections::HashMap;
+use std::io::IoSlice;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH, EXPECT, HOST, TRANSFER_ENCODING};
+use http::request::Parts;
+use http::uri::Authority;
+use http::{HeaderMap, Method, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+use crate::wire::decode::{Decoded, Decoder};
+use crate::wire::{chunked_last, has_token, header_map, header_spans, write_all, BoxError};
+
+/// A response head larger than this is refused (as hyper's default allows about 400 KiB, nginx 4 KiB).
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+const MAX_HEADERS: usize = 100;
+/// Room asked for per read of a response.
+const READ_BUFFER: usize = 16 * 1024;
+/// An idle connection older than this is closed rather than reused: instances commonly close
+/// idle connections after a minute or more (hyper-util closes its own after 90 s).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(55);
+/// Idle connections kept per instance (nginx's `keepalive` directive).
+const MAX_IDLE_PER_INSTANCE: usize = 1024;
+
+pub(crate) struct Http1Client {
+    idle: Mutex<IdleConnections>,
+    connect_timeout: Duration,
+}
+
+#[derive(Default)]
+struct IdleConnections {
+    by_address: HashMap<SocketAddr, Vec<(Connection, Instant)>>,
+    pruned: Option<Instant>,
+}
+
+struct Connection {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SendError {
+    /// Nothing reached the instance.
+    #[error("{0}")]
+    Connect(BoxError),
+    #[error("{0}")]
+    Failed(BoxError),
+}
+
+/// How one exchange on a connection failed.
+enum Failure {
+    /// The connection closed or broke before any byte of an answer: on a reused connection,
+    /// the instance closed it while idle.
+    Unanswered(BoxError),
+    Failed(BoxError),
+}
+
+impl Http1Client {
+    pub fn new(connect_timeout: Duration) -> Arc<Self> {
+        Arc::new(Http1Client { idle: Mutex::default(), connect_timeout })
+    }
+
+    /// Sends the request to `addr`. A reused connection that turns out closed is replaced by a
+    /// new one and the request sent again if `repeatable`.
+    pub async fn send(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        authority: &Authority,
+        parts: &Parts,
+        body: &Bytes,
+        repeatable: bool,
+    ) -> Result<Response<Http1Body>, SendError> {
+        let mut head = Vec::with_capacity(512);
+        write_request_head(&mut head, parts, body.len(), authority);
+        if let Some(connection) = self.checkout(addr) {
+            match self.exchange(connection, addr, &head, body, &parts.method).await {
+                Ok(response) => return Ok(response),
+                Err(Failure::Unanswered(_)) if repeatable => {}
+                Err(Failure::Unanswered(err) | Failure::Failed(err)) => return Err(SendError::Failed(err)),
+            }
+        }
+        let connection = self.connect(addr).await?;
+        match self.exchange(connection, addr, &head, body, &parts.method).await {
+            Ok(response) => Ok(response),
+            Err(Failure::Unanswered(err) | Failure::Failed(err)) => Err(SendError::Failed(err)),
+        }
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<Connection, SendError> {
+        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| {
+                SendError::Connect(format!("connect timed out after {:?}", self.connect_timeout).into())
+            })?
+            .map_err(|err| SendError::Connect(err.into()))?;
+        let _ = stream.set_nodelay(true);
+        Ok(Connection { stream, buf: BytesMut::new() })
+    }
+
+    async fn exchange(
+        self: &Arc<Self>,
+        mut connection: Connection,
+        addr: SocketAddr,
+        head: &[u8],
+        body: &Bytes,
+        method: &Method,
+    ) -> Result<Response<Http1Body>, Failure> {
+        let mut request = [IoSlice::new(head), IoSlice::new(body)];
+        write_all(&connection.stream, &mut request).await.map_err(|err| Failure::Unanswered(err.into()))?;
+        let (response, decoder, keep_alive) = loop {
+            match parse_response(&mut connection.buf, method).map_err(Failure::Failed)? {
+                Some(Parsed::Final(response, decoder, keep_alive)) => break (response, decoder, keep_alive),
+                Some(Parsed::Interim) => continue,
+                None => {}
+            }
+            if connection.buf.capacity() - connection.buf.len() < 1024 {
+                connection.buf.reserve(READ_BUFFER);
+            }
+            let nothing_yet = connection.buf.is_empty();
+            match connection.stream.read_buf(&mut connection.buf).await {
+                Ok(0) if nothing_yet => {
+                    return Err(Failure::Unanswered("the instance closed the connection".into()))
+                }
+                Ok(0) => return Err(Failure::Failed("the instance closed the connection mid-answer".into())),
+                Ok(_) => {}
+                Err(err) if nothing_yet => return Err(Failure::Unanswered(err.into())),
+                Err(err) => return Err(Failure::Failed(err.into())),
+            }
+        };
+        let mut body = Http1Body {
+            connection: Some(connection),
+            decoder,
+            home: keep_alive.then(|| (Arc::clone(self), addr)),
+        };
+        if body.decoder.is_done() {
+            body.finish();
+        }
+        Ok(response.map(|()| body))
+    }
+
+    /// The most recently used idle connection to `addr` that the instance has not closed.
+    fn checkout(&self, addr: SocketAddr) -> Option<Connection> {
+        let mut idle = self.idle.lock().ok()?;
+        let stack = idle.by_address.get_mut(&addr)?;
+        while let Some((connection, since)) = stack.pop() {
+            if since.elapsed() < IDLE_TIMEOUT && connection.is_quiet() {
+                return Some(connection);
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, addr: SocketAddr, connection: Connection) {
+        let Ok(mut idle) = self.idle.lock() else { return };
+        let now = Instant::now();
+        // Now and then, close what stayed idle too long, including all connections to instances
+        // that are gone.
+        if idle.pruned.is_none_or(|at| now.duration_since(at) > Duration::from_secs(1)) {
+            idle.pruned = Some(now);
+            idle.by_address.retain(|_, stack| {
+                stack.retain(|(_, since)| now.duration_since(*since) < IDLE_TIMEOUT);
+                !stack.is_empty()
+            });
+        }
+        let stack = idle.by_address.entry(addr).or_default();
+        if stack.len() < MAX_IDLE_PER_INSTANCE {
+            stack.push((connection, now));
+        }
+    }
+}
+
+impl Connection {
+    /// No bytes and no close have arrived since the last answer: tokio clears a socket's read
+    /// readiness after a read that drained it, so readiness now means the instance closed the
+    /// connection (or sent something unasked), and it cannot be reused.
+    fn is_quiet(&self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        self.buf.is_empty() && self.stream.poll_read_ready(&mut cx).is_pending()
+    }
+}
+
+/// The request line and headers. The body is whole, so it goes with a Content-Length and
+/// nothing is expected before it.
+fn write_request_head(dst: &mut Vec<u8>, parts: &Parts, body_len: usize, authority: &Authority) {
+    dst.extend_from_slice(parts.method.as_str().as_bytes());
+    dst.push(b' ');
+    dst.extend_from_slice(parts.uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes());
+    dst.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &parts.headers {
+        if name == CONTENT_LENGTH || name == EXPECT || name == TRANSFER_ENCODING {
+            continue;
+        }
+        dst.extend_from_slice(name.as_str().as_bytes());
+        dst.extend_from_slice(b": ");
+        dst.extend_from_slice(value.as_bytes());
+        dst.extend_from_slice(b"\r\n");
+    }
+    if !parts.headers.contains_key(HOST) {
+        dst.extend_from_slice(b"host: ");
+        dst.extend_from_slice(authority.as_str().as_bytes());
+        dst.extend_from_slice(b"\r\n");
+    }
+    let needs_length = body_len > 0 || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
+    if needs_length {
+        dst.extend_from_slice(b"content-length: ");
+        dst.extend_from_slice(body_len.to_string().as_bytes());
+        dst.extend_from_slice(b"\r\n");
+    }
+    dst.extend_from_slice(b"\r\n");
+}
+
+enum Parsed {
+    /// `100 Continue` and other interim answers, skipped.
+    Interim,
+    /// The answer, how its body is framed, and whether the connection can be reused after it.
+    Final(Response<()>, Decoder, bool),
+}
+
+/// Parses a response head at the start of `buf`, splitting it off; `Ok(None)`: incomplete.
+fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, BoxError> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut fields);
+    let length = match parsed.parse(buf)? {
+        httparse::Status::Complete(length) => length,
+        httparse::Status::Partial if buf.len() >= MAX_HEAD_BYTES => {
+            return Err(format!("response head larger than {} KiB", MAX_HEAD_BYTES / 1024).into())
+        }
+        httparse::Status::Partial => return Ok(None),
+    };
+    let status = StatusCode::from_u16(parsed.code.unwrap_or_default())?;
+    let version = if parsed.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
+    let spans = header_spans(parsed.headers, buf)?;
+    let head = buf.split_to(length).freeze();
+    if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+        return Ok(Some(Parsed::Interim));
+    }
+    let headers = header_map(&head, spans)?;
+    let decoder = response_decoder(status, method, &headers)?;
+    let keep_alive = !matches!(decoder, Decoder::UntilClose { .. })
+        && match version {
+            Version::HTTP_10 => has_token(&headers, CONNECTION, "keep-alive"),
+            _ => !has_token(&headers, CONNECTION, "close"),
+        };
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    *response.version_mut() = version;
+    *response.headers_mut() = headers;
+    Ok(Some(Parsed::Final(response, decoder, keep_alive)))
+}
+
+/// How a response body is delimited (RFC 9112 §6.3).
+fn response_decoder(status: StatusCode, method: &Method, headers: &HeaderMap) -> Result<Decoder, BoxError> {
+    if *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok(Decoder::length(0));
+    }
+    if headers.contains_key(TRANSFER_ENCODING) {
+        return Ok(if chunked_last(headers) { Decoder::chunked() } else { Decoder::until_close() });
+    }
+    let mut lengths =
+        headers.get_all(CONTENT_LENGTH).iter().map(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+    match lengths.next() {
+        None => Ok(Decoder::until_close()),
+        Some(Some(length)) if lengths.all(|other| other == Some(length)) => Ok(Decoder::length(length)),
+        Some(_) => Err("invalid or conflicting Content-Length in the response".into()),
+    }
+}
+
+/// A response body read straight off its instance connection, which goes back to the idle
+/// stack once the body has ended (and is closed if the body is dropped before).
+pub struct Http1Body {
+    connection: Option<Connection>,
+    decoder: Decoder,
+    /// Where the connection goes back to, if it may be reused.
+    home: Option<(Arc<Http1Client>, SocketAddr)>,
+}
+
+impl Http1Body {
+    fn finish(&mut self) {
+        if let (Some(connection), Some((client, addr))) = (self.connection.take(), self.home.take()) {
+            // Bytes past the end of the answer: the connection is out of step, not reusable.
+            if connection.buf.is_empty() {
+                client.checkin(addr, connection);
+            }
+        }
+    }
+
+    fn fail(&mut self, err: impl Into<BoxError>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.connection = None;
+        Poll::Ready(Some(Err(err.into())))
+    }
+}
+
+impl Body for Http1Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(connection) = this.connection.as_mut() else { return Poll::Ready(None) };
+            match this.decoder.decode(&mut connection.buf) {
+                Ok(Decoded::Data(data)) => {
+                    if this.decoder.is_done() {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(Decoded::Done) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(Decoded::NeedMore) => {}
+                Err(err) => return this.fail(err),
+            }
+            if connection.buf.capacity() - connection.buf.len() < 1024 {
+                connection.buf.reserve(READ_BUFFER);
+            }
+            match tokio_util::io::poll_read_buf(Pin::new(&mut connection.stream), cx, &mut connection.buf) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) => {
+                    if let Err(err) = this.decoder.closed() {
+                        return this.fail(err);
+                    }
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(err)) => return this.fail(err),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.decoder.is_done()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.decoder.remaining().map_or_else(SizeHint::default, SizeHint::with_exact)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str, method: Method) -> Parsed {
+        parse_response(&mut BytesMut::from(text), &method).expect("valid").expect("complete")
+    }
+
+    #[test]
+    fn response_framing_and_reuse_follow_the_head() {
+        let cases = [
+            ("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", Method::GET, Decoder::length(5), true),
+            ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", Method::GET, Decoder::chunked(), true),
+            ("HTTP/1.1 200 OK\r\n\r\n", Method::GET, Decoder::until_close(), false),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\n",
+                Method::GET,
+                Decoder::length(5),
+                false,
+            ),
+            ("HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\n", Method::GET, Decoder::length(5), false),
+            ("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", Method::HEAD, Decoder::length(0), true),
+            ("HTTP/1.1 304 Not Modified\r\n\r\n", Method::GET, Decoder::length(0), true),
+        ];
+        for (head, method, decoder, reusable) in cases {
+            let Parsed::Final(_, got, keep_alive) = parse(head, method) else { panic!("{head:?} is final") };
+            assert_eq!((got, keep_alive), (decoder, reusable), "{head:?}");
+        }
+        assert!(matches!(parse("HTTP/1.1 100 Continue\r\n\r\n", Method::POST), Parsed::Interim));
+        let conflicting = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n";
+        assert!(parse_response(&mut BytesMut::from(conflicting), &Method::GET).is_err());
+    }
+
+    #[test]
+    fn a_request_head_carries_the_whole_body_length() {
+        let request = http::Request::post("http://10.0.0.1:80/a?b=1")
+            .header("x-one", "1")
+            .header(CONTENT_LENGTH, "999")
+            .header(EXPECT, "100-continue")
+            .body(())
+            .expect("request");
+        let (parts, ()) = request.into_parts();
+        let mut head = Vec::new();
+        write_request_head(&mut head, &parts, 3, &Authority::from_static("10.0.0.1:80"));
+        assert_eq!(
+            String::from_utf8_lossy(&head),
+            "POST /a?b=1 HTTP/1.1\r\nx-one: 1\r\nhost: 10.0.0.1:80\r\ncontent-length: 3\r\n\r\n"
+        );
+    }
+}
