@@ -73,11 +73,7 @@ pub(super) async fn serve(
             Ok(Ok(Some(HeadRead::Head(head)))) => head,
             Ok(Ok(Some(HeadRead::Http2))) => return Handoff::Http2(ClientStream::new(buf.freeze(), stream)),
             Ok(Err(err)) => {
-                let (_, writer) = stream.split();
-                let exchange =
-                    Exchange { head_request: false, version: http::Version::HTTP_11, keep_alive: false };
-                let _ = write_response(&writer, head_error(err), &exchange, &AtomicBool::new(false)).await;
-                Box::pin(linger(stream)).await;
+                Box::pin(refuse(stream, err)).await;
                 return Handoff::Closed;
             }
             Ok(Ok(None)) | Err(_) => return Handoff::Closed,
@@ -134,8 +130,15 @@ async fn read_head(
     }
 }
 
-fn head_error(err: HeadError) -> Response<GatewayBody> {
-    GatewayError::BadRequestHead { status: err.status(), reason: err.to_string() }.into_response()
+/// Answers a head that cannot be served (400 or 431), then closes. Boxed by the caller: it is
+/// rare, and its state should not enlarge every connection's task.
+async fn refuse(mut stream: TcpStream, err: HeadError) {
+    let (_, writer) = stream.split();
+    let exchange = Exchange { head_request: false, version: http::Version::HTTP_11, keep_alive: false };
+    let response =
+        GatewayError::BadRequestHead { status: err.status(), reason: err.to_string() }.into_response();
+    let _ = write_response(&writer, response, &exchange, &AtomicBool::new(false)).await;
+    linger(stream).await;
 }
 
 /// How an exchange left the connection.

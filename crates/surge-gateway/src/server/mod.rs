@@ -67,6 +67,16 @@ async fn connection(
     mut stop: watch::Receiver<bool>,
 ) {
     let h1::Handoff::Http2(stream) = h1::serve(&gateway, stream, &client, &mut stop).await else { return };
+    // Boxed: hyper's HTTP/2 connection is large, and most connections never need it.
+    Box::pin(serve_h2(gateway, stream, client, stop)).await;
+}
+
+async fn serve_h2(
+    gateway: Arc<Gateway>,
+    stream: ClientStream,
+    client: ClientAddr,
+    mut stop: watch::Receiver<bool>,
+) {
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let (gateway, client) = (Arc::clone(&gateway), client.clone());
         async move { Ok::<_, Infallible>(gateway.handle(request.map(ClientBody::Http2), client).await) }
