@@ -29,8 +29,10 @@ use crate::wire::{chunked_last, has_token, header_map, header_spans, write_all, 
 /// A response head larger than this is refused (as hyper's default allows about 400 KiB, nginx 4 KiB).
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 const MAX_HEADERS: usize = 100;
-/// Room asked for per read of a response.
-const READ_BUFFER: usize = 16 * 1024;
+/// Bounds of the room asked for per read. The slack added to what is expected makes the last
+/// read of an answer a short one, after which tokio knows the socket is drained.
+const READ_SIZE: std::ops::RangeInclusive<usize> = 16 * 1024..=256 * 1024;
+const READ_SLACK: usize = 1024;
 /// An idle connection older than this is closed rather than reused: instances commonly close
 /// idle connections after a minute or more (hyper-util closes its own after 90 s).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(55);
@@ -51,6 +53,11 @@ struct IdleConnections {
 struct Connection {
     stream: TcpStream,
     buf: BytesMut,
+    /// Bytes read for the current answer.
+    answer_bytes: usize,
+    /// Room to read the next answer into: the last answer's size, so that each usually
+    /// arrives in one read (hyper's adaptive read buffer does the like).
+    read_size: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,7 +116,7 @@ impl Http1Client {
             })?
             .map_err(|err| SendError::Connect(err.into()))?;
         let _ = stream.set_nodelay(true);
-        Ok(Connection { stream, buf: BytesMut::new() })
+        Ok(Connection { stream, buf: BytesMut::new(), answer_bytes: 0, read_size: *READ_SIZE.start() })
     }
 
     async fn exchange(
@@ -120,6 +127,7 @@ impl Http1Client {
         body: &Bytes,
         method: &Method,
     ) -> Result<Response<Http1Body>, Failure> {
+        connection.answer_bytes = 0;
         let mut request = [IoSlice::new(head), IoSlice::new(body)];
         write_all(&connection.stream, &mut request).await.map_err(|err| Failure::Unanswered(err.into()))?;
         let (response, decoder, keep_alive) = loop {
@@ -128,8 +136,8 @@ impl Http1Client {
                 Some(Parsed::Interim) => continue,
                 None => {}
             }
-            if connection.buf.capacity() - connection.buf.len() < 1024 {
-                connection.buf.reserve(READ_BUFFER);
+            if connection.buf.capacity() - connection.buf.len() < connection.read_size {
+                connection.buf.reserve(connection.read_size);
             }
             let nothing_yet = connection.buf.is_empty();
             match connection.stream.read_buf(&mut connection.buf).await {
@@ -137,7 +145,7 @@ impl Http1Client {
                     return Err(Failure::Unanswered("the instance closed the connection".into()))
                 }
                 Ok(0) => return Err(Failure::Failed("the instance closed the connection mid-answer".into())),
-                Ok(_) => {}
+                Ok(n) => connection.answer_bytes += n,
                 Err(err) if nothing_yet => return Err(Failure::Unanswered(err.into())),
                 Err(err) => return Err(Failure::Failed(err.into())),
             }
@@ -185,12 +193,19 @@ impl Http1Client {
 }
 
 impl Connection {
-    /// No bytes and no close have arrived since the last answer: tokio clears a socket's read
-    /// readiness after a read that drained it, so readiness now means the instance closed the
-    /// connection (or sent something unasked), and it cannot be reused.
+    /// No bytes and no close have arrived since the last answer, so the connection can be
+    /// reused. Tokio clears a socket's read readiness after a short read, so usually no
+    /// readiness says it at no cost; readiness left by a read that filled the buffer is checked
+    /// with a read that should find nothing.
     fn is_quiet(&self) -> bool {
         let mut cx = Context::from_waker(Waker::noop());
-        self.buf.is_empty() && self.stream.poll_read_ready(&mut cx).is_pending()
+        if !self.buf.is_empty() {
+            return false;
+        }
+        if self.stream.poll_read_ready(&mut cx).is_pending() {
+            return true;
+        }
+        matches!(self.stream.try_read(&mut [0u8; 1]), Err(err) if err.kind() == std::io::ErrorKind::WouldBlock)
     }
 }
 
@@ -295,7 +310,9 @@ pub struct Http1Body {
 
 impl Http1Body {
     fn finish(&mut self) {
-        if let (Some(connection), Some((client, addr))) = (self.connection.take(), self.home.take()) {
+        if let (Some(mut connection), Some((client, addr))) = (self.connection.take(), self.home.take()) {
+            connection.read_size =
+                (connection.answer_bytes + READ_SLACK).clamp(*READ_SIZE.start(), *READ_SIZE.end());
             // Bytes past the end of the answer: the connection is out of step, not reusable.
             if connection.buf.is_empty() {
                 client.checkin(addr, connection);
@@ -334,8 +351,13 @@ impl Body for Http1Body {
                 Ok(Decoded::NeedMore) => {}
                 Err(err) => return this.fail(err),
             }
-            if connection.buf.capacity() - connection.buf.len() < 1024 {
-                connection.buf.reserve(READ_BUFFER);
+            let left = this
+                .decoder
+                .remaining()
+                .map_or(usize::MAX, |left| usize::try_from(left).unwrap_or(usize::MAX));
+            let wanted = left.saturating_add(READ_SLACK).clamp(*READ_SIZE.start(), *READ_SIZE.end());
+            if connection.buf.capacity() - connection.buf.len() < wanted {
+                connection.buf.reserve(wanted);
             }
             match tokio_util::io::poll_read_buf(Pin::new(&mut connection.stream), cx, &mut connection.buf) {
                 Poll::Pending => return Poll::Pending,
@@ -344,7 +366,7 @@ impl Body for Http1Body {
                         return this.fail(err);
                     }
                 }
-                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Ok(n)) => connection.answer_bytes += n,
                 Poll::Ready(Err(err)) => return this.fail(err),
             }
         }
