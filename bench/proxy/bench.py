@@ -344,11 +344,21 @@ def run(work):
     report(results, idle)
 
 
+def commit():
+    """The commit measured, marked when the tree has uncommitted changes."""
+    def git(*args):
+        return subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True).stdout.strip()
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + (" with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def report(results, idle):
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     lines = [
         f"### proxy, {day}, {os.cpu_count()} cores ({cpu})",
+        "",
+        f"Code at `{commit()}`.",
         "",
         f"`bench/proxy/run.sh` (DURATION={DURATION}): wrk closed loop; each proxy one worker pinned to core "
         f"{PROXY_CORE} (nginx `worker_processes 1`, HAProxy `nbthread 1`, Surge's runtime sees one core), "
