@@ -136,6 +136,15 @@ impl tower::Service<Request<ClientBody>> for Proxy {
     }
 }
 
+/// The instances a request has tried. Others are preferred for the next try, and one that
+/// refused the connection is not tried again: it is down, whatever the ready snapshot says
+/// until its exit is seen, so the request waits for another instance instead.
+#[derive(Default)]
+struct Tried {
+    all: Vec<SocketAddr>,
+    refused: Vec<SocketAddr>,
+}
+
 /// How one try ended, and whether it may be tried again elsewhere.
 enum Try {
     Answered(Response<UpstreamBody>),
@@ -166,7 +175,7 @@ impl ProxyInner {
         let mut body = Payload::prepare(body)
             .await
             .map_err(|err| GatewayError::BadRequestBody { cause: root_cause(&*err) })?;
-        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut tried = Tried::default();
 
         for attempt in 1..=config.retry.attempts {
             // First come, first served: while requests wait for a slot, a new one waits behind
@@ -178,7 +187,7 @@ impl ProxyInner {
                 None => self.wait_for_instance(&tried, behind_others).await?,
             };
             let instance = in_flight.instance();
-            tried.push(instance.addr);
+            tried.all.push(instance.addr);
             let Some(this_body) = body.for_try() else { break };
             let mut request = Request::from_parts(parts.clone(), this_body);
             rewrite_request(&mut request, instance, self.version);
@@ -188,6 +197,9 @@ impl ProxyInner {
             request.headers_mut().insert(DEADLINE_HEADER, HeaderValue::from(millis));
 
             let outcome = self.try_once(request, &in_flight, try_timeout, repeatable).await;
+            if matches!(outcome, Try::NotSent(_)) {
+                tried.refused.push(instance.addr);
+            }
             let succeeded =
                 matches!(&outcome, Try::Answered(response) if !response.status().is_server_error());
             self.pool.report(&mut in_flight, succeeded);
@@ -229,9 +241,9 @@ impl ProxyInner {
         client_side: ClientUpgrade,
     ) -> Result<Response<GatewayBody>, GatewayError> {
         self.pool.load().arrived();
-        let mut in_flight = match self.choose(&[]) {
+        let mut in_flight = match self.choose(&Tried::default()) {
             Some(in_flight) => in_flight,
-            None => self.wait_for_instance(&[], false).await?,
+            None => self.wait_for_instance(&Tried::default(), false).await?,
         };
         let (parts, body) = request.into_parts();
         let mut upstream = Request::from_parts(parts, Payload::Streaming { body });
@@ -311,11 +323,7 @@ impl ProxyInner {
     /// crash) or all are at `instance_concurrency`. Wait in the pool's bounded buffer for a
     /// slot or a new instance, up to the buffer timeout. A pool that expects no instance
     /// answers at once.
-    async fn wait_for_instance(
-        &self,
-        tried: &[SocketAddr],
-        behind_others: bool,
-    ) -> Result<InFlight, GatewayError> {
+    async fn wait_for_instance(&self, tried: &Tried, behind_others: bool) -> Result<InFlight, GatewayError> {
         let service = || self.pool.name().to_owned();
         if !self.pool.expects_instances() {
             return Err(GatewayError::NoReadyInstance { service: service() });
@@ -354,7 +362,7 @@ impl ProxyInner {
     /// stopped or were ejected since it was published; the balancer skips them, and a pick
     /// that loses a race with a drain or a probe is simply made again. Instances in `tried`
     /// are skipped while another one is available.
-    fn choose(&self, tried: &[SocketAddr]) -> Option<InFlight> {
+    fn choose(&self, tried: &Tried) -> Option<InFlight> {
         let ready = self.pool.ready();
         let config = self.pool.config();
         // The pool-wide limit: a slot is claimed first and given back when over, so two requests
@@ -375,11 +383,12 @@ impl ProxyInner {
             let instance: &Instance = &ready[i];
             let in_flight = instance.in_flight();
             let usable = instance.is_available() && in_flight < limit;
-            (usable && !(skip_tried && tried.contains(&instance.addr)))
-                .then(|| Load { in_flight, latency: instance.latency_estimate() })
+            let excluded =
+                tried.refused.contains(&instance.addr) || (skip_tried && tried.all.contains(&instance.addr));
+            (usable && !excluded).then(|| Load { in_flight, latency: instance.latency_estimate() })
         };
         for skip_tried in [true, false] {
-            if !skip_tried && tried.is_empty() {
+            if !skip_tried && tried.all.is_empty() {
                 break;
             }
             for _ in 0..=ready.len() {
@@ -396,7 +405,9 @@ impl ProxyInner {
         if !ready.is_empty() && ready.iter().all(|i| i.is_ejected()) {
             let index = self.balancer.pick(ready.len(), weight, |i| {
                 let instance: &Instance = &ready[i];
-                (instance.state() == surge_pool::InstanceState::Ready && instance.in_flight() < limit)
+                let usable =
+                    instance.state() == surge_pool::InstanceState::Ready && instance.in_flight() < limit;
+                (usable && !tried.refused.contains(&instance.addr))
                     .then(|| Load { in_flight: instance.in_flight(), latency: instance.latency_estimate() })
             })?;
             return ready[index].begin_ignoring_breaker().and_then(within_service_limit);
