@@ -33,7 +33,7 @@ pub use layers::GatewayMetrics;
 pub use proxy::ClientAddr;
 pub use ratelimit::{gcra, RateLimiter, RateStore, Verdict};
 pub use router::Router;
-pub use server::{serve, ClientStream, ClientUpgrade, RequestBody};
+pub use server::{serve, RequestBody};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 

@@ -72,7 +72,7 @@ impl Body for RequestBody {
 
 /// A client's connection handed on with bytes already read from it, which it yields first:
 /// after `101 Switching Protocols`, or to the HTTP/2 server after the preface was seen.
-pub struct ClientStream {
+pub(crate) struct ClientStream {
     prefix: Bytes,
     stream: TcpStream,
 }
@@ -86,7 +86,7 @@ impl ClientStream {
 /// Put in an upgrade request's extensions: resolves to the client's connection once the
 /// `101` has been written to it.
 #[derive(Clone)]
-pub struct ClientUpgrade(Arc<Mutex<Option<oneshot::Receiver<ClientStream>>>>);
+pub(crate) struct ClientUpgrade(Arc<Mutex<Option<oneshot::Receiver<ClientStream>>>>);
 
 impl ClientUpgrade {
     pub(super) fn new() -> (Self, oneshot::Sender<ClientStream>) {
@@ -95,7 +95,7 @@ impl ClientUpgrade {
     }
 
     /// The upgraded connection, or `None` if the connection closed instead.
-    pub async fn upgraded(self) -> Option<ClientStream> {
+    pub(crate) async fn upgraded(self) -> Option<ClientStream> {
         let receiver = self.0.lock().ok()?.take()?;
         receiver.await.ok()
     }

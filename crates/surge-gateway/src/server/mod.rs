@@ -17,7 +17,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-pub use io::{ClientStream, ClientUpgrade, RequestBody};
+use io::ClientStream;
+pub(crate) use io::ClientUpgrade;
+pub use io::RequestBody;
 
 use crate::body::ClientBody;
 use crate::{ClientAddr, Gateway};
