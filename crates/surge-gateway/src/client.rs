@@ -15,20 +15,20 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, EXPECT, HOST, TRANSFER_ENCODING};
+use http::header::HOST;
 use http::request::Parts;
 use http::uri::Authority;
-use http::{HeaderMap, Method, Response, StatusCode, Version};
+use http::{Method, Response};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-use crate::wire::decode::{Decoded, Decoder};
-use crate::wire::{chunked_last, has_token, header_map, header_spans, write_all, BoxError};
+use surge_http1::encode::{is_request_framing, write_request_head};
+use surge_http1::head::{parse_response, ResponseHead};
+use surge_http1::{Decoded, Decoder};
 
-/// A response head larger than this is refused (as hyper's default allows about 400 KiB, nginx 4 KiB).
-const MAX_HEAD_BYTES: usize = 64 * 1024;
-const MAX_HEADERS: usize = 100;
+use crate::wire::{write_all, BoxError};
+
 /// Bounds of the room asked for per read. The slack added to what is expected makes the last
 /// read of an answer a short one, after which tokio knows the socket is drained.
 const READ_SIZE: std::ops::RangeInclusive<usize> = 16 * 1024..=256 * 1024;
@@ -93,7 +93,10 @@ impl Http1Client {
         repeatable: bool,
     ) -> Result<Response<Http1Body>, SendError> {
         let mut head = Vec::with_capacity(512);
-        write_request_head(&mut head, parts, body.len(), authority);
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let host = (!parts.headers.contains_key(HOST)).then(|| authority.as_str().as_bytes());
+        let fields = parts.headers.iter().filter(|(name, _)| !is_request_framing(name));
+        write_request_head(&mut head, &parts.method, target, host, fields, Some(body.len() as u64));
         if let Some(connection) = self.checkout(addr) {
             match self.exchange(connection, addr, &head, body, &parts.method).await {
                 Ok(response) => return Ok(response),
@@ -131,9 +134,11 @@ impl Http1Client {
         let mut request = [IoSlice::new(head), IoSlice::new(body)];
         write_all(&connection.stream, &mut request).await.map_err(|err| Failure::Unanswered(err.into()))?;
         let (response, decoder, keep_alive) = loop {
-            match parse_response(&mut connection.buf, method).map_err(Failure::Failed)? {
-                Some(Parsed::Final(response, decoder, keep_alive)) => break (response, decoder, keep_alive),
-                Some(Parsed::Interim) => continue,
+            match parse_response(&mut connection.buf, method).map_err(|err| Failure::Failed(err.into()))? {
+                Some(ResponseHead::Final { response, decoder, keep_alive }) => {
+                    break (response, decoder, keep_alive)
+                }
+                Some(ResponseHead::Interim) => continue,
                 None => {}
             }
             if connection.buf.capacity() - connection.buf.len() < connection.read_size {
@@ -206,96 +211,6 @@ impl Connection {
             return true;
         }
         matches!(self.stream.try_read(&mut [0u8; 1]), Err(err) if err.kind() == std::io::ErrorKind::WouldBlock)
-    }
-}
-
-/// The request line and headers. The body is whole, so it goes with a Content-Length and
-/// nothing is expected before it.
-fn write_request_head(dst: &mut Vec<u8>, parts: &Parts, body_len: usize, authority: &Authority) {
-    dst.extend_from_slice(parts.method.as_str().as_bytes());
-    dst.push(b' ');
-    dst.extend_from_slice(parts.uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes());
-    dst.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &parts.headers {
-        if name == CONTENT_LENGTH || name == EXPECT || name == TRANSFER_ENCODING {
-            continue;
-        }
-        dst.extend_from_slice(name.as_str().as_bytes());
-        dst.extend_from_slice(b": ");
-        dst.extend_from_slice(value.as_bytes());
-        dst.extend_from_slice(b"\r\n");
-    }
-    if !parts.headers.contains_key(HOST) {
-        dst.extend_from_slice(b"host: ");
-        dst.extend_from_slice(authority.as_str().as_bytes());
-        dst.extend_from_slice(b"\r\n");
-    }
-    let needs_length = body_len > 0 || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
-    if needs_length {
-        dst.extend_from_slice(b"content-length: ");
-        dst.extend_from_slice(body_len.to_string().as_bytes());
-        dst.extend_from_slice(b"\r\n");
-    }
-    dst.extend_from_slice(b"\r\n");
-}
-
-enum Parsed {
-    /// `100 Continue` and other interim answers, skipped.
-    Interim,
-    /// The answer, how its body is framed, and whether the connection can be reused after it.
-    Final(Response<()>, Decoder, bool),
-}
-
-/// Parses a response head at the start of `buf`, splitting it off; `Ok(None)`: incomplete.
-fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, BoxError> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Response::new(&mut fields);
-    let length = match parsed.parse(buf)? {
-        httparse::Status::Complete(length) => length,
-        httparse::Status::Partial if buf.len() >= MAX_HEAD_BYTES => {
-            return Err(format!("response head larger than {} KiB", MAX_HEAD_BYTES / 1024).into())
-        }
-        httparse::Status::Partial => return Ok(None),
-    };
-    let status = StatusCode::from_u16(parsed.code.unwrap_or_default())?;
-    let version = if parsed.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
-    let spans = header_spans(parsed.headers, buf)?;
-    let head = buf.split_to(length).freeze();
-    if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
-        return Ok(Some(Parsed::Interim));
-    }
-    let headers = header_map(&head, spans)?;
-    let decoder = response_decoder(status, method, &headers)?;
-    let keep_alive = !matches!(decoder, Decoder::UntilClose { .. })
-        && match version {
-            Version::HTTP_10 => has_token(&headers, CONNECTION, "keep-alive"),
-            _ => !has_token(&headers, CONNECTION, "close"),
-        };
-    let mut response = Response::new(());
-    *response.status_mut() = status;
-    *response.version_mut() = version;
-    *response.headers_mut() = headers;
-    Ok(Some(Parsed::Final(response, decoder, keep_alive)))
-}
-
-/// How a response body is delimited (RFC 9112 §6.3).
-fn response_decoder(status: StatusCode, method: &Method, headers: &HeaderMap) -> Result<Decoder, BoxError> {
-    if *method == Method::HEAD
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
-        return Ok(Decoder::length(0));
-    }
-    if headers.contains_key(TRANSFER_ENCODING) {
-        return Ok(if chunked_last(headers) { Decoder::chunked() } else { Decoder::until_close() });
-    }
-    let mut lengths =
-        headers.get_all(CONTENT_LENGTH).iter().map(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
-    match lengths.next() {
-        None => Ok(Decoder::until_close()),
-        Some(Some(length)) if lengths.all(|other| other == Some(length)) => Ok(Decoder::length(length)),
-        Some(_) => Err("invalid or conflicting Content-Length in the response".into()),
     }
 }
 
@@ -378,56 +293,5 @@ impl Body for Http1Body {
 
     fn size_hint(&self) -> SizeHint {
         self.decoder.remaining().map_or_else(SizeHint::default, SizeHint::with_exact)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(text: &str, method: Method) -> Parsed {
-        parse_response(&mut BytesMut::from(text), &method).expect("valid").expect("complete")
-    }
-
-    #[test]
-    fn response_framing_and_reuse_follow_the_head() {
-        let cases = [
-            ("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", Method::GET, Decoder::length(5), true),
-            ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", Method::GET, Decoder::chunked(), true),
-            ("HTTP/1.1 200 OK\r\n\r\n", Method::GET, Decoder::until_close(), false),
-            (
-                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\n",
-                Method::GET,
-                Decoder::length(5),
-                false,
-            ),
-            ("HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\n", Method::GET, Decoder::length(5), false),
-            ("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", Method::HEAD, Decoder::length(0), true),
-            ("HTTP/1.1 304 Not Modified\r\n\r\n", Method::GET, Decoder::length(0), true),
-        ];
-        for (head, method, decoder, reusable) in cases {
-            let Parsed::Final(_, got, keep_alive) = parse(head, method) else { panic!("{head:?} is final") };
-            assert_eq!((got, keep_alive), (decoder, reusable), "{head:?}");
-        }
-        assert!(matches!(parse("HTTP/1.1 100 Continue\r\n\r\n", Method::POST), Parsed::Interim));
-        let conflicting = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n";
-        assert!(parse_response(&mut BytesMut::from(conflicting), &Method::GET).is_err());
-    }
-
-    #[test]
-    fn a_request_head_carries_the_whole_body_length() {
-        let request = http::Request::post("http://10.0.0.1:80/a?b=1")
-            .header("x-one", "1")
-            .header(CONTENT_LENGTH, "999")
-            .header(EXPECT, "100-continue")
-            .body(())
-            .expect("request");
-        let (parts, ()) = request.into_parts();
-        let mut head = Vec::new();
-        write_request_head(&mut head, &parts, 3, &Authority::from_static("10.0.0.1:80"));
-        assert_eq!(
-            String::from_utf8_lossy(&head),
-            "POST /a?b=1 HTTP/1.1\r\nx-one: 1\r\nhost: 10.0.0.1:80\r\ncontent-length: 3\r\n\r\n"
-        );
     }
 }

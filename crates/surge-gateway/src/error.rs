@@ -15,8 +15,8 @@ pub const ERROR_HEADER: &str = "x-surge-error";
 pub enum GatewayError {
     #[error("no route matches host {host:?} and path {path:?}")]
     NoRoute { host: String, path: String },
-    #[error("{reason}")]
-    BadRequestHead { status: StatusCode, reason: String },
+    #[error("{0}")]
+    BadRequestHead(#[from] surge_http1::HeadError),
     #[error("the request body could not be read: {cause}")]
     BadRequestBody { cause: String },
     #[error("rate limit of {limit} requests exceeded; retry in {:.3} s", verdict.retry_after.as_secs_f64())]
@@ -39,7 +39,7 @@ impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
             GatewayError::NoRoute { .. } => StatusCode::NOT_FOUND,
-            GatewayError::BadRequestHead { status, .. } => *status,
+            GatewayError::BadRequestHead(err) => err.status(),
             GatewayError::BadRequestBody { .. } => StatusCode::BAD_REQUEST,
             GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::NoReadyInstance { .. }
@@ -54,10 +54,13 @@ impl GatewayError {
     pub fn code(&self) -> &'static str {
         match self {
             GatewayError::NoRoute { .. } => "no_route",
-            GatewayError::BadRequestHead { status, .. } if *status == StatusCode::BAD_REQUEST => {
-                "bad_request_head"
+            GatewayError::BadRequestHead(surge_http1::HeadError::Malformed(_)) => "bad_request_head",
+            GatewayError::BadRequestHead(
+                surge_http1::HeadError::TooLarge | surge_http1::HeadError::TooManyHeaders,
+            ) => "request_head_too_large",
+            GatewayError::BadRequestHead(surge_http1::HeadError::UnsupportedCoding) => {
+                "unsupported_transfer_coding"
             }
-            GatewayError::BadRequestHead { .. } => "request_head_too_large",
             GatewayError::BadRequestBody { .. } => "bad_request_body",
             GatewayError::RateLimited { .. } => "rate_limited",
             GatewayError::NoReadyInstance { .. } => "no_ready_instance",

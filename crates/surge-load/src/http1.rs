@@ -4,6 +4,8 @@
 //! what gets measured.
 
 use bytes::{Buf, BytesMut};
+use surge_http1::head::response_decoder;
+use surge_http1::{Decoder, Fields};
 
 /// How far a response has been read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,159 +16,82 @@ pub enum Progress {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("malformed response: {0}")]
-pub struct Malformed(&'static str);
-
-#[derive(Debug, Clone, Copy)]
-enum State {
-    Head,
-    Body { remaining: u64 },
-    ChunkSize,
-    ChunkData { remaining: u64 },
-    ChunkEnd,
-    Trailers,
-    UntilClose,
-}
+pub struct Malformed(String);
 
 /// Reads one response from bytes as they arrive. Pure: feed it buffers, it says when the
-/// response is complete.
+/// response is complete. The head's fields are read where httparse found them, never copied
+/// into a header map, and the body is skipped in place.
 #[derive(Debug)]
 pub struct ResponseReader {
-    state: State,
+    /// `None` until the head has been read.
+    body: Option<Decoder>,
     head_request: bool,
     status: u16,
     keep_alive: bool,
 }
 
-/// A head larger than this is not a response a load test should wait for.
-const MAX_HEAD: usize = 64 * 1024;
-
 impl ResponseReader {
     pub fn new(head_request: bool) -> Self {
-        ResponseReader { state: State::Head, head_request, status: 0, keep_alive: true }
+        ResponseReader { body: None, head_request, status: 0, keep_alive: true }
     }
 
     /// Consumes what it can of `buf`.
     pub fn feed(&mut self, buf: &mut BytesMut) -> Result<Progress, Malformed> {
         loop {
-            match self.state {
-                State::Head => {
-                    let mut headers = [httparse::EMPTY_HEADER; 64];
-                    let mut response = httparse::Response::new(&mut headers);
-                    let length = match response.parse(buf) {
-                        Ok(httparse::Status::Complete(length)) => length,
-                        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
-                            return Err(Malformed("response head larger than 64 KiB"))
-                        }
-                        Ok(httparse::Status::Partial) => return Ok(Progress::NeedMore),
-                        Err(_) => return Err(Malformed("invalid response head")),
-                    };
-                    let status = response.code.unwrap_or(0);
-                    let http10 = response.version == Some(0);
-                    let (mut chunked, mut content_length, mut close, mut keep_alive) =
-                        (false, None, false, false);
-                    for header in response.headers.iter() {
-                        let value = std::str::from_utf8(header.value).unwrap_or("");
-                        if header.name.eq_ignore_ascii_case("content-length") {
-                            content_length = Some(
-                                value
-                                    .trim()
-                                    .parse::<u64>()
-                                    .map_err(|_| Malformed("invalid content-length"))?,
-                            );
-                        } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
-                            chunked |= value.to_ascii_lowercase().contains("chunked");
-                        } else if header.name.eq_ignore_ascii_case("connection") {
-                            close |= value.eq_ignore_ascii_case("close");
-                            keep_alive |= value.eq_ignore_ascii_case("keep-alive");
-                        }
-                    }
-                    buf.advance(length);
-                    if (100..200).contains(&status) && status != 101 {
-                        continue; // an interim answer such as 100 Continue: the real one follows
-                    }
-                    self.status = status;
-                    self.keep_alive = if http10 { keep_alive } else { !close };
-                    self.state = if self.head_request || status == 204 || status == 304 {
-                        return Ok(self.done());
-                    } else if chunked {
-                        State::ChunkSize
-                    } else if let Some(length) = content_length {
-                        State::Body { remaining: length }
-                    } else {
-                        self.keep_alive = false;
-                        State::UntilClose
-                    };
-                }
-                State::Body { remaining } => {
-                    let take = remaining.min(buf.len() as u64);
-                    buf.advance(take as usize);
-                    if take == remaining {
-                        return Ok(self.done());
-                    }
-                    self.state = State::Body { remaining: remaining - take };
+            let Some(body) = &mut self.body else {
+                if !self.read_head(buf)? {
                     return Ok(Progress::NeedMore);
                 }
-                State::ChunkSize => {
-                    let Some(line) = take_line(buf)? else { return Ok(Progress::NeedMore) };
-                    let size = line.split(|&b| b == b';').next().unwrap_or(&[]);
-                    let size = std::str::from_utf8(size).ok().map(str::trim).unwrap_or("");
-                    let size = u64::from_str_radix(size, 16).map_err(|_| Malformed("invalid chunk size"))?;
-                    self.state =
-                        if size == 0 { State::Trailers } else { State::ChunkData { remaining: size } };
-                }
-                State::ChunkData { remaining } => {
-                    let take = remaining.min(buf.len() as u64);
-                    buf.advance(take as usize);
-                    if take < remaining {
-                        self.state = State::ChunkData { remaining: remaining - take };
-                        return Ok(Progress::NeedMore);
-                    }
-                    self.state = State::ChunkEnd;
-                }
-                State::ChunkEnd => {
-                    let Some(line) = take_line(buf)? else { return Ok(Progress::NeedMore) };
-                    if !line.is_empty() {
-                        return Err(Malformed("chunk not followed by CRLF"));
-                    }
-                    self.state = State::ChunkSize;
-                }
-                State::Trailers => {
-                    let Some(line) = take_line(buf)? else { return Ok(Progress::NeedMore) };
-                    if line.is_empty() {
-                        return Ok(self.done());
-                    }
-                }
-                State::UntilClose => {
-                    buf.clear();
-                    return Ok(Progress::NeedMore);
-                }
-            }
+                continue;
+            };
+            return match body.skip(buf) {
+                Ok(true) => Ok(self.done()),
+                Ok(false) => Ok(Progress::NeedMore),
+                Err(err) => Err(Malformed(err.to_string())),
+            };
         }
     }
 
-    /// The connection closed: complete if the response was delimited by the close.
-    pub fn closed(&self) -> Result<Progress, Malformed> {
-        match self.state {
-            State::UntilClose => Ok(Progress::Done { status: self.status, keep_alive: false }),
-            _ => Err(Malformed("connection closed before the response was complete")),
+    /// Reads a head off `buf`: `Ok(false)` until one is complete. Interim answers such as
+    /// `100 Continue` are skipped: the real one follows.
+    fn read_head(&mut self, buf: &mut BytesMut) -> Result<bool, Malformed> {
+        let mut fields = [httparse::EMPTY_HEADER; surge_http1::MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut fields);
+        let length = match response.parse(buf) {
+            Ok(httparse::Status::Complete(length)) => length,
+            Ok(httparse::Status::Partial) if buf.len() > surge_http1::MAX_HEAD_BYTES => {
+                return Err(Malformed("response head larger than 64 KiB".into()))
+            }
+            Ok(httparse::Status::Partial) => return Ok(false),
+            Err(err) => return Err(Malformed(format!("invalid response head: {err}"))),
+        };
+        let status = response.code.unwrap_or(0);
+        let http10 = response.version == Some(0);
+        let facts = Fields::scan(response.headers).map_err(|err| Malformed(err.to_string()))?;
+        buf.advance(length);
+        if (100..200).contains(&status) && status != 101 {
+            return Ok(false);
         }
+        let status_code =
+            http::StatusCode::from_u16(status).map_err(|_| Malformed("invalid status".into()))?;
+        let decoder = response_decoder(status_code, self.head_request, &facts);
+        self.status = status;
+        self.keep_alive = !matches!(decoder, Decoder::UntilClose { .. })
+            && if http10 { facts.connection.keep_alive } else { !facts.connection.close };
+        self.body = Some(decoder);
+        Ok(true)
+    }
+
+    /// The connection closed: complete if the response was delimited by the close.
+    pub fn closed(&mut self) -> Result<Progress, Malformed> {
+        let incomplete = || Malformed("connection closed before the response was complete".into());
+        let body = self.body.as_mut().ok_or_else(incomplete)?;
+        body.closed().map_err(|_| incomplete())?;
+        Ok(self.done())
     }
 
     fn done(&self) -> Progress {
         Progress::Done { status: self.status, keep_alive: self.keep_alive }
-    }
-}
-
-/// A CRLF-terminated line, without its CRLF, removed from `buf`; `None` until it is complete.
-fn take_line(buf: &mut BytesMut) -> Result<Option<Vec<u8>>, Malformed> {
-    match buf.windows(2).position(|w| w == b"\r\n") {
-        Some(end) => {
-            let line = buf[..end].to_vec();
-            buf.advance(end + 2);
-            Ok(Some(line))
-        }
-        None if buf.len() > 4096 => Err(Malformed("line longer than 4 KiB")),
-        None => Ok(None),
     }
 }
 
@@ -181,24 +106,15 @@ pub fn encode_request(
     out: &mut Vec<u8>,
 ) {
     out.clear();
-    out.extend_from_slice(method.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(path.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
-    out.extend_from_slice(host.as_bytes());
-    out.extend_from_slice(b"\r\n");
-    for (name, value) in headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    let has_body =
-        !body.is_empty() || matches!(*method, http::Method::POST | http::Method::PUT | http::Method::PATCH);
-    if has_body {
-        out.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
-    }
-    out.extend_from_slice(b"\r\n");
+    let fields = headers.iter().map(|(name, value)| (name, value));
+    surge_http1::encode::write_request_head(
+        out,
+        method,
+        path,
+        Some(host.as_bytes()),
+        fields,
+        Some(body.len() as u64),
+    );
     out.extend_from_slice(body);
 }
 

@@ -371,6 +371,11 @@ async fn malformed_and_oversized_heads_get_a_clear_error_then_a_close() {
             "bad_request_head",
         ),
         (big.as_str(), "431 Request Header Fields Too Large", "request_head_too_large"),
+        (
+            "POST /web HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            "501 Not Implemented",
+            "unsupported_transfer_coding",
+        ),
     ] {
         let answer = raw_exchange(&surge, request.as_bytes()).await;
         assert!(answer.starts_with(&format!("HTTP/1.1 {status}\r\n")), "{answer}");

@@ -16,16 +16,21 @@ use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use super::head::{self, BodyFraming, ChunkSizeLine, Exchange, Framing, Head, HeadError};
+use surge_http1::encode::{response_framing, write_response_head};
+use surge_http1::head::parse_request;
+use surge_http1::{
+    BodyFraming, ChunkSizeLine, Decoded, Decoder, Exchange, HeadError, RequestFraming, RequestHead,
+};
+
+use super::head;
 use super::io::{request_body, BodySender, ClientStream, ClientUpgrade};
 use crate::body::{ClientBody, GatewayBody};
 use crate::error::GatewayError;
-use crate::wire::decode::{Decoded, Decoder};
 use crate::wire::{write_all, BoxError};
 use crate::{ClientAddr, Gateway};
 
 /// The first read buffer for a request head (nginx: 1 KiB; a malloc of this size is served from
-/// its per-thread cache); it grows up to `head::MAX_HEAD_BYTES`.
+/// its per-thread cache); it grows up to `surge_http1::MAX_HEAD_BYTES`.
 const HEAD_BUFFER: usize = 1024;
 /// How much room a read for body bytes asks for.
 const BODY_BUFFER: usize = 64 * 1024;
@@ -102,7 +107,7 @@ pub(super) async fn serve(
     reason = "a return value on the stack; boxing would allocate per request"
 )]
 enum HeadRead {
-    Head(Head),
+    Head(RequestHead),
     Http2,
 }
 
@@ -118,7 +123,7 @@ async fn read_head(
             if buf.len() >= head::H2_PREFACE.len() {
                 return Ok(Some(HeadRead::Http2));
             }
-        } else if let Some(head) = head::parse(buf)? {
+        } else if let Some(head) = parse_request(buf)? {
             return Ok(Some(HeadRead::Head(head)));
         }
         if buf.capacity() == buf.len() {
@@ -136,8 +141,7 @@ async fn read_head(
 async fn refuse(mut stream: TcpStream, err: HeadError) {
     let (_, writer) = stream.split();
     let exchange = Exchange { head_request: false, version: http::Version::HTTP_11, keep_alive: false };
-    let response =
-        GatewayError::BadRequestHead { status: err.status(), reason: err.to_string() }.into_response();
+    let response = GatewayError::BadRequestHead(err).into_response();
     let _ = write_response(&writer, response, &exchange, &AtomicBool::new(false)).await;
     linger(stream).await;
 }
@@ -167,27 +171,28 @@ async fn exchange(
     gateway: &Gateway,
     stream: &mut TcpStream,
     buf: &mut BytesMut,
-    head: Head,
+    head: RequestHead,
     client: &ClientAddr,
     keep_alive: bool,
 ) -> Outcome {
-    let Head { request, framing, keep_alive: client_keeps, expect_continue, upgrade } = head;
+    let RequestHead { request, framing, keep_alive: client_keeps, expect_continue, upgrade } = head;
     let exchange = Exchange {
         head_request: request.method() == Method::HEAD,
         version: request.version(),
         keep_alive: keep_alive && client_keeps,
     };
-    let (body, sender, decoder) = match framing {
-        Framing::Empty => (ClientBody::Empty, None, Decoder::length(0)),
-        Framing::Length(length) => {
+    let (body, sender) = match framing {
+        RequestFraming::Empty => (ClientBody::Empty, None),
+        RequestFraming::Length(length) => {
             let (body, sender) = request_body(Some(length));
-            (ClientBody::Http1(body), Some(sender), Decoder::length(length))
+            (ClientBody::Http1(body), Some(sender))
         }
-        Framing::Chunked => {
+        RequestFraming::Chunked => {
             let (body, sender) = request_body(None);
-            (ClientBody::Http1(body), Some(sender), Decoder::chunked())
+            (ClientBody::Http1(body), Some(sender))
         }
     };
+    let decoder = framing.decoder();
     let mut request = request.map(|()| body);
     let upgrade = upgrade.then(|| {
         let (client_side, sender) = ClientUpgrade::new();
@@ -342,10 +347,10 @@ async fn write_response(
     head_started: &AtomicBool,
 ) -> io::Result<ResponseEnd> {
     let (parts, mut body) = response.into_parts();
-    let framing = head::response_framing(parts.status, &parts.headers, body.size_hint().exact(), exchange);
+    let framing = response_framing(parts.status, &parts.headers, body.size_hint().exact(), exchange);
     let switched = parts.status == StatusCode::SWITCHING_PROTOCOLS;
     let mut head = Vec::with_capacity(256);
-    head::write_response_head(&mut head, parts.status, &parts.headers, framing, exchange, &head::http_date());
+    write_response_head(&mut head, parts.status, &parts.headers, framing, exchange, &head::http_date());
     head_started.store(true, Ordering::Relaxed);
     let end = ResponseEnd { keep_alive: exchange.keep_alive && framing != BodyFraming::Close, switched };
     if framing == BodyFraming::None {

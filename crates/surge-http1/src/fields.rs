@@ -1,0 +1,197 @@
+//! The header fields that frame a message and decide its connection's fate, read in one pass
+//! over a parsed head: Content-Length, Transfer-Encoding, Connection, Expect and Upgrade.
+
+use crate::FramingError;
+
+/// What a head's fields say about framing and the connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Fields {
+    /// The Content-Length, when present: every value (and every element of a list) must be
+    /// the same number.
+    pub content_length: Option<u64>,
+    pub transfer_encoding: Option<Codings>,
+    pub connection: Connection,
+    /// `Expect: 100-continue`.
+    pub expect_continue: bool,
+    /// An Upgrade field is present.
+    pub upgrade: bool,
+    /// How many Host fields there are.
+    pub hosts: usize,
+}
+
+/// The transfer codings a message lists, in order, across all its Transfer-Encoding fields.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Codings {
+    /// How many codings are listed.
+    pub count: usize,
+    /// How many of them are `chunked`.
+    pub chunked: usize,
+    /// The last one is `chunked`.
+    pub chunked_last: bool,
+}
+
+impl Codings {
+    /// Exactly one coding, `chunked`: the only transfer coding a proxy needs to understand.
+    pub fn is_chunked_only(&self) -> bool {
+        self.count == 1 && self.chunked == 1
+    }
+}
+
+/// The Connection field's tokens that matter to a proxy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Connection {
+    pub close: bool,
+    pub keep_alive: bool,
+    pub upgrade: bool,
+    /// Tokens other than these three: names of further hop-by-hop fields.
+    pub others: bool,
+}
+
+impl Fields {
+    /// Reads the fields of a head httparse parsed. Only Content-Length can be wrong here (not
+    /// a number, or numbers that differ); what the codings mean is for the caller to judge,
+    /// since requests and responses are framed by different rules.
+    pub fn scan(fields: &[httparse::Header<'_>]) -> Result<Self, FramingError> {
+        let mut facts = Fields::default();
+        for field in fields {
+            let name = field.name.as_bytes();
+            if is(name, b"content-length") {
+                if list(field.value).next().is_none() {
+                    return Err(FramingError::InvalidContentLength);
+                }
+                for part in list(field.value) {
+                    let length = parse_length(part)?;
+                    if facts.content_length.is_some_and(|seen| seen != length) {
+                        return Err(FramingError::ConflictingContentLength);
+                    }
+                    facts.content_length = Some(length);
+                }
+            } else if is(name, b"transfer-encoding") {
+                let codings = facts.transfer_encoding.get_or_insert_with(Codings::default);
+                for coding in list(field.value) {
+                    // A coding may carry parameters (`gzip;q=1`): its name is what counts.
+                    let name = coding.split(|&b| b == b';').next().unwrap_or_default().trim_ascii();
+                    let chunked = name.eq_ignore_ascii_case(b"chunked");
+                    codings.count += 1;
+                    codings.chunked += usize::from(chunked);
+                    codings.chunked_last = chunked;
+                }
+            } else if is(name, b"connection") {
+                for token in list(field.value) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        facts.connection.close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        facts.connection.keep_alive = true;
+                    } else if token.eq_ignore_ascii_case(b"upgrade") {
+                        facts.connection.upgrade = true;
+                    } else {
+                        facts.connection.others = true;
+                    }
+                }
+            } else if is(name, b"expect") {
+                facts.expect_continue |= field.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+            } else if is(name, b"upgrade") {
+                facts.upgrade = true;
+            } else if is(name, b"host") {
+                facts.hosts += 1;
+            }
+        }
+        Ok(facts)
+    }
+}
+
+fn is(name: &[u8], wanted: &[u8]) -> bool {
+    name.len() == wanted.len() && name.eq_ignore_ascii_case(wanted)
+}
+
+/// The non-empty elements of a comma-separated list, trimmed (RFC 9110 §5.6.1).
+fn list(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|&b| b == b',').map(<[u8]>::trim_ascii).filter(|part| !part.is_empty())
+}
+
+/// `1*DIGIT`, nothing else: no sign, no spaces inside, no overflow.
+pub fn parse_length(digits: &[u8]) -> Result<u64, FramingError> {
+    if digits.is_empty() {
+        return Err(FramingError::InvalidContentLength);
+    }
+    digits.iter().try_fold(0u64, |length, &byte| {
+        let digit = byte.is_ascii_digit().then(|| u64::from(byte - b'0'));
+        digit
+            .and_then(|digit| length.checked_mul(10)?.checked_add(digit))
+            .ok_or(FramingError::InvalidContentLength)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan(fields: &[(&str, &str)]) -> Result<Fields, FramingError> {
+        let headers: Vec<httparse::Header<'_>> =
+            fields.iter().map(|(name, value)| httparse::Header { name, value: value.as_bytes() }).collect();
+        Fields::scan(&headers)
+    }
+
+    #[test]
+    fn content_length_is_digits_and_one_value() {
+        type Case<'a> = (&'a [(&'a str, &'a str)], Result<Option<u64>, FramingError>);
+        let cases: &[Case<'_>] = &[
+            (&[], Ok(None)),
+            (&[("Content-Length", "5")], Ok(Some(5))),
+            (&[("content-length", " 5 ")], Ok(Some(5))),
+            (&[("Content-Length", "5, 5")], Ok(Some(5))),
+            (&[("Content-Length", "5"), ("CONTENT-LENGTH", "5")], Ok(Some(5))),
+            (&[("Content-Length", "0")], Ok(Some(0))),
+            (&[("Content-Length", "18446744073709551615")], Ok(Some(u64::MAX))),
+            (&[("Content-Length", "18446744073709551616")], Err(FramingError::InvalidContentLength)),
+            (&[("Content-Length", "")], Err(FramingError::InvalidContentLength)),
+            (&[("Content-Length", "+5")], Err(FramingError::InvalidContentLength)),
+            (&[("Content-Length", "-1")], Err(FramingError::InvalidContentLength)),
+            (&[("Content-Length", "5 5")], Err(FramingError::InvalidContentLength)),
+            (&[("Content-Length", "0x5")], Err(FramingError::InvalidContentLength)),
+            (&[("Content-Length", "5, 6")], Err(FramingError::ConflictingContentLength)),
+            (
+                &[("Content-Length", "5"), ("Content-Length", "6")],
+                Err(FramingError::ConflictingContentLength),
+            ),
+        ];
+        for (fields, expected) in cases {
+            assert_eq!(scan(fields).map(|f| f.content_length), *expected, "{fields:?}");
+        }
+    }
+
+    #[test]
+    fn codings_are_counted_in_order() {
+        let codings = |value: &str| scan(&[("Transfer-Encoding", value)]).expect("valid").transfer_encoding;
+        let chunked = Codings { count: 1, chunked: 1, chunked_last: true };
+        assert_eq!(codings("chunked"), Some(chunked));
+        assert_eq!(codings("Chunked"), Some(chunked));
+        assert_eq!(codings("gzip, chunked"), Some(Codings { count: 2, chunked: 1, chunked_last: true }));
+        assert_eq!(codings("chunked, gzip"), Some(Codings { count: 2, chunked: 1, chunked_last: false }));
+        assert_eq!(codings("chunked, chunked"), Some(Codings { count: 2, chunked: 2, chunked_last: true }));
+        assert_eq!(codings("chunkedx"), Some(Codings { count: 1, chunked: 0, chunked_last: false }));
+        let two_fields = scan(&[("Transfer-Encoding", "gzip"), ("transfer-encoding", "chunked")]);
+        assert_eq!(two_fields.expect("valid").transfer_encoding.map(|c| c.is_chunked_only()), Some(false));
+        assert!(codings("chunked").is_some_and(|c| c.is_chunked_only()));
+    }
+
+    #[test]
+    fn connection_tokens_expect_and_upgrade() {
+        let fields = scan(&[
+            ("Connection", "Keep-Alive, Upgrade, x-private"),
+            ("connection", "close"),
+            ("Expect", "100-Continue"),
+            ("Upgrade", "websocket"),
+            ("Host", "a"),
+            ("host", "b"),
+        ])
+        .expect("valid");
+        assert_eq!(
+            fields.connection,
+            Connection { close: true, keep_alive: true, upgrade: true, others: true }
+        );
+        assert!(fields.expect_continue && fields.upgrade);
+        assert_eq!(fields.hosts, 2);
+        assert!(!scan(&[("Expect", "100-continue-later")]).expect("valid").expect_continue);
+    }
+}

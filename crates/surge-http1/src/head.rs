@@ -1,0 +1,398 @@
+//! Message heads into http's types: a request head with the facts that frame its body
+//! (RFC 9112 §6), and a response head with its body's decoder. The head's bytes become
+//! shared, so the URI and header values are slices of them, not copies.
+
+use std::ops::Range;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+
+use crate::decode::Decoder;
+use crate::fields::Fields;
+use crate::{FramingError, MAX_HEADERS, MAX_HEAD_BYTES};
+
+/// A parsed request head, its body still on the connection.
+#[derive(Debug)]
+pub struct RequestHead {
+    pub request: Request<()>,
+    pub framing: RequestFraming,
+    /// The client keeps the connection open after this exchange.
+    pub keep_alive: bool,
+    /// The client waits for `100 Continue` before it sends the body.
+    pub expect_continue: bool,
+    /// The client asks to switch protocols (`Connection: upgrade`, `Upgrade: ...`).
+    pub upgrade: bool,
+}
+
+/// How a request body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestFraming {
+    Empty,
+    Length(u64),
+    Chunked,
+}
+
+impl RequestFraming {
+    pub fn decoder(self) -> Decoder {
+        match self {
+            RequestFraming::Empty => Decoder::length(0),
+            RequestFraming::Length(length) => Decoder::length(length),
+            RequestFraming::Chunked => Decoder::chunked(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum HeadError {
+    #[error("malformed request head: {0}")]
+    Malformed(String),
+    #[error("the request head has more than {MAX_HEADERS} header fields")]
+    TooManyHeaders,
+    #[error("the request head is larger than {} KiB", MAX_HEAD_BYTES / 1024)]
+    TooLarge,
+    #[error("transfer coding not implemented: only `Transfer-Encoding: chunked` is understood")]
+    UnsupportedCoding,
+}
+
+impl HeadError {
+    /// The status a server answers with (nginx's and hyper's choices).
+    pub fn status(&self) -> StatusCode {
+        match self {
+            HeadError::Malformed(_) => StatusCode::BAD_REQUEST,
+            HeadError::TooManyHeaders | HeadError::TooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            HeadError::UnsupportedCoding => StatusCode::NOT_IMPLEMENTED,
+        }
+    }
+}
+
+impl From<FramingError> for HeadError {
+    fn from(err: FramingError) -> Self {
+        HeadError::Malformed(err.to_string())
+    }
+}
+
+fn malformed(what: impl Into<String>) -> HeadError {
+    HeadError::Malformed(what.into())
+}
+
+/// Parses the request head at the start of `buf`. On success the head's bytes are split off
+/// `buf`, which keeps what follows; `Ok(None)` means the head is not complete yet.
+pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadError> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut fields);
+    let length = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(length)) => length,
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD_BYTES => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
+        Err(err) => return Err(malformed(err.to_string())),
+    };
+    let method = parsed.method.map(str::as_bytes).unwrap_or_default();
+    let method = Method::from_bytes(method).map_err(|_| malformed("invalid method"))?;
+    let target = span(buf, parsed.path.map(str::as_bytes).unwrap_or_default());
+    let version = if parsed.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
+    let facts = Fields::scan(parsed.headers)?;
+    let framing = request_framing(version, &facts)?;
+    let spans = header_spans(parsed.headers, buf).map_err(malformed)?;
+    let head = buf.split_to(length).freeze();
+    let uri = Uri::from_maybe_shared(head.slice(target)).map_err(|_| malformed("invalid request target"))?;
+    let headers = header_map(&head, spans).map_err(malformed)?;
+    let keep_alive = match version {
+        Version::HTTP_10 => facts.connection.keep_alive,
+        _ => !facts.connection.close,
+    };
+    let http11 = version == Version::HTTP_11;
+    let mut request = Request::new(());
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = version;
+    *request.headers_mut() = headers;
+    Ok(Some(RequestHead {
+        request,
+        framing,
+        keep_alive,
+        expect_continue: http11 && facts.expect_continue,
+        upgrade: http11 && facts.connection.upgrade && facts.upgrade,
+    }))
+}
+
+/// A request body's framing. Ambiguous framing is refused rather than guessed, since a proxy
+/// and the server behind it guessing differently is how requests get smuggled.
+pub fn request_framing(version: Version, facts: &Fields) -> Result<RequestFraming, HeadError> {
+    if let Some(codings) = facts.transfer_encoding {
+        if facts.content_length.is_some() {
+            return Err(malformed("both Transfer-Encoding and Content-Length"));
+        }
+        if version == Version::HTTP_10 {
+            return Err(malformed("Transfer-Encoding in an HTTP/1.0 request"));
+        }
+        if !codings.chunked_last || codings.chunked > 1 {
+            return Err(malformed("Transfer-Encoding must end with a single chunked"));
+        }
+        // `gzip, chunked`: a body that would reach the instance still gzip-coded, with no
+        // field left to say so once the proxy has removed the chunking (nginx: 501).
+        return if codings.is_chunked_only() {
+            Ok(RequestFraming::Chunked)
+        } else {
+            Err(HeadError::UnsupportedCoding)
+        };
+    }
+    Ok(match facts.content_length {
+        None | Some(0) => RequestFraming::Empty,
+        Some(length) => RequestFraming::Length(length),
+    })
+}
+
+/// A parsed response head.
+#[derive(Debug)]
+pub enum ResponseHead {
+    /// `100 Continue` and other interim answers, to be skipped.
+    Interim,
+    /// The answer, how its body is framed, and whether the connection can carry another
+    /// exchange after it.
+    Final { response: Response<()>, decoder: Decoder, keep_alive: bool },
+}
+
+/// Parses the response head at the start of `buf`, splitting it off; `Ok(None)`: incomplete.
+/// `request_method` is the method of the request it answers (a HEAD's answer has no body).
+pub fn parse_response(
+    buf: &mut BytesMut,
+    request_method: &Method,
+) -> Result<Option<ResponseHead>, FramingError> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut fields);
+    let length = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(length)) => length,
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD_BYTES => {
+            return Err(FramingError::HeadTooLarge)
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(err) => return Err(FramingError::Malformed(err.to_string())),
+    };
+    let status = StatusCode::from_u16(parsed.code.unwrap_or_default())
+        .map_err(|_| FramingError::Malformed("invalid status code".into()))?;
+    if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+        let _ = buf.split_to(length);
+        return Ok(Some(ResponseHead::Interim));
+    }
+    let version = if parsed.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
+    let facts = Fields::scan(parsed.headers)?;
+    let decoder = response_decoder(status, *request_method == Method::HEAD, &facts);
+    let spans = header_spans(parsed.headers, buf).map_err(FramingError::Malformed)?;
+    let head = buf.split_to(length).freeze();
+    let headers = header_map(&head, spans).map_err(FramingError::Malformed)?;
+    let keep_alive = !matches!(decoder, Decoder::UntilClose { .. })
+        && match version {
+            Version::HTTP_10 => facts.connection.keep_alive,
+            _ => !facts.connection.close,
+        };
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    *response.version_mut() = version;
+    *response.headers_mut() = headers;
+    Ok(Some(ResponseHead::Final { response, decoder, keep_alive }))
+}
+
+/// How a response body is delimited (RFC 9112 §6.3): none after HEAD, 1xx, 204 and 304;
+/// Transfer-Encoding over Content-Length; a coding that does not end in chunked, or no framing
+/// at all, reads until the connection closes.
+pub fn response_decoder(status: StatusCode, head_request: bool, facts: &Fields) -> Decoder {
+    if head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Decoder::length(0);
+    }
+    match (facts.transfer_encoding, facts.content_length) {
+        (Some(codings), _) if codings.chunked_last => Decoder::chunked(),
+        (Some(_), _) | (None, None) => Decoder::until_close(),
+        (None, Some(length)) => Decoder::length(length),
+    }
+}
+
+/// Where `part`, a slice httparse returned, lies in `buf`, the bytes it parsed.
+fn span(buf: &[u8], part: &[u8]) -> Range<usize> {
+    let start = part.as_ptr() as usize - buf.as_ptr() as usize;
+    start..start + part.len()
+}
+
+/// The names of the header fields httparse found in `buf`, and where their values lie, so the
+/// values can share the head's bytes once it is split off.
+fn header_spans(
+    fields: &[httparse::Header<'_>],
+    buf: &[u8],
+) -> Result<Vec<(HeaderName, Range<usize>)>, String> {
+    fields
+        .iter()
+        .map(|field| {
+            let name = HeaderName::from_bytes(field.name.as_bytes())
+                .map_err(|_| format!("invalid header name {:?}", field.name))?;
+            Ok((name, span(buf, field.value)))
+        })
+        .collect()
+}
+
+/// The header map of a head, its values slices of `head` (no copies).
+fn header_map(head: &Bytes, spans: Vec<(HeaderName, Range<usize>)>) -> Result<HeaderMap, String> {
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for (name, range) in spans {
+        let value = HeaderValue::from_maybe_shared(head.slice(range))
+            .map_err(|_| format!("invalid value of header {name}"))?;
+        headers.append(name, value);
+    }
+    Ok(headers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Option<RequestHead>, HeadError> {
+        parse_request(&mut BytesMut::from(text))
+    }
+
+    fn head(text: &str) -> RequestHead {
+        parse(text).expect("valid").expect("complete")
+    }
+
+    #[test]
+    fn a_head_is_parsed_and_split_off_what_follows() {
+        let mut buf = BytesMut::from(
+            "POST /a?b=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nX-Two: 1\r\nX-Two: 2\r\n\r\nhelloGET",
+        );
+        let head = parse_request(&mut buf).expect("valid").expect("complete");
+        assert_eq!(head.request.method(), Method::POST);
+        assert_eq!(head.request.uri(), "/a?b=1");
+        assert_eq!(head.request.headers().get_all("x-two").iter().count(), 2);
+        assert_eq!(head.framing, RequestFraming::Length(5));
+        assert!(head.keep_alive && !head.expect_continue && !head.upgrade);
+        assert_eq!(&buf[..], b"helloGET");
+    }
+
+    #[test]
+    fn an_incomplete_head_waits_for_more_and_a_huge_one_is_refused() {
+        assert!(parse("GET / HTTP/1.1\r\nHost: x\r\n").expect("valid").is_none());
+        let huge = format!("GET / HTTP/1.1\r\nX-Big: {}", "a".repeat(MAX_HEAD_BYTES));
+        assert_eq!(parse(&huge).err(), Some(HeadError::TooLarge));
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("X-{i}: 1\r\n")).collect();
+        let err = parse(&format!("GET / HTTP/1.1\r\n{many}\r\n")).err();
+        assert_eq!(err, Some(HeadError::TooManyHeaders));
+        assert_eq!(err.map(|e| e.status()), Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE));
+    }
+
+    #[test]
+    fn request_framing_follows_rfc_9112_and_refuses_ambiguity() {
+        let cases: &[(&str, Result<RequestFraming, StatusCode>)] = &[
+            ("GET / HTTP/1.1\r\n\r\n", Ok(RequestFraming::Empty)),
+            ("POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n", Ok(RequestFraming::Empty)),
+            ("POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n", Ok(RequestFraming::Length(5))),
+            ("POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n", Ok(RequestFraming::Length(5))),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", Ok(RequestFraming::Chunked)),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding: CHUNKED\r\n\r\n", Ok(RequestFraming::Chunked)),
+            (
+                "POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Err(StatusCode::BAD_REQUEST),
+            ),
+            (
+                "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+                Err(StatusCode::BAD_REQUEST),
+            ),
+            ("POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", Err(StatusCode::BAD_REQUEST)),
+            ("POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n", Err(StatusCode::BAD_REQUEST)),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", Err(StatusCode::BAD_REQUEST)),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", Err(StatusCode::BAD_REQUEST)),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding: identity\r\n\r\n", Err(StatusCode::BAD_REQUEST)),
+            ("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", Err(StatusCode::BAD_REQUEST)),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", Err(StatusCode::NOT_IMPLEMENTED)),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Err(StatusCode::NOT_IMPLEMENTED),
+            ),
+        ];
+        for (text, expected) in cases {
+            let got = parse(text).map(|head| head.expect("complete").framing).map_err(|err| err.status());
+            assert_eq!(got, *expected, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn garbage_heads_are_malformed() {
+        for bad in
+            ["GET / HTTP/1.1\r\nHo st: x\r\n\r\n", "hello\r\n\r\n", "GET / HTTP/1.1\r\nX: a\r\n b\r\n\r\n"]
+        {
+            let err = parse(bad).err();
+            assert!(matches!(err, Some(HeadError::Malformed(_))), "{bad:?} gave {err:?}");
+        }
+    }
+
+    #[test]
+    fn connection_facts_follow_the_version() {
+        assert!(!head("GET / HTTP/1.0\r\n\r\n").keep_alive);
+        assert!(head("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").keep_alive);
+        assert!(!head("GET / HTTP/1.1\r\nConnection: close\r\n\r\n").keep_alive);
+        let chunked = head("PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nExpect: 100-Continue\r\n\r\n");
+        assert_eq!(chunked.framing, RequestFraming::Chunked);
+        assert!(chunked.expect_continue);
+        assert!(!head("PUT / HTTP/1.0\r\nExpect: 100-continue\r\n\r\n").expect_continue);
+        let upgrade = head("GET / HTTP/1.1\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n");
+        assert!(upgrade.upgrade);
+        assert!(!head("GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n").upgrade);
+    }
+
+    fn response(text: &str, method: Method) -> ResponseHead {
+        parse_response(&mut BytesMut::from(text), &method).expect("valid").expect("complete")
+    }
+
+    #[test]
+    fn response_framing_and_reuse_follow_the_head() {
+        let cases = [
+            ("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", Method::GET, Decoder::length(5), true),
+            ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", Method::GET, Decoder::chunked(), true),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+                Method::GET,
+                Decoder::chunked(),
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+                Method::GET,
+                Decoder::until_close(),
+                false,
+            ),
+            ("HTTP/1.1 200 OK\r\n\r\n", Method::GET, Decoder::until_close(), false),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\n",
+                Method::GET,
+                Decoder::length(5),
+                false,
+            ),
+            ("HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\n", Method::GET, Decoder::length(5), false),
+            (
+                "HTTP/1.0 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive\r\n\r\n",
+                Method::GET,
+                Decoder::length(5),
+                true,
+            ),
+            ("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", Method::HEAD, Decoder::length(0), true),
+            ("HTTP/1.1 304 Not Modified\r\n\r\n", Method::GET, Decoder::length(0), true),
+            ("HTTP/1.1 204 No Content\r\n\r\n", Method::GET, Decoder::length(0), true),
+        ];
+        for (text, method, decoder, reusable) in cases {
+            let ResponseHead::Final { decoder: got, keep_alive, .. } = response(text, method) else {
+                panic!("{text:?} is final")
+            };
+            assert_eq!((got, keep_alive), (decoder, reusable), "{text:?}");
+        }
+        assert!(matches!(response("HTTP/1.1 100 Continue\r\n\r\n", Method::POST), ResponseHead::Interim));
+        for bad in [
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+            "NOT HTTP\r\n\r\n",
+        ] {
+            assert!(parse_response(&mut BytesMut::from(bad), &Method::GET).is_err(), "{bad:?}");
+        }
+    }
+}
