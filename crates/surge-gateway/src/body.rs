@@ -14,8 +14,11 @@ use surge_metrics::Gauge;
 use surge_pool::InFlight;
 
 use crate::client::Http1Body;
-use crate::server::RequestBody;
+use crate::server::ClientBody;
 use crate::wire::BoxError;
+
+/// Bodies up to this size are kept, so that a failed try can be sent again elsewhere.
+const REPLAYABLE_LIMIT: u64 = 64 * 1024;
 
 pin_project_lite::pin_project! {
     pub struct GatewayBody {
@@ -80,45 +83,6 @@ impl Drop for GaugeGuard {
 /// An instance's response body: read by the gateway's own HTTP/1.1 client, or by hyper's.
 pub type UpstreamBody = http_body_util::Either<Http1Body, Incoming>;
 
-/// A client's request body, as the server it came through reads it.
-pub enum ClientBody {
-    Empty,
-    Http1(RequestBody),
-    Http2(Incoming),
-}
-
-impl Body for ClientBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            ClientBody::Empty => Poll::Ready(None),
-            ClientBody::Http1(body) => Pin::new(body).poll_frame(cx),
-            ClientBody::Http2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ClientBody::Empty => true,
-            ClientBody::Http1(body) => body.is_end_stream(),
-            ClientBody::Http2(body) => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            ClientBody::Empty => SizeHint::with_exact(0),
-            ClientBody::Http1(body) => body.size_hint(),
-            ClientBody::Http2(body) => body.size_hint(),
-        }
-    }
-}
-
 pin_project_lite::pin_project! {
     /// A body kept whole (small request bodies, so a failed try can be sent again; the
     /// gateway's own answers) or streamed through: a client's request body, or an instance's
@@ -144,9 +108,7 @@ impl Payload<ClientBody> {
             return Ok(Replay::Kept(Bytes::new()));
         }
         match body.size_hint().exact() {
-            Some(len) if len <= crate::proxy::replayable_limit() => {
-                Ok(Replay::Kept(body.collect().await?.to_bytes()))
-            }
+            Some(len) if len <= REPLAYABLE_LIMIT => Ok(Replay::Kept(body.collect().await?.to_bytes())),
             _ => Ok(Replay::Streaming(Some(body))),
         }
     }

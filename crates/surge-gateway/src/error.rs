@@ -2,21 +2,16 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{HeaderValue, RETRY_AFTER};
 use http::{Response, StatusCode};
 
 use crate::body::GatewayBody;
-
-/// Set on responses the gateway generates, so they can be told from an instance's own.
-pub const ERROR_HEADER: &str = "x-surge-error";
+use crate::problem::problem;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
     #[error("no route matches host {host:?} and path {path:?}")]
     NoRoute { host: String, path: String },
-    #[error("{0}")]
-    BadRequestHead(#[from] surge_http1::HeadError),
     #[error("the request body could not be read: {cause}")]
     BadRequestBody { cause: String },
     #[error("rate limit of {limit} requests exceeded; retry in {:.3} s", verdict.retry_after.as_secs_f64())]
@@ -39,7 +34,6 @@ impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
             GatewayError::NoRoute { .. } => StatusCode::NOT_FOUND,
-            GatewayError::BadRequestHead(err) => err.status(),
             GatewayError::BadRequestBody { .. } => StatusCode::BAD_REQUEST,
             GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::NoReadyInstance { .. }
@@ -54,13 +48,6 @@ impl GatewayError {
     pub fn code(&self) -> &'static str {
         match self {
             GatewayError::NoRoute { .. } => "no_route",
-            GatewayError::BadRequestHead(surge_http1::HeadError::Malformed(_)) => "bad_request_head",
-            GatewayError::BadRequestHead(
-                surge_http1::HeadError::TooLarge | surge_http1::HeadError::TooManyHeaders,
-            ) => "request_head_too_large",
-            GatewayError::BadRequestHead(surge_http1::HeadError::UnsupportedCoding) => {
-                "unsupported_transfer_coding"
-            }
             GatewayError::BadRequestBody { .. } => "bad_request_body",
             GatewayError::RateLimited { .. } => "rate_limited",
             GatewayError::NoReadyInstance { .. } => "no_ready_instance",
@@ -79,16 +66,8 @@ impl GatewayError {
             GatewayError::RateLimited { limit, verdict } => Some((*limit, *verdict)),
             _ => None,
         };
-        let body = serde_json::json!({
-            "error": self.code(),
-            "status": status.as_u16(),
-            "message": self.to_string(),
-        });
-        let mut response = Response::new(GatewayBody::full(Bytes::from(body.to_string())));
-        *response.status_mut() = status;
+        let mut response = problem(status, self.code(), &self.to_string()).map(GatewayBody::full);
         let headers = response.headers_mut();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        headers.insert(ERROR_HEADER, HeaderValue::from_static(self.code()));
         if status == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
         }

@@ -11,29 +11,34 @@ mod budget;
 mod client;
 mod error;
 mod layers;
+mod problem;
 mod proxy;
 mod ratelimit;
 mod router;
-mod server;
+pub mod server;
 mod wire;
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::header::HOST;
 use http::{Request, Response};
 use surge_config::Config;
 use surge_pool::Pools;
+use tokio::net::TcpListener;
 use tower::{ServiceBuilder, ServiceExt};
 
-pub use body::{ClientBody, GatewayBody};
-pub use error::{GatewayError, ERROR_HEADER};
+pub use body::GatewayBody;
+pub use error::GatewayError;
 pub use layers::GatewayMetrics;
-pub use proxy::ClientAddr;
+pub use problem::ERROR_HEADER;
 pub use ratelimit::{gcra, RateLimiter, RateStore, Verdict};
 pub use router::Router;
-pub use server::{serve, RequestBody};
+use server::{ClientAddr, ClientBody};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -86,11 +91,11 @@ impl Gateway {
     }
 
     /// Answers one request: route it, then run it through its service's stack.
-    pub async fn handle(
-        &self,
-        mut request: Request<ClientBody>,
-        client: ClientAddr,
-    ) -> Response<GatewayBody> {
+    async fn handle(&self, mut request: Request<ClientBody>) -> Response<GatewayBody> {
+        let client_ip = match request.extensions().get::<ClientAddr>() {
+            Some(client) => client.addr.ip(),
+            None => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        };
         let host = request.headers().get(HOST).and_then(|h| h.to_str().ok()).or(request.uri().host());
         let Some(target) = self.router.route(host, request.uri().path()) else {
             self.metrics.unrouted.inc();
@@ -99,13 +104,12 @@ impl Gateway {
             return GatewayError::NoRoute { host, path }.into_response();
         };
         if let Some(limiter) = &target.limiter {
-            let verdict = limiter.check(&limiter.key(request.headers(), client.addr.ip())).await;
+            let verdict = limiter.check(&limiter.key(request.headers(), client_ip)).await;
             if !verdict.allowed {
                 self.metrics.rate_limited.inc();
                 return GatewayError::RateLimited { limit: limiter.limit().rate, verdict }.into_response();
             }
         }
-        request.extensions_mut().insert(client);
         if target.retry {
             request.extensions_mut().insert(proxy::RetryRoute);
         }
@@ -114,4 +118,34 @@ impl Gateway {
             Err(never) => match never {},
         }
     }
+}
+
+/// The gateway as the server's service: cloned per connection, an `Arc` each.
+#[derive(Clone)]
+struct GatewayService(Arc<Gateway>);
+
+impl tower::Service<Request<ClientBody>> for GatewayService {
+    type Response = Response<GatewayBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response<GatewayBody>, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<ClientBody>) -> Self::Future {
+        let gateway = Arc::clone(&self.0);
+        Box::pin(async move { Ok(gateway.handle(request).await) })
+    }
+}
+
+/// Serves the gateway on `listener` until `shutdown` resolves, then gives open requests up to
+/// `drain_timeout` to finish.
+pub async fn serve(
+    gateway: Arc<Gateway>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    drain_timeout: Duration,
+) {
+    server::serve(GatewayService(gateway), listener, shutdown, drain_timeout).await;
 }

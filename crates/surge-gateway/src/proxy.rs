@@ -19,35 +19,16 @@ use surge_config::UpstreamProtocol;
 use surge_metrics::Counter;
 use surge_pool::{InFlight, Instance, Pool};
 
-use crate::body::{ClientBody, GatewayBody, Payload, UpstreamBody};
+use crate::body::{GatewayBody, Payload, UpstreamBody};
 use crate::budget::RetryBudget;
 use crate::client::{Http1Client, SendError};
 use crate::error::{root_cause, GatewayError};
-use crate::server::ClientUpgrade;
+use crate::server::{ClientAddr, ClientBody, ClientUpgrade};
 use crate::BoxFuture;
-
-/// The client's address, put in the request's extensions by the server; its IP is rendered
-/// once per connection for `X-Forwarded-For`.
-#[derive(Debug, Clone)]
-pub struct ClientAddr {
-    pub addr: SocketAddr,
-    forwarded_for: Option<HeaderValue>,
-}
-
-impl ClientAddr {
-    pub fn new(addr: SocketAddr) -> Self {
-        ClientAddr { addr, forwarded_for: HeaderValue::from_str(&addr.ip().to_string()).ok() }
-    }
-}
 
 /// Set by the router when the matching route allows retrying any method.
 #[derive(Debug, Clone, Copy)]
 pub struct RetryRoute;
-
-/// Bodies up to this size are kept, so that a failed try can be sent again elsewhere.
-pub(crate) const fn replayable_limit() -> u64 {
-    64 * 1024
-}
 
 /// How often a waiting request looks for a slot even without a wake-up.
 const RECHECK: Duration = Duration::from_millis(50);

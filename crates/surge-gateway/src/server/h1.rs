@@ -9,11 +9,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use http::{Method, Response, StatusCode};
-use http_body::Body;
 use http_body_util::BodyExt;
 use tokio::io::AsyncReadExt;
-use tokio::net::tcp::{ReadHalf, WriteHalf};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use surge_http1::encode::{response_framing, write_response_head};
@@ -23,11 +20,10 @@ use surge_http1::{
 };
 
 use super::head;
-use super::io::{request_body, BodySender, ClientStream, ClientUpgrade};
-use crate::body::{ClientBody, GatewayBody};
-use crate::error::GatewayError;
-use crate::wire::{write_all, BoxError};
-use crate::{ClientAddr, Gateway};
+use super::io::{request_body, BodySender, ClientAddr, ClientBody, ClientStream, ClientUpgrade, Upgraded};
+use super::{HttpService, ResponseBody};
+use crate::problem::problem;
+use crate::wire::{read_buf, write_all, BoxError, Socket};
 
 /// The first read buffer for a request head (nginx: 1 KiB; a malloc of this size is served from
 /// its per-thread cache); it grows up to `surge_http1::MAX_HEAD_BYTES`.
@@ -35,9 +31,9 @@ const HEAD_BUFFER: usize = 1024;
 /// How much room a read for body bytes asks for.
 const BODY_BUFFER: usize = 64 * 1024;
 /// How long a keep-alive connection may wait for its next request (nginx's default).
-const IDLE_TIMEOUT: Duration = Duration::from_secs(75);
+pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(75);
 /// How long a request head may take to arrive once it has begun, or a new connection's first.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// A body the gateway answered without reading is read and dropped, up to this much, so the
 /// connection can be kept; a longer one closes it.
 const DRAIN_LIMIT: u64 = 256 * 1024;
@@ -47,55 +43,65 @@ const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 
 /// How a connection ended on the HTTP/1.1 side.
-pub(super) enum Handoff {
+pub(super) enum Handoff<C> {
     Closed,
     /// The client opened with the HTTP/2 preface: serve it as h2c from these bytes on.
-    Http2(ClientStream),
+    Http2(ClientStream<C>),
 }
 
-/// Serves requests on `stream` until the client closes, an exchange ends the connection, or
+/// Serves requests on `socket` until the client closes, an exchange ends the connection, or
 /// shutdown begins.
-pub(super) async fn serve(
-    gateway: &Gateway,
-    mut stream: TcpStream,
+pub(super) async fn serve<S: HttpService<B>, B: ResponseBody, C: Socket>(
+    service: &mut S,
+    socket: C,
     client: &ClientAddr,
     shutdown: &mut watch::Receiver<bool>,
-) -> Handoff {
+) -> Handoff<C> {
     let mut buf = BytesMut::new();
     let mut first = true;
     loop {
         if buf.is_empty() {
-            // Idle: wait for the next request holding no buffer.
-            buf = BytesMut::new();
-            let timeout = if first { HEAD_TIMEOUT } else { IDLE_TIMEOUT };
-            tokio::select! {
-                biased;
-                ready = stream.readable() => if ready.is_err() { return Handoff::Closed },
-                _ = shutdown.changed() => return Handoff::Closed,
-                () = tokio::time::sleep(timeout) => return Handoff::Closed,
+            // Idle: wait for the next request holding no buffer. Readiness can be left over
+            // from the last read, so a buffer is taken only once bytes are really there.
+            let idle_until = tokio::time::Instant::now() + if first { HEAD_TIMEOUT } else { IDLE_TIMEOUT };
+            loop {
+                buf = BytesMut::new();
+                tokio::select! {
+                    biased;
+                    ready = socket.readable() => if ready.is_err() { return Handoff::Closed },
+                    _ = shutdown.changed() => return Handoff::Closed,
+                    () = tokio::time::sleep_until(idle_until) => return Handoff::Closed,
+                }
+                buf.reserve(HEAD_BUFFER);
+                match socket.try_read_buf(&mut buf) {
+                    Ok(0) => return Handoff::Closed,
+                    Ok(_) => break,
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => return Handoff::Closed,
+                }
             }
         }
-        let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream, &mut buf, first)).await {
+        let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&socket, &mut buf, first)).await {
             Ok(Ok(Some(HeadRead::Head(head)))) => head,
-            Ok(Ok(Some(HeadRead::Http2))) => return Handoff::Http2(ClientStream::new(buf.freeze(), stream)),
+            Ok(Ok(Some(HeadRead::Http2))) => return Handoff::Http2(ClientStream::new(buf.freeze(), socket)),
             Ok(Err(err)) => {
-                Box::pin(refuse(stream, err)).await;
+                Box::pin(refuse(socket, err)).await;
                 return Handoff::Closed;
             }
             Ok(Ok(None)) | Err(_) => return Handoff::Closed,
         };
         first = false;
         let keep_alive = !*shutdown.borrow();
-        let outcome = Box::pin(exchange(gateway, &mut stream, &mut buf, head, client, keep_alive)).await;
+        let outcome = Box::pin(exchange(service, &socket, &mut buf, head, client, keep_alive)).await;
         match outcome {
             Outcome::KeepAlive if !*shutdown.borrow() => {}
             Outcome::KeepAlive | Outcome::Close => return Handoff::Closed,
             Outcome::CloseUnread => {
-                Box::pin(linger(stream)).await;
+                Box::pin(linger(socket)).await;
                 return Handoff::Closed;
             }
             Outcome::Upgraded(upgrade) => {
-                let _ = upgrade.send(ClientStream::new(buf.split().freeze(), stream));
+                let _ = upgrade.send(Box::new(ClientStream::new(buf.split().freeze(), socket)));
                 return Handoff::Closed;
             }
         }
@@ -114,7 +120,7 @@ enum HeadRead {
 /// Reads until `buf` holds a whole request head (or the HTTP/2 preface, on a connection's
 /// first bytes). `Ok(None)`: the client closed.
 async fn read_head(
-    stream: &mut TcpStream,
+    socket: &impl Socket,
     buf: &mut BytesMut,
     first: bool,
 ) -> Result<Option<HeadRead>, HeadError> {
@@ -129,21 +135,35 @@ async fn read_head(
         if buf.capacity() == buf.len() {
             buf.reserve(HEAD_BUFFER.max(buf.len()));
         }
-        match stream.read_buf(buf).await {
+        match read_buf(socket, buf).await {
             Ok(0) | Err(_) => return Ok(None),
             Ok(_) => {}
         }
     }
 }
 
-/// Answers a head that cannot be served (400 or 431), then closes. Boxed by the caller: it is
+/// Answers a head that cannot be served (400, 431 or 501), then closes. Boxed by the caller: it is
 /// rare, and its state should not enlarge every connection's task.
-async fn refuse(mut stream: TcpStream, err: HeadError) {
-    let (_, writer) = stream.split();
+async fn refuse(socket: impl Socket, err: HeadError) {
     let exchange = Exchange { head_request: false, version: http::Version::HTTP_11, keep_alive: false };
-    let response = GatewayError::BadRequestHead(err).into_response();
-    let _ = write_response(&writer, response, &exchange, &AtomicBool::new(false)).await;
-    linger(stream).await;
+    let code = match err {
+        HeadError::Malformed(_) => "bad_request_head",
+        HeadError::TooLarge | HeadError::TooManyHeaders => "request_head_too_large",
+        HeadError::UnsupportedCoding => "unsupported_transfer_coding",
+    };
+    let response = problem(err.status(), code, &err.to_string()).map(http_body_util::Full::new);
+    let _ = write_response(&socket, response, &exchange, &Progress::default()).await;
+    linger(socket).await;
+}
+
+/// What the two halves of an exchange tell each other (one task; atomics only to keep the
+/// future `Send`).
+#[derive(Default)]
+struct Progress {
+    /// The response has begun: no `100 Continue` may be written any more.
+    head_started: AtomicBool,
+    /// The request body could not be read whole.
+    body_failed: AtomicBool,
 }
 
 /// How an exchange left the connection.
@@ -153,7 +173,7 @@ enum Outcome {
     /// Close, though the client may still be sending the request body.
     CloseUnread,
     /// `101 Switching Protocols` was written: the connection now belongs to the upgrade.
-    Upgraded(tokio::sync::oneshot::Sender<ClientStream>),
+    Upgraded(tokio::sync::oneshot::Sender<Box<dyn Upgraded>>),
 }
 
 /// The request body's side of an exchange.
@@ -167,9 +187,9 @@ struct Receiving {
 
 /// One request and its response. Boxed by the caller, so that a connection between requests
 /// holds none of this state.
-async fn exchange(
-    gateway: &Gateway,
-    stream: &mut TcpStream,
+async fn exchange<S: HttpService<B>, B: ResponseBody>(
+    service: &mut S,
+    socket: &impl Socket,
     buf: &mut BytesMut,
     head: RequestHead,
     client: &ClientAddr,
@@ -194,6 +214,7 @@ async fn exchange(
     };
     let decoder = framing.decoder();
     let mut request = request.map(|()| body);
+    request.extensions_mut().insert(client.clone());
     let upgrade = upgrade.then(|| {
         let (client_side, sender) = ClientUpgrade::new();
         request.extensions_mut().insert(client_side);
@@ -201,16 +222,13 @@ async fn exchange(
     });
 
     let mut receiving = Receiving { decoder, wanted: false, broken: false };
-    // Once the response has begun, no `100 Continue` may be written (one task; atomic only
-    // to keep the future `Send`).
-    let head_started = AtomicBool::new(false);
+    let progress = Progress::default();
     let responded = {
-        let (mut reader, writer) = stream.split();
-        let receive =
-            receive_body(&mut reader, &writer, buf, &mut receiving, sender, expect_continue, &head_started);
+        let receive = receive_body(socket, buf, &mut receiving, sender, expect_continue, &progress);
         let respond = async {
-            let response = gateway.handle(request, client.clone()).await;
-            write_response(&writer, response, &exchange, &head_started).await
+            let Ok(()) = std::future::poll_fn(|cx| service.poll_ready(cx)).await;
+            let Ok(response) = service.call(request).await;
+            write_response(socket, response, &exchange, &progress).await
         };
         tokio::pin!(receive, respond);
         let mut received = false;
@@ -237,7 +255,7 @@ async fn exchange(
         if (expect_continue && !receiving.wanted) || !short {
             return Outcome::CloseUnread;
         }
-        let drained = tokio::time::timeout(DRAIN_TIMEOUT, drain(stream, buf, &mut receiving.decoder)).await;
+        let drained = tokio::time::timeout(DRAIN_TIMEOUT, drain(socket, buf, &mut receiving.decoder)).await;
         if !matches!(drained, Ok(Ok(()))) {
             return Outcome::CloseUnread;
         }
@@ -247,23 +265,22 @@ async fn exchange(
 
 /// Feeds the request body to its reader, once it is asked for and one piece ahead at most.
 async fn receive_body(
-    reader: &mut ReadHalf<'_>,
-    writer: &WriteHalf<'_>,
+    socket: &impl Socket,
     buf: &mut BytesMut,
     receiving: &mut Receiving,
     sender: Option<BodySender>,
     expect_continue: bool,
-    head_started: &AtomicBool,
+    progress: &Progress,
 ) {
     let Some(BodySender { pieces, wanted }) = sender else { return };
     if wanted.await.is_err() {
         return; // dropped unread
     }
     receiving.wanted = true;
-    if expect_continue && !head_started.load(Ordering::Relaxed) {
+    if expect_continue && !progress.head_started.load(Ordering::Relaxed) {
         // Nothing of the response is written yet, so the socket's empty send buffer takes
         // these few bytes in one write; should it not, the connection is given up.
-        if !matches!(writer.try_write(CONTINUE), Ok(n) if n == CONTINUE.len()) {
+        if !matches!(socket.try_write(CONTINUE), Ok(n) if n == CONTINUE.len()) {
             receiving.broken = true;
             return;
         }
@@ -281,7 +298,7 @@ async fn receive_body(
                 if buf.capacity() - buf.len() < HEAD_BUFFER {
                     buf.reserve(BODY_BUFFER);
                 }
-                match reader.read_buf(buf).await {
+                match read_buf(socket, buf).await {
                     Ok(0) => "the client closed the connection before the end of the body".into(),
                     Ok(_) => continue,
                     Err(err) => err.into(),
@@ -290,6 +307,7 @@ async fn receive_body(
             Err(err) => err.into(),
         };
         receiving.broken = true;
+        progress.body_failed.store(true, Ordering::Relaxed);
         let _ = pieces.send(Err(failure)).await;
         return;
     }
@@ -298,14 +316,14 @@ async fn receive_body(
 /// Closes a connection the client may still be sending on: half-close, then read and drop
 /// what comes for a moment, so that unread bytes do not make the kernel answer with a reset
 /// that can destroy the response before the client has read it (nginx's lingering close).
-async fn linger(mut stream: TcpStream) {
+async fn linger(mut socket: impl Socket) {
     use tokio::io::AsyncWriteExt;
-    let _ = stream.shutdown().await;
+    let _ = socket.shutdown().await;
     let mut scratch = vec![0u8; 16 * 1024];
     let lingering = async {
         let mut dropped = 0;
         while dropped < DRAIN_LIMIT * 4 {
-            match stream.read(&mut scratch).await {
+            match socket.read(&mut scratch).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => dropped += n as u64,
             }
@@ -315,7 +333,7 @@ async fn linger(mut stream: TcpStream) {
 }
 
 /// Reads and drops the rest of a body nobody read.
-async fn drain(stream: &mut TcpStream, buf: &mut BytesMut, decoder: &mut Decoder) -> io::Result<()> {
+async fn drain(socket: &impl Socket, buf: &mut BytesMut, decoder: &mut Decoder) -> io::Result<()> {
     loop {
         match decoder.decode(buf) {
             Ok(Decoded::Data(_)) => {}
@@ -324,7 +342,7 @@ async fn drain(stream: &mut TcpStream, buf: &mut BytesMut, decoder: &mut Decoder
                 if buf.capacity() == buf.len() {
                     buf.reserve(HEAD_BUFFER);
                 }
-                if stream.read_buf(buf).await? == 0 {
+                if read_buf(socket, buf).await? == 0 {
                     return Err(io::ErrorKind::UnexpectedEof.into());
                 }
             }
@@ -340,21 +358,26 @@ struct ResponseEnd {
 
 /// Writes the response: its head with the first piece of body when that is ready at once (one
 /// write for most responses), then each piece as it comes.
-async fn write_response(
-    writer: &WriteHalf<'_>,
-    response: Response<GatewayBody>,
+async fn write_response<B: ResponseBody>(
+    socket: &impl Socket,
+    response: Response<B>,
     exchange: &Exchange,
-    head_started: &AtomicBool,
+    progress: &Progress,
 ) -> io::Result<ResponseEnd> {
     let (parts, mut body) = response.into_parts();
+    // A request body that failed leaves the connection unusable: say so in the head.
+    let exchange = &Exchange {
+        keep_alive: exchange.keep_alive && !progress.body_failed.load(Ordering::Relaxed),
+        ..*exchange
+    };
     let framing = response_framing(parts.status, &parts.headers, body.size_hint().exact(), exchange);
     let switched = parts.status == StatusCode::SWITCHING_PROTOCOLS;
     let mut head = Vec::with_capacity(256);
     write_response_head(&mut head, parts.status, &parts.headers, framing, exchange, &head::http_date());
-    head_started.store(true, Ordering::Relaxed);
+    progress.head_started.store(true, Ordering::Relaxed);
     let end = ResponseEnd { keep_alive: exchange.keep_alive && framing != BodyFraming::Close, switched };
     if framing == BodyFraming::None {
-        write_all(writer.as_ref(), &mut [IoSlice::new(&head)]).await?;
+        write_all(socket, &mut [IoSlice::new(&head)]).await?;
         return Ok(end);
     }
     let chunked = framing == BodyFraming::Chunked;
@@ -368,7 +391,7 @@ async fn write_response(
                 frame = body.frame() => frame,
                 () = std::future::ready(()) => {
                     if let Some(head) = head.take() {
-                        write_all(writer.as_ref(), &mut [IoSlice::new(&head)]).await?;
+                        write_all(socket, &mut [IoSlice::new(&head)]).await?;
                     }
                     continue;
                 }
@@ -377,7 +400,7 @@ async fn write_response(
         };
         let data = match frame {
             None => break,
-            Some(Err(err)) => return Err(io::Error::other(err)),
+            Some(Err(err)) => return Err(io::Error::other(err.into())),
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) if !data.is_empty() => data,
                 _ => continue, // trailers are not forwarded to HTTP/1.1 clients
@@ -399,7 +422,7 @@ async fn write_response(
         let head_bytes = head.as_deref().unwrap_or_default();
         let mut slices =
             [IoSlice::new(head_bytes), IoSlice::new(size_line), IoSlice::new(&data), IoSlice::new(tail)];
-        write_all(writer.as_ref(), &mut slices).await?;
+        write_all(socket, &mut slices).await?;
         head = None;
         if last {
             return Ok(end);
@@ -407,7 +430,7 @@ async fn write_response(
     }
     let head_bytes = head.as_deref().unwrap_or_default();
     let mut slices = [IoSlice::new(head_bytes), IoSlice::new(if chunked { LAST_CHUNK } else { &[] })];
-    write_all(writer.as_ref(), &mut slices).await?;
+    write_all(socket, &mut slices).await?;
     match framing {
         BodyFraming::Length(length) if written != length => {
             Err(io::Error::other("the response body ended before its Content-Length"))

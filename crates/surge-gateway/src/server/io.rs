@@ -1,18 +1,74 @@
-//! What the HTTP/1.1 connection hands out: the request body as a channel fed by the
-//! connection, and the raw stream after an upgrade or the HTTP/2 preface.
+//! What the server hands the service with each request: the client's address, the request
+//! body as the connection reads it, and, for an upgrade, the raw connection once the `101` is
+//! written.
 
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
+use http::HeaderValue;
 use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::wire::BoxError;
+
+/// The client's address, in every request's extensions; its IP is rendered once per
+/// connection, for `X-Forwarded-For`.
+#[derive(Debug, Clone)]
+pub struct ClientAddr {
+    pub addr: SocketAddr,
+    pub forwarded_for: Option<HeaderValue>,
+}
+
+impl ClientAddr {
+    pub fn new(addr: SocketAddr) -> Self {
+        ClientAddr { addr, forwarded_for: HeaderValue::from_str(&addr.ip().to_string()).ok() }
+    }
+}
+
+/// A client's request body, as the connection it came on reads it.
+pub enum ClientBody {
+    Empty,
+    Http1(RequestBody),
+    Http2(Incoming),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ClientBody::Empty => Poll::Ready(None),
+            ClientBody::Http1(body) => Pin::new(body).poll_frame(cx),
+            ClientBody::Http2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Empty => true,
+            ClientBody::Http1(body) => body.is_end_stream(),
+            ClientBody::Http2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Empty => SizeHint::with_exact(0),
+            ClientBody::Http1(body) => body.size_hint(),
+            ClientBody::Http2(body) => body.size_hint(),
+        }
+    }
+}
 
 /// A request body read off an HTTP/1.1 connection. The connection reads it only once the body
 /// is first polled (so `Expect: 100-continue` is answered only when the body is wanted) and at
@@ -72,36 +128,43 @@ impl Body for RequestBody {
 
 /// A client's connection handed on with bytes already read from it, which it yields first:
 /// after `101 Switching Protocols`, or to the HTTP/2 server after the preface was seen.
-pub(crate) struct ClientStream {
+pub(crate) struct ClientStream<S> {
     prefix: Bytes,
-    stream: TcpStream,
+    stream: S,
 }
 
-impl ClientStream {
-    pub(super) fn new(prefix: Bytes, stream: TcpStream) -> Self {
+impl<S> ClientStream<S> {
+    pub(super) fn new(prefix: Bytes, stream: S) -> Self {
         ClientStream { prefix, stream }
     }
 }
 
+/// A connection after an upgrade, whatever it runs on.
+pub trait Upgraded: AsyncRead + AsyncWrite + Send + Unpin {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Upgraded for T {}
+
 /// Put in an upgrade request's extensions: resolves to the client's connection once the
 /// `101` has been written to it.
 #[derive(Clone)]
-pub(crate) struct ClientUpgrade(Arc<Mutex<Option<oneshot::Receiver<ClientStream>>>>);
+pub struct ClientUpgrade(Arc<Mutex<Option<UpgradeReceiver>>>);
+
+type UpgradeReceiver = oneshot::Receiver<Box<dyn Upgraded>>;
 
 impl ClientUpgrade {
-    pub(super) fn new() -> (Self, oneshot::Sender<ClientStream>) {
+    pub(super) fn new() -> (Self, oneshot::Sender<Box<dyn Upgraded>>) {
         let (tx, rx) = oneshot::channel();
         (ClientUpgrade(Arc::new(Mutex::new(Some(rx)))), tx)
     }
 
     /// The upgraded connection, or `None` if the connection closed instead.
-    pub(crate) async fn upgraded(self) -> Option<ClientStream> {
+    pub async fn upgraded(self) -> Option<Box<dyn Upgraded>> {
         let receiver = self.0.lock().ok()?.take()?;
         receiver.await.ok()
     }
 }
 
-impl AsyncRead for ClientStream {
+impl<S: AsyncRead + Unpin> AsyncRead for ClientStream<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if !this.prefix.is_empty() {
@@ -114,7 +177,7 @@ impl AsyncRead for ClientStream {
     }
 }
 
-impl AsyncWrite for ClientStream {
+impl<S: AsyncWrite + Unpin> AsyncWrite for ClientStream<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
     }

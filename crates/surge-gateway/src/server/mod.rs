@@ -1,6 +1,8 @@
-//! The gateway's HTTP server. HTTP/1.1 is served by our own connection loop (`h1`), which
-//! frees its buffers between requests; a client that opens with the HTTP/2 preface (h2c with
-//! prior knowledge) is handed to hyper's HTTP/2 server.
+//! The HTTP server, generic over the service that answers its requests. HTTP/1.1 is served by
+//! our own connection loop (`h1`), which frees its buffers between requests; a client that
+//! opens with the HTTP/2 preface (h2c with prior knowledge) is handed to hyper's HTTP/2
+//! server. Every request carries the client's [`ClientAddr`] in its extensions, and an
+//! upgrade request a [`ClientUpgrade`].
 
 mod h1;
 mod head;
@@ -8,30 +10,54 @@ mod io;
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
-use http::Request;
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use io::ClientStream;
-pub(crate) use io::ClientUpgrade;
-pub use io::RequestBody;
+pub use io::{ClientAddr, ClientBody, ClientUpgrade, RequestBody, Upgraded};
 
-use crate::body::ClientBody;
-use crate::{ClientAddr, Gateway};
+use crate::wire::{BoxError, Socket};
+
+/// What the server needs of the service behind it: one is cloned per connection and called
+/// for one request at a time on it.
+pub trait HttpService<B>:
+    tower::Service<Request<ClientBody>, Response = Response<B>, Error = Infallible, Future: Send>
+    + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S, B> HttpService<B> for S where
+    S: tower::Service<Request<ClientBody>, Response = Response<B>, Error = Infallible, Future: Send>
+        + Clone
+        + Send
+        + 'static
+{
+}
+
+/// What the server needs of a response body.
+pub trait ResponseBody: Body<Data = Bytes, Error: Into<BoxError> + Send> + Send + Unpin + 'static {}
+
+impl<B> ResponseBody for B where B: Body<Data = Bytes, Error: Into<BoxError> + Send> + Send + Unpin + 'static {}
 
 /// Serves HTTP/1.1 and h2c on `listener` until `shutdown` resolves, then stops accepting and gives
 /// open requests up to `drain_timeout` to finish.
-pub async fn serve(
-    gateway: Arc<Gateway>,
+pub async fn serve<S, B>(
+    service: S,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
     drain_timeout: Duration,
-) {
+) where
+    S: HttpService<B>,
+    B: ResponseBody,
+{
     // Every connection holds a receiver: `true` asks it to finish its request and close, and
     // the sender sees all receivers gone once every connection has.
     let (stopping, stop) = watch::channel(false);
@@ -41,8 +67,7 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, client)) => {
                     let _ = stream.set_nodelay(true);
-                    let connection = connection(Arc::clone(&gateway), stream, ClientAddr::new(client), stop.clone());
-                    tokio::spawn(connection);
+                    tokio::spawn(connection(service.clone(), stream, ClientAddr::new(client), stop.clone()));
                 }
                 Err(err) => {
                     // Out of file descriptors, most likely: back off instead of spinning.
@@ -62,26 +87,39 @@ pub async fn serve(
     }
 }
 
-async fn connection(
-    gateway: Arc<Gateway>,
-    stream: TcpStream,
+/// Serves one client connection until it closes or `stop` turns true.
+pub async fn connection<S, B, C>(
+    mut service: S,
+    socket: C,
     client: ClientAddr,
     mut stop: watch::Receiver<bool>,
-) {
-    let h1::Handoff::Http2(stream) = h1::serve(&gateway, stream, &client, &mut stop).await else { return };
+) where
+    S: HttpService<B>,
+    B: ResponseBody,
+    C: Socket,
+{
+    let h1::Handoff::Http2(stream) = h1::serve(&mut service, socket, &client, &mut stop).await else {
+        return;
+    };
     // Boxed: hyper's HTTP/2 connection is large, and most connections never need it.
-    Box::pin(serve_h2(gateway, stream, client, stop)).await;
+    Box::pin(serve_h2(service, stream, client, stop)).await;
 }
 
-async fn serve_h2(
-    gateway: Arc<Gateway>,
-    stream: ClientStream,
+async fn serve_h2<S, B, C>(
+    service: S,
+    stream: io::ClientStream<C>,
     client: ClientAddr,
     mut stop: watch::Receiver<bool>,
-) {
+) where
+    S: HttpService<B>,
+    B: ResponseBody,
+    C: Socket,
+{
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-        let (gateway, client) = (Arc::clone(&gateway), client.clone());
-        async move { Ok::<_, Infallible>(gateway.handle(request.map(ClientBody::Http2), client).await) }
+        use tower::ServiceExt;
+        let mut request = request.map(ClientBody::Http2);
+        request.extensions_mut().insert(client.clone());
+        service.clone().oneshot(request)
     });
     let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
@@ -99,3 +137,6 @@ async fn serve_h2(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

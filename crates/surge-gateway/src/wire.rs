@@ -1,0 +1,72 @@
+//! What the gateway's HTTP/1.1 server and client need of a connection: readiness, and reads
+//! and writes that never wait. Waiting for readiness without a buffer is what lets an idle
+//! keep-alive connection hold none. TCP connections serve clients and instances; Unix socket
+//! pairs serve the unit tests, which so run the real loops on in-memory connections.
+
+use std::future::Future;
+use std::io::{self, IoSlice};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+pub trait Socket: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static {
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send;
+    fn writable(&self) -> impl Future<Output = io::Result<()>> + Send;
+    fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize>;
+    fn try_write(&self, bytes: &[u8]) -> io::Result<usize>;
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+}
+
+macro_rules! socket {
+    ($type:ty) => {
+        impl Socket for $type {
+            fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+                <$type>::readable(self)
+            }
+            fn writable(&self) -> impl Future<Output = io::Result<()>> + Send {
+                <$type>::writable(self)
+            }
+            fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
+                <$type>::try_read_buf(self, buf)
+            }
+            fn try_write(&self, bytes: &[u8]) -> io::Result<usize> {
+                <$type>::try_write(self, bytes)
+            }
+            fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+                <$type>::try_write_vectored(self, bufs)
+            }
+        }
+    };
+}
+
+socket!(tokio::net::TcpStream);
+socket!(tokio::net::UnixStream);
+
+/// Reads what is there into `buf` once the socket is readable; `Ok(0)`: the peer closed.
+pub async fn read_buf(socket: &impl Socket, buf: &mut BytesMut) -> io::Result<usize> {
+    loop {
+        socket.readable().await?;
+        match socket.try_read_buf(buf) {
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+            result => return result,
+        }
+    }
+}
+
+/// Writes all of `bufs`. It takes the socket shared, so that two parts of one task (a response
+/// and a `100 Continue`) can both write without owning it.
+pub async fn write_all(socket: &impl Socket, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        socket.writable().await?;
+        match socket.try_write_vectored(bufs) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
+}
