@@ -38,6 +38,11 @@ impl GatewayBody {
         GatewayBody { inner: Payload::Streaming { body }, instance: Some(instance), gauge: None }
     }
 
+    /// The instance that answered, for an instance's response.
+    pub(crate) fn instance_id(&self) -> Option<&str> {
+        self.instance.as_ref().map(|in_flight| in_flight.instance().id.as_str())
+    }
+
     /// Keeps the gauge incremented until the body is done.
     pub(crate) fn hold(&mut self, guard: GaugeGuard) {
         self.gauge = Some(guard);
@@ -94,37 +99,28 @@ pin_project_lite::pin_project! {
     }
 }
 
-/// The body of one request across its tries.
-pub(crate) enum Replay {
-    Kept(Bytes),
-    Streaming(Option<ClientBody>),
-}
-
 impl Payload<ClientBody> {
-    /// Keeps bodies of known size up to the replay limit; streams the rest.
-    pub(crate) async fn prepare(body: ClientBody) -> Result<Replay, BoxError> {
-        use http_body_util::BodyExt;
+    /// Whether the body should be read whole before the request goes on: a known size within
+    /// the replay limit (an empty body is whole already).
+    pub(crate) fn worth_keeping(body: &ClientBody) -> bool {
+        !body.is_end_stream() && body.size_hint().exact().is_some_and(|len| len <= REPLAYABLE_LIMIT)
+    }
+
+    /// The body as it will be sent: empty and kept, or streamed.
+    pub(crate) fn passed_on(body: ClientBody) -> Self {
         if body.is_end_stream() {
-            return Ok(Replay::Kept(Bytes::new()));
-        }
-        match body.size_hint().exact() {
-            Some(len) if len <= REPLAYABLE_LIMIT => Ok(Replay::Kept(body.collect().await?.to_bytes())),
-            _ => Ok(Replay::Streaming(Some(body))),
+            Payload::Kept { bytes: None }
+        } else {
+            Payload::Streaming { body }
         }
     }
-}
 
-impl Replay {
-    /// The body for the next try; a streamed body can be sent only once.
-    pub(crate) fn for_try(&mut self) -> Option<Payload<ClientBody>> {
+    /// A copy for another try; a streamed body can be sent only once.
+    pub(crate) fn try_clone(&self) -> Option<Self> {
         match self {
-            Replay::Kept(bytes) => Some(Payload::Kept { bytes: Some(bytes.clone()) }),
-            Replay::Streaming(body) => body.take().map(|body| Payload::Streaming { body }),
+            Payload::Kept { bytes } => Some(Payload::Kept { bytes: bytes.clone() }),
+            Payload::Streaming { .. } => None,
         }
-    }
-
-    pub(crate) fn replayable(&self) -> bool {
-        matches!(self, Replay::Kept(_))
     }
 }
 

@@ -65,6 +65,9 @@ pub(crate) enum SendError {
     /// Nothing reached the instance.
     #[error("{0}")]
     Connect(BoxError),
+    /// A reused connection was closed by the instance before it answered.
+    #[error("the instance closed the kept-alive connection")]
+    Stale,
     #[error("{0}")]
     Failed(BoxError),
 }
@@ -82,31 +85,28 @@ impl Http1Client {
         Arc::new(Http1Client { idle: Mutex::default(), connect_timeout })
     }
 
-    /// Sends the request to `addr`. A reused connection that turns out closed is replaced by a
-    /// new one and the request sent again if `repeatable`.
+    /// Sends the request to `addr`, on an idle connection if there is one. A reused connection
+    /// that the instance turns out to have closed fails as `Stale`, for the retry layer to
+    /// decide on (and count).
     pub async fn send(
         self: &Arc<Self>,
         addr: SocketAddr,
         authority: &Authority,
         parts: &Parts,
         body: &Bytes,
-        repeatable: bool,
     ) -> Result<Response<Http1Body>, SendError> {
         let mut head = Vec::with_capacity(512);
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let host = (!parts.headers.contains_key(HOST)).then(|| authority.as_str().as_bytes());
         let fields = parts.headers.iter().filter(|(name, _)| !is_request_framing(name));
         write_request_head(&mut head, &parts.method, target, host, fields, Some(body.len() as u64));
-        if let Some(connection) = self.checkout(addr) {
-            match self.exchange(connection, addr, &head, body, &parts.method).await {
-                Ok(response) => return Ok(response),
-                Err(Failure::Unanswered(_)) if repeatable => {}
-                Err(Failure::Unanswered(err) | Failure::Failed(err)) => return Err(SendError::Failed(err)),
-            }
-        }
-        let connection = self.connect(addr).await?;
+        let (connection, reused) = match self.checkout(addr) {
+            Some(connection) => (connection, true),
+            None => (self.connect(addr).await?, false),
+        };
         match self.exchange(connection, addr, &head, body, &parts.method).await {
             Ok(response) => Ok(response),
+            Err(Failure::Unanswered(_)) if reused => Err(SendError::Stale),
             Err(Failure::Unanswered(err) | Failure::Failed(err)) => Err(SendError::Failed(err)),
         }
     }

@@ -26,8 +26,14 @@ pub enum GatewayError {
     Connect { service: String, instance: String, cause: String },
     #[error("instance {instance} of service `{service}` failed: {cause}")]
     Upstream { service: String, instance: String, cause: String },
+    #[error("instance {instance} of service `{service}` closed a kept-alive connection before answering")]
+    Stale { service: String, instance: String },
+    #[error("instance {instance} of service `{service}` did not answer within {timeout:?} (services.{service}.timeouts.per_try)")]
+    TryTimeout { service: String, instance: String, timeout: Duration },
     #[error("service `{service}` did not answer within {timeout:?} (services.{service}.timeouts.request)")]
     Timeout { service: String, timeout: Duration },
+    #[error("internal error: {what}")]
+    Internal { what: &'static str },
 }
 
 impl GatewayError {
@@ -39,9 +45,36 @@ impl GatewayError {
             GatewayError::NoReadyInstance { .. }
             | GatewayError::BufferFull { .. }
             | GatewayError::NoInstanceInTime { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            GatewayError::Connect { .. } | GatewayError::Upstream { .. } => StatusCode::BAD_GATEWAY,
-            GatewayError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::Connect { .. } | GatewayError::Upstream { .. } | GatewayError::Stale { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+            GatewayError::TryTimeout { .. } | GatewayError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
+    }
+
+    /// The instance a try failed on, for the errors that are an instance's.
+    pub fn instance(&self) -> Option<&str> {
+        match self {
+            GatewayError::Connect { instance, .. }
+            | GatewayError::Upstream { instance, .. }
+            | GatewayError::Stale { instance, .. }
+            | GatewayError::TryTimeout { instance, .. } => Some(instance),
+            _ => None,
+        }
+    }
+
+    /// A failing or slow instance: news for the operator, where the others are the client's
+    /// or the configuration's and show in metrics.
+    pub fn is_instance_failure(&self) -> bool {
+        matches!(
+            self,
+            GatewayError::Connect { .. }
+                | GatewayError::Upstream { .. }
+                | GatewayError::TryTimeout { .. }
+                | GatewayError::Timeout { .. }
+                | GatewayError::Internal { .. }
+        )
     }
 
     /// A stable, machine-readable name for the error.
@@ -54,8 +87,9 @@ impl GatewayError {
             GatewayError::BufferFull { .. } => "buffer_full",
             GatewayError::NoInstanceInTime { .. } => "no_instance_in_time",
             GatewayError::Connect { .. } => "connect_failed",
-            GatewayError::Upstream { .. } => "upstream_failed",
-            GatewayError::Timeout { .. } => "upstream_timeout",
+            GatewayError::Upstream { .. } | GatewayError::Stale { .. } => "upstream_failed",
+            GatewayError::TryTimeout { .. } | GatewayError::Timeout { .. } => "upstream_timeout",
+            GatewayError::Internal { .. } => "internal",
         }
     }
 

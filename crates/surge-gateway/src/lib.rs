@@ -7,15 +7,13 @@
 //! Resilience layers (retries, budgets, load shedding) slot into the same stack.
 
 mod body;
-mod budget;
 mod client;
 mod error;
-mod layers;
 mod problem;
-mod proxy;
 mod ratelimit;
 mod router;
 pub mod server;
+mod stack;
 mod wire;
 
 use std::convert::Infallible;
@@ -30,23 +28,21 @@ use http::{Request, Response};
 use surge_config::Config;
 use surge_pool::Pools;
 use tokio::net::TcpListener;
-use tower::{ServiceBuilder, ServiceExt};
+use tower::ServiceExt;
 
 pub use body::GatewayBody;
 pub use error::GatewayError;
-pub use layers::GatewayMetrics;
 pub use problem::ERROR_HEADER;
 pub use ratelimit::{gcra, RateLimiter, RateStore, Verdict};
 pub use router::Router;
 use server::{ClientAddr, ClientBody};
+pub use stack::GatewayMetrics;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-type ServiceStack = layers::RecordMetrics<layers::Respond<layers::RequestTimeout<proxy::Proxy>>>;
-
 pub struct Gateway {
     router: Router<RouteTarget>,
-    services: Vec<ServiceStack>,
+    services: Vec<stack::ServiceStack>,
     metrics: GatewayMetrics,
 }
 
@@ -73,18 +69,7 @@ impl Gateway {
                 });
                 (route.clone(), RouteTarget { service: index, retry: route.retry, limiter })
             }));
-            let stack = ServiceBuilder::new()
-                .layer(layers::RecordMetricsLayer::new(&metrics, &service.name))
-                .layer(layers::RespondLayer)
-                .layer(layers::RequestTimeoutLayer {
-                    timeout: service.timeouts.request,
-                    service: service.name.as_str().into(),
-                })
-                .service(proxy::Proxy::new(
-                    Arc::clone(pool),
-                    metrics.retries(&service.name),
-                    metrics.retries_denied(&service.name),
-                ));
+            let stack = stack::build(pool, &metrics);
             services.push(stack);
         }
         Gateway { router: Router::new(routes), services, metrics }
@@ -111,7 +96,7 @@ impl Gateway {
             }
         }
         if target.retry {
-            request.extensions_mut().insert(proxy::RetryRoute);
+            request.extensions_mut().insert(stack::RetryRoute);
         }
         match self.services[target.service].clone().oneshot(request).await {
             Ok(response) => response,

@@ -135,7 +135,7 @@ impl Instance {
     }
 
     /// Moves from `from` to `to` unless another transition (an exit) came first.
-    pub(crate) fn transition(&self, from: InstanceState, to: InstanceState) -> bool {
+    pub fn transition(&self, from: InstanceState, to: InstanceState) -> bool {
         self.state.compare_exchange(from as u8, to as u8, Ordering::SeqCst, Ordering::SeqCst).is_ok()
     }
 
@@ -301,7 +301,7 @@ impl InFlight {
         self.cancelled = true;
     }
 
-    pub fn instance(&self) -> &Instance {
+    pub fn instance(&self) -> &Arc<Instance> {
         &self.instance
     }
 
@@ -330,6 +330,8 @@ impl Drop for InFlight {
             instance.observe_latency(latency.as_secs_f64());
             instance.load.finished(latency);
         }
+        // Only once the slot is free, so the request woken for it finds it.
+        instance.load.queue().wake_one();
     }
 }
 

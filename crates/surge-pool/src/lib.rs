@@ -22,11 +22,11 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use surge_config::ServiceConfig;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 
 pub use driver::{Driver, Exit, InstanceControl, LaunchError, LaunchSpec, Launched};
 pub use instance::{InFlight, Instance, InstanceState};
-pub use load::{PoolLoad, Waiting};
+pub use load::{PoolLoad, Ticket, WaitQueue, Waiting};
 pub use metrics::PoolMetrics;
 pub use outlier::OutlierPolicy;
 pub use process::ProcessDriver;
@@ -46,8 +46,6 @@ pub struct Pool {
     restarts: AtomicU64,
     commands: mpsc::Sender<Command>,
     load: Arc<PoolLoad>,
-    /// The number of ready instances, for requests waiting for one.
-    ready_count: watch::Sender<usize>,
     autoscale_status: std::sync::Mutex<Option<AutoscaleStatus>>,
     ejections: surge_metrics::Counter,
 }
@@ -79,7 +77,6 @@ impl Pool {
             restarts: AtomicU64::new(0),
             commands,
             load: Arc::default(),
-            ready_count: watch::Sender::new(0),
             autoscale_status: std::sync::Mutex::new(None),
             ejections,
         });
@@ -101,7 +98,7 @@ impl Pool {
     }
 
     /// What the data path reports to the autoscaler.
-    pub fn load(&self) -> &PoolLoad {
+    pub fn load(&self) -> &Arc<PoolLoad> {
         &self.load
     }
 
@@ -150,9 +147,17 @@ impl Pool {
         );
     }
 
-    /// Changes whenever the number of ready instances does.
-    pub fn watch_ready(&self) -> watch::Receiver<usize> {
-        self.ready_count.subscribe()
+    /// An instance refused a connection: nothing listens there (on loopback, the process is
+    /// gone). It leaves rotation at once, as if it had failed its health checks, and returns
+    /// when they pass; until then requests wait for another instance rather than try it again.
+    pub fn report_refused(&self, in_flight: &mut InFlight, cause: &str) {
+        self.report(in_flight, false);
+        let instance = in_flight.instance();
+        if instance.transition(InstanceState::Ready, InstanceState::Unhealthy) {
+            let command = Command::Refused { id: instance.id.clone(), cause: cause.to_owned() };
+            // A full channel only delays the log line: the instance is out of rotation already.
+            let _ = self.commands.try_send(command);
+        }
     }
 
     /// Sets the desired number of instances, within the service's bounds.

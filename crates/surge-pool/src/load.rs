@@ -1,10 +1,11 @@
 //! What the data path tells the autoscaler: requests waiting for an instance, and how long
 //! finished requests took. Lock-free: recorded on every request, read once a second.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::Waker;
 use std::time::Duration;
-
-use tokio::sync::Notify;
 
 /// Four buckets per power of two of microseconds, up to about 19 hours: ±12% resolution, which
 /// is plenty for a scaling signal.
@@ -16,8 +17,8 @@ pub struct PoolLoad {
     /// Requests in flight on any instance of the pool.
     active: AtomicUsize,
     latency: [AtomicU64; BUCKETS],
-    /// Wakes one waiting request when a request finishes and frees a slot.
-    freed: Notify,
+    /// Requests waiting for a slot, first come first served.
+    queue: WaitQueue,
     arrivals: AtomicU64,
     /// Time finished requests spent at instances, in microseconds, and how many there were.
     service_micros: AtomicU64,
@@ -30,7 +31,7 @@ impl Default for PoolLoad {
             waiting: AtomicUsize::new(0),
             active: AtomicUsize::new(0),
             latency: std::array::from_fn(|_| AtomicU64::new(0)),
-            freed: Notify::new(),
+            queue: WaitQueue::default(),
             arrivals: AtomicU64::new(0),
             service_micros: AtomicU64::new(0),
             services: AtomicU64::new(0),
@@ -40,9 +41,9 @@ impl Default for PoolLoad {
 
 /// One request waiting in the gateway's buffer, for as long as it lives.
 #[derive(Debug)]
-pub struct Waiting<'a>(&'a PoolLoad);
+pub struct Waiting(Arc<PoolLoad>);
 
-impl Drop for Waiting<'_> {
+impl Drop for Waiting {
     fn drop(&mut self) {
         self.0.waiting.fetch_sub(1, Ordering::Relaxed);
     }
@@ -66,13 +67,13 @@ impl PoolLoad {
     }
 
     /// Counts a waiting request, unless `limit` already wait.
-    pub fn wait(&self, limit: usize) -> Option<Waiting<'_>> {
+    pub fn wait(self: &Arc<Self>, limit: usize) -> Option<Waiting> {
         let before = self.waiting.fetch_add(1, Ordering::Relaxed);
         if before >= limit {
             self.waiting.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
-        Some(Waiting(self))
+        Some(Waiting(Arc::clone(self)))
     }
 
     /// A request for the pool arrived at the gateway.
@@ -92,26 +93,113 @@ impl PoolLoad {
         (count > 0).then(|| Duration::from_micros(micros / count))
     }
 
-    /// A request finished: record its latency and hand its slot to a waiting request.
+    /// A request finished: record its latency.
     pub(crate) fn finished(&self, latency: Duration) {
         let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         self.service_micros.fetch_add(micros, Ordering::Relaxed);
         self.services.fetch_add(1, Ordering::Relaxed);
         self.latency[bucket(micros)].fetch_add(1, Ordering::Relaxed);
-        if self.waiting() > 0 {
-            self.freed.notify_one();
-        }
     }
 
-    /// Resolves when a request finishes while others wait.
-    pub async fn slot_freed(&self) {
-        self.freed.notified().await;
+    /// The requests waiting for a slot.
+    pub fn queue(&self) -> &WaitQueue {
+        &self.queue
     }
 
     /// The `quantile` of the latencies recorded since the last call, which clears them.
     pub(crate) fn take_quantile(&self, quantile: f64) -> Option<Duration> {
         let counts: Vec<u64> = self.latency.iter().map(|c| c.swap(0, Ordering::Relaxed)).collect();
         quantile_of(&counts, quantile)
+    }
+}
+
+/// Requests waiting for capacity (a free slot on a ready instance), in arrival order. A freed
+/// slot wakes the first; new instances wake all. A woken request that finds no slot after all
+/// goes back to the front, and one that leaves after it was woken passes the wake-up on, so no
+/// wake-up is lost to a request that could not use it.
+#[derive(Debug, Default)]
+pub struct WaitQueue {
+    /// How many are queued, read without the lock on every freed slot.
+    len: AtomicUsize,
+    waiters: Mutex<Waiters>,
+}
+
+#[derive(Debug, Default)]
+struct Waiters {
+    queue: VecDeque<(u64, Waker)>,
+    next_ticket: u64,
+}
+
+/// A request's place in the [`WaitQueue`]: queued, or woken and yet to look for a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket(u64);
+
+impl WaitQueue {
+    /// Whether requests are queued, so that a newcomer must queue behind them.
+    pub fn is_empty(&self) -> bool {
+        self.len.load(Ordering::SeqCst) == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Waiters> {
+        self.waiters.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Queues a request that found no slot, or updates its waker if it is queued already. A
+    /// request that was woken and still found no slot goes back to the front.
+    pub fn wait(&self, ticket: &mut Option<Ticket>, waker: &Waker) {
+        let mut waiters = self.lock();
+        match *ticket {
+            Some(Ticket(id)) => match waiters.queue.iter_mut().find(|(queued, _)| *queued == id) {
+                Some((_, queued)) => queued.clone_from(waker),
+                None => waiters.queue.push_front((id, waker.clone())),
+            },
+            None => {
+                let id = waiters.next_ticket;
+                waiters.next_ticket += 1;
+                waiters.queue.push_back((id, waker.clone()));
+                *ticket = Some(Ticket(id));
+            }
+        }
+        self.len.store(waiters.queue.len(), Ordering::SeqCst);
+    }
+
+    /// The request got a slot, or gave up: it leaves the queue. One that gave up after it was
+    /// woken wakes the next, since the slot it was woken for is still free.
+    pub fn leave(&self, ticket: Ticket, got_slot: bool) {
+        let mut waiters = self.lock();
+        let before = waiters.queue.len();
+        waiters.queue.retain(|(queued, _)| *queued != ticket.0);
+        let was_woken = waiters.queue.len() == before;
+        if was_woken && !got_slot {
+            if let Some((_, next)) = waiters.queue.pop_front() {
+                next.wake();
+            }
+        }
+        self.len.store(waiters.queue.len(), Ordering::SeqCst);
+    }
+
+    /// A slot was freed: the first request in line looks for it.
+    pub fn wake_one(&self) {
+        if self.is_empty() {
+            return;
+        }
+        let mut waiters = self.lock();
+        if let Some((_, waker)) = waiters.queue.pop_front() {
+            waker.wake();
+        }
+        self.len.store(waiters.queue.len(), Ordering::SeqCst);
+    }
+
+    /// Capacity came that may serve many (an instance became ready): everyone looks.
+    pub fn wake_all(&self) {
+        if self.is_empty() {
+            return;
+        }
+        let mut waiters = self.lock();
+        for (_, waker) in waiters.queue.drain(..) {
+            waker.wake();
+        }
+        self.len.store(0, Ordering::SeqCst);
     }
 }
 
@@ -176,9 +264,66 @@ mod tests {
         assert_eq!(load.take_quantile(0.95), None, "taking clears");
     }
 
+    /// A waker that counts its wake-ups.
+    struct Counting(AtomicUsize);
+
+    impl std::task::Wake for Counting {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn counting() -> (Arc<Counting>, Waker) {
+        let counter = Arc::new(Counting(AtomicUsize::new(0)));
+        (Arc::clone(&counter), Waker::from(counter))
+    }
+
+    fn wakes(counter: &Counting) -> usize {
+        counter.0.load(Ordering::SeqCst)
+    }
+
+    #[test]
+    fn freed_slots_wake_waiters_in_arrival_order() {
+        let queue = WaitQueue::default();
+        let (first, second, third) = (counting(), counting(), counting());
+        let mut tickets = [None, None, None];
+        for (ticket, (_, waker)) in tickets.iter_mut().zip([&first, &second, &third]) {
+            queue.wait(ticket, waker);
+        }
+        assert!(!queue.is_empty());
+        queue.wake_one();
+        assert_eq!([wakes(&first.0), wakes(&second.0), wakes(&third.0)], [1, 0, 0]);
+        // Woken but beaten to the slot: back to the front, ahead of the others.
+        queue.wait(&mut tickets[0], &first.1);
+        queue.wake_one();
+        assert_eq!([wakes(&first.0), wakes(&second.0), wakes(&third.0)], [2, 0, 0]);
+        queue.leave(tickets[0].expect("queued"), true);
+        queue.wake_one();
+        assert_eq!([wakes(&first.0), wakes(&second.0), wakes(&third.0)], [2, 1, 0]);
+    }
+
+    #[test]
+    fn a_woken_waiter_that_leaves_passes_the_wake_up_on() {
+        let queue = WaitQueue::default();
+        let (first, second) = (counting(), counting());
+        let (mut one, mut two) = (None, None);
+        queue.wait(&mut one, &first.1);
+        queue.wait(&mut two, &second.1);
+        queue.wake_one();
+        queue.leave(one.expect("queued"), false);
+        assert_eq!((wakes(&first.0), wakes(&second.0)), (1, 1), "the slot goes to the next in line");
+        // One that leaves while still queued wakes nobody.
+        let (third, mut three) = (counting(), None);
+        queue.wait(&mut three, &third.1);
+        queue.leave(three.expect("queued"), false);
+        assert_eq!((wakes(&second.0), wakes(&third.0)), (1, 0));
+        queue.wake_all();
+        assert!(queue.is_empty());
+    }
+
     #[test]
     fn the_buffer_is_bounded() {
-        let load = PoolLoad::default();
+        let load = Arc::new(PoolLoad::default());
         let first = load.wait(2).expect("room");
         let second = load.wait(2).expect("room");
         assert!(load.wait(2).is_none());

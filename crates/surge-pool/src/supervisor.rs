@@ -39,6 +39,11 @@ pub(crate) enum Command {
     },
     /// A request is waiting and nothing is ready: an autoscaled pool at zero starts one now.
     Demand,
+    /// An instance refused a connection: the data path took it out of rotation already.
+    Refused {
+        id: String,
+        cause: String,
+    },
 }
 
 enum Event {
@@ -162,6 +167,18 @@ impl Supervisor {
 
     fn command(&mut self, command: Command) {
         match command {
+            Command::Refused { id, cause } => {
+                let threshold = self.config.health.unhealthy_threshold;
+                if let Some(member) = self.members.iter_mut().find(|m| m.instance.id == id && !m.stopping) {
+                    // As if it had failed its health checks: it comes back once they pass.
+                    member.passed_checks = 0;
+                    member.failed_checks = member.failed_checks.max(threshold);
+                    member.ready_since = None;
+                    tracing::warn!(
+                        "{id} refused a connection ({cause}); out of rotation until its health check passes"
+                    );
+                }
+            }
             Command::Demand => {
                 if self.autoscaler.is_none() || self.shutdown_waiters.is_some() {
                     return;
@@ -246,6 +263,9 @@ impl Supervisor {
                 {
                     member.ready_since = Some(Instant::now());
                     tracing::info!("{} passes its health check again; back in rotation", instance.id);
+                    // It may never have left the published snapshot (the data path took it out
+                    // of rotation), so requests waiting for capacity are told here.
+                    self.pool.load.queue().wake_all();
                 }
             }
             Err(error) => match instance.state() {
@@ -559,10 +579,16 @@ impl Supervisor {
         for instance in &all {
             counts[instance.state() as usize] += 1;
         }
-        let ready_count = ready.len();
+        let changed = {
+            let before = self.pool.ready.load();
+            before.len() != ready.len() || before.iter().zip(&ready).any(|(a, b)| !Arc::ptr_eq(a, b))
+        };
         self.pool.ready.store(Arc::new(ready));
         self.pool.all.store(Arc::new(all));
-        self.pool.ready_count.send_if_modified(|count| std::mem::replace(count, ready_count) != ready_count);
+        if changed {
+            // New capacity, or less: every waiting request looks again.
+            self.pool.load.queue().wake_all();
+        }
         self.pool.failures.store(self.failures, Ordering::Relaxed);
 
         for (state, count) in InstanceState::ALL.into_iter().zip(counts) {

@@ -386,6 +386,47 @@ async fn malformed_and_oversized_heads_get_a_clear_error_then_a_close() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_broken_body_is_its_own_400_and_never_ejects_an_instance() {
+    let surge = Surge::start(
+        r#"
+[services.web]
+command = "{echo}"
+routes = ["/"]
+instances = { min = 2, max = 2 }
+"#,
+    )
+    .await;
+    // More than enough failures in a row to eject both instances, were they blamed.
+    for _ in 0..8 {
+        let answer = raw_exchange(
+            &surge,
+            b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2 x\r\nde\r\n0\r\n\r\n",
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{answer}");
+        assert!(answer.contains("\"error\":\"bad_request_body\""), "{answer}");
+        assert!(answer.contains("connection: close\r\n"), "{answer}");
+    }
+    let status = surge.service("web").await;
+    assert!(status.instances.iter().all(|i| i.ejections == 0 && !i.ejected), "{status:#?}");
+    let metrics = surge.metrics().await;
+    assert!(!metrics.contains("surge_outlier_ejections_total{service=\"web\"} 1"), "{metrics}");
+    let served: std::collections::HashSet<String> = instances_serving(&surge, 8).await.into_iter().collect();
+    assert_eq!(served.len(), 2, "both instances still serve: {served:?}");
+}
+
+/// The instances that answer `count` sequential requests.
+async fn instances_serving(surge: &Surge, count: usize) -> Vec<String> {
+    let mut served = Vec::new();
+    for _ in 0..count {
+        let answer = surge.get("/").await;
+        assert_eq!(answer.status, StatusCode::OK);
+        served.push(answer.instance());
+    }
+    served
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_chunked_and_http10_requests_are_answered_in_order() {
     let surge = Surge::start(ROUTED).await;
     let requests = concat!(

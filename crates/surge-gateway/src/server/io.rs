@@ -31,6 +31,13 @@ impl ClientAddr {
     }
 }
 
+/// A request body that failed on the client's side (malformed framing, an aborted upload): so
+/// that whoever sees it fail, even through another client's error, can tell it from an
+/// instance's failure.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ClientBodyError(#[source] BoxError);
+
 /// A client's request body, as the connection it came on reads it.
 pub enum ClientBody {
     Empty,
@@ -46,11 +53,12 @@ impl Body for ClientBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            ClientBody::Empty => Poll::Ready(None),
+        let frame = match self.get_mut() {
+            ClientBody::Empty => return Poll::Ready(None),
             ClientBody::Http1(body) => Pin::new(body).poll_frame(cx),
             ClientBody::Http2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-        }
+        };
+        frame.map_err(|err| Box::new(ClientBodyError(err)) as BoxError)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -152,7 +160,7 @@ pub struct ClientUpgrade(Arc<Mutex<Option<UpgradeReceiver>>>);
 type UpgradeReceiver = oneshot::Receiver<Box<dyn Upgraded>>;
 
 impl ClientUpgrade {
-    pub(super) fn new() -> (Self, oneshot::Sender<Box<dyn Upgraded>>) {
+    pub(crate) fn new() -> (Self, oneshot::Sender<Box<dyn Upgraded>>) {
         let (tx, rx) = oneshot::channel();
         (ClientUpgrade(Arc::new(Mutex::new(Some(rx)))), tx)
     }
@@ -189,4 +197,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ClientStream<S> {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
+}
+
+/// A request body with nothing behind it, for tests of what carries one.
+#[cfg(test)]
+pub(crate) fn test_body() -> RequestBody {
+    request_body(None).0
 }

@@ -20,7 +20,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-pub use io::{ClientAddr, ClientBody, ClientUpgrade, RequestBody, Upgraded};
+#[cfg(test)]
+pub(crate) use io::test_body;
+pub use io::{ClientAddr, ClientBody, ClientBodyError, ClientUpgrade, RequestBody, Upgraded};
 
 use crate::wire::{BoxError, Socket};
 

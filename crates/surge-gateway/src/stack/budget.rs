@@ -1,8 +1,12 @@
 //! The retry budget: retries may add at most a fraction of recent requests, so that when a
 //! whole pool fails, retries cannot multiply the load on it (Finagle's and linkerd's idea).
 //! A small floor per second lets a quiet service still retry a rare failure.
+//!
+//! Lock-free, since every request counts itself: a slot that rolls over to a new second is
+//! claimed by one thread and cleared; a count made by another thread during that moment may be
+//! lost, which a budget can afford. (tower's `TpsBudget` takes a mutex for every request.)
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Seconds of history, in one-second buckets.
@@ -12,20 +16,34 @@ const WINDOW: usize = 10;
 pub struct RetryBudget {
     ratio: f64,
     min_per_second: f64,
-    buckets: Mutex<Buckets>,
+    slots: [Slot; WINDOW],
 }
 
 #[derive(Debug, Default)]
-struct Buckets {
-    /// (second, requests, retries), one per second of the window.
-    slots: [(u64, u64, u64); WINDOW],
+struct Slot {
+    /// The second this slot counts; `u64::MAX` before its first.
+    second: AtomicU64,
+    requests: AtomicU64,
+    retries: AtomicU64,
 }
 
-impl Buckets {
-    fn slot(&mut self, second: u64) -> &mut (u64, u64, u64) {
-        let slot = &mut self.slots[(second % WINDOW as u64) as usize];
-        if slot.0 != second {
-            *slot = (second, 0, 0);
+impl RetryBudget {
+    /// Retries may be `ratio` of the requests of the last ten seconds, or `min_per_second`
+    /// each second of it, whichever allows more.
+    pub fn new(ratio: f64, min_per_second: f64) -> Self {
+        let slots = std::array::from_fn(|_| Slot { second: AtomicU64::new(u64::MAX), ..Slot::default() });
+        RetryBudget { ratio, min_per_second, slots }
+    }
+
+    /// The slot for `second`, cleared if it last counted an older one.
+    fn slot(&self, second: u64) -> &Slot {
+        let slot = &self.slots[(second % WINDOW as u64) as usize];
+        let seen = slot.second.load(Ordering::Acquire);
+        if seen != second
+            && slot.second.compare_exchange(seen, second, Ordering::AcqRel, Ordering::Acquire).is_ok()
+        {
+            slot.requests.store(0, Ordering::Relaxed);
+            slot.retries.store(0, Ordering::Relaxed);
         }
         slot
     }
@@ -33,32 +51,29 @@ impl Buckets {
     fn totals(&self, second: u64) -> (u64, u64) {
         self.slots
             .iter()
-            .filter(|(at, _, _)| second.saturating_sub(*at) < WINDOW as u64)
-            .fold((0, 0), |(requests, retries), (_, q, r)| (requests + q, retries + r))
-    }
-}
-
-impl RetryBudget {
-    /// Retries may be `ratio` of the requests of the last ten seconds, or `min_per_second`
-    /// each second of it, whichever allows more.
-    pub fn new(ratio: f64, min_per_second: f64) -> Self {
-        RetryBudget { ratio, min_per_second, buckets: Mutex::new(Buckets::default()) }
+            .filter(|slot| {
+                second.checked_sub(slot.second.load(Ordering::Acquire)).is_some_and(|age| age < WINDOW as u64)
+            })
+            .fold((0, 0), |(requests, retries), slot| {
+                (
+                    requests + slot.requests.load(Ordering::Relaxed),
+                    retries + slot.retries.load(Ordering::Relaxed),
+                )
+            })
     }
 
     /// Counts a client request, at `now` (time since any fixed start).
     pub fn request(&self, now: Duration) {
-        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        buckets.slot(now.as_secs()).1 += 1;
+        self.slot(now.as_secs()).requests.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Takes one retry from the budget if there is one.
     pub fn try_retry(&self, now: Duration) -> bool {
         let second = now.as_secs();
-        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        let (requests, retries) = buckets.totals(second);
+        let (requests, retries) = self.totals(second);
         let allowed = (self.ratio * requests as f64).max(self.min_per_second * WINDOW as f64);
         if (retries as f64) < allowed.floor() {
-            buckets.slot(second).2 += 1;
+            self.slot(second).retries.fetch_add(1, Ordering::Relaxed);
             true
         } else {
             false

@@ -1,10 +1,12 @@
-//! The layers around the proxy, outermost first: request metrics, turning errors into
-//! responses, and the request timeout. Each takes only the parameters it needs.
+//! The outermost layer: requests counted by status class, their latency, and those in flight
+//! (until the last byte of the response body). The metric families are registered here too.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::task::{ready, Context, Poll};
+use std::time::Instant;
 
 use http::{Request, Response};
 use surge_metrics::{
@@ -13,8 +15,6 @@ use surge_metrics::{
 use tower::{Layer, Service};
 
 use crate::body::{GatewayBody, GaugeGuard};
-use crate::error::GatewayError;
-use crate::BoxFuture;
 
 /// The gateway's request metric families.
 #[derive(Clone)]
@@ -99,7 +99,7 @@ impl GatewayMetrics {
     }
 }
 
-struct ServiceMetrics {
+pub struct ServiceMetrics {
     by_class: [Counter; 5],
     duration: Histogram,
     in_flight: Gauge,
@@ -130,124 +130,47 @@ impl<S> Layer<S> for RecordMetricsLayer {
 impl<S, B> Service<Request<B>> for RecordMetrics<S>
 where
     S: Service<Request<B>, Response = Response<GatewayBody>, Error = Infallible>,
-    S::Future: Send + 'static,
 {
     type Response = Response<GatewayBody>;
     type Error = Infallible;
-    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+    type Future = Recorded<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let metrics = Arc::clone(&self.metrics);
-        let in_flight = GaugeGuard::new(&metrics.in_flight);
-        let start = Instant::now();
-        let response = self.inner.call(request);
-        Box::pin(async move {
-            let Ok(mut response) = response.await;
-            metrics.duration.observe(start.elapsed().as_secs_f64());
-            let class = StatusClass::of(response.status().as_u16());
-            metrics.by_class[class as usize].inc();
-            response.body_mut().hold(in_flight);
-            Ok(response)
-        })
-    }
-}
-
-/// Turns a [`GatewayError`] into its response; the one place errors meet statuses.
-#[derive(Clone)]
-pub struct Respond<S> {
-    inner: S,
-}
-
-pub struct RespondLayer;
-
-impl<S> Layer<S> for RespondLayer {
-    type Service = Respond<S>;
-    fn layer(&self, inner: S) -> Respond<S> {
-        Respond { inner }
-    }
-}
-
-impl<S, B> Service<Request<B>> for Respond<S>
-where
-    S: Service<Request<B>, Response = Response<GatewayBody>, Error = GatewayError>,
-    S::Future: Send + 'static,
-{
-    type Response = Response<GatewayBody>;
-    type Error = Infallible;
-    type Future = BoxFuture<Result<Self::Response, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        match self.inner.poll_ready(cx) {
-            Poll::Ready(_) => Poll::Ready(Ok(())),
-            Poll::Pending => Poll::Pending,
+        Recorded {
+            in_flight: Some(GaugeGuard::new(&self.metrics.in_flight)),
+            metrics: Arc::clone(&self.metrics),
+            start: Instant::now(),
+            response: self.inner.call(request),
         }
     }
+}
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
-        let response = self.inner.call(request);
-        Box::pin(async move {
-            Ok(response.await.unwrap_or_else(|error| {
-                // A failing or slow instance is news for the operator; a missing route or an
-                // empty pool is the client's or the configuration's, and shows in metrics.
-                match error {
-                    GatewayError::Connect { .. }
-                    | GatewayError::Upstream { .. }
-                    | GatewayError::Timeout { .. } => {
-                        tracing::warn!("{error}")
-                    }
-                    _ => tracing::debug!("{error}"),
-                }
-                error.into_response()
-            }))
-        })
+pin_project_lite::pin_project! {
+    pub struct Recorded<F> {
+        #[pin]
+        response: F,
+        metrics: Arc<ServiceMetrics>,
+        in_flight: Option<GaugeGuard>,
+        start: Instant,
     }
 }
 
-/// Bounds the time until the response headers arrive.
-#[derive(Clone)]
-pub struct RequestTimeout<S> {
-    inner: S,
-    timeout: Duration,
-    service: Arc<str>,
-}
+impl<F: Future<Output = Result<Response<GatewayBody>, Infallible>>> Future for Recorded<F> {
+    type Output = F::Output;
 
-pub struct RequestTimeoutLayer {
-    pub timeout: Duration,
-    pub service: Arc<str>,
-}
-
-impl<S> Layer<S> for RequestTimeoutLayer {
-    type Service = RequestTimeout<S>;
-    fn layer(&self, inner: S) -> RequestTimeout<S> {
-        RequestTimeout { inner, timeout: self.timeout, service: Arc::clone(&self.service) }
-    }
-}
-
-impl<S, B> Service<Request<B>> for RequestTimeout<S>
-where
-    S: Service<Request<B>, Error = GatewayError>,
-    S::Future: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = GatewayError;
-    type Future = BoxFuture<Result<S::Response, GatewayError>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<B>) -> Self::Future {
-        let response = self.inner.call(request);
-        let (timeout, service) = (self.timeout, Arc::clone(&self.service));
-        Box::pin(async move {
-            match tokio::time::timeout(timeout, response).await {
-                Ok(result) => result,
-                Err(_) => Err(GatewayError::Timeout { service: service.to_string(), timeout }),
-            }
-        })
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let Ok(mut response) = ready!(this.response.poll(cx));
+        this.metrics.duration.observe(this.start.elapsed().as_secs_f64());
+        let class = StatusClass::of(response.status().as_u16());
+        this.metrics.by_class[class as usize].inc();
+        if let Some(in_flight) = this.in_flight.take() {
+            response.body_mut().hold(in_flight);
+        }
+        Poll::Ready(Ok(response))
     }
 }

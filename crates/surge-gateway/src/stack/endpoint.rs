@@ -1,0 +1,149 @@
+//! The innermost service: one try to one instance. A whole body to an HTTP/1.1 instance goes
+//! through the gateway's own client (`client.rs`); a streamed body, an upgrade or h2c through
+//! hyper's. Both clients' failures come out as the same errors: never sent (`Connect`), a
+//! kept-alive connection the instance had closed (`Stale`), the client's own body failing
+//! (`BadRequestBody`), or the instance failing (`Upstream`).
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::uri::{PathAndQuery, Scheme};
+use http::{Request, Response, Uri};
+use http_body_util::Either;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use surge_config::{ServiceConfig, UpstreamProtocol};
+use surge_pool::Instance;
+use tower::Service;
+
+use crate::body::{Payload, UpstreamBody};
+use crate::client::{Http1Client, SendError};
+use crate::error::{root_cause, GatewayError};
+use crate::server::{ClientBody, ClientBodyError};
+use crate::BoxFuture;
+
+#[derive(Clone)]
+pub struct Endpoint {
+    inner: Arc<Clients>,
+}
+
+struct Clients {
+    service: String,
+    /// hyper's client: streamed bodies, upgrades, and every request to an h2c instance.
+    hyper: Client<HttpConnector, Payload<ClientBody>>,
+    /// The gateway's own client, for whole bodies to HTTP/1.1 instances.
+    http1: Option<Arc<Http1Client>>,
+    /// The HTTP version spoken to instances.
+    version: http::Version,
+}
+
+impl Endpoint {
+    pub fn new(config: &ServiceConfig) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(config.timeouts.connect));
+        let mut hyper = Client::builder(TokioExecutor::new());
+        hyper.pool_timer(TokioTimer::new()).pool_idle_timeout(Duration::from_secs(60));
+        let (http1, version) = match config.protocol {
+            UpstreamProtocol::Http1 => {
+                (Some(Http1Client::new(config.timeouts.connect)), http::Version::HTTP_11)
+            }
+            UpstreamProtocol::H2c => {
+                // One multiplexed connection per instance; pings find a dead peer between requests.
+                hyper
+                    .http2_only(true)
+                    .timer(TokioTimer::new())
+                    .http2_keep_alive_interval(Duration::from_secs(10))
+                    .http2_keep_alive_while_idle(true);
+                (None, http::Version::HTTP_2)
+            }
+        };
+        let clients = Clients { service: config.name.clone(), hyper: hyper.build(connector), http1, version };
+        Endpoint { inner: Arc::new(clients) }
+    }
+}
+
+impl Service<(Arc<Instance>, Request<Payload<ClientBody>>)> for Endpoint {
+    type Response = Response<UpstreamBody>;
+    type Error = GatewayError;
+    type Future = BoxFuture<Result<Response<UpstreamBody>, GatewayError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, (instance, request): (Arc<Instance>, Request<Payload<ClientBody>>)) -> Self::Future {
+        let clients = Arc::clone(&self.inner);
+        Box::pin(async move { clients.send(&instance, request).await })
+    }
+}
+
+impl Clients {
+    async fn send(
+        &self,
+        instance: &Instance,
+        request: Request<Payload<ClientBody>>,
+    ) -> Result<Response<UpstreamBody>, GatewayError> {
+        let (mut parts, body) = request.into_parts();
+        // Instances speak their service's protocol, whatever the client spoke.
+        parts.version = self.version;
+        let upgrade = parts.headers.contains_key(http::header::UPGRADE);
+        let failed = |error: SendError| {
+            let (service, instance) = (self.service.clone(), instance.id.clone());
+            match error {
+                SendError::Connect(cause) => {
+                    GatewayError::Connect { service, instance, cause: root_cause(&*cause) }
+                }
+                SendError::Stale => GatewayError::Stale { service, instance },
+                SendError::Failed(cause) => {
+                    GatewayError::Upstream { service, instance, cause: root_cause(&*cause) }
+                }
+            }
+        };
+        match (&self.http1, body) {
+            (Some(http1), Payload::Kept { bytes }) if !upgrade => {
+                let bytes = bytes.unwrap_or_default();
+                match http1.send(instance.addr, &instance.authority, &parts, &bytes).await {
+                    Ok(response) => Ok(response.map(Either::Left)),
+                    Err(error) => Err(failed(error)),
+                }
+            }
+            (_, body) => {
+                parts.uri = instance_uri(&parts.uri, instance);
+                match self.hyper.request(Request::from_parts(parts, body)).await {
+                    Ok(response) => Ok(response.map(Either::Right)),
+                    Err(error) if find_cause::<ClientBodyError>(&error).is_some() => {
+                        Err(GatewayError::BadRequestBody { cause: root_cause(&error) })
+                    }
+                    Err(error) if error.is_connect() => Err(failed(SendError::Connect(error.into()))),
+                    Err(error) => Err(failed(SendError::Failed(error.into()))),
+                }
+            }
+        }
+    }
+}
+
+/// The request's path and query at `instance`.
+fn instance_uri(uri: &Uri, instance: &Instance) -> Uri {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(instance.authority.clone());
+    parts.path_and_query =
+        Some(uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")));
+    Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
+}
+
+/// The first error of type `E` in `error`'s chain of causes.
+fn find_cause<'a, E: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a E> {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if let Some(found) = error.downcast_ref::<E>() {
+            return Some(found);
+        }
+        cause = error.source();
+    }
+    None
+}

@@ -1,0 +1,220 @@
+//! What a proxy changes in the messages it forwards, once per request: the hop-by-hop headers
+//! go both ways (RFC 9110 §7.6.1), the request gains `X-Forwarded-For/-Proto/-Host`, and an
+//! HTTP/2 request's authority becomes a Host header. An upgrade keeps the two headers that ask
+//! for it.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use http::header::{HeaderName, HeaderValue, CONNECTION, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+use http::{HeaderMap, Request, Response, StatusCode};
+use tower::{Layer, Service};
+
+use crate::server::{ClientAddr, ClientUpgrade};
+
+#[derive(Clone)]
+pub struct Forward<S> {
+    inner: S,
+}
+
+pub struct ForwardLayer;
+
+impl<S> Layer<S> for ForwardLayer {
+    type Service = Forward<S>;
+    fn layer(&self, inner: S) -> Forward<S> {
+        Forward { inner }
+    }
+}
+
+impl<S, B, R> Service<Request<B>> for Forward<S>
+where
+    S: Service<Request<B>, Response = Response<R>>,
+{
+    type Response = Response<R>;
+    type Error = S::Error;
+    type Future = Forwarded<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        rewrite_request(&mut request);
+        Forwarded { response: self.inner.call(request) }
+    }
+}
+
+pin_project_lite::pin_project! {
+    pub struct Forwarded<F> {
+        #[pin]
+        response: F,
+    }
+}
+
+impl<F: Future<Output = Result<Response<R>, E>>, R, E> Future for Forwarded<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let mut response = ready!(self.project().response.poll(cx))?;
+        // A 101 keeps its Upgrade and Connection: the switch is what it says.
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            strip_hop_by_hop(response.headers_mut());
+        }
+        Poll::Ready(Ok(response))
+    }
+}
+
+/// Sets the forwarding headers and strips the hop-by-hop ones. The Host header is kept, so
+/// instances see the name the client asked for.
+fn rewrite_request<B>(request: &mut Request<B>) {
+    let upgrade = upgrade_protocol(request);
+    let forwarded_for = request.extensions().get::<ClientAddr>().and_then(|c| c.forwarded_for.clone());
+    let original_host = request
+        .headers()
+        .get(HOST)
+        .cloned()
+        .or_else(|| request.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    let headers = request.headers_mut();
+    strip_hop_by_hop(headers);
+    if let Some(protocol) = upgrade {
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(UPGRADE, protocol);
+    }
+    if let Some(ip) = forwarded_for {
+        let value = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+            Some(earlier) => {
+                HeaderValue::from_str(&format!("{earlier}, {}", ip.to_str().unwrap_or_default())).ok()
+            }
+            None => Some(ip),
+        };
+        if let Some(value) = value {
+            headers.insert(X_FORWARDED_FOR, value);
+        }
+    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    if let Some(host) = original_host {
+        // An HTTP/2 request names its host in the URI only: instances get it as Host.
+        if !headers.contains_key(HOST) {
+            headers.insert(HOST, host.clone());
+        }
+        headers.insert(X_FORWARDED_HOST, host);
+    }
+}
+
+/// The protocol a request asks to switch to (`Connection: upgrade` with `Upgrade: ...`), if
+/// its connection can switch (the server gave it a [`ClientUpgrade`]).
+pub fn upgrade_protocol<B>(request: &Request<B>) -> Option<HeaderValue> {
+    request.extensions().get::<ClientUpgrade>()?;
+    let headers = request.headers();
+    let asks = headers
+        .get_all(CONNECTION)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"upgrade"));
+    asks.then(|| headers.get(UPGRADE).cloned()).flatten()
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// The headers that describe one connection, not the message (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 7] =
+    [CONNECTION, KEEP_ALIVE, PROXY_CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE];
+
+/// Removes the hop-by-hop headers, including any the Connection header names. One pass over
+/// the names (cheap comparisons of standard headers) finds which are present; most messages
+/// carry none, or only `Connection: keep-alive`.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let mut present = [false; 7];
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present[i] = true;
+        }
+    }
+    if present[0] {
+        // Connection's own tokens: those that are not hop-by-hop already name extra headers.
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .map(str::trim)
+            .filter(|token| !["close", "keep-alive", "upgrade"].iter().any(|t| token.eq_ignore_ascii_case(t)))
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for (name, present) in HOP_BY_HOP.iter().zip(present) {
+        if present {
+            headers.remove(name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("connection", "keep-alive, x-private"),
+            ("keep-alive", "timeout=5"),
+            ("x-private", "1"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("x-kept", "yes"),
+            ("host", "shop.example"),
+        ] {
+            headers.append(name, HeaderValue::from_static(value));
+        }
+        strip_hop_by_hop(&mut headers);
+        let mut left: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, ["host", "x-kept"]);
+    }
+
+    fn request(headers: &[(&str, &str)], upgradable: bool) -> Request<()> {
+        let mut request = Request::builder().uri("http://shop.example/a");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let mut request = request.body(()).expect("request");
+        request.extensions_mut().insert(ClientAddr::new("192.0.2.1:5000".parse().expect("address")));
+        if upgradable {
+            request.extensions_mut().insert(ClientUpgrade::new().0);
+        }
+        request
+    }
+
+    #[test]
+    fn forwarding_headers_extend_the_chain_and_name_the_host() {
+        let mut forwarded = request(&[("x-forwarded-for", "10.1.1.1"), ("connection", "close")], false);
+        rewrite_request(&mut forwarded);
+        let headers = forwarded.headers();
+        assert_eq!(headers["x-forwarded-for"], "10.1.1.1, 192.0.2.1");
+        assert_eq!(headers["x-forwarded-proto"], "http");
+        assert_eq!(headers["host"], "shop.example", "from the authority of an HTTP/2 request");
+        assert_eq!(headers["x-forwarded-host"], "shop.example");
+        assert!(!headers.contains_key("connection"));
+    }
+
+    #[test]
+    fn an_upgrade_keeps_what_asks_for_it_only_where_the_connection_can_switch() {
+        let asks = [("connection", "keep-alive, Upgrade"), ("upgrade", "websocket")];
+        let mut upgrading = request(&asks, true);
+        rewrite_request(&mut upgrading);
+        assert_eq!(upgrading.headers()["connection"], "upgrade");
+        assert_eq!(upgrading.headers()["upgrade"], "websocket");
+        let mut http2 = request(&asks, false);
+        rewrite_request(&mut http2);
+        assert!(!http2.headers().contains_key("upgrade") && !http2.headers().contains_key("connection"));
+    }
+}

@@ -1,0 +1,203 @@
+//! The request timeout: the response head must arrive within `timeouts.request`, else 504,
+//! counted from the first time the request asks for capacity, so waiting for an instance
+//! counts too. The deadline also goes into the request's extensions, so that each try can be
+//! given no more time than the request has left.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use http::header::{HeaderName, HeaderValue};
+use http::Request;
+use surge_pool::Instance;
+use tokio::time::Instant;
+use tower::{Layer, Service};
+
+use crate::error::GatewayError;
+
+/// When the request's time is up.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline(pub Instant);
+
+impl Deadline {
+    pub fn remaining(&self) -> Duration {
+        self.0.saturating_duration_since(Instant::now())
+    }
+}
+
+pub struct RequestTimeout<S> {
+    inner: S,
+    timeout: Duration,
+    service: Arc<str>,
+    /// This request's deadline, from its first readiness poll.
+    deadline: Option<Instant>,
+    /// Made only when readiness has to wait.
+    waiting: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S: Clone> Clone for RequestTimeout<S> {
+    fn clone(&self) -> Self {
+        RequestTimeout {
+            inner: self.inner.clone(),
+            timeout: self.timeout,
+            service: Arc::clone(&self.service),
+            deadline: None,
+            waiting: None,
+        }
+    }
+}
+
+impl<S> RequestTimeout<S> {
+    fn elapsed(&self) -> GatewayError {
+        GatewayError::Timeout { service: self.service.to_string(), timeout: self.timeout }
+    }
+}
+
+pub struct RequestTimeoutLayer {
+    pub timeout: Duration,
+    pub service: Arc<str>,
+}
+
+impl<S> Layer<S> for RequestTimeoutLayer {
+    type Service = RequestTimeout<S>;
+    fn layer(&self, inner: S) -> RequestTimeout<S> {
+        RequestTimeout {
+            inner,
+            timeout: self.timeout,
+            service: Arc::clone(&self.service),
+            deadline: None,
+            waiting: None,
+        }
+    }
+}
+
+impl<S, B> Service<Request<B>> for RequestTimeout<S>
+where
+    S: Service<Request<B>, Error = GatewayError>,
+{
+    type Response = S::Response;
+    type Error = GatewayError;
+    type Future = TimedOut<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
+        let timeout = self.timeout;
+        let deadline = *self.deadline.get_or_insert_with(|| Instant::now() + timeout);
+        if let Poll::Ready(ready) = self.inner.poll_ready(cx) {
+            return Poll::Ready(ready);
+        }
+        let waiting = self.waiting.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        ready!(waiting.as_mut().poll(cx));
+        Poll::Ready(Err(self.elapsed()))
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        self.waiting = None;
+        let deadline = self.deadline.take().unwrap_or_else(|| Instant::now() + self.timeout);
+        request.extensions_mut().insert(Deadline(deadline));
+        TimedOut {
+            response: tokio::time::timeout_at(deadline, self.inner.call(request)),
+            elapsed: Elapsed::Request { service: Arc::clone(&self.service), timeout: self.timeout },
+        }
+    }
+}
+
+/// Bounds each try by `timeouts.per_try` and by what the request has left, whichever is
+/// shorter, and tells the instance in `x-surge-deadline-ms`. A try that runs out fails as the
+/// instance's failure (so it feeds its breaker and may be retried elsewhere).
+#[derive(Clone)]
+pub struct TryTimeout<S> {
+    inner: S,
+    per_try: Option<Duration>,
+    /// The request timeout, to name it when it is what runs out.
+    request: Duration,
+    service: Arc<str>,
+}
+
+pub struct TryTimeoutLayer {
+    pub per_try: Option<Duration>,
+    pub request: Duration,
+    pub service: Arc<str>,
+}
+
+impl<S> Layer<S> for TryTimeoutLayer {
+    type Service = TryTimeout<S>;
+    fn layer(&self, inner: S) -> TryTimeout<S> {
+        TryTimeout { inner, per_try: self.per_try, request: self.request, service: Arc::clone(&self.service) }
+    }
+}
+
+/// The header that tells an instance how long the gateway will wait for it.
+const DEADLINE_HEADER: HeaderName = HeaderName::from_static("x-surge-deadline-ms");
+
+impl<S, B> Service<(Arc<Instance>, Request<B>)> for TryTimeout<S>
+where
+    S: Service<(Arc<Instance>, Request<B>), Error = GatewayError>,
+{
+    type Response = S::Response;
+    type Error = GatewayError;
+    type Future = TimedOut<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, (instance, mut request): (Arc<Instance>, Request<B>)) -> Self::Future {
+        let left = request.extensions().get::<Deadline>().map_or(Duration::MAX, Deadline::remaining);
+        let (timeout, elapsed) = match self.per_try {
+            Some(per_try) if per_try < left => {
+                let instance = Arc::clone(&instance);
+                (per_try, Elapsed::Try { service: Arc::clone(&self.service), instance, timeout: per_try })
+            }
+            _ => (left, Elapsed::Request { service: Arc::clone(&self.service), timeout: self.request }),
+        };
+        let millis = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        request.headers_mut().insert(DEADLINE_HEADER, HeaderValue::from(millis));
+        let until = Instant::now().checked_add(timeout).unwrap_or_else(far_future);
+        TimedOut { response: tokio::time::timeout_at(until, self.inner.call((instance, request))), elapsed }
+    }
+}
+
+/// About thirty years from now: tokio's own stand-in for "never".
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365 * 30)
+}
+
+/// What ran out, to say so.
+enum Elapsed {
+    Request { service: Arc<str>, timeout: Duration },
+    Try { service: Arc<str>, instance: Arc<Instance>, timeout: Duration },
+}
+
+impl Elapsed {
+    fn error(&self) -> GatewayError {
+        match self {
+            Elapsed::Request { service, timeout } => {
+                GatewayError::Timeout { service: service.to_string(), timeout: *timeout }
+            }
+            Elapsed::Try { service, instance, timeout } => GatewayError::TryTimeout {
+                service: service.to_string(),
+                instance: instance.id.clone(),
+                timeout: *timeout,
+            },
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    pub struct TimedOut<F> {
+        #[pin]
+        response: tokio::time::Timeout<F>,
+        elapsed: Elapsed,
+    }
+}
+
+impl<F: Future<Output = Result<T, GatewayError>>, T> Future for TimedOut<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        Poll::Ready(ready!(this.response.poll(cx)).unwrap_or_else(|_| Err(this.elapsed.error())))
+    }
+}
