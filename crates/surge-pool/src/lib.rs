@@ -84,6 +84,36 @@ impl Pool {
         pool
     }
 
+    /// A pool of ready instances at `addrs` with no supervisor: nothing is launched, probed or
+    /// replaced. For tests of what reads pools.
+    #[cfg(feature = "test-support")]
+    pub fn of_ready(config: ServiceConfig, addrs: &[std::net::SocketAddr]) -> Arc<Pool> {
+        let (commands, _) = mpsc::channel(1);
+        let load: Arc<PoolLoad> = Arc::default();
+        let instances: Vec<Arc<Instance>> = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, addr)| {
+                let instance =
+                    Instance::new(format!("{}-{}", config.name, i + 1), *addr, None, 1, Arc::clone(&load));
+                instance.set_state(InstanceState::Ready);
+                Arc::new(instance)
+            })
+            .collect();
+        Arc::new(Pool {
+            desired: AtomicU32::new(u32::try_from(addrs.len()).unwrap_or(u32::MAX)),
+            config: Arc::new(config),
+            ready: ArcSwap::from_pointee(instances.clone()),
+            all: ArcSwap::from_pointee(instances),
+            failures: AtomicU32::new(0),
+            restarts: AtomicU64::new(0),
+            commands,
+            load,
+            autoscale_status: std::sync::Mutex::new(None),
+            ejections: surge_metrics::Counter::default(),
+        })
+    }
+
     pub fn name(&self) -> &str {
         &self.config.name
     }

@@ -36,7 +36,7 @@ impl ClientAddr {
 /// instance's failure.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct ClientBodyError(#[source] BoxError);
+pub struct ClientBodyError(#[from] BoxError);
 
 /// A client's request body, as the connection it came on reads it.
 pub enum ClientBody {
@@ -203,4 +203,21 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ClientStream<S> {
 #[cfg(test)]
 pub(crate) fn test_body() -> RequestBody {
     request_body(None).0
+}
+
+/// A request body of `length` (if known) that yields `pieces` once it is read, as a
+/// connection would feed it.
+#[cfg(test)]
+pub(crate) fn test_body_of(length: Option<u64>, pieces: Vec<Result<Bytes, BoxError>>) -> RequestBody {
+    let (body, BodySender { pieces: sender, wanted }) = request_body(length);
+    tokio::spawn(async move {
+        if wanted.await.is_ok() {
+            for piece in pieces {
+                if sender.send(piece).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    body
 }

@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 #[cfg(test)]
-pub(crate) use io::test_body;
+pub(crate) use io::{test_body, test_body_of};
 pub use io::{ClientAddr, ClientBody, ClientBodyError, ClientUpgrade, RequestBody, Upgraded};
 
 use crate::wire::{BoxError, Socket};

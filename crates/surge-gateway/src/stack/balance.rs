@@ -149,9 +149,7 @@ fn choose(pool: &Pool, balancer: &Balancer, avoid: &[String]) -> Option<InFlight
     let ready = pool.ready();
     let limit = config.instance_concurrency.unwrap_or(usize::MAX);
     let weight = |i: usize| ready[i].weight;
-    let usable = |instance: &Instance, in_flight: usize| {
-        in_flight < limit && !avoid.contains(&instance.id)
-    };
+    let usable = |instance: &Instance, in_flight: usize| in_flight < limit && !avoid.contains(&instance.id);
     let load_of = |i: usize| {
         let instance: &Instance = &ready[i];
         let in_flight = instance.in_flight();
@@ -176,4 +174,128 @@ fn choose(pool: &Pool, balancer: &Balancer, avoid: &[String]) -> Option<InFlight
         return ready[index].begin_ignoring_breaker().and_then(within_service_limit);
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+
+    use super::*;
+    use crate::stack::testing::{poll_ready, pool, Woken};
+
+    /// Answers with the slot it was given, so a test holds it as long as it likes.
+    #[derive(Clone)]
+    struct Holder;
+
+    impl Service<(InFlight, Request<()>)> for Holder {
+        type Response = InFlight;
+        type Error = GatewayError;
+        type Future = std::future::Ready<Result<InFlight, GatewayError>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, (in_flight, _): (InFlight, Request<()>)) -> Self::Future {
+            std::future::ready(Ok(in_flight))
+        }
+    }
+
+    fn balance(pool: &Arc<Pool>) -> Balance<Holder> {
+        BalanceLayer(Arc::clone(pool)).layer(Holder)
+    }
+
+    /// Polls `service` ready with `woken`, then sends a request: the slot it got.
+    fn take(service: &mut Balance<Holder>, request: Request<()>) -> InFlight {
+        let woken = Woken::new();
+        assert!(matches!(poll_ready(service, &woken), Poll::Ready(Ok(()))), "ready");
+        let mut future = std::pin::pin!(service.call(request));
+        match future.as_mut().poll(&mut Context::from_waker(&woken.waker)) {
+            Poll::Ready(Ok(in_flight)) => in_flight,
+            _ => panic!("the holder answers at once"),
+        }
+    }
+
+    #[test]
+    fn readiness_waits_for_a_free_slot_first_come_first_served() {
+        let pool = pool(1, "instance_concurrency = 1");
+        let template = balance(&pool);
+        let held = take(&mut template.clone(), Request::new(()));
+        let (mut second, mut third, mut late) = (template.clone(), template.clone(), template.clone());
+        let (second_woken, third_woken, late_woken) = (Woken::new(), Woken::new(), Woken::new());
+        assert!(poll_ready(&mut second, &second_woken).is_pending(), "the only slot is taken");
+        assert!(poll_ready(&mut third, &third_woken).is_pending());
+
+        drop(held);
+        assert_eq!(
+            (second_woken.count(), third_woken.count()),
+            (1, 0),
+            "the freed slot wakes the first in line"
+        );
+        assert!(poll_ready(&mut late, &late_woken).is_pending(), "a newcomer queues behind the waiting");
+        let held = take(&mut second, Request::new(()));
+        assert!(poll_ready(&mut third, &third_woken).is_pending());
+
+        drop(held);
+        assert_eq!((third_woken.count(), late_woken.count()), (1, 0));
+        assert!(poll_ready(&mut third, &third_woken).is_ready());
+        drop(third);
+        assert_eq!(late_woken.count(), 1, "a slot left unused wakes the next in line");
+        assert!(poll_ready(&mut late, &late_woken).is_ready());
+    }
+
+    #[test]
+    fn a_waiter_that_gives_up_after_its_wake_up_passes_it_on() {
+        let pool = pool(1, "instance_concurrency = 1");
+        let template = balance(&pool);
+        let held = take(&mut template.clone(), Request::new(()));
+        let (mut first, mut second) = (template.clone(), template.clone());
+        let (first_woken, second_woken) = (Woken::new(), Woken::new());
+        assert!(poll_ready(&mut first, &first_woken).is_pending());
+        assert!(poll_ready(&mut second, &second_woken).is_pending());
+        drop(held);
+        assert_eq!(first_woken.count(), 1);
+        drop(first); // timed out, say, before it looked
+        assert_eq!(second_woken.count(), 1);
+        assert!(poll_ready(&mut second, &second_woken).is_ready());
+    }
+
+    #[test]
+    fn the_service_limit_bounds_all_instances_together() {
+        let pool = pool(3, "max_concurrency = 2");
+        let template = balance(&pool);
+        let held =
+            [take(&mut template.clone(), Request::new(())), take(&mut template.clone(), Request::new(()))];
+        let mut third = template.clone();
+        let woken = Woken::new();
+        assert!(poll_ready(&mut third, &woken).is_pending(), "two in flight, a third instance idle");
+        drop(held);
+        assert!(poll_ready(&mut third, &woken).is_ready());
+        assert_eq!(pool.load().active(), 1);
+    }
+
+    #[test]
+    fn a_retry_goes_to_an_instance_it_has_not_tried() {
+        let pool = pool(2, "balance = \"round_robin\"");
+        let template = balance(&pool);
+        for _ in 0..4 {
+            let first = take(&mut template.clone(), Request::new(()));
+            let tried = first.instance().id.clone();
+            drop(first);
+            let mut retry = Request::new(());
+            retry.extensions_mut().insert(Tried(vec![tried.clone()]));
+            let second = take(&mut template.clone(), retry);
+            assert_ne!(second.instance().id, tried);
+        }
+    }
+
+    #[test]
+    fn a_call_without_readiness_is_an_error_not_a_panic() {
+        let pool = pool(1, "");
+        let mut service = balance(&pool);
+        let woken = Woken::new();
+        let mut future = std::pin::pin!(service.call(Request::new(())));
+        let polled = future.as_mut().poll(&mut Context::from_waker(&woken.waker));
+        assert!(matches!(polled, Poll::Ready(Err(GatewayError::Internal { .. }))));
+    }
 }

@@ -78,3 +78,87 @@ where
         self.inner.call(request)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use http::Request;
+    use surge_pool::InFlight;
+
+    use super::*;
+    use crate::stack::balance::BalanceLayer;
+    use crate::stack::testing::{poll_ready, pool, Woken};
+
+    #[derive(Clone)]
+    struct Holder;
+
+    impl Service<(InFlight, Request<()>)> for Holder {
+        type Response = InFlight;
+        type Error = GatewayError;
+        type Future = std::future::Ready<Result<InFlight, GatewayError>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, (in_flight, _): (InFlight, Request<()>)) -> Self::Future {
+            std::future::ready(Ok(in_flight))
+        }
+    }
+
+    type Stack = WaitBuffer<crate::stack::balance::Balance<Holder>>;
+
+    fn stack(pool: &Arc<Pool>) -> Stack {
+        WaitBufferLayer(Arc::clone(pool)).layer(BalanceLayer(Arc::clone(pool)).layer(Holder))
+    }
+
+    fn error(polled: Poll<Result<(), GatewayError>>) -> Option<&'static str> {
+        match polled {
+            Poll::Ready(Err(error)) => Some(error.code()),
+            _ => None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_is_bounded_in_count_and_in_time() {
+        let pool = pool(1, "instance_concurrency = 1\nbuffer = { requests = 1, timeout = \"100ms\" }");
+        let template = stack(&pool);
+        let mut first = template.clone();
+        let woken = Woken::new();
+        assert!(poll_ready(&mut first, &woken).is_ready());
+        let _held = first.call(Request::new(())).await;
+
+        let (mut waiting, mut turned_away) = (template.clone(), template.clone());
+        assert!(poll_ready(&mut waiting, &woken).is_pending());
+        assert_eq!(pool.load().waiting(), 1, "the autoscaler sees it wait");
+        assert_eq!(error(poll_ready(&mut turned_away, &woken)), Some("buffer_full"));
+
+        tokio::time::advance(Duration::from_millis(99)).await;
+        assert!(poll_ready(&mut waiting, &woken).is_pending());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(error(poll_ready(&mut waiting, &woken)), Some("no_instance_in_time"));
+        assert_eq!(pool.load().waiting(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_gets_a_slot_leaves_the_buffer() {
+        let pool = pool(1, "instance_concurrency = 1\nbuffer = { requests = 1 }");
+        let template = stack(&pool);
+        let (mut first, mut second) = (template.clone(), template.clone());
+        let woken = Woken::new();
+        assert!(poll_ready(&mut first, &woken).is_ready());
+        let held = first.call(Request::new(())).await;
+        assert!(poll_ready(&mut second, &woken).is_pending());
+        drop(held);
+        assert!(poll_ready(&mut second, &woken).is_ready());
+        assert_eq!(pool.load().waiting(), 0, "room for the next one");
+    }
+
+    #[tokio::test]
+    async fn a_pool_that_expects_no_instance_answers_at_once() {
+        let pool = pool(0, "");
+        let woken = Woken::new();
+        assert_eq!(error(poll_ready(&mut stack(&pool), &woken)), Some("no_ready_instance"));
+    }
+}

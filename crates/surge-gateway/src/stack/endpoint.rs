@@ -147,3 +147,30 @@ fn find_cause<'a, E: std::error::Error + 'static>(
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stack::testing::pool;
+
+    #[test]
+    fn a_clients_body_error_is_found_however_deep_it_is_wrapped() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("sending failed")]
+        struct Wrapper(#[source] Box<dyn std::error::Error + Send + Sync>);
+        let body: crate::wire::BoxError = "the client went away".into();
+        let deep = Wrapper(Box::new(Wrapper(Box::new(ClientBodyError::from(body)))));
+        assert!(find_cause::<ClientBodyError>(&deep).is_some());
+        assert!(find_cause::<ClientBodyError>(&Wrapper("instance reset".into())).is_none());
+    }
+
+    #[test]
+    fn requests_are_pointed_at_the_instance() {
+        let pool = pool(1, "");
+        let instance = &pool.ready()[0];
+        let uri: Uri = "http://shop.example/a/b?c=1".parse().expect("uri");
+        assert_eq!(instance_uri(&uri, instance), "http://127.0.0.1:9000/a/b?c=1");
+        let origin_form: Uri = "/x".parse().expect("uri");
+        assert_eq!(instance_uri(&origin_form, instance), "http://127.0.0.1:9000/x");
+    }
+}

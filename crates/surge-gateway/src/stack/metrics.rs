@@ -174,3 +174,31 @@ impl<F: Future<Output = Result<Response<GatewayBody>, Infallible>>> Future for R
         Poll::Ready(Ok(response))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn answers_are_counted_by_class_and_in_flight_until_their_body_ends() {
+        let metrics = GatewayMetrics::register(&Metrics::new());
+        let layer = RecordMetricsLayer::new(&metrics, "web");
+        let service_metrics = Arc::clone(&layer.0);
+        let answer = |status: u16| {
+            tower::service_fn(move |_: Request<()>| async move {
+                let mut response = Response::new(GatewayBody::full(Bytes::from("x")));
+                *response.status_mut() = http::StatusCode::from_u16(status).unwrap_or_default();
+                Ok::<_, Infallible>(response)
+            })
+        };
+        let Ok(ok) = layer.layer(answer(200)).oneshot(Request::new(())).await;
+        let Ok(failed) = layer.layer(answer(503)).oneshot(Request::new(())).await;
+        assert_eq!(service_metrics.by_class.iter().map(Counter::get).collect::<Vec<_>>(), [0, 1, 0, 0, 1]);
+        assert_eq!(service_metrics.in_flight.get(), 2, "bodies not sent yet");
+        drop((ok, failed));
+        assert_eq!(service_metrics.in_flight.get(), 0);
+    }
+}

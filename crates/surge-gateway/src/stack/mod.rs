@@ -95,3 +95,6 @@ pub fn build(pool: &Arc<Pool>, metrics: &GatewayMetrics) -> ServiceStack {
         })
         .service(endpoint::Endpoint::new(config))
 }
+
+#[cfg(test)]
+mod testing;

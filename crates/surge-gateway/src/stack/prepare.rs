@@ -90,3 +90,47 @@ where
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::server::test_body_of;
+
+    /// What reached the next layer: kept bytes, or a stream.
+    fn describe(request: Prepared) -> std::future::Ready<Result<Response<String>, GatewayError>> {
+        let seen = match request.into_body() {
+            Payload::Kept { bytes } => format!("kept {:?}", bytes.unwrap_or_default()),
+            Payload::Streaming { .. } => "streamed".to_owned(),
+        };
+        std::future::ready(Ok(Response::new(seen)))
+    }
+
+    async fn prepare(body: ClientBody) -> Result<String, GatewayError> {
+        let mut layer = PrepareBodyLayer.layer(tower::service_fn(describe));
+        let response = layer.ready().await?.call(Request::new(body)).await?;
+        Ok(response.into_body())
+    }
+
+    #[tokio::test]
+    async fn small_bodies_are_kept_and_the_rest_streamed() {
+        assert_eq!(prepare(ClientBody::Empty).await.ok().as_deref(), Some("kept b\"\""));
+        let small = test_body_of(Some(5), vec![Ok(Bytes::from("he")), Ok(Bytes::from("llo"))]);
+        assert_eq!(prepare(ClientBody::Http1(small)).await.ok().as_deref(), Some("kept b\"hello\""));
+        let unknown = test_body_of(None, vec![Ok(Bytes::from("chunk"))]);
+        assert_eq!(prepare(ClientBody::Http1(unknown)).await.ok().as_deref(), Some("streamed"));
+        let large = test_body_of(Some(1 << 20), vec![]);
+        assert_eq!(prepare(ClientBody::Http1(large)).await.ok().as_deref(), Some("streamed"));
+    }
+
+    #[tokio::test]
+    async fn a_body_that_fails_while_kept_is_the_clients_error() {
+        let broken = test_body_of(Some(5), vec![Ok(Bytes::from("he")), Err("the client went away".into())]);
+        let error = prepare(ClientBody::Http1(broken)).await.err();
+        assert!(
+            matches!(&error, Some(GatewayError::BadRequestBody { cause }) if cause == "the client went away"),
+            "{error:?}"
+        );
+    }
+}

@@ -91,3 +91,43 @@ impl<F: Future<Output = Result<Response<GatewayBody>, GatewayError>>> Future for
         Poll::Ready(Ok(error.into_response()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tower::ServiceExt;
+
+    use super::*;
+
+    /// Never ready: its readiness fails with a full buffer.
+    #[derive(Clone)]
+    struct Full;
+
+    impl Service<()> for Full {
+        type Response = Response<GatewayBody>;
+        type Error = GatewayError;
+        type Future = std::future::Ready<Result<Response<GatewayBody>, GatewayError>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
+            Poll::Ready(Err(GatewayError::BufferFull { service: "web".into(), limit: 3 }))
+        }
+
+        fn call(&mut self, (): ()) -> Self::Future {
+            unreachable!("never ready")
+        }
+    }
+
+    #[tokio::test]
+    async fn errors_become_their_answers_including_those_of_readiness() {
+        let failing = tower::service_fn(|(): ()| async {
+            Err::<Response<GatewayBody>, _>(GatewayError::BadRequestBody { cause: "aborted".into() })
+        });
+        let Ok(answer) = RespondLayer.layer(failing).oneshot(()).await;
+        assert_eq!(answer.status(), http::StatusCode::BAD_REQUEST);
+        assert_eq!(answer.headers()[crate::ERROR_HEADER], "bad_request_body");
+
+        let Ok(answer) = RespondLayer.layer(Full).oneshot(()).await;
+        assert_eq!(answer.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(answer.headers()[crate::ERROR_HEADER], "buffer_full");
+        assert_eq!(answer.headers()[http::header::RETRY_AFTER], "1");
+    }
+}

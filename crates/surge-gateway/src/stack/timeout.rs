@@ -201,3 +201,107 @@ impl<F: Future<Output = Result<T, GatewayError>>, T> Future for TimedOut<F> {
         Poll::Ready(ready!(this.response.poll(cx)).unwrap_or_else(|_| Err(this.elapsed.error())))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::stack::testing::pool;
+
+    /// Never answers; tells what the request carried.
+    async fn hang<B>(
+        request: Request<B>,
+        seen: Arc<std::sync::Mutex<Option<Request<B>>>>,
+    ) -> Result<(), GatewayError> {
+        if let Ok(mut seen) = seen.lock() {
+            *seen = Some(request);
+        }
+        std::future::pending().await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_runs_out_of_time_gets_a_504_naming_the_setting() {
+        let seen = Arc::new(std::sync::Mutex::new(None));
+        let inner = {
+            let seen = Arc::clone(&seen);
+            tower::service_fn(move |request: Request<()>| hang(request, Arc::clone(&seen)))
+        };
+        let layer = RequestTimeoutLayer { timeout: Duration::from_secs(2), service: "web".into() };
+        let start = Instant::now();
+        let error = layer.layer(inner).oneshot(Request::new(())).await.err();
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+        let message = error.map(|e| e.to_string()).unwrap_or_default();
+        assert!(message.contains("services.web.timeouts.request"), "{message}");
+        let deadline =
+            seen.lock().ok().and_then(|seen| seen.as_ref()?.extensions().get::<Deadline>().copied());
+        assert_eq!(deadline.map(|d| d.0), Some(start + Duration::from_secs(2)), "the tries are told");
+    }
+
+    /// Never ready.
+    #[derive(Clone)]
+    struct Busy;
+
+    impl Service<Request<()>> for Busy {
+        type Response = ();
+        type Error = GatewayError;
+        type Future = std::future::Ready<Result<(), GatewayError>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
+            Poll::Pending
+        }
+
+        fn call(&mut self, _: Request<()>) -> Self::Future {
+            std::future::ready(Ok(()))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_for_readiness_counts_against_the_request() {
+        let layer = RequestTimeoutLayer { timeout: Duration::from_secs(2), service: "web".into() };
+        let error = layer.layer(Busy).oneshot(Request::new(())).await.err();
+        assert!(matches!(error, Some(GatewayError::Timeout { .. })), "{error:?}");
+    }
+
+    async fn try_with(left: Duration, per_try: Duration) -> (GatewayError, Option<String>) {
+        let pool = pool(1, "");
+        let instance = Arc::clone(&pool.ready()[0]);
+        let seen = Arc::new(std::sync::Mutex::new(None));
+        let inner = {
+            let seen = Arc::clone(&seen);
+            tower::service_fn(move |(_, request): (Arc<Instance>, Request<()>)| {
+                hang(request, Arc::clone(&seen))
+            })
+        };
+        let layer = TryTimeoutLayer {
+            per_try: Some(per_try),
+            request: Duration::from_secs(30),
+            service: "web".into(),
+        };
+        let mut request = Request::new(());
+        request.extensions_mut().insert(Deadline(Instant::now() + left));
+        let error = layer.layer(inner).oneshot((instance, request)).await.expect_err("times out");
+        let header = seen.lock().ok().and_then(|seen| {
+            Some(seen.as_ref()?.headers().get("x-surge-deadline-ms")?.to_str().ok()?.to_owned())
+        });
+        (error, header)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_try_gets_its_own_timeout_or_what_the_request_has_left() {
+        let (error, header) = try_with(Duration::from_secs(1), Duration::from_millis(100)).await;
+        assert!(
+            matches!(&error, GatewayError::TryTimeout { instance, .. } if instance == "web-1"),
+            "{error:?}"
+        );
+        assert!(error.to_string().contains("services.web.timeouts.per_try"));
+        assert_eq!(header.as_deref(), Some("100"));
+
+        let (error, header) = try_with(Duration::from_millis(50), Duration::from_millis(100)).await;
+        assert!(
+            matches!(error, GatewayError::Timeout { timeout, .. } if timeout == Duration::from_secs(30)),
+            "{error:?}"
+        );
+        assert_eq!(header.as_deref(), Some("50"));
+    }
+}

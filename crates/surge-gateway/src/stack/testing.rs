@@ -1,0 +1,57 @@
+//! What the layers' unit tests share: pools of fixed instances, and polling by hand.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+
+use surge_pool::Pool;
+use tower::Service;
+
+/// A pool of `instances` ready instances of service `web`, configured by `settings` (lines of
+/// `[services.web]`).
+pub fn pool(instances: usize, settings: &str) -> Arc<Pool> {
+    let addrs: Vec<SocketAddr> =
+        (0..instances).map(|i| SocketAddr::from(([127, 0, 0, 1], 9000 + i as u16))).collect();
+    let upstreams: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
+    let source = format!(
+        "[services.web]\nupstreams = [{}]\nroutes = [\"/\"]\n{settings}\n",
+        if upstreams.is_empty() { "\"127.0.0.1:1\"".to_owned() } else { upstreams.join(", ") }
+    );
+    let config = match surge_config::parse(&source, std::path::Path::new("test.toml")) {
+        Ok(config) => config,
+        Err(errors) => panic!("{errors}"),
+    };
+    let service = config.services.into_iter().next().expect("one service");
+    Pool::of_ready(service, &addrs)
+}
+
+/// A waker that counts its wake-ups.
+#[derive(Default)]
+pub struct Counting(AtomicUsize);
+
+impl Wake for Counting {
+    fn wake(self: Arc<Self>) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+pub struct Woken {
+    counter: Arc<Counting>,
+    pub waker: Waker,
+}
+
+impl Woken {
+    pub fn new() -> Self {
+        let counter = Arc::new(Counting::default());
+        Woken { waker: Waker::from(Arc::clone(&counter)), counter }
+    }
+
+    pub fn count(&self) -> usize {
+        self.counter.0.load(Ordering::SeqCst)
+    }
+}
+
+pub fn poll_ready<S: Service<R>, R>(service: &mut S, woken: &Woken) -> Poll<Result<(), S::Error>> {
+    service.poll_ready(&mut Context::from_waker(&woken.waker))
+}
