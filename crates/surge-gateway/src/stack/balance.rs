@@ -181,25 +181,7 @@ mod tests {
     use std::future::Future;
 
     use super::*;
-    use crate::stack::testing::{poll_ready, pool, Woken};
-
-    /// Answers with the slot it was given, so a test holds it as long as it likes.
-    #[derive(Clone)]
-    struct Holder;
-
-    impl Service<(InFlight, Request<()>)> for Holder {
-        type Response = InFlight;
-        type Error = GatewayError;
-        type Future = std::future::Ready<Result<InFlight, GatewayError>>;
-
-        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn call(&mut self, (in_flight, _): (InFlight, Request<()>)) -> Self::Future {
-            std::future::ready(Ok(in_flight))
-        }
-    }
+    use crate::stack::testing::{poll_ready, pool, Holder, Woken};
 
     fn balance(pool: &Arc<Pool>) -> Balance<Holder> {
         BalanceLayer(Arc::clone(pool)).layer(Holder)

@@ -84,28 +84,10 @@ mod tests {
     use std::time::Duration;
 
     use http::Request;
-    use surge_pool::InFlight;
 
     use super::*;
     use crate::stack::balance::BalanceLayer;
-    use crate::stack::testing::{poll_ready, pool, Woken};
-
-    #[derive(Clone)]
-    struct Holder;
-
-    impl Service<(InFlight, Request<()>)> for Holder {
-        type Response = InFlight;
-        type Error = GatewayError;
-        type Future = std::future::Ready<Result<InFlight, GatewayError>>;
-
-        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn call(&mut self, (in_flight, _): (InFlight, Request<()>)) -> Self::Future {
-            std::future::ready(Ok(in_flight))
-        }
-    }
+    use crate::stack::testing::{poll_ready, pool, Holder, Woken};
 
     type Stack = WaitBuffer<crate::stack::balance::Balance<Holder>>;
 

@@ -5,8 +5,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
-use surge_pool::Pool;
+use http::Request;
+use surge_pool::{InFlight, Pool};
 use tower::Service;
+
+use crate::error::GatewayError;
 
 /// A pool of `instances` ready instances of service `web`, configured by `settings` (lines of
 /// `[services.web]`).
@@ -54,4 +57,23 @@ impl Woken {
 
 pub fn poll_ready<S: Service<R>, R>(service: &mut S, woken: &Woken) -> Poll<Result<(), S::Error>> {
     service.poll_ready(&mut Context::from_waker(&woken.waker))
+}
+
+/// The innermost service of a balancer under test: answers with the slot it was given, so a
+/// test holds it as long as it likes.
+#[derive(Clone)]
+pub struct Holder;
+
+impl Service<(InFlight, Request<()>)> for Holder {
+    type Response = InFlight;
+    type Error = GatewayError;
+    type Future = std::future::Ready<Result<InFlight, GatewayError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, (in_flight, _): (InFlight, Request<()>)) -> Self::Future {
+        std::future::ready(Ok(in_flight))
+    }
 }
