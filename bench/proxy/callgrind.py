@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""bench/proxy/callgrind: instructions per proxied request, counted by valgrind.
+
+Wall-clock figures on this machine move by a third between runs; instruction counts do not.
+Surge runs under `valgrind --tool=callgrind` in front of nginx serving 100 bytes; the counters
+are zeroed once Surge is up, h2load sends REQUESTS requests over CONNECTIONS keep-alive
+connections, and the counters are dumped: everything Surge executed in between, divided by
+the requests. Usage:
+
+    bench/proxy/callgrind.py [SURGE_BINARY ...]     # default: target/release/surge
+
+Each binary given is measured in turn, so a before and an after can be compared in one run.
+Needs nginx, h2load (nghttp2-client) and valgrind.
+"""
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench import SURGE, SIZES, Work, free_port, nginx_origin, wait_port  # noqa: E402
+
+REQUESTS = int(os.environ.get("REQUESTS", "20000"))
+CONNECTIONS = int(os.environ.get("CONNECTIONS", "16"))
+SIZE = SIZES[0]
+
+
+def total_instructions(dump):
+    with open(dump) as f:
+        for line in f:
+            if line.startswith("totals:") or line.startswith("summary:"):
+                return int(line.split()[1])
+    sys.exit(f"bench/proxy/callgrind: no totals in {dump}")
+
+
+def measure(work, binary, origin_port):
+    port = free_port()
+    conf = work.path(f"surge-{port}.toml")
+    with open(conf, "w") as f:
+        f.write(f"""
+[gateway]
+listen = "127.0.0.1:{port}"
+[admin]
+listen = "127.0.0.1:{free_port()}"
+[services.backend]
+upstreams = ["127.0.0.1:{origin_port}"]
+routes = ["/"]
+health = {{ path = "/{SIZE}", interval = "60s" }}
+""")
+    out = work.path(f"callgrind-{port}")
+    process = work.spawn(
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p", "--dump-instr=no",
+         binary, "up", "-c", conf], "1", env={"SURGE_LOG": "warn"})
+    wait_port(port, "surge under valgrind", timeout=120)
+    url = f"http://127.0.0.1:{port}/{SIZE}"
+    # Warm up: connections to the backend made, buffers sized.
+    subprocess.run(["h2load", "--h1", "-n", "2000", "-c", str(CONNECTIONS), url], capture_output=True, check=True)
+    subprocess.run(["callgrind_control", "--zero", str(process.pid)], capture_output=True, check=True)
+    result = subprocess.run(["h2load", "--h1", "-n", str(REQUESTS), "-c", str(CONNECTIONS), url],
+                            capture_output=True, text=True, check=True).stdout
+    subprocess.run(["callgrind_control", "--dump", str(process.pid)], capture_output=True, check=True)
+    time.sleep(1)
+    succeeded = int(re.search(r"(\d+) succeeded", result).group(1))
+    dumps = sorted(glob.glob(f"{out}.*"), key=os.path.getmtime)
+    work.stop(process)
+    if succeeded != REQUESTS:
+        sys.exit(f"bench/proxy/callgrind: {REQUESTS - succeeded} of {REQUESTS} requests failed")
+    return total_instructions(dumps[-1]) / REQUESTS
+
+
+def main():
+    for tool in ["nginx", "h2load", "valgrind", "callgrind_control"]:
+        if not shutil.which(tool):
+            sys.exit(f"bench/proxy/callgrind needs {tool}: apt-get install -y nginx nghttp2-client valgrind")
+    binaries = sys.argv[1:] or [SURGE]
+    work = Work()
+    try:
+        origin_port = free_port()
+        nginx_origin(work, origin_port, [SIZE])
+        wait_port(origin_port, "the nginx backend")
+        for binary in binaries:
+            per_request = measure(work, binary, origin_port)
+            print(f"{binary}: {per_request:,.0f} instructions per request "
+                  f"({REQUESTS} requests of {SIZE} B over {CONNECTIONS} connections)")
+    finally:
+        work.close()
+
+
+if __name__ == "__main__":
+    main()
