@@ -10,6 +10,7 @@ the requests. Usage:
     bench/proxy/callgrind.py [SURGE_BINARY ...]     # default: target/release/surge
 
 Each binary given is measured in turn, so a before and an after can be compared in one run.
+With KEEP=DIR the dumps stay in DIR, for `callgrind_annotate --inclusive=yes DIR/FILE`.
 Needs nginx, h2load (nghttp2-client) and valgrind.
 """
 
@@ -54,6 +55,7 @@ health = {{ path = "/{SIZE}", interval = "60s" }}
     out = work.path(f"callgrind-{port}")
     process = work.spawn(
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p", "--dump-instr=no",
+         "--compress-strings=no", "--compress-pos=no",
          binary, "up", "-c", conf], "1", env={"SURGE_LOG": "warn"})
     wait_port(port, "surge under valgrind", timeout=120)
     url = f"http://127.0.0.1:{port}/{SIZE}"
@@ -66,6 +68,9 @@ health = {{ path = "/{SIZE}", interval = "60s" }}
     time.sleep(1)
     succeeded = int(re.search(r"(\d+) succeeded", result).group(1))
     dumps = sorted(glob.glob(f"{out}.*"), key=os.path.getmtime)
+    if os.environ.get("KEEP"):
+        os.makedirs(os.environ["KEEP"], exist_ok=True)
+        shutil.copy(dumps[-1], os.path.join(os.environ["KEEP"], os.path.basename(binary) + ".callgrind"))
     work.stop(process)
     if succeeded != REQUESTS:
         sys.exit(f"bench/proxy/callgrind: {REQUESTS - succeeded} of {REQUESTS} requests failed")

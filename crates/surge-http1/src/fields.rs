@@ -55,53 +55,65 @@ impl Fields {
         let mut facts = Fields::default();
         for field in fields {
             let name = field.name.as_bytes();
-            if is(name, b"content-length") {
-                if list(field.value).next().is_none() {
-                    return Err(FramingError::InvalidContentLength);
-                }
-                for part in list(field.value) {
-                    let length = parse_length(part)?;
-                    if facts.content_length.is_some_and(|seen| seen != length) {
-                        return Err(FramingError::ConflictingContentLength);
+            // The length picks the one name a field could be, so most fields cost one compare.
+            let wanted: &[u8] = match name.len() {
+                14 => b"content-length",
+                17 => b"transfer-encoding",
+                10 => b"connection",
+                6 => b"expect",
+                7 => b"upgrade",
+                4 => b"host",
+                _ => continue,
+            };
+            if !name.eq_ignore_ascii_case(wanted) {
+                continue;
+            }
+            match wanted {
+                b"content-length" => {
+                    if list(field.value).next().is_none() {
+                        return Err(FramingError::InvalidContentLength);
                     }
-                    facts.content_length = Some(length);
-                }
-            } else if is(name, b"transfer-encoding") {
-                let codings = facts.transfer_encoding.get_or_insert_with(Codings::default);
-                for coding in list(field.value) {
-                    // A coding may carry parameters (`gzip;q=1`): its name is what counts.
-                    let name = coding.split(|&b| b == b';').next().unwrap_or_default().trim_ascii();
-                    let chunked = name.eq_ignore_ascii_case(b"chunked");
-                    codings.count += 1;
-                    codings.chunked += usize::from(chunked);
-                    codings.chunked_last = chunked;
-                }
-            } else if is(name, b"connection") {
-                for token in list(field.value) {
-                    if token.eq_ignore_ascii_case(b"close") {
-                        facts.connection.close = true;
-                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                        facts.connection.keep_alive = true;
-                    } else if token.eq_ignore_ascii_case(b"upgrade") {
-                        facts.connection.upgrade = true;
-                    } else {
-                        facts.connection.others = true;
+                    for part in list(field.value) {
+                        let length = parse_length(part)?;
+                        if facts.content_length.is_some_and(|seen| seen != length) {
+                            return Err(FramingError::ConflictingContentLength);
+                        }
+                        facts.content_length = Some(length);
                     }
                 }
-            } else if is(name, b"expect") {
-                facts.expect_continue |= field.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
-            } else if is(name, b"upgrade") {
-                facts.upgrade = true;
-            } else if is(name, b"host") {
-                facts.hosts += 1;
+                b"transfer-encoding" => {
+                    let codings = facts.transfer_encoding.get_or_insert_with(Codings::default);
+                    for coding in list(field.value) {
+                        // A coding may carry parameters (`gzip;q=1`): its name is what counts.
+                        let name = coding.split(|&b| b == b';').next().unwrap_or_default().trim_ascii();
+                        let chunked = name.eq_ignore_ascii_case(b"chunked");
+                        codings.count += 1;
+                        codings.chunked += usize::from(chunked);
+                        codings.chunked_last = chunked;
+                    }
+                }
+                b"connection" => {
+                    for token in list(field.value) {
+                        if token.eq_ignore_ascii_case(b"close") {
+                            facts.connection.close = true;
+                        } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                            facts.connection.keep_alive = true;
+                        } else if token.eq_ignore_ascii_case(b"upgrade") {
+                            facts.connection.upgrade = true;
+                        } else {
+                            facts.connection.others = true;
+                        }
+                    }
+                }
+                b"expect" => {
+                    facts.expect_continue |= field.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+                }
+                b"upgrade" => facts.upgrade = true,
+                _ => facts.hosts += 1,
             }
         }
         Ok(facts)
     }
-}
-
-fn is(name: &[u8], wanted: &[u8]) -> bool {
-    name.len() == wanted.len() && name.eq_ignore_ascii_case(wanted)
 }
 
 /// The non-empty elements of a comma-separated list, trimmed (RFC 9110 §5.6.1).

@@ -94,10 +94,10 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
     let version = if parsed.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
     let facts = Fields::scan(parsed.headers)?;
     let framing = request_framing(version, &facts)?;
-    let spans = header_spans(parsed.headers, buf).map_err(malformed)?;
+    let spans = Spans::of(parsed.headers, buf);
     let head = buf.split_to(length).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target)).map_err(|_| malformed("invalid request target"))?;
-    let headers = header_map(&head, spans).map_err(malformed)?;
+    let headers = spans.header_map(&head, PROXY_FIELDS).map_err(malformed)?;
     let keep_alive = match version {
         Version::HTTP_10 => facts.connection.keep_alive,
         _ => !facts.connection.close,
@@ -179,9 +179,9 @@ pub fn parse_response(
     let version = if parsed.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
     let facts = Fields::scan(parsed.headers)?;
     let decoder = response_decoder(status, *request_method == Method::HEAD, &facts);
-    let spans = header_spans(parsed.headers, buf).map_err(FramingError::Malformed)?;
+    let spans = Spans::of(parsed.headers, buf);
     let head = buf.split_to(length).freeze();
-    let headers = header_map(&head, spans).map_err(FramingError::Malformed)?;
+    let headers = spans.header_map(&head, 0).map_err(FramingError::Malformed)?;
     let keep_alive = !matches!(decoder, Decoder::UntilClose { .. })
         && match version {
             Version::HTTP_10 => facts.connection.keep_alive,
@@ -218,32 +218,46 @@ fn span(buf: &[u8], part: &[u8]) -> Range<usize> {
     start..start + part.len()
 }
 
-/// The names of the header fields httparse found in `buf`, and where their values lie, so the
-/// values can share the head's bytes once it is split off.
-fn header_spans(
-    fields: &[httparse::Header<'_>],
-    buf: &[u8],
-) -> Result<Vec<(HeaderName, Range<usize>)>, String> {
-    fields
-        .iter()
-        .map(|field| {
-            let name = HeaderName::from_bytes(field.name.as_bytes())
-                .map_err(|_| format!("invalid header name {:?}", field.name))?;
-            Ok((name, span(buf, field.value)))
-        })
-        .collect()
+/// Where the fields httparse found in `buf` lie, as name and value offsets, so both can share
+/// the head's bytes once it is split off. On the stack: a head has at most `MAX_HEADERS`
+/// fields, and a head is at most `MAX_HEAD_BYTES`, so offsets fit in `u32`.
+struct Spans {
+    /// Name start and end, value start and end.
+    offsets: [[u32; 4]; MAX_HEADERS],
+    len: usize,
 }
 
-/// The header map of a head, its values slices of `head` (no copies).
-fn header_map(head: &Bytes, spans: Vec<(HeaderName, Range<usize>)>) -> Result<HeaderMap, String> {
-    let mut headers = HeaderMap::with_capacity(spans.len());
-    for (name, range) in spans {
-        let value = HeaderValue::from_maybe_shared(head.slice(range))
-            .map_err(|_| format!("invalid value of header {name}"))?;
-        headers.append(name, value);
+impl Spans {
+    fn of(fields: &[httparse::Header<'_>], buf: &[u8]) -> Self {
+        let mut spans = Spans { offsets: [[0; 4]; MAX_HEADERS], len: 0 };
+        let offset = |range: Range<usize>| [range.start as u32, range.end as u32];
+        for (slot, field) in spans.offsets.iter_mut().zip(fields) {
+            let ([name_start, name_end], [value_start, value_end]) =
+                (offset(span(buf, field.name.as_bytes())), offset(span(buf, field.value)));
+            *slot = [name_start, name_end, value_start, value_end];
+            spans.len += 1;
+        }
+        spans
     }
-    Ok(headers)
+
+    /// The header map, its values slices of `head` (no copies), with room for `extra` more
+    /// fields (a proxy adds its own) so that adding them does not grow it.
+    fn header_map(&self, head: &Bytes, extra: usize) -> Result<HeaderMap, String> {
+        let mut headers = HeaderMap::with_capacity(self.len + extra);
+        for &[name_start, name_end, value_start, value_end] in &self.offsets[..self.len] {
+            let name = &head[name_start as usize..name_end as usize];
+            let name = HeaderName::from_bytes(name)
+                .map_err(|_| format!("invalid header name {:?}", String::from_utf8_lossy(name)))?;
+            let value = HeaderValue::from_maybe_shared(head.slice(value_start as usize..value_end as usize))
+                .map_err(|_| format!("invalid value of header {name}"))?;
+            headers.append(name, value);
+        }
+        Ok(headers)
+    }
 }
+
+/// Fields a proxy adds to a request (`X-Forwarded-For/-Proto/-Host`, and a Host for HTTP/2).
+const PROXY_FIELDS: usize = 4;
 
 #[cfg(test)]
 mod tests {
