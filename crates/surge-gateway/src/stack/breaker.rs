@@ -1,8 +1,10 @@
 //! Each try's outcome feeds its instance's circuit breaker (`Pool::report`): failures in a row
 //! eject the instance, a refused connection takes it out of rotation at once. What fails on the
 //! client's side (a broken request body) or on a connection the instance had closed while idle
-//! says nothing about the instance and is not reported. The response body then holds the
-//! request's slot, so the instance counts it in flight until the last byte has left.
+//! says nothing about the instance and is not reported. A try cut short by the request's
+//! timeout is the instance's failure too; one cut short because the client left is not. The
+//! response body then holds the request's slot, so the instance counts it in flight until the
+//! last byte has left.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -13,6 +15,9 @@ use http::{Request, Response};
 use surge_pool::{InFlight, Instance, Pool};
 use tower::{Layer, Service};
 
+use tokio::time::Instant;
+
+use super::timeout::Deadline;
 use crate::body::{GatewayBody, UpstreamBody};
 use crate::error::GatewayError;
 
@@ -70,10 +75,12 @@ where
 
     fn call(&mut self, (in_flight, request): (InFlight, Request<B>)) -> Self::Future {
         let instance = Arc::clone(in_flight.instance());
+        let deadline = request.extensions().get::<Deadline>().map(|deadline| deadline.0);
         Reported {
             response: self.inner.call((instance, request)),
             in_flight: Some(in_flight),
             pool: Arc::clone(&self.pool),
+            deadline,
         }
     }
 }
@@ -84,6 +91,20 @@ pin_project_lite::pin_project! {
         response: F,
         in_flight: Option<InFlight>,
         pool: Arc<Pool>,
+        deadline: Option<Instant>,
+    }
+
+    impl<F> PinnedDrop for Reported<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            // Dropped unfinished: the request's timeout ran out on this instance, or the
+            // client went away (not the instance's doing).
+            if let (Some(mut in_flight), Some(deadline)) = (this.in_flight.take(), *this.deadline) {
+                if Instant::now() >= deadline {
+                    this.pool.report(&mut in_flight, false);
+                }
+            }
+        }
     }
 }
 
@@ -161,5 +182,36 @@ mod tests {
         for (result, expected) in cases {
             assert_eq!(verdict(&result), expected, "{result:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod drop_tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::stack::testing::pool;
+
+    /// A try to the first instance that never ends, dropped after `after` of a request with one
+    /// second left: whether the instance was ejected for it.
+    async fn dropped_after(after: Duration) -> bool {
+        let pool = pool(2, "outlier = { consecutive_failures = 1 }");
+        let hang = tower::service_fn(|_: (Arc<Instance>, Request<()>)| {
+            std::future::pending::<Result<Response<UpstreamBody>, GatewayError>>()
+        });
+        let mut breaker = BreakerLayer(Arc::clone(&pool)).layer(hang);
+        let instance = Arc::clone(&pool.ready()[0]);
+        let in_flight = instance.begin().expect("ready");
+        let mut request = Request::new(());
+        request.extensions_mut().insert(Deadline(Instant::now() + Duration::from_secs(1)));
+        let tried = breaker.call((in_flight, request));
+        let _ = tokio::time::timeout(after, tried).await;
+        instance.is_ejected()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_try_the_request_timeout_cut_short_counts_against_its_instance() {
+        assert!(dropped_after(Duration::from_secs(1)).await, "timed out on the instance");
+        assert!(!dropped_after(Duration::from_millis(500)).await, "the client left: not the instance's doing");
     }
 }

@@ -88,11 +88,7 @@ pub fn build(pool: &Arc<Pool>, metrics: &GatewayMetrics) -> ServiceStack {
         .layer(buffer::WaitBufferLayer(Arc::clone(pool)))
         .layer(balance::BalanceLayer(Arc::clone(pool)))
         .layer(breaker::BreakerLayer(Arc::clone(pool)))
-        .layer(timeout::TryTimeoutLayer {
-            per_try: config.timeouts.per_try,
-            request: config.timeouts.request,
-            service,
-        })
+        .layer(timeout::TryTimeoutLayer { per_try: config.timeouts.per_try, service })
         .service(endpoint::Endpoint::new(config))
 }
 

@@ -103,28 +103,26 @@ where
     }
 }
 
-/// Bounds each try by `timeouts.per_try` and by what the request has left, whichever is
-/// shorter, and tells the instance in `x-surge-deadline-ms`. A try that runs out fails as the
-/// instance's failure (so it feeds its breaker and may be retried elsewhere).
+/// Bounds each try by `timeouts.per_try` when that is shorter than what the request has left,
+/// and tells the instance how long it has in `x-surge-deadline-ms`. A try that runs out fails
+/// as the instance's failure (so it feeds its breaker and may be retried elsewhere). Without a
+/// shorter `per_try` the request's timeout is the try's, and no second timer is set.
 #[derive(Clone)]
 pub struct TryTimeout<S> {
     inner: S,
     per_try: Option<Duration>,
-    /// The request timeout, to name it when it is what runs out.
-    request: Duration,
     service: Arc<str>,
 }
 
 pub struct TryTimeoutLayer {
     pub per_try: Option<Duration>,
-    pub request: Duration,
     pub service: Arc<str>,
 }
 
 impl<S> Layer<S> for TryTimeoutLayer {
     type Service = TryTimeout<S>;
     fn layer(&self, inner: S) -> TryTimeout<S> {
-        TryTimeout { inner, per_try: self.per_try, request: self.request, service: Arc::clone(&self.service) }
+        TryTimeout { inner, per_try: self.per_try, service: Arc::clone(&self.service) }
     }
 }
 
@@ -137,7 +135,7 @@ where
 {
     type Response = S::Response;
     type Error = GatewayError;
-    type Future = TimedOut<S::Future>;
+    type Future = Tried<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
         self.inner.poll_ready(cx)
@@ -145,17 +143,22 @@ where
 
     fn call(&mut self, (instance, mut request): (Arc<Instance>, Request<B>)) -> Self::Future {
         let left = request.extensions().get::<Deadline>().map_or(Duration::MAX, Deadline::remaining);
-        let (timeout, elapsed) = match self.per_try {
+        let millis = |timeout: Duration| HeaderValue::from(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+        match self.per_try {
             Some(per_try) if per_try < left => {
-                let instance = Arc::clone(&instance);
-                (per_try, Elapsed::Try { service: Arc::clone(&self.service), instance, timeout: per_try })
+                request.headers_mut().insert(DEADLINE_HEADER, millis(per_try));
+                let elapsed = Elapsed::Try { service: Arc::clone(&self.service), instance: Arc::clone(&instance), timeout: per_try };
+                let until = Instant::now().checked_add(per_try).unwrap_or_else(far_future);
+                Tried::Timed { response: tokio::time::timeout_at(until, self.inner.call((instance, request))), elapsed }
             }
-            _ => (left, Elapsed::Request { service: Arc::clone(&self.service), timeout: self.request }),
-        };
-        let millis = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-        request.headers_mut().insert(DEADLINE_HEADER, HeaderValue::from(millis));
-        let until = Instant::now().checked_add(timeout).unwrap_or_else(far_future);
-        TimedOut { response: tokio::time::timeout_at(until, self.inner.call((instance, request))), elapsed }
+            // The request's own timeout, above, ends this try with it; no second timer.
+            _ => {
+                if left != Duration::MAX {
+                    request.headers_mut().insert(DEADLINE_HEADER, millis(left));
+                }
+                Tried::Untimed { response: self.inner.call((instance, request)) }
+            }
+        }
     }
 }
 
@@ -190,6 +193,27 @@ pin_project_lite::pin_project! {
         #[pin]
         response: tokio::time::Timeout<F>,
         elapsed: Elapsed,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = TriedProj]
+    pub enum Tried<F> {
+        Timed { #[pin] response: tokio::time::Timeout<F>, elapsed: Elapsed },
+        Untimed { #[pin] response: F },
+    }
+}
+
+impl<F: Future<Output = Result<T, GatewayError>>, T> Future for Tried<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        match self.project() {
+            TriedProj::Timed { response, elapsed } => {
+                Poll::Ready(ready!(response.poll(cx)).unwrap_or_else(|_| Err(elapsed.error())))
+            }
+            TriedProj::Untimed { response } => response.poll(cx),
+        }
     }
 }
 
@@ -263,24 +287,21 @@ mod tests {
         assert!(matches!(error, Some(GatewayError::Timeout { .. })), "{error:?}");
     }
 
-    async fn try_with(left: Duration, per_try: Duration) -> (GatewayError, Option<String>) {
+    /// A try of a request with `left` to go and `per_try` configured, against an instance that
+    /// never answers, watched for twice `left`: its error if it ended, and the deadline header.
+    async fn try_with(left: Duration, per_try: Duration) -> (Option<GatewayError>, Option<String>) {
         let pool = pool(1, "");
         let instance = Arc::clone(&pool.ready()[0]);
         let seen = Arc::new(std::sync::Mutex::new(None));
         let inner = {
             let seen = Arc::clone(&seen);
-            tower::service_fn(move |(_, request): (Arc<Instance>, Request<()>)| {
-                hang(request, Arc::clone(&seen))
-            })
+            tower::service_fn(move |(_, request): (Arc<Instance>, Request<()>)| hang(request, Arc::clone(&seen)))
         };
-        let layer = TryTimeoutLayer {
-            per_try: Some(per_try),
-            request: Duration::from_secs(30),
-            service: "web".into(),
-        };
+        let layer = TryTimeoutLayer { per_try: Some(per_try), service: "web".into() };
         let mut request = Request::new(());
         request.extensions_mut().insert(Deadline(Instant::now() + left));
-        let error = layer.layer(inner).oneshot((instance, request)).await.expect_err("times out");
+        let tried = layer.layer(inner).oneshot((instance, request));
+        let error = tokio::time::timeout(left * 2, tried).await.ok().map(|result| result.expect_err("never answers"));
         let header = seen.lock().ok().and_then(|seen| {
             Some(seen.as_ref()?.headers().get("x-surge-deadline-ms")?.to_str().ok()?.to_owned())
         });
@@ -288,20 +309,15 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_try_gets_its_own_timeout_or_what_the_request_has_left() {
+    async fn a_try_gets_its_own_timeout_only_when_it_is_shorter_than_what_is_left() {
         let (error, header) = try_with(Duration::from_secs(1), Duration::from_millis(100)).await;
-        assert!(
-            matches!(&error, GatewayError::TryTimeout { instance, .. } if instance == "web-1"),
-            "{error:?}"
-        );
-        assert!(error.to_string().contains("services.web.timeouts.per_try"));
+        assert!(matches!(&error, Some(GatewayError::TryTimeout { instance, .. }) if instance == "web-1"), "{error:?}");
+        assert!(error.is_some_and(|e| e.to_string().contains("services.web.timeouts.per_try")));
         assert_eq!(header.as_deref(), Some("100"));
 
+        // Less left than per_try: the request's own timeout ends the try, not a second timer.
         let (error, header) = try_with(Duration::from_millis(50), Duration::from_millis(100)).await;
-        assert!(
-            matches!(error, GatewayError::Timeout { timeout, .. } if timeout == Duration::from_secs(30)),
-            "{error:?}"
-        );
+        assert!(error.is_none(), "{error:?}");
         assert_eq!(header.as_deref(), Some("50"));
     }
 }
