@@ -85,7 +85,8 @@ impl Http1Client {
         Arc::new(Http1Client { idle: Mutex::default(), connect_timeout })
     }
 
-    /// Sends the request to `addr`, on an idle connection if there is one. A reused connection
+    /// Sends the request, with `extra` fields besides its own, to `addr`, on an idle connection
+    /// if there is one. A reused connection
     /// that the instance turns out to have closed fails as `Stale`, for the retry layer to
     /// decide on (and count).
     pub async fn send(
@@ -93,13 +94,14 @@ impl Http1Client {
         addr: SocketAddr,
         authority: &Authority,
         parts: &Parts,
+        extra: &[(&[u8], &[u8])],
         body: &Bytes,
     ) -> Result<Response<Http1Body>, SendError> {
         let mut head = Vec::with_capacity(512);
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let host = (!parts.headers.contains_key(HOST)).then(|| authority.as_str().as_bytes());
         let fields = parts.headers.iter().filter(|(name, _)| !is_request_framing(name));
-        write_request_head(&mut head, &parts.method, target, host, fields, Some(body.len() as u64));
+        write_request_head(&mut head, &parts.method, target, host, fields, extra, Some(body.len() as u64));
         let (connection, reused) = match self.checkout(addr) {
             Some(connection) => (connection, true),
             None => (self.connect(addr).await?, false),

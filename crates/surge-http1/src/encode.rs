@@ -4,16 +4,18 @@
 use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, StatusCode, Version};
 
-/// The request line, `host` first when given, the fields, then the body's framing:
-/// `Some(length)` for a whole body (a length is written when there is a body, or when the
-/// method expects one), `None` for a chunked one. The fields must not carry framing of their
-/// own (Content-Length, Transfer-Encoding, Expect).
+/// The request line, `host` first when given, the fields, any `extra` fields (name and value
+/// bytes the writer makes itself), then the body's framing: `Some(length)` for a whole body (a
+/// length is written when there is a body, or when the method expects one), `None` for a
+/// chunked one. The fields must not carry framing of their own (Content-Length,
+/// Transfer-Encoding, Expect).
 pub fn write_request_head<'a>(
     dst: &mut Vec<u8>,
     method: &Method,
     target: &str,
     host: Option<&[u8]>,
     fields: impl IntoIterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+    extra: &[(&[u8], &[u8])],
     body_length: Option<u64>,
 ) {
     dst.extend_from_slice(method.as_str().as_bytes());
@@ -27,6 +29,9 @@ pub fn write_request_head<'a>(
     }
     for (name, value) in fields {
         write_field(dst, name.as_str().as_bytes(), value.as_bytes());
+    }
+    for (name, value) in extra {
+        write_field(dst, name, value);
     }
     match body_length {
         Some(length) if length > 0 || matches!(*method, Method::POST | Method::PUT | Method::PATCH) => {
@@ -141,18 +146,33 @@ fn write_field(dst: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 }
 
 fn write_length(dst: &mut Vec<u8>, length: u64) {
-    let mut digits = [0u8; 20];
-    let mut start = digits.len();
-    let mut rest = length;
-    loop {
-        start -= 1;
-        digits[start] = b'0' + (rest % 10) as u8;
-        rest /= 10;
-        if rest == 0 {
-            break;
+    write_field(dst, b"content-length", Decimal::new(length).as_bytes());
+}
+
+/// A number in decimal, without allocating.
+pub struct Decimal {
+    digits: [u8; 20],
+    start: usize,
+}
+
+impl Decimal {
+    pub fn new(value: u64) -> Self {
+        let mut digits = [0u8; 20];
+        let (mut start, mut rest) = (digits.len(), value);
+        loop {
+            start -= 1;
+            digits[start] = b'0' + (rest % 10) as u8;
+            rest /= 10;
+            if rest == 0 {
+                break;
+            }
         }
+        Decimal { digits, start }
     }
-    write_field(dst, b"content-length", &digits[start..]);
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.digits[self.start..]
+    }
 }
 
 /// The line that opens a chunk: its size in hex, then CRLF, without allocating.
@@ -188,7 +208,7 @@ mod tests {
 
     fn head(method: Method, host: Option<&[u8]>, fields: &HeaderMap, body: Option<u64>) -> String {
         let mut out = Vec::new();
-        write_request_head(&mut out, &method, "/a?b=1", host, fields, body);
+        write_request_head(&mut out, &method, "/a?b=1", host, fields, &[(b"x-extra", b"7")], body);
         String::from_utf8_lossy(&out).into_owned()
     }
 
@@ -198,16 +218,19 @@ mod tests {
         fields.insert("x-one", HeaderValue::from_static("1"));
         assert_eq!(
             head(Method::POST, Some(b"10.0.0.1:80"), &fields, Some(3)),
-            "POST /a?b=1 HTTP/1.1\r\nhost: 10.0.0.1:80\r\nx-one: 1\r\ncontent-length: 3\r\n\r\n"
+            "POST /a?b=1 HTTP/1.1\r\nhost: 10.0.0.1:80\r\nx-one: 1\r\nx-extra: 7\r\ncontent-length: 3\r\n\r\n"
         );
         assert_eq!(
             head(Method::POST, None, &fields, Some(0)),
-            "POST /a?b=1 HTTP/1.1\r\nx-one: 1\r\ncontent-length: 0\r\n\r\n"
+            "POST /a?b=1 HTTP/1.1\r\nx-one: 1\r\nx-extra: 7\r\ncontent-length: 0\r\n\r\n"
         );
-        assert_eq!(head(Method::GET, None, &fields, Some(0)), "GET /a?b=1 HTTP/1.1\r\nx-one: 1\r\n\r\n");
+        assert_eq!(
+            head(Method::GET, None, &fields, Some(0)),
+            "GET /a?b=1 HTTP/1.1\r\nx-one: 1\r\nx-extra: 7\r\n\r\n"
+        );
         assert_eq!(
             head(Method::PUT, None, &HeaderMap::new(), None),
-            "PUT /a?b=1 HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"
+            "PUT /a?b=1 HTTP/1.1\r\nx-extra: 7\r\ntransfer-encoding: chunked\r\n\r\n"
         );
         assert!(is_request_framing(&CONTENT_LENGTH) && is_request_framing(&http::header::EXPECT));
         assert!(!is_request_framing(&http::header::HOST));

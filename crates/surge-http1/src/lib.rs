@@ -17,7 +17,7 @@ pub mod fields;
 pub mod head;
 
 pub use decode::{DecodeError, Decoded, Decoder};
-pub use encode::{BodyFraming, ChunkSizeLine, Exchange};
+pub use encode::{BodyFraming, ChunkSizeLine, Decimal, Exchange};
 pub use fields::Fields;
 pub use head::{HeadError, RequestFraming, RequestHead, ResponseHead};
 

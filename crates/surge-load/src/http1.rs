@@ -113,6 +113,7 @@ pub fn encode_request(
         path,
         Some(host.as_bytes()),
         fields,
+        &[],
         Some(body.len() as u64),
     );
     out.extend_from_slice(body);

@@ -7,13 +7,12 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::Request;
 use surge_balance::{Balancer, Load};
 use surge_pool::{InFlight, Instance, InstanceState, Pool, Ticket};
 use tokio_util::either::Either;
 use tower::{Layer, Service};
 
-use super::retry::Tried;
+use super::prepare::Outbound;
 use crate::error::GatewayError;
 
 pub struct Balance<S> {
@@ -69,9 +68,9 @@ impl<S> Layer<S> for BalanceLayer {
     }
 }
 
-impl<S, B> Service<Request<B>> for Balance<S>
+impl<S> Service<Outbound> for Balance<S>
 where
-    S: Service<(InFlight, Request<B>), Error = GatewayError>,
+    S: Service<(InFlight, Outbound), Error = GatewayError>,
 {
     type Response = S::Response;
     type Error = GatewayError;
@@ -95,21 +94,19 @@ where
         Poll::Pending
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
+    fn call(&mut self, request: Outbound) -> Self::Future {
         let Some(mut in_flight) = self.claimed.take() else {
             return Either::Right(std::future::ready(Err(GatewayError::Internal {
                 what: "a request was sent before it had an instance",
             })));
         };
-        match request.extensions().get::<Tried>() {
-            None => self.pool.load().arrived(),
-            Some(Tried(tried)) if tried.contains(&in_flight.instance().id) => {
-                if let Some(other) = choose(&self.pool, &self.balancer, tried) {
-                    in_flight.cancel();
-                    in_flight = other;
-                }
+        if request.tried.is_empty() {
+            self.pool.load().arrived();
+        } else if request.tried.contains(&in_flight.instance().id) {
+            if let Some(other) = choose(&self.pool, &self.balancer, &request.tried) {
+                in_flight.cancel();
+                in_flight = other;
             }
-            Some(_) => {}
         }
         Either::Left(self.inner.call((in_flight, request)))
     }
@@ -181,14 +178,14 @@ mod tests {
     use std::future::Future;
 
     use super::*;
-    use crate::stack::testing::{poll_ready, pool, Holder, Woken};
+    use crate::stack::testing::{outbound, poll_ready, pool, Holder, Woken};
 
     fn balance(pool: &Arc<Pool>) -> Balance<Holder> {
         BalanceLayer(Arc::clone(pool)).layer(Holder)
     }
 
     /// Polls `service` ready with `woken`, then sends a request: the slot it got.
-    fn take(service: &mut Balance<Holder>, request: Request<()>) -> InFlight {
+    fn take(service: &mut Balance<Holder>, request: Outbound) -> InFlight {
         let woken = Woken::new();
         assert!(matches!(poll_ready(service, &woken), Poll::Ready(Ok(()))), "ready");
         let mut future = std::pin::pin!(service.call(request));
@@ -202,7 +199,7 @@ mod tests {
     fn readiness_waits_for_a_free_slot_first_come_first_served() {
         let pool = pool(1, "instance_concurrency = 1");
         let template = balance(&pool);
-        let held = take(&mut template.clone(), Request::new(()));
+        let held = take(&mut template.clone(), outbound());
         let (mut second, mut third, mut late) = (template.clone(), template.clone(), template.clone());
         let (second_woken, third_woken, late_woken) = (Woken::new(), Woken::new(), Woken::new());
         assert!(poll_ready(&mut second, &second_woken).is_pending(), "the only slot is taken");
@@ -215,7 +212,7 @@ mod tests {
             "the freed slot wakes the first in line"
         );
         assert!(poll_ready(&mut late, &late_woken).is_pending(), "a newcomer queues behind the waiting");
-        let held = take(&mut second, Request::new(()));
+        let held = take(&mut second, outbound());
         assert!(poll_ready(&mut third, &third_woken).is_pending());
 
         drop(held);
@@ -230,7 +227,7 @@ mod tests {
     fn a_waiter_that_gives_up_after_its_wake_up_passes_it_on() {
         let pool = pool(1, "instance_concurrency = 1");
         let template = balance(&pool);
-        let held = take(&mut template.clone(), Request::new(()));
+        let held = take(&mut template.clone(), outbound());
         let (mut first, mut second) = (template.clone(), template.clone());
         let (first_woken, second_woken) = (Woken::new(), Woken::new());
         assert!(poll_ready(&mut first, &first_woken).is_pending());
@@ -246,8 +243,7 @@ mod tests {
     fn the_service_limit_bounds_all_instances_together() {
         let pool = pool(3, "max_concurrency = 2");
         let template = balance(&pool);
-        let held =
-            [take(&mut template.clone(), Request::new(())), take(&mut template.clone(), Request::new(()))];
+        let held = [take(&mut template.clone(), outbound()), take(&mut template.clone(), outbound())];
         let mut third = template.clone();
         let woken = Woken::new();
         assert!(poll_ready(&mut third, &woken).is_pending(), "two in flight, a third instance idle");
@@ -261,11 +257,11 @@ mod tests {
         let pool = pool(2, "balance = \"round_robin\"");
         let template = balance(&pool);
         for _ in 0..4 {
-            let first = take(&mut template.clone(), Request::new(()));
+            let first = take(&mut template.clone(), outbound());
             let tried = first.instance().id.clone();
             drop(first);
-            let mut retry = Request::new(());
-            retry.extensions_mut().insert(Tried(vec![tried.clone()]));
+            let mut retry = outbound();
+            retry.tried.push(tried.clone());
             let second = take(&mut template.clone(), retry);
             assert_ne!(second.instance().id, tried);
         }
@@ -276,7 +272,7 @@ mod tests {
         let pool = pool(1, "");
         let mut service = balance(&pool);
         let woken = Woken::new();
-        let mut future = std::pin::pin!(service.call(Request::new(())));
+        let mut future = std::pin::pin!(service.call(outbound()));
         let polled = future.as_mut().poll(&mut Context::from_waker(&woken.waker));
         assert!(matches!(polled, Poll::Ready(Err(GatewayError::Internal { .. }))));
     }

@@ -11,13 +11,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use http::{Request, Response};
+use http::Response;
 use surge_pool::{InFlight, Instance, Pool};
 use tower::{Layer, Service};
 
 use tokio::time::Instant;
 
-use super::timeout::Deadline;
+use super::prepare::Outbound;
 use crate::body::{GatewayBody, UpstreamBody};
 use crate::error::GatewayError;
 
@@ -61,9 +61,9 @@ impl<S> Layer<S> for BreakerLayer {
     }
 }
 
-impl<S, B> Service<(InFlight, Request<B>)> for Breaker<S>
+impl<S> Service<(InFlight, Outbound)> for Breaker<S>
 where
-    S: Service<(Arc<Instance>, Request<B>), Response = Response<UpstreamBody>, Error = GatewayError>,
+    S: Service<(Arc<Instance>, Outbound), Response = Response<UpstreamBody>, Error = GatewayError>,
 {
     type Response = Response<GatewayBody>;
     type Error = GatewayError;
@@ -73,9 +73,9 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, (in_flight, request): (InFlight, Request<B>)) -> Self::Future {
+    fn call(&mut self, (in_flight, request): (InFlight, Outbound)) -> Self::Future {
         let instance = Arc::clone(in_flight.instance());
-        let deadline = request.extensions().get::<Deadline>().map(|deadline| deadline.0);
+        let deadline = request.deadline;
         Reported {
             response: self.inner.call((instance, request)),
             in_flight: Some(in_flight),
@@ -190,20 +190,20 @@ mod drop_tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::stack::testing::pool;
+    use crate::stack::testing::{outbound, pool};
 
     /// A try to the first instance that never ends, dropped after `after` of a request with one
     /// second left: whether the instance was ejected for it.
     async fn dropped_after(after: Duration) -> bool {
         let pool = pool(2, "outlier = { consecutive_failures = 1 }");
-        let hang = tower::service_fn(|_: (Arc<Instance>, Request<()>)| {
+        let hang = tower::service_fn(|_: (Arc<Instance>, Outbound)| {
             std::future::pending::<Result<Response<UpstreamBody>, GatewayError>>()
         });
         let mut breaker = BreakerLayer(Arc::clone(&pool)).layer(hang);
         let instance = Arc::clone(&pool.ready()[0]);
         let in_flight = instance.begin().expect("ready");
-        let mut request = Request::new(());
-        request.extensions_mut().insert(Deadline(Instant::now() + Duration::from_secs(1)));
+        let mut request = outbound();
+        request.deadline = Some(Instant::now() + Duration::from_secs(1));
         let tried = breaker.call((in_flight, request));
         let _ = tokio::time::timeout(after, tried).await;
         instance.is_ejected()
@@ -212,6 +212,9 @@ mod drop_tests {
     #[tokio::test(start_paused = true)]
     async fn a_try_the_request_timeout_cut_short_counts_against_its_instance() {
         assert!(dropped_after(Duration::from_secs(1)).await, "timed out on the instance");
-        assert!(!dropped_after(Duration::from_millis(500)).await, "the client left: not the instance's doing");
+        assert!(
+            !dropped_after(Duration::from_millis(500)).await,
+            "the client left: not the instance's doing"
+        );
     }
 }

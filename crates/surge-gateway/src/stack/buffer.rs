@@ -83,11 +83,9 @@ where
 mod tests {
     use std::time::Duration;
 
-    use http::Request;
-
     use super::*;
     use crate::stack::balance::BalanceLayer;
-    use crate::stack::testing::{poll_ready, pool, Holder, Woken};
+    use crate::stack::testing::{outbound, poll_ready, pool, Holder, Woken};
 
     type Stack = WaitBuffer<crate::stack::balance::Balance<Holder>>;
 
@@ -109,7 +107,7 @@ mod tests {
         let mut first = template.clone();
         let woken = Woken::new();
         assert!(poll_ready(&mut first, &woken).is_ready());
-        let _held = first.call(Request::new(())).await;
+        let _held = first.call(outbound()).await;
 
         let (mut waiting, mut turned_away) = (template.clone(), template.clone());
         assert!(poll_ready(&mut waiting, &woken).is_pending());
@@ -130,7 +128,7 @@ mod tests {
         let (mut first, mut second) = (template.clone(), template.clone());
         let woken = Woken::new();
         assert!(poll_ready(&mut first, &woken).is_ready());
-        let held = first.call(Request::new(())).await;
+        let held = first.call(outbound()).await;
         assert!(poll_ready(&mut second, &woken).is_pending());
         drop(held);
         assert!(poll_ready(&mut second, &woken).is_ready());

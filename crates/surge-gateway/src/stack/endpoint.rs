@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use http::header::{HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use http_body_util::Either;
@@ -17,11 +18,23 @@ use surge_config::{ServiceConfig, UpstreamProtocol};
 use surge_pool::Instance;
 use tower::Service;
 
+use super::prepare::Outbound;
 use crate::body::{Payload, UpstreamBody};
 use crate::client::{Http1Client, SendError};
 use crate::error::{root_cause, GatewayError};
 use crate::server::{ClientBody, ClientBodyError};
 use crate::BoxFuture;
+
+/// One try: the request, the instance it goes to, and how long the instance has (told in
+/// `x-surge-deadline-ms`).
+pub struct Try {
+    pub instance: Arc<Instance>,
+    pub outbound: Outbound,
+    pub deadline: Option<Duration>,
+}
+
+/// The header that tells an instance how long the gateway will wait for it.
+const DEADLINE_HEADER: HeaderName = HeaderName::from_static("x-surge-deadline-ms");
 
 #[derive(Clone)]
 pub struct Endpoint {
@@ -64,7 +77,7 @@ impl Endpoint {
     }
 }
 
-impl Service<(Arc<Instance>, Request<Payload<ClientBody>>)> for Endpoint {
+impl Service<Try> for Endpoint {
     type Response = Response<UpstreamBody>;
     type Error = GatewayError;
     type Future = BoxFuture<Result<Response<UpstreamBody>, GatewayError>>;
@@ -73,22 +86,20 @@ impl Service<(Arc<Instance>, Request<Payload<ClientBody>>)> for Endpoint {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, (instance, request): (Arc<Instance>, Request<Payload<ClientBody>>)) -> Self::Future {
+    fn call(&mut self, attempt: Try) -> Self::Future {
         let clients = Arc::clone(&self.inner);
-        Box::pin(async move { clients.send(&instance, request).await })
+        Box::pin(async move { clients.send(attempt).await })
     }
 }
 
 impl Clients {
     async fn send(
         &self,
-        instance: &Instance,
-        request: Request<Payload<ClientBody>>,
+        Try { instance, outbound, deadline }: Try,
     ) -> Result<Response<UpstreamBody>, GatewayError> {
-        let (mut parts, body) = request.into_parts();
-        // Instances speak their service's protocol, whatever the client spoke.
-        parts.version = self.version;
-        let upgrade = parts.headers.contains_key(http::header::UPGRADE);
+        let Outbound { parts, body, .. } = outbound;
+        let deadline = deadline
+            .map(|left| surge_http1::Decimal::new(u64::try_from(left.as_millis()).unwrap_or(u64::MAX)));
         let failed = |error: SendError| {
             let (service, instance) = (self.service.clone(), instance.id.clone());
             match error {
@@ -101,16 +112,28 @@ impl Clients {
                 }
             }
         };
+        let upgrade = parts.headers.contains_key(http::header::UPGRADE);
         match (&self.http1, body) {
             (Some(http1), Payload::Kept { bytes }) if !upgrade => {
                 let bytes = bytes.unwrap_or_default();
-                match http1.send(instance.addr, &instance.authority, &parts, &bytes).await {
+                let extra =
+                    deadline.as_ref().map(|millis| (b"x-surge-deadline-ms".as_slice(), millis.as_bytes()));
+                match http1.send(instance.addr, &instance.authority, &parts, extra.as_slice(), &bytes).await {
                     Ok(response) => Ok(response.map(Either::Left)),
                     Err(error) => Err(failed(error)),
                 }
             }
             (_, body) => {
-                parts.uri = instance_uri(&parts.uri, instance);
+                // This client needs the head to own: the first try has it alone, a retry copies it.
+                let mut parts = Arc::try_unwrap(parts).unwrap_or_else(|shared| (*shared).clone());
+                // Instances speak their service's protocol, whatever the client spoke.
+                parts.version = self.version;
+                parts.uri = instance_uri(&parts.uri, &instance);
+                if let Some(millis) =
+                    deadline.as_ref().and_then(|m| HeaderValue::from_bytes(m.as_bytes()).ok())
+                {
+                    parts.headers.insert(DEADLINE_HEADER, millis);
+                }
                 match self.hyper.request(Request::from_parts(parts, body)).await {
                     Ok(response) => Ok(response.map(Either::Right)),
                     Err(error) if find_cause::<ClientBodyError>(&error).is_some() => {

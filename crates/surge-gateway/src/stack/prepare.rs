@@ -9,15 +9,49 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
+use std::sync::Arc;
+
+use http::request::Parts;
 use http::{Request, Response};
 use http_body_util::BodyExt;
+use tokio::time::Instant;
 use tower::util::Oneshot;
 use tower::{Layer, Service, ServiceExt};
 
+use super::timeout::Deadline;
 use crate::body::Payload;
 use crate::error::{root_cause, GatewayError};
 use crate::server::ClientBody;
 use crate::BoxFuture;
+
+/// A request on its way to an instance, as its tries share it: the head behind a reference
+/// count (a retry's copy costs no allocation), the body kept or streamed, and what the tries
+/// so far have learnt.
+pub struct Outbound {
+    pub parts: Arc<Parts>,
+    pub body: Payload<ClientBody>,
+    /// When the request's time is up (from [`Deadline`]), read once.
+    pub deadline: Option<Instant>,
+    /// The instances tried so far, so the next try prefers another.
+    pub tried: Vec<String>,
+}
+
+impl Outbound {
+    pub fn new(parts: Parts, body: Payload<ClientBody>) -> Self {
+        let deadline = parts.extensions.get::<Deadline>().map(|deadline| deadline.0);
+        Outbound { parts: Arc::new(parts), body, deadline, tried: Vec::new() }
+    }
+
+    /// A copy for another try; a streamed body can be sent only once.
+    pub fn try_clone(&self) -> Option<Self> {
+        Some(Outbound {
+            parts: Arc::clone(&self.parts),
+            body: self.body.try_clone()?,
+            deadline: self.deadline,
+            tried: self.tried.clone(),
+        })
+    }
+}
 
 #[derive(Clone)]
 pub struct PrepareBody<S> {
@@ -33,11 +67,9 @@ impl<S> Layer<S> for PrepareBodyLayer {
     }
 }
 
-type Prepared = Request<Payload<ClientBody>>;
-
 impl<S, R> Service<Request<ClientBody>> for PrepareBody<S>
 where
-    S: Service<Prepared, Response = Response<R>, Error = GatewayError> + Clone + Send + 'static,
+    S: Service<Outbound, Response = Response<R>, Error = GatewayError> + Clone + Send + 'static,
     S::Future: Send,
 {
     type Response = Response<R>;
@@ -52,8 +84,8 @@ where
         let inner = self.inner.clone();
         let (parts, body) = request.into_parts();
         if !Payload::worth_keeping(&body) {
-            let request = Request::from_parts(parts, Payload::passed_on(body));
-            return Preparing::Sent { response: inner.oneshot(request) };
+            let outbound = Outbound::new(parts, Payload::passed_on(body));
+            return Preparing::Sent { response: inner.oneshot(outbound) };
         }
         Preparing::Reading {
             response: Box::pin(async move {
@@ -62,8 +94,7 @@ where
                     .await
                     .map_err(|err| GatewayError::BadRequestBody { cause: root_cause(&*err) })?
                     .to_bytes();
-                let request = Request::from_parts(parts, Payload::Kept { bytes: Some(bytes) });
-                inner.oneshot(request).await
+                inner.oneshot(Outbound::new(parts, Payload::Kept { bytes: Some(bytes) })).await
             }),
         }
     }
@@ -71,15 +102,15 @@ where
 
 pin_project_lite::pin_project! {
     #[project = PreparingProj]
-    pub enum Preparing<S: Service<Prepared>> {
-        Sent { #[pin] response: Oneshot<S, Prepared> },
+    pub enum Preparing<S: Service<Outbound>> {
+        Sent { #[pin] response: Oneshot<S, Outbound> },
         Reading { response: BoxFuture<Result<S::Response, GatewayError>> },
     }
 }
 
 impl<S> Future for Preparing<S>
 where
-    S: Service<Prepared, Error = GatewayError>,
+    S: Service<Outbound, Error = GatewayError>,
 {
     type Output = Result<S::Response, GatewayError>;
 
@@ -99,8 +130,8 @@ mod tests {
     use crate::server::test_body_of;
 
     /// What reached the next layer: kept bytes, or a stream.
-    fn describe(request: Prepared) -> std::future::Ready<Result<Response<String>, GatewayError>> {
-        let seen = match request.into_body() {
+    fn describe(request: Outbound) -> std::future::Ready<Result<Response<String>, GatewayError>> {
+        let seen = match request.body {
             Payload::Kept { bytes } => format!("kept {:?}", bytes.unwrap_or_default()),
             Payload::Streaming { .. } => "streamed".to_owned(),
         };

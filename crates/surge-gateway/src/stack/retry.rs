@@ -8,22 +8,18 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Response, StatusCode};
 use surge_metrics::Counter;
 use tower::retry::Policy;
 
 use super::budget::RetryBudget;
-use crate::body::{GatewayBody, Payload};
+use super::prepare::Outbound;
+use crate::body::GatewayBody;
 use crate::error::GatewayError;
-use crate::server::ClientBody;
 
 /// Set by the router when the matching route allows retrying any method.
 #[derive(Debug, Clone, Copy)]
 pub struct RetryRoute;
-
-/// The instances a request has tried, so the next try prefers another.
-#[derive(Debug, Clone, Default)]
-pub struct Tried(pub Vec<String>);
 
 /// What to do after a try.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,18 +91,16 @@ impl RetryPolicy {
     }
 }
 
-type Prepared = Request<Payload<ClientBody>>;
-
-impl Policy<Prepared, Response<GatewayBody>, GatewayError> for RetryPolicy {
+impl Policy<Outbound, Response<GatewayBody>, GatewayError> for RetryPolicy {
     type Future = Backoff;
 
     fn retry(
         &mut self,
-        request: &mut Prepared,
+        request: &mut Outbound,
         result: &mut Result<Response<GatewayBody>, GatewayError>,
     ) -> Option<Backoff> {
         let repeatable =
-            is_idempotent(request.method()) || request.extensions().get::<RetryRoute>().is_some();
+            is_idempotent(&request.parts.method) || request.parts.extensions.get::<RetryRoute>().is_some();
         let (outcome, instance) = match result {
             Ok(response) => (Outcome::Answered(response.status()), response.body().instance_id()),
             Err(error) => (Outcome::Failed(error), error.instance()),
@@ -120,13 +114,7 @@ impl Policy<Prepared, Response<GatewayBody>, GatewayError> for RetryPolicy {
         }
         self.retries.retried.inc();
         if let Some(instance) = instance {
-            let tried = request.extensions_mut();
-            match tried.get_mut::<Tried>() {
-                Some(Tried(tried)) => tried.push(instance),
-                None => {
-                    tried.insert(Tried(vec![instance]));
-                }
-            }
+            request.tried.push(instance);
         }
         Some(if backoff {
             Backoff::Sleep { sleep: tokio::time::sleep(jittered_backoff(self.retries.backoff, self.tries)) }
@@ -138,20 +126,14 @@ impl Policy<Prepared, Response<GatewayBody>, GatewayError> for RetryPolicy {
     /// Keeps a copy of the request for another try while one may follow. The service's own
     /// copy of the policy is asked first, once per request: that is where requests are counted
     /// for the budget.
-    fn clone_request(&mut self, request: &Prepared) -> Option<Prepared> {
+    fn clone_request(&mut self, request: &Outbound) -> Option<Outbound> {
         if self.tries == 0 {
             self.retries.budget.request(self.retries.epoch.elapsed());
         }
         if self.tries + 1 >= self.retries.attempts {
             return None;
         }
-        let mut copy = Request::new(request.body().try_clone()?);
-        *copy.method_mut() = request.method().clone();
-        *copy.uri_mut() = request.uri().clone();
-        *copy.version_mut() = request.version();
-        *copy.headers_mut() = request.headers().clone();
-        *copy.extensions_mut() = request.extensions().clone();
-        Some(copy)
+        request.try_clone()
     }
 }
 
@@ -177,6 +159,7 @@ impl Future for Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::body::Payload;
 
     fn connect() -> GatewayError {
         GatewayError::Connect { service: "s".into(), instance: "s-1".into(), cause: "refused".into() }
@@ -243,8 +226,9 @@ mod tests {
         })
     }
 
-    fn get() -> Prepared {
-        Request::get("/a").body(Payload::Kept { bytes: None }).expect("request")
+    fn get() -> Outbound {
+        let (parts, ()) = http::Request::get("/a").body(()).expect("request").into_parts();
+        Outbound::new(parts, Payload::Kept { bytes: None })
     }
 
     #[tokio::test]
@@ -255,7 +239,7 @@ mod tests {
         let mut kept = template.clone_request(&request).expect("a copy for a second try");
         let mut failed: Result<Response<GatewayBody>, GatewayError> = Err(connect());
         assert!(policy.retry(&mut kept, &mut failed).is_some());
-        assert_eq!(kept.extensions().get::<Tried>().map(|t| t.0.clone()), Some(vec!["s-1".to_owned()]));
+        assert_eq!(kept.tried, ["s-1"]);
         let mut kept = policy.clone_request(&kept).expect("a copy for a third try");
         assert!(policy.retry(&mut kept, &mut failed).is_some());
         assert!(policy.clone_request(&kept).is_none(), "three tries in all");
@@ -276,10 +260,8 @@ mod tests {
     #[test]
     fn a_streamed_body_is_never_copied() {
         let mut template = policy(3, 0.2, 1.0);
-        let (streamed, ()) = Request::post("/up").body(()).expect("request").into_parts();
-        let body = ClientBody::Http1(crate::server::test_body());
-        assert!(template
-            .clone_request(&Request::from_parts(streamed, Payload::Streaming { body }))
-            .is_none());
+        let (streamed, ()) = http::Request::post("/up").body(()).expect("request").into_parts();
+        let body = crate::server::ClientBody::Http1(crate::server::test_body());
+        assert!(template.clone_request(&Outbound::new(streamed, Payload::Streaming { body })).is_none());
     }
 }

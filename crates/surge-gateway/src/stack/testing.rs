@@ -5,10 +5,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
-use http::Request;
 use surge_pool::{InFlight, Pool};
 use tower::Service;
 
+use super::prepare::Outbound;
+use crate::body::Payload;
 use crate::error::GatewayError;
 
 /// A pool of `instances` ready instances of service `web`, configured by `settings` (lines of
@@ -64,7 +65,7 @@ pub fn poll_ready<S: Service<R>, R>(service: &mut S, woken: &Woken) -> Poll<Resu
 #[derive(Clone)]
 pub struct Holder;
 
-impl Service<(InFlight, Request<()>)> for Holder {
+impl Service<(InFlight, Outbound)> for Holder {
     type Response = InFlight;
     type Error = GatewayError;
     type Future = std::future::Ready<Result<InFlight, GatewayError>>;
@@ -73,7 +74,13 @@ impl Service<(InFlight, Request<()>)> for Holder {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, (in_flight, _): (InFlight, Request<()>)) -> Self::Future {
+    fn call(&mut self, (in_flight, _): (InFlight, Outbound)) -> Self::Future {
         std::future::ready(Ok(in_flight))
     }
+}
+
+/// A GET with no body, not tried yet.
+pub fn outbound() -> Outbound {
+    let (parts, ()) = http::Request::get("/").body(()).unwrap_or_default().into_parts();
+    Outbound::new(parts, Payload::Kept { bytes: None })
 }

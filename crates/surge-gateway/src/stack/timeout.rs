@@ -9,23 +9,18 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use http::header::{HeaderName, HeaderValue};
 use http::Request;
 use surge_pool::Instance;
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
+use super::endpoint::Try;
+use super::prepare::Outbound;
 use crate::error::GatewayError;
 
 /// When the request's time is up.
 #[derive(Debug, Clone, Copy)]
 pub struct Deadline(pub Instant);
-
-impl Deadline {
-    pub fn remaining(&self) -> Duration {
-        self.0.saturating_duration_since(Instant::now())
-    }
-}
 
 pub struct RequestTimeout<S> {
     inner: S,
@@ -126,12 +121,9 @@ impl<S> Layer<S> for TryTimeoutLayer {
     }
 }
 
-/// The header that tells an instance how long the gateway will wait for it.
-const DEADLINE_HEADER: HeaderName = HeaderName::from_static("x-surge-deadline-ms");
-
-impl<S, B> Service<(Arc<Instance>, Request<B>)> for TryTimeout<S>
+impl<S> Service<(Arc<Instance>, Outbound)> for TryTimeout<S>
 where
-    S: Service<(Arc<Instance>, Request<B>), Error = GatewayError>,
+    S: Service<Try, Error = GatewayError>,
 {
     type Response = S::Response;
     type Error = GatewayError;
@@ -141,23 +133,21 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, (instance, mut request): (Arc<Instance>, Request<B>)) -> Self::Future {
-        let left = request.extensions().get::<Deadline>().map_or(Duration::MAX, Deadline::remaining);
-        let millis = |timeout: Duration| HeaderValue::from(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+    fn call(&mut self, (instance, outbound): (Arc<Instance>, Outbound)) -> Self::Future {
+        let left = outbound.deadline.map(|deadline| deadline.saturating_duration_since(Instant::now()));
         match self.per_try {
-            Some(per_try) if per_try < left => {
-                request.headers_mut().insert(DEADLINE_HEADER, millis(per_try));
-                let elapsed = Elapsed::Try { service: Arc::clone(&self.service), instance: Arc::clone(&instance), timeout: per_try };
+            Some(per_try) if left.is_none_or(|left| per_try < left) => {
+                let elapsed = Elapsed::Try {
+                    service: Arc::clone(&self.service),
+                    instance: Arc::clone(&instance),
+                    timeout: per_try,
+                };
                 let until = Instant::now().checked_add(per_try).unwrap_or_else(far_future);
-                Tried::Timed { response: tokio::time::timeout_at(until, self.inner.call((instance, request))), elapsed }
+                let response = self.inner.call(Try { instance, outbound, deadline: Some(per_try) });
+                Tried::Timed { response: tokio::time::timeout_at(until, response), elapsed }
             }
             // The request's own timeout, above, ends this try with it; no second timer.
-            _ => {
-                if left != Duration::MAX {
-                    request.headers_mut().insert(DEADLINE_HEADER, millis(left));
-                }
-                Tried::Untimed { response: self.inner.call((instance, request)) }
-            }
+            _ => Tried::Untimed { response: self.inner.call(Try { instance, outbound, deadline: left }) },
         }
     }
 }
@@ -231,7 +221,7 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
-    use crate::stack::testing::pool;
+    use crate::stack::testing::{outbound, pool};
 
     /// Never answers; tells what the request carried.
     async fn hang<B>(
@@ -288,36 +278,44 @@ mod tests {
     }
 
     /// A try of a request with `left` to go and `per_try` configured, against an instance that
-    /// never answers, watched for twice `left`: its error if it ended, and the deadline header.
-    async fn try_with(left: Duration, per_try: Duration) -> (Option<GatewayError>, Option<String>) {
+    /// never answers, watched for twice `left`: its error if it ended, and the deadline it was
+    /// given for the instance.
+    async fn try_with(left: Duration, per_try: Duration) -> (Option<GatewayError>, Option<Duration>) {
         let pool = pool(1, "");
         let instance = Arc::clone(&pool.ready()[0]);
         let seen = Arc::new(std::sync::Mutex::new(None));
         let inner = {
             let seen = Arc::clone(&seen);
-            tower::service_fn(move |(_, request): (Arc<Instance>, Request<()>)| hang(request, Arc::clone(&seen)))
+            tower::service_fn(move |attempt: Try| {
+                if let Ok(mut seen) = seen.lock() {
+                    *seen = Some(attempt.deadline);
+                }
+                std::future::pending::<Result<(), GatewayError>>()
+            })
         };
         let layer = TryTimeoutLayer { per_try: Some(per_try), service: "web".into() };
-        let mut request = Request::new(());
-        request.extensions_mut().insert(Deadline(Instant::now() + left));
+        let mut request = outbound();
+        request.deadline = Some(Instant::now() + left);
         let tried = layer.layer(inner).oneshot((instance, request));
-        let error = tokio::time::timeout(left * 2, tried).await.ok().map(|result| result.expect_err("never answers"));
-        let header = seen.lock().ok().and_then(|seen| {
-            Some(seen.as_ref()?.headers().get("x-surge-deadline-ms")?.to_str().ok()?.to_owned())
-        });
-        (error, header)
+        let error =
+            tokio::time::timeout(left * 2, tried).await.ok().map(|result| result.expect_err("never answers"));
+        let told = seen.lock().ok().and_then(|seen| *seen).flatten();
+        (error, told)
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_try_gets_its_own_timeout_only_when_it_is_shorter_than_what_is_left() {
         let (error, header) = try_with(Duration::from_secs(1), Duration::from_millis(100)).await;
-        assert!(matches!(&error, Some(GatewayError::TryTimeout { instance, .. }) if instance == "web-1"), "{error:?}");
+        assert!(
+            matches!(&error, Some(GatewayError::TryTimeout { instance, .. }) if instance == "web-1"),
+            "{error:?}"
+        );
         assert!(error.is_some_and(|e| e.to_string().contains("services.web.timeouts.per_try")));
-        assert_eq!(header.as_deref(), Some("100"));
+        assert_eq!(header, Some(Duration::from_millis(100)));
 
         // Less left than per_try: the request's own timeout ends the try, not a second timer.
         let (error, header) = try_with(Duration::from_millis(50), Duration::from_millis(100)).await;
         assert!(error.is_none(), "{error:?}");
-        assert_eq!(header.as_deref(), Some("50"));
+        assert_eq!(header, Some(Duration::from_millis(50)));
     }
 }
