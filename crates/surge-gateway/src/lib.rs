@@ -50,7 +50,7 @@ pub struct Gateway {
 struct RouteTarget {
     service: usize,
     retry: bool,
-    limiter: Option<RateLimiter>,
+    limiter: Option<Arc<RateLimiter>>,
 }
 
 impl Gateway {
@@ -65,7 +65,7 @@ impl Gateway {
                 let limiter = route.rate_limit.clone().map(|limit| {
                     let name =
                         format!("{}:{}{}", service.name, route.host.as_deref().unwrap_or(""), route.prefix);
-                    RateLimiter::new(limit, name, store.clone())
+                    Arc::new(RateLimiter::new(limit, name, store.clone()))
                 });
                 (route.clone(), RouteTarget { service: index, retry: route.retry, limiter })
             }));
@@ -75,32 +75,70 @@ impl Gateway {
         Gateway { router: Router::new(routes), services, metrics }
     }
 
-    /// Answers one request: route it, then run it through its service's stack.
-    async fn handle(&self, mut request: Request<ClientBody>) -> Response<GatewayBody> {
-        let client_ip = match request.extensions().get::<ClientAddr>() {
-            Some(client) => client.addr.ip(),
-            None => std::net::Ipv4Addr::UNSPECIFIED.into(),
-        };
+    /// Routes a request, and answers it when routing decides (404); else it goes through its
+    /// service's stack, after the route's rate limit if it has one.
+    fn handle(gateway: &Arc<Gateway>, mut request: Request<ClientBody>) -> Handled {
         let host = request.headers().get(HOST).and_then(|h| h.to_str().ok()).or(request.uri().host());
-        let Some(target) = self.router.route(host, request.uri().path()) else {
-            self.metrics.unrouted.inc();
+        let Some(target) = gateway.router.route(host, request.uri().path()) else {
+            gateway.metrics.unrouted.inc();
             let host = host.unwrap_or_default().to_owned();
             let path = request.uri().path().to_owned();
-            return GatewayError::NoRoute { host, path }.into_response();
+            return Handled::Answered {
+                response: Some(GatewayError::NoRoute { host, path }.into_response()),
+            };
         };
-        if let Some(limiter) = &target.limiter {
-            let verdict = limiter.check(&limiter.key(request.headers(), client_ip)).await;
-            if !verdict.allowed {
-                self.metrics.rate_limited.inc();
-                return GatewayError::RateLimited { limit: limiter.limit().rate, verdict }.into_response();
-            }
-        }
         if target.retry {
             request.extensions_mut().insert(stack::RetryRoute);
         }
-        match self.services[target.service].clone().oneshot(request).await {
-            Ok(response) => response,
-            Err(never) => match never {},
+        let stack = gateway.services[target.service].clone();
+        let Some(limiter) = &target.limiter else {
+            return Handled::Stack { response: stack.oneshot(request) };
+        };
+        let (gateway, limiter) = (Arc::clone(gateway), Arc::clone(limiter));
+        Handled::Limited {
+            response: Box::pin(async move {
+                let client_ip = match request.extensions().get::<ClientAddr>() {
+                    Some(client) => client.addr.ip(),
+                    None => std::net::Ipv4Addr::UNSPECIFIED.into(),
+                };
+                let verdict = limiter.check(&limiter.key(request.headers(), client_ip)).await;
+                if !verdict.allowed {
+                    gateway.metrics.rate_limited.inc();
+                    return GatewayError::RateLimited { limit: limiter.limit().rate, verdict }
+                        .into_response();
+                }
+                let Ok(response) = stack.oneshot(request).await;
+                response
+            }),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// How a request is being answered: by routing itself, by its service's stack, or by the
+    /// stack after a rate limit (whose check may ask Redis, so that path alone is boxed).
+    #[project = HandledProj]
+    enum Handled {
+        Answered { response: Option<Response<GatewayBody>> },
+        Stack { #[pin] response: tower::util::Oneshot<stack::ServiceStack, Request<ClientBody>> },
+        Limited { response: BoxFuture<Response<GatewayBody>> },
+    }
+}
+
+impl Future for Handled {
+    type Output = Result<Response<GatewayBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            HandledProj::Answered { response } => match response.take() {
+                Some(response) => Poll::Ready(Ok(response)),
+                None => {
+                    Poll::Ready(Ok(GatewayError::Internal { what: "an answer polled after it was given" }
+                        .into_response()))
+                }
+            },
+            HandledProj::Stack { response } => response.poll(cx),
+            HandledProj::Limited { response } => response.as_mut().poll(cx).map(Ok),
         }
     }
 }
@@ -112,15 +150,14 @@ struct GatewayService(Arc<Gateway>);
 impl tower::Service<Request<ClientBody>> for GatewayService {
     type Response = Response<GatewayBody>;
     type Error = Infallible;
-    type Future = BoxFuture<Result<Response<GatewayBody>, Infallible>>;
+    type Future = Handled;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: Request<ClientBody>) -> Self::Future {
-        let gateway = Arc::clone(&self.0);
-        Box::pin(async move { Ok(gateway.handle(request).await) })
+        Gateway::handle(&self.0, request)
     }
 }
 

@@ -372,7 +372,8 @@ async fn write_response<B: ResponseBody>(
     };
     let framing = response_framing(parts.status, &parts.headers, body.size_hint().exact(), exchange);
     let switched = parts.status == StatusCode::SWITCHING_PROTOCOLS;
-    let mut head = Vec::with_capacity(256);
+    // Room for a typical head: an instance's dozen fields and ours.
+    let mut head = Vec::with_capacity(512);
     write_response_head(&mut head, parts.status, &parts.headers, framing, exchange, &head::http_date());
     progress.head_started.store(true, Ordering::Relaxed);
     let end = ResponseEnd { keep_alive: exchange.keep_alive && framing != BodyFraming::Close, switched };
