@@ -17,6 +17,8 @@ pub trait Socket: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static {
     fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize>;
     fn try_write(&self, bytes: &[u8]) -> io::Result<usize>;
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+    /// Runs `io` against the socket's read readiness, which a `WouldBlock` from it clears.
+    fn try_read_io<R>(&self, io: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
 }
 
 macro_rules! socket {
@@ -37,6 +39,9 @@ macro_rules! socket {
             fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
                 <$type>::try_write_vectored(self, bufs)
             }
+            fn try_read_io<R>(&self, io: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
+                <$type>::try_io(self, tokio::io::Interest::READABLE, io)
+            }
         }
     };
 }
@@ -48,10 +53,33 @@ socket!(tokio::net::UnixStream);
 pub async fn read_buf(socket: &impl Socket, buf: &mut BytesMut) -> io::Result<usize> {
     loop {
         socket.readable().await?;
-        match socket.try_read_buf(buf) {
+        match read_now(socket, buf) {
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
             result => return result,
         }
+    }
+}
+
+/// Reads what is there into `buf` without waiting. A read shorter than the room it had drained
+/// the socket, so its readiness is cleared (as tokio's own reads do): the next wait for bytes
+/// then waits for the kernel's word instead of costing a read that finds nothing. The
+/// readiness cleared is the one seen before the read, so bytes that arrive meanwhile are not
+/// missed.
+fn read_now(socket: &impl Socket, buf: &mut BytesMut) -> io::Result<usize> {
+    let room = buf.capacity() - buf.len();
+    let mut read = None;
+    let drained = socket.try_read_io(|| {
+        let n = socket.try_read_buf(buf)?;
+        read = Some(n);
+        if n > 0 && n < room {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(n)
+        }
+    });
+    match (drained, read) {
+        (Err(err), Some(n)) if err.kind() == io::ErrorKind::WouldBlock => Ok(n),
+        (result, _) => result,
     }
 }
 

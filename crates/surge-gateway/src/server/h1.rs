@@ -61,8 +61,11 @@ pub(super) async fn serve<S: HttpService<B>, B: ResponseBody, C: Socket>(
     let mut first = true;
     loop {
         if buf.is_empty() {
-            // Idle: wait for the next request holding no buffer. Readiness can be left over
-            // from the last read, so a buffer is taken only once bytes are really there.
+            // Idle: wait for the next request holding no buffer. Readiness is left over from
+            // the last read on purpose: under load the next request is often there already,
+            // and a read that finds it saves parking the task (a read that finds nothing costs
+            // one `EAGAIN`). So a buffer is kept only once bytes are really there, and the
+            // idle deadline holds across such reads.
             let idle_until = tokio::time::Instant::now() + if first { HEAD_TIMEOUT } else { IDLE_TIMEOUT };
             loop {
                 buf = BytesMut::new();
