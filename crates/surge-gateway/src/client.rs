@@ -1,10 +1,12 @@
-//! The gateway's own HTTP/1.1 client, for the common request: one whose body is already whole
-//! (none, or a small one kept for retries) to an instance spoken to over HTTP/1.1. Each
-//! instance address keeps a stack of idle keep-alive connections. A request takes the most
-//! recently used one (or connects), writes head and body in one `writev` and reads the
-//! response head; the response body then reads straight from the connection, in the task that
-//! forwards it, and puts the connection back once it has ended. No connection task, no channel,
-//! no lock held across I/O. Streamed uploads, upgrades and h2c go through hyper's client.
+//! The gateway's own HTTP/1.1 client, for every request to an instance spoken to over
+//! HTTP/1.1 (h2c goes through hyper's). Each instance address keeps a stack of idle keep-alive
+//! connections. A request takes the most recently used one (or connects) and writes its head,
+//! with a whole body in the same `writev`; a streamed body is then pumped onto the connection
+//! (chunked, or raw with a known length) while the response is read, and goes on being pumped
+//! from the response body if the instance answers before it has all of it. The response body
+//! reads straight from the connection, in the task that forwards it, and puts the connection
+//! back once both have ended. After a `101` the connection is handed to the upgrade. No
+//! connection task, no channel, no lock held across I/O.
 
 use std::collections::HashMap;
 use std::io::IoSlice;
@@ -18,16 +20,17 @@ use bytes::{Bytes, BytesMut};
 use http::header::HOST;
 use http::request::Parts;
 use http::uri::Authority;
+use http::StatusCode;
 use http::{Method, Response};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 use surge_http1::encode::{is_request_framing, write_request_head};
 use surge_http1::head::{parse_response, ResponseHead};
-use surge_http1::{Decoded, Decoder};
+use surge_http1::{ChunkSizeLine, Decoded, Decoder};
 
-use crate::wire::{write_all, BoxError};
+use crate::server::ClientBody;
+use crate::wire::{write_all, BoxError, Prefixed};
 
 /// Bounds of the room asked for per read. The slack added to what is expected makes the last
 /// read of an answer a short one, after which tokio knows the socket is drained.
@@ -68,6 +71,9 @@ pub(crate) enum SendError {
     /// A reused connection was closed by the instance before it answered.
     #[error("the instance closed the kept-alive connection")]
     Stale,
+    /// The client's request body failed while it was being sent.
+    #[error("{0}")]
+    ClientBody(BoxError),
     #[error("{0}")]
     Failed(BoxError),
 }
@@ -78,6 +84,24 @@ enum Failure {
     /// the instance closed it while idle.
     Unanswered(BoxError),
     Failed(BoxError),
+    ClientBody(BoxError),
+}
+
+/// A request body on its way to an instance.
+pub(crate) enum Outgoing {
+    Whole(Bytes),
+    Streamed(ClientBody),
+}
+
+/// An instance's connection after its `101 Switching Protocols`, in the response's extensions
+/// for the upgrade to take.
+#[derive(Clone)]
+pub(crate) struct UpstreamUpgrade(Arc<Mutex<Option<Prefixed<TcpStream>>>>);
+
+impl UpstreamUpgrade {
+    pub(crate) fn take(&self) -> Option<Prefixed<TcpStream>> {
+        self.0.lock().ok()?.take()
+    }
 }
 
 impl Http1Client {
@@ -86,28 +110,38 @@ impl Http1Client {
     }
 
     /// Sends the request, with `extra` fields besides its own, to `addr`, on an idle connection
-    /// if there is one. A reused connection
-    /// that the instance turns out to have closed fails as `Stale`, for the retry layer to
-    /// decide on (and count).
+    /// if there is one. A reused connection that the instance turns out to have closed fails
+    /// as `Stale`, for the retry layer to decide on (and count).
     pub async fn send(
         self: &Arc<Self>,
         addr: SocketAddr,
         authority: &Authority,
         parts: &Parts,
         extra: &[(&[u8], &[u8])],
-        body: &Bytes,
+        body: Outgoing,
     ) -> Result<Response<Http1Body>, SendError> {
+        let (whole, pump, length) = match body {
+            Outgoing::Whole(bytes) => {
+                let length = bytes.len() as u64;
+                (bytes, None, Some(length))
+            }
+            Outgoing::Streamed(body) => {
+                let length = body.size_hint().exact();
+                (Bytes::new(), Some(Pump::new(body, length)), length)
+            }
+        };
         let mut head = Vec::with_capacity(512);
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let host = (!parts.headers.contains_key(HOST)).then(|| authority.as_str().as_bytes());
         let fields = parts.headers.iter().filter(|(name, _)| !is_request_framing(name));
-        write_request_head(&mut head, &parts.method, target, host, fields, extra, Some(body.len() as u64));
+        write_request_head(&mut head, &parts.method, target, host, fields, extra, length);
         let (connection, reused) = match self.checkout(addr) {
             Some(connection) => (connection, true),
             None => (self.connect(addr).await?, false),
         };
-        match self.exchange(connection, addr, &head, body, &parts.method).await {
+        match self.exchange(connection, addr, &head, &whole, pump, &parts.method).await {
             Ok(response) => Ok(response),
+            Err(Failure::ClientBody(err)) => Err(SendError::ClientBody(err)),
             Err(Failure::Unanswered(_)) if reused => Err(SendError::Stale),
             Err(Failure::Unanswered(err) | Failure::Failed(err)) => Err(SendError::Failed(err)),
         }
@@ -129,38 +163,73 @@ impl Http1Client {
         mut connection: Connection,
         addr: SocketAddr,
         head: &[u8],
-        body: &Bytes,
+        whole: &Bytes,
+        mut pump: Option<Pump>,
         method: &Method,
     ) -> Result<Response<Http1Body>, Failure> {
         connection.answer_bytes = 0;
-        let mut request = [IoSlice::new(head), IoSlice::new(body)];
+        let mut request = [IoSlice::new(head), IoSlice::new(whole)];
         write_all(&connection.stream, &mut request).await.map_err(|err| Failure::Unanswered(err.into()))?;
-        let (response, decoder, keep_alive) = loop {
-            match parse_response(&mut connection.buf, method).map_err(|err| Failure::Failed(err.into()))? {
-                Some(ResponseHead::Final { response, decoder, keep_alive }) => {
-                    break (response, decoder, keep_alive)
+        // A streamed body the instance stopped taking leaves the connection unusable, though
+        // its answer may still come.
+        let mut reusable = true;
+        let (response, decoder, keep_alive) = std::future::poll_fn(|cx| loop {
+            if let Some(sending) = &mut pump {
+                match sending.poll_send(cx, &connection.stream) {
+                    Poll::Ready(Ok(())) => pump = None,
+                    Poll::Ready(Err(Failure::ClientBody(err))) => {
+                        return Poll::Ready(Err(Failure::ClientBody(err)))
+                    }
+                    Poll::Ready(Err(_)) => (pump, reusable) = (None, false),
+                    Poll::Pending => {}
                 }
-                Some(ResponseHead::Interim) => continue,
-                None => {}
+            }
+            loop {
+                match parse_response(&mut connection.buf, method)
+                    .map_err(|err| Failure::Failed(err.into()))?
+                {
+                    Some(ResponseHead::Final { response, decoder, keep_alive }) => {
+                        return Poll::Ready(Ok((response, decoder, keep_alive)))
+                    }
+                    Some(ResponseHead::Interim) => continue,
+                    None => break,
+                }
             }
             if connection.buf.capacity() - connection.buf.len() < connection.read_size {
                 connection.buf.reserve(connection.read_size);
             }
             let nothing_yet = connection.buf.is_empty();
-            match connection.stream.read_buf(&mut connection.buf).await {
-                Ok(0) if nothing_yet => {
-                    return Err(Failure::Unanswered("the instance closed the connection".into()))
+            match tokio_util::io::poll_read_buf(Pin::new(&mut connection.stream), cx, &mut connection.buf) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) if nothing_yet => {
+                    return Poll::Ready(Err(Failure::Unanswered("the instance closed the connection".into())))
                 }
-                Ok(0) => return Err(Failure::Failed("the instance closed the connection mid-answer".into())),
-                Ok(n) => connection.answer_bytes += n,
-                Err(err) if nothing_yet => return Err(Failure::Unanswered(err.into())),
-                Err(err) => return Err(Failure::Failed(err.into())),
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(Failure::Failed(
+                        "the instance closed the connection mid-answer".into(),
+                    )))
+                }
+                Poll::Ready(Ok(n)) => connection.answer_bytes += n,
+                Poll::Ready(Err(err)) if nothing_yet => {
+                    return Poll::Ready(Err(Failure::Unanswered(err.into())))
+                }
+                Poll::Ready(Err(err)) => return Poll::Ready(Err(Failure::Failed(err.into()))),
             }
-        };
+        })
+        .await?;
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            // The connection now belongs to the upgrade, with what the instance sent after its head.
+            let Connection { stream, buf, .. } = connection;
+            let upgrade = UpstreamUpgrade(Arc::new(Mutex::new(Some(Prefixed::new(buf.freeze(), stream)))));
+            let mut response = response.map(|()| Http1Body::empty());
+            response.extensions_mut().insert(upgrade);
+            return Ok(response);
+        }
         let mut body = Http1Body {
             connection: Some(connection),
             decoder,
-            home: keep_alive.then(|| (Arc::clone(self), addr)),
+            pump,
+            home: (keep_alive && reusable).then(|| (Arc::clone(self), addr)),
         };
         if body.decoder.is_done() {
             body.finish();
@@ -221,12 +290,23 @@ impl Connection {
 pub struct Http1Body {
     connection: Option<Connection>,
     decoder: Decoder,
+    /// The rest of a streamed request body, when the instance answered before it had all of it.
+    pump: Option<Pump>,
     /// Where the connection goes back to, if it may be reused.
     home: Option<(Arc<Http1Client>, SocketAddr)>,
 }
 
 impl Http1Body {
+    fn empty() -> Self {
+        Http1Body { connection: None, decoder: Decoder::length(0), pump: None, home: None }
+    }
+
     fn finish(&mut self) {
+        // A request body still being sent: the instance answered early, and the connection is
+        // out of step.
+        if self.pump.take().is_some() {
+            self.home = None;
+        }
         if let (Some(mut connection), Some((client, addr))) = (self.connection.take(), self.home.take()) {
             connection.read_size =
                 (connection.answer_bytes + READ_SLACK).clamp(*READ_SIZE.start(), *READ_SIZE.end());
@@ -254,6 +334,13 @@ impl Body for Http1Body {
         let this = self.get_mut();
         loop {
             let Some(connection) = this.connection.as_mut() else { return Poll::Ready(None) };
+            if let Some(pump) = &mut this.pump {
+                match pump.poll_send(cx, &connection.stream) {
+                    Poll::Ready(Ok(())) => this.pump = None,
+                    Poll::Ready(Err(_)) => (this.pump, this.home) = (None, None),
+                    Poll::Pending => {}
+                }
+            }
             match this.decoder.decode(&mut connection.buf) {
                 Ok(Decoded::Data(data)) => {
                     if this.decoder.is_done() {
@@ -295,5 +382,108 @@ impl Body for Http1Body {
 
     fn size_hint(&self) -> SizeHint {
         self.decoder.remaining().map_or_else(SizeHint::default, SizeHint::with_exact)
+    }
+}
+
+/// A streamed request body being written to its connection: chunked, or raw when its length
+/// is known, one piece at a time, without waiting (it is polled beside the response).
+struct Pump {
+    body: ClientBody,
+    /// Bytes the body still owes, when it declared its length; `None`: chunked.
+    owed: Option<u64>,
+    piece: Option<Piece>,
+    ended: bool,
+}
+
+/// One piece on the wire: a chunk's size line, its data and its CRLF (or the data alone).
+struct Piece {
+    size_line: Option<ChunkSizeLine>,
+    data: Bytes,
+    tail: &'static [u8],
+    written: usize,
+}
+
+impl Piece {
+    fn len(&self) -> usize {
+        self.size_line.as_ref().map_or(0, |line| line.as_bytes().len()) + self.data.len() + self.tail.len()
+    }
+}
+
+impl Pump {
+    fn new(body: ClientBody, length: Option<u64>) -> Self {
+        Pump { body, owed: length, piece: None, ended: false }
+    }
+
+    /// Writes what it can; `Ready(Ok)` once the whole body is on the wire.
+    fn poll_send(&mut self, cx: &mut Context<'_>, stream: &TcpStream) -> Poll<Result<(), Failure>> {
+        loop {
+            if let Some(piece) = &mut self.piece {
+                let size_line = piece.size_line.as_ref().map_or(&[][..], ChunkSizeLine::as_bytes);
+                let mut slices =
+                    [IoSlice::new(size_line), IoSlice::new(&piece.data), IoSlice::new(piece.tail)];
+                let mut unwritten = &mut slices[..];
+                IoSlice::advance_slices(&mut unwritten, piece.written);
+                if let Err(err) = std::task::ready!(stream.poll_write_ready(cx)) {
+                    return Poll::Ready(Err(Failure::Failed(err.into())));
+                }
+                match stream.try_write_vectored(unwritten) {
+                    Ok(0) => {
+                        return Poll::Ready(Err(Failure::Failed(
+                            "the instance takes no more of the body".into(),
+                        )))
+                    }
+                    Ok(n) => piece.written += n,
+                    Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(err) => return Poll::Ready(Err(Failure::Failed(err.into()))),
+                }
+                if piece.written == piece.len() {
+                    self.piece = None;
+                }
+                continue;
+            }
+            if self.ended {
+                return Poll::Ready(Ok(()));
+            }
+            match std::task::ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                None => {
+                    self.ended = true;
+                    match self.owed {
+                        None => {
+                            let last =
+                                Piece { size_line: None, data: Bytes::new(), tail: b"0\r\n\r\n", written: 0 };
+                            self.piece = Some(last);
+                        }
+                        Some(0) => {}
+                        Some(_) => {
+                            return Poll::Ready(Err(Failure::ClientBody(
+                                "the request body ended before its length".into(),
+                            )))
+                        }
+                    }
+                }
+                Some(Err(err)) => return Poll::Ready(Err(Failure::ClientBody(err))),
+                Some(Ok(frame)) => {
+                    let Ok(data) = frame.into_data() else { continue };
+                    if data.is_empty() {
+                        continue;
+                    }
+                    let piece = match &mut self.owed {
+                        None => Piece {
+                            size_line: Some(ChunkSizeLine::new(data.len())),
+                            data,
+                            tail: b"\r\n",
+                            written: 0,
+                        },
+                        Some(owed) => {
+                            *owed = owed.checked_sub(data.len() as u64).ok_or_else(|| {
+                                Failure::ClientBody("the request body is longer than its length".into())
+                            })?;
+                            Piece { size_line: None, data, tail: b"", written: 0 }
+                        }
+                    };
+                    self.piece = Some(piece);
+                }
+            }
+        }
     }
 }

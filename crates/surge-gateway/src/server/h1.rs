@@ -20,10 +20,10 @@ use surge_http1::{
 };
 
 use super::head;
-use super::io::{request_body, BodySender, ClientAddr, ClientBody, ClientStream, ClientUpgrade, Upgraded};
+use super::io::{request_body, BodySender, ClientAddr, ClientBody, ClientUpgrade, Upgraded};
 use super::{HttpService, ResponseBody};
 use crate::problem::problem;
-use crate::wire::{read_buf, write_all, BoxError, Socket};
+use crate::wire::{read_buf, write_all, BoxError, Prefixed, Socket};
 
 /// The first read buffer for a request head (nginx: 1 KiB; a malloc of this size is served from
 /// its per-thread cache); it grows up to `surge_http1::MAX_HEAD_BYTES`.
@@ -46,7 +46,7 @@ const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 pub(super) enum Handoff<C> {
     Closed,
     /// The client opened with the HTTP/2 preface: serve it as h2c from these bytes on.
-    Http2(ClientStream<C>),
+    Http2(Prefixed<C>),
 }
 
 /// Serves requests on `socket` until the client closes, an exchange ends the connection, or
@@ -86,7 +86,7 @@ pub(super) async fn serve<S: HttpService<B>, B: ResponseBody, C: Socket>(
         }
         let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&socket, &mut buf, first)).await {
             Ok(Ok(Some(HeadRead::Head(head)))) => head,
-            Ok(Ok(Some(HeadRead::Http2))) => return Handoff::Http2(ClientStream::new(buf.freeze(), socket)),
+            Ok(Ok(Some(HeadRead::Http2))) => return Handoff::Http2(Prefixed::new(buf.freeze(), socket)),
             Ok(Err(err)) => {
                 Box::pin(refuse(socket, err)).await;
                 return Handoff::Closed;
@@ -104,7 +104,7 @@ pub(super) async fn serve<S: HttpService<B>, B: ResponseBody, C: Socket>(
                 return Handoff::Closed;
             }
             Outcome::Upgraded(upgrade) => {
-                let _ = upgrade.send(Box::new(ClientStream::new(buf.split().freeze(), socket)));
+                let _ = upgrade.send(Box::new(Prefixed::new(buf.split().freeze(), socket)));
                 return Handoff::Closed;
             }
         }

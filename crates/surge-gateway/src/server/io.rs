@@ -2,17 +2,16 @@
 //! body as the connection reads it, and, for an upgrade, the raw connection once the `101` is
 //! written.
 
-use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use http::HeaderValue;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::wire::BoxError;
@@ -134,19 +133,6 @@ impl Body for RequestBody {
     }
 }
 
-/// A client's connection handed on with bytes already read from it, which it yields first:
-/// after `101 Switching Protocols`, or to the HTTP/2 server after the preface was seen.
-pub(crate) struct ClientStream<S> {
-    prefix: Bytes,
-    stream: S,
-}
-
-impl<S> ClientStream<S> {
-    pub(super) fn new(prefix: Bytes, stream: S) -> Self {
-        ClientStream { prefix, stream }
-    }
-}
-
 /// A connection after an upgrade, whatever it runs on.
 pub trait Upgraded: AsyncRead + AsyncWrite + Send + Unpin {}
 
@@ -169,33 +155,6 @@ impl ClientUpgrade {
     pub async fn upgraded(self) -> Option<Box<dyn Upgraded>> {
         let receiver = self.0.lock().ok()?.take()?;
         receiver.await.ok()
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for ClientStream<S> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.prefix.is_empty() {
-            let n = this.prefix.len().min(buf.remaining());
-            buf.put_slice(&this.prefix[..n]);
-            this.prefix.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.stream).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for ClientStream<S> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
 

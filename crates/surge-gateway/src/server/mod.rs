@@ -109,7 +109,7 @@ pub async fn connection<S, B, C>(
 
 async fn serve_h2<S, B, C>(
     service: S,
-    stream: io::ClientStream<C>,
+    stream: crate::wire::Prefixed<C>,
     client: ClientAddr,
     mut stop: watch::Receiver<bool>,
 ) where

@@ -1,8 +1,8 @@
-//! The innermost service: one try to one instance. A whole body to an HTTP/1.1 instance goes
-//! through the gateway's own client (`client.rs`); a streamed body, an upgrade or h2c through
-//! hyper's. Both clients' failures come out as the same errors: never sent (`Connect`), a
-//! kept-alive connection the instance had closed (`Stale`), the client's own body failing
-//! (`BadRequestBody`), or the instance failing (`Upstream`).
+//! The innermost service: one try to one instance. Every request to an HTTP/1.1 instance, whole
+//! or streamed or an upgrade, goes through the gateway's own client (`client.rs`); h2c through
+//! hyper's HTTP/2 client. Both clients' failures come out as the same errors: never sent
+//! (`Connect`), a kept-alive connection the instance had closed (`Stale`), the client's own
+//! body failing (`BadRequestBody`), or the instance failing (`Upstream`).
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -20,7 +20,7 @@ use tower::Service;
 
 use super::prepare::Outbound;
 use crate::body::{Payload, UpstreamBody};
-use crate::client::{Http1Client, SendError};
+use crate::client::{Http1Client, Outgoing, SendError};
 use crate::error::{root_cause, GatewayError};
 use crate::server::{ClientBody, ClientBodyError};
 use crate::BoxFuture;
@@ -43,9 +43,9 @@ pub struct Endpoint {
 
 struct Clients {
     service: String,
-    /// hyper's client: streamed bodies, upgrades, and every request to an h2c instance.
+    /// hyper's client, for instances spoken to over h2c.
     hyper: Client<HttpConnector, Payload<ClientBody>>,
-    /// The gateway's own client, for whole bodies to HTTP/1.1 instances.
+    /// The gateway's own client, for instances spoken to over HTTP/1.1.
     http1: Option<Arc<Http1Client>>,
     /// The HTTP version spoken to instances.
     version: http::Version,
@@ -110,15 +110,18 @@ impl Clients {
                 SendError::Failed(cause) => {
                     GatewayError::Upstream { service, instance, cause: root_cause(&*cause) }
                 }
+                SendError::ClientBody(cause) => GatewayError::BadRequestBody { cause: root_cause(&*cause) },
             }
         };
-        let upgrade = parts.headers.contains_key(http::header::UPGRADE);
         match (&self.http1, body) {
-            (Some(http1), Payload::Kept { bytes }) if !upgrade => {
-                let bytes = bytes.unwrap_or_default();
+            (Some(http1), body) => {
+                let body = match body {
+                    Payload::Kept { bytes } => Outgoing::Whole(bytes.unwrap_or_default()),
+                    Payload::Streaming { body } => Outgoing::Streamed(body),
+                };
                 let extra =
                     deadline.as_ref().map(|millis| (b"x-surge-deadline-ms".as_slice(), millis.as_bytes()));
-                match http1.send(instance.addr, &instance.authority, &parts, extra.as_slice(), &bytes).await {
+                match http1.send(instance.addr, &instance.authority, &parts, extra.as_slice(), body).await {
                     Ok(response) => Ok(response.map(Either::Left)),
                     Err(error) => Err(failed(error)),
                 }

@@ -10,10 +10,10 @@ use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use tower::{Layer, Service};
 
 use crate::body::GatewayBody;
+use crate::client::UpstreamUpgrade;
 use crate::server::ClientUpgrade;
 
 #[derive(Clone)]
@@ -72,12 +72,12 @@ impl<F: Future<Output = Result<Response<GatewayBody>, E>>, E> Future for Upgradi
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
             return Poll::Ready(Ok(response));
         }
-        let instance = hyper::upgrade::on(&mut response);
+        let instance =
+            response.extensions_mut().remove::<UpstreamUpgrade>().and_then(|upgrade| upgrade.take());
         let (parts, holds_slot) = response.into_parts();
         tokio::spawn(async move {
             let _slot = holds_slot;
-            if let (Some(mut client), Ok(instance)) = (client.upgraded().await, instance.await) {
-                let mut instance = TokioIo::new(instance);
+            if let (Some(mut client), Some(mut instance)) = (client.upgraded().await, instance) {
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut instance).await;
             }
         });
