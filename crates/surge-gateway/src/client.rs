@@ -487,3 +487,154 @@ impl Pump {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::server::test_body_of;
+
+    /// An instance that, for each connection in turn, reads until `until` has arrived (or the
+    /// peer closed), answers `answer`, and then does what `then` says.
+    async fn instance(
+        script: Vec<(&'static str, &'static str, Then)>,
+    ) -> (SocketAddr, tokio::task::JoinHandle<Vec<String>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let task = tokio::spawn(async move {
+            let mut heard = Vec::new();
+            for (until, answer, then) in script {
+                let Ok((mut socket, _)) = listener.accept().await else { break };
+                let mut seen = Vec::new();
+                while !String::from_utf8_lossy(&seen).contains(until) {
+                    let mut buf = [0u8; 4096];
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = socket.write_all(answer.as_bytes()).await;
+                match then {
+                    Then::Close => {}
+                    Then::Echo => {
+                        let mut buf = [0u8; 64];
+                        if let Ok(n @ 1..) = socket.read(&mut buf).await {
+                            let _ = socket.write_all(&buf[..n]).await;
+                        }
+                    }
+                    Then::HangUpOnNext => {
+                        let mut buf = [0u8; 4096];
+                        let _ = socket.read(&mut buf).await;
+                    }
+                }
+                heard.push(String::from_utf8_lossy(&seen).into_owned());
+            }
+            heard
+        });
+        (addr, task)
+    }
+
+    enum Then {
+        Close,
+        Echo,
+        /// Read the next request on the same connection, then close without an answer.
+        HangUpOnNext,
+    }
+
+    fn parts(method: Method) -> Parts {
+        http::Request::builder()
+            .method(method)
+            .uri("/up")
+            .header(HOST, "x")
+            .body(())
+            .expect("request")
+            .into_parts()
+            .0
+    }
+
+    #[tokio::test]
+    async fn a_streamed_body_goes_chunked_and_the_answer_comes_back() {
+        let answer = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        let (addr, heard) = instance(vec![("0\r\n\r\n", answer, Then::Close)]).await;
+        let client = Http1Client::new(Duration::from_secs(1));
+        let body = test_body_of(None, vec![Ok(Bytes::from("hello ")), Ok(Bytes::from("world"))]);
+        let authority = Authority::try_from(addr.to_string()).expect("authority");
+        let sent = client
+            .send(addr, &authority, &parts(Method::POST), &[], Outgoing::Streamed(ClientBody::Http1(body)))
+            .await;
+        let response = sent.ok().expect("answered");
+        let body = response.into_body().collect().await.ok().map(|b| b.to_bytes());
+        assert_eq!(body.as_deref(), Some(&b"ok"[..]));
+        let heard = heard.await.expect("instance");
+        assert!(heard[0].contains("transfer-encoding: chunked\r\n"), "{heard:?}");
+        assert!(heard[0].ends_with("\r\n\r\n6\r\nhello \r\n5\r\nworld\r\n0\r\n\r\n"), "{heard:?}");
+    }
+
+    #[tokio::test]
+    async fn a_body_that_fails_on_the_clients_side_is_the_clients_error() {
+        let (addr, _heard) = instance(vec![("never", "", Then::Close)]).await;
+        let client = Http1Client::new(Duration::from_secs(1));
+        let body = test_body_of(Some(10), vec![Ok(Bytes::from("abc")), Err("the client went away".into())]);
+        let authority = Authority::try_from(addr.to_string()).expect("authority");
+        let sent = client
+            .send(addr, &authority, &parts(Method::PUT), &[], Outgoing::Streamed(ClientBody::Http1(body)))
+            .await;
+        assert!(matches!(sent, Err(SendError::ClientBody(_))), "{:?}", sent.err());
+    }
+
+    #[tokio::test]
+    async fn a_reused_connection_closed_before_answering_is_stale_and_a_new_one_failed() {
+        // One connection answers its first request, then hangs up on the next; a second
+        // connection hangs up on its first.
+        let answer = "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+        let script = vec![("\r\n\r\n", answer, Then::HangUpOnNext), ("\r\n\r\n", "", Then::Close)];
+        let (addr, _heard) = instance(script).await;
+        let client = Http1Client::new(Duration::from_secs(1));
+        let authority = Authority::try_from(addr.to_string()).expect("authority");
+        let send = |client: Arc<Http1Client>| {
+            let authority = authority.clone();
+            async move {
+                client.send(addr, &authority, &parts(Method::GET), &[], Outgoing::Whole(Bytes::new())).await
+            }
+        };
+        let first = send(Arc::clone(&client)).await.ok().expect("answered");
+        drop(first.into_body().collect().await);
+        assert!(
+            matches!(send(Arc::clone(&client)).await, Err(SendError::Stale)),
+            "reused, then closed unanswered"
+        );
+        assert!(
+            matches!(send(Arc::clone(&client)).await, Err(SendError::Failed(_))),
+            "new, then closed unanswered"
+        );
+    }
+
+    #[tokio::test]
+    async fn after_a_101_the_connection_belongs_to_the_upgrade() {
+        let answer = "HTTP/1.1 101 Switching Protocols\r\nupgrade: echo\r\nconnection: upgrade\r\n\r\nhi";
+        let (addr, _heard) = instance(vec![("\r\n\r\n", answer, Then::Echo)]).await;
+        let client = Http1Client::new(Duration::from_secs(1));
+        let authority = Authority::try_from(addr.to_string()).expect("authority");
+        let mut request = parts(Method::GET);
+        request.headers.insert("connection", http::HeaderValue::from_static("upgrade"));
+        request.headers.insert("upgrade", http::HeaderValue::from_static("echo"));
+        let response = client
+            .send(addr, &authority, &request, &[], Outgoing::Whole(Bytes::new()))
+            .await
+            .ok()
+            .expect("answered");
+        assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+        let upgrade = response.extensions().get::<UpstreamUpgrade>().and_then(UpstreamUpgrade::take);
+        let mut upgraded = upgrade.expect("the connection");
+        let mut first = [0u8; 2];
+        upgraded.read_exact(&mut first).await.expect("what followed the head");
+        assert_eq!(&first, b"hi");
+        upgraded.write_all(b"ping").await.expect("write");
+        let mut echoed = [0u8; 4];
+        upgraded.read_exact(&mut echoed).await.expect("echo");
+        assert_eq!(&echoed, b"ping");
+    }
+}
