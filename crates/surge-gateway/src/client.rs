@@ -565,7 +565,7 @@ mod tests {
         let sent = client
             .send(addr, &authority, &parts(Method::POST), &[], Outgoing::Streamed(ClientBody::Http1(body)))
             .await;
-        let response = sent.ok().expect("answered");
+        let response = sent.expect("answered");
         let body = response.into_body().collect().await.ok().map(|b| b.to_bytes());
         assert_eq!(body.as_deref(), Some(&b"ok"[..]));
         let heard = heard.await.expect("instance");
@@ -600,7 +600,7 @@ mod tests {
                 client.send(addr, &authority, &parts(Method::GET), &[], Outgoing::Whole(Bytes::new())).await
             }
         };
-        let first = send(Arc::clone(&client)).await.ok().expect("answered");
+        let first = send(Arc::clone(&client)).await.expect("answered");
         drop(first.into_body().collect().await);
         assert!(
             matches!(send(Arc::clone(&client)).await, Err(SendError::Stale)),
@@ -624,7 +624,6 @@ mod tests {
         let response = client
             .send(addr, &authority, &request, &[], Outgoing::Whole(Bytes::new()))
             .await
-            .ok()
             .expect("answered");
         assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
         let upgrade = response.extensions().get::<UpstreamUpgrade>().and_then(UpstreamUpgrade::take);
