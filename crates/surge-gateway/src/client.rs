@@ -127,7 +127,7 @@ impl Http1Client {
             }
             Outgoing::Streamed(body) => {
                 let length = body.size_hint().exact();
-                (Bytes::new(), Some(Pump::new(body, length)), length)
+                (Bytes::new(), Some(Box::new(Pump::new(body, length))), length)
             }
         };
         let mut head = Vec::with_capacity(512);
@@ -164,7 +164,7 @@ impl Http1Client {
         addr: SocketAddr,
         head: &[u8],
         whole: &Bytes,
-        mut pump: Option<Pump>,
+        mut pump: Option<Box<Pump>>,
         method: &Method,
     ) -> Result<Response<Http1Body>, Failure> {
         connection.answer_bytes = 0;
@@ -291,7 +291,8 @@ pub struct Http1Body {
     connection: Option<Connection>,
     decoder: Decoder,
     /// The rest of a streamed request body, when the instance answered before it had all of it.
-    pump: Option<Pump>,
+    /// Boxed: most requests have none, and the response body is moved about.
+    pump: Option<Box<Pump>>,
     /// Where the connection goes back to, if it may be reused.
     home: Option<(Arc<Http1Client>, SocketAddr)>,
 }
