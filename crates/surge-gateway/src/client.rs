@@ -99,6 +99,10 @@ pub(crate) enum Outgoing {
 pub(crate) struct UpstreamUpgrade(Arc<Mutex<Option<Prefixed<TcpStream>>>>);
 
 impl UpstreamUpgrade {
+    pub(crate) fn new(connection: Prefixed<TcpStream>) -> Self {
+        UpstreamUpgrade(Arc::new(Mutex::new(Some(connection))))
+    }
+
     pub(crate) fn take(&self) -> Option<Prefixed<TcpStream>> {
         self.0.lock().ok()?.take()
     }
@@ -220,7 +224,7 @@ impl Http1Client {
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             // The connection now belongs to the upgrade, with what the instance sent after its head.
             let Connection { stream, buf, .. } = connection;
-            let upgrade = UpstreamUpgrade(Arc::new(Mutex::new(Some(Prefixed::new(buf.freeze(), stream)))));
+            let upgrade = UpstreamUpgrade::new(Prefixed::new(buf.freeze(), stream));
             let mut response = response.map(|()| Http1Body::empty());
             response.extensions_mut().insert(upgrade);
             return Ok(response);

@@ -28,7 +28,7 @@ pub enum GatewayError {
     Upstream { service: String, instance: String, cause: String },
     #[error("instance {instance} of service `{service}` closed a kept-alive connection before answering")]
     Stale { service: String, instance: String },
-    #[error("instance {instance} of service `{service}` did not answer within {timeout:?} (services.{service}.timeouts.per_try)")]
+    #[error("instance {instance} of service `{service}` did not answer within {timeout:?} (services.{service}.timeouts.try)")]
     TryTimeout { service: String, instance: String, timeout: Duration },
     #[error("service `{service}` did not answer within {timeout:?} (services.{service}.timeouts.request)")]
     Timeout { service: String, timeout: Duration },

@@ -68,7 +68,7 @@ pub async fn read_buf(socket: &impl Socket, buf: &mut BytesMut) -> io::Result<us
 /// then waits for the kernel's word instead of costing a read that finds nothing. The
 /// readiness cleared is the one seen before the read, so bytes that arrive meanwhile are not
 /// missed.
-fn read_now(socket: &impl Socket, buf: &mut BytesMut) -> io::Result<usize> {
+pub fn read_now(socket: &impl Socket, buf: &mut BytesMut) -> io::Result<usize> {
     let room = buf.capacity() - buf.len();
     let mut read = None;
     let drained = socket.try_read_io(|| {

@@ -23,7 +23,7 @@ use super::head;
 use super::io::{request_body, BodySender, ClientAddr, ClientBody, ClientUpgrade, Upgraded};
 use super::{HttpService, ResponseBody};
 use crate::problem::problem;
-use crate::wire::{read_buf, write_all, BoxError, Prefixed, Socket};
+use crate::wire::{read_buf, read_now, write_all, BoxError, Prefixed, Socket};
 
 /// The first read buffer for a request head (nginx: 1 KiB; a malloc of this size is served from
 /// its per-thread cache); it grows up to `surge_http1::MAX_HEAD_BYTES`.
@@ -61,11 +61,11 @@ pub(super) async fn serve<S: HttpService<B>, B: ResponseBody, C: Socket>(
     let mut first = true;
     loop {
         if buf.is_empty() {
-            // Idle: wait for the next request holding no buffer. Readiness is left over from
-            // the last read on purpose: under load the next request is often there already,
-            // and a read that finds it saves parking the task (a read that finds nothing costs
-            // one `EAGAIN`). So a buffer is kept only once bytes are really there, and the
-            // idle deadline holds across such reads.
+            // Idle: wait for the next request holding no buffer. A read that drained the
+            // socket cleared its readiness, so this waits for the kernel's word; readiness
+            // left by a read that filled its buffer costs one read that finds nothing, after
+            // which the wait goes on to the same deadline. A buffer is kept only once bytes
+            // are really there.
             let idle_until = tokio::time::Instant::now() + if first { HEAD_TIMEOUT } else { IDLE_TIMEOUT };
             loop {
                 buf = BytesMut::new();
@@ -76,7 +76,7 @@ pub(super) async fn serve<S: HttpService<B>, B: ResponseBody, C: Socket>(
                     () = tokio::time::sleep_until(idle_until) => return Handoff::Closed,
                 }
                 buf.reserve(HEAD_BUFFER);
-                match socket.try_read_buf(&mut buf) {
+                match read_now(&socket, &mut buf) {
                     Ok(0) => return Handoff::Closed,
                     Ok(_) => break,
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}

@@ -13,7 +13,7 @@
 //! | [`buffer::WaitBuffer`] | waiting for capacity, bounded in count and time (503) |
 //! | [`balance::Balance`] | the pick, readiness = a claimed slot, first come first served |
 //! | [`breaker::Breaker`] | each try's outcome to its instance's circuit breaker |
-//! | [`timeout::TryTimeout`] | `timeouts.per_try`, and the deadline told to the instance |
+//! | [`timeout::TryTimeout`] | `timeouts.try`, and the deadline told to the instance |
 //! | [`endpoint::Endpoint`] | the HTTP/1.1 or hyper client, one error classification |
 //!
 //! Each layer's future is a plain state machine; only the endpoint's try and the reading of a

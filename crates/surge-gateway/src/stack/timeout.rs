@@ -98,7 +98,7 @@ where
     }
 }
 
-/// Bounds each try by `timeouts.per_try` when that is shorter than what the request has left,
+/// Bounds each try by `timeouts.try` when that is shorter than what the request has left,
 /// and tells the instance how long it has in `x-surge-deadline-ms`. A try that runs out fails
 /// as the instance's failure (so it feeds its breaker and may be retried elsewhere). Without a
 /// shorter `per_try` the request's timeout is the try's, and no second timer is set.
@@ -310,7 +310,7 @@ mod tests {
             matches!(&error, Some(GatewayError::TryTimeout { instance, .. }) if instance == "web-1"),
             "{error:?}"
         );
-        assert!(error.is_some_and(|e| e.to_string().contains("services.web.timeouts.per_try")));
+        assert!(error.is_some_and(|e| e.to_string().contains("services.web.timeouts.try")));
         assert_eq!(header, Some(Duration::from_millis(100)));
 
         // Less left than per_try: the request's own timeout ends the try, not a second timer.

@@ -84,3 +84,50 @@ impl<F: Future<Output = Result<Response<GatewayBody>, E>>, E> Future for Upgradi
         Poll::Ready(Ok(Response::from_parts(parts, GatewayBody::full(Bytes::new()))))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream, UnixStream};
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::wire::Prefixed;
+
+    #[tokio::test]
+    async fn after_a_101_the_client_and_the_instance_are_spliced() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let to_instance = TcpStream::connect(listener.local_addr().expect("address")).await.expect("connect");
+        let (mut instance, _) = listener.accept().await.expect("accept");
+        // What the instance sent right after its head arrives first.
+        let upstream = UpstreamUpgrade::new(Prefixed::new(Bytes::from_static(b"early "), to_instance));
+        let switch = tower::service_fn(move |_: Request<()>| {
+            let upstream = upstream.clone();
+            async move {
+                let mut response = Response::new(GatewayBody::full(Bytes::new()));
+                *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                response.extensions_mut().insert(upstream);
+                Ok::<_, std::convert::Infallible>(response)
+            }
+        });
+        let (client_upgrade, hand_over) = ClientUpgrade::new();
+        let mut request = Request::builder().header("upgrade", "echo").body(()).expect("request");
+        request.extensions_mut().insert(client_upgrade);
+        let Ok(response) = UpgradeLayer.layer(switch).oneshot(request).await;
+        assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+
+        let (mut client, gateway_side) = UnixStream::pair().expect("pair");
+        assert!(hand_over.send(Box::new(gateway_side)).is_ok(), "the server hands the connection over");
+        let mut early = [0u8; 6];
+        client.read_exact(&mut early).await.expect("read");
+        assert_eq!(&early, b"early ");
+        client.write_all(b"ping").await.expect("write");
+        let mut ping = [0u8; 4];
+        instance.read_exact(&mut ping).await.expect("read");
+        assert_eq!(&ping, b"ping");
+        instance.write_all(b"pong").await.expect("write");
+        let mut pong = [0u8; 4];
+        client.read_exact(&mut pong).await.expect("read");
+        assert_eq!(&pong, b"pong");
+    }
+}
