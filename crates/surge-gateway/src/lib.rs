@@ -37,8 +37,7 @@ pub use ratelimit::{gcra, RateLimiter, RateStore, Verdict};
 pub use router::Router;
 use server::{ClientAddr, ClientBody};
 pub use stack::GatewayMetrics;
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+use wire::BoxFuture;
 
 pub struct Gateway {
     router: Router<RouteTarget>,

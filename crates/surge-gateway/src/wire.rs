@@ -13,6 +13,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 pub trait Socket: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static {
     fn readable(&self) -> impl Future<Output = io::Result<()>> + Send;

@@ -23,7 +23,7 @@ use crate::body::{Payload, UpstreamBody};
 use crate::client::{Http1Client, Outgoing, SendError};
 use crate::error::{root_cause, GatewayError};
 use crate::server::{ClientBody, ClientBodyError};
-use crate::BoxFuture;
+use crate::wire::BoxFuture;
 
 /// One try: the request, the instance it goes to, and how long the instance has (told in
 /// `x-surge-deadline-ms`).

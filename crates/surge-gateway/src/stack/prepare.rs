@@ -18,11 +18,14 @@ use tokio::time::Instant;
 use tower::util::Oneshot;
 use tower::{Layer, Service, ServiceExt};
 
-use super::timeout::Deadline;
 use crate::body::Payload;
 use crate::error::{root_cause, GatewayError};
 use crate::server::ClientBody;
-use crate::BoxFuture;
+use crate::wire::BoxFuture;
+
+/// When the request's time is up: set by the request timeout, read here once for the tries.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline(pub Instant);
 
 /// A request on its way to an instance, as its tries share it: the head behind a reference
 /// count (a retry's copy costs no allocation), the body kept or streamed, and what the tries

@@ -123,11 +123,11 @@ mod tests {
         });
         let Ok(answer) = RespondLayer.layer(failing).oneshot(()).await;
         assert_eq!(answer.status(), http::StatusCode::BAD_REQUEST);
-        assert_eq!(answer.headers()[crate::ERROR_HEADER], "bad_request_body");
+        assert_eq!(answer.headers()[crate::problem::ERROR_HEADER], "bad_request_body");
 
         let Ok(answer) = RespondLayer.layer(Full).oneshot(()).await;
         assert_eq!(answer.status(), http::StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(answer.headers()[crate::ERROR_HEADER], "buffer_full");
+        assert_eq!(answer.headers()[crate::problem::ERROR_HEADER], "buffer_full");
         assert_eq!(answer.headers()[http::header::RETRY_AFTER], "1");
     }
 }

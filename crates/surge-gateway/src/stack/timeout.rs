@@ -15,12 +15,8 @@ use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use super::endpoint::Try;
-use super::prepare::Outbound;
+use super::prepare::{Deadline, Outbound};
 use crate::error::GatewayError;
-
-/// When the request's time is up.
-#[derive(Debug, Clone, Copy)]
-pub struct Deadline(pub Instant);
 
 pub struct RequestTimeout<S> {
     inner: S,
