@@ -237,7 +237,8 @@ backend backend
     return work.spawn(["haproxy", "-f", conf], PROXY_CORE)
 
 
-def surge(work, port, backend_port):
+def surge_config(work, port, backend_port, health=f'path = "/{SIZES[0]}"'):
+    """A surge.toml that puts `backend_port` behind a gateway on `port`; its path."""
     conf = work.path(f"surge-{port}.toml")
     with open(conf, "w") as f:
         f.write(f"""
@@ -248,8 +249,13 @@ listen = "127.0.0.1:{free_port()}"
 [services.backend]
 upstreams = ["127.0.0.1:{backend_port}"]
 routes = ["/"]
-health = {{ path = "/{SIZES[0]}" }}
+health = {{ {health} }}
 """)
+    return conf
+
+
+def surge(work, port, backend_port):
+    conf = surge_config(work, port, backend_port)
     return work.spawn([SURGE, "up", "-c", conf], PROXY_CORE, env={"SURGE_LOG": "warn"})
 
 

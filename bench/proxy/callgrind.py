@@ -23,7 +23,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench import SURGE, SIZES, Work, free_port, nginx_origin, wait_port  # noqa: E402
+from bench import SURGE, SIZES, Work, free_port, nginx_origin, surge_config, wait_port  # noqa: E402
 
 REQUESTS = int(os.environ.get("REQUESTS", "20000"))
 CONNECTIONS = int(os.environ.get("CONNECTIONS", "16"))
@@ -40,18 +40,8 @@ def total_instructions(dump):
 
 def measure(work, binary, origin_port):
     port = free_port()
-    conf = work.path(f"surge-{port}.toml")
-    with open(conf, "w") as f:
-        f.write(f"""
-[gateway]
-listen = "127.0.0.1:{port}"
-[admin]
-listen = "127.0.0.1:{free_port()}"
-[services.backend]
-upstreams = ["127.0.0.1:{origin_port}"]
-routes = ["/"]
-health = {{ path = "/{SIZE}", interval = "60s" }}
-""")
+    # Health checks once a minute, so that they are not in the count.
+    conf = surge_config(work, port, origin_port, health=f'path = "/{SIZE}", interval = "60s"')
     out = work.path(f"callgrind-{port}")
     process = work.spawn(
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p", "--dump-instr=no",
