@@ -239,8 +239,10 @@ mod tests {
         };
         let layer = RequestTimeoutLayer { timeout: Duration::from_secs(2), service: "web".into() };
         let start = Instant::now();
-        let error = layer.layer(inner).oneshot(Request::new(())).await.err();
-        assert_eq!(start.elapsed(), Duration::from_secs(2));
+        let mut answer = std::pin::pin!(layer.layer(inner).oneshot(Request::new(())));
+        let early = tokio::time::timeout(Duration::from_millis(1999), answer.as_mut()).await;
+        assert!(early.is_err(), "still waiting just before the timeout");
+        let error = answer.await.err();
         let message = error.map(|e| e.to_string()).unwrap_or_default();
         assert!(message.contains("services.web.timeouts.request"), "{message}");
         let deadline =
