@@ -15,8 +15,6 @@ pub struct Fields {
     pub expect_continue: bool,
     /// An Upgrade field is present.
     pub upgrade: bool,
-    /// How many Host fields there are.
-    pub hosts: usize,
 }
 
 /// The transfer codings a message lists, in order, across all its Transfer-Encoding fields.
@@ -43,8 +41,6 @@ pub struct Connection {
     pub close: bool,
     pub keep_alive: bool,
     pub upgrade: bool,
-    /// Tokens other than these three: names of further hop-by-hop fields.
-    pub others: bool,
 }
 
 impl Fields {
@@ -62,7 +58,6 @@ impl Fields {
                 10 => b"connection",
                 6 => b"expect",
                 7 => b"upgrade",
-                4 => b"host",
                 _ => continue,
             };
             if !name.eq_ignore_ascii_case(wanted) {
@@ -100,16 +95,13 @@ impl Fields {
                             facts.connection.keep_alive = true;
                         } else if token.eq_ignore_ascii_case(b"upgrade") {
                             facts.connection.upgrade = true;
-                        } else {
-                            facts.connection.others = true;
                         }
                     }
                 }
                 b"expect" => {
                     facts.expect_continue |= field.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
                 }
-                b"upgrade" => facts.upgrade = true,
-                _ => facts.hosts += 1,
+                _ => facts.upgrade = true,
             }
         }
         Ok(facts)
@@ -198,12 +190,8 @@ mod tests {
             ("host", "b"),
         ])
         .expect("valid");
-        assert_eq!(
-            fields.connection,
-            Connection { close: true, keep_alive: true, upgrade: true, others: true }
-        );
+        assert_eq!(fields.connection, Connection { close: true, keep_alive: true, upgrade: true });
         assert!(fields.expect_continue && fields.upgrade);
-        assert_eq!(fields.hosts, 2);
         assert!(!scan(&[("Expect", "100-continue-later")]).expect("valid").expect_continue);
     }
 }

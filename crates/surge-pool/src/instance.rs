@@ -135,7 +135,7 @@ impl Instance {
     }
 
     /// Moves from `from` to `to` unless another transition (an exit) came first.
-    pub fn transition(&self, from: InstanceState, to: InstanceState) -> bool {
+    pub(crate) fn transition(&self, from: InstanceState, to: InstanceState) -> bool {
         self.state.compare_exchange(from as u8, to as u8, Ordering::SeqCst, Ordering::SeqCst).is_ok()
     }
 

@@ -68,20 +68,31 @@ impl Pool {
         let (commands, receiver) = mpsc::channel(64);
         let labels = surge_metrics::ServiceLabels { service: config.name.clone() };
         let ejections = metrics.ejections.get_or_create(&labels).clone();
-        let pool = Arc::new(Pool {
-            desired: AtomicU32::new(config.instances.initial),
+        let desired = config.instances.initial;
+        let pool = Arc::new(Pool::new(config, desired, commands, Arc::default(), ejections));
+        tokio::spawn(Supervisor::new(Arc::clone(&pool), driver, metrics, receiver).run());
+        pool
+    }
+
+    fn new(
+        config: ServiceConfig,
+        desired: u32,
+        commands: mpsc::Sender<Command>,
+        load: Arc<PoolLoad>,
+        ejections: surge_metrics::Counter,
+    ) -> Pool {
+        Pool {
+            desired: AtomicU32::new(desired),
             config: Arc::new(config),
             ready: ArcSwap::default(),
             all: ArcSwap::default(),
             failures: AtomicU32::new(0),
             restarts: AtomicU64::new(0),
             commands,
-            load: Arc::default(),
+            load,
             autoscale_status: std::sync::Mutex::new(None),
             ejections,
-        });
-        tokio::spawn(Supervisor::new(Arc::clone(&pool), driver, metrics, receiver).run());
-        pool
+        }
     }
 
     /// A pool of ready instances at `addrs` with no supervisor: nothing is launched, probed or
@@ -100,18 +111,11 @@ impl Pool {
                 Arc::new(instance)
             })
             .collect();
-        Arc::new(Pool {
-            desired: AtomicU32::new(u32::try_from(addrs.len()).unwrap_or(u32::MAX)),
-            config: Arc::new(config),
-            ready: ArcSwap::from_pointee(instances.clone()),
-            all: ArcSwap::from_pointee(instances),
-            failures: AtomicU32::new(0),
-            restarts: AtomicU64::new(0),
-            commands,
-            load,
-            autoscale_status: std::sync::Mutex::new(None),
-            ejections: surge_metrics::Counter::default(),
-        })
+        let desired = u32::try_from(addrs.len()).unwrap_or(u32::MAX);
+        let pool = Pool::new(config, desired, commands, load, surge_metrics::Counter::default());
+        pool.ready.store(Arc::new(instances.clone()));
+        pool.all.store(Arc::new(instances));
+        Arc::new(pool)
     }
 
     pub fn name(&self) -> &str {

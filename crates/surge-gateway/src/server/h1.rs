@@ -204,18 +204,14 @@ async fn exchange<S: HttpService<B>, B: ResponseBody>(
         version: request.version(),
         keep_alive: keep_alive && client_keeps,
     };
+    let decoder = framing.decoder();
     let (body, sender) = match framing {
         RequestFraming::Empty => (ClientBody::Empty, None),
-        RequestFraming::Length(length) => {
-            let (body, sender) = request_body(Some(length));
-            (ClientBody::Http1(body), Some(sender))
-        }
-        RequestFraming::Chunked => {
-            let (body, sender) = request_body(None);
+        RequestFraming::Length(_) | RequestFraming::Chunked => {
+            let (body, sender) = request_body(decoder.remaining());
             (ClientBody::Http1(body), Some(sender))
         }
     };
-    let decoder = framing.decoder();
     let mut request = request.map(|()| body);
     request.extensions_mut().insert(client.clone());
     let upgrade = upgrade.then(|| {

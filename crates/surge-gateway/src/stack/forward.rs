@@ -102,17 +102,12 @@ fn rewrite_request<B>(request: &mut Request<B>) {
     }
 }
 
-/// The protocol a request asks to switch to (`Connection: upgrade` with `Upgrade: ...`), if
-/// its connection can switch (the server gave it a [`ClientUpgrade`]).
+/// The protocol a request asks to switch to. The server gives a request a [`ClientUpgrade`]
+/// only when it asks (`Connection: upgrade` with `Upgrade: ...`) on a connection that can
+/// switch, so that is what is looked for.
 pub fn upgrade_protocol<B>(request: &Request<B>) -> Option<HeaderValue> {
     request.extensions().get::<ClientUpgrade>()?;
-    let headers = request.headers();
-    let asks = headers
-        .get_all(CONNECTION)
-        .iter()
-        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
-        .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"upgrade"));
-    asks.then(|| headers.get(UPGRADE).cloned()).flatten()
+    request.headers().get(UPGRADE).cloned()
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");

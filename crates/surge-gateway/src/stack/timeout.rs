@@ -140,7 +140,9 @@ where
                 };
                 let until = Instant::now().checked_add(per_try).unwrap_or_else(far_future);
                 let response = self.inner.call(Try { instance, outbound, deadline: Some(per_try) });
-                Tried::Timed { response: tokio::time::timeout_at(until, response), elapsed }
+                Tried::Timed {
+                    response: TimedOut { response: tokio::time::timeout_at(until, response), elapsed },
+                }
             }
             // The request's own timeout, above, ends this try with it; no second timer.
             _ => Tried::Untimed { response: self.inner.call(Try { instance, outbound, deadline: left }) },
@@ -185,7 +187,7 @@ pin_project_lite::pin_project! {
 pin_project_lite::pin_project! {
     #[project = TriedProj]
     pub enum Tried<F> {
-        Timed { #[pin] response: tokio::time::Timeout<F>, elapsed: Elapsed },
+        Timed { #[pin] response: TimedOut<F> },
         Untimed { #[pin] response: F },
     }
 }
@@ -195,9 +197,7 @@ impl<F: Future<Output = Result<T, GatewayError>>, T> Future for Tried<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         match self.project() {
-            TriedProj::Timed { response, elapsed } => {
-                Poll::Ready(ready!(response.poll(cx)).unwrap_or_else(|_| Err(elapsed.error())))
-            }
+            TriedProj::Timed { response } => response.poll(cx),
             TriedProj::Untimed { response } => response.poll(cx),
         }
     }
