@@ -15,9 +15,9 @@ pub use raw::{parse_duration, Duration as HumanDuration};
 
 pub use error::{ConfigError, ConfigErrors, Site};
 pub use model::{
-    AdminConfig, Backend, Balance, BufferConfig, Config, GatewayConfig, HealthConfig, InstanceBounds,
-    LifecycleConfig, OutlierConfig, RateKey, RateLimit, RetryConfig, Route, ServiceConfig, TimeoutConfig,
-    Upstream, UpstreamProtocol,
+    AdminConfig, Backend, Balance, BufferConfig, CertificateFiles, Config, GatewayConfig, HealthConfig,
+    InstanceBounds, LifecycleConfig, OutlierConfig, RateKey, RateLimit, RetryConfig, Route, ServiceConfig,
+    TimeoutConfig, TlsConfig, Upstream, UpstreamProtocol,
 };
 pub use validate::check_listeners;
 

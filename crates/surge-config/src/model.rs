@@ -26,6 +26,29 @@ pub struct GatewayConfig {
     pub listen_site: Site,
     /// How long in-flight requests may take to finish once shutdown begins.
     pub shutdown_timeout: Duration,
+    /// The HTTPS listener, when there is one.
+    pub tls: Option<TlsConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub listen: SocketAddr,
+    pub listen_site: Site,
+    /// The first is served to clients whose SNI no certificate names (or who send none).
+    pub certificates: Vec<CertificateFiles>,
+    /// The plain listener answers every request with a redirect to HTTPS.
+    pub redirect_to_https: bool,
+    /// A `Strict-Transport-Security` value for HTTPS responses.
+    pub hsts: Option<http::HeaderValue>,
+}
+
+/// A certificate chain and its private key, both PEM files.
+#[derive(Debug, Clone)]
+pub struct CertificateFiles {
+    pub cert: PathBuf,
+    pub cert_site: Site,
+    pub key: PathBuf,
+    pub key_site: Site,
 }
 
 #[derive(Debug, Clone)]

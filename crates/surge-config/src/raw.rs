@@ -38,6 +38,38 @@ pub(crate) struct RawStore {
 pub(crate) struct RawGateway {
     pub listen: Option<Spanned<SocketAddr>>,
     pub shutdown_timeout: Option<Spanned<Duration>>,
+    pub listen_tls: Option<Spanned<SocketAddr>>,
+    /// One certificate (`tls = { cert, key }`) or several chosen by SNI (`[[gateway.tls]]`).
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub tls: Vec<RawCertificate>,
+    #[serde(default)]
+    pub redirect_to_https: bool,
+    pub hsts: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCertificate {
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
+}
+
+/// A table, or an array of tables, as a list.
+fn one_or_many<'de, D: Deserializer<'de>, T: Deserialize<'de>>(deserializer: D) -> Result<Vec<T>, D::Error> {
+    struct OneOrMany<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for OneOrMany<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a table or an array of tables")
+        }
+        fn visit_map<M: MapAccess<'de>>(self, map: M) -> Result<Vec<T>, M::Error> {
+            T::deserialize(de::value::MapAccessDeserializer::new(map)).map(|one| vec![one])
+        }
+        fn visit_seq<S: de::SeqAccess<'de>>(self, seq: S) -> Result<Vec<T>, S::Error> {
+            Vec::deserialize(de::value::SeqAccessDeserializer::new(seq))
+        }
+    }
+    deserializer.deserialize_any(OneOrMany(std::marker::PhantomData))
 }
 
 #[derive(Debug, Default, Deserialize)]

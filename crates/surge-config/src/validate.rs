@@ -67,8 +67,10 @@ pub(crate) fn validate(raw: RawConfig, source: &str, file: &Path) -> Result<Conf
 /// Tries to bind every listen address, as `surge up` will: a port already taken is reported
 /// with the key that names it.
 pub fn check_listeners(config: &Config) -> Vec<ConfigError> {
+    let tls = config.gateway.tls.as_ref().map(|tls| (&tls.listen, &tls.listen_site));
     [(&config.gateway.listen, &config.gateway.listen_site), (&config.admin.listen, &config.admin.listen_site)]
         .into_iter()
+        .chain(tls)
         .filter(|(addr, _)| addr.port() != 0)
         .filter_map(|(addr, site)| {
             TcpListener::bind(addr).err().map(|err| site.error(format!("cannot listen on {addr}: {err}")))
@@ -119,11 +121,75 @@ impl Validator<'_> {
         }
     }
 
-    fn gateway(&mut self, raw: raw::RawGateway) -> GatewayConfig {
+    fn gateway(&mut self, mut raw: raw::RawGateway) -> GatewayConfig {
+        let tls = self.tls(&raw);
         let (listen, listen_site) = self.listen(raw.listen, "gateway.listen", DEFAULT_GATEWAY_LISTEN);
-        let shutdown_timeout =
-            self.duration(raw.shutdown_timeout, "gateway.shutdown_timeout".into(), Duration::from_secs(30));
-        GatewayConfig { listen, listen_site, shutdown_timeout }
+        let shutdown_timeout = self.duration(
+            raw.shutdown_timeout.take(),
+            "gateway.shutdown_timeout".into(),
+            Duration::from_secs(30),
+        );
+        GatewayConfig { listen, listen_site, shutdown_timeout, tls }
+    }
+
+    fn tls(&mut self, raw: &raw::RawGateway) -> Option<TlsConfig> {
+        let Some(listen_tls) = &raw.listen_tls else {
+            if let Some(first) = raw.tls.first() {
+                self.error(
+                    first.cert.span(),
+                    "gateway.tls",
+                    "certificates need `gateway.listen_tls`, the HTTPS address",
+                );
+            }
+            if let Some(hsts) = &raw.hsts {
+                self.error(hsts.span(), "gateway.hsts", "applies only with `gateway.listen_tls`");
+            }
+            if raw.redirect_to_https {
+                let site = Site { key: "gateway.redirect_to_https".into(), ..Site::file(self.file) };
+                self.errors.push(site.error("needs `gateway.listen_tls`, the HTTPS address to redirect to"));
+            }
+            return None;
+        };
+        if raw.tls.is_empty() {
+            self.error(
+                listen_tls.span(),
+                "gateway.listen_tls",
+                "HTTPS needs a certificate: add `tls = { cert = \"cert.pem\", key = \"key.pem\" }` to [gateway]",
+            );
+        }
+        let dir = self.file.parent().unwrap_or(Path::new("."));
+        let certificates = raw
+            .tls
+            .iter()
+            .enumerate()
+            .map(|(i, files)| {
+                let key = |name| format!("gateway.tls[{i}].{name}");
+                CertificateFiles {
+                    cert: dir.join(files.cert.get_ref()),
+                    cert_site: self.site(files.cert.span(), key("cert")),
+                    key: dir.join(files.key.get_ref()),
+                    key_site: self.site(files.key.span(), key("key")),
+                }
+            })
+            .collect();
+        let hsts = raw.hsts.as_ref().and_then(|hsts| match http::HeaderValue::from_str(hsts.get_ref()) {
+            Ok(value) if hsts.get_ref().starts_with("max-age=") => Some(value),
+            _ => {
+                self.error(
+                    hsts.span(),
+                    "gateway.hsts",
+                    "a Strict-Transport-Security value, such as \"max-age=63072000; includeSubDomains\"",
+                );
+                None
+            }
+        });
+        Some(TlsConfig {
+            listen: *listen_tls.get_ref(),
+            listen_site: self.site(listen_tls.span(), "gateway.listen_tls"),
+            certificates,
+            redirect_to_https: raw.redirect_to_https,
+            hsts,
+        })
     }
 
     fn admin(&mut self, raw: raw::RawAdmin) -> AdminConfig {

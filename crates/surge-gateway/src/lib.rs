@@ -14,6 +14,7 @@ mod ratelimit;
 mod router;
 pub mod server;
 mod stack;
+mod tls;
 mod wire;
 
 use std::convert::Infallible;
@@ -23,8 +24,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::header::HOST;
-use http::{Request, Response};
+use http::header::{HOST, STRICT_TRANSPORT_SECURITY};
+use http::{HeaderValue, Request, Response};
 use surge_config::Config;
 use surge_pool::Pools;
 use tokio::net::TcpListener;
@@ -168,5 +169,66 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     drain_timeout: Duration,
 ) {
-    server::serve(GatewayService(gateway), listener, shutdown, drain_timeout).await;
+    server::serve(GatewayService(gateway), listener, None, shutdown, drain_timeout).await;
+}
+
+/// Serves the gateway over HTTPS on `listener`, each response with `hsts` as its
+/// `Strict-Transport-Security` when given.
+pub async fn serve_tls(
+    gateway: Arc<Gateway>,
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    hsts: Option<HeaderValue>,
+    shutdown: impl Future<Output = ()>,
+    drain_timeout: Duration,
+) {
+    let service = GatewayService(gateway).map_response(move |mut response: Response<GatewayBody>| {
+        if let Some(hsts) = &hsts {
+            response.headers_mut().insert(STRICT_TRANSPORT_SECURITY, hsts.clone());
+        }
+        response
+    });
+    server::serve(service, listener, Some(tls), shutdown, drain_timeout).await;
+}
+
+/// Serves the plain listener as a redirect to the HTTPS one on `https_port`: 308 keeps the
+/// method and body, as a client needs for anything but GET.
+pub async fn serve_https_redirect(
+    listener: TcpListener,
+    https_port: u16,
+    shutdown: impl Future<Output = ()>,
+    drain_timeout: Duration,
+) {
+    let service = tower::service_fn(move |request: Request<ClientBody>| {
+        std::future::ready(Ok::<_, Infallible>(redirect_to_https(&request, https_port)))
+    });
+    server::serve(service, listener, None, shutdown, drain_timeout).await;
+}
+
+fn redirect_to_https<B>(request: &Request<B>, https_port: u16) -> Response<GatewayBody> {
+    let host = request.headers().get(HOST).and_then(|h| h.to_str().ok()).or(request.uri().host());
+    let Some(host) = host.map(host_without_port).filter(|h| !h.is_empty()) else {
+        return GatewayError::NoRoute { host: String::new(), path: request.uri().path().to_owned() }
+            .into_response();
+    };
+    let port = if https_port == 443 { String::new() } else { format!(":{https_port}") };
+    let target = request.uri().path_and_query().map_or("/", |p| p.as_str());
+    let location = format!("https://{host}{port}{target}");
+    let mut response = Response::new(GatewayBody::full(bytes::Bytes::new()));
+    *response.status_mut() = http::StatusCode::PERMANENT_REDIRECT;
+    match HeaderValue::from_str(&location) {
+        Ok(location) => {
+            response.headers_mut().insert(http::header::LOCATION, location);
+            response
+        }
+        Err(_) => GatewayError::NoRoute { host: host.to_owned(), path: target.to_owned() }.into_response(),
+    }
+}
+
+/// `example.com` of `example.com:8080`, and `[::1]` of `[::1]:8080`.
+fn host_without_port(host: &str) -> &str {
+    match host.rfind(':') {
+        Some(colon) if !host[colon..].contains(']') => &host[..colon],
+        _ => host,
+    }
 }

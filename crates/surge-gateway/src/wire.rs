@@ -18,6 +18,11 @@ pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 pub trait Socket: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static {
     fn readable(&self) -> impl Future<Output = io::Result<()>> + Send;
     fn writable(&self) -> impl Future<Output = io::Result<()>> + Send;
+    /// Waits until every byte written is in the kernel's hands: at once for a plain socket,
+    /// after the encrypted bytes still held for a TLS one.
+    fn flushed(&self) -> impl Future<Output = io::Result<()>> + Send {
+        std::future::ready(Ok(()))
+    }
     fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize>;
     fn try_write(&self, bytes: &[u8]) -> io::Result<usize>;
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
@@ -100,7 +105,7 @@ pub async fn write_all(socket: &impl Socket, mut bufs: &mut [IoSlice<'_>]) -> io
             Err(err) => return Err(err),
         }
     }
-    Ok(())
+    socket.flushed().await
 }
 
 /// A connection handed on with bytes already read from it, which it yields first: a client's

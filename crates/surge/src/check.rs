@@ -8,15 +8,30 @@ use crate::Failure;
 
 pub fn run(path: &Path) -> Result<(), Failure> {
     let config = surge_config::load(path)?;
-    let errors = check_listeners(&config);
+    let mut errors = check_listeners(&config);
+    if let Some(tls) = &config.gateway.tls {
+        if let Err(certificates) = surge_tls::Certificates::load(&tls.certificates) {
+            errors.extend(certificates.0);
+        }
+    }
     if !errors.is_empty() {
+        errors.sort_by_key(|e| (e.site.line, e.site.column));
         return Err(ConfigErrors(errors).into());
     }
     let count = config.services.len();
+    let https = match &config.gateway.tls {
+        Some(tls) => format!(
+            ", HTTPS on {} ({} certificate{})",
+            tls.listen,
+            tls.certificates.len(),
+            plural(tls.certificates.len())
+        ),
+        None => String::new(),
+    };
     println!(
-        "{} is valid: {count} service{}, gateway on {}, admin API on {}",
+        "{} is valid: {count} service{}, gateway on {}{https}, admin API on {}",
         path.display(),
-        if count == 1 { "" } else { "s" },
+        plural(count),
         config.gateway.listen,
         config.admin.listen
     );
@@ -52,4 +67,12 @@ pub fn run(path: &Path) -> Result<(), Failure> {
         println!("  {}: {} ({}), {instances}", service.name, routes.join(" "), service.balance.as_str());
     }
     Ok(())
+}
+
+fn plural(count: usize) -> &'static str {
+    if count == 1 {
+        ""
+    } else {
+        "s"
+    }
 }

@@ -50,6 +50,16 @@ async fn serve(config: Config) -> Result<(), Failure> {
     let admin_listener = bind(config.admin.listen, &config.admin.listen_site).await?;
     let local = |listener: &TcpListener| listener.local_addr().map_err(|err| err.to_string());
     let (gateway_addr, admin_addr) = (local(&gateway_listener)?, local(&admin_listener)?);
+    let https = match &config.gateway.tls {
+        Some(tls) => {
+            let certificates = surge_tls::Certificates::load(&tls.certificates)?;
+            let server_config = certificates.server_config()?;
+            let listener = bind(tls.listen, &tls.listen_site).await?;
+            let addr = local(&listener)?;
+            Some((listener, addr, certificates, server_config))
+        }
+        None => None,
+    };
 
     let metrics = Arc::new(Metrics::new());
     let pool_metrics = PoolMetrics::register(&metrics);
@@ -60,16 +70,34 @@ async fn serve(config: Config) -> Result<(), Failure> {
 
     let (stop_gateway, gateway_stopping) = watch::channel(false);
     let (stop_admin, admin_stopping) = watch::channel(false);
-    let gateway_task = tokio::spawn(surge_gateway::serve(
-        gateway,
-        gateway_listener,
-        stopped(gateway_stopping),
-        config.gateway.shutdown_timeout,
-    ));
+    let drain = config.gateway.shutdown_timeout;
+    let mut gateway_tasks = Vec::new();
+    let mut https_note = String::new();
+    let mut watcher = None;
+    let mut redirect_to = None;
+    if let Some((listener, addr, certificates, server_config)) = https {
+        https_note = format!(", HTTPS on https://{addr}");
+        let tls = config.gateway.tls.as_ref();
+        redirect_to = tls.filter(|tls| tls.redirect_to_https).map(|_| addr.port());
+        watcher = Some(tokio::spawn(certificates.watch()));
+        gateway_tasks.push(tokio::spawn(surge_gateway::serve_tls(
+            Arc::clone(&gateway),
+            listener,
+            server_config,
+            tls.and_then(|tls| tls.hsts.clone()),
+            stopped(gateway_stopping.clone()),
+            drain,
+        )));
+    }
+    let plain = stopped(gateway_stopping);
+    gateway_tasks.push(match redirect_to {
+        Some(port) => tokio::spawn(surge_gateway::serve_https_redirect(gateway_listener, port, plain, drain)),
+        None => tokio::spawn(surge_gateway::serve(gateway, gateway_listener, plain, drain)),
+    });
     let admin = surge_admin::router(Arc::clone(&pools), Arc::clone(&metrics));
     let admin_task = tokio::spawn(surge_admin::serve(admin_listener, admin, stopped(admin_stopping)));
     tracing::info!(
-        "surge is up: gateway on http://{gateway_addr}, admin API on http://{admin_addr}, {} service{}",
+        "surge is up: gateway on http://{gateway_addr}{https_note}, admin API on http://{admin_addr}, {} service{}",
         config.services.len(),
         if config.services.len() == 1 { "" } else { "s" }
     );
@@ -79,7 +107,12 @@ async fn serve(config: Config) -> Result<(), Failure> {
     tracing::info!("{first}: draining requests, then stopping instances (send it again to stop at once)");
     let _ = stop_gateway.send(true);
     let graceful = async {
-        let _ = gateway_task.await;
+        for task in gateway_tasks {
+            let _ = task.await;
+        }
+        if let Some(watcher) = watcher {
+            watcher.abort();
+        }
         pools.shutdown().await;
         // The admin API stays up until the end so `surge status` can watch the drain.
         let _ = stop_admin.send(true);

@@ -119,3 +119,28 @@ fn an_unreadable_file_is_one_clear_line() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("/nonexistent/surge.toml: cannot read the configuration file"), "{stderr}");
 }
+
+#[test]
+fn tls_problems_name_the_key_and_the_file() {
+    assert_rejected(
+        &format!(
+            "[gateway]\nlisten = \"127.0.0.1:0\"\nlisten_tls = \"127.0.0.1:0\"\n\
+             tls = {{ cert = \"missing.pem\", key = \"missing.key\" }}\n{SERVICE}"
+        ),
+        4,
+        "gateway.tls[0].cert",
+        "missing.pem: cannot read it",
+    );
+    assert_rejected(
+        &format!("[gateway]\nlisten_tls = \"127.0.0.1:0\"\n{SERVICE}"),
+        2,
+        "gateway.listen_tls",
+        "HTTPS needs a certificate",
+    );
+    assert_rejected(
+        &format!("[gateway]\n[[gateway.tls]]\ncert = \"a.pem\"\nkey = \"a.key\"\n{SERVICE}"),
+        3,
+        "gateway.tls",
+        "need `gateway.listen_tls`",
+    );
+}

@@ -22,11 +22,17 @@ use crate::wire::BoxError;
 pub struct ClientAddr {
     pub addr: SocketAddr,
     pub forwarded_for: Option<HeaderValue>,
+    /// The client came over TLS.
+    pub tls: bool,
 }
 
 impl ClientAddr {
     pub fn new(addr: SocketAddr) -> Self {
-        ClientAddr { addr, forwarded_for: HeaderValue::from_str(&addr.ip().to_string()).ok() }
+        ClientAddr { addr, forwarded_for: HeaderValue::from_str(&addr.ip().to_string()).ok(), tls: false }
+    }
+
+    pub fn over_tls(addr: SocketAddr) -> Self {
+        ClientAddr { tls: true, ..ClientAddr::new(addr) }
     }
 }
 

@@ -10,6 +10,8 @@ mod io;
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,14 +19,15 @@ use http::{Request, Response};
 use http_body::Body;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 #[cfg(test)]
 pub(crate) use io::{test_body, test_body_of};
 pub use io::{ClientAddr, ClientBody, ClientBodyError, ClientUpgrade, RequestBody, Upgraded};
 
-use crate::wire::{BoxError, Socket};
+use crate::tls::TlsSocket;
+use crate::wire::{BoxError, Prefixed, Socket};
 
 /// What the server needs of the service behind it: one is cloned per connection and called
 /// for one request at a time on it.
@@ -49,11 +52,13 @@ pub trait ResponseBody: Body<Data = Bytes, Error: Into<BoxError> + Send> + Send 
 
 impl<B> ResponseBody for B where B: Body<Data = Bytes, Error: Into<BoxError> + Send> + Send + Unpin + 'static {}
 
-/// Serves HTTP/1.1 and h2c on `listener` until `shutdown` resolves, then stops accepting and gives
-/// open requests up to `drain_timeout` to finish.
+/// Serves HTTP/1.1 and h2c on `listener` (or, given a TLS configuration, HTTPS with HTTP/2 by
+/// ALPN) until `shutdown` resolves, then stops accepting and gives open requests up to
+/// `drain_timeout` to finish.
 pub async fn serve<S, B>(
     service: S,
     listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl Future<Output = ()>,
     drain_timeout: Duration,
 ) where
@@ -69,7 +74,11 @@ pub async fn serve<S, B>(
             accepted = listener.accept() => match accepted {
                 Ok((stream, client)) => {
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(connection(service.clone(), stream, ClientAddr::new(client), stop.clone()));
+                    let (service, stop) = (service.clone(), stop.clone());
+                    match &tls {
+                        None => tokio::spawn(connection(service, stream, ClientAddr::new(client), stop)),
+                        Some(tls) => tokio::spawn(tls_connection(service, Arc::clone(tls), stream, client, stop)),
+                    };
                 }
                 Err(err) => {
                     // Out of file descriptors, most likely: back off instead of spinning.
@@ -107,9 +116,35 @@ pub async fn connection<S, B, C>(
     Box::pin(serve_h2(service, stream, client, stop)).await;
 }
 
+/// Serves one client connection over TLS, once its handshake is done.
+async fn tls_connection<S, B>(
+    service: S,
+    tls: Arc<rustls::ServerConfig>,
+    stream: TcpStream,
+    client: SocketAddr,
+    stop: watch::Receiver<bool>,
+) where
+    S: HttpService<B>,
+    B: ResponseBody,
+{
+    let socket = match TlsSocket::accept(tls, stream).await {
+        Ok(socket) => socket,
+        Err(err) => {
+            tracing::debug!("TLS handshake with {client}: {err}");
+            return;
+        }
+    };
+    let client = ClientAddr::over_tls(client);
+    if socket.negotiated_h2() {
+        Box::pin(serve_h2(service, Prefixed::new(Bytes::new(), socket), client, stop)).await;
+    } else {
+        connection(service, socket, client, stop).await;
+    }
+}
+
 async fn serve_h2<S, B, C>(
     service: S,
-    stream: crate::wire::Prefixed<C>,
+    stream: Prefixed<C>,
     client: ClientAddr,
     mut stop: watch::Receiver<bool>,
 ) where

@@ -69,7 +69,9 @@ impl<F: Future<Output = Result<Response<R>, E>>, R, E> Future for Forwarded<F> {
 /// instances see the name the client asked for.
 fn rewrite_request<B>(request: &mut Request<B>) {
     let upgrade = upgrade_protocol(request);
-    let forwarded_for = request.extensions().get::<ClientAddr>().and_then(|c| c.forwarded_for.clone());
+    let client = request.extensions().get::<ClientAddr>();
+    let forwarded_for = client.and_then(|c| c.forwarded_for.clone());
+    let proto = HeaderValue::from_static(if client.is_some_and(|c| c.tls) { "https" } else { "http" });
     let original_host = request
         .headers()
         .get(HOST)
@@ -92,7 +94,7 @@ fn rewrite_request<B>(request: &mut Request<B>) {
             headers.insert(X_FORWARDED_FOR, value);
         }
     }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    headers.insert(X_FORWARDED_PROTO, proto);
     if let Some(host) = original_host {
         // An HTTP/2 request names its host in the URI only: instances get it as Host.
         if !headers.contains_key(HOST) {

@@ -21,8 +21,11 @@ pub const ECHO: &str = env!("CARGO_BIN_EXE_surge-echo");
 pub struct Surge {
     child: Option<Child>,
     pub gateway: SocketAddr,
+    /// The HTTPS listener, when the configuration has one.
+    pub https: Option<SocketAddr>,
     pub admin: SocketAddr,
     pub config: PathBuf,
+    pub dir: PathBuf,
     log: Arc<Mutex<Vec<String>>>,
     client: HttpClient,
     _dir: tempfile::TempDir,
@@ -55,8 +58,13 @@ pub fn http_client() -> HttpClient {
 /// Writes a configuration whose services are `services` (TOML), with the gateway and the admin
 /// API on ports the kernel picks. `{echo}` in `services` stands for the test backend's path.
 pub fn write_config(dir: &Path, services: &str) -> PathBuf {
+    write_config_with(dir, "", services)
+}
+
+/// As [`write_config`], with `gateway` (TOML keys) added to the `[gateway]` table.
+pub fn write_config_with(dir: &Path, gateway: &str, services: &str) -> PathBuf {
     let config = format!(
-        "[gateway]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"5s\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n{}",
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nshutdown_timeout = \"5s\"\n{gateway}\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n{}",
         services.replace("{echo}", ECHO)
     );
     let path = dir.join("surge.toml");
@@ -68,8 +76,15 @@ impl Surge {
     /// Starts `surge up` and waits until its listeners are bound and every pool has
     /// reached its initial size of ready instances.
     pub async fn start(services: &str) -> Surge {
+        Surge::start_with("", services, |_| {}).await
+    }
+
+    /// As [`Surge::start`], with `gateway` keys added to `[gateway]`, after `prepare` has
+    /// written what they need (certificates, say) into the configuration's directory.
+    pub async fn start_with(gateway: &str, services: &str, prepare: impl FnOnce(&Path)) -> Surge {
         let dir = tempfile::tempdir().expect("temp dir");
-        let config = write_config(dir.path(), services);
+        prepare(dir.path());
+        let config = write_config_with(dir.path(), gateway, services);
         let mut child = Command::new(SURGE)
             .args(["up", "-c"])
             .arg(&config)
@@ -97,8 +112,10 @@ impl Surge {
         let surge = Surge {
             child: Some(child),
             gateway: address_after(&up, "gateway on http://"),
+            https: up.contains("HTTPS on https://").then(|| address_after(&up, "HTTPS on https://")),
             admin: address_after(&up, "admin API on http://"),
             config,
+            dir: dir.path().to_owned(),
             log,
             client: http_client(),
             _dir: dir,
