@@ -95,10 +95,12 @@ def to_ms(text):
     return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}[unit]
 
 
-def wrk(url, connections, core, duration=None):
+def wrk(url, connections, core, duration=None, headers=()):
     threads = 1 if connections < 64 else 2
+    header_args = [arg for header in headers for arg in ("-H", header)]
     out = subprocess.run(
-        ["taskset", "-c", core, "wrk", f"-t{threads}", f"-c{connections}", f"-d{duration or DURATION}", "--latency", url],
+        ["taskset", "-c", core, "wrk", f"-t{threads}", f"-c{connections}", f"-d{duration or DURATION}", "--latency",
+         *header_args, url],
         capture_output=True, text=True, check=True,
     ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))

@@ -4,8 +4,13 @@
 //! - `GET /status`: every service, its instances and counters ([`StatusResponse`]).
 //! - `POST /services/{name}/scale` with `{"instances": N}`: sets the desired count.
 //! - `GET /metrics`: the Prometheus (OpenMetrics) text exposition.
+//!
+//! Every request passes [`Access`] first: a bearer token, a loopback Host, JSON for changes.
 
+mod access;
 pub mod api;
+
+pub use access::{Access, Refusal};
 
 use std::future::Future;
 use std::sync::Arc;
@@ -28,12 +33,33 @@ struct AdminState {
     metrics: Arc<Metrics>,
 }
 
-pub fn router(pools: Arc<Pools>, metrics: Arc<Metrics>) -> axum::Router {
+pub fn router(pools: Arc<Pools>, metrics: Arc<Metrics>, access: Access) -> axum::Router {
     axum::Router::new()
         .route("/status", get(status))
         .route("/services/{name}/scale", post(scale))
         .route("/metrics", get(metrics_text))
+        .layer(axum::middleware::from_fn_with_state(Arc::new(access), guard))
         .with_state(AdminState { pools, metrics })
+}
+
+async fn guard(
+    State(access): State<Arc<Access>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match access.check(request.method(), request.uri().path(), request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(refusal) => {
+            let mut response = error(refusal.status(), refusal.to_string());
+            if refusal.status() == StatusCode::UNAUTHORIZED {
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static("Bearer realm=\"surge\""),
+                );
+            }
+            response
+        }
+    }
 }
 
 /// Serves the admin API until `shutdown` resolves.

@@ -28,6 +28,9 @@ pub struct GatewayConfig {
     pub shutdown_timeout: Duration,
     /// The HTTPS listener, when there is one.
     pub tls: Option<TlsConfig>,
+    /// Peers whose `X-Forwarded-*` and `Forwarded` fields are believed (and extended); from
+    /// anyone else they are replaced.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, Clone)]
@@ -55,6 +58,10 @@ pub struct CertificateFiles {
 pub struct AdminConfig {
     pub listen: SocketAddr,
     pub listen_site: Site,
+    /// A file holding the bearer token the admin API asks for (`SURGE_ADMIN_TOKEN` overrides).
+    pub token_file: Option<(PathBuf, Site)>,
+    /// `/metrics` answers without the token even where the rest needs it.
+    pub metrics_public: bool,
 }
 
 #[derive(Debug, Clone)]

@@ -45,6 +45,8 @@ pub(crate) struct RawGateway {
     #[serde(default)]
     pub redirect_to_https: bool,
     pub hsts: Option<Spanned<String>>,
+    #[serde(default)]
+    pub trusted_proxies: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -76,6 +78,9 @@ fn one_or_many<'de, D: Deserializer<'de>, T: Deserialize<'de>>(deserializer: D) 
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawAdmin {
     pub listen: Option<Spanned<SocketAddr>>,
+    pub token_file: Option<Spanned<String>>,
+    #[serde(default)]
+    pub metrics_public: bool,
 }
 
 #[derive(Debug, Deserialize)]

@@ -129,7 +129,23 @@ impl Validator<'_> {
             "gateway.shutdown_timeout".into(),
             Duration::from_secs(30),
         );
-        GatewayConfig { listen, listen_site, shutdown_timeout, tls }
+        let trusted_proxies = raw
+            .trusted_proxies
+            .iter()
+            .enumerate()
+            .filter_map(|(i, cidr)| match parse_cidr(cidr.get_ref()) {
+                Some(net) => Some(net),
+                None => {
+                    self.error(
+                        cidr.span(),
+                        format!("gateway.trusted_proxies[{i}]"),
+                        "an address or a CIDR block, such as \"10.0.0.0/8\" or \"::1\"",
+                    );
+                    None
+                }
+            })
+            .collect();
+        GatewayConfig { listen, listen_site, shutdown_timeout, tls, trusted_proxies }
     }
 
     fn tls(&mut self, raw: &raw::RawGateway) -> Option<TlsConfig> {
@@ -194,7 +210,10 @@ impl Validator<'_> {
 
     fn admin(&mut self, raw: raw::RawAdmin) -> AdminConfig {
         let (listen, listen_site) = self.listen(raw.listen, "admin.listen", DEFAULT_ADMIN_LISTEN);
-        AdminConfig { listen, listen_site }
+        let dir = self.file.parent().unwrap_or(Path::new("."));
+        let token_file =
+            raw.token_file.map(|file| (dir.join(file.get_ref()), self.site(file.span(), "admin.token_file")));
+        AdminConfig { listen, listen_site, token_file, metrics_public: raw.metrics_public }
     }
 
     fn service(
@@ -731,6 +750,11 @@ fn parse_upstream(address: &str) -> Result<(String, u16), String> {
         return Err(format!(r#""{address}": "{host}" is neither an IP address nor a DNS name"#));
     }
     Ok((host.to_owned(), port))
+}
+
+/// `10.0.0.0/8`, or one address as a block of one.
+fn parse_cidr(text: &str) -> Option<ipnet::IpNet> {
+    text.parse().ok().or_else(|| text.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
 }
 
 fn resolve_command(command: &str, config_file: &Path) -> Result<PathBuf, String> {

@@ -12,6 +12,8 @@ use crate::problem::problem;
 pub enum GatewayError {
     #[error("no route matches host {host:?} and path {path:?}")]
     NoRoute { host: String, path: String },
+    #[error("bad request: {what}")]
+    BadRequest { what: &'static str },
     #[error("the request body could not be read: {cause}")]
     BadRequestBody { cause: String },
     #[error("rate limit of {limit} requests exceeded; retry in {:.3} s", verdict.retry_after.as_secs_f64())]
@@ -40,7 +42,7 @@ impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
             GatewayError::NoRoute { .. } => StatusCode::NOT_FOUND,
-            GatewayError::BadRequestBody { .. } => StatusCode::BAD_REQUEST,
+            GatewayError::BadRequest { .. } | GatewayError::BadRequestBody { .. } => StatusCode::BAD_REQUEST,
             GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::NoReadyInstance { .. }
             | GatewayError::BufferFull { .. }
@@ -81,6 +83,7 @@ impl GatewayError {
     pub fn code(&self) -> &'static str {
         match self {
             GatewayError::NoRoute { .. } => "no_route",
+            GatewayError::BadRequest { .. } => "bad_request",
             GatewayError::BadRequestBody { .. } => "bad_request_body",
             GatewayError::RateLimited { .. } => "rate_limited",
             GatewayError::NoReadyInstance { .. } => "no_ready_instance",

@@ -44,6 +44,7 @@ pub struct Gateway {
     router: Router<RouteTarget>,
     services: Vec<stack::ServiceStack>,
     metrics: GatewayMetrics,
+    trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// What a matched route leads to.
@@ -72,13 +73,17 @@ impl Gateway {
             let stack = stack::build(pool, &metrics);
             services.push(stack);
         }
-        Gateway { router: Router::new(routes), services, metrics }
+        let trusted_proxies = config.gateway.trusted_proxies.clone();
+        Gateway { router: Router::new(routes), services, metrics, trusted_proxies }
     }
 
     /// Routes a request, and answers it when routing decides (404); else it goes through its
     /// service's stack, after the route's rate limit if it has one.
     fn handle(gateway: &Arc<Gateway>, mut request: Request<ClientBody>) -> Handled {
-        let host = request.headers().get(HOST).and_then(|h| h.to_str().ok()).or(request.uri().host());
+        let host = match request_host(&request) {
+            Ok(host) => host,
+            Err(err) => return Handled::Answered { response: Some(err.into_response()) },
+        };
         let Some(target) = gateway.router.route(host, request.uri().path()) else {
             gateway.metrics.unrouted.inc();
             let host = host.unwrap_or_default().to_owned();
@@ -89,6 +94,12 @@ impl Gateway {
         };
         if target.retry {
             request.extensions_mut().insert(stack::RetryRoute);
+        }
+        if !gateway.trusted_proxies.is_empty() {
+            if let Some(client) = request.extensions_mut().get_mut::<ClientAddr>() {
+                let ip = client.addr.ip().to_canonical();
+                client.trusted = gateway.trusted_proxies.iter().any(|net| net.contains(&ip));
+            }
         }
         let stack = gateway.services[target.service].clone();
         let Some(limiter) = &target.limiter else {
@@ -111,6 +122,27 @@ impl Gateway {
                 response
             }),
         }
+    }
+}
+
+/// The host a request is for: its URI's authority (HTTP/2's `:authority`, or HTTP/1.1's
+/// absolute form, which the server already made its Host) or its Host field. Two that differ,
+/// or two Host fields, are refused: a route could be chosen on one and served on the other.
+fn request_host<B>(request: &Request<B>) -> Result<Option<&str>, GatewayError> {
+    let mut hosts = request.headers().get_all(HOST).iter();
+    let host = match (hosts.next(), hosts.next()) {
+        (_, Some(_)) => return Err(GatewayError::BadRequest { what: "more than one Host field" }),
+        (Some(host), None) => {
+            Some(host.to_str().map_err(|_| GatewayError::BadRequest { what: "Host is not ASCII" })?)
+        }
+        (None, None) => None,
+    };
+    match (request.uri().authority(), host) {
+        (Some(authority), Some(host)) if !authority.as_str().eq_ignore_ascii_case(host) => {
+            Err(GatewayError::BadRequest { what: "the request's authority and its Host field differ" })
+        }
+        (Some(authority), _) => Ok(Some(authority.as_str())),
+        (None, host) => Ok(host),
     }
 }
 
@@ -230,5 +262,29 @@ fn host_without_port(host: &str) -> &str {
     match host.rfind(':') {
         Some(colon) if !host[colon..].contains(']') => &host[..colon],
         _ => host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host_of(uri: &str, hosts: &[&str]) -> Result<Option<String>, &'static str> {
+        let mut request = Request::get(uri);
+        for host in hosts {
+            request = request.header(HOST, *host);
+        }
+        let request = request.body(()).expect("request");
+        request_host(&request).map(|h| h.map(str::to_owned)).map_err(|err| err.code())
+    }
+
+    #[test]
+    fn the_host_is_the_authority_or_the_host_field_and_never_two_of_them() {
+        assert_eq!(host_of("/a", &["shop.example"]), Ok(Some("shop.example".into())));
+        assert_eq!(host_of("http://shop.example/a", &[]), Ok(Some("shop.example".into())));
+        assert_eq!(host_of("http://shop.example/a", &["Shop.Example"]), Ok(Some("shop.example".into())));
+        assert_eq!(host_of("/a", &[]), Ok(None));
+        assert_eq!(host_of("http://shop.example/a", &["admin.example"]), Err("bad_request"));
+        assert_eq!(host_of("/a", &["a.example", "b.example"]), Err("bad_request"));
     }
 }

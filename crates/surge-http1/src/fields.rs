@@ -1,5 +1,6 @@
 //! The header fields that frame a message and decide its connection's fate, read in one pass
-//! over a parsed head: Content-Length, Transfer-Encoding, Connection, Expect and Upgrade.
+//! over a parsed head: Content-Length, Transfer-Encoding, Connection, Expect, Upgrade, and
+//! how many Host fields a request has.
 
 use crate::FramingError;
 
@@ -15,6 +16,8 @@ pub struct Fields {
     pub expect_continue: bool,
     /// An Upgrade field is present.
     pub upgrade: bool,
+    /// How many Host fields there are (a request must have exactly one, RFC 9112 §3.2).
+    pub hosts: u8,
 }
 
 /// The transfer codings a message lists, in order, across all its Transfer-Encoding fields.
@@ -58,6 +61,7 @@ impl Fields {
                 10 => b"connection",
                 6 => b"expect",
                 7 => b"upgrade",
+                4 => b"host",
                 _ => continue,
             };
             if !name.eq_ignore_ascii_case(wanted) {
@@ -101,6 +105,7 @@ impl Fields {
                 b"expect" => {
                     facts.expect_continue |= field.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
                 }
+                b"host" => facts.hosts = facts.hosts.saturating_add(1),
                 _ => facts.upgrade = true,
             }
         }
@@ -192,6 +197,7 @@ mod tests {
         .expect("valid");
         assert_eq!(fields.connection, Connection { close: true, keep_alive: true, upgrade: true });
         assert!(fields.expect_continue && fields.upgrade);
+        assert_eq!(fields.hosts, 2);
         assert!(!scan(&[("Expect", "100-continue-later")]).expect("valid").expect_continue);
     }
 }

@@ -89,15 +89,37 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
         Err(err) => return Err(malformed(err.to_string())),
     };
     let method = parsed.method.map(str::as_bytes).unwrap_or_default();
+    // Methods are case-sensitive and every standard one is upper case: `get` is not GET, and
+    // an instance may treat it either way (nginx refuses it too).
+    if !method.iter().all(|&b| b.is_ascii_uppercase() || b == b'-' || b == b'_') {
+        return Err(malformed("a method is upper-case letters, '-' and '_'"));
+    }
     let method = Method::from_bytes(method).map_err(|_| malformed("invalid method"))?;
     let target = span(buf, parsed.path.map(str::as_bytes).unwrap_or_default());
     let version = if parsed.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
     let facts = Fields::scan(parsed.headers)?;
+    // One Host, which HTTP/1.1 requires: two could be routed on one and served on the other.
+    match (facts.hosts, version) {
+        (0, Version::HTTP_11) => return Err(malformed("an HTTP/1.1 request without Host")),
+        (0 | 1, _) => {}
+        _ => return Err(malformed("more than one Host field")),
+    }
     let framing = request_framing(version, &facts)?;
     let spans = Spans::of(parsed.headers, buf);
     let head = buf.split_to(length).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target)).map_err(|_| malformed("invalid request target"))?;
-    let headers = spans.header_map(&head, PROXY_FIELDS).map_err(malformed)?;
+    let mut headers = spans.header_map(&head, PROXY_FIELDS).map_err(malformed)?;
+    if let Some(authority) = uri.authority() {
+        // The absolute form's authority is the request's host, whatever Host says (§3.2.2).
+        let host = HeaderValue::from_str(authority.as_str()).map_err(|_| malformed("invalid authority"))?;
+        headers.insert(http::header::HOST, host);
+    } else if let Some(host) = headers.get(http::header::HOST) {
+        let valid =
+            http::uri::Authority::try_from(host.as_bytes()).is_ok() && !host.as_bytes().contains(&b'@');
+        if !valid && !host.is_empty() {
+            return Err(malformed("Host is not a host name with an optional port"));
+        }
+    }
     let keep_alive = match version {
         Version::HTTP_10 => facts.connection.keep_alive,
         _ => !facts.connection.close,
@@ -297,31 +319,76 @@ mod tests {
     }
 
     #[test]
+    fn a_request_has_one_valid_host_and_an_upper_case_method() {
+        let refused = [
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nhost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: user@a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a/b\r\n\r\n",
+            "get / HTTP/1.1\r\nHost: a\r\n\r\n",
+            "Get / HTTP/1.1\r\nHost: a\r\n\r\n",
+        ];
+        for text in refused {
+            assert_eq!(parse(text).err().map(|e| e.status()), Some(StatusCode::BAD_REQUEST), "{text:?}");
+        }
+        // HTTP/1.0 may leave Host out; a port and an IPv6 literal are hosts too.
+        for text in [
+            "GET / HTTP/1.0\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a.example:8080\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n",
+            "M-SEARCH * HTTP/1.1\r\nHost: a\r\n\r\n",
+        ] {
+            assert!(parse(text).expect("valid").is_some(), "{text:?}");
+        }
+        // The absolute form's authority is the host, whatever Host says.
+        let absolute = head("GET http://a.example:81/x HTTP/1.1\r\nHost: b.example\r\n\r\n");
+        assert_eq!(absolute.request.headers()["host"], "a.example:81");
+        assert_eq!(absolute.request.headers().get_all("host").iter().count(), 1);
+    }
+
+    #[test]
     fn request_framing_follows_rfc_9112_and_refuses_ambiguity() {
         let cases: &[(&str, Result<RequestFraming, StatusCode>)] = &[
-            ("GET / HTTP/1.1\r\n\r\n", Ok(RequestFraming::Empty)),
-            ("POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n", Ok(RequestFraming::Empty)),
-            ("POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n", Ok(RequestFraming::Length(5))),
-            ("POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n", Ok(RequestFraming::Length(5))),
-            ("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", Ok(RequestFraming::Chunked)),
-            ("POST / HTTP/1.1\r\nTransfer-Encoding: CHUNKED\r\n\r\n", Ok(RequestFraming::Chunked)),
+            ("GET / HTTP/1.1\r\nHost: x\r\n\r\n", Ok(RequestFraming::Empty)),
+            ("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", Ok(RequestFraming::Empty)),
+            ("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n", Ok(RequestFraming::Length(5))),
+            ("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 5\r\n\r\n", Ok(RequestFraming::Length(5))),
+            ("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", Ok(RequestFraming::Chunked)),
+            ("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: CHUNKED\r\n\r\n", Ok(RequestFraming::Chunked)),
             (
-                "POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
                 Err(StatusCode::BAD_REQUEST),
             ),
             (
-                "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+                "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
                 Err(StatusCode::BAD_REQUEST),
             ),
-            ("POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", Err(StatusCode::BAD_REQUEST)),
-            ("POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n", Err(StatusCode::BAD_REQUEST)),
-            ("POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", Err(StatusCode::BAD_REQUEST)),
-            ("POST / HTTP/1.1\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", Err(StatusCode::BAD_REQUEST)),
-            ("POST / HTTP/1.1\r\nTransfer-Encoding: identity\r\n\r\n", Err(StatusCode::BAD_REQUEST)),
+            ("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", Err(StatusCode::BAD_REQUEST)),
+            (
+                "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999\r\n\r\n",
+                Err(StatusCode::BAD_REQUEST),
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+                Err(StatusCode::BAD_REQUEST),
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+                Err(StatusCode::BAD_REQUEST),
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity\r\n\r\n",
+                Err(StatusCode::BAD_REQUEST),
+            ),
             ("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", Err(StatusCode::BAD_REQUEST)),
-            ("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", Err(StatusCode::NOT_IMPLEMENTED)),
             (
-                "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                Err(StatusCode::NOT_IMPLEMENTED),
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n",
                 Err(StatusCode::NOT_IMPLEMENTED),
             ),
         ];
@@ -345,14 +412,17 @@ mod tests {
     fn connection_facts_follow_the_version() {
         assert!(!head("GET / HTTP/1.0\r\n\r\n").keep_alive);
         assert!(head("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").keep_alive);
-        assert!(!head("GET / HTTP/1.1\r\nConnection: close\r\n\r\n").keep_alive);
-        let chunked = head("PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nExpect: 100-Continue\r\n\r\n");
+        assert!(!head("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").keep_alive);
+        let chunked =
+            head("PUT / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nExpect: 100-Continue\r\n\r\n");
         assert_eq!(chunked.framing, RequestFraming::Chunked);
         assert!(chunked.expect_continue);
         assert!(!head("PUT / HTTP/1.0\r\nExpect: 100-continue\r\n\r\n").expect_continue);
-        let upgrade = head("GET / HTTP/1.1\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n");
+        let upgrade = head(
+            "GET / HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        );
         assert!(upgrade.upgrade);
-        assert!(!head("GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n").upgrade);
+        assert!(!head("GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n").upgrade);
     }
 
     fn response(text: &str, method: Method) -> ResponseHead {

@@ -9,25 +9,49 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use surge_config::{AdminConfig, ConfigErrors};
 
 const DEFAULT_ADMIN: &str = "127.0.0.1:9900";
+/// Overrides `admin.token_file`, for the server and the command line alike.
+const TOKEN_VARIABLE: &str = "SURGE_ADMIN_TOKEN";
+
+/// The admin API's bearer token: `SURGE_ADMIN_TOKEN`, else the contents of `admin.token_file`.
+pub fn admin_token(admin: &AdminConfig) -> Result<Option<String>, ConfigErrors> {
+    if let Some(token) = std::env::var(TOKEN_VARIABLE).ok().filter(|t| !t.trim().is_empty()) {
+        return Ok(Some(token.trim().to_owned()));
+    }
+    let Some((file, site)) = &admin.token_file else { return Ok(None) };
+    let refuse = |message: String| ConfigErrors::single(site.error(format!("{}: {message}", file.display())));
+    let token =
+        std::fs::read_to_string(file).map_err(|err| refuse(format!("cannot read the token: {err}")))?;
+    match token.trim() {
+        "" => Err(refuse("the token file is empty".into())),
+        token => Ok(Some(token.to_owned())),
+    }
+}
 
 pub struct AdminClient {
     base: String,
+    token: Option<String>,
     client: Client<HttpConnector, Full<Bytes>>,
 }
 
 impl AdminClient {
     /// The address from `--admin` or SURGE_ADMIN, else from the configuration file, else the default.
-    pub fn new(admin: Option<&str>, config: &Path) -> Self {
-        let address = match admin {
-            Some(address) => address.trim_end_matches('/').to_owned(),
-            None => surge_config::load(config)
-                .map(|config| config.admin.listen.to_string())
-                .unwrap_or_else(|_| DEFAULT_ADMIN.to_owned()),
+    /// The token likewise: SURGE_ADMIN_TOKEN, else the configuration's `admin.token_file`.
+    pub fn new(admin: Option<&str>, config: &Path) -> Result<Self, ConfigErrors> {
+        let config = surge_config::load(config).ok();
+        let address = match (admin, &config) {
+            (Some(address), _) => address.trim_end_matches('/').to_owned(),
+            (None, Some(config)) => config.admin.listen.to_string(),
+            (None, None) => DEFAULT_ADMIN.to_owned(),
+        };
+        let token = match &config {
+            Some(config) => admin_token(&config.admin)?,
+            None => std::env::var(TOKEN_VARIABLE).ok().filter(|t| !t.trim().is_empty()),
         };
         let base = if address.contains("://") { address } else { format!("http://{address}") };
-        AdminClient { base, client: Client::builder(TokioExecutor::new()).build_http() }
+        Ok(AdminClient { base, token, client: Client::builder(TokioExecutor::new()).build_http() })
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, String> {
@@ -41,12 +65,13 @@ impl AdminClient {
 
     async fn send<T: DeserializeOwned>(&self, method: Method, path: &str, body: Bytes) -> Result<T, String> {
         let url = format!("{}{path}", self.base);
-        let request = Request::builder()
-            .method(method)
-            .uri(&url)
-            .header("content-type", "application/json")
-            .body(Full::new(body))
-            .map_err(|err| format!("bad admin address {}: {err}", self.base))?;
+        let mut request =
+            Request::builder().method(method).uri(&url).header("content-type", "application/json");
+        if let Some(token) = &self.token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let request =
+            request.body(Full::new(body)).map_err(|err| format!("bad admin address {}: {err}", self.base))?;
         let response = self.client.request(request).await.map_err(|err| {
             format!(
                 "cannot reach the admin API at {}: {}. Is `surge up` running? Point --admin (or SURGE_ADMIN) \

@@ -14,7 +14,7 @@ fn block_on<T>(future: impl std::future::Future<Output = Result<T, String>>) -> 
 }
 
 pub fn status(args: &AdminArgs, json: bool) -> Result<(), Failure> {
-    let client = AdminClient::new(args.admin.as_deref(), &args.config);
+    let client = AdminClient::new(args.admin.as_deref(), &args.config)?;
     if json {
         let status: serde_json::Value = block_on(client.get("/status"))?;
         println!("{}", serde_json::to_string_pretty(&status).unwrap_or_default());
@@ -26,7 +26,7 @@ pub fn status(args: &AdminArgs, json: bool) -> Result<(), Failure> {
 }
 
 pub fn scale(args: &AdminArgs, service: &str, instances: u32) -> Result<(), Failure> {
-    let client = AdminClient::new(args.admin.as_deref(), &args.config);
+    let client = AdminClient::new(args.admin.as_deref(), &args.config)?;
     let path = format!("/services/{service}/scale");
     let answer: ScaleResponse = block_on(client.post(&path, &ScaleRequest { instances }))?;
     println!("{}: desired instances set to {}", answer.service, answer.desired);

@@ -46,6 +46,12 @@ async fn bind(addr: SocketAddr, site: &Site) -> Result<TcpListener, Failure> {
 }
 
 async fn serve(config: Config) -> Result<(), Failure> {
+    let token = crate::admin_client::admin_token(&config.admin)?;
+    let access = surge_admin::Access::new(config.admin.listen, token, config.admin.metrics_public).map_err(
+        |message| {
+            Failure::Config(surge_config::ConfigErrors::single(config.admin.listen_site.error(message)))
+        },
+    )?;
     let gateway_listener = bind(config.gateway.listen, &config.gateway.listen_site).await?;
     let admin_listener = bind(config.admin.listen, &config.admin.listen_site).await?;
     let local = |listener: &TcpListener| listener.local_addr().map_err(|err| err.to_string());
@@ -94,7 +100,7 @@ async fn serve(config: Config) -> Result<(), Failure> {
         Some(port) => tokio::spawn(surge_gateway::serve_https_redirect(gateway_listener, port, plain, drain)),
         None => tokio::spawn(surge_gateway::serve(gateway, gateway_listener, plain, drain)),
     });
-    let admin = surge_admin::router(Arc::clone(&pools), Arc::clone(&metrics));
+    let admin = surge_admin::router(Arc::clone(&pools), Arc::clone(&metrics), access);
     let admin_task = tokio::spawn(surge_admin::serve(admin_listener, admin, stopped(admin_stopping)));
     tracing::info!(
         "surge is up: gateway on http://{gateway_addr}{https_note}, admin API on http://{admin_addr}, {} service{}",

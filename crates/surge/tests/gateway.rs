@@ -162,15 +162,10 @@ buffer = { requests = 0 }
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarding_headers_are_set_and_hop_by_hop_headers_removed() {
     let surge = Surge::start(ROUTED).await;
-    let headers = [
-        ("connection", "keep-alive, x-private"),
-        ("x-private", "secret"),
-        ("x-forwarded-for", "203.0.113.9"),
-        ("x-custom", "kept"),
-    ];
+    let headers = [("connection", "keep-alive, x-private"), ("x-private", "secret"), ("x-custom", "kept")];
     let answer = surge.request(Method::GET, "/web", &headers, Bytes::new()).await;
     let seen = &answer.json()["headers"];
-    assert_eq!(seen["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
     assert_eq!(seen["x-forwarded-proto"], "http");
     assert_eq!(seen["x-forwarded-host"], surge.gateway.to_string());
     assert_eq!(seen["host"], surge.gateway.to_string(), "the Host header is kept");
@@ -361,18 +356,22 @@ async fn malformed_and_oversized_heads_get_a_clear_error_then_a_close() {
     for (request, status, code) in [
         ("GET /web HTTP/1.1\r\nHo st: x\r\n\r\n", "400 Bad Request", "bad_request_head"),
         (
-            "POST /web HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nabc",
+            "POST /web HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nabc",
             "400 Bad Request",
             "bad_request_head",
         ),
         (
-            "POST /web HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabc",
+            "POST /web HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabc",
             "400 Bad Request",
             "bad_request_head",
         ),
         (big.as_str(), "431 Request Header Fields Too Large", "request_head_too_large"),
+        // Which host a request is for must not be ambiguous, nor its method's case.
+        ("GET /web HTTP/1.1\r\n\r\n", "400 Bad Request", "bad_request_head"),
+        ("GET /web HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "400 Bad Request", "bad_request_head"),
+        ("get /web HTTP/1.1\r\nHost: x\r\n\r\n", "400 Bad Request", "bad_request_head"),
         (
-            "POST /web HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            "POST /web HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
             "501 Not Implemented",
             "unsupported_transfer_coding",
         ),
@@ -383,6 +382,30 @@ async fn malformed_and_oversized_heads_get_a_clear_error_then_a_close() {
         assert!(answer.contains(&format!("\"error\":\"{code}\"")), "{answer}");
     }
     assert_eq!(surge.get("/web").await.status, StatusCode::OK, "still serving");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_fields_are_believed_only_from_trusted_proxies() {
+    let claims = [
+        ("x-forwarded-for", "203.0.113.9"),
+        ("x-forwarded-proto", "https"),
+        ("x-real-ip", "203.0.113.9"),
+        ("x-surge-deadline-ms", "1"),
+    ];
+    let direct = Surge::start(ROUTED).await;
+    let headers = direct.request(Method::GET, "/web", &claims, Bytes::new()).await.json()["headers"].clone();
+    assert_eq!(headers["x-forwarded-for"], "127.0.0.1", "{headers}");
+    assert_eq!(headers["x-forwarded-proto"], "http", "{headers}");
+    assert!(headers.get("x-real-ip").is_none(), "{headers}");
+    assert_ne!(headers["x-surge-deadline-ms"], "1", "the gateway's own deadline, not the client's");
+
+    let behind_proxy = Surge::start_with("trusted_proxies = [\"127.0.0.0/8\"]", ROUTED, |_| {}).await;
+    let headers =
+        behind_proxy.request(Method::GET, "/web", &claims, Bytes::new()).await.json()["headers"].clone();
+    assert_eq!(headers["x-forwarded-for"], "203.0.113.9, 127.0.0.1", "{headers}");
+    assert_eq!(headers["x-forwarded-proto"], "https", "{headers}");
+    assert_eq!(headers["x-real-ip"], "203.0.113.9", "{headers}");
+    assert_ne!(headers["x-surge-deadline-ms"], "1", "{headers}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,11 +24,18 @@ pub struct ClientAddr {
     pub forwarded_for: Option<HeaderValue>,
     /// The client came over TLS.
     pub tls: bool,
+    /// The client is a proxy in `gateway.trusted_proxies`: its forwarding fields are believed.
+    pub trusted: bool,
 }
 
 impl ClientAddr {
     pub fn new(addr: SocketAddr) -> Self {
-        ClientAddr { addr, forwarded_for: HeaderValue::from_str(&addr.ip().to_string()).ok(), tls: false }
+        ClientAddr {
+            addr,
+            forwarded_for: HeaderValue::from_str(&addr.ip().to_string()).ok(),
+            tls: false,
+            trusted: false,
+        }
     }
 
     pub fn over_tls(addr: SocketAddr) -> Self {

@@ -126,12 +126,12 @@ async fn a_malformed_head_gets_a_json_400_then_a_close() {
     for (request, status, code) in [
         ("GET / HTTP/1.1\r\nHo st: x\r\n\r\n", "400 Bad Request", "bad_request_head"),
         (
-            "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
             "400 Bad Request",
             "bad_request_head",
         ),
         (
-            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
             "501 Not Implemented",
             "unsupported_transfer_coding",
         ),

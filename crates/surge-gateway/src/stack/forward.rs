@@ -7,7 +7,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use http::header::{HeaderName, HeaderValue, CONNECTION, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+use http::header::{
+    HeaderName, HeaderValue, CONNECTION, FORWARDED, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+};
 use http::{HeaderMap, Request, Response, StatusCode};
 use tower::{Layer, Service};
 
@@ -66,11 +68,14 @@ impl<F: Future<Output = Result<Response<R>, E>>, R, E> Future for Forwarded<F> {
 }
 
 /// Sets the forwarding headers and strips the hop-by-hop ones. The Host header is kept, so
-/// instances see the name the client asked for.
+/// instances see the name the client asked for. Forwarding fields from a client that is not a
+/// trusted proxy are replaced, never passed on: they would let anyone claim any address.
+/// Fields named `x-surge-*` are the gateway's to set, so a client's are dropped.
 fn rewrite_request<B>(request: &mut Request<B>) {
     let upgrade = upgrade_protocol(request);
     let client = request.extensions().get::<ClientAddr>();
     let forwarded_for = client.and_then(|c| c.forwarded_for.clone());
+    let trusted = client.is_some_and(|c| c.trusted);
     let proto = HeaderValue::from_static(if client.is_some_and(|c| c.tls) { "https" } else { "http" });
     let original_host = request
         .headers()
@@ -79,6 +84,12 @@ fn rewrite_request<B>(request: &mut Request<B>) {
         .or_else(|| request.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
     let headers = request.headers_mut();
     strip_hop_by_hop(headers);
+    strip_surge_fields(headers);
+    if !trusted {
+        for name in [X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, FORWARDED, X_REAL_IP] {
+            headers.remove(name);
+        }
+    }
     if let Some(protocol) = upgrade {
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(UPGRADE, protocol);
@@ -94,13 +105,29 @@ fn rewrite_request<B>(request: &mut Request<B>) {
             headers.insert(X_FORWARDED_FOR, value);
         }
     }
-    headers.insert(X_FORWARDED_PROTO, proto);
+    if !headers.contains_key(X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, proto);
+    }
     if let Some(host) = original_host {
         // An HTTP/2 request names its host in the URI only: instances get it as Host.
         if !headers.contains_key(HOST) {
             headers.insert(HOST, host.clone());
         }
-        headers.insert(X_FORWARDED_HOST, host);
+        if !headers.contains_key(X_FORWARDED_HOST) {
+            headers.insert(X_FORWARDED_HOST, host);
+        }
+    }
+}
+
+/// Drops every `x-surge-*` field; most requests have none, which one pass over the names finds.
+fn strip_surge_fields(headers: &mut HeaderMap) {
+    let is_ours = |name: &HeaderName| name.as_str().starts_with("x-surge-");
+    if !headers.keys().any(is_ours) {
+        return;
+    }
+    let ours: Vec<HeaderName> = headers.keys().filter(|name| is_ours(name)).cloned().collect();
+    for name in ours {
+        headers.remove(name);
     }
 }
 
@@ -115,6 +142,7 @@ pub fn upgrade_protocol<B>(request: &Request<B>) -> Option<HeaderValue> {
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -191,16 +219,46 @@ mod tests {
         request
     }
 
+    const CLAIMS: [(&str, &str); 7] = [
+        ("x-forwarded-for", "10.1.1.1"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "other.example"),
+        ("forwarded", "for=10.1.1.1"),
+        ("x-real-ip", "10.1.1.1"),
+        ("x-surge-deadline-ms", "1"),
+        ("connection", "close"),
+    ];
+
     #[test]
-    fn forwarding_headers_extend_the_chain_and_name_the_host() {
-        let mut forwarded = request(&[("x-forwarded-for", "10.1.1.1"), ("connection", "close")], false);
-        rewrite_request(&mut forwarded);
-        let headers = forwarded.headers();
-        assert_eq!(headers["x-forwarded-for"], "10.1.1.1, 192.0.2.1");
+    fn forwarding_fields_from_a_client_are_replaced() {
+        let mut direct = request(&CLAIMS, false);
+        rewrite_request(&mut direct);
+        let headers = direct.headers();
+        assert_eq!(headers["x-forwarded-for"], "192.0.2.1");
         assert_eq!(headers["x-forwarded-proto"], "http");
         assert_eq!(headers["host"], "shop.example", "from the authority of an HTTP/2 request");
         assert_eq!(headers["x-forwarded-host"], "shop.example");
-        assert!(!headers.contains_key("connection"));
+        for gone in ["forwarded", "x-real-ip", "x-surge-deadline-ms", "connection"] {
+            assert!(!headers.contains_key(gone), "{gone}");
+        }
+    }
+
+    #[test]
+    fn forwarding_fields_from_a_trusted_proxy_are_extended() {
+        let mut proxied = request(&CLAIMS, false);
+        if let Some(client) = proxied.extensions_mut().get_mut::<ClientAddr>() {
+            client.trusted = true;
+        }
+        rewrite_request(&mut proxied);
+        let headers = proxied.headers();
+        assert_eq!(headers["x-forwarded-for"], "10.1.1.1, 192.0.2.1");
+        assert_eq!(headers["x-forwarded-proto"], "https");
+        assert_eq!(headers["x-forwarded-host"], "other.example");
+        assert_eq!(headers["forwarded"], "for=10.1.1.1");
+        assert!(
+            !headers.contains_key("x-surge-deadline-ms"),
+            "a trusted proxy cannot set the gateway's own fields"
+        );
     }
 
     #[test]

@@ -186,6 +186,8 @@ impl Surge {
             .args(args)
             .arg("--admin")
             .arg(self.admin.to_string())
+            .arg("-c")
+            .arg(&self.config)
             .output()
             .expect("run the surge command line")
     }

@@ -1,0 +1,185 @@
+//! Who may use the admin API. It can scale services, so:
+//! - a bearer token, when one is set, is required for every request that changes state, and
+//!   for every request when the API listens off loopback (where surge refuses to run without
+//!   one); `/metrics` can be left open for a scraper (`admin.metrics_public`);
+//! - on loopback, `Host` must name loopback, so a web page that rebinds its own DNS name to
+//!   127.0.0.1 cannot read the API from a browser on the machine;
+//! - a request that changes state must say `Content-Type: application/json` and carry no
+//!   foreign `Origin`: a cross-site page can send neither without a CORS preflight, which the
+//!   API never grants.
+
+use std::net::SocketAddr;
+
+use axum::http::{header, HeaderMap, Method, StatusCode};
+
+#[derive(Debug, Clone)]
+pub struct Access {
+    token: Option<String>,
+    /// Off loopback every endpoint needs the token.
+    everything_needs_token: bool,
+    metrics_public: bool,
+    loopback: bool,
+}
+
+/// Why a request is refused, with the status it gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("the admin API on loopback answers only to Host localhost, 127.0.0.1 or [::1]")]
+    ForeignHost,
+    #[error("this needs the admin token: send `Authorization: Bearer <token>` (admin.token_file or SURGE_ADMIN_TOKEN)")]
+    MissingToken,
+    #[error("the admin token is wrong")]
+    WrongToken,
+    #[error("a request that changes state must be `Content-Type: application/json`")]
+    NotJson,
+    #[error("requests from web pages of other origins are refused")]
+    CrossOrigin,
+}
+
+impl Refusal {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Refusal::ForeignHost | Refusal::CrossOrigin => StatusCode::FORBIDDEN,
+            Refusal::MissingToken | Refusal::WrongToken => StatusCode::UNAUTHORIZED,
+            Refusal::NotJson => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        }
+    }
+}
+
+impl Access {
+    /// The rules for an API on `listen`; `Err` when it would listen off loopback unprotected.
+    pub fn new(listen: SocketAddr, token: Option<String>, metrics_public: bool) -> Result<Access, String> {
+        let loopback = listen.ip().is_loopback();
+        if !loopback && token.is_none() {
+            return Err(format!(
+                "the admin API would listen on {listen}, off loopback, with no token: anyone who reaches it \
+                 could scale services. Set admin.token_file (or SURGE_ADMIN_TOKEN), or listen on 127.0.0.1"
+            ));
+        }
+        Ok(Access { token, everything_needs_token: !loopback, metrics_public, loopback })
+    }
+
+    /// Whether a request may go on.
+    pub fn check(&self, method: &Method, path: &str, headers: &HeaderMap) -> Result<(), Refusal> {
+        if self.loopback
+            && !headers.get(header::HOST).and_then(|h| h.to_str().ok()).is_some_and(names_loopback)
+        {
+            return Err(Refusal::ForeignHost);
+        }
+        let changes = !matches!(*method, Method::GET | Method::HEAD);
+        if let Some(token) = &self.token {
+            let open = self.metrics_public && path == "/metrics";
+            if changes || (self.everything_needs_token && !open) {
+                let sent = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+                match sent.and_then(|v| v.strip_prefix("Bearer ")) {
+                    None => return Err(Refusal::MissingToken),
+                    Some(sent) if !same(sent.trim().as_bytes(), token.as_bytes()) => {
+                        return Err(Refusal::WrongToken)
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        if changes {
+            let json = headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split(';').next())
+                .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+            if !json {
+                return Err(Refusal::NotJson);
+            }
+            if let Some(origin) = headers.get(header::ORIGIN) {
+                let origin = origin.to_str().unwrap_or_default();
+                let host = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://"));
+                if !host.is_some_and(names_loopback) {
+                    return Err(Refusal::CrossOrigin);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `localhost`, `127.0.0.1` or `[::1]`, with or without a port.
+fn names_loopback(host: &str) -> bool {
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if !port.contains(']') => name,
+        _ => host,
+    };
+    name.eq_ignore_ascii_case("localhost") || name == "127.0.0.1" || name == "[::1]"
+}
+
+/// Equal bytes, compared in time that does not depend on where they first differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |differ, (x, y)| differ | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs.iter().map(|(k, v)| (header::HeaderName::from_static(k), v.parse().expect("value"))).collect()
+    }
+
+    const LOCAL: &str = "127.0.0.1:9900";
+    const JSON: (&str, &str) = ("content-type", "application/json");
+
+    fn access(listen: &str, token: Option<&str>, metrics_public: bool) -> Access {
+        Access::new(listen.parse().expect("address"), token.map(str::to_owned), metrics_public)
+            .expect("allowed")
+    }
+
+    #[test]
+    fn off_loopback_a_token_is_required() {
+        assert!(Access::new("0.0.0.0:9900".parse().expect("address"), None, false).is_err());
+        let open = access("0.0.0.0:9900", Some("s3cret"), true);
+        let host = ("host", "10.0.0.5:9900");
+        assert_eq!(open.check(&Method::GET, "/status", &headers(&[host])), Err(Refusal::MissingToken));
+        assert_eq!(open.check(&Method::GET, "/metrics", &headers(&[host])), Ok(()));
+        let bearer = ("authorization", "Bearer s3cret");
+        assert_eq!(open.check(&Method::GET, "/status", &headers(&[host, bearer])), Ok(()));
+        let wrong = ("authorization", "Bearer s3cres");
+        assert_eq!(open.check(&Method::GET, "/status", &headers(&[host, wrong])), Err(Refusal::WrongToken));
+        let closed = access("0.0.0.0:9900", Some("s3cret"), false);
+        assert_eq!(closed.check(&Method::GET, "/metrics", &headers(&[host])), Err(Refusal::MissingToken));
+    }
+
+    #[test]
+    fn on_loopback_reads_are_open_and_changes_need_the_token() {
+        let guarded = access(LOCAL, Some("s3cret"), false);
+        let host = ("host", "127.0.0.1:9900");
+        assert_eq!(guarded.check(&Method::GET, "/status", &headers(&[host])), Ok(()));
+        let scale = "/services/web/scale";
+        assert_eq!(guarded.check(&Method::POST, scale, &headers(&[host, JSON])), Err(Refusal::MissingToken));
+        let bearer = ("authorization", "Bearer s3cret");
+        assert_eq!(guarded.check(&Method::POST, scale, &headers(&[host, JSON, bearer])), Ok(()));
+    }
+
+    #[test]
+    fn browsers_cannot_reach_it_by_rebinding_or_cross_site_posts() {
+        let open = access(LOCAL, None, false);
+        for host in ["localhost:9900", "127.0.0.1", "[::1]:9900", "LOCALHOST"] {
+            assert_eq!(open.check(&Method::GET, "/status", &headers(&[("host", host)])), Ok(()), "{host}");
+        }
+        for host in ["evil.example:9900", "127.0.0.1.evil.example", "localhost.evil.example"] {
+            let refused = open.check(&Method::GET, "/status", &headers(&[("host", host)]));
+            assert_eq!(refused, Err(Refusal::ForeignHost), "{host}");
+        }
+        assert_eq!(open.check(&Method::GET, "/status", &HeaderMap::new()), Err(Refusal::ForeignHost));
+        let host = ("host", "localhost:9900");
+        let scale = "/services/web/scale";
+        let form = ("content-type", "text/plain");
+        assert_eq!(open.check(&Method::POST, scale, &headers(&[host, form])), Err(Refusal::NotJson));
+        assert_eq!(open.check(&Method::POST, scale, &headers(&[host])), Err(Refusal::NotJson));
+        let foreign = ("origin", "https://evil.example");
+        assert_eq!(
+            open.check(&Method::POST, scale, &headers(&[host, JSON, foreign])),
+            Err(Refusal::CrossOrigin)
+        );
+        let local = ("origin", "http://localhost:9900");
+        assert_eq!(open.check(&Method::POST, scale, &headers(&[host, JSON, local])), Ok(()));
+        assert_eq!(open.check(&Method::POST, scale, &headers(&[host, JSON])), Ok(()));
+    }
+}

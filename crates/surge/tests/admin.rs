@@ -1,0 +1,101 @@
+//! The admin API can scale services, so it guards itself: a token when one is set, Host names
+//! loopback, changes only as JSON; off loopback surge refuses to run without a token.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{http_client, send, write_config, Surge, SURGE};
+use hyper::{Method, StatusCode};
+
+const WEB: &str =
+    "[services.web]\ncommand = \"{echo}\"\nroutes = [\"/\"]\ninstances = { min = 1, max = 3 }\n";
+
+async fn admin(
+    surge: &Surge,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> StatusCode {
+    let url = format!("http://{}{path}", surge.admin);
+    let answer =
+        send(&http_client(), method, &url, headers, Bytes::from(body.to_owned())).await.expect("answer");
+    answer.status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browsers_cannot_scale_or_read_it_across_sites() {
+    let surge = Surge::start(WEB).await;
+    let scale = "/services/web/scale";
+    let body = r#"{"instances": 3}"#;
+    // What a cross-site form or fetch without preflight can send.
+    let form = [("content-type", "text/plain")];
+    assert_eq!(admin(&surge, Method::POST, scale, &form, body).await, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let foreign = [("content-type", "application/json"), ("origin", "https://evil.example")];
+    assert_eq!(admin(&surge, Method::POST, scale, &foreign, body).await, StatusCode::FORBIDDEN);
+    // A page whose name was rebound to 127.0.0.1.
+    let rebound = [("host", "evil.example:9900")];
+    assert_eq!(admin(&surge, Method::GET, "/status", &rebound, "").await, StatusCode::FORBIDDEN);
+    assert_eq!(surge.service("web").await.desired, 1, "nothing was scaled");
+
+    let output = surge.cli(&["scale", "web", "2"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(surge.service("web").await.desired, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_token_changes_need_it_and_the_cli_sends_it() {
+    // Keys before the first table of the services text land in [admin].
+    let services = format!("token_file = \"admin.token\"\n{WEB}");
+    let surge = Surge::start_with("", &services, |dir| {
+        std::fs::write(dir.join("admin.token"), "s3cret-token\n").expect("write token");
+    })
+    .await;
+    let scale = "/services/web/scale";
+    let body = r#"{"instances": 3}"#;
+    let json = ("content-type", "application/json");
+    assert_eq!(admin(&surge, Method::POST, scale, &[json], body).await, StatusCode::UNAUTHORIZED);
+    let wrong = ("authorization", "Bearer s3cret-tokem");
+    assert_eq!(admin(&surge, Method::POST, scale, &[json, wrong], body).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(surge.service("web").await.desired, 1, "nothing was scaled");
+    // Reads stay open on loopback.
+    assert_eq!(admin(&surge, Method::GET, "/status", &[], "").await, StatusCode::OK);
+
+    let output = surge.cli(&["scale", "web", "3"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(surge.service("web").await.desired, 3);
+}
+
+#[test]
+fn off_loopback_without_a_token_surge_refuses_to_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write_config(dir.path(), WEB);
+    let text = std::fs::read_to_string(&config).expect("read");
+    std::fs::write(
+        &config,
+        text.replacen("[admin]\nlisten = \"127.0.0.1:0\"", "[admin]\nlisten = \"0.0.0.0:0\"", 1),
+    )
+    .expect("write");
+    let mut child = Command::new(SURGE)
+        .args(["up", "-c"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start surge");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "surge kept running");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr).expect("stderr");
+    assert!(!status.success());
+    assert!(stderr.contains("`admin.listen`") && stderr.contains("off loopback, with no token"), "{stderr}");
+}
