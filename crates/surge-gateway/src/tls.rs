@@ -143,8 +143,25 @@ impl State {
 struct Kernel<'a>(&'a TcpStream);
 
 impl Read for Kernel<'_> {
+    /// A read shorter than the room it had drained the socket, so its readiness is cleared
+    /// then (as `wire::read_now` does for plain sockets): the next wait for bytes costs no
+    /// read that finds nothing.
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.try_read(buf)
+        let room = buf.len();
+        let mut read = None;
+        let drained = self.0.try_io(tokio::io::Interest::READABLE, || {
+            let n = self.0.try_read(buf)?;
+            read = Some(n);
+            if n > 0 && n < room {
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(n)
+            }
+        });
+        match (drained, read) {
+            (Err(err), Some(n)) if err.kind() == io::ErrorKind::WouldBlock => Ok(n),
+            (result, _) => result,
+        }
     }
 }
 
