@@ -9,6 +9,7 @@
 mod body;
 mod client;
 mod error;
+mod path;
 mod problem;
 mod ratelimit;
 mod router;
@@ -80,6 +81,15 @@ impl Gateway {
     /// Routes a request, and answers it when routing decides (404); else it goes through its
     /// service's stack, after the route's rate limit if it has one.
     fn handle(gateway: &Arc<Gateway>, mut request: Request<ClientBody>) -> Handled {
+        if let std::borrow::Cow::Owned(normal) = path::normalize(request.uri().path()) {
+            match with_path(request.uri(), &normal) {
+                Some(uri) => *request.uri_mut() = uri,
+                None => {
+                    let err = GatewayError::BadRequest { what: "the request target cannot be normalised" };
+                    return Handled::Answered { response: Some(err.into_response()) };
+                }
+            }
+        }
         let host = match request_host(&request) {
             Ok(host) => host,
             Err(err) => return Handled::Answered { response: Some(err.into_response()) },
@@ -123,6 +133,17 @@ impl Gateway {
             }),
         }
     }
+}
+
+/// `uri` with its path replaced by `path`, its query kept.
+fn with_path(uri: &http::Uri, path: &str) -> Option<http::Uri> {
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_owned(),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(path_and_query.parse().ok()?);
+    http::Uri::from_parts(parts).ok()
 }
 
 /// The host a request is for: its URI's authority (HTTP/2's `:authority`, or HTTP/1.1's

@@ -93,3 +93,28 @@ routes = [{ prefix = "/", rate_limit = { rate = 100, per = "1s", burst = 10, key
     assert!((total - expected).abs() <= expected * 0.05, "{total} vs {expected}");
     assert!(allowed[0] > 50 && allowed[1] > 50, "both nodes served: {allowed:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_spellings_of_a_limited_path_count_against_its_limit() {
+    let config = r#"
+[services.api]
+command = "{echo}"
+routes = [{ prefix = "/api", rate_limit = { rate = 1, per = "1h", burst = 1, key = "header:x-client" } }]
+
+[services.web]
+command = "{echo}"
+routes = ["/"]
+"#;
+    let surge = Surge::start(config).await;
+    let first = surge.request(Method::GET, "/api/x", &[("x-client", "eve")], Bytes::new()).await;
+    assert_eq!(first.status, StatusCode::OK);
+    for spelling in ["/z/../api/x", "/%61pi/x", "//api/x", "/./api/x", "/api/%2e/x"] {
+        let answer = surge.request(Method::GET, spelling, &[("x-client", "eve")], Bytes::new()).await;
+        assert_eq!(answer.status, StatusCode::TOO_MANY_REQUESTS, "{spelling} slipped past the limit");
+    }
+    // What is forwarded is the path that was routed.
+    let other = surge.request(Method::GET, "/z/../api/y?q=1", &[("x-client", "mallory")], Bytes::new()).await;
+    assert_eq!(other.status, StatusCode::OK);
+    assert_eq!(other.json()["path"], "/api/y");
+    assert_eq!(other.json()["query"], "q=1");
+}
