@@ -11,13 +11,13 @@ mod raw;
 mod validate;
 
 /// Parsed durations ("250ms", "2s") for other TOML documents.
-pub use raw::{parse_duration, Duration as HumanDuration};
+pub use raw::{parse_duration, parse_size, Duration as HumanDuration};
 
 pub use error::{ConfigError, ConfigErrors, Site};
 pub use model::{
-    AdminConfig, Backend, Balance, BufferConfig, CertificateFiles, Config, GatewayConfig, HealthConfig,
-    InstanceBounds, LifecycleConfig, OutlierConfig, RateKey, RateLimit, RetryConfig, Route, ServiceConfig,
-    TimeoutConfig, TlsConfig, Upstream, UpstreamProtocol,
+    AdminConfig, Backend, Balance, BufferConfig, CertificateFiles, ClientTimeouts, Config, GatewayConfig,
+    HealthConfig, InstanceBounds, LifecycleConfig, OutlierConfig, RateKey, RateLimit, RetryConfig, Route,
+    ServiceConfig, TimeoutConfig, TlsConfig, Upstream, UpstreamProtocol,
 };
 pub use validate::check_listeners;
 

@@ -31,6 +31,33 @@ pub struct GatewayConfig {
     /// Peers whose `X-Forwarded-*` and `Forwarded` fields are believed (and extended); from
     /// anyone else they are replaced.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Request bodies larger than this get a 413, unless their route says otherwise.
+    pub max_body: u64,
+    pub client_timeouts: ClientTimeouts,
+}
+
+/// How long the gateway waits on a client (nginx's names in brackets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientTimeouts {
+    /// For a request head once it has begun, or a new connection's first (`client_header_timeout`).
+    pub head: Duration,
+    /// For the next request on a kept-alive connection (`keepalive_timeout`).
+    pub keepalive: Duration,
+    /// Between two reads of a request body (`client_body_timeout`).
+    pub body: Duration,
+    /// Between two writes of a response a client is not reading (`send_timeout`).
+    pub send: Duration,
+}
+
+impl Default for ClientTimeouts {
+    fn default() -> Self {
+        ClientTimeouts {
+            head: Duration::from_secs(30),
+            keepalive: Duration::from_secs(75),
+            body: Duration::from_secs(60),
+            send: Duration::from_secs(60),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -173,6 +200,8 @@ pub struct Route {
     /// Retry its requests whatever their method (they are safe to repeat).
     pub retry: bool,
     pub rate_limit: Option<RateLimit>,
+    /// Overrides `gateway.max_body` for this route.
+    pub max_body: Option<u64>,
 }
 
 /// A token bucket per client: `rate` requests per `per`, bursts of up to `burst`.

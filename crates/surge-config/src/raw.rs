@@ -47,6 +47,11 @@ pub(crate) struct RawGateway {
     pub hsts: Option<Spanned<String>>,
     #[serde(default)]
     pub trusted_proxies: Vec<Spanned<String>>,
+    pub max_body: Option<ByteSize>,
+    pub head_timeout: Option<Spanned<Duration>>,
+    pub keepalive_timeout: Option<Spanned<Duration>>,
+    pub body_timeout: Option<Spanned<Duration>>,
+    pub send_timeout: Option<Spanned<Duration>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -199,6 +204,7 @@ pub(crate) struct RawRoute {
     pub host: Option<String>,
     pub retry: bool,
     pub rate_limit: Option<RawRateLimit>,
+    pub max_body: Option<ByteSize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -231,6 +237,7 @@ impl<'de> Deserialize<'de> for RawRoute {
             #[serde(default)]
             retry: bool,
             rate_limit: Option<RawRateLimit>,
+            max_body: Option<ByteSize>,
         }
         fn root() -> String {
             "/".to_owned()
@@ -243,7 +250,13 @@ impl<'de> Deserialize<'de> for RawRoute {
                 f.write_str(r#"a path prefix such as "/api", or a table such as { prefix = "/api", host = "shop.example" }"#)
             }
             fn visit_str<E: de::Error>(self, prefix: &str) -> Result<RawRoute, E> {
-                Ok(RawRoute { prefix: prefix.to_owned(), host: None, retry: false, rate_limit: None })
+                Ok(RawRoute {
+                    prefix: prefix.to_owned(),
+                    host: None,
+                    retry: false,
+                    rate_limit: None,
+                    max_body: None,
+                })
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawRoute, A::Error> {
                 let table = Table::deserialize(de::value::MapAccessDeserializer::new(map))?;
@@ -252,6 +265,7 @@ impl<'de> Deserialize<'de> for RawRoute {
                     host: table.host,
                     retry: table.retry,
                     rate_limit: table.rate_limit,
+                    max_body: table.max_body,
                 })
             }
         }
@@ -312,6 +326,53 @@ impl<'de> Deserialize<'de> for Duration {
         }
         deserializer.deserialize_str(DurationVisitor)
     }
+}
+
+/// A size in bytes: a number, or a string with a unit such as "512KiB", "64MiB" or "1GB".
+#[derive(Debug, Clone, Copy)]
+pub struct ByteSize(pub u64);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct SizeVisitor;
+        impl Visitor<'_> for SizeVisitor {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#"a size such as "512KiB", "64MiB" or "1GB", or a number of bytes"#)
+            }
+            fn visit_i64<E: de::Error>(self, bytes: i64) -> Result<ByteSize, E> {
+                u64::try_from(bytes).map(ByteSize).map_err(|_| E::custom("a size cannot be negative"))
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<ByteSize, E> {
+                parse_size(text).map(ByteSize).map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_any(SizeVisitor)
+    }
+}
+
+/// Parses "64MiB", "10MB", "512KiB", "1GiB", "100" (bytes).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1000,
+        "kib" | "k" => 1 << 10,
+        "mb" => 1_000_000,
+        "mib" | "m" => 1 << 20,
+        "gb" => 1_000_000_000,
+        "gib" | "g" => 1 << 30,
+        _ => {
+            return Err(format!(
+                r#"invalid size "{text}"; write a number and a unit, such as "64MiB" or "1GB""#
+            ))
+        }
+    };
+    let number: u64 =
+        number.parse().map_err(|_| format!(r#"invalid size "{text}": it starts with a number"#))?;
+    number.checked_mul(scale).ok_or_else(|| format!(r#"the size "{text}" is too large"#))
 }
 
 /// Parses "250ms", "2s", "1m", "1h 30m"; the error says how to write one.

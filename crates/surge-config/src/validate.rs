@@ -17,6 +17,8 @@ use surge_scale::ScaleConfig;
 const DEFAULT_GATEWAY_LISTEN: &str = "127.0.0.1:8080";
 const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9900";
 const MAX_INSTANCES: u32 = 1024;
+/// nginx's 1 MiB turns away ordinary uploads; this still stops a declared gigabyte at once.
+const DEFAULT_MAX_BODY: u64 = 64 << 20;
 /// HAProxy's bound, and plenty for shares.
 const MAX_WEIGHT: u32 = 256;
 
@@ -145,7 +147,27 @@ impl Validator<'_> {
                 }
             })
             .collect();
-        GatewayConfig { listen, listen_site, shutdown_timeout, tls, trusted_proxies }
+        let defaults = ClientTimeouts::default();
+        let client_timeouts = ClientTimeouts {
+            head: self.duration(raw.head_timeout.take(), "gateway.head_timeout".into(), defaults.head),
+            keepalive: self.duration(
+                raw.keepalive_timeout.take(),
+                "gateway.keepalive_timeout".into(),
+                defaults.keepalive,
+            ),
+            body: self.duration(raw.body_timeout.take(), "gateway.body_timeout".into(), defaults.body),
+            send: self.duration(raw.send_timeout.take(), "gateway.send_timeout".into(), defaults.send),
+        };
+        let max_body = raw.max_body.map_or(DEFAULT_MAX_BODY, |size| size.0);
+        GatewayConfig {
+            listen,
+            listen_site,
+            shutdown_timeout,
+            tls,
+            trusted_proxies,
+            max_body,
+            client_timeouts,
+        }
     }
 
     fn tls(&mut self, raw: &raw::RawGateway) -> Option<TlsConfig> {
@@ -496,7 +518,7 @@ impl Validator<'_> {
         for (index, route) in raw.into_inner().into_iter().enumerate() {
             let span = route.span();
             let route_key = format!("{key}[{index}]");
-            let raw::RawRoute { prefix, host, retry, rate_limit } = route.into_inner();
+            let raw::RawRoute { prefix, host, retry, rate_limit, max_body } = route.into_inner();
             let rate_limit = match rate_limit.map(to_rate_limit) {
                 Some(Err(message)) => {
                     self.error(span, format!("{route_key}.rate_limit"), message);
@@ -519,7 +541,8 @@ impl Validator<'_> {
                 }
                 host => host.map(|h| h.to_ascii_lowercase()),
             };
-            let normalised = Route { prefix: normalise_prefix(&prefix), host, retry, rate_limit };
+            let max_body = max_body.map(|size| size.0);
+            let normalised = Route { prefix: normalise_prefix(&prefix), host, retry, rate_limit, max_body };
             let site = self.site(span, route_key);
             if let Some(earlier) = table.insert(&normalised, service, &prefix, site.clone()) {
                 self.errors.push(site.error(earlier));

@@ -255,3 +255,45 @@ fn upstreams_exclude_what_only_launched_instances_have() {
     let source = "[services.api]\nroutes = [\"/\"]\n";
     assert_single(source, "services.api", 1, "missing `command`");
 }
+
+#[test]
+fn client_limits_have_nginx_like_defaults_and_sizes_take_units() {
+    let config = surge_config::parse(GOOD_SERVICE, Path::new("surge.toml")).expect("valid");
+    assert_eq!(config.gateway.max_body, 64 << 20);
+    assert_eq!(config.gateway.client_timeouts, surge_config::ClientTimeouts::default());
+    assert_eq!(config.gateway.client_timeouts.send, std::time::Duration::from_secs(60));
+
+    let source = r#"
+[gateway]
+max_body = "10MB"
+send_timeout = "5s"
+trusted_proxies = ["10.0.0.0/8", "::1"]
+
+[services.api]
+command = "sh"
+routes = [{ prefix = "/upload", max_body = "1GiB" }, { prefix = "/small", max_body = 512 }]
+"#;
+    let config = surge_config::parse(source, Path::new("surge.toml")).expect("valid");
+    assert_eq!(config.gateway.max_body, 10_000_000);
+    assert_eq!(config.gateway.client_timeouts.send, std::time::Duration::from_secs(5));
+    assert_eq!(config.gateway.trusted_proxies.len(), 2);
+    let routes = &config.services[0].routes;
+    assert_eq!((routes[0].max_body, routes[1].max_body), (Some(1 << 30), Some(512)));
+
+    for (size, bytes) in [("64MiB", Some(64 << 20)), ("2kb", Some(2000)), ("7", Some(7)), ("5 parsecs", None)]
+    {
+        assert_eq!(surge_config::parse_size(size).ok(), bytes, "{size}");
+    }
+    assert_single(
+        &format!("[gateway]\nmax_body = \"lots\"\n{GOOD_SERVICE}"),
+        "gateway.max_body",
+        2,
+        "invalid size",
+    );
+    assert_single(
+        &format!("[gateway]\ntrusted_proxies = [\"10.0.0.0/33\"]\n{GOOD_SERVICE}"),
+        "gateway.trusted_proxies[0]",
+        2,
+        "CIDR",
+    );
+}

@@ -173,7 +173,9 @@ impl Http1Client {
     ) -> Result<Response<Http1Body>, Failure> {
         connection.answer_bytes = 0;
         let mut request = [IoSlice::new(head), IoSlice::new(whole)];
-        write_all(&connection.stream, &mut request).await.map_err(|err| Failure::Unanswered(err.into()))?;
+        write_all(&connection.stream, &mut request, None)
+            .await
+            .map_err(|err| Failure::Unanswered(err.into()))?;
         // A streamed body the instance stopped taking leaves the connection unusable, though
         // its answer may still come.
         let mut reusable = true;

@@ -7,6 +7,7 @@ use http::{Response, StatusCode};
 
 use crate::body::GatewayBody;
 use crate::problem::problem;
+use crate::server::BodyError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -16,6 +17,10 @@ pub enum GatewayError {
     BadRequest { what: &'static str },
     #[error("the request body could not be read: {cause}")]
     BadRequestBody { cause: String },
+    #[error("the request body is larger than {limit} bytes (gateway.max_body, or the route's max_body)")]
+    BodyTooLarge { limit: u64 },
+    #[error("no byte of the request body came for {after:?} (gateway.body_timeout)")]
+    BodyTimeout { after: Duration },
     #[error("rate limit of {limit} requests exceeded; retry in {:.3} s", verdict.retry_after.as_secs_f64())]
     RateLimited { limit: u32, verdict: crate::ratelimit::Verdict },
     #[error("service `{service}` has no ready instance")]
@@ -43,6 +48,8 @@ impl GatewayError {
         match self {
             GatewayError::NoRoute { .. } => StatusCode::NOT_FOUND,
             GatewayError::BadRequest { .. } | GatewayError::BadRequestBody { .. } => StatusCode::BAD_REQUEST,
+            GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::NoReadyInstance { .. }
             | GatewayError::BufferFull { .. }
@@ -85,6 +92,8 @@ impl GatewayError {
             GatewayError::NoRoute { .. } => "no_route",
             GatewayError::BadRequest { .. } => "bad_request",
             GatewayError::BadRequestBody { .. } => "bad_request_body",
+            GatewayError::BodyTooLarge { .. } => "body_too_large",
+            GatewayError::BodyTimeout { .. } => "body_timeout",
             GatewayError::RateLimited { .. } => "rate_limited",
             GatewayError::NoReadyInstance { .. } => "no_ready_instance",
             GatewayError::BufferFull { .. } => "buffer_full",
@@ -123,6 +132,22 @@ impl GatewayError {
             }
         }
         response
+    }
+}
+
+impl GatewayError {
+    /// A request body that failed on the client's side: too large (413), too slow (408), or
+    /// malformed or cut short (400). Never an instance's failure.
+    pub(crate) fn client_body(err: &(dyn std::error::Error + 'static)) -> Self {
+        let mut cause = Some(err);
+        while let Some(err) = cause {
+            match err.downcast_ref::<BodyError>() {
+                Some(BodyError::TooLarge(limit)) => return GatewayError::BodyTooLarge { limit: *limit },
+                Some(BodyError::Stalled(after)) => return GatewayError::BodyTimeout { after: *after },
+                None => cause = err.source(),
+            }
+        }
+        GatewayError::BadRequestBody { cause: root_cause(err) }
     }
 }
 

@@ -46,6 +46,7 @@ pub struct Gateway {
     services: Vec<stack::ServiceStack>,
     metrics: GatewayMetrics,
     trusted_proxies: Vec<ipnet::IpNet>,
+    timeouts: surge_config::ClientTimeouts,
 }
 
 /// What a matched route leads to.
@@ -53,6 +54,7 @@ struct RouteTarget {
     service: usize,
     retry: bool,
     limiter: Option<Arc<RateLimiter>>,
+    max_body: u64,
 }
 
 impl Gateway {
@@ -69,13 +71,15 @@ impl Gateway {
                         format!("{}:{}{}", service.name, route.host.as_deref().unwrap_or(""), route.prefix);
                     Arc::new(RateLimiter::new(limit, name, store.clone()))
                 });
-                (route.clone(), RouteTarget { service: index, retry: route.retry, limiter })
+                let max_body = route.max_body.unwrap_or(config.gateway.max_body);
+                (route.clone(), RouteTarget { service: index, retry: route.retry, limiter, max_body })
             }));
             let stack = stack::build(pool, &metrics);
             services.push(stack);
         }
         let trusted_proxies = config.gateway.trusted_proxies.clone();
-        Gateway { router: Router::new(routes), services, metrics, trusted_proxies }
+        let timeouts = config.gateway.client_timeouts;
+        Gateway { router: Router::new(routes), services, metrics, trusted_proxies, timeouts }
     }
 
     /// Routes a request, and answers it when routing decides (404); else it goes through its
@@ -102,6 +106,10 @@ impl Gateway {
                 response: Some(GatewayError::NoRoute { host, path }.into_response()),
             };
         };
+        if let Err(err) = request.body_mut().limit(target.max_body) {
+            let err = GatewayError::client_body(&err);
+            return Handled::Answered { response: Some(err.into_response()) };
+        }
         if target.retry {
             request.extensions_mut().insert(stack::RetryRoute);
         }
@@ -222,7 +230,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     drain_timeout: Duration,
 ) {
-    server::serve(GatewayService(gateway), listener, None, shutdown, drain_timeout).await;
+    let timeouts = gateway.timeouts;
+    server::serve(GatewayService(gateway), listener, None, timeouts, shutdown, drain_timeout).await;
 }
 
 /// Serves the gateway over HTTPS on `listener`, each response with `hsts` as its
@@ -235,13 +244,14 @@ pub async fn serve_tls(
     shutdown: impl Future<Output = ()>,
     drain_timeout: Duration,
 ) {
+    let timeouts = gateway.timeouts;
     let service = GatewayService(gateway).map_response(move |mut response: Response<GatewayBody>| {
         if let Some(hsts) = &hsts {
             response.headers_mut().insert(STRICT_TRANSPORT_SECURITY, hsts.clone());
         }
         response
     });
-    server::serve(service, listener, Some(tls), shutdown, drain_timeout).await;
+    server::serve(service, listener, Some(tls), timeouts, shutdown, drain_timeout).await;
 }
 
 /// Serves the plain listener as a redirect to the HTTPS one on `https_port`: 308 keeps the
@@ -249,13 +259,14 @@ pub async fn serve_tls(
 pub async fn serve_https_redirect(
     listener: TcpListener,
     https_port: u16,
+    timeouts: surge_config::ClientTimeouts,
     shutdown: impl Future<Output = ()>,
     drain_timeout: Duration,
 ) {
     let service = tower::service_fn(move |request: Request<ClientBody>| {
         std::future::ready(Ok::<_, Infallible>(redirect_to_https(&request, https_port)))
     });
-    server::serve(service, listener, None, shutdown, drain_timeout).await;
+    server::serve(service, listener, None, timeouts, shutdown, drain_timeout).await;
 }
 
 fn redirect_to_https<B>(request: &Request<B>, https_port: u16) -> Response<GatewayBody> {

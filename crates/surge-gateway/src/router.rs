@@ -49,7 +49,13 @@ mod tests {
     use super::*;
 
     fn route(prefix: &str, host: Option<&str>) -> Route {
-        Route { prefix: prefix.into(), host: host.map(Into::into), retry: false, rate_limit: None }
+        Route {
+            prefix: prefix.into(),
+            host: host.map(Into::into),
+            retry: false,
+            rate_limit: None,
+            max_body: None,
+        }
     }
 
     /// The target, copied out.

@@ -93,19 +93,33 @@ pub fn read_now(socket: &impl Socket, buf: &mut BytesMut) -> io::Result<usize> {
 }
 
 /// Writes all of `bufs`. It takes the socket shared, so that two parts of one task (a response
-/// and a `100 Continue`) can both write without owning it.
-pub async fn write_all(socket: &impl Socket, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+/// and a `100 Continue`) can both write without owning it. With a `stall` bound, a peer that
+/// takes no byte for that long fails the write (`TimedOut`); the bound costs a timer only
+/// when the socket's buffer is full.
+pub async fn write_all(
+    socket: &impl Socket,
+    mut bufs: &mut [IoSlice<'_>],
+    stall: Option<std::time::Duration>,
+) -> io::Result<()> {
+    let stalled = || io::Error::new(io::ErrorKind::TimedOut, "the peer stopped reading");
     IoSlice::advance_slices(&mut bufs, 0);
     while !bufs.is_empty() {
-        socket.writable().await?;
         match socket.try_write_vectored(bufs) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => IoSlice::advance_slices(&mut bufs, n),
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => match stall {
+                None => socket.writable().await?,
+                Some(stall) => {
+                    tokio::time::timeout(stall, socket.writable()).await.map_err(|_| stalled())??
+                }
+            },
             Err(err) => return Err(err),
         }
     }
-    socket.flushed().await
+    match stall {
+        None => socket.flushed().await,
+        Some(stall) => tokio::time::timeout(stall, socket.flushed()).await.map_err(|_| stalled())?,
+    }
 }
 
 /// A connection handed on with bytes already read from it, which it yields first: a client's

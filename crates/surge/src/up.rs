@@ -97,7 +97,13 @@ async fn serve(config: Config) -> Result<(), Failure> {
     }
     let plain = stopped(gateway_stopping);
     gateway_tasks.push(match redirect_to {
-        Some(port) => tokio::spawn(surge_gateway::serve_https_redirect(gateway_listener, port, plain, drain)),
+        Some(port) => tokio::spawn(surge_gateway::serve_https_redirect(
+            gateway_listener,
+            port,
+            config.gateway.client_timeouts,
+            plain,
+            drain,
+        )),
         None => tokio::spawn(surge_gateway::serve(gateway, gateway_listener, plain, drain)),
     });
     let admin = surge_admin::router(Arc::clone(&pools), Arc::clone(&metrics), access);

@@ -46,7 +46,10 @@ fn peak_rss(pid: u32) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_megabytes_each_way_with_flat_memory() {
-    let surge = Surge::start("[services.web]\ncommand = \"{echo}\"\nroutes = [\"/\"]\n").await;
+    let surge = Surge::start(
+        "[services.web]\ncommand = \"{echo}\"\nroutes = [{ prefix = \"/\", max_body = \"1GiB\" }]\n",
+    )
+    .await;
     let before = peak_rss(surge.pid());
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<Upload>();

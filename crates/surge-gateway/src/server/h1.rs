@@ -13,6 +13,7 @@ use http_body_util::BodyExt;
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
+use surge_config::ClientTimeouts;
 use surge_http1::encode::{response_framing, write_response_head};
 use surge_http1::head::parse_request;
 use surge_http1::{
@@ -20,7 +21,7 @@ use surge_http1::{
 };
 
 use super::head;
-use super::io::{request_body, BodySender, ClientAddr, ClientBody, ClientUpgrade, Upgraded};
+use super::io::{request_body, BodyError, BodySender, ClientAddr, ClientBody, ClientUpgrade, Upgraded};
 use super::{HttpService, ResponseBody};
 use crate::problem::problem;
 use crate::wire::{read_buf, read_now, write_all, BoxError, Prefixed, Socket};
@@ -30,10 +31,6 @@ use crate::wire::{read_buf, read_now, write_all, BoxError, Prefixed, Socket};
 const HEAD_BUFFER: usize = 1024;
 /// How much room a read for body bytes asks for.
 const BODY_BUFFER: usize = 64 * 1024;
-/// How long a keep-alive connection may wait for its next request (nginx's default).
-pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(75);
-/// How long a request head may take to arrive once it has begun, or a new connection's first.
-pub(super) const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// A body the gateway answered without reading is read and dropped, up to this much, so the
 /// connection can be kept; a longer one closes it.
 const DRAIN_LIMIT: u64 = 256 * 1024;
@@ -55,6 +52,7 @@ pub(super) async fn serve<S: HttpService<B>, B: ResponseBody, C: Socket>(
     service: &mut S,
     socket: C,
     client: &ClientAddr,
+    timeouts: &ClientTimeouts,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Handoff<C> {
     let mut buf = BytesMut::new();
@@ -66,7 +64,8 @@ pub(super) async fn serve<S: HttpService<B>, B: ResponseBody, C: Socket>(
             // left by a read that filled its buffer costs one read that finds nothing, after
             // which the wait goes on to the same deadline. A buffer is kept only once bytes
             // are really there.
-            let idle_until = tokio::time::Instant::now() + if first { HEAD_TIMEOUT } else { IDLE_TIMEOUT };
+            let idle_until =
+                tokio::time::Instant::now() + if first { timeouts.head } else { timeouts.keepalive };
             loop {
                 buf = BytesMut::new();
                 tokio::select! {
@@ -84,18 +83,19 @@ pub(super) async fn serve<S: HttpService<B>, B: ResponseBody, C: Socket>(
                 }
             }
         }
-        let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&socket, &mut buf, first)).await {
+        let head = match tokio::time::timeout(timeouts.head, read_head(&socket, &mut buf, first)).await {
             Ok(Ok(Some(HeadRead::Head(head)))) => head,
             Ok(Ok(Some(HeadRead::Http2))) => return Handoff::Http2(Prefixed::new(buf.freeze(), socket)),
             Ok(Err(err)) => {
-                Box::pin(refuse(socket, err)).await;
+                Box::pin(refuse(socket, err, timeouts.send)).await;
                 return Handoff::Closed;
             }
             Ok(Ok(None)) | Err(_) => return Handoff::Closed,
         };
         first = false;
         let keep_alive = !*shutdown.borrow();
-        let outcome = Box::pin(exchange(service, &socket, &mut buf, head, client, keep_alive)).await;
+        let outcome =
+            Box::pin(exchange(service, &socket, &mut buf, head, client, timeouts, keep_alive)).await;
         match outcome {
             Outcome::KeepAlive if !*shutdown.borrow() => {}
             Outcome::KeepAlive | Outcome::Close => return Handoff::Closed,
@@ -147,7 +147,7 @@ async fn read_head(
 
 /// Answers a head that cannot be served (400, 431 or 501), then closes. Boxed by the caller: it is
 /// rare, and its state should not enlarge every connection's task.
-async fn refuse(socket: impl Socket, err: HeadError) {
+async fn refuse(socket: impl Socket, err: HeadError, send_timeout: Duration) {
     let exchange = Exchange { head_request: false, version: http::Version::HTTP_11, keep_alive: false };
     let code = match err {
         HeadError::Malformed(_) => "bad_request_head",
@@ -155,7 +155,7 @@ async fn refuse(socket: impl Socket, err: HeadError) {
         HeadError::UnsupportedCoding => "unsupported_transfer_coding",
     };
     let response = problem(err.status(), code, &err.to_string()).map(http_body_util::Full::new);
-    let _ = write_response(&socket, response, &exchange, &Progress::default()).await;
+    let _ = write_response(&socket, response, &exchange, &Progress::default(), send_timeout).await;
     linger(socket).await;
 }
 
@@ -196,6 +196,7 @@ async fn exchange<S: HttpService<B>, B: ResponseBody>(
     buf: &mut BytesMut,
     head: RequestHead,
     client: &ClientAddr,
+    timeouts: &ClientTimeouts,
     keep_alive: bool,
 ) -> Outcome {
     let RequestHead { request, framing, keep_alive: client_keeps, expect_continue, upgrade } = head;
@@ -223,11 +224,12 @@ async fn exchange<S: HttpService<B>, B: ResponseBody>(
     let mut receiving = Receiving { decoder, wanted: false, broken: false };
     let progress = Progress::default();
     let responded = {
-        let receive = receive_body(socket, buf, &mut receiving, sender, expect_continue, &progress);
+        let receive =
+            receive_body(socket, buf, &mut receiving, sender, expect_continue, &progress, timeouts.body);
         let respond = async {
             let Ok(()) = std::future::poll_fn(|cx| service.poll_ready(cx)).await;
             let Ok(response) = service.call(request).await;
-            write_response(socket, response, &exchange, &progress).await
+            write_response(socket, response, &exchange, &progress, timeouts.send).await
         };
         tokio::pin!(receive, respond);
         let mut received = false;
@@ -270,11 +272,13 @@ async fn receive_body(
     sender: Option<BodySender>,
     expect_continue: bool,
     progress: &Progress,
+    stall: Duration,
 ) {
     let Some(BodySender { pieces, wanted }) = sender else { return };
-    if wanted.await.is_err() {
+    let Ok(limit) = wanted.await else {
         return; // dropped unread
-    }
+    };
+    let mut received = 0u64;
     receiving.wanted = true;
     if expect_continue && !progress.head_started.load(Ordering::Relaxed) {
         // Nothing of the response is written yet, so the socket's empty send buffer takes
@@ -287,20 +291,25 @@ async fn receive_body(
     loop {
         let failure: BoxError = match receiving.decoder.decode(buf) {
             Ok(Decoded::Data(data)) => {
-                if pieces.send(Ok(data)).await.is_err() {
+                received += data.len() as u64;
+                if received > limit {
+                    Box::new(BodyError::TooLarge(limit))
+                } else if pieces.send(Ok(data)).await.is_err() {
                     return; // the reader stopped; what is left is drained or the connection closed
+                } else {
+                    continue;
                 }
-                continue;
             }
             Ok(Decoded::Done) => return,
             Ok(Decoded::NeedMore) => {
                 if buf.capacity() - buf.len() < HEAD_BUFFER {
                     buf.reserve(BODY_BUFFER);
                 }
-                match read_buf(socket, buf).await {
-                    Ok(0) => "the client closed the connection before the end of the body".into(),
-                    Ok(_) => continue,
-                    Err(err) => err.into(),
+                match tokio::time::timeout(stall, read_buf(socket, buf)).await {
+                    Ok(Ok(0)) => "the client closed the connection before the end of the body".into(),
+                    Ok(Ok(_)) => continue,
+                    Ok(Err(err)) => err.into(),
+                    Err(_) => Box::new(BodyError::Stalled(stall)),
                 }
             }
             Err(err) => err.into(),
@@ -362,6 +371,7 @@ async fn write_response<B: ResponseBody>(
     response: Response<B>,
     exchange: &Exchange,
     progress: &Progress,
+    stall: Duration,
 ) -> io::Result<ResponseEnd> {
     let (parts, mut body) = response.into_parts();
     // A request body that failed leaves the connection unusable: say so in the head.
@@ -377,7 +387,7 @@ async fn write_response<B: ResponseBody>(
     progress.head_started.store(true, Ordering::Relaxed);
     let end = ResponseEnd { keep_alive: exchange.keep_alive && framing != BodyFraming::Close, switched };
     if framing == BodyFraming::None {
-        write_all(socket, &mut [IoSlice::new(&head)]).await?;
+        write_all(socket, &mut [IoSlice::new(&head)], Some(stall)).await?;
         return Ok(end);
     }
     let chunked = framing == BodyFraming::Chunked;
@@ -391,7 +401,7 @@ async fn write_response<B: ResponseBody>(
                 frame = body.frame() => frame,
                 () = std::future::ready(()) => {
                     if let Some(head) = head.take() {
-                        write_all(socket, &mut [IoSlice::new(&head)]).await?;
+                        write_all(socket, &mut [IoSlice::new(&head)], Some(stall)).await?;
                     }
                     continue;
                 }
@@ -422,7 +432,7 @@ async fn write_response<B: ResponseBody>(
         let head_bytes = head.as_deref().unwrap_or_default();
         let mut slices =
             [IoSlice::new(head_bytes), IoSlice::new(size_line), IoSlice::new(&data), IoSlice::new(tail)];
-        write_all(socket, &mut slices).await?;
+        write_all(socket, &mut slices, Some(stall)).await?;
         head = None;
         if last {
             return Ok(end);
@@ -430,7 +440,7 @@ async fn write_response<B: ResponseBody>(
     }
     let head_bytes = head.as_deref().unwrap_or_default();
     let mut slices = [IoSlice::new(head_bytes), IoSlice::new(if chunked { LAST_CHUNK } else { &[] })];
-    write_all(socket, &mut slices).await?;
+    write_all(socket, &mut slices, Some(stall)).await?;
     match framing {
         BodyFraming::Length(length) if written != length => {
             Err(io::Error::other("the response body ended before its Content-Length"))

@@ -50,11 +50,44 @@ impl ClientAddr {
 #[error("{0}")]
 pub struct ClientBodyError(#[from] BoxError);
 
+/// Why the gateway gave up on a request body the client was sending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    #[error("the request body is larger than {0} bytes (gateway.max_body, or the route's max_body)")]
+    TooLarge(u64),
+    #[error("no byte of the request body came for {0:?} (gateway.body_timeout)")]
+    Stalled(std::time::Duration),
+}
+
 /// A client's request body, as the connection it came on reads it.
 pub enum ClientBody {
     Empty,
     Http1(RequestBody),
-    Http2(Incoming),
+    /// hyper's HTTP/2 body, and how much of it may still come.
+    Http2 {
+        body: Incoming,
+        limit: u64,
+        read: u64,
+    },
+}
+
+impl ClientBody {
+    pub(crate) fn http2(body: Incoming) -> Self {
+        ClientBody::Http2 { body, limit: u64::MAX, read: 0 }
+    }
+
+    /// Refuses a body that says it is longer than `max`, and fails one that turns out so.
+    pub fn limit(&mut self, max: u64) -> Result<(), BodyError> {
+        if self.size_hint().lower() > max {
+            return Err(BodyError::TooLarge(max));
+        }
+        match self {
+            ClientBody::Empty => {}
+            ClientBody::Http1(body) => body.limit = max,
+            ClientBody::Http2 { limit, .. } => *limit = max,
+        }
+        Ok(())
+    }
 }
 
 impl Body for ClientBody {
@@ -68,7 +101,19 @@ impl Body for ClientBody {
         let frame = match self.get_mut() {
             ClientBody::Empty => return Poll::Ready(None),
             ClientBody::Http1(body) => Pin::new(body).poll_frame(cx),
-            ClientBody::Http2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            ClientBody::Http2 { body, limit, read } => {
+                Pin::new(body).poll_frame(cx).map(|frame| match frame {
+                    Some(Ok(frame)) => {
+                        *read += frame.data_ref().map_or(0, |data| data.len() as u64);
+                        if *read > *limit {
+                            Some(Err(Box::new(BodyError::TooLarge(*limit)) as BoxError))
+                        } else {
+                            Some(Ok(frame))
+                        }
+                    }
+                    other => other.map(|frame| frame.map_err(Into::into)),
+                })
+            }
         };
         frame.map_err(|err| Box::new(ClientBodyError(err)) as BoxError)
     }
@@ -77,7 +122,7 @@ impl Body for ClientBody {
         match self {
             ClientBody::Empty => true,
             ClientBody::Http1(body) => body.is_end_stream(),
-            ClientBody::Http2(body) => body.is_end_stream(),
+            ClientBody::Http2 { body, .. } => body.is_end_stream(),
         }
     }
 
@@ -85,7 +130,7 @@ impl Body for ClientBody {
         match self {
             ClientBody::Empty => SizeHint::with_exact(0),
             ClientBody::Http1(body) => body.size_hint(),
-            ClientBody::Http2(body) => body.size_hint(),
+            ClientBody::Http2 { body, .. } => body.size_hint(),
         }
     }
 }
@@ -95,21 +140,24 @@ impl Body for ClientBody {
 /// most one piece ahead of the reader.
 pub struct RequestBody {
     pieces: mpsc::Receiver<Result<Bytes, BoxError>>,
-    wanted: Option<oneshot::Sender<()>>,
+    /// Tells the connection the body is wanted, and how much of it may come.
+    wanted: Option<oneshot::Sender<u64>>,
     /// Bytes still to come, when the length is known.
     remaining: Option<u64>,
+    limit: u64,
 }
 
 /// The connection's side of a [`RequestBody`].
 pub(super) struct BodySender {
     pub pieces: mpsc::Sender<Result<Bytes, BoxError>>,
-    pub wanted: oneshot::Receiver<()>,
+    /// The body is wanted, and at most this many bytes of it.
+    pub wanted: oneshot::Receiver<u64>,
 }
 
 pub(super) fn request_body(length: Option<u64>) -> (RequestBody, BodySender) {
     let (pieces_tx, pieces) = mpsc::channel(1);
     let (wanted, wanted_rx) = oneshot::channel();
-    let body = RequestBody { pieces, wanted: Some(wanted), remaining: length };
+    let body = RequestBody { pieces, wanted: Some(wanted), remaining: length, limit: u64::MAX };
     (body, BodySender { pieces: pieces_tx, wanted: wanted_rx })
 }
 
@@ -122,7 +170,7 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if let Some(wanted) = self.wanted.take() {
-            let _ = wanted.send(());
+            let _ = wanted.send(self.limit);
         }
         match self.pieces.poll_recv(cx) {
             Poll::Ready(Some(Ok(data))) => {

@@ -19,12 +19,13 @@ use http::{Request, Response};
 use http_body::Body;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use surge_config::ClientTimeouts;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 #[cfg(test)]
 pub(crate) use io::{test_body, test_body_of};
-pub use io::{ClientAddr, ClientBody, ClientBodyError, ClientUpgrade, RequestBody, Upgraded};
+pub use io::{BodyError, ClientAddr, ClientBody, ClientBodyError, ClientUpgrade, RequestBody, Upgraded};
 
 use crate::tls::TlsSocket;
 use crate::wire::{BoxError, Prefixed, Socket};
@@ -59,6 +60,7 @@ pub async fn serve<S, B>(
     service: S,
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
+    timeouts: ClientTimeouts,
     shutdown: impl Future<Output = ()>,
     drain_timeout: Duration,
 ) where
@@ -76,8 +78,10 @@ pub async fn serve<S, B>(
                     let _ = stream.set_nodelay(true);
                     let (service, stop) = (service.clone(), stop.clone());
                     match &tls {
-                        None => tokio::spawn(connection(service, stream, ClientAddr::new(client), stop)),
-                        Some(tls) => tokio::spawn(tls_connection(service, Arc::clone(tls), stream, client, stop)),
+                        None => tokio::spawn(connection(service, stream, ClientAddr::new(client), timeouts, stop)),
+                        Some(tls) => {
+                            tokio::spawn(tls_connection(service, Arc::clone(tls), stream, client, timeouts, stop))
+                        }
                     };
                 }
                 Err(err) => {
@@ -103,13 +107,15 @@ pub async fn connection<S, B, C>(
     mut service: S,
     socket: C,
     client: ClientAddr,
+    timeouts: ClientTimeouts,
     mut stop: watch::Receiver<bool>,
 ) where
     S: HttpService<B>,
     B: ResponseBody,
     C: Socket,
 {
-    let h1::Handoff::Http2(stream) = h1::serve(&mut service, socket, &client, &mut stop).await else {
+    let h1::Handoff::Http2(stream) = h1::serve(&mut service, socket, &client, &timeouts, &mut stop).await
+    else {
         return;
     };
     // Boxed: hyper's HTTP/2 connection is large, and most connections never need it.
@@ -122,6 +128,7 @@ async fn tls_connection<S, B>(
     tls: Arc<rustls::ServerConfig>,
     stream: TcpStream,
     client: SocketAddr,
+    timeouts: ClientTimeouts,
     stop: watch::Receiver<bool>,
 ) where
     S: HttpService<B>,
@@ -138,7 +145,7 @@ async fn tls_connection<S, B>(
     if socket.negotiated_h2() {
         Box::pin(serve_h2(service, Prefixed::new(Bytes::new(), socket), client, stop)).await;
     } else {
-        connection(service, socket, client, stop).await;
+        connection(service, socket, client, timeouts, stop).await;
     }
 }
 
@@ -154,7 +161,7 @@ async fn serve_h2<S, B, C>(
 {
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         use tower::ServiceExt;
-        let mut request = request.map(ClientBody::Http2);
+        let mut request = request.map(ClientBody::http2);
         request.extensions_mut().insert(client.clone());
         service.clone().oneshot(request)
     });

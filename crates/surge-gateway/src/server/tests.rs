@@ -8,6 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
+use surge_config::ClientTimeouts;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::watch;
@@ -59,7 +60,7 @@ fn connect<B: super::ResponseBody>(service: impl HttpService<B>) -> Client {
     let (socket, server_side) = UnixStream::pair().expect("socket pair");
     let (stop, stopping) = watch::channel(false);
     let client = ClientAddr::new("192.0.2.7:4321".parse().expect("address"));
-    tokio::spawn(connection(service, server_side, client, stopping));
+    tokio::spawn(connection(service, server_side, client, ClientTimeouts::default(), stopping));
     Client { socket, stop }
 }
 
@@ -191,7 +192,7 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     let mut client = connect(echo());
     client.send("GET /a HTTP/1.1\r\nHost: x\r\n\r\n").await;
     client.read_until("GET /a from").await;
-    let just_before = super::h1::IDLE_TIMEOUT - Duration::from_secs(1);
+    let just_before = ClientTimeouts::default().keepalive - Duration::from_secs(1);
     assert!(client.silent_for(just_before).await, "kept open until the idle timeout");
     assert_eq!(client.read_to_close().await, "", "then closed without a word");
 }
@@ -205,7 +206,7 @@ async fn a_head_that_never_ends_is_cut_off() {
         client.send("X-Drip: 1\r\n").await;
     }
     // Ten seconds of drips so far: the head timeout counts from the head's first byte.
-    let just_before = super::h1::HEAD_TIMEOUT - Duration::from_secs(11);
+    let just_before = ClientTimeouts::default().head - Duration::from_secs(11);
     assert!(client.silent_for(just_before).await, "kept open until the head timeout");
     assert_eq!(client.read_to_close().await, "", "then closed without an answer");
 }
@@ -217,4 +218,75 @@ async fn shutdown_closes_an_idle_connection() {
     client.read_until("GET /a from").await;
     let _ = client.stop.send(true);
     assert_eq!(client.read_to_close().await, "");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_that_stops_coming_fails_after_the_body_timeout() {
+    let mut client = connect(echo());
+    client.send("POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc").await;
+    let just_before = ClientTimeouts::default().body - Duration::from_secs(1);
+    assert!(client.silent_for(just_before).await, "waits for the rest until the body timeout");
+    let answer = client.read_to_close().await;
+    assert!(answer.contains("<no byte of the request body came for 60s"), "{answer}");
+}
+
+#[tokio::test]
+async fn a_body_over_its_limit_fails_as_it_arrives() {
+    let limited = tower::service_fn(|mut request: Request<ClientBody>| async move {
+        let refused = request.body_mut().limit(5).is_err();
+        let read = request.into_body().collect().await.map(|_| ()).map_err(|err| err.to_string());
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!(
+            "refused at once: {refused}, read: {read:?}"
+        )))))
+    });
+    let mut client = connect(limited);
+    client.send("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n4\r\nefgh\r\n0\r\n\r\n").await;
+    let answer = client.read_until("read:").await;
+    assert!(answer.contains("refused at once: false") && answer.contains("larger than 5 bytes"), "{answer}");
+
+    let mut client = connect(tower::service_fn(|mut request: Request<ClientBody>| async move {
+        let refused = request.body_mut().limit(5).is_err();
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("refused at once: {refused}")))))
+    }));
+    client.send("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n").await;
+    assert!(client.read_until("refused at once:").await.contains("refused at once: true"));
+}
+
+/// A response body that never ends, and says when it is dropped.
+struct Endless(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl http_body::Body for Endless {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from(vec![b'x'; 64 * 1024])))))
+    }
+}
+
+impl Drop for Endless {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_stops_reading_is_cut_off_after_the_send_timeout() {
+    let dropped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = std::sync::Arc::clone(&dropped);
+    let endless = tower::service_fn(move |_: Request<ClientBody>| {
+        let flag = std::sync::Arc::clone(&flag);
+        async move { Ok::<_, Infallible>(Response::new(Endless(flag))) }
+    });
+    let client = connect(endless);
+    let mut socket = client.socket;
+    socket.write_all(b"GET /forever HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+    // The client reads nothing: the socket's buffers fill, and the server's writes wait.
+    tokio::time::sleep(ClientTimeouts::default().send - Duration::from_secs(1)).await;
+    assert!(!dropped.load(std::sync::atomic::Ordering::SeqCst), "still waiting for the client");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(dropped.load(std::sync::atomic::Ordering::SeqCst), "the response was given up");
 }

@@ -110,7 +110,7 @@ impl Clients {
                 SendError::Failed(cause) => {
                     GatewayError::Upstream { service, instance, cause: root_cause(&*cause) }
                 }
-                SendError::ClientBody(cause) => GatewayError::BadRequestBody { cause: root_cause(&*cause) },
+                SendError::ClientBody(cause) => GatewayError::client_body(&*cause),
             }
         };
         match (&self.http1, body) {
@@ -140,7 +140,7 @@ impl Clients {
                 match self.hyper.request(Request::from_parts(parts, body)).await {
                     Ok(response) => Ok(response.map(Either::Right)),
                     Err(error) if find_cause::<ClientBodyError>(&error).is_some() => {
-                        Err(GatewayError::BadRequestBody { cause: root_cause(&error) })
+                        Err(GatewayError::client_body(&error))
                     }
                     Err(error) if error.is_connect() => Err(failed(SendError::Connect(error.into()))),
                     Err(error) => Err(failed(SendError::Failed(error.into()))),

@@ -19,7 +19,7 @@ use tower::util::Oneshot;
 use tower::{Layer, Service, ServiceExt};
 
 use crate::body::Payload;
-use crate::error::{root_cause, GatewayError};
+use crate::error::GatewayError;
 use crate::server::ClientBody;
 use crate::wire::BoxFuture;
 
@@ -92,11 +92,7 @@ where
         }
         Preparing::Reading {
             response: Box::pin(async move {
-                let bytes = body
-                    .collect()
-                    .await
-                    .map_err(|err| GatewayError::BadRequestBody { cause: root_cause(&*err) })?
-                    .to_bytes();
+                let bytes = body.collect().await.map_err(|err| GatewayError::client_body(&*err))?.to_bytes();
                 inner.oneshot(Outbound::new(parts, Payload::Kept { bytes: Some(bytes) })).await
             }),
         }

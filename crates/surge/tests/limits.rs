@@ -1,0 +1,102 @@
+//! Clients that send too much, too slowly, or read nothing: 413 at once, 408, and a cut-off
+//! connection, none of them held against the instance.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::Surge;
+use hyper::{Method, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const GATEWAY: &str = "max_body = \"1KiB\"\nbody_timeout = \"1s\"\nsend_timeout = \"1s\"\n";
+const SERVICES: &str = r#"
+[services.web]
+command = "{echo}"
+routes = ["/", { prefix = "/upload", max_body = "1MiB" }]
+instances = { min = 2, max = 2 }
+"#;
+
+async fn exchange(surge: &Surge, request: &[u8]) -> String {
+    let mut socket = TcpStream::connect(surge.gateway).await.expect("connect");
+    socket.write_all(request).await.expect("write");
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Until the head and the JSON error are in; the connection may stay open after them.
+    while !String::from_utf8_lossy(&answer).contains('}') {
+        match tokio::time::timeout(Duration::from_secs(20), socket.read(&mut buf)).await {
+            Ok(Ok(n @ 1..)) => answer.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_over_the_limit_get_413_and_slow_ones_408() {
+    let surge = Surge::start_with(GATEWAY, SERVICES, |_| {}).await;
+
+    // Declared too large: refused before a byte of it is read.
+    let declared =
+        exchange(&surge, b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000000\r\n\r\n").await;
+    assert!(declared.starts_with("HTTP/1.1 413"), "{declared}");
+    assert!(declared.contains(r#""error":"body_too_large""#), "{declared}");
+
+    // Found too large as it streams.
+    let chunk = "x".repeat(800);
+    let chunked = format!(
+        "POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n320\r\n{chunk}\r\n320\r\n{chunk}\r\n0\r\n\r\n"
+    );
+    let streamed = exchange(&surge, chunked.as_bytes()).await;
+    assert!(streamed.starts_with("HTTP/1.1 413"), "{streamed}");
+
+    // A route may allow more.
+    let upload = surge.request(Method::POST, "/upload", &[], Bytes::from(vec![b'u'; 100_000])).await;
+    assert_eq!(upload.status, StatusCode::OK);
+    assert_eq!(upload.json()["body_bytes"], 100_000);
+
+    // Three bytes of ten, then nothing; more of them at once than it takes to eject both
+    // instances, were the timeouts blamed on them.
+    let surge = std::sync::Arc::new(surge);
+    let mut stalls = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let surge = std::sync::Arc::clone(&surge);
+        stalls.spawn(async move {
+            exchange(&surge, b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc").await
+        });
+    }
+    while let Some(stalled) = stalls.join_next().await {
+        let stalled = stalled.expect("task");
+        assert!(stalled.starts_with("HTTP/1.1 408"), "{stalled}");
+        assert!(stalled.contains(r#""error":"body_timeout""#), "{stalled}");
+    }
+    let status = surge.service("web").await;
+    assert!(status.instances.iter().all(|i| i.ejections == 0 && !i.ejected), "{status:#?}");
+    assert_eq!(surge.get("/x").await.status, StatusCode::OK, "still serving");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off() {
+    let surge = Surge::start_with(GATEWAY, SERVICES, |_| {}).await;
+    let mut socket = TcpStream::connect(surge.gateway).await.expect("connect");
+    let size = 200_000_000u64;
+    socket
+        .write_all(format!("GET /x?bytes={size} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    // Read nothing for a while: the gateway's writes stall, and after send_timeout it gives up.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut received = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), socket.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => received += n as u64,
+            Err(_) => panic!("the gateway kept the connection open after {received} bytes"),
+        }
+    }
+    assert!(received < size, "the whole body arrived: the client was never cut off");
+    assert_eq!(surge.get("/x").await.status, StatusCode::OK, "still serving");
+}
