@@ -149,6 +149,11 @@ async fn tls_connection<S, B>(
     }
 }
 
+/// Streams one HTTP/2 connection may have open at once (nginx: `http2_max_concurrent_streams`, 128).
+const MAX_STREAMS: u32 = 256;
+/// Streams a client may reset before the server has taken them up (h2's default, 20).
+const MAX_PENDING_RESETS: usize = 20;
+
 async fn serve_h2<S, B, C>(
     service: S,
     stream: Prefixed<C>,
@@ -165,8 +170,14 @@ async fn serve_h2<S, B, C>(
         request.extensions_mut().insert(client.clone());
         service.clone().oneshot(request)
     });
+    // Stated rather than left to hyper's defaults: streams at once per connection, the head
+    // size HTTP/1.1 allows, and how many streams a client may reset before they are served
+    // (the rapid-reset bound) before the connection is ended with GOAWAY.
     let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size(u32::try_from(surge_http1::MAX_HEAD_BYTES).unwrap_or(u32::MAX))
+        .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
         .serve_connection(TokioIo::new(stream), service);
     tokio::pin!(connection);
     tokio::select! {
