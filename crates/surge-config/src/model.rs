@@ -34,6 +34,10 @@ pub struct GatewayConfig {
     /// Request bodies larger than this get a 413, unless their route says otherwise.
     pub max_body: u64,
     pub client_timeouts: ClientTimeouts,
+    /// Client connections open at once; past it the gateway stops accepting until one closes.
+    pub max_connections: usize,
+    /// Client connections open at once from one address; past it a new one gets a 503.
+    pub max_connections_per_client: Option<u32>,
 }
 
 /// How long the gateway waits on a client (nginx's names in brackets).

@@ -52,6 +52,8 @@ pub(crate) struct RawGateway {
     pub keepalive_timeout: Option<Spanned<Duration>>,
     pub body_timeout: Option<Spanned<Duration>>,
     pub send_timeout: Option<Spanned<Duration>>,
+    pub max_connections: Option<Spanned<usize>>,
+    pub max_connections_per_client: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Deserialize)]

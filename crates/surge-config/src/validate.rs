@@ -19,6 +19,8 @@ const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9900";
 const MAX_INSTANCES: u32 = 1024;
 /// nginx's 1 MiB turns away ordinary uploads; this still stops a declared gigabyte at once.
 const DEFAULT_MAX_BODY: u64 = 64 << 20;
+/// Well past what one process serves on its default file limit, and a bound all the same.
+const DEFAULT_MAX_CONNECTIONS: usize = 16 * 1024;
 /// HAProxy's bound, and plenty for shares.
 const MAX_WEIGHT: u32 = 256;
 
@@ -159,6 +161,21 @@ impl Validator<'_> {
             send: self.duration(raw.send_timeout.take(), "gateway.send_timeout".into(), defaults.send),
         };
         let max_body = raw.max_body.map_or(DEFAULT_MAX_BODY, |size| size.0);
+        let max_connections = match raw.max_connections.take() {
+            Some(max) if *max.get_ref() == 0 => {
+                self.error(max.span(), "gateway.max_connections", "must be at least 1");
+                DEFAULT_MAX_CONNECTIONS
+            }
+            Some(max) => max.into_inner(),
+            None => DEFAULT_MAX_CONNECTIONS,
+        };
+        let max_connections_per_client = match raw.max_connections_per_client.take() {
+            Some(max) if *max.get_ref() == 0 => {
+                self.error(max.span(), "gateway.max_connections_per_client", "must be at least 1");
+                None
+            }
+            other => other.map(Spanned::into_inner),
+        };
         GatewayConfig {
             listen,
             listen_site,
@@ -167,6 +184,8 @@ impl Validator<'_> {
             trusted_proxies,
             max_body,
             client_timeouts,
+            max_connections,
+            max_connections_per_client,
         }
     }
 

@@ -46,7 +46,7 @@ pub struct Gateway {
     services: Vec<stack::ServiceStack>,
     metrics: GatewayMetrics,
     trusted_proxies: Vec<ipnet::IpNet>,
-    timeouts: surge_config::ClientTimeouts,
+    listening: server::Listening,
 }
 
 /// What a matched route leads to.
@@ -78,8 +78,8 @@ impl Gateway {
             services.push(stack);
         }
         let trusted_proxies = config.gateway.trusted_proxies.clone();
-        let timeouts = config.gateway.client_timeouts;
-        Gateway { router: Router::new(routes), services, metrics, trusted_proxies, timeouts }
+        let listening = server::Listening::new(&config.gateway);
+        Gateway { router: Router::new(routes), services, metrics, trusted_proxies, listening }
     }
 
     /// Routes a request, and answers it when routing decides (404); else it goes through its
@@ -230,8 +230,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     drain_timeout: Duration,
 ) {
-    let timeouts = gateway.timeouts;
-    server::serve(GatewayService(gateway), listener, None, timeouts, shutdown, drain_timeout).await;
+    let listening = gateway.listening.clone();
+    server::serve(GatewayService(gateway), listener, listening, shutdown, drain_timeout).await;
 }
 
 /// Serves the gateway over HTTPS on `listener`, each response with `hsts` as its
@@ -244,29 +244,29 @@ pub async fn serve_tls(
     shutdown: impl Future<Output = ()>,
     drain_timeout: Duration,
 ) {
-    let timeouts = gateway.timeouts;
+    let listening = server::Listening { tls: Some(tls), ..gateway.listening.clone() };
     let service = GatewayService(gateway).map_response(move |mut response: Response<GatewayBody>| {
         if let Some(hsts) = &hsts {
             response.headers_mut().insert(STRICT_TRANSPORT_SECURITY, hsts.clone());
         }
         response
     });
-    server::serve(service, listener, Some(tls), timeouts, shutdown, drain_timeout).await;
+    server::serve(service, listener, listening, shutdown, drain_timeout).await;
 }
 
 /// Serves the plain listener as a redirect to the HTTPS one on `https_port`: 308 keeps the
 /// method and body, as a client needs for anything but GET.
-pub async fn serve_https_redirect(
+pub fn serve_https_redirect(
     listener: TcpListener,
     https_port: u16,
-    timeouts: surge_config::ClientTimeouts,
+    config: &surge_config::GatewayConfig,
     shutdown: impl Future<Output = ()>,
     drain_timeout: Duration,
-) {
+) -> impl Future<Output = ()> {
     let service = tower::service_fn(move |request: Request<ClientBody>| {
         std::future::ready(Ok::<_, Infallible>(redirect_to_https(&request, https_port)))
     });
-    server::serve(service, listener, None, timeouts, shutdown, drain_timeout).await;
+    server::serve(service, listener, server::Listening::new(config), shutdown, drain_timeout)
 }
 
 fn redirect_to_https<B>(request: &Request<B>, https_port: u16) -> Response<GatewayBody> {

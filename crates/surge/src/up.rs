@@ -100,7 +100,7 @@ async fn serve(config: Config) -> Result<(), Failure> {
         Some(port) => tokio::spawn(surge_gateway::serve_https_redirect(
             gateway_listener,
             port,
-            config.gateway.client_timeouts,
+            &config.gateway,
             plain,
             drain,
         )),

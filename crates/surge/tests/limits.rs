@@ -100,3 +100,53 @@ async fn a_client_that_stops_reading_is_cut_off() {
     assert!(received < size, "the whole body arrived: the client was never cut off");
     assert_eq!(surge.get("/x").await.status, StatusCode::OK, "still serving");
 }
+
+/// A connection that has had one request answered, so the gateway surely holds it.
+async fn held_connection(surge: &Surge) -> TcpStream {
+    let mut socket = TcpStream::connect(surge.gateway).await.expect("connect");
+    socket.write_all(b"GET /held HTTP/1.1\r\nHost: a\r\n\r\n").await.expect("write");
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = socket.read(&mut buf).await.expect("read");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"), "held connection served");
+    socket
+}
+
+const ONE: &str = "[services.web]\ncommand = \"{echo}\"\nroutes = [\"/\"]\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_connections_a_new_client_waits_for_a_free_one() {
+    let surge = Surge::start_with("max_connections = 2\n", ONE, |_| {}).await;
+    let first = held_connection(&surge).await;
+    let _second = held_connection(&surge).await;
+    let mut third = TcpStream::connect(surge.gateway).await.expect("the kernel's backlog takes it");
+    third.write_all(b"GET /third HTTP/1.1\r\nHost: a\r\n\r\n").await.expect("write");
+    let mut buf = vec![0u8; 64 * 1024];
+    let early = tokio::time::timeout(Duration::from_millis(500), third.read(&mut buf)).await;
+    assert!(early.is_err(), "answered while both connections were held");
+    drop(first);
+    let n = tokio::time::timeout(Duration::from_secs(20), third.read(&mut buf))
+        .await
+        .expect("served once a connection closed")
+        .expect("read");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_per_client_limit_a_new_connection_gets_503() {
+    let surge = Surge::start_with("max_connections_per_client = 1\n", ONE, |_| {}).await;
+    let first = held_connection(&surge).await;
+    let refused = exchange(&surge, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(refused.contains(r#""error":"too_many_connections""#), "{refused}");
+    drop(first);
+    // The count is given back when the connection ends; the close takes a moment to be seen.
+    let mut served = false;
+    for _ in 0..100 {
+        if exchange(&surge, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.starts_with("HTTP/1.1 200") {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(served, "the client's connection count was never given back");
+}

@@ -53,14 +53,36 @@ pub trait ResponseBody: Body<Data = Bytes, Error: Into<BoxError> + Send> + Send 
 
 impl<B> ResponseBody for B where B: Body<Data = Bytes, Error: Into<BoxError> + Send> + Send + Unpin + 'static {}
 
-/// Serves HTTP/1.1 and h2c on `listener` (or, given a TLS configuration, HTTPS with HTTP/2 by
-/// ALPN) until `shutdown` resolves, then stops accepting and gives open requests up to
-/// `drain_timeout` to finish.
+/// How a listener serves its clients.
+#[derive(Clone)]
+pub struct Listening {
+    /// HTTPS, with HTTP/2 by ALPN; else HTTP/1.1 and h2c.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub timeouts: ClientTimeouts,
+    /// Past this many open connections the listener stops accepting until one closes: the
+    /// kernel's backlog holds the rest, as back-pressure, instead of refusing them.
+    pub max_connections: usize,
+    /// Past this many from one address a new connection is answered 503 and closed.
+    pub max_per_client: Option<u32>,
+}
+
+impl Listening {
+    pub fn new(config: &surge_config::GatewayConfig) -> Self {
+        Listening {
+            tls: None,
+            timeouts: config.client_timeouts,
+            max_connections: config.max_connections,
+            max_per_client: config.max_connections_per_client,
+        }
+    }
+}
+
+/// Serves `listener` as `listening` says until `shutdown` resolves, then stops accepting and
+/// gives open requests up to `drain_timeout` to finish.
 pub async fn serve<S, B>(
     service: S,
     listener: TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
-    timeouts: ClientTimeouts,
+    listening: Listening,
     shutdown: impl Future<Output = ()>,
     drain_timeout: Duration,
 ) where
@@ -71,16 +93,44 @@ pub async fn serve<S, B>(
     // the sender sees all receivers gone once every connection has.
     let (stopping, stop) = watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
+    let slots = Arc::new(tokio::sync::Semaphore::new(listening.max_connections));
+    let per_client = listening.max_per_client.map(PerClient::new);
+    let Listening { tls, timeouts, .. } = listening;
     loop {
+        let slot = tokio::select! {
+            slot = Arc::clone(&slots).acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            _ = &mut shutdown => break,
+        };
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, client)) => {
                     let _ = stream.set_nodelay(true);
+                    let client_slot = match &per_client {
+                        None => None,
+                        Some(per_client) => match per_client.admit(client.ip()) {
+                            Some(client_slot) => Some(client_slot),
+                            None => {
+                                tokio::spawn(too_many_connections(stream, tls.is_none()));
+                                continue;
+                            }
+                        },
+                    };
                     let (service, stop) = (service.clone(), stop.clone());
+                    let held = (slot, client_slot);
                     match &tls {
-                        None => tokio::spawn(connection(service, stream, ClientAddr::new(client), timeouts, stop)),
+                        None => tokio::spawn(async move {
+                            connection(service, stream, ClientAddr::new(client), timeouts, stop).await;
+                            drop(held);
+                        }),
                         Some(tls) => {
-                            tokio::spawn(tls_connection(service, Arc::clone(tls), stream, client, timeouts, stop))
+                            let tls = Arc::clone(tls);
+                            tokio::spawn(async move {
+                                tls_connection(service, tls, stream, client, timeouts, stop).await;
+                                drop(held);
+                            })
                         }
                     };
                 }
@@ -100,6 +150,62 @@ pub async fn serve<S, B>(
             "requests still open after gateway.shutdown_timeout ({drain_timeout:?}); closing them"
         );
     }
+}
+
+/// Open connections per client address, for `gateway.max_connections_per_client`.
+struct PerClient {
+    max: u32,
+    open: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>>,
+}
+
+/// One connection's place in its client's count, given back when dropped.
+struct ClientSlot {
+    ip: std::net::IpAddr,
+    open: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>>,
+}
+
+impl PerClient {
+    fn new(max: u32) -> Self {
+        PerClient { max, open: Arc::default() }
+    }
+
+    fn admit(&self, ip: std::net::IpAddr) -> Option<ClientSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let count = open.entry(ip).or_insert(0);
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(ClientSlot { ip, open: Arc::clone(&self.open) })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// A client over its connection limit: a plain connection is told so (503) before it is
+/// closed; a TLS one, which would need a handshake first, is only closed.
+async fn too_many_connections(mut stream: TcpStream, plain: bool) {
+    use tokio::io::AsyncWriteExt;
+    if plain {
+        let body = r#"{"error":"too_many_connections","message":"this client has too many connections open (gateway.max_connections_per_client)"}"#;
+        let answer = format!(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+             retry-after: 1\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(answer.as_bytes())).await;
+    }
+    let _ = stream.shutdown().await;
 }
 
 /// Serves one client connection until it closes or `stop` turns true.
