@@ -99,13 +99,51 @@ pub struct RateLimiter {
     /// Prefix of the Redis keys: the route.
     name: String,
     store: RateStore,
-    local: Mutex<HashMap<String, f64>>,
+    local: Mutex<LocalArrivals>,
     script: redis::Script,
     epoch: Instant,
 }
 
-/// Past this many local keys, expired ones are dropped.
+/// Each key's theoretical arrival time, for a limiter without Redis: at most `capacity` keys,
+/// so a client inventing keys costs bounded memory, and bounded time per request.
+struct LocalArrivals {
+    arrivals: HashMap<String, f64>,
+    capacity: usize,
+    /// When expired keys may next be swept out: at most once a second, so that a map full of
+    /// live keys does not cost a pass over all of them per request.
+    next_sweep: f64,
+}
+
+impl LocalArrivals {
+    fn new(capacity: usize) -> Self {
+        LocalArrivals { arrivals: HashMap::new(), capacity, next_sweep: 0.0 }
+    }
+
+    /// Makes room for `key` if it is new and the map is full: expired keys go first; if all
+    /// are live, one is forgotten (its client gets a fresh burst, as after a restart).
+    fn make_room(&mut self, key: &str, now: f64) {
+        if self.arrivals.len() < self.capacity || self.arrivals.contains_key(key) {
+            return;
+        }
+        if now >= self.next_sweep {
+            self.arrivals.retain(|_, tat| *tat > now);
+            self.next_sweep = now + SWEEP_INTERVAL;
+        }
+        if self.arrivals.len() >= self.capacity {
+            if let Some(victim) = self.arrivals.keys().next().cloned() {
+                self.arrivals.remove(&victim);
+            }
+        }
+    }
+}
+
+/// The most keys a local limiter tracks.
 const LOCAL_KEYS: usize = 100_000;
+/// Seconds between sweeps of expired keys when the local map is full.
+const SWEEP_INTERVAL: f64 = 1.0;
+/// The longest a request waits for Redis's verdict; past it the request is let through, as on
+/// any Redis failure, rather than held.
+const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
 
 impl RateLimiter {
     pub fn new(limit: RateLimit, name: String, store: RateStore) -> Self {
@@ -113,7 +151,7 @@ impl RateLimiter {
             limit,
             name,
             store,
-            local: Mutex::new(HashMap::new()),
+            local: Mutex::new(LocalArrivals::new(LOCAL_KEYS)),
             script: redis::Script::new(GCRA_LUA),
             epoch: Instant::now(),
         }
@@ -155,24 +193,22 @@ impl RateLimiter {
 
     fn check_local(&self, key: &str) -> Verdict {
         let now = self.epoch.elapsed().as_secs_f64();
-        let mut arrivals = self.local.lock().unwrap_or_else(|p| p.into_inner());
-        if arrivals.len() > LOCAL_KEYS {
-            arrivals.retain(|_, tat| *tat > now);
-        }
-        let (verdict, tat) = gcra(arrivals.get(key).copied(), now, &self.limit);
-        arrivals.insert(key.to_owned(), tat);
+        let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
+        local.make_room(key, now);
+        let (verdict, tat) = gcra(local.arrivals.get(key).copied(), now, &self.limit);
+        local.arrivals.insert(key.to_owned(), tat);
         verdict
     }
 
-    async fn check_redis(&self, mut connection: ConnectionManager, key: &str) -> redis::RedisResult<Verdict> {
+    async fn check_redis(&self, mut connection: ConnectionManager, key: &str) -> Result<Verdict, String> {
         let (interval, tolerance) = emission(&self.limit);
-        let (allowed, remaining, retry_after, reset): (u8, u32, String, String) = self
-            .script
-            .key(format!("surge:rl:{}:{key}", self.name))
-            .arg(interval)
-            .arg(tolerance)
-            .invoke_async(&mut connection)
-            .await?;
+        let mut invocation = self.script.key(format!("surge:rl:{}:{key}", self.name));
+        invocation.arg(interval).arg(tolerance);
+        let answer = tokio::time::timeout(REDIS_TIMEOUT, invocation.invoke_async(&mut connection))
+            .await
+            .map_err(|_| format!("Redis did not answer within {REDIS_TIMEOUT:?}"))?;
+        let (allowed, remaining, retry_after, reset): (u8, u32, String, String) =
+            answer.map_err(|err| format!("Redis failed: {err}"))?;
         let seconds = |text: &str| Duration::from_secs_f64(text.parse::<f64>().unwrap_or(0.0).max(0.0));
         Ok(Verdict {
             allowed: allowed == 1,
@@ -220,6 +256,72 @@ mod tests {
         let (fourth, _) = gcra(Some(tat), 5.0, &limit);
         assert_eq!([first.remaining, second.remaining, third.remaining], [2, 1, 0]);
         assert!(first.allowed && third.allowed && !fourth.allowed);
+    }
+
+    #[test]
+    fn local_state_stays_bounded_however_many_keys_come() {
+        let mut local = LocalArrivals::new(4);
+        let limit = limit(1, 1);
+        for i in 0..1000 {
+            let key = format!("k{i}");
+            // All keys stay live (one arrival an hour), so only eviction keeps the bound.
+            local.make_room(&key, 0.0);
+            let (_, tat) = gcra(
+                local.arrivals.get(&key).copied(),
+                0.0,
+                &RateLimit { per: Duration::from_secs(3600), ..limit.clone() },
+            );
+            local.arrivals.insert(key, tat);
+            assert!(local.arrivals.len() <= 4, "{} keys", local.arrivals.len());
+        }
+        // A key already tracked keeps its state: its second request within the hour is refused.
+        local.make_room("k999", 0.0);
+        let slow = RateLimit { per: Duration::from_secs(3600), ..limit };
+        let (verdict, _) = gcra(local.arrivals.get("k999").copied(), 0.0, &slow);
+        assert!(!verdict.allowed);
+        // Expired keys are swept before any live one is forgotten.
+        local.make_room("new", 7200.0);
+        assert_eq!(local.arrivals.len(), 0, "every key had expired by then");
+    }
+
+    /// A Redis that answers the connection's setup, then never again.
+    async fn stalling_redis() -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut answered = 0;
+                    while let Ok(n @ 1..) = socket.read(&mut buf).await {
+                        // One `+OK` per command of the setup (each starts with `*`), then silence.
+                        let commands = buf[..n].iter().filter(|&&b| b == b'*').count();
+                        for _ in 0..commands {
+                            if answered < 2 {
+                                let _ = socket.write_all(b"+OK\r\n").await;
+                                answered += 1;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        format!("redis://{addr}")
+    }
+
+    #[tokio::test]
+    async fn a_redis_that_stops_answering_lets_requests_through_after_the_timeout() {
+        let url = stalling_redis().await;
+        let store = RateStore::connect(Some(&url)).await.expect("connects");
+        let RateStore::Redis(connection) = store.clone() else { panic!("a Redis store") };
+        let limiter = RateLimiter::new(limit(1, 1), "stall".into(), store);
+        let guard = Duration::from_secs(30);
+        let failed = tokio::time::timeout(guard, limiter.check_redis(connection, "ip:192.0.2.1")).await;
+        let failed = failed.expect("the check gave up on Redis instead of waiting for it");
+        assert!(failed.is_err_and(|err| err.contains("did not answer within")));
+        let verdict = tokio::time::timeout(guard, limiter.check("ip:192.0.2.1")).await.expect("gave up");
+        assert!(verdict.allowed, "let through, as on any Redis failure");
     }
 
     #[test]
