@@ -255,6 +255,8 @@ pub struct TimeoutConfig {
     pub request: Duration,
     /// Bounds each try; a try past it is retried elsewhere when the request may be.
     pub per_try: Option<Duration>,
+    /// An upgraded connection (WebSocket) with no byte either way for this long is closed.
+    pub tunnel_idle: Duration,
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -188,6 +188,7 @@ pub(crate) struct RawTimeouts {
     pub request: Option<Spanned<Duration>>,
     #[serde(rename = "try")]
     pub per_try: Option<Spanned<Duration>>,
+    pub tunnel_idle: Option<Spanned<Duration>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

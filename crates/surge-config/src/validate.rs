@@ -304,6 +304,11 @@ impl Validator<'_> {
                 .timeouts
                 .per_try
                 .map(|t| self.duration(Some(t), format!("{key}.timeouts.try"), Duration::from_secs(60))),
+            tunnel_idle: self.duration(
+                raw.timeouts.tunnel_idle,
+                format!("{key}.timeouts.tunnel_idle"),
+                Duration::from_secs(300),
+            ),
         };
         let lifecycle = LifecycleConfig {
             start_timeout: self.duration(

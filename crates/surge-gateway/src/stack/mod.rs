@@ -82,7 +82,7 @@ pub fn build(pool: &Arc<Pool>, metrics: &GatewayMetrics) -> ServiceStack {
             service: Arc::clone(&service),
         })
         .layer(forward::ForwardLayer)
-        .layer(upgrade::UpgradeLayer)
+        .layer(upgrade::UpgradeLayer { idle: config.timeouts.tunnel_idle })
         .layer(prepare::PrepareBodyLayer)
         .layer(RetryLayer::new(retry::RetryPolicy::new(retries)))
         .layer(buffer::WaitBufferLayer(Arc::clone(pool)))

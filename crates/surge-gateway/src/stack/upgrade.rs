@@ -2,14 +2,20 @@
 //! are copied both ways between the client's connection and the instance's until either side
 //! closes. The response body, which holds the request's slot on the instance, goes with the
 //! copy, so the instance counts the connection in flight for as long (and a drain waits for it,
-//! up to its timeout).
+//! up to its timeout). A tunnel with no byte either way for `timeouts.tunnel_idle` is closed,
+//! so an abandoned one cannot hold its slot and connection forever.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tower::{Layer, Service};
 
 use crate::body::GatewayBody;
@@ -19,14 +25,17 @@ use crate::server::ClientUpgrade;
 #[derive(Clone)]
 pub struct Upgrade<S> {
     inner: S,
+    idle: Duration,
 }
 
-pub struct UpgradeLayer;
+pub struct UpgradeLayer {
+    pub idle: Duration,
+}
 
 impl<S> Layer<S> for UpgradeLayer {
     type Service = Upgrade<S>;
     fn layer(&self, inner: S) -> Upgrade<S> {
-        Upgrade { inner }
+        Upgrade { inner, idle: self.idle }
     }
 }
 
@@ -50,7 +59,7 @@ where
             request.extensions_mut().remove::<ClientUpgrade>();
             None
         };
-        Upgrading { response: self.inner.call(request), client }
+        Upgrading { response: self.inner.call(request), client, idle: self.idle }
     }
 }
 
@@ -59,6 +68,7 @@ pin_project_lite::pin_project! {
         #[pin]
         response: F,
         client: Option<ClientUpgrade>,
+        idle: Duration,
     }
 }
 
@@ -75,13 +85,91 @@ impl<F: Future<Output = Result<Response<GatewayBody>, E>>, E> Future for Upgradi
         let instance =
             response.extensions_mut().remove::<UpstreamUpgrade>().and_then(|upgrade| upgrade.take());
         let (parts, holds_slot) = response.into_parts();
+        let idle = *this.idle;
         tokio::spawn(async move {
             let _slot = holds_slot;
-            if let (Some(mut client), Some(mut instance)) = (client.upgraded().await, instance) {
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut instance).await;
+            if let (Some(client), Some(instance)) = (client.upgraded().await, instance) {
+                splice(client, instance, idle).await;
             }
         });
         Poll::Ready(Ok(Response::from_parts(parts, GatewayBody::full(Bytes::new()))))
+    }
+}
+
+/// Copies both ways until either side closes, or nothing has moved for `idle`.
+async fn splice(
+    client: impl AsyncRead + AsyncWrite + Unpin,
+    instance: impl AsyncRead + AsyncWrite + Unpin,
+    idle: Duration,
+) {
+    let activity = Arc::new(Activity::default());
+    let (mut client, mut instance) = (Watched::new(client, &activity), Watched::new(instance, &activity));
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut instance);
+    let watch = async {
+        let mut seen = activity.moved.load(Ordering::Relaxed);
+        loop {
+            tokio::time::sleep(idle).await;
+            let now = activity.moved.load(Ordering::Relaxed);
+            if now == seen {
+                return;
+            }
+            seen = now;
+        }
+    };
+    tokio::select! {
+        _ = copy => {}
+        () = watch => tracing::debug!("closing a tunnel idle for {idle:?}"),
+    }
+}
+
+/// Counts the reads that moved bytes, on both sides of a tunnel.
+#[derive(Default)]
+struct Activity {
+    moved: AtomicU64,
+}
+
+pin_project_lite::pin_project! {
+    /// One side of a tunnel, counting its reads into the shared [`Activity`].
+    struct Watched<T> {
+        #[pin]
+        inner: T,
+        activity: Arc<Activity>,
+    }
+}
+
+impl<T> Watched<T> {
+    fn new(inner: T, activity: &Arc<Activity>) -> Self {
+        Watched { inner, activity: Arc::clone(activity) }
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for Watched<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let result = ready!(this.inner.poll_read(cx, buf));
+        if buf.filled().len() > before {
+            this.activity.moved.fetch_add(1, Ordering::Relaxed);
+        }
+        Poll::Ready(result)
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for Watched<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
     }
 }
 
@@ -113,7 +201,8 @@ mod tests {
         let (client_upgrade, hand_over) = ClientUpgrade::new();
         let mut request = Request::builder().header("upgrade", "echo").body(()).expect("request");
         request.extensions_mut().insert(client_upgrade);
-        let Ok(response) = UpgradeLayer.layer(switch).oneshot(request).await;
+        let Ok(response) =
+            UpgradeLayer { idle: Duration::from_secs(300) }.layer(switch).oneshot(request).await;
         assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
 
         let (mut client, gateway_side) = UnixStream::pair().expect("pair");
@@ -129,5 +218,27 @@ mod tests {
         let mut pong = [0u8; 4];
         client.read_exact(&mut pong).await.expect("read");
         assert_eq!(&pong, b"pong");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tunnel_with_nothing_moving_is_closed_after_its_idle_timeout() {
+        let (mut client, client_side) = UnixStream::pair().expect("pair");
+        let (mut instance, instance_side) = UnixStream::pair().expect("pair");
+        let idle = Duration::from_secs(300);
+        let tunnel = tokio::spawn(splice(client_side, instance_side, idle));
+        // Traffic every half timeout keeps it open well past one.
+        for _ in 0..3 {
+            tokio::time::sleep(idle / 2).await;
+            client.write_all(b"hi").await.expect("write");
+            let mut hi = [0u8; 2];
+            instance.read_exact(&mut hi).await.expect("read");
+        }
+        assert!(!tunnel.is_finished(), "closed while bytes were moving");
+        // Then nothing, for two timeouts: the watch sees a whole interval without a byte.
+        tokio::time::sleep(idle * 2 + Duration::from_secs(1)).await;
+        assert!(tunnel.is_finished(), "the idle tunnel is still open");
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.expect("read");
+        assert!(rest.is_empty(), "the client's side was closed");
     }
 }
