@@ -23,3 +23,9 @@ pub struct ScaleResponse {
 pub struct ErrorResponse {
     pub error: String,
 }
+
+/// The answer to `POST /reload`: what changed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReloadResponse {
+    pub reloaded: String,
+}

@@ -4,6 +4,7 @@
 //! - `GET /status`: every service, its instances and counters ([`StatusResponse`]).
 //! - `POST /services/{name}/scale` with `{"instances": N}`: sets the desired count.
 //! - `GET /metrics`: the Prometheus (OpenMetrics) text exposition.
+//! - `POST /reload`: re-reads the configuration file and applies it (`surge reload`).
 //!
 //! Every request passes [`Access`] first: a bearer token, a loopback Host, JSON for changes.
 
@@ -27,19 +28,42 @@ use tokio::net::TcpListener;
 
 use api::{ErrorResponse, ScaleRequest, ScaleResponse, StatusResponse};
 
+/// Asks the running surge to reload its configuration; it answers what changed, or why the
+/// configuration in use stays.
+pub type ReloadRequest = tokio::sync::oneshot::Sender<Result<String, String>>;
+
 #[derive(Clone)]
 struct AdminState {
     pools: Arc<Pools>,
     metrics: Arc<Metrics>,
+    reload: tokio::sync::mpsc::Sender<ReloadRequest>,
 }
 
-pub fn router(pools: Arc<Pools>, metrics: Arc<Metrics>, access: Access) -> axum::Router {
+pub fn router(
+    pools: Arc<Pools>,
+    metrics: Arc<Metrics>,
+    access: Access,
+    reload: tokio::sync::mpsc::Sender<ReloadRequest>,
+) -> axum::Router {
     axum::Router::new()
         .route("/status", get(status))
         .route("/services/{name}/scale", post(scale))
+        .route("/reload", post(reload_config))
         .route("/metrics", get(metrics_text))
         .layer(axum::middleware::from_fn_with_state(Arc::new(access), guard))
-        .with_state(AdminState { pools, metrics })
+        .with_state(AdminState { pools, metrics, reload })
+}
+
+async fn reload_config(State(state): State<AdminState>) -> Response {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if state.reload.send(reply).await.is_err() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "surge is shutting down".into());
+    }
+    match answer.await {
+        Ok(Ok(summary)) => Json(api::ReloadResponse { reloaded: summary }).into_response(),
+        Ok(Err(problem)) => error(StatusCode::UNPROCESSABLE_ENTITY, problem),
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "surge is shutting down".into()),
+    }
 }
 
 async fn guard(
@@ -74,7 +98,7 @@ pub async fn serve(
 }
 
 async fn status(State(state): State<AdminState>) -> Json<StatusResponse> {
-    Json(StatusResponse { services: state.pools.iter().map(|pool| pool.status()).collect() })
+    Json(StatusResponse { services: state.pools.list().iter().map(|pool| pool.status()).collect() })
 }
 
 async fn scale(State(state): State<AdminState>, Path(name): Path<String>, body: Bytes) -> Response {

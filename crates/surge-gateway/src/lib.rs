@@ -25,10 +25,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::header::{HOST, STRICT_TRANSPORT_SECURITY};
 use http::{HeaderValue, Request, Response};
 use surge_config::Config;
-use surge_pool::Pools;
+use surge_pool::Pool;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
@@ -59,11 +60,11 @@ struct RouteTarget {
 
 impl Gateway {
     /// Builds the route table and one layer stack per service of `config`.
-    pub fn new(config: &Config, pools: &Pools, metrics: GatewayMetrics, store: RateStore) -> Self {
+    pub fn new(config: &Config, pools: &[Arc<Pool>], metrics: GatewayMetrics, store: RateStore) -> Self {
         let mut routes = Vec::new();
         let mut services = Vec::new();
         for service in &config.services {
-            let Some(pool) = pools.get(&service.name) else { continue };
+            let Some(pool) = pools.iter().find(|pool| pool.name() == service.name) else { continue };
             let index = services.len();
             routes.extend(service.routes.iter().map(|route| {
                 let limiter = route.rate_limit.clone().map(|limit| {
@@ -204,9 +205,13 @@ impl Future for Handled {
     }
 }
 
+/// The gateway in service, swapped whole by a reload: each request is handled by the gateway
+/// as it was when the request came.
+pub type LiveGateway = Arc<ArcSwap<Gateway>>;
+
 /// The gateway as the server's service: cloned per connection, an `Arc` each.
 #[derive(Clone)]
-struct GatewayService(Arc<Gateway>);
+struct GatewayService(LiveGateway);
 
 impl tower::Service<Request<ClientBody>> for GatewayService {
     type Response = Response<GatewayBody>;
@@ -218,33 +223,33 @@ impl tower::Service<Request<ClientBody>> for GatewayService {
     }
 
     fn call(&mut self, request: Request<ClientBody>) -> Self::Future {
-        Gateway::handle(&self.0, request)
+        Gateway::handle(&self.0.load(), request)
     }
 }
 
 /// Serves the gateway on `listener` until `shutdown` resolves, then gives open requests up to
 /// `drain_timeout` to finish.
 pub async fn serve(
-    gateway: Arc<Gateway>,
+    gateway: LiveGateway,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
     drain_timeout: Duration,
 ) {
-    let listening = gateway.listening.clone();
+    let listening = gateway.load().listening.clone();
     server::serve(GatewayService(gateway), listener, listening, shutdown, drain_timeout).await;
 }
 
 /// Serves the gateway over HTTPS on `listener`, each response with `hsts` as its
 /// `Strict-Transport-Security` when given.
 pub async fn serve_tls(
-    gateway: Arc<Gateway>,
+    gateway: LiveGateway,
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     hsts: Option<HeaderValue>,
     shutdown: impl Future<Output = ()>,
     drain_timeout: Duration,
 ) {
-    let listening = server::Listening { tls: Some(tls), ..gateway.listening.clone() };
+    let listening = server::Listening { tls: Some(tls), ..gateway.load().listening.clone() };
     let service = GatewayService(gateway).map_response(move |mut response: Response<GatewayBody>| {
         if let Some(hsts) = &hsts {
             response.headers_mut().insert(STRICT_TRANSPORT_SECURITY, hsts.clone());

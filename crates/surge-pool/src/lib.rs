@@ -245,34 +245,93 @@ impl Pool {
     }
 }
 
-/// Every pool of a deployment, in configuration order.
-pub struct Pools(Vec<Arc<Pool>>);
+/// Every pool of a deployment, in configuration order. A reload swaps the whole list; each
+/// reader works on the list as it was when it looked.
+pub struct Pools {
+    current: ArcSwap<Vec<Arc<Pool>>>,
+    driver: Arc<dyn Driver>,
+    metrics: PoolMetrics,
+}
+
+/// What a reload changes among the pools: pools started for new or changed services, to be
+/// put in service once ready, and the pools they replace or that are no longer configured.
+pub struct Reconfiguration {
+    pub pools: Vec<Arc<Pool>>,
+    pub started: Vec<Arc<Pool>>,
+    pub retired: Vec<Arc<Pool>>,
+}
 
 impl Pools {
     pub fn start(services: &[ServiceConfig], driver: Arc<dyn Driver>, metrics: &PoolMetrics) -> Self {
-        Pools(services.iter().map(|s| Pool::start(s.clone(), Arc::clone(&driver), metrics.clone())).collect())
+        let pools =
+            services.iter().map(|s| Pool::start(s.clone(), Arc::clone(&driver), metrics.clone())).collect();
+        Pools { current: ArcSwap::from_pointee(pools), driver, metrics: metrics.clone() }
     }
 
-    pub fn get(&self, name: &str) -> Option<&Arc<Pool>> {
-        self.0.iter().find(|pool| pool.name() == name)
+    pub fn get(&self, name: &str) -> Option<Arc<Pool>> {
+        self.current.load().iter().find(|pool| pool.name() == name).cloned()
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<Pool>> {
-        self.0.iter()
+    /// The pools as they are now.
+    pub fn list(&self) -> Arc<Vec<Arc<Pool>>> {
+        self.current.load_full()
+    }
+
+    /// Starts a pool for every service of `services` that is new or whose pool settings
+    /// changed; unchanged services keep theirs (a change of routes alone keeps the pool).
+    /// Nothing is swapped yet: see [`Pools::install`].
+    pub fn reconfigure(&self, services: &[ServiceConfig]) -> Reconfiguration {
+        let current = self.current.load_full();
+        let mut pools = Vec::new();
+        let mut started = Vec::new();
+        for service in services {
+            match current.iter().find(|pool| pool.name() == service.name) {
+                Some(pool) if same_pool(pool.config(), service) => pools.push(Arc::clone(pool)),
+                _ => {
+                    let pool = Pool::start(service.clone(), Arc::clone(&self.driver), self.metrics.clone());
+                    started.push(Arc::clone(&pool));
+                    pools.push(pool);
+                }
+            }
+        }
+        let retired = current
+            .iter()
+            .filter(|pool| !pools.iter().any(|kept| Arc::ptr_eq(kept, pool)))
+            .cloned()
+            .collect();
+        Reconfiguration { pools, started, retired }
+    }
+
+    /// Makes `pools` the deployment's pools.
+    pub fn install(&self, pools: Vec<Arc<Pool>>) {
+        self.current.store(Arc::new(pools));
     }
 
     /// Stops every pool at once and waits for all of them.
     pub async fn shutdown(&self) {
-        let stopping: Vec<_> = self
-            .0
-            .iter()
-            .map(|pool| {
-                let pool = Arc::clone(pool);
-                tokio::spawn(async move { pool.shutdown().await })
-            })
-            .collect();
-        for pool in stopping {
-            let _ = pool.await;
-        }
+        stop_all(&self.current.load_full()).await;
     }
+}
+
+/// Stops `pools` at once (each drains its instances first) and waits for all of them.
+pub async fn stop_all(pools: &[Arc<Pool>]) {
+    let stopping: Vec<_> = pools
+        .iter()
+        .map(|pool| {
+            let pool = Arc::clone(pool);
+            tokio::spawn(async move { pool.shutdown().await })
+        })
+        .collect();
+    for pool in stopping {
+        let _ = pool.await;
+    }
+}
+
+/// Whether a pool started for `running` serves `wanted` as is: every setting but the routes
+/// (which the gateway reads from the configuration, not the pool) is the same. Compared by
+/// their debug rendering, which covers every field of the configuration types.
+fn same_pool(running: &ServiceConfig, wanted: &ServiceConfig) -> bool {
+    let without_routes =
+        |config: &ServiceConfig| format!("{:?}", ServiceConfig { routes: Vec::new(), ..config.clone() });
+    without_routes(running) == without_routes(wanted)
 }

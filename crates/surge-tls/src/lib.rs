@@ -23,7 +23,7 @@ const SESSION_CACHE: usize = 16 * 1024;
 
 /// The certificates the listener serves, swapped whole when the files change.
 pub struct Certificates {
-    files: Vec<CertificateFiles>,
+    files: ArcSwap<Vec<CertificateFiles>>,
     provider: Arc<CryptoProvider>,
     current: ArcSwap<Loaded>,
 }
@@ -58,7 +58,20 @@ impl Certificates {
     pub fn load(files: &[CertificateFiles]) -> Result<Arc<Self>, ConfigErrors> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let loaded = read_all(files, &provider, SystemTime::now())?;
-        Ok(Arc::new(Certificates { files: files.to_vec(), provider, current: ArcSwap::from_pointee(loaded) }))
+        Ok(Arc::new(Certificates {
+            files: ArcSwap::from_pointee(files.to_vec()),
+            provider,
+            current: ArcSwap::from_pointee(loaded),
+        }))
+    }
+
+    /// Serves `files` from now on, once every one passes its checks; on an error nothing
+    /// changes. Open connections keep what they were given.
+    pub fn replace(&self, files: &[CertificateFiles]) -> Result<(), ConfigErrors> {
+        let loaded = read_all(files, &self.provider, SystemTime::now())?;
+        self.files.store(Arc::new(files.to_vec()));
+        self.current.store(Arc::new(loaded));
+        Ok(())
     }
 
     /// The rustls configuration for the listener: TLS 1.3 and 1.2 with rustls' default
@@ -79,11 +92,12 @@ impl Certificates {
     /// Reads the files again if any changed since the last reading. `Ok(true)`: new
     /// certificates are in use; on an error the ones in use stay.
     pub fn reload_if_changed(&self) -> Result<bool, ConfigErrors> {
-        let stamps = stamps(&self.files);
+        let files = self.files.load();
+        let stamps = stamps(&files);
         if stamps == self.current.load().stamps {
             return Ok(false);
         }
-        let loaded = read_all(&self.files, &self.provider, SystemTime::now())?;
+        let loaded = read_all(&files, &self.provider, SystemTime::now())?;
         self.current.store(Arc::new(loaded));
         Ok(true)
     }
@@ -94,7 +108,7 @@ impl Certificates {
         let mut failed: Option<Vec<Stamp>> = None;
         loop {
             tokio::time::sleep(RELOAD_INTERVAL).await;
-            let stamps = stamps(&self.files);
+            let stamps = stamps(&self.files.load());
             if failed.as_ref() == Some(&stamps) {
                 continue;
             }
@@ -126,7 +140,7 @@ impl Certificates {
 
 impl fmt::Debug for Certificates {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Certificates").field("files", &self.files.len()).finish_non_exhaustive()
+        f.debug_struct("Certificates").field("files", &self.files.load().len()).finish_non_exhaustive()
     }
 }
 

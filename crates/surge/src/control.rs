@@ -1,6 +1,6 @@
 //! `surge status` and `surge scale`: talk to a running surge through its admin API.
 
-use surge_admin::api::{PoolStatus, ScaleRequest, ScaleResponse, StatusResponse};
+use surge_admin::api::{PoolStatus, ReloadResponse, ScaleRequest, ScaleResponse, StatusResponse};
 
 use crate::admin_client::AdminClient;
 use crate::{AdminArgs, Failure};
@@ -30,6 +30,13 @@ pub fn scale(args: &AdminArgs, service: &str, instances: u32) -> Result<(), Fail
     let path = format!("/services/{service}/scale");
     let answer: ScaleResponse = block_on(client.post(&path, &ScaleRequest { instances }))?;
     println!("{}: desired instances set to {}", answer.service, answer.desired);
+    Ok(())
+}
+
+pub fn reload(args: &AdminArgs) -> Result<(), Failure> {
+    let client = AdminClient::new(args.admin.as_deref(), &args.config)?;
+    let answer: ReloadResponse = block_on(client.post("/reload", &serde_json::json!({})))?;
+    println!("reloaded: {}", answer.reloaded);
     Ok(())
 }
 

@@ -6,6 +6,7 @@ mod admin_client;
 mod check;
 mod control;
 mod load;
+mod reload;
 mod sim;
 mod up;
 
@@ -46,6 +47,11 @@ enum Command {
         service: String,
         /// The desired number of instances
         instances: u32,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Make a running surge read its configuration again and apply it without dropping requests
+    Reload {
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -105,6 +111,7 @@ fn main() -> ExitCode {
         Command::Check(args) => check::run(&args.config),
         Command::Status { admin, json } => control::status(&admin, json),
         Command::Scale { service, instances, admin } => control::scale(&admin, &service, instances),
+        Command::Reload { admin } => control::reload(&admin),
         Command::Load(args) => load::run(args),
         Command::Sim(args) => sim::run(args),
     };

@@ -5,14 +5,16 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use surge_config::{Config, Site};
-use surge_gateway::{Gateway, GatewayMetrics};
+use surge_gateway::{Gateway, GatewayMetrics, LiveGateway};
 use surge_metrics::Metrics;
 use surge_pool::{PoolMetrics, Pools, ProcessDriver};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
+use crate::reload::Running;
 use crate::Failure;
 
 pub fn run(path: &Path) -> Result<(), Failure> {
@@ -22,7 +24,7 @@ pub fn run(path: &Path) -> Result<(), Failure> {
         .enable_all()
         .build()
         .map_err(|err| format!("cannot start the async runtime: {err}"))?;
-    runtime.block_on(serve(config))
+    runtime.block_on(serve(config, path.to_owned()))
 }
 
 fn init_logging() {
@@ -45,7 +47,7 @@ async fn bind(addr: SocketAddr, site: &Site) -> Result<TcpListener, Failure> {
     })
 }
 
-async fn serve(config: Config) -> Result<(), Failure> {
+async fn serve(config: Config, path: std::path::PathBuf) -> Result<(), Failure> {
     let token = crate::admin_client::admin_token(&config.admin)?;
     let access = surge_admin::Access::new(config.admin.listen, token, config.admin.metrics_public).map_err(
         |message| {
@@ -72,7 +74,13 @@ async fn serve(config: Config) -> Result<(), Failure> {
     let gateway_metrics = GatewayMetrics::register(&metrics);
     let pools = Arc::new(Pools::start(&config.services, Arc::new(ProcessDriver), &pool_metrics));
     let store = surge_gateway::RateStore::connect(config.redis.as_deref()).await?;
-    let gateway = Arc::new(Gateway::new(&config, &pools, gateway_metrics, store));
+    let gateway: LiveGateway = Arc::new(ArcSwap::from_pointee(Gateway::new(
+        &config,
+        &pools.list(),
+        gateway_metrics.clone(),
+        store.clone(),
+    )));
+    let mut certificates_in_use = None;
 
     let (stop_gateway, gateway_stopping) = watch::channel(false);
     let (stop_admin, admin_stopping) = watch::channel(false);
@@ -85,6 +93,7 @@ async fn serve(config: Config) -> Result<(), Failure> {
         https_note = format!(", HTTPS on https://{addr}");
         let tls = config.gateway.tls.as_ref();
         redirect_to = tls.filter(|tls| tls.redirect_to_https).map(|_| addr.port());
+        certificates_in_use = Some(Arc::clone(&certificates));
         watcher = Some(tokio::spawn(certificates.watch()));
         gateway_tasks.push(tokio::spawn(surge_gateway::serve_tls(
             Arc::clone(&gateway),
@@ -104,9 +113,10 @@ async fn serve(config: Config) -> Result<(), Failure> {
             plain,
             drain,
         )),
-        None => tokio::spawn(surge_gateway::serve(gateway, gateway_listener, plain, drain)),
+        None => tokio::spawn(surge_gateway::serve(Arc::clone(&gateway), gateway_listener, plain, drain)),
     });
-    let admin = surge_admin::router(Arc::clone(&pools), Arc::clone(&metrics), access);
+    let (reload_requests, mut reloads) = tokio::sync::mpsc::channel(4);
+    let admin = surge_admin::router(Arc::clone(&pools), Arc::clone(&metrics), access, reload_requests);
     let admin_task = tokio::spawn(surge_admin::serve(admin_listener, admin, stopped(admin_stopping)));
     tracing::info!(
         "surge is up: gateway on http://{gateway_addr}{https_note}, admin API on http://{admin_addr}, {} service{}",
@@ -114,8 +124,33 @@ async fn serve(config: Config) -> Result<(), Failure> {
         if config.services.len() == 1 { "" } else { "s" }
     );
 
+    let mut running = Running {
+        path,
+        config,
+        gateway,
+        pools: Arc::clone(&pools),
+        certificates: certificates_in_use,
+        metrics: gateway_metrics,
+        store,
+    };
     let mut signals = Signals::new()?;
-    let first = signals.next().await;
+    let first = loop {
+        let reply = tokio::select! {
+            signal = signals.next() => match signal {
+                Signal::Stop(name) => break name,
+                Signal::Reload => None,
+            },
+            Some(reply) = reloads.recv() => Some(reply),
+        };
+        let outcome = running.reload().await;
+        match &outcome {
+            Ok(summary) => tracing::info!("configuration reloaded: {summary}"),
+            Err(problem) => tracing::warn!("configuration not reloaded:\n{problem}"),
+        }
+        if let Some(reply) = reply {
+            let _ = reply.send(outcome);
+        }
+    };
     tracing::info!("{first}: draining requests, then stopping instances (send it again to stop at once)");
     let _ = stop_gateway.send(true);
     let graceful = async {
@@ -135,7 +170,7 @@ async fn serve(config: Config) -> Result<(), Failure> {
             tracing::info!("surge stopped");
             Ok(())
         }
-        second = signals.next() => {
+        second = signals.stop() => {
             // Exiting is enough: every instance has PR_SET_PDEATHSIG and dies with surge.
             Err(Failure::Message(format!("{second} again: stopped at once, without draining")))
         }
@@ -149,6 +184,13 @@ async fn stopped(mut flag: watch::Receiver<bool>) {
 struct Signals {
     interrupt: tokio::signal::unix::Signal,
     terminate: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+enum Signal {
+    Stop(&'static str),
+    /// SIGHUP: read the configuration again.
+    Reload,
 }
 
 impl Signals {
@@ -158,10 +200,19 @@ impl Signals {
         Ok(Signals {
             interrupt: listen(SignalKind::interrupt())?,
             terminate: listen(SignalKind::terminate())?,
+            hangup: listen(SignalKind::hangup())?,
         })
     }
 
-    async fn next(&mut self) -> &'static str {
+    async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.interrupt.recv() => Signal::Stop("SIGINT"),
+            _ = self.terminate.recv() => Signal::Stop("SIGTERM"),
+            _ = self.hangup.recv() => Signal::Reload,
+        }
+    }
+
+    async fn stop(&mut self) -> &'static str {
         tokio::select! {
             _ = self.interrupt.recv() => "SIGINT",
             _ = self.terminate.recv() => "SIGTERM",

@@ -1,0 +1,131 @@
+//! Hot reload (`surge reload`, SIGHUP): the configuration file is read again and, if it is
+//! valid, applied without dropping a request. An invalid file changes nothing and its errors
+//! go back to whoever asked, as `surge check` would print them.
+//!
+//! Order matters for losing nothing: certificates are checked before anything changes; pools
+//! for new and changed services start and become ready while the old ones still serve; then
+//! the gateway is swapped whole (requests in flight finish on the one they began on); only
+//! then do the pools no longer wanted drain and stop.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use surge_config::Config;
+use surge_gateway::{Gateway, GatewayMetrics, LiveGateway, RateStore};
+use surge_pool::{Pool, Pools};
+
+/// Everything a reload replaces or reads.
+pub struct Running {
+    pub path: PathBuf,
+    pub config: Config,
+    pub gateway: LiveGateway,
+    pub pools: Arc<Pools>,
+    pub certificates: Option<Arc<surge_tls::Certificates>>,
+    pub metrics: GatewayMetrics,
+    pub store: RateStore,
+}
+
+impl Running {
+    /// Applies the file as it is now; `Ok` says what changed, `Err` why nothing did.
+    pub async fn reload(&mut self) -> Result<String, String> {
+        let config = surge_config::load(&self.path).map_err(|errors| errors.to_string())?;
+        let fixed = needs_restart(&self.config, &config);
+        if !fixed.is_empty() {
+            return Err(format!(
+                "{} cannot change while surge runs; restart it to apply them. The configuration in use stays.",
+                fixed.join(", ")
+            ));
+        }
+        if let (Some(certificates), Some(tls)) = (&self.certificates, &config.gateway.tls) {
+            certificates.replace(&tls.certificates).map_err(|errors| errors.to_string())?;
+        }
+        let change = self.pools.reconfigure(&config.services);
+        if let Err(problem) = ready_or_not(&change.started).await {
+            surge_pool::stop_all(&change.started).await;
+            return Err(format!("{problem}; the configuration in use stays"));
+        }
+        let gateway = Gateway::new(&config, &change.pools, self.metrics.clone(), self.store.clone());
+        self.gateway.store(Arc::new(gateway));
+        self.pools.install(change.pools);
+        let summary = summary(&change.started, &change.retired, &self.config, &config);
+        let retired = change.retired;
+        // Their requests in flight finish first: stopping a pool drains its instances.
+        tokio::spawn(async move { surge_pool::stop_all(&retired).await });
+        self.config = config;
+        Ok(summary)
+    }
+}
+
+/// The settings a running surge holds in its listeners and cannot swap: their keys.
+fn needs_restart(running: &Config, wanted: &Config) -> Vec<&'static str> {
+    let (now, then) = (&running.gateway, &wanted.gateway);
+    let tls_listen = |config: &surge_config::GatewayConfig| config.tls.as_ref().map(|tls| tls.listen);
+    let tls_serving = |config: &surge_config::GatewayConfig| {
+        config.tls.as_ref().map(|tls| (tls.redirect_to_https, tls.hsts.clone()))
+    };
+    let mut fixed = Vec::new();
+    for (changed, key) in [
+        (now.listen != then.listen, "gateway.listen"),
+        (tls_listen(now) != tls_listen(then), "gateway.listen_tls"),
+        (tls_serving(now) != tls_serving(then), "gateway.redirect_to_https and gateway.hsts"),
+        (now.client_timeouts != then.client_timeouts, "gateway's client timeouts"),
+        (now.max_connections != then.max_connections, "gateway.max_connections"),
+        (
+            now.max_connections_per_client != then.max_connections_per_client,
+            "gateway.max_connections_per_client",
+        ),
+        (running.admin.listen != wanted.admin.listen, "admin.listen"),
+        (running.redis != wanted.redis, "store.redis"),
+    ] {
+        if changed {
+            fixed.push(key);
+        }
+    }
+    fixed
+}
+
+/// Waits until every pool in `started` has its instances ready, each within its start timeout.
+async fn ready_or_not(started: &[Arc<Pool>]) -> Result<(), String> {
+    for pool in started {
+        let limit = pool.config().lifecycle.start_timeout + Duration::from_secs(1);
+        let ready = async {
+            loop {
+                let desired = pool.status().desired as usize;
+                if pool.ready().len() >= desired {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        if tokio::time::timeout(limit, ready).await.is_err() {
+            return Err(format!(
+                "service `{}` did not become ready within {limit:?} (services.{}.lifecycle.start_timeout)",
+                pool.name(),
+                pool.name()
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn summary(started: &[Arc<Pool>], retired: &[Arc<Pool>], before: &Config, after: &Config) -> String {
+    let names = |pools: &[Arc<Pool>]| pools.iter().map(|p| p.name().to_owned()).collect::<Vec<_>>();
+    let (started, retired) = (names(started), names(retired));
+    let replaced: Vec<&String> = started.iter().filter(|name| retired.contains(name)).collect();
+    let added: Vec<&String> = started.iter().filter(|name| !retired.contains(name)).collect();
+    let removed: Vec<&String> = retired.iter().filter(|name| !started.contains(name)).collect();
+    let routes = |config: &Config| config.services.iter().map(|s| s.routes.len()).sum::<usize>();
+    let list = |names: &[&String]| match names {
+        [] => "none".to_owned(),
+        names => names.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(", "),
+    };
+    format!(
+        "services added: {}; replaced: {}; removed: {}; routes: {} before, {} now",
+        list(&added),
+        list(&replaced),
+        list(&removed),
+        routes(before),
+        routes(after)
+    )
+}
