@@ -16,8 +16,8 @@ pub use raw::{parse_duration, parse_size, Duration as HumanDuration};
 pub use error::{ConfigError, ConfigErrors, Site};
 pub use model::{
     AdminConfig, Backend, Balance, BufferConfig, CertificateFiles, ClientTimeouts, Config, GatewayConfig,
-    HealthConfig, InstanceBounds, LifecycleConfig, OutlierConfig, RateKey, RateLimit, RetryConfig, Route,
-    ServiceConfig, TimeoutConfig, TlsConfig, Upstream, UpstreamProtocol,
+    HealthConfig, InstanceBounds, LifecycleConfig, OutlierConfig, ProcessLimits, RateKey, RateLimit,
+    RetryConfig, Route, RunAs, ServiceConfig, TimeoutConfig, TlsConfig, Upstream, UpstreamProtocol,
 };
 pub use validate::check_listeners;
 

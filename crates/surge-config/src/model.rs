@@ -129,10 +129,34 @@ pub enum Backend {
         command: PathBuf,
         args: Vec<String>,
         env: Vec<(String, String)>,
+        /// Another user (and group) to run the instances as; surge must run as root.
+        run_as: Option<RunAs>,
+        limits: ProcessLimits,
     },
     /// The instances run elsewhere, at fixed addresses (nginx's `upstream` block): each name is
     /// resolved again every `dns_refresh`, and each address it yields is one instance.
     Upstreams { upstreams: Vec<Upstream>, dns_refresh: Duration },
+}
+
+/// The user and group an instance runs as, resolved when the configuration is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    pub user: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Resource limits set on each instance (setrlimit), so one service cannot take the machine.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProcessLimits {
+    /// Bytes of address space (RLIMIT_AS).
+    pub memory: Option<u64>,
+    /// Open file descriptors (RLIMIT_NOFILE).
+    pub open_files: Option<u64>,
+    /// Processes of the instance's user (RLIMIT_NPROC).
+    pub processes: Option<u64>,
+    /// Seconds of CPU time (RLIMIT_CPU).
+    pub cpu_seconds: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -121,6 +121,18 @@ pub(crate) struct RawService {
     pub retry: RawRetry,
     #[serde(default)]
     pub outlier: RawOutlier,
+    pub user: Option<Spanned<String>>,
+    pub group: Option<Spanned<String>>,
+    pub limits: Option<Spanned<RawLimits>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLimits {
+    pub memory: Option<ByteSize>,
+    pub open_files: Option<u64>,
+    pub processes: Option<u64>,
+    pub cpu_seconds: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

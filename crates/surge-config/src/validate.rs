@@ -577,6 +577,51 @@ impl Validator<'_> {
         routes
     }
 
+    /// The user and group from `/etc/passwd` and `/etc/group`; switching to them needs root.
+    fn run_as(
+        &mut self,
+        key: &str,
+        user: Option<Spanned<String>>,
+        group: Option<Spanned<String>>,
+    ) -> Option<RunAs> {
+        let user = user?;
+        let Some((uid, primary_gid)) = account("/etc/passwd", user.get_ref()) else {
+            let message = format!("no user named `{}` in /etc/passwd", user.get_ref());
+            self.error(user.span(), format!("{key}.user"), message);
+            return None;
+        };
+        let gid = match &group {
+            None => primary_gid,
+            Some(group) => match account("/etc/group", group.get_ref()) {
+                Some((gid, _)) => gid,
+                None => {
+                    let message = format!("no group named `{}` in /etc/group", group.get_ref());
+                    self.error(group.span(), format!("{key}.group"), message);
+                    return None;
+                }
+            },
+        };
+        let root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").ok()?) == 0;
+        if !root {
+            self.error(
+                user.span(),
+                format!("{key}.user"),
+                "running instances as another user needs surge to run as root",
+            );
+            return None;
+        }
+        Some(RunAs { user: user.into_inner(), uid, gid })
+    }
+
+    fn limits(&mut self, raw: raw::RawLimits) -> ProcessLimits {
+        ProcessLimits {
+            memory: raw.memory.map(|size| size.0),
+            open_files: raw.open_files,
+            processes: raw.processes,
+            cpu_seconds: raw.cpu_seconds,
+        }
+    }
+
     /// `command` (surge runs the instances) or `upstreams` (they run elsewhere), not both.
     fn backend(&mut self, key: &str, name_span: Range<usize>, raw: &mut RawService) -> Option<Backend> {
         let Some(upstreams) = raw.upstreams.take() else {
@@ -602,6 +647,12 @@ impl Validator<'_> {
                         command: path,
                         args: std::mem::take(&mut raw.args),
                         env: std::mem::take(&mut raw.env).into_iter().collect(),
+                        run_as: self.run_as(key, raw.user.take(), raw.group.take()),
+                        limits: raw
+                            .limits
+                            .take()
+                            .map(|limits| self.limits(limits.into_inner()))
+                            .unwrap_or_default(),
                     }),
                     Err(message) => {
                         self.error(command.span(), format!("{key}.command"), message);
@@ -612,6 +663,9 @@ impl Validator<'_> {
         };
         let conflicts = [
             ("command", raw.command.as_ref().map(Spanned::span)),
+            ("user", raw.user.as_ref().map(Spanned::span)),
+            ("group", raw.group.as_ref().map(Spanned::span)),
+            ("limits", raw.limits.as_ref().map(Spanned::span)),
             ("instances", raw.instances.as_ref().map(Spanned::span)),
             ("autoscale", raw.autoscale.as_ref().map(Spanned::span)),
         ];
@@ -797,6 +851,20 @@ fn parse_upstream(address: &str) -> Result<(String, u16), String> {
         return Err(format!(r#""{address}": "{host}" is neither an IP address nor a DNS name"#));
     }
     Ok((host.to_owned(), port))
+}
+
+/// The id and primary group of `name` in an `/etc/passwd`-style file (`/etc/group`: the gid).
+fn account(file: &str, name: &str) -> Option<(u32, u32)> {
+    let text = std::fs::read_to_string(file).ok()?;
+    text.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        if fields.first() != Some(&name) {
+            return None;
+        }
+        let id = fields.get(2)?.parse().ok()?;
+        let group = fields.get(3).and_then(|g| g.parse().ok()).unwrap_or(id);
+        Some((id, group))
+    })
 }
 
 /// `10.0.0.0/8`, or one address as a block of one.

@@ -14,6 +14,8 @@ pub struct LaunchSpec {
     pub command: PathBuf,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
+    pub run_as: Option<surge_config::RunAs>,
+    pub limits: surge_config::ProcessLimits,
 }
 
 /// How an instance ended.

@@ -23,6 +23,17 @@ use crate::driver::{Driver, Exit, InstanceControl, LaunchError, LaunchSpec, Laun
 #[derive(Debug, Default)]
 pub struct ProcessDriver;
 
+/// The resource limits to set in the child, as setrlimit takes them: a fixed array, so the
+/// child allocates nothing between fork and exec.
+fn rlimits(limits: &surge_config::ProcessLimits) -> [Option<(libc::__rlimit_resource_t, libc::rlim_t)>; 4] {
+    [
+        limits.memory.map(|bytes| (libc::RLIMIT_AS, bytes)),
+        limits.open_files.map(|files| (libc::RLIMIT_NOFILE, files)),
+        limits.processes.map(|processes| (libc::RLIMIT_NPROC, processes)),
+        limits.cpu_seconds.map(|seconds| (libc::RLIMIT_CPU, seconds)),
+    ]
+}
+
 impl Driver for ProcessDriver {
     fn launch(&self, spec: &LaunchSpec) -> Result<Launched, LaunchError> {
         let port = free_port().map_err(LaunchError::Port)?;
@@ -38,13 +49,25 @@ impl Driver for ProcessDriver {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
+        if let Some(run_as) = &spec.run_as {
+            // std drops the supplementary groups too when it switches from root.
+            command.uid(run_as.uid).gid(run_as.gid);
+        }
+        let limits = rlimits(&spec.limits);
         let parent = std::process::id();
         // SAFETY: the closure runs in the child between fork and exec and only makes
-        // async-signal-safe system calls (prctl, getppid); it touches no locks or allocations.
+        // async-signal-safe system calls (prctl, getppid, setrlimit) on values prepared before
+        // the fork; it touches no locks or allocations.
         unsafe {
             command.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                for (resource, value) in limits.iter().flatten() {
+                    let limit = libc::rlimit { rlim_cur: *value, rlim_max: *value };
+                    if libc::setrlimit(*resource, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 // If surge died between fork and prctl, no signal will ever come: leave now.
                 if u32::try_from(libc::getppid()).ok() != Some(parent) {

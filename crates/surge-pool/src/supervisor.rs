@@ -488,7 +488,7 @@ impl Supervisor {
     }
 
     fn launch(&mut self) {
-        let (Source::Launched(driver), Backend::Command { command, args, env }) =
+        let (Source::Launched(driver), Backend::Command { command, args, env, run_as, limits }) =
             (&self.source, &self.config.backend)
         else {
             return;
@@ -499,6 +499,8 @@ impl Supervisor {
             command: command.clone(),
             args: args.clone(),
             env: env.clone(),
+            run_as: run_as.clone(),
+            limits: *limits,
         };
         match driver.launch(&spec) {
             Ok(launched) => {

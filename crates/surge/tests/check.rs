@@ -144,3 +144,13 @@ fn tls_problems_name_the_key_and_the_file() {
         "need `gateway.listen_tls`",
     );
 }
+
+#[test]
+fn an_unknown_user_is_named() {
+    assert_rejected(
+        "[services.web]\ncommand = \"{echo}\"\nroutes = [\"/\"]\nuser = \"no-such-user-here\"\n",
+        4,
+        "services.web.user",
+        "no user named `no-such-user-here` in /etc/passwd",
+    );
+}

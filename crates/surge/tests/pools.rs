@@ -189,3 +189,38 @@ instances = { min = 0, max = 1, initial = 0 }
     assert!(surge.cli(&["status"]).stdout.windows(10).any(|w| w == b"CRASH LOOP"));
     assert_eq!(surge.get("/").await.status, StatusCode::OK, "other services are unaffected");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_run_as_another_user_within_their_limits() {
+    let surge = Surge::start(
+        r#"
+[services.web]
+command = "{echo}"
+routes = ["/"]
+user = "nobody"
+group = "nogroup"
+limits = { open_files = 256, memory = "2GiB", cpu_seconds = 600, processes = 4096 }
+"#,
+    )
+    .await;
+    assert_eq!(surge.get("/").await.status, StatusCode::OK);
+    let pid = common::pids(&surge.status().await)[0];
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let ids = |field: &str| {
+        let line = status.lines().find(|l| l.starts_with(field)).expect("field");
+        line.split_whitespace().nth(1).unwrap_or_default().to_owned()
+    };
+    assert_eq!((ids("Uid:"), ids("Gid:")), ("65534".to_owned(), "65534".to_owned()), "{status}");
+    let groups = status.lines().find(|l| l.starts_with("Groups:")).unwrap_or_default();
+    assert!(!groups.split_whitespace().any(|g| g == "0"), "root's groups were dropped: {groups}");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("proc limits");
+    for (name, value) in [
+        ("Max open files", "256"),
+        ("Max address space", "2147483648"),
+        ("Max cpu time", "600"),
+        ("Max processes", "4096"),
+    ] {
+        let line = limits.lines().find(|l| l.starts_with(name)).unwrap_or_default();
+        assert!(line.split_whitespace().any(|word| word == value), "{name}: {line}");
+    }
+}
