@@ -17,6 +17,8 @@ JOBS="${JOBS:-1}"
 export RUSTC_BOOTSTRAP=1
 command -v cargo-fuzz >/dev/null || { echo "bench/fuzz.sh needs cargo-fuzz: cargo install cargo-fuzz" >&2; exit 1; }
 cargo fuzz build -O
+# The code fuzzed is the code built now, whatever HEAD is when the report is written.
+built="$(git rev-parse --short HEAD)$(git status --porcelain --untracked-files=no | grep -q . && echo ' with uncommitted changes' || true)"
 mkdir -p logs
 run() {
   local target="$1"
@@ -35,7 +37,7 @@ wait
   echo
   echo "### fuzz, $(date -u +%Y-%m-%d), $(nproc) cores"
   echo
-  echo "Code at \`$(git rev-parse --short HEAD)\`. \`FUZZ_SECONDS=$SECONDS_PER_TARGET JOBS=$JOBS bench/fuzz.sh\` (libFuzzer through cargo fuzz, AddressSanitizer, optimised):"
+  echo "Code at \`$built\`. \`FUZZ_SECONDS=$SECONDS_PER_TARGET JOBS=$JOBS bench/fuzz.sh\` (libFuzzer through cargo fuzz, AddressSanitizer, optimised):"
   echo
   echo "| target | seconds | executions | corpus entries | findings |"
   echo "|---|---|---|---|---|"
