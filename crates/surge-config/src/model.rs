@@ -38,6 +38,8 @@ pub struct GatewayConfig {
     pub max_connections: usize,
     /// Client connections open at once from one address; past it a new one gets a 503.
     pub max_connections_per_client: Option<u32>,
+    /// Every connection starts with a PROXY protocol header from one of `trusted_proxies`.
+    pub proxy_protocol: bool,
 }
 
 /// How long the gateway waits on a client (nginx's names in brackets).

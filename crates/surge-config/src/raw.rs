@@ -54,6 +54,7 @@ pub(crate) struct RawGateway {
     pub send_timeout: Option<Spanned<Duration>>,
     pub max_connections: Option<Spanned<usize>>,
     pub max_connections_per_client: Option<Spanned<u32>>,
+    pub proxy_protocol: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]

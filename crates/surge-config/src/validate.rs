@@ -133,7 +133,7 @@ impl Validator<'_> {
             "gateway.shutdown_timeout".into(),
             Duration::from_secs(30),
         );
-        let trusted_proxies = raw
+        let trusted_proxies: Vec<ipnet::IpNet> = raw
             .trusted_proxies
             .iter()
             .enumerate()
@@ -176,7 +176,19 @@ impl Validator<'_> {
             }
             other => other.map(Spanned::into_inner),
         };
+        let proxy_protocol = match raw.proxy_protocol.take() {
+            Some(on) if *on.get_ref() && trusted_proxies.is_empty() => {
+                self.error(
+                    on.span(),
+                    "gateway.proxy_protocol",
+                    "needs `gateway.trusted_proxies`: the load balancers whose PROXY headers are believed",
+                );
+                false
+            }
+            other => other.is_some_and(Spanned::into_inner),
+        };
         GatewayConfig {
+            proxy_protocol,
             listen,
             listen_site,
             shutdown_timeout,

@@ -150,3 +150,23 @@ async fn past_the_per_client_limit_a_new_connection_gets_503() {
     }
     assert!(served, "the client's connection count was never given back");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trusted_balancer_names_the_client_with_the_proxy_protocol() {
+    let gateway = "proxy_protocol = true\ntrusted_proxies = [\"127.0.0.1\"]\n";
+    let surge = Surge::start_with(gateway, ONE, |_| {}).await;
+    let v1 =
+        exchange(&surge, b"PROXY TCP4 203.0.113.7 127.0.0.1 5555 80\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await;
+    assert!(v1.contains(r#""x-forwarded-for":"203.0.113.7""#), "{v1}");
+
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    v2.extend_from_slice(&[0x21, 0x11, 0, 12, 198, 51, 100, 9, 127, 0, 0, 1, 0x15, 0xb3, 0, 80]);
+    v2.extend_from_slice(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+    let v2 = exchange(&surge, &v2).await;
+    assert!(v2.contains(r#""x-forwarded-for":"198.51.100.9""#), "{v2}");
+
+    // Without a header the connection is closed unanswered.
+    let bare = exchange(&surge, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert_eq!(bare, "", "answered a connection without a PROXY header");
+}

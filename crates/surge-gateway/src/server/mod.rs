@@ -7,6 +7,7 @@
 mod h1;
 mod head;
 mod io;
+mod proxy_protocol;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -64,6 +65,8 @@ pub struct Listening {
     pub max_connections: usize,
     /// Past this many from one address a new connection is answered 503 and closed.
     pub max_per_client: Option<u32>,
+    /// Each connection opens with a PROXY protocol header, and must come from one of these.
+    pub proxy_protocol: Option<Arc<Vec<ipnet::IpNet>>>,
 }
 
 impl Listening {
@@ -73,6 +76,7 @@ impl Listening {
             timeouts: config.client_timeouts,
             max_connections: config.max_connections,
             max_per_client: config.max_connections_per_client,
+            proxy_protocol: config.proxy_protocol.then(|| Arc::new(config.trusted_proxies.clone())),
         }
     }
 }
@@ -95,7 +99,7 @@ pub async fn serve<S, B>(
     let mut shutdown = std::pin::pin!(shutdown);
     let slots = Arc::new(tokio::sync::Semaphore::new(listening.max_connections));
     let per_client = listening.max_per_client.map(PerClient::new);
-    let Listening { tls, timeouts, .. } = listening;
+    let Listening { tls, timeouts, proxy_protocol, .. } = listening;
     loop {
         let slot = tokio::select! {
             slot = Arc::clone(&slots).acquire_owned() => match slot {
@@ -106,11 +110,11 @@ pub async fn serve<S, B>(
         };
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, client)) => {
+                Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
                     let client_slot = match &per_client {
                         None => None,
-                        Some(per_client) => match per_client.admit(client.ip()) {
+                        Some(per_client) => match per_client.admit(peer.ip()) {
                             Some(client_slot) => Some(client_slot),
                             None => {
                                 tokio::spawn(too_many_connections(stream, tls.is_none()));
@@ -119,20 +123,18 @@ pub async fn serve<S, B>(
                         },
                     };
                     let (service, stop) = (service.clone(), stop.clone());
+                    let (tls, proxy_protocol) = (tls.clone(), proxy_protocol.clone());
                     let held = (slot, client_slot);
-                    match &tls {
-                        None => tokio::spawn(async move {
-                            connection(service, stream, ClientAddr::new(client), timeouts, stop).await;
-                            drop(held);
-                        }),
-                        Some(tls) => {
-                            let tls = Arc::clone(tls);
-                            tokio::spawn(async move {
-                                tls_connection(service, tls, stream, client, timeouts, stop).await;
-                                drop(held);
-                            })
+                    tokio::spawn(async move {
+                        let Some(client) = client_of(&stream, peer, proxy_protocol.as_deref(), timeouts.head).await else {
+                            return;
+                        };
+                        match tls {
+                            None => connection(service, stream, ClientAddr::new(client), timeouts, stop).await,
+                            Some(tls) => tls_connection(service, tls, stream, client, timeouts, stop).await,
                         }
-                    };
+                        drop(held);
+                    });
                 }
                 Err(err) => {
                     // Out of file descriptors, most likely: back off instead of spinning.
@@ -149,6 +151,29 @@ pub async fn serve<S, B>(
         tracing::warn!(
             "requests still open after gateway.shutdown_timeout ({drain_timeout:?}); closing them"
         );
+    }
+}
+
+/// The client a connection serves: its peer, or with the PROXY protocol the client its header
+/// names (`None`: a peer that may not send one, or a header that is not one).
+async fn client_of(
+    stream: &TcpStream,
+    peer: SocketAddr,
+    proxy_protocol: Option<&Vec<ipnet::IpNet>>,
+    timeout: Duration,
+) -> Option<SocketAddr> {
+    let Some(trusted) = proxy_protocol else { return Some(peer) };
+    let ip = peer.ip().to_canonical();
+    if !trusted.iter().any(|net| net.contains(&ip)) {
+        tracing::warn!("{peer} is not in gateway.trusted_proxies, so it may not send PROXY headers: closed");
+        return None;
+    }
+    match proxy_protocol::read(stream, timeout).await {
+        Ok(source) => Some(source.unwrap_or(peer)),
+        Err(why) => {
+            tracing::warn!("connection from {peer} closed: {why} (gateway.proxy_protocol)");
+            None
+        }
     }
 }
 
