@@ -51,8 +51,10 @@ impl TlsSocket {
             tcp,
             state: Mutex::new(State { tls, eof: false, close_notify_sent: false, joined: Vec::new() }),
         };
-        // Session tickets may still wait to be sent.
-        socket.flushed().await?;
+        // Session tickets may still wait to be sent; the handshake's time bounds them too.
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, socket.flushed())
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
         Ok(socket)
     }
 

@@ -110,7 +110,11 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
     let uri = Uri::from_maybe_shared(head.slice(target)).map_err(|_| malformed("invalid request target"))?;
     let mut headers = spans.header_map(&head, PROXY_FIELDS).map_err(malformed)?;
     if let Some(authority) = uri.authority() {
-        // The absolute form's authority is the request's host, whatever Host says (§3.2.2).
+        // The absolute form's authority is the request's host, whatever Host says (§3.2.2);
+        // userinfo has no place in it (RFC 9110 §4.2.4).
+        if authority.as_str().contains('@') {
+            return Err(malformed("a request target with userinfo"));
+        }
         let host = HeaderValue::from_str(authority.as_str()).map_err(|_| malformed("invalid authority"))?;
         headers.insert(http::header::HOST, host);
     } else if let Some(host) = headers.get(http::header::HOST) {
@@ -329,6 +333,7 @@ mod tests {
             "GET / HTTP/1.1\r\nHost: a/b\r\n\r\n",
             "get / HTTP/1.1\r\nHost: a\r\n\r\n",
             "Get / HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET http://user@a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n",
         ];
         for text in refused {
             assert_eq!(parse(text).err().map(|e| e.status()), Some(StatusCode::BAD_REQUEST), "{text:?}");

@@ -49,29 +49,38 @@ impl Driver for ProcessDriver {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        if let Some(run_as) = &spec.run_as {
-            // std drops the supplementary groups too when it switches from root.
-            command.uid(run_as.uid).gid(run_as.gid);
-        }
         let limits = rlimits(&spec.limits);
+        let switch_to = spec.run_as.as_ref().map(|run_as| (run_as.uid, run_as.gid));
         let parent = std::process::id();
         // SAFETY: the closure runs in the child between fork and exec and only makes
-        // async-signal-safe system calls (prctl, getppid, setrlimit) on values prepared before
-        // the fork; it touches no locks or allocations.
+        // async-signal-safe system calls (setrlimit, setgroups, setgid, setuid, prctl,
+        // getppid) on values prepared before the fork; it touches no locks and allocates
+        // nothing. The order matters: limits while still privileged (a hard limit above the
+        // inherited one needs it), then the user, then the death signal, which a change of
+        // credentials would clear.
         unsafe {
             command.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
                 for (resource, value) in limits.iter().flatten() {
                     let limit = libc::rlimit { rlim_cur: *value, rlim_max: *value };
                     if libc::setrlimit(*resource, &limit) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
-                // If surge died between fork and prctl, no signal will ever come: leave now.
+                if let Some((uid, gid)) = switch_to {
+                    if libc::setgroups(0, std::ptr::null()) != 0
+                        || libc::setgid(gid) != 0
+                        || libc::setuid(uid) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // If surge died between fork and prctl, no signal will ever come: leave now
+                // (an errno, since building any other error would allocate).
                 if u32::try_from(libc::getppid()).ok() != Some(parent) {
-                    return Err(std::io::Error::other("surge exited while the instance was starting"));
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
                 }
                 Ok(())
             });

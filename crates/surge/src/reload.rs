@@ -37,13 +37,24 @@ impl Running {
                 fixed.join(", ")
             ));
         }
-        if let (Some(certificates), Some(tls)) = (&self.certificates, &config.gateway.tls) {
-            certificates.replace(&tls.certificates).map_err(|errors| errors.to_string())?;
-        }
+        // Checked now, put in use only once nothing else can fail.
+        let certificates = match (&self.certificates, &config.gateway.tls) {
+            (Some(in_use), Some(tls)) => {
+                surge_tls::Certificates::load(&tls.certificates).map_err(|errors| errors.to_string())?;
+                Some((in_use, &tls.certificates))
+            }
+            _ => None,
+        };
         let change = self.pools.reconfigure(&config.services);
         if let Err(problem) = ready_or_not(&change.started).await {
             surge_pool::stop_all(&change.started).await;
             return Err(format!("{problem}; the configuration in use stays"));
+        }
+        if let Some((in_use, files)) = certificates {
+            if let Err(errors) = in_use.replace(files) {
+                surge_pool::stop_all(&change.started).await;
+                return Err(format!("{errors}the configuration in use stays"));
+            }
         }
         let gateway = Gateway::new(&config, &change.pools, self.metrics.clone(), self.store.clone());
         self.gateway.store(Arc::new(gateway));
@@ -85,26 +96,30 @@ fn needs_restart(running: &Config, wanted: &Config) -> Vec<&'static str> {
     fixed
 }
 
-/// Waits until every pool in `started` has its instances ready, each within its start timeout.
+/// Waits until every pool in `started` has its instances ready, each within its start
+/// timeout; they start side by side.
 async fn ready_or_not(started: &[Arc<Pool>]) -> Result<(), String> {
+    let mut waiting = tokio::task::JoinSet::new();
     for pool in started {
-        let limit = pool.config().lifecycle.start_timeout + Duration::from_secs(1);
-        let ready = async {
-            loop {
-                let desired = pool.status().desired as usize;
-                if pool.ready().len() >= desired {
-                    return;
+        let pool = Arc::clone(pool);
+        waiting.spawn(async move {
+            let limit = pool.config().lifecycle.start_timeout + Duration::from_secs(1);
+            let ready = async {
+                while pool.ready().len() < pool.status().desired as usize {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        };
-        if tokio::time::timeout(limit, ready).await.is_err() {
-            return Err(format!(
-                "service `{}` did not become ready within {limit:?} (services.{}.lifecycle.start_timeout)",
-                pool.name(),
-                pool.name()
-            ));
-        }
+            };
+            tokio::time::timeout(limit, ready).await.map_err(|_| {
+                format!(
+                    "service `{}` did not become ready within {limit:?} (services.{}.lifecycle.start_timeout)",
+                    pool.name(),
+                    pool.name()
+                )
+            })
+        });
+    }
+    while let Some(outcome) = waiting.join_next().await {
+        outcome.map_err(|err| format!("waiting for a new pool failed: {err}"))??;
     }
     Ok(())
 }

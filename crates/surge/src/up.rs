@@ -142,7 +142,11 @@ async fn serve(config: Config, path: std::path::PathBuf) -> Result<(), Failure> 
             },
             Some(reply) = reloads.recv() => Some(reply),
         };
-        let outcome = running.reload().await;
+        // A stop signal during a reload stops surge; the reload is abandoned.
+        let outcome = tokio::select! {
+            outcome = running.reload() => outcome,
+            name = signals.stop() => break name,
+        };
         match &outcome {
             Ok(summary) => tracing::info!("configuration reloaded: {summary}"),
             Err(problem) => tracing::warn!("configuration not reloaded:\n{problem}"),

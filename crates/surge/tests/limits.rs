@@ -170,3 +170,22 @@ async fn a_trusted_balancer_names_the_client_with_the_proxy_protocol() {
     let bare = exchange(&surge, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
     assert_eq!(bare, "", "answered a connection without a PROXY header");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_websocket_counts_against_the_per_client_limit() {
+    let surge = Surge::start_with("max_connections_per_client = 1\n", ONE, |_| {}).await;
+    let mut socket = TcpStream::connect(surge.gateway).await.expect("connect");
+    socket
+        .write_all(
+            b"GET /socket HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .await
+        .expect("handshake");
+    let mut buf = vec![0u8; 4096];
+    let n = socket.read(&mut buf).await.expect("read");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"), "switched");
+    // The tunnel is open: the client's one connection is still in use.
+    let refused = exchange(&surge, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+}

@@ -21,7 +21,9 @@ use surge_http1::{
 };
 
 use super::head;
-use super::io::{request_body, BodyError, BodySender, ClientAddr, ClientBody, ClientUpgrade, Upgraded};
+use super::io::{
+    request_body, BodyError, BodySender, ClientAddr, ClientBody, ClientUpgrade, Held, Holding, Upgraded,
+};
 use super::{HttpService, ResponseBody};
 use crate::problem::problem;
 use crate::wire::{read_buf, read_now, write_all, BoxError, Prefixed, Socket};
@@ -54,6 +56,7 @@ pub(super) async fn serve<S: HttpService<B>, B: ResponseBody, C: Socket>(
     client: &ClientAddr,
     timeouts: &ClientTimeouts,
     shutdown: &mut watch::Receiver<bool>,
+    held: &mut Option<Held>,
 ) -> Handoff<C> {
     let mut buf = BytesMut::new();
     let mut first = true;
@@ -104,7 +107,11 @@ pub(super) async fn serve<S: HttpService<B>, B: ResponseBody, C: Socket>(
                 return Handoff::Closed;
             }
             Outcome::Upgraded(upgrade) => {
-                let _ = upgrade.send(Box::new(Prefixed::new(buf.split().freeze(), socket)));
+                let tunnel = Prefixed::new(buf.split().freeze(), socket);
+                let _ = upgrade.send(match held.take() {
+                    Some(held) => Box::new(Holding::new(tunnel, held)),
+                    None => Box::new(tunnel),
+                });
                 return Handoff::Closed;
             }
         }
@@ -287,6 +294,12 @@ async fn receive_body(
             receiving.broken = true;
             return;
         }
+        // Over TLS the bytes may still sit encrypted in the socket: they must reach the client,
+        // which waits for them before it sends the body.
+        if !matches!(tokio::time::timeout(stall, socket.flushed()).await, Ok(Ok(()))) {
+            receiving.broken = true;
+            return;
+        }
     }
     loop {
         let failure: BoxError = match receiving.decoder.decode(buf) {
@@ -326,7 +339,9 @@ async fn receive_body(
 /// that can destroy the response before the client has read it (nginx's lingering close).
 async fn linger(mut socket: impl Socket) {
     use tokio::io::AsyncWriteExt;
-    let _ = socket.shutdown().await;
+    // Bounded: over TLS the shutdown sends close_notify, which a client that stopped reading
+    // would never take.
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, socket.shutdown()).await;
     let mut scratch = vec![0u8; 16 * 1024];
     let lingering = async {
         let mut dropped = 0;

@@ -194,6 +194,46 @@ impl Body for RequestBody {
     }
 }
 
+/// What a connection holds while it is open (its places under the connection limits), kept by
+/// its tunnel after an upgrade.
+pub type Held = Box<dyn std::any::Any + Send + Sync>;
+
+/// An upgraded connection that keeps what its connection held until it closes.
+pub(super) struct Holding<T> {
+    io: T,
+    _held: Held,
+}
+
+impl<T> Holding<T> {
+    pub(super) fn new(io: T, held: Held) -> Self {
+        Holding { io, _held: held }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Holding<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Holding<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
 /// A connection after an upgrade, whatever it runs on.
 pub trait Upgraded: AsyncRead + AsyncWrite + Send + Unpin {}
 

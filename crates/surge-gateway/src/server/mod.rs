@@ -26,7 +26,9 @@ use tokio::sync::watch;
 
 #[cfg(test)]
 pub(crate) use io::{test_body, test_body_of};
-pub use io::{BodyError, ClientAddr, ClientBody, ClientBodyError, ClientUpgrade, RequestBody, Upgraded};
+pub use io::{
+    BodyError, ClientAddr, ClientBody, ClientBodyError, ClientUpgrade, Held, RequestBody, Upgraded,
+};
 
 use crate::tls::TlsSocket;
 use crate::wire::{BoxError, Prefixed, Socket};
@@ -129,11 +131,14 @@ pub async fn serve<S, B>(
                         let Some(client) = client_of(&stream, peer, proxy_protocol.as_deref(), timeouts.head).await else {
                             return;
                         };
+                        // The slots go with the connection, to an upgrade's tunnel if it has one.
+                        let held: Held = Box::new(held);
                         match tls {
-                            None => connection(service, stream, ClientAddr::new(client), timeouts, stop).await,
-                            Some(tls) => tls_connection(service, tls, stream, client, timeouts, stop).await,
+                            None => {
+                                connection(service, stream, ClientAddr::new(client), timeouts, stop, Some(held)).await
+                            }
+                            Some(tls) => tls_connection(service, tls, stream, client, timeouts, stop, held).await,
                         }
-                        drop(held);
                     });
                 }
                 Err(err) => {
@@ -233,24 +238,26 @@ async fn too_many_connections(mut stream: TcpStream, plain: bool) {
     let _ = stream.shutdown().await;
 }
 
-/// Serves one client connection until it closes or `stop` turns true.
+/// Serves one client connection until it closes or `stop` turns true; `held` goes with it,
+/// to its tunnel if it is upgraded.
 pub async fn connection<S, B, C>(
     mut service: S,
     socket: C,
     client: ClientAddr,
     timeouts: ClientTimeouts,
     mut stop: watch::Receiver<bool>,
+    mut held: Option<Held>,
 ) where
     S: HttpService<B>,
     B: ResponseBody,
     C: Socket,
 {
-    let h1::Handoff::Http2(stream) = h1::serve(&mut service, socket, &client, &timeouts, &mut stop).await
-    else {
+    let handoff = h1::serve(&mut service, socket, &client, &timeouts, &mut stop, &mut held).await;
+    let h1::Handoff::Http2(stream) = handoff else {
         return;
     };
     // Boxed: hyper's HTTP/2 connection is large, and most connections never need it.
-    Box::pin(serve_h2(service, stream, client, stop)).await;
+    Box::pin(serve_h2(service, stream, client, timeouts, stop)).await;
 }
 
 /// Serves one client connection over TLS, once its handshake is done.
@@ -261,6 +268,7 @@ async fn tls_connection<S, B>(
     client: SocketAddr,
     timeouts: ClientTimeouts,
     stop: watch::Receiver<bool>,
+    held: Held,
 ) where
     S: HttpService<B>,
     B: ResponseBody,
@@ -274,33 +282,54 @@ async fn tls_connection<S, B>(
     };
     let client = ClientAddr::over_tls(client);
     if socket.negotiated_h2() {
-        Box::pin(serve_h2(service, Prefixed::new(Bytes::new(), socket), client, stop)).await;
+        Box::pin(serve_h2(service, Prefixed::new(Bytes::new(), socket), client, timeouts, stop)).await;
     } else {
-        connection(service, socket, client, timeouts, stop).await;
+        connection(service, socket, client, timeouts, stop, Some(held)).await;
     }
 }
 
 /// Streams one HTTP/2 connection may have open at once (nginx: `http2_max_concurrent_streams`, 128).
 const MAX_STREAMS: u32 = 256;
+/// How often an HTTP/2 connection is pinged, and how long an answer may take.
+const PING_INTERVAL: Duration = Duration::from_secs(20);
 /// Streams a client may reset before the server has taken them up (h2's default, 20).
 const MAX_PENDING_RESETS: usize = 20;
 
+/// Serves an HTTP/2 connection until the client closes it, shutdown begins, or it has opened no
+/// stream for `gateway.keepalive_timeout`; pings every 20 s find a peer that vanished.
 async fn serve_h2<S, B, C>(
     service: S,
     stream: Prefixed<C>,
     client: ClientAddr,
+    timeouts: ClientTimeouts,
     mut stop: watch::Receiver<bool>,
 ) where
     S: HttpService<B>,
     B: ResponseBody,
     C: Socket,
 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let streams = Arc::new(AtomicU64::new(0));
+    let opened = Arc::clone(&streams);
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         use tower::ServiceExt;
+        opened.fetch_add(1, Ordering::Relaxed);
         let mut request = request.map(ClientBody::http2);
         request.extensions_mut().insert(client.clone());
         service.clone().oneshot(request)
     });
+    let idle = async {
+        // From zero, not from a first look: a stream opened before that look counts.
+        let mut seen = 0;
+        loop {
+            tokio::time::sleep(timeouts.keepalive).await;
+            let now = streams.load(Ordering::Relaxed);
+            if now == seen {
+                return;
+            }
+            seen = now;
+        }
+    };
     // Stated rather than left to hyper's defaults: streams at once per connection, the head
     // size HTTP/1.1 allows, and how many streams a client may reset before they are served
     // (the rapid-reset bound) before the connection is ended with GOAWAY.
@@ -309,6 +338,8 @@ async fn serve_h2<S, B, C>(
         .max_concurrent_streams(MAX_STREAMS)
         .max_header_list_size(u32::try_from(surge_http1::MAX_HEAD_BYTES).unwrap_or(u32::MAX))
         .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
+        .keep_alive_interval(Some(PING_INTERVAL))
+        .keep_alive_timeout(PING_INTERVAL)
         .serve_connection(TokioIo::new(stream), service);
     tokio::pin!(connection);
     tokio::select! {
@@ -316,12 +347,14 @@ async fn serve_h2<S, B, C>(
             if let Err(err) = result {
                 tracing::debug!("HTTP/2 connection: {err}");
             }
+            return;
         }
-        () = async { drop(stop.wait_for(|stopping| *stopping).await) } => {
-            connection.as_mut().graceful_shutdown();
-            let _ = connection.await;
-        }
+        () = async { drop(stop.wait_for(|stopping| *stopping).await) } => {}
+        () = idle => {}
     }
+    // GOAWAY; open streams finish first.
+    connection.as_mut().graceful_shutdown();
+    let _ = connection.await;
 }
 
 #[cfg(test)]

@@ -60,7 +60,7 @@ fn connect<B: super::ResponseBody>(service: impl HttpService<B>) -> Client {
     let (socket, server_side) = UnixStream::pair().expect("socket pair");
     let (stop, stopping) = watch::channel(false);
     let client = ClientAddr::new("192.0.2.7:4321".parse().expect("address"));
-    tokio::spawn(connection(service, server_side, client, ClientTimeouts::default(), stopping));
+    tokio::spawn(connection(service, server_side, client, ClientTimeouts::default(), stopping, None));
     Client { socket, stop }
 }
 
@@ -289,4 +289,25 @@ async fn a_client_that_stops_reading_is_cut_off_after_the_send_timeout() {
     assert!(!dropped.load(std::sync::atomic::Ordering::SeqCst), "still waiting for the client");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(dropped.load(std::sync::atomic::Ordering::SeqCst), "the response was given up");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_http2_connection_is_closed_after_the_keepalive_timeout() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let (socket, server_side) = UnixStream::pair().expect("socket pair");
+    let (_stop, stopping) = watch::channel(false);
+    let client = ClientAddr::new("192.0.2.7:4321".parse().expect("address"));
+    tokio::spawn(connection(echo(), server_side, client, ClientTimeouts::default(), stopping, None));
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(socket)).await.expect("h2");
+    let connection = tokio::spawn(connection);
+    let request = Request::get("http://x/a").body(http_body_util::Empty::<Bytes>::new()).expect("request");
+    let response = sender.send_request(request).await.expect("an answer");
+    assert_eq!(response.status(), StatusCode::OK);
+    let keepalive = ClientTimeouts::default().keepalive;
+    tokio::time::sleep(keepalive + Duration::from_secs(1)).await;
+    assert!(!connection.is_finished(), "a stream was opened in the first interval");
+    // A whole interval without a stream: GOAWAY, and the connection ends.
+    tokio::time::sleep(keepalive + Duration::from_secs(1)).await;
+    assert!(connection.is_finished(), "the idle connection is still open");
 }

@@ -86,8 +86,12 @@ fn rewrite_request<B>(request: &mut Request<B>) {
     strip_hop_by_hop(headers);
     strip_surge_fields(headers);
     if !trusted {
-        for name in [X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, FORWARDED, X_REAL_IP] {
+        for name in [X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, FORWARDED] {
             headers.remove(name);
+        }
+        // Others that frameworks read as the client's address, scheme or original URL.
+        for name in CLAIMED_BY_PROXIES {
+            headers.remove(*name);
         }
     }
     if let Some(protocol) = upgrade {
@@ -142,7 +146,19 @@ pub fn upgrade_protocol<B>(request: &Request<B>) -> Option<HeaderValue> {
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+/// Fields only a proxy may set, which a client could use to claim another address, scheme,
+/// port or URL.
+const CLAIMED_BY_PROXIES: &[&str] = &[
+    "x-real-ip",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-scheme",
+    "x-forwarded-ssl",
+    "x-original-url",
+    "x-rewrite-url",
+    "true-client-ip",
+    "x-client-ip",
+];
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -219,7 +235,7 @@ mod tests {
         request
     }
 
-    const CLAIMS: [(&str, &str); 7] = [
+    const CLAIMS: [(&str, &str); 8] = [
         ("x-forwarded-for", "10.1.1.1"),
         ("x-forwarded-proto", "https"),
         ("x-forwarded-host", "other.example"),
@@ -227,6 +243,7 @@ mod tests {
         ("x-real-ip", "10.1.1.1"),
         ("x-surge-deadline-ms", "1"),
         ("connection", "close"),
+        ("x-original-url", "/admin"),
     ];
 
     #[test]
@@ -238,7 +255,7 @@ mod tests {
         assert_eq!(headers["x-forwarded-proto"], "http");
         assert_eq!(headers["host"], "shop.example", "from the authority of an HTTP/2 request");
         assert_eq!(headers["x-forwarded-host"], "shop.example");
-        for gone in ["forwarded", "x-real-ip", "x-surge-deadline-ms", "connection"] {
+        for gone in ["forwarded", "x-real-ip", "x-surge-deadline-ms", "connection", "x-original-url"] {
             assert!(!headers.contains_key(gone), "{gone}");
         }
     }
