@@ -1,5 +1,6 @@
-//! HTTPS with real clients: curl over HTTP/1.1 and HTTP/2 (ALPN), openssl s_client for
-//! versions and resumption, a rustls client across a certificate reload, and a testssl.sh scan.
+//! HTTPS with real clients: curl over HTTP/1.1 and HTTP/2 (ALPN), h2load, openssl s_client
+//! for versions and resumption, a rustls client across a certificate reload, and a testssl.sh
+//! scan.
 
 mod common;
 
@@ -100,6 +101,20 @@ async fn curl_speaks_http1_and_http2_over_tls() {
             serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", text(&out)));
         assert_eq!(echo["body_bytes"], 5_000_000, "upload over HTTP/{version}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2load_over_tls_gets_every_answer() {
+    let pem = Pem::for_names(&["localhost"]);
+    let surge = Surge::start_with(&tls_keys(&["web"]), WEB, |dir| pem.write(dir, "web")).await;
+    let url = format!("https://localhost:{}/x", https(&surge).port());
+    let out = Command::new("h2load")
+        .args(["-n", "2000", "-c", "8", "-m", "10", &url])
+        .output()
+        .expect("run h2load (apt-get install nghttp2-client)");
+    let report = text(&out);
+    assert!(report.contains("Application protocol: h2"), "{report}");
+    assert!(report.contains("2000 succeeded, 0 failed, 0 errored, 0 timeout"), "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
