@@ -206,6 +206,17 @@ impl Socket for TlsSocket {
         }
     }
 
+    async fn close(&self) {
+        {
+            let mut state = self.lock();
+            if !state.close_notify_sent {
+                state.close_notify_sent = true;
+                state.tls.send_close_notify();
+            }
+        }
+        let _ = self.flushed().await;
+    }
+
     fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
         let mut state = self.lock();
         match state.fill(&self.tcp)? {

@@ -23,6 +23,11 @@ pub trait Socket: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static {
     fn flushed(&self) -> impl Future<Output = io::Result<()>> + Send {
         std::future::ready(Ok(()))
     }
+    /// Says goodbye before the socket is dropped: nothing for a plain socket (dropping it
+    /// sends the FIN), close_notify for a TLS one.
+    fn close(&self) -> impl Future<Output = ()> + Send {
+        std::future::ready(())
+    }
     fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize>;
     fn try_write(&self, bytes: &[u8]) -> io::Result<usize>;
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;

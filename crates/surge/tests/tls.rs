@@ -175,8 +175,11 @@ fn s_client(addr: &str, args: &[&str]) -> String {
     text(&child.wait_with_output().expect("openssl output"))
 }
 
-/// An HTTP/1.1 connection over TLS that trusts `roots`, and the leaf certificate it was shown.
-async fn connect(addr: SocketAddr, roots: &[&Pem]) -> (SendRequest<Empty<Bytes>>, Vec<u8>) {
+/// A TLS connection to `addr` that trusts `roots`.
+async fn tls_stream(
+    addr: SocketAddr,
+    roots: &[&Pem],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut store = rustls::RootCertStore::empty();
     for pem in roots {
         store.add(CertificateDer::from_pem_slice(pem.cert.as_bytes()).expect("PEM")).expect("root");
@@ -189,7 +192,12 @@ async fn connect(addr: SocketAddr, roots: &[&Pem]) -> (SendRequest<Empty<Bytes>>
         .with_no_client_auth();
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let name = ServerName::try_from("localhost").expect("name");
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.expect("handshake");
+    tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.expect("handshake")
+}
+
+/// An HTTP/1.1 connection over TLS that trusts `roots`, and the leaf certificate it was shown.
+async fn connect(addr: SocketAddr, roots: &[&Pem]) -> (SendRequest<Empty<Bytes>>, Vec<u8>) {
+    let tls = tls_stream(addr, roots).await;
     let leaf = tls.get_ref().1.peer_certificates().expect("certificates")[0].as_ref().to_vec();
     let (sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.expect("HTTP/1.1");
@@ -229,6 +237,19 @@ async fn new_certificates_are_served_without_dropping_open_connections() {
     assert!(surge.log().contains("TLS certificates reloaded"), "{}", surge.log());
     // The connection opened before the reload still works.
     assert_eq!(get(&mut open).await, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_the_gateway_closes_ends_with_close_notify() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pem = Pem::for_names(&["localhost"]);
+    let surge = Surge::start_with(&tls_keys(&["web"]), WEB, |dir| pem.write(dir, "web")).await;
+    let mut tls = tls_stream(https(&surge), &[&pem]).await;
+    tls.write_all(b"GET /x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await.expect("write");
+    let mut answer = Vec::new();
+    // Without close_notify, rustls reports the end of the connection as an unexpected EOF.
+    tls.read_to_end(&mut answer).await.expect("a clean end, with close_notify");
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

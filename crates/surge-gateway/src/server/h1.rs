@@ -74,8 +74,8 @@ pub(super) async fn serve<S: HttpService<B>, B: ResponseBody, C: Socket>(
                 tokio::select! {
                     biased;
                     ready = socket.readable() => if ready.is_err() { return Handoff::Closed },
-                    _ = shutdown.changed() => return Handoff::Closed,
-                    () = tokio::time::sleep_until(idle_until) => return Handoff::Closed,
+                    _ = shutdown.changed() => return close(socket).await,
+                    () = tokio::time::sleep_until(idle_until) => return close(socket).await,
                 }
                 buf.reserve(HEAD_BUFFER);
                 match read_now(&socket, &mut buf) {
@@ -101,7 +101,7 @@ pub(super) async fn serve<S: HttpService<B>, B: ResponseBody, C: Socket>(
             Box::pin(exchange(service, &socket, &mut buf, head, client, timeouts, keep_alive)).await;
         match outcome {
             Outcome::KeepAlive if !*shutdown.borrow() => {}
-            Outcome::KeepAlive | Outcome::Close => return Handoff::Closed,
+            Outcome::KeepAlive | Outcome::Close => return close(socket).await,
             Outcome::CloseUnread => {
                 Box::pin(linger(socket)).await;
                 return Handoff::Closed;
@@ -332,6 +332,13 @@ async fn receive_body(
         let _ = pieces.send(Err(failure)).await;
         return;
     }
+}
+
+/// Ends a connection the gateway is done with: over TLS a close_notify goes first, so the
+/// client can tell the end of a response delimited by the close from a cut.
+async fn close<C: Socket>(socket: C) -> Handoff<C> {
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, socket.close()).await;
+    Handoff::Closed
 }
 
 /// Closes a connection the client may still be sending on: half-close, then read and drop
