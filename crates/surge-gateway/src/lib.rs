@@ -128,6 +128,9 @@ impl Gateway {
         Handled::Limited {
             response: Box::pin(async move {
                 let client_ip = match request.extensions().get::<ClientAddr>() {
+                    Some(client) if client.trusted => {
+                        forwarded_client(request.headers(), client.addr.ip(), &gateway.trusted_proxies)
+                    }
                     Some(client) => client.addr.ip(),
                     None => std::net::Ipv4Addr::UNSPECIFIED.into(),
                 };
@@ -142,6 +145,23 @@ impl Gateway {
             }),
         }
     }
+}
+
+/// The client behind trusted proxies: the last address in `X-Forwarded-For` that is not one
+/// of them (each proxy appends the peer it saw, so what lies left of an untrusted hop could be
+/// made up), else `peer`.
+fn forwarded_client(
+    headers: &http::HeaderMap,
+    peer: std::net::IpAddr,
+    trusted: &[ipnet::IpNet],
+) -> std::net::IpAddr {
+    let hops =
+        headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(','));
+    let hops: Vec<std::net::IpAddr> = hops.filter_map(|hop| hop.trim().parse().ok()).collect();
+    hops.into_iter()
+        .rev()
+        .find(|ip| !trusted.iter().any(|net| net.contains(&ip.to_canonical())))
+        .unwrap_or(peer)
 }
 
 /// `uri` with its path replaced by `path`, its query kept.
@@ -313,6 +333,29 @@ mod tests {
         }
         let request = request.body(()).expect("request");
         request_host(&request).map(|h| h.map(str::to_owned)).map_err(|err| err.code())
+    }
+
+    #[test]
+    fn behind_trusted_proxies_the_client_is_the_last_untrusted_hop() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().expect("cidr")];
+        let peer: std::net::IpAddr = "10.0.0.2".parse().expect("ip");
+        let headers = |xff: &[&str]| {
+            let mut headers = http::HeaderMap::new();
+            for value in xff {
+                headers.append("x-forwarded-for", value.parse().expect("value"));
+            }
+            headers
+        };
+        let client = |xff: &[&str]| forwarded_client(&headers(xff), peer, &trusted).to_string();
+        assert_eq!(client(&["203.0.113.9"]), "203.0.113.9");
+        assert_eq!(
+            client(&["198.51.100.1, 203.0.113.9, 10.0.0.7"]),
+            "203.0.113.9",
+            "made-up hops left of it"
+        );
+        assert_eq!(client(&["198.51.100.1", "203.0.113.9"]), "203.0.113.9", "several fields");
+        assert_eq!(client(&["10.0.0.7"]), "10.0.0.2", "only proxies: the peer");
+        assert_eq!(client(&[]), "10.0.0.2");
     }
 
     #[test]

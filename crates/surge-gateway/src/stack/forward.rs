@@ -99,11 +99,15 @@ fn rewrite_request<B>(request: &mut Request<B>) {
         headers.insert(UPGRADE, protocol);
     }
     if let Some(ip) = forwarded_for {
-        let value = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-            Some(earlier) => {
-                HeaderValue::from_str(&format!("{earlier}, {}", ip.to_str().unwrap_or_default())).ok()
+        // Every field of the chain, in order (a proxy may have sent several).
+        let earlier: Vec<&str> =
+            headers.get_all(X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
+        let value = match earlier.as_slice() {
+            [] => Some(ip),
+            earlier => {
+                HeaderValue::from_str(&format!("{}, {}", earlier.join(", "), ip.to_str().unwrap_or_default()))
+                    .ok()
             }
-            None => Some(ip),
         };
         if let Some(value) = value {
             headers.insert(X_FORWARDED_FOR, value);
