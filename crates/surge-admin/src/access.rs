@@ -1,7 +1,8 @@
 //! Who may use the admin API. It can scale services, so:
-//! - a bearer token, when one is set, is required for every request that changes state, and
-//!   for every request when the API listens off loopback (where surge refuses to run without
-//!   one); `/metrics` can be left open for a scraper (`admin.metrics_public`);
+//! - a bearer token is required for every request that changes state (surge makes one for the
+//!   run when none is configured), and for every request when the API listens off loopback
+//!   (where surge refuses to run without a configured one); `/metrics` can be left open for a
+//!   scraper (`admin.metrics_public`);
 //! - on loopback, `Host` must name loopback, so a web page that rebinds its own DNS name to
 //!   127.0.0.1 cannot read the API from a browser on the machine;
 //! - a request that changes state must say `Content-Type: application/json` and carry no
@@ -26,7 +27,7 @@ pub struct Access {
 pub enum Refusal {
     #[error("the admin API on loopback answers only to Host localhost, 127.0.0.1 or [::1]")]
     ForeignHost,
-    #[error("this needs the admin token: send `Authorization: Bearer <token>` (admin.token_file or SURGE_ADMIN_TOKEN)")]
+    #[error("this needs the admin token: send `Authorization: Bearer <token>` (from admin.token_file, SURGE_ADMIN_TOKEN, or the .surge/admin.token that surge up writes beside surge.toml)")]
     MissingToken,
     #[error("the admin token is wrong")]
     WrongToken,

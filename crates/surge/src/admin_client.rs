@@ -30,6 +30,34 @@ pub fn admin_token(admin: &AdminConfig) -> Result<Option<String>, ConfigErrors> 
     }
 }
 
+/// Where `surge up` leaves the token it made for a run without one configured: beside the
+/// configuration file, readable by its owner only, for `surge scale` and `surge reload`.
+pub fn run_token_path(config_file: &Path) -> std::path::PathBuf {
+    config_file.parent().unwrap_or(Path::new(".")).join(".surge").join("admin.token")
+}
+
+/// Makes a token for this run and writes it to [`run_token_path`]; `Err` says why it could not.
+pub fn make_run_token(config_file: &Path) -> Result<String, String> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut random = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut urandom| urandom.read_exact(&mut random))
+        .map_err(|err| format!("cannot read /dev/urandom: {err}"))?;
+    let token: String = random.iter().map(|byte| format!("{byte:02x}")).collect();
+    let path = run_token_path(config_file);
+    let write = || -> std::io::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut file =
+            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)?;
+        file.write_all(token.as_bytes())
+    };
+    write().map_err(|err| format!("cannot write {}: {err}", path.display()))?;
+    Ok(token)
+}
+
 pub struct AdminClient {
     base: String,
     token: Option<String>,
@@ -39,17 +67,22 @@ pub struct AdminClient {
 impl AdminClient {
     /// The address from `--admin` or SURGE_ADMIN, else from the configuration file, else the default.
     /// The token likewise: SURGE_ADMIN_TOKEN, else the configuration's `admin.token_file`.
-    pub fn new(admin: Option<&str>, config: &Path) -> Result<Self, ConfigErrors> {
-        let config = surge_config::load(config).ok();
+    pub fn new(admin: Option<&str>, config_path: &Path) -> Result<Self, ConfigErrors> {
+        let config = surge_config::load(config_path).ok();
         let address = match (admin, &config) {
             (Some(address), _) => address.trim_end_matches('/').to_owned(),
             (None, Some(config)) => config.admin.listen.to_string(),
             (None, None) => DEFAULT_ADMIN.to_owned(),
         };
         let token = match &config {
-            Some(config) => admin_token(&config.admin)?,
+            Some(loaded) => admin_token(&loaded.admin)?,
             None => std::env::var(TOKEN_VARIABLE).ok().filter(|t| !t.trim().is_empty()),
         };
+        // Else the token the running surge made for itself, if it could.
+        let token = token.or_else(|| {
+            let made = std::fs::read_to_string(run_token_path(config_path)).ok()?;
+            Some(made.trim().to_owned()).filter(|t| !t.is_empty())
+        });
         let base = if address.contains("://") { address } else { format!("http://{address}") };
         Ok(AdminClient { base, token, client: Client::builder(TokioExecutor::new()).build_http() })
     }

@@ -48,7 +48,17 @@ async fn bind(addr: SocketAddr, site: &Site) -> Result<TcpListener, Failure> {
 }
 
 async fn serve(config: Config, path: std::path::PathBuf) -> Result<(), Failure> {
-    let token = crate::admin_client::admin_token(&config.admin)?;
+    let mut token = crate::admin_client::admin_token(&config.admin)?;
+    if token.is_none() && config.admin.listen.ip().is_loopback() {
+        // Changes through the admin API always need a token: with none configured, this run
+        // makes its own and leaves it where the command line finds it.
+        match crate::admin_client::make_run_token(&path) {
+            Ok(made) => token = Some(made),
+            Err(why) => tracing::warn!(
+                "{why}; the admin API takes changes without a token (set admin.token_file to require one)"
+            ),
+        }
+    }
     let access = surge_admin::Access::new(config.admin.listen, token, config.admin.metrics_public).map_err(
         |message| {
             Failure::Config(surge_config::ConfigErrors::single(config.admin.listen_site.error(message)))

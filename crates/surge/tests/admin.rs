@@ -1,5 +1,6 @@
-//! The admin API can scale services, so it guards itself: a token when one is set, Host names
-//! loopback, changes only as JSON; off loopback surge refuses to run without a token.
+//! The admin API can scale services, so it guards itself: a token for every change (one made
+//! for the run when none is configured), Host names loopback, changes only as JSON; off
+//! loopback surge refuses to run without a configured token.
 
 mod common;
 
@@ -27,20 +28,27 @@ async fn admin(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn browsers_cannot_scale_or_read_it_across_sites() {
+async fn without_a_configured_token_the_run_makes_one_and_browsers_get_nothing() {
     let surge = Surge::start(WEB).await;
     let scale = "/services/web/scale";
     let body = r#"{"instances": 3}"#;
-    // What a cross-site form or fetch without preflight can send.
+    // What a cross-site form or fetch can send, and a JSON POST from any local process: none
+    // has the run's token.
     let form = [("content-type", "text/plain")];
-    assert_eq!(admin(&surge, Method::POST, scale, &form, body).await, StatusCode::UNSUPPORTED_MEDIA_TYPE);
-    let foreign = [("content-type", "application/json"), ("origin", "https://evil.example")];
-    assert_eq!(admin(&surge, Method::POST, scale, &foreign, body).await, StatusCode::FORBIDDEN);
-    // A page whose name was rebound to 127.0.0.1.
+    assert_eq!(admin(&surge, Method::POST, scale, &form, body).await, StatusCode::UNAUTHORIZED);
+    let json = [("content-type", "application/json")];
+    assert_eq!(admin(&surge, Method::POST, scale, &json, body).await, StatusCode::UNAUTHORIZED);
+    // A page whose name was rebound to 127.0.0.1 cannot even read.
     let rebound = [("host", "evil.example:9900")];
     assert_eq!(admin(&surge, Method::GET, "/status", &rebound, "").await, StatusCode::FORBIDDEN);
     assert_eq!(surge.service("web").await.desired, 1, "nothing was scaled");
 
+    // The token sits beside surge.toml, for its owner only; the command line uses it.
+    let token = surge.dir.join(".surge").join("admin.token");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&token).expect("token file").permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
     let output = surge.cli(&["scale", "web", "2"]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert_eq!(surge.service("web").await.desired, 2);

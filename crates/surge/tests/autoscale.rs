@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -138,10 +137,7 @@ autoscale = { stable_window = "4s", panic_window = "2s", scale_down_delay = "0s"
     assert!(autoscale.reason.starts_with("idle"), "{}", autoscale.reason);
 
     // Manual scaling of an autoscaled pool is refused with the reason.
-    let refused = Command::new(SURGE)
-        .args(["scale", "web", "2", "--admin", &surge.admin.to_string()])
-        .output()
-        .expect("run");
+    let refused = surge.cli(&["scale", "web", "2"]);
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("is autoscaled (services.web.autoscale)"));
 }
