@@ -60,12 +60,28 @@ impl Running {
         self.gateway.store(Arc::new(gateway));
         self.pools.install(change.pools);
         let summary = summary(&change.started, &change.retired, &self.config, &config);
-        let retired = change.retired;
-        // Their requests in flight finish first: stopping a pool drains its instances.
-        tokio::spawn(async move { surge_pool::stop_all(&retired).await });
+        tokio::spawn(retire(change.retired));
         self.config = config;
         Ok(summary)
     }
+}
+
+/// Stops the pools a reload left behind, once they are quiet. A request that took the old
+/// gateway just before the swap still reaches its pool: the instances keep serving until no
+/// request is in flight or waiting there for a few looks in a row (or the pools' drain timeout
+/// passes), and only then drain and stop.
+async fn retire(pools: Vec<Arc<Pool>>) {
+    const LOOK: Duration = Duration::from_millis(100);
+    const QUIET_LOOKS: u32 = 3;
+    let patience = pools.iter().map(|pool| pool.config().lifecycle.drain_timeout).max().unwrap_or_default();
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut quiet = 0;
+    while quiet < QUIET_LOOKS && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(LOOK).await;
+        let idle = pools.iter().all(|pool| pool.load().active() == 0 && pool.load().waiting() == 0);
+        quiet = if idle { quiet + 1 } else { 0 };
+    }
+    surge_pool::stop_all(&pools).await;
 }
 
 /// The settings a running surge holds in its listeners and cannot swap: their keys.
