@@ -180,7 +180,15 @@ http {{
     return work.spawn(["nginx", "-c", conf, "-p", work.dir], SHARED_CORE)
 
 
-def nginx_proxy(work, port, backend_port):
+def nginx_proxy(work, port, backend_port, tls=None):
+    """nginx proxying to `backend_port`; with `tls` = (certificate, key), over HTTPS (h2 by ALPN)."""
+    listen = f"127.0.0.1:{port} backlog=4096"
+    tls_lines = ""
+    if tls:
+        cert, key = tls
+        listen = f"127.0.0.1:{port} ssl http2 backlog=4096"
+        tls_lines = (f"ssl_certificate {cert};\n    ssl_certificate_key {key};\n"
+                     "    ssl_protocols TLSv1.2 TLSv1.3;\n    ssl_session_cache shared:SSL:10m;")
     conf = work.path(f"proxy-{port}.conf")
     with open(conf, "w") as f:
         f.write(f"""
@@ -202,7 +210,8 @@ http {{
     keepalive_requests 10000000;
   }}
   server {{
-    listen 127.0.0.1:{port} backlog=4096;
+    listen {listen};
+    {tls_lines}
     location / {{
       proxy_pass http://backend;
       proxy_http_version 1.1;
@@ -239,13 +248,15 @@ backend backend
     return work.spawn(["haproxy", "-f", conf], PROXY_CORE)
 
 
-def surge_config(work, port, backend_port, health=f'path = "/{SIZES[0]}"'):
-    """A surge.toml that puts `backend_port` behind a gateway on `port`; its path."""
+def surge_config(work, port, backend_port, health=f'path = "/{SIZES[0]}"', gateway=""):
+    """A surge.toml that puts `backend_port` behind a gateway on `port` (with more `gateway`
+    keys, if given); its path."""
     conf = work.path(f"surge-{port}.toml")
     with open(conf, "w") as f:
         f.write(f"""
 [gateway]
 listen = "127.0.0.1:{port}"
+{gateway}
 [admin]
 listen = "127.0.0.1:{free_port()}"
 [services.backend]

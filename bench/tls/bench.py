@@ -38,48 +38,12 @@ def certificate(work):
 
 
 def nginx_tls(work, port, backend_port, cert, key):
-    conf = work.path(f"tls-{port}.conf")
-    with open(conf, "w") as f:
-        f.write(f"""
-worker_processes 1;
-daemon off;
-pid {work.path(f'tls-{port}.pid')};
-error_log {work.path('tls-error.log')};
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  keepalive_requests 10000000;
-  client_body_temp_path {work.dir}; proxy_temp_path {work.dir}; fastcgi_temp_path {work.dir};
-  uwsgi_temp_path {work.dir}; scgi_temp_path {work.dir};
-  upstream backend {{
-    server 127.0.0.1:{backend_port};
-    keepalive 512;
-    keepalive_requests 10000000;
-  }}
-  server {{
-    listen 127.0.0.1:{port} ssl http2 backlog=4096;
-    ssl_certificate {cert};
-    ssl_certificate_key {key};
-    ssl_protocols TLSv1.2 TLSv1.3;
-    ssl_session_cache shared:SSL:10m;
-    location / {{
-      proxy_pass http://backend;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-    }}
-  }}
-}}
-""")
-    return work.spawn(["nginx", "-c", conf, "-p", work.dir], bench.PROXY_CORE)
+    return bench.nginx_proxy(work, port, backend_port, tls=(cert, key))
 
 
 def surge_tls(work, port, backend_port, cert, key):
-    conf = bench.surge_config(work, bench.free_port(), backend_port, health=f'path = "/{SIZE}"')
-    with open(conf) as f:
-        text = f.read()
-    text = text.replace("[admin]", f'listen_tls = "127.0.0.1:{port}"\ntls = {{ cert = "{cert}", key = "{key}" }}\n[admin]', 1)
-    with open(conf, "w") as f:
-        f.write(text)
+    gateway = f'listen_tls = "127.0.0.1:{port}"\ntls = {{ cert = "{cert}", key = "{key}" }}'
+    conf = bench.surge_config(work, bench.free_port(), backend_port, health=f'path = "/{SIZE}"', gateway=gateway)
     return work.spawn([bench.SURGE, "up", "-c", conf], bench.PROXY_CORE, env={"SURGE_LOG": "warn"})
 
 

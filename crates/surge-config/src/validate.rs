@@ -108,6 +108,20 @@ impl Validator<'_> {
         }
     }
 
+    /// A count that must be at least 1; `None` when absent or refused.
+    fn at_least_one<T: Copy + PartialEq + From<u8>>(
+        &mut self,
+        value: Option<Spanned<T>>,
+        key: &str,
+    ) -> Option<T> {
+        let value = value?;
+        if *value.get_ref() == T::from(0) {
+            self.error(value.span(), key, "must be at least 1");
+            return None;
+        }
+        Some(value.into_inner())
+    }
+
     /// A duration that must be positive, or the default when absent.
     fn duration(
         &mut self,
@@ -161,21 +175,11 @@ impl Validator<'_> {
             send: self.duration(raw.send_timeout.take(), "gateway.send_timeout".into(), defaults.send),
         };
         let max_body = raw.max_body.map_or(DEFAULT_MAX_BODY, |size| size.0);
-        let max_connections = match raw.max_connections.take() {
-            Some(max) if *max.get_ref() == 0 => {
-                self.error(max.span(), "gateway.max_connections", "must be at least 1");
-                DEFAULT_MAX_CONNECTIONS
-            }
-            Some(max) => max.into_inner(),
-            None => DEFAULT_MAX_CONNECTIONS,
-        };
-        let max_connections_per_client = match raw.max_connections_per_client.take() {
-            Some(max) if *max.get_ref() == 0 => {
-                self.error(max.span(), "gateway.max_connections_per_client", "must be at least 1");
-                None
-            }
-            other => other.map(Spanned::into_inner),
-        };
+        let max_connections = self
+            .at_least_one(raw.max_connections.take(), "gateway.max_connections")
+            .unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        let max_connections_per_client =
+            self.at_least_one(raw.max_connections_per_client.take(), "gateway.max_connections_per_client");
         let proxy_protocol = match raw.proxy_protocol.take() {
             Some(on) if *on.get_ref() && trusted_proxies.is_empty() => {
                 self.error(
@@ -625,15 +629,6 @@ impl Validator<'_> {
         Some(RunAs { user: user.into_inner(), uid, gid })
     }
 
-    fn limits(&mut self, raw: raw::RawLimits) -> ProcessLimits {
-        ProcessLimits {
-            memory: raw.memory.map(|size| size.0),
-            open_files: raw.open_files,
-            processes: raw.processes,
-            cpu_seconds: raw.cpu_seconds,
-        }
-    }
-
     /// `command` (surge runs the instances) or `upstreams` (they run elsewhere), not both.
     fn backend(&mut self, key: &str, name_span: Range<usize>, raw: &mut RawService) -> Option<Backend> {
         let Some(upstreams) = raw.upstreams.take() else {
@@ -663,7 +658,7 @@ impl Validator<'_> {
                         limits: raw
                             .limits
                             .take()
-                            .map(|limits| self.limits(limits.into_inner()))
+                            .map(|limits| process_limits(limits.into_inner()))
                             .unwrap_or_default(),
                     }),
                     Err(message) => {
@@ -863,6 +858,15 @@ fn parse_upstream(address: &str) -> Result<(String, u16), String> {
         return Err(format!(r#""{address}": "{host}" is neither an IP address nor a DNS name"#));
     }
     Ok((host.to_owned(), port))
+}
+
+fn process_limits(raw: raw::RawLimits) -> ProcessLimits {
+    ProcessLimits {
+        memory: raw.memory.map(|size| size.0),
+        open_files: raw.open_files,
+        processes: raw.processes,
+        cpu_seconds: raw.cpu_seconds,
+    }
 }
 
 /// The id and primary group of `name` in an `/etc/passwd`-style file (`/etc/group`: the gid).

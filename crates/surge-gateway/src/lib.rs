@@ -296,7 +296,7 @@ pub fn serve_https_redirect(
 
 fn redirect_to_https<B>(request: &Request<B>, https_port: u16) -> Response<GatewayBody> {
     let host = request.headers().get(HOST).and_then(|h| h.to_str().ok()).or(request.uri().host());
-    let Some(host) = host.map(host_without_port).filter(|h| !h.is_empty()) else {
+    let Some(host) = host.map(router::strip_port).filter(|h| !h.is_empty()) else {
         return GatewayError::NoRoute { host: String::new(), path: request.uri().path().to_owned() }
             .into_response();
     };
@@ -311,14 +311,6 @@ fn redirect_to_https<B>(request: &Request<B>, https_port: u16) -> Response<Gatew
             response
         }
         Err(_) => GatewayError::NoRoute { host: host.to_owned(), path: target.to_owned() }.into_response(),
-    }
-}
-
-/// `example.com` of `example.com:8080`, and `[::1]` of `[::1]:8080`.
-fn host_without_port(host: &str) -> &str {
-    match host.rfind(':') {
-        Some(colon) if !host[colon..].contains(']') => &host[..colon],
-        _ => host,
     }
 }
 

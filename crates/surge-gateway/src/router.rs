@@ -36,7 +36,7 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
     prefix == "/" || path.strip_prefix(prefix).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
-fn strip_port(host: &str) -> &str {
+pub(crate) fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
         // An IPv6 literal: "[::1]:8080".
         return host.split_once(']').map_or(host, |(addr, _)| &host[..addr.len() + 1]);

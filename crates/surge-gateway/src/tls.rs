@@ -18,7 +18,7 @@ use rustls::ServerConnection;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::wire::Socket;
+use crate::wire::{read_clearing, Socket};
 
 /// A client gets this long to finish its handshake (nginx: `ssl_handshake_timeout`, 60 s).
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -113,6 +113,14 @@ impl State {
         read
     }
 
+    /// Queues close_notify, once.
+    fn say_goodbye(&mut self) {
+        if !self.close_notify_sent {
+            self.close_notify_sent = true;
+            self.tls.send_close_notify();
+        }
+    }
+
     /// Hands every encrypted byte to the kernel; `WouldBlock` when it takes no more yet.
     fn flush(&mut self, tcp: &TcpStream) -> io::Result<()> {
         while self.tls.wants_write() {
@@ -145,25 +153,11 @@ impl State {
 struct Kernel<'a>(&'a TcpStream);
 
 impl Read for Kernel<'_> {
-    /// A read shorter than the room it had drained the socket, so its readiness is cleared
-    /// then (as `wire::read_now` does for plain sockets): the next wait for bytes costs no
-    /// read that finds nothing.
+    /// A short read clears the stream's readiness, as for plain sockets (`wire::read_now`).
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let tcp = self.0;
         let room = buf.len();
-        let mut read = None;
-        let drained = self.0.try_io(tokio::io::Interest::READABLE, || {
-            let n = self.0.try_read(buf)?;
-            read = Some(n);
-            if n > 0 && n < room {
-                Err(io::ErrorKind::WouldBlock.into())
-            } else {
-                Ok(n)
-            }
-        });
-        match (drained, read) {
-            (Err(err), Some(n)) if err.kind() == io::ErrorKind::WouldBlock => Ok(n),
-            (result, _) => result,
-        }
+        read_clearing(room, |read| tcp.try_io(tokio::io::Interest::READABLE, read), || tcp.try_read(buf))
     }
 }
 
@@ -207,13 +201,7 @@ impl Socket for TlsSocket {
     }
 
     async fn close(&self) {
-        {
-            let mut state = self.lock();
-            if !state.close_notify_sent {
-                state.close_notify_sent = true;
-                state.tls.send_close_notify();
-            }
-        }
+        self.lock().say_goodbye();
         let _ = self.flushed().await;
     }
 
@@ -297,13 +285,7 @@ impl AsyncWrite for TlsSocket {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        {
-            let mut state = self.lock();
-            if !state.close_notify_sent {
-                state.close_notify_sent = true;
-                state.tls.send_close_notify();
-            }
-        }
+        self.lock().say_goodbye();
         ready!(self.as_mut().poll_flush(cx))?;
         Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
     }

@@ -81,19 +81,44 @@ pub async fn read_buf(socket: &impl Socket, buf: &mut BytesMut) -> io::Result<us
 /// missed.
 pub fn read_now(socket: &impl Socket, buf: &mut BytesMut) -> io::Result<usize> {
     let room = buf.capacity() - buf.len();
-    let mut read = None;
-    let drained = socket.try_read_io(|| {
-        let n = socket.try_read_buf(buf)?;
-        read = Some(n);
+    read_clearing(room, |read| socket.try_read_io(read), || socket.try_read_buf(buf))
+}
+
+/// Runs `read` (into `room` bytes) under `under_readiness`, which clears the readiness it saw
+/// when the read reports `WouldBlock`: a short read is reported so, then given back as read.
+/// Shared by plain sockets and the TCP stream under TLS.
+pub(crate) fn read_clearing(
+    room: usize,
+    under_readiness: impl FnOnce(&mut dyn FnMut() -> io::Result<usize>) -> io::Result<usize>,
+    mut read: impl FnMut() -> io::Result<usize>,
+) -> io::Result<usize> {
+    let mut got = None;
+    let drained = under_readiness(&mut || {
+        let n = read()?;
+        got = Some(n);
         if n > 0 && n < room {
             Err(io::ErrorKind::WouldBlock.into())
         } else {
             Ok(n)
         }
     });
-    match (drained, read) {
+    match (drained, got) {
         (Err(err), Some(n)) if err.kind() == io::ErrorKind::WouldBlock => Ok(n),
         (result, _) => result,
+    }
+}
+
+/// Waits until `counter` stays the same over a whole `interval`: nothing happened for that
+/// long. It counts from zero, so what happened before the first look counts too.
+pub(crate) async fn until_unchanged(counter: &std::sync::atomic::AtomicU64, interval: std::time::Duration) {
+    let mut seen = 0;
+    loop {
+        tokio::time::sleep(interval).await;
+        let now = counter.load(std::sync::atomic::Ordering::Relaxed);
+        if now == seen {
+            return;
+        }
+        seen = now;
     }
 }
 

@@ -28,6 +28,12 @@ pub struct Certificates {
     current: ArcSwap<Loaded>,
 }
 
+/// Certificates read and checked, not yet in use.
+pub struct Prepared {
+    files: Vec<CertificateFiles>,
+    loaded: Loaded,
+}
+
 /// One reading of every file.
 struct Loaded {
     entries: Vec<Entry>,
@@ -65,13 +71,16 @@ impl Certificates {
         }))
     }
 
-    /// Serves `files` from now on, once every one passes its checks; on an error nothing
-    /// changes. Open connections keep what they were given.
-    pub fn replace(&self, files: &[CertificateFiles]) -> Result<(), ConfigErrors> {
+    /// Reads and checks `files` for [`Certificates::install`], changing nothing yet.
+    pub fn prepare(&self, files: &[CertificateFiles]) -> Result<Prepared, ConfigErrors> {
         let loaded = read_all(files, &self.provider, SystemTime::now())?;
-        self.files.store(Arc::new(files.to_vec()));
-        self.current.store(Arc::new(loaded));
-        Ok(())
+        Ok(Prepared { files: files.to_vec(), loaded })
+    }
+
+    /// Serves the prepared certificates from now on; open connections keep what they were given.
+    pub fn install(&self, prepared: Prepared) {
+        self.files.store(Arc::new(prepared.files));
+        self.current.store(Arc::new(prepared.loaded));
     }
 
     /// The rustls configuration for the listener: TLS 1.3 and 1.2 with rustls' default

@@ -37,11 +37,10 @@ impl Running {
                 fixed.join(", ")
             ));
         }
-        // Checked now, put in use only once nothing else can fail.
+        // Read and checked now, put in use only once nothing else can fail.
         let certificates = match (&self.certificates, &config.gateway.tls) {
             (Some(in_use), Some(tls)) => {
-                surge_tls::Certificates::load(&tls.certificates).map_err(|errors| errors.to_string())?;
-                Some((in_use, &tls.certificates))
+                Some((in_use, in_use.prepare(&tls.certificates).map_err(|errors| errors.to_string())?))
             }
             _ => None,
         };
@@ -50,11 +49,8 @@ impl Running {
             surge_pool::stop_all(&change.started).await;
             return Err(format!("{problem}; the configuration in use stays"));
         }
-        if let Some((in_use, files)) = certificates {
-            if let Err(errors) = in_use.replace(files) {
-                surge_pool::stop_all(&change.started).await;
-                return Err(format!("{errors}the configuration in use stays"));
-            }
+        if let Some((in_use, prepared)) = certificates {
+            in_use.install(prepared);
         }
         let gateway = Gateway::new(&config, &change.pools, self.metrics.clone(), self.store.clone());
         self.gateway.store(Arc::new(gateway));

@@ -83,30 +83,54 @@ async fn served_meanwhile(surge: &Surge, requests: usize) -> usize {
     served
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rapid_reset_ends_the_attackers_connection_and_others_are_served() {
-    let surge = Surge::start(WEB).await;
+/// What an attack on its own connection did: how many of another client's requests were
+/// answered 200 while it ran, how the attacker's connection ended, and how much the gateway's
+/// memory grew.
+struct Aftermath {
+    served: usize,
+    ended: &'static str,
+    grown: u64,
+}
+
+/// Opens an HTTP/2 connection (preface and SETTINGS, then `opening`) and sends `frames` until
+/// the gateway stops taking them (it may close halfway: that is the point), while another
+/// client sends 20 requests.
+async fn attack(
+    surge: &Surge,
+    opening: Vec<u8>,
+    frames: impl Iterator<Item = Vec<u8>> + Send + 'static,
+) -> Aftermath {
     let before = rss(surge.pid());
     let mut attacker = TcpStream::connect(surge.gateway).await.expect("connect");
     attacker.write_all(PREFACE).await.expect("preface");
     attacker.write_all(&frame(SETTINGS, 0, 0, &[])).await.expect("settings");
+    attacker.write_all(&opening).await.expect("opening frames");
+    let (mut reader, mut writer) = attacker.into_split();
+    let sending = tokio::spawn(async move {
+        for frames in frames {
+            if writer.write_all(&frames).await.is_err() {
+                return;
+            }
+        }
+    });
+    let served = served_meanwhile(surge, 20).await;
+    let ended = until_goaway(&mut reader).await;
+    let _ = sending.await;
+    Aftermath { served, ended, grown: rss(surge.pid()).saturating_sub(before) }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rapid_reset_ends_the_attackers_connection_and_others_are_served() {
+    let surge = Surge::start(WEB).await;
     let block = get_root();
     let mut burst = Vec::new();
     for stream in (1..40_000u32).step_by(2) {
         burst.extend_from_slice(&frame(HEADERS, END_STREAM | END_HEADERS, stream, &block));
         burst.extend_from_slice(&frame(RST_STREAM, 0, stream, &8u32.to_be_bytes()));
     }
-    let (mut reader, mut writer) = attacker.into_split();
-    let attack = tokio::spawn(async move {
-        // The server may close on us halfway: that is the point.
-        let _ = writer.write_all(&burst).await;
-    });
-    let served = served_meanwhile(&surge, 20).await;
-    let ended = until_goaway(&mut reader).await;
-    let _ = attack.await;
+    let Aftermath { served, ended, grown } = attack(&surge, Vec::new(), std::iter::once(burst)).await;
     assert_eq!(served, 20, "another client was refused during the attack");
     assert_eq!(ended, "goaway", "the attacker's connection was not ended with GOAWAY");
-    let grown = rss(surge.pid()).saturating_sub(before);
     assert!(grown < 64 << 20, "memory grew by {} MiB", grown >> 20);
     assert_eq!(surge.get("/").await.status, StatusCode::OK, "still serving");
 }
@@ -114,11 +138,7 @@ async fn rapid_reset_ends_the_attackers_connection_and_others_are_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_continuation_flood_is_cut_off_and_others_are_served() {
     let surge = Surge::start(WEB).await;
-    let before = rss(surge.pid());
-    let mut attacker = TcpStream::connect(surge.gateway).await.expect("connect");
-    attacker.write_all(PREFACE).await.expect("preface");
-    attacker.write_all(&frame(SETTINGS, 0, 0, &[])).await.expect("settings");
-    attacker.write_all(&frame(HEADERS, END_STREAM, 1, &get_root())).await.expect("headers");
+    let headers = frame(HEADERS, END_STREAM, 1, &get_root());
     // Header fields that never end: literal fields, 16 KiB a frame, 64 MiB in all if let be.
     let mut payload = Vec::new();
     while payload.len() < 16 * 1024 - 32 {
@@ -129,19 +149,9 @@ async fn a_continuation_flood_is_cut_off_and_others_are_served() {
         payload.extend_from_slice(&[b'v'; 20]);
     }
     let continuation = frame(CONTINUATION, 0, 1, &payload);
-    let (mut reader, mut writer) = attacker.into_split();
-    let attack = tokio::spawn(async move {
-        for _ in 0..4096 {
-            if writer.write_all(&continuation).await.is_err() {
-                return;
-            }
-        }
-    });
-    let served = served_meanwhile(&surge, 20).await;
-    let ended = until_goaway(&mut reader).await;
-    let _ = attack.await;
+    let Aftermath { served, ended, grown } =
+        attack(&surge, headers, std::iter::repeat_n(continuation, 4096)).await;
     assert_eq!(served, 20, "another client was refused during the flood");
     assert_eq!(ended, "goaway", "the flooding connection was not ended with GOAWAY");
-    let grown = rss(surge.pid()).saturating_sub(before);
     assert!(grown < 64 << 20, "memory grew by {} MiB", grown >> 20);
 }

@@ -318,18 +318,7 @@ async fn serve_h2<S, B, C>(
         request.extensions_mut().insert(client.clone());
         service.clone().oneshot(request)
     });
-    let idle = async {
-        // From zero, not from a first look: a stream opened before that look counts.
-        let mut seen = 0;
-        loop {
-            tokio::time::sleep(timeouts.keepalive).await;
-            let now = streams.load(Ordering::Relaxed);
-            if now == seen {
-                return;
-            }
-            seen = now;
-        }
-    };
+    let idle = crate::wire::until_unchanged(&streams, timeouts.keepalive);
     // Stated rather than left to hyper's defaults: streams at once per connection, the head
     // size HTTP/1.1 allows, and how many streams a client may reset before they are served
     // (the rapid-reset bound) before the connection is ended with GOAWAY.

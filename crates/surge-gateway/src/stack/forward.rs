@@ -7,9 +7,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use http::header::{
-    HeaderName, HeaderValue, CONNECTION, FORWARDED, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
-};
+use http::header::{HeaderName, HeaderValue, CONNECTION, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderMap, Request, Response, StatusCode};
 use tower::{Layer, Service};
 
@@ -84,16 +82,7 @@ fn rewrite_request<B>(request: &mut Request<B>) {
         .or_else(|| request.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
     let headers = request.headers_mut();
     strip_hop_by_hop(headers);
-    strip_surge_fields(headers);
-    if !trusted {
-        for name in [X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, FORWARDED] {
-            headers.remove(name);
-        }
-        // Others that frameworks read as the client's address, scheme or original URL.
-        for name in CLAIMED_BY_PROXIES {
-            headers.remove(*name);
-        }
-    }
+    strip_claims(headers, trusted);
     if let Some(protocol) = upgrade {
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(UPGRADE, protocol);
@@ -127,14 +116,18 @@ fn rewrite_request<B>(request: &mut Request<B>) {
     }
 }
 
-/// Drops every `x-surge-*` field; most requests have none, which one pass over the names finds.
-fn strip_surge_fields(headers: &mut HeaderMap) {
-    let is_ours = |name: &HeaderName| name.as_str().starts_with("x-surge-");
-    if !headers.keys().any(is_ours) {
+/// Drops the fields a client may not set: `x-surge-*` always, and the proxies' own unless it
+/// is a trusted proxy. One pass over the names finds them; most requests have none.
+fn strip_claims(headers: &mut HeaderMap, trusted: bool) {
+    let claimed = |name: &HeaderName| {
+        let name = name.as_str();
+        name.starts_with("x-surge-") || (!trusted && SET_BY_PROXIES.contains(&name))
+    };
+    if !headers.keys().any(claimed) {
         return;
     }
-    let ours: Vec<HeaderName> = headers.keys().filter(|name| is_ours(name)).cloned().collect();
-    for name in ours {
+    let names: Vec<HeaderName> = headers.keys().filter(|name| claimed(name)).cloned().collect();
+    for name in names {
         headers.remove(name);
     }
 }
@@ -152,7 +145,11 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 /// Fields only a proxy may set, which a client could use to claim another address, scheme,
 /// port or URL.
-const CLAIMED_BY_PROXIES: &[&str] = &[
+const SET_BY_PROXIES: &[&str] = &[
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "forwarded",
     "x-real-ip",
     "x-forwarded-port",
     "x-forwarded-prefix",

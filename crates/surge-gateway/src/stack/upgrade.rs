@@ -105,17 +105,7 @@ async fn splice(
     let activity = Arc::new(Activity::default());
     let (mut client, mut instance) = (Watched::new(client, &activity), Watched::new(instance, &activity));
     let copy = tokio::io::copy_bidirectional(&mut client, &mut instance);
-    let watch = async {
-        let mut seen = activity.moved.load(Ordering::Relaxed);
-        loop {
-            tokio::time::sleep(idle).await;
-            let now = activity.moved.load(Ordering::Relaxed);
-            if now == seen {
-                return;
-            }
-            seen = now;
-        }
-    };
+    let watch = crate::wire::until_unchanged(&activity.moved, idle);
     tokio::select! {
         _ = copy => {}
         () = watch => tracing::debug!("closing a tunnel idle for {idle:?}"),
