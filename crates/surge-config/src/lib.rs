@@ -18,6 +18,7 @@ pub use model::{
     AdminConfig, Backend, Balance, BufferConfig, CertificateFiles, ClientTimeouts, Config, GatewayConfig,
     HealthConfig, InstanceBounds, LifecycleConfig, OutlierConfig, ProcessLimits, RateKey, RateLimit,
     RetryConfig, Route, RunAs, ServiceConfig, TimeoutConfig, TlsConfig, Upstream, UpstreamProtocol,
+    UpstreamTlsConfig,
 };
 pub use validate::check_listeners;
 

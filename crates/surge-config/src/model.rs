@@ -104,6 +104,8 @@ pub struct ServiceConfig {
     pub backend: Backend,
     /// How the gateway talks to instances.
     pub protocol: UpstreamProtocol,
+    /// Present when `protocol` is `https`.
+    pub tls: Option<UpstreamTlsConfig>,
     pub routes: Vec<Route>,
     pub instances: InstanceBounds,
     pub health: HealthConfig,
@@ -190,6 +192,22 @@ pub enum UpstreamProtocol {
     Http1,
     /// HTTP/2 without TLS (prior knowledge): requests are multiplexed over one connection.
     H2c,
+    /// HTTP/1.1 over TLS, the instance's certificate verified (nginx's `proxy_pass https://`).
+    Https,
+}
+
+/// How instances spoken to over TLS are verified, and what the gateway shows them.
+#[derive(Debug, Clone)]
+pub struct UpstreamTlsConfig {
+    /// A PEM file of the certificate authorities to trust; `None`: the system's roots.
+    pub ca: Option<(PathBuf, Site)>,
+    /// The name sent by SNI and looked for in the instance's certificate; `None`: the
+    /// upstream's host (its name, or its address).
+    pub server_name: Option<(String, Site)>,
+    /// A client certificate, for instances that ask for one (mutual TLS).
+    pub client_certificate: Option<CertificateFiles>,
+    /// Where a problem with the whole table is reported (no system roots, say).
+    pub site: Site,
 }
 
 /// Retries of failed tries on other instances, within a budget.

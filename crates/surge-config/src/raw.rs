@@ -57,6 +57,16 @@ pub(crate) struct RawGateway {
     pub proxy_protocol: Option<Spanned<bool>>,
 }
 
+/// How the gateway checks (and answers) instances spoken to over TLS.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawUpstreamTls {
+    pub ca: Option<Spanned<String>>,
+    pub server_name: Option<Spanned<String>>,
+    pub cert: Option<Spanned<String>>,
+    pub key: Option<Spanned<String>>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawCertificate {
@@ -99,6 +109,7 @@ pub(crate) struct RawService {
     pub dns_refresh: Option<Spanned<Duration>>,
     #[serde(default)]
     pub protocol: UpstreamProtocol,
+    pub tls: Option<Spanned<RawUpstreamTls>>,
     #[serde(default)]
     pub args: Vec<String>,
     #[serde(default)]

@@ -265,6 +265,60 @@ impl Validator<'_> {
         })
     }
 
+    /// `services.NAME.tls`: only for `protocol = "https"`, which without it verifies instances
+    /// against the system's roots.
+    fn upstream_tls(
+        &mut self,
+        key: &str,
+        service_span: Range<usize>,
+        protocol: UpstreamProtocol,
+        raw: Option<Spanned<raw::RawUpstreamTls>>,
+    ) -> Option<UpstreamTlsConfig> {
+        if protocol != UpstreamProtocol::Https {
+            if let Some(raw) = raw {
+                self.error(raw.span(), format!("{key}.tls"), "applies only with `protocol = \"https\"`");
+            }
+            return None;
+        }
+        let (span, raw) = match raw {
+            Some(raw) => (raw.span(), raw.into_inner()),
+            None => (service_span, raw::RawUpstreamTls::default()),
+        };
+        let dir = self.file.parent().unwrap_or(Path::new("."));
+        let file = |this: &Self, value: &Spanned<String>, name: &str| {
+            (dir.join(value.get_ref()), this.site(value.span(), format!("{key}.tls.{name}")))
+        };
+        let ca = raw.ca.as_ref().map(|ca| file(self, ca, "ca"));
+        let server_name = raw.server_name.as_ref().map(|name| {
+            (
+                name.get_ref().trim().to_ascii_lowercase(),
+                self.site(name.span(), format!("{key}.tls.server_name")),
+            )
+        });
+        let client_certificate = match (&raw.cert, &raw.key) {
+            (Some(cert), Some(key)) => {
+                let (cert, cert_site) = file(self, cert, "cert");
+                let (key, key_site) = file(self, key, "key");
+                Some(CertificateFiles { cert, cert_site, key, key_site })
+            }
+            (Some(one), None) | (None, Some(one)) => {
+                self.error(
+                    one.span(),
+                    format!("{key}.tls"),
+                    "a client certificate needs both `cert` and `key`",
+                );
+                None
+            }
+            (None, None) => None,
+        };
+        Some(UpstreamTlsConfig {
+            ca,
+            server_name,
+            client_certificate,
+            site: self.site(span, format!("{key}.tls")),
+        })
+    }
+
     fn admin(&mut self, raw: raw::RawAdmin) -> AdminConfig {
         let (listen, listen_site) = self.listen(raw.listen, "admin.listen", DEFAULT_ADMIN_LISTEN);
         let dir = self.file.parent().unwrap_or(Path::new("."));
@@ -302,9 +356,10 @@ impl Validator<'_> {
                 let count = u32::try_from(upstreams.len()).unwrap_or(u32::MAX);
                 InstanceBounds { min: count, max: count, initial: count }
             }
-            _ => self.instances(&key, name_span, raw.instances),
+            _ => self.instances(&key, name_span.clone(), raw.instances),
         };
         let health = self.health(&key, raw.health);
+        let tls = self.upstream_tls(&key, name_span, raw.protocol, raw.tls.take());
         let timeouts = TimeoutConfig {
             connect: self.duration(
                 raw.timeouts.connect,
@@ -382,6 +437,7 @@ impl Validator<'_> {
             name,
             backend: backend?,
             protocol: raw.protocol,
+            tls,
             routes: service_routes,
             instances,
             health,

@@ -1,5 +1,5 @@
 //! The gateway's own HTTP/1.1 client, for every request to an instance spoken to over
-//! HTTP/1.1 (h2c goes through hyper's). Each instance address keeps a stack of idle keep-alive
+//! HTTP/1.1, in the clear or over TLS (h2c goes through hyper's). Each instance address keeps a stack of idle keep-alive
 //! connections. A request takes the most recently used one (or connects) and writes its head,
 //! with a whole body in the same `writev`; a streamed body is then pumped onto the connection
 //! (chunked, or raw with a known length) while the response is read, and goes on being pumped
@@ -23,6 +23,8 @@ use http::uri::Authority;
 use http::StatusCode;
 use http::{Method, Response};
 use http_body::{Body, Frame, SizeHint};
+use surge_tls::UpstreamTls;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use surge_http1::encode::{is_request_framing, write_request_head};
@@ -30,7 +32,8 @@ use surge_http1::head::{parse_response, ResponseHead};
 use surge_http1::{ChunkSizeLine, Decoded, Decoder};
 
 use crate::server::ClientBody;
-use crate::wire::{write_all, BoxError, Prefixed};
+use crate::tls::TlsSocket;
+use crate::wire::{write_all, BoxError, Prefixed, Socket};
 
 /// Bounds of the room asked for per read. The slack added to what is expected makes the last
 /// read of an answer a short one, after which tokio knows the socket is drained.
@@ -45,6 +48,15 @@ const MAX_IDLE_PER_INSTANCE: usize = 1024;
 pub(crate) struct Http1Client {
     idle: Mutex<IdleConnections>,
     connect_timeout: Duration,
+    transport: Transport,
+}
+
+/// What runs over the TCP connections to instances.
+pub(crate) enum Transport {
+    Plain,
+    Tls(Arc<UpstreamTls>),
+    /// TLS whose settings could not be read: every connection fails, saying why.
+    BrokenTls(String),
 }
 
 #[derive(Default)]
@@ -54,7 +66,7 @@ struct IdleConnections {
 }
 
 struct Connection {
-    stream: TcpStream,
+    stream: UpstreamStream,
     buf: BytesMut,
     /// Bytes read for the current answer.
     answer_bytes: usize,
@@ -96,30 +108,38 @@ pub(crate) enum Outgoing {
 /// An instance's connection after its `101 Switching Protocols`, in the response's extensions
 /// for the upgrade to take.
 #[derive(Clone)]
-pub(crate) struct UpstreamUpgrade(Arc<Mutex<Option<Prefixed<TcpStream>>>>);
+pub(crate) struct UpstreamUpgrade(Arc<Mutex<Option<Prefixed<UpstreamStream>>>>);
 
 impl UpstreamUpgrade {
-    pub(crate) fn new(connection: Prefixed<TcpStream>) -> Self {
+    pub(crate) fn new(connection: Prefixed<UpstreamStream>) -> Self {
         UpstreamUpgrade(Arc::new(Mutex::new(Some(connection))))
     }
 
-    pub(crate) fn take(&self) -> Option<Prefixed<TcpStream>> {
+    pub(crate) fn take(&self) -> Option<Prefixed<UpstreamStream>> {
         self.0.lock().ok()?.take()
     }
 }
 
+/// Where a request goes: the instance's address, its authority (the `Host` of a request that
+/// has none) and the name its TLS certificate is checked for.
+#[derive(Clone, Copy)]
+pub(crate) struct Target<'a> {
+    pub addr: SocketAddr,
+    pub authority: &'a Authority,
+    pub name: &'a str,
+}
+
 impl Http1Client {
-    pub fn new(connect_timeout: Duration) -> Arc<Self> {
-        Arc::new(Http1Client { idle: Mutex::default(), connect_timeout })
+    pub fn new(connect_timeout: Duration, transport: Transport) -> Arc<Self> {
+        Arc::new(Http1Client { idle: Mutex::default(), connect_timeout, transport })
     }
 
-    /// Sends the request, with `extra` fields besides its own, to `addr`, on an idle connection
-    /// if there is one. A reused connection that the instance turns out to have closed fails
-    /// as `Stale`, for the retry layer to decide on (and count).
+    /// Sends the request, with `extra` fields besides its own, to `target`, on an idle
+    /// connection if there is one. A reused connection that the instance turns out to have
+    /// closed fails as `Stale`, for the retry layer to decide on (and count).
     pub async fn send(
         self: &Arc<Self>,
-        addr: SocketAddr,
-        authority: &Authority,
+        Target { addr, authority, name }: Target<'_>,
         parts: &Parts,
         extra: &[(&[u8], &[u8])],
         body: Outgoing,
@@ -141,7 +161,7 @@ impl Http1Client {
         write_request_head(&mut head, &parts.method, target, host, fields, extra, length);
         let (connection, reused) = match self.checkout(addr) {
             Some(connection) => (connection, true),
-            None => (self.connect(addr).await?, false),
+            None => (self.connect(addr, name).await?, false),
         };
         match self.exchange(connection, addr, &head, &whole, pump, &parts.method).await {
             Ok(response) => Ok(response),
@@ -151,14 +171,24 @@ impl Http1Client {
         }
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<Connection, SendError> {
-        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
+    /// A new connection to `addr`, with its TLS handshake done (for `name`) when instances
+    /// speak TLS. Nothing of the request is sent yet, so any failure is a `Connect`.
+    async fn connect(&self, addr: SocketAddr, name: &str) -> Result<Connection, SendError> {
+        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| {
                 SendError::Connect(format!("connect timed out after {:?}", self.connect_timeout).into())
             })?
             .map_err(|err| SendError::Connect(err.into()))?;
-        let _ = stream.set_nodelay(true);
+        let _ = tcp.set_nodelay(true);
+        let stream = match &self.transport {
+            Transport::Plain => UpstreamStream::Plain(tcp),
+            Transport::Tls(tls) => {
+                let tls = tls.connect(tcp, name).await.map_err(|err| SendError::Connect(err.into()))?;
+                UpstreamStream::Tls(Box::new(TlsSocket::client(tls)))
+            }
+            Transport::BrokenTls(why) => return Err(SendError::Connect(why.clone().into())),
+        };
         Ok(Connection { stream, buf: BytesMut::new(), answer_bytes: 0, read_size: *READ_SIZE.start() })
     }
 
@@ -181,7 +211,7 @@ impl Http1Client {
         let mut reusable = true;
         let (response, decoder, keep_alive) = std::future::poll_fn(|cx| loop {
             if let Some(sending) = &mut pump {
-                match sending.poll_send(cx, &connection.stream) {
+                match sending.poll_send(cx, &mut connection.stream) {
                     Poll::Ready(Ok(())) => pump = None,
                     Poll::Ready(Err(Failure::ClientBody(err))) => {
                         return Poll::Ready(Err(Failure::ClientBody(err)))
@@ -276,18 +306,113 @@ impl Http1Client {
 
 impl Connection {
     /// No bytes and no close have arrived since the last answer, so the connection can be
-    /// reused. Tokio clears a socket's read readiness after a short read, so usually no
-    /// readiness says it at no cost; readiness left by a read that filled the buffer is checked
-    /// with a read that should find nothing.
+    /// reused.
     fn is_quiet(&self) -> bool {
-        let mut cx = Context::from_waker(Waker::noop());
-        if !self.buf.is_empty() {
-            return false;
+        self.buf.is_empty() && self.stream.is_quiet()
+    }
+}
+
+/// A connection to an instance: TCP, or TLS over it.
+pub(crate) enum UpstreamStream {
+    Plain(TcpStream),
+    Tls(Box<TlsSocket>),
+}
+
+impl UpstreamStream {
+    /// Nothing has arrived since the last answer. Tokio clears a socket's read readiness after
+    /// a short read, so usually no readiness says it at no cost; readiness left by a read that
+    /// filled the buffer is checked with a read that should find nothing.
+    fn is_quiet(&self) -> bool {
+        match self {
+            UpstreamStream::Plain(tcp) => {
+                let mut cx = Context::from_waker(Waker::noop());
+                tcp.poll_read_ready(&mut cx).is_pending()
+                    || matches!(tcp.try_read(&mut [0u8; 1]), Err(err) if err.kind() == std::io::ErrorKind::WouldBlock)
+            }
+            UpstreamStream::Tls(tls) => tls.is_quiet(),
         }
-        if self.stream.poll_read_ready(&mut cx).is_pending() {
-            return true;
+    }
+}
+
+/// Calls `$call` on whichever stream `$self` holds, shared...
+macro_rules! either {
+    ($self:expr, $stream:ident => $call:expr) => {
+        match $self {
+            UpstreamStream::Plain($stream) => $call,
+            UpstreamStream::Tls(boxed) => {
+                let $stream = &**boxed;
+                $call
+            }
         }
-        matches!(self.stream.try_read(&mut [0u8; 1]), Err(err) if err.kind() == std::io::ErrorKind::WouldBlock)
+    };
+}
+
+/// ...or pinned, for the poll functions.
+macro_rules! either_pinned {
+    ($self:expr, $stream:ident => $call:expr) => {
+        match $self.get_mut() {
+            UpstreamStream::Plain($stream) => $call,
+            UpstreamStream::Tls($stream) => $call,
+        }
+    };
+}
+
+impl Socket for UpstreamStream {
+    async fn readable(&self) -> std::io::Result<()> {
+        either!(self, s => s.readable().await)
+    }
+    async fn writable(&self) -> std::io::Result<()> {
+        either!(self, s => s.writable().await)
+    }
+    async fn flushed(&self) -> std::io::Result<()> {
+        either!(self, s => Socket::flushed(s).await)
+    }
+    async fn close(&self) {
+        either!(self, s => Socket::close(s).await)
+    }
+    fn try_read_buf(&self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        either!(self, s => Socket::try_read_buf(s, buf))
+    }
+    fn try_write(&self, bytes: &[u8]) -> std::io::Result<usize> {
+        either!(self, s => Socket::try_write(s, bytes))
+    }
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
+        either!(self, s => Socket::try_write_vectored(s, bufs))
+    }
+    fn try_read_io<R>(&self, io: impl FnOnce() -> std::io::Result<R>) -> std::io::Result<R> {
+        either!(self, s => Socket::try_read_io(s, io))
+    }
+}
+
+impl AsyncRead for UpstreamStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        either_pinned!(self, s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for UpstreamStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        either_pinned!(self, s => Pin::new(s).poll_write(cx, buf))
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        either_pinned!(self, s => Pin::new(s).poll_write_vectored(cx, bufs))
+    }
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        either_pinned!(self, s => Pin::new(s).poll_flush(cx))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        either_pinned!(self, s => Pin::new(s).poll_shutdown(cx))
     }
 }
 
@@ -342,7 +467,7 @@ impl Body for Http1Body {
         loop {
             let Some(connection) = this.connection.as_mut() else { return Poll::Ready(None) };
             if let Some(pump) = &mut this.pump {
-                match pump.poll_send(cx, &connection.stream) {
+                match pump.poll_send(cx, &mut connection.stream) {
                     Poll::Ready(Ok(())) => this.pump = None,
                     Poll::Ready(Err(_)) => (this.pump, this.home) = (None, None),
                     Poll::Pending => {}
@@ -421,8 +546,9 @@ impl Pump {
         Pump { body, owed: length, piece: None, ended: false }
     }
 
-    /// Writes what it can; `Ready(Ok)` once the whole body is on the wire.
-    fn poll_send(&mut self, cx: &mut Context<'_>, stream: &TcpStream) -> Poll<Result<(), Failure>> {
+    /// Writes what it can; `Ready(Ok)` once the whole body is on the wire. What TLS still
+    /// holds is flushed before the body is asked for more, so no piece waits unsent.
+    fn poll_send(&mut self, cx: &mut Context<'_>, stream: &mut UpstreamStream) -> Poll<Result<(), Failure>> {
         loop {
             if let Some(piece) = &mut self.piece {
                 let size_line = piece.size_line.as_ref().map_or(&[][..], ChunkSizeLine::as_bytes);
@@ -430,23 +556,22 @@ impl Pump {
                     [IoSlice::new(size_line), IoSlice::new(&piece.data), IoSlice::new(piece.tail)];
                 let mut unwritten = &mut slices[..];
                 IoSlice::advance_slices(&mut unwritten, piece.written);
-                if let Err(err) = std::task::ready!(stream.poll_write_ready(cx)) {
-                    return Poll::Ready(Err(Failure::Failed(err.into())));
-                }
-                match stream.try_write_vectored(unwritten) {
+                match std::task::ready!(Pin::new(&mut *stream).poll_write_vectored(cx, unwritten)) {
                     Ok(0) => {
                         return Poll::Ready(Err(Failure::Failed(
                             "the instance takes no more of the body".into(),
                         )))
                     }
                     Ok(n) => piece.written += n,
-                    Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(err) => return Poll::Ready(Err(Failure::Failed(err.into()))),
                 }
                 if piece.written == piece.len() {
                     self.piece = None;
                 }
                 continue;
+            }
+            if let Err(err) = std::task::ready!(Pin::new(&mut *stream).poll_flush(cx)) {
+                return Poll::Ready(Err(Failure::Failed(err.into())));
             }
             if self.ended {
                 return Poll::Ready(Ok(()));
@@ -566,11 +691,16 @@ mod tests {
     async fn a_streamed_body_goes_chunked_and_the_answer_comes_back() {
         let answer = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
         let (addr, heard) = instance(vec![("0\r\n\r\n", answer, Then::Close)]).await;
-        let client = Http1Client::new(Duration::from_secs(1));
+        let client = Http1Client::new(Duration::from_secs(1), Transport::Plain);
         let body = test_body_of(None, vec![Ok(Bytes::from("hello ")), Ok(Bytes::from("world"))]);
         let authority = Authority::try_from(addr.to_string()).expect("authority");
         let sent = client
-            .send(addr, &authority, &parts(Method::POST), &[], Outgoing::Streamed(ClientBody::Http1(body)))
+            .send(
+                Target { addr, authority: &authority, name: "127.0.0.1" },
+                &parts(Method::POST),
+                &[],
+                Outgoing::Streamed(ClientBody::Http1(body)),
+            )
             .await;
         let response = sent.expect("answered");
         let body = response.into_body().collect().await.ok().map(|b| b.to_bytes());
@@ -583,11 +713,16 @@ mod tests {
     #[tokio::test]
     async fn a_body_that_fails_on_the_clients_side_is_the_clients_error() {
         let (addr, _heard) = instance(vec![("never", "", Then::Close)]).await;
-        let client = Http1Client::new(Duration::from_secs(1));
+        let client = Http1Client::new(Duration::from_secs(1), Transport::Plain);
         let body = test_body_of(Some(10), vec![Ok(Bytes::from("abc")), Err("the client went away".into())]);
         let authority = Authority::try_from(addr.to_string()).expect("authority");
         let sent = client
-            .send(addr, &authority, &parts(Method::PUT), &[], Outgoing::Streamed(ClientBody::Http1(body)))
+            .send(
+                Target { addr, authority: &authority, name: "127.0.0.1" },
+                &parts(Method::PUT),
+                &[],
+                Outgoing::Streamed(ClientBody::Http1(body)),
+            )
             .await;
         assert!(matches!(sent, Err(SendError::ClientBody(_))), "{:?}", sent.err());
     }
@@ -599,12 +734,19 @@ mod tests {
         let answer = "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
         let script = vec![("\r\n\r\n", answer, Then::HangUpOnNext), ("\r\n\r\n", "", Then::Close)];
         let (addr, _heard) = instance(script).await;
-        let client = Http1Client::new(Duration::from_secs(1));
+        let client = Http1Client::new(Duration::from_secs(1), Transport::Plain);
         let authority = Authority::try_from(addr.to_string()).expect("authority");
         let send = |client: Arc<Http1Client>| {
             let authority = authority.clone();
             async move {
-                client.send(addr, &authority, &parts(Method::GET), &[], Outgoing::Whole(Bytes::new())).await
+                client
+                    .send(
+                        Target { addr, authority: &authority, name: "127.0.0.1" },
+                        &parts(Method::GET),
+                        &[],
+                        Outgoing::Whole(Bytes::new()),
+                    )
+                    .await
             }
         };
         let first = send(Arc::clone(&client)).await.expect("answered");
@@ -623,13 +765,18 @@ mod tests {
     async fn after_a_101_the_connection_belongs_to_the_upgrade() {
         let answer = "HTTP/1.1 101 Switching Protocols\r\nupgrade: echo\r\nconnection: upgrade\r\n\r\nhi";
         let (addr, _heard) = instance(vec![("\r\n\r\n", answer, Then::Echo)]).await;
-        let client = Http1Client::new(Duration::from_secs(1));
+        let client = Http1Client::new(Duration::from_secs(1), Transport::Plain);
         let authority = Authority::try_from(addr.to_string()).expect("authority");
         let mut request = parts(Method::GET);
         request.headers.insert("connection", http::HeaderValue::from_static("upgrade"));
         request.headers.insert("upgrade", http::HeaderValue::from_static("echo"));
         let response = client
-            .send(addr, &authority, &request, &[], Outgoing::Whole(Bytes::new()))
+            .send(
+                Target { addr, authority: &authority, name: "127.0.0.1" },
+                &request,
+                &[],
+                Outgoing::Whole(Bytes::new()),
+            )
             .await
             .expect("answered");
         assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);

@@ -1,7 +1,8 @@
 //! A TLS connection as a [`Socket`]: rustls' connection state driven over the TCP stream with
 //! the same non-blocking reads, writes and readiness as plain TCP, so that the HTTP/1.1 loop,
 //! upgrades and hyper's HTTP/2 all run over it unchanged. tokio-rustls does the handshake;
-//! after it the connection is ours.
+//! after it the connection is ours. Clients' connections are its server side; instances'
+//! (`protocol = "https"`) its client side, under the gateway's own HTTP/1.1 client.
 //!
 //! Plaintext is read straight out of rustls; encrypted bytes go to the kernel as soon as
 //! they are made, and whatever the kernel does not take yet waits inside rustls until
@@ -14,7 +15,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use rustls::ServerConnection;
+use rustls::Connection;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -31,7 +32,7 @@ pub struct TlsSocket {
 }
 
 struct State {
-    tls: ServerConnection,
+    tls: Connection,
     /// The peer closed its side of the TCP connection.
     eof: bool,
     close_notify_sent: bool,
@@ -47,15 +48,29 @@ impl TlsSocket {
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
         let (tcp, tls) = stream.into_inner();
-        let socket = TlsSocket {
-            tcp,
-            state: Mutex::new(State { tls, eof: false, close_notify_sent: false, joined: Vec::new() }),
-        };
+        let socket = TlsSocket::new(tcp, Connection::Server(tls));
         // Session tickets may still wait to be sent; the handshake's time bounds them too.
         tokio::time::timeout(HANDSHAKE_TIMEOUT, socket.flushed())
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
         Ok(socket)
+    }
+
+    /// The gateway's side of a connection to an instance, once its handshake is done.
+    pub(crate) fn client(stream: tokio_rustls::client::TlsStream<TcpStream>) -> Self {
+        let (tcp, tls) = stream.into_inner();
+        TlsSocket::new(tcp, Connection::Client(tls))
+    }
+
+    fn new(tcp: TcpStream, tls: Connection) -> Self {
+        let state = State { tls, eof: false, close_notify_sent: false, joined: Vec::new() };
+        TlsSocket { tcp, state: Mutex::new(state) }
+    }
+
+    /// No plaintext, alert or close has arrived, so a kept-alive connection can be reused.
+    /// Handshake messages that come late (TLS 1.3 session tickets) are taken in on the way.
+    pub(crate) fn is_quiet(&self) -> bool {
+        matches!(self.lock().fill(&self.tcp), Err(err) if err.kind() == io::ErrorKind::WouldBlock)
     }
 
     /// Whether the client chose HTTP/2 by ALPN.

@@ -1,44 +1,88 @@
-//! Active health checks: `GET <path>` must answer 2xx within the timeout.
+//! Active health checks: `GET <path>` must answer 2xx within the timeout. In the clear over
+//! a kept-alive connection; over TLS on a new connection each time, with the instance's
+//! certificate checked as requests check it (HAProxy's `check-ssl` connects anew too).
 
-use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Empty;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use surge_config::{ServiceConfig, UpstreamProtocol};
+use surge_tls::UpstreamTls;
+
+use crate::Instance;
 
 #[derive(Clone)]
-pub(crate) struct Prober {
-    client: Client<HttpConnector, Empty<Bytes>>,
+pub(crate) enum Prober {
+    Plain(Box<Client<HttpConnector, Empty<Bytes>>>),
+    Tls(Arc<UpstreamTls>),
+    /// TLS whose settings could not be read: every check fails, saying why.
+    BrokenTls(Arc<str>),
 }
 
 impl Prober {
-    /// Checks over HTTP/2 (h2c) for instances that speak only that.
-    pub fn new(http2: bool) -> Self {
+    /// Checks in the protocol the service's instances speak.
+    pub fn new(config: &ServiceConfig) -> Self {
+        if config.protocol == UpstreamProtocol::Https {
+            return match config.tls.as_ref().map(UpstreamTls::load) {
+                Some(Ok(tls)) => Prober::Tls(tls),
+                Some(Err(errors)) => Prober::BrokenTls(errors.to_string().into()),
+                None => Prober::BrokenTls(format!("services.{}.tls is missing", config.name).into()),
+            };
+        }
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(1)
-            .http2_only(http2)
+            .http2_only(config.protocol == UpstreamProtocol::H2c)
             .build(connector);
-        Prober { client }
+        Prober::Plain(Box::new(client))
     }
 
     /// Ok when the instance answered 2xx in time; otherwise why not.
-    pub async fn probe(&self, addr: SocketAddr, path: &str, timeout: Duration) -> Result<(), String> {
+    pub async fn probe(&self, instance: &Instance, path: &str, timeout: Duration) -> Result<(), String> {
+        let addr = instance.addr;
         let uri = format!("http://{addr}{path}");
         let uri: hyper::Uri = uri.parse().map_err(|err| format!("bad health check URI {uri}: {err}"))?;
-        match tokio::time::timeout(timeout, self.client.get(uri)).await {
+        let answer = match self {
+            Prober::Plain(client) => {
+                tokio::time::timeout(timeout, async { client.get(uri).await.map_err(BoxError::from) }).await
+            }
+            Prober::Tls(tls) => tokio::time::timeout(timeout, probe_tls(tls, instance, uri)).await,
+            Prober::BrokenTls(why) => return Err(why.to_string()),
+        };
+        match answer {
             Err(_) => Err(format!("GET {path} did not answer within {timeout:?}")),
-            Ok(Err(err)) => Err(format!("GET {path} failed: {}", error_chain(&err))),
+            Ok(Err(err)) => Err(format!("GET {path} failed: {}", error_chain(&*err))),
             Ok(Ok(response)) if response.status().is_success() => Ok(()),
             Ok(Ok(response)) => Err(format!("GET {path} answered {}", response.status())),
         }
     }
 }
 
-fn error_chain(err: &dyn std::error::Error) -> String {
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One check on a new TLS connection.
+async fn probe_tls(
+    tls: &UpstreamTls,
+    instance: &Instance,
+    uri: hyper::Uri,
+) -> Result<hyper::Response<hyper::body::Incoming>, BoxError> {
+    let tcp = tokio::net::TcpStream::connect(instance.addr).await?;
+    let _ = tcp.set_nodelay(true);
+    let stream = tls.connect(tcp, instance.name()).await?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let target = uri.path_and_query().map_or("/", |target| target.as_str());
+    let request = hyper::Request::get(target)
+        .header(hyper::header::HOST, instance.authority.as_str())
+        .body(Empty::<Bytes>::new())?;
+    Ok(sender.send_request(request).await?)
+}
+
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {

@@ -64,6 +64,9 @@ pub struct Instance {
     pub addr: SocketAddr,
     /// `addr` as a URI authority, made once rather than for every request.
     pub authority: http::uri::Authority,
+    /// The name it was found by (an upstream's host), else its IP address: what its TLS
+    /// certificate is checked for.
+    name: Arc<str>,
     pub pid: Option<u32>,
     /// Its share of the traffic relative to the pool's other instances.
     pub weight: u32,
@@ -112,6 +115,7 @@ impl Instance {
             id,
             addr,
             authority,
+            name: Arc::from(addr.ip().to_string()),
             pid,
             weight,
             launched: Instant::now(),
@@ -124,6 +128,17 @@ impl Instance {
             latency_estimate_us: AtomicU64::new(0),
             latency_updated_ms: AtomicU64::new(0),
         }
+    }
+
+    /// Known by `host` rather than by its address.
+    pub(crate) fn found_as(mut self, host: Arc<str>) -> Self {
+        self.name = host;
+        self
+    }
+
+    /// What its TLS certificate is checked for.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     pub fn state(&self) -> InstanceState {

@@ -122,7 +122,7 @@ impl Supervisor {
                 Source::Upstreams { wanted: Vec::new() }
             }
         };
-        let prober = Prober::new(config.protocol == surge_config::UpstreamProtocol::H2c);
+        let prober = Prober::new(&config);
         Supervisor {
             pool,
             config,
@@ -247,6 +247,8 @@ impl Supervisor {
         let service = self.config.name.clone();
         let (healthy_threshold, unhealthy_threshold) =
             (self.config.health.healthy_threshold, self.config.health.unhealthy_threshold);
+        // Nothing replaces an upstream that never passes, so why it fails is said at once.
+        let upstream = matches!(self.source, Source::Upstreams { .. });
         let Some(member) = self.members.iter_mut().find(|m| m.key == key && !m.stopping) else {
             return;
         };
@@ -269,7 +271,12 @@ impl Supervisor {
                 }
             }
             Err(error) => match instance.state() {
-                InstanceState::Starting => member.last_check_error = Some(error),
+                InstanceState::Starting => {
+                    if upstream && member.last_check_error.as_ref() != Some(&error) {
+                        tracing::warn!("{service}: {} fails its health check: {error}", instance.id);
+                    }
+                    member.last_check_error = Some(error);
+                }
                 InstanceState::Ready | InstanceState::Unhealthy => {
                     member.passed_checks = 0;
                     member.failed_checks += 1;
@@ -449,10 +456,10 @@ impl Supervisor {
                 let live_addrs: Vec<SocketAddr> = live.iter().map(|&(_, addr)| addr).collect();
                 let wanted_addrs: Vec<SocketAddr> = wanted.iter().map(|e| e.addr).collect();
                 let (add, remove) = plan::membership_changes(&live_addrs, &wanted_addrs);
-                let adding: Vec<Endpoint> = add.iter().map(|&i| wanted[i]).collect();
+                let adding: Vec<Endpoint> = add.iter().map(|&i| wanted[i].clone()).collect();
                 for endpoint in adding {
                     let id = format!("{}@{}", self.config.name, endpoint.addr);
-                    self.admit(id, upstreams::attach(endpoint.addr), endpoint.weight);
+                    self.admit(id, upstreams::attach(endpoint.addr), endpoint.weight, Some(endpoint.host));
                 }
                 for index in remove {
                     self.drain(live[index].0);
@@ -510,7 +517,7 @@ impl Supervisor {
                     launched.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
                     launched.addr.port()
                 );
-                self.admit(spec.instance_id, launched, 1);
+                self.admit(spec.instance_id, launched, 1, None);
             }
             Err(err) => {
                 tracing::error!("{}: {err}", spec.instance_id);
@@ -520,12 +527,16 @@ impl Supervisor {
     }
 
     /// Makes a launched or attached instance a member: watched for its exit, health-checked,
-    /// and in rotation once a check passes.
-    fn admit(&mut self, id: String, launched: crate::driver::Launched, weight: u32) {
+    /// and in rotation once a check passes. `host`: the name an upstream was found by.
+    fn admit(&mut self, id: String, launched: crate::driver::Launched, weight: u32, host: Option<Arc<str>>) {
         let key = self.next_key;
         self.next_key += 1;
-        let instance =
-            Arc::new(Instance::new(id, launched.addr, launched.pid, weight, Arc::clone(&self.pool.load)));
+        let mut instance =
+            Instance::new(id, launched.addr, launched.pid, weight, Arc::clone(&self.pool.load));
+        if let Some(host) = host {
+            instance = instance.found_as(host);
+        }
+        let instance = Arc::new(instance);
 
         let exit_events = self.events_tx.clone();
         let exited = launched.exited;
@@ -655,7 +666,7 @@ async fn check_health(
         if !instance.state().is_live() {
             return;
         }
-        let result = prober.probe(instance.addr, &health.path, health.timeout).await;
+        let result = prober.probe(&instance, &health.path, health.timeout).await;
         if events.send(Event::Probe { key, result }).is_err() {
             return;
         }

@@ -4,6 +4,7 @@
 //! appears joins the pool and one that disappears is drained out of it.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use surge_config::Upstream;
@@ -11,11 +12,13 @@ use tokio::sync::watch;
 
 use crate::driver::{Exit, InstanceControl, Launched};
 
-/// One address to balance over, with the weight of the upstream entry it came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One address to balance over, with the weight and host of the upstream entry it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Endpoint {
     pub addr: SocketAddr,
     pub weight: u32,
+    /// What a TLS certificate is checked for.
+    pub host: Arc<str>,
 }
 
 /// Resolves `upstreams` now and again every `refresh`, sending the full list of endpoints each
@@ -72,7 +75,11 @@ fn merge(upstreams: &[Upstream], known: &[Vec<SocketAddr>]) -> Vec<Endpoint> {
     for (upstream, addrs) in upstreams.iter().zip(known) {
         for &addr in addrs {
             if !endpoints.iter().any(|e| e.addr == addr) {
-                endpoints.push(Endpoint { addr, weight: upstream.weight });
+                endpoints.push(Endpoint {
+                    addr,
+                    weight: upstream.weight,
+                    host: Arc::from(upstream.host.as_str()),
+                });
             }
         }
     }
@@ -121,7 +128,10 @@ mod tests {
         let known = [vec![a], vec![a, b]];
         assert_eq!(
             merge(&upstreams, &known),
-            [Endpoint { addr: a, weight: 2 }, Endpoint { addr: b, weight: 5 }]
+            [
+                Endpoint { addr: a, weight: 2, host: "one.internal".into() },
+                Endpoint { addr: b, weight: 5, host: "both.internal".into() }
+            ]
         );
         assert_eq!(merge(&upstreams, &[vec![], vec![]]), []);
     }
@@ -138,7 +148,9 @@ mod tests {
             tokio::spawn(resolve_forever("web".to_owned(), upstreams, Duration::from_secs(60), send));
         let endpoints = rx.recv().await.expect("a first resolution");
         resolving.abort();
-        assert_eq!(endpoints[0], Endpoint { addr: "127.0.0.1:7001".parse().expect("addr"), weight: 1 });
+        let first =
+            Endpoint { addr: "127.0.0.1:7001".parse().expect("addr"), weight: 1, host: "127.0.0.1".into() };
+        assert_eq!(endpoints[0], first);
         assert!(
             endpoints[1..]
                 .iter()

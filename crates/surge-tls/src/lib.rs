@@ -1,7 +1,11 @@
 //! TLS for the gateway's HTTPS listener: certificate chains and keys read from PEM files,
 //! checked the way a user needs them checked (each error names the file and the config key),
 //! chosen per handshake by the client's SNI, and reloaded when the files change without
-//! touching open connections.
+//! touching open connections. And for instances spoken to over TLS (`upstream`).
+
+mod upstream;
+
+pub use upstream::{check_upstreams, UpstreamTls};
 
 use std::fmt;
 use std::path::Path;

@@ -14,6 +14,7 @@ pub fn run(path: &Path) -> Result<(), Failure> {
             errors.extend(certificates.0);
         }
     }
+    errors.extend(surge_tls::check_upstreams(&config.services));
     if !errors.is_empty() {
         errors.sort_by_key(|e| (e.site.line, e.site.column));
         return Err(ConfigErrors(errors).into());

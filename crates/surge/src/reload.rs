@@ -30,6 +30,10 @@ impl Running {
     /// Applies the file as it is now; `Ok` says what changed, `Err` why nothing did.
     pub async fn reload(&mut self) -> Result<String, String> {
         let config = surge_config::load(&self.path).map_err(|errors| errors.to_string())?;
+        let upstream_tls = surge_tls::check_upstreams(&config.services);
+        if !upstream_tls.is_empty() {
+            return Err(surge_config::ConfigErrors(upstream_tls).to_string());
+        }
         let fixed = needs_restart(&self.config, &config);
         if !fixed.is_empty() {
             return Err(format!(

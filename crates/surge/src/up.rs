@@ -48,6 +48,10 @@ async fn bind(addr: SocketAddr, site: &Site) -> Result<TcpListener, Failure> {
 }
 
 async fn serve(config: Config, path: std::path::PathBuf) -> Result<(), Failure> {
+    let upstream_tls = surge_tls::check_upstreams(&config.services);
+    if !upstream_tls.is_empty() {
+        return Err(Failure::Config(surge_config::ConfigErrors(upstream_tls)));
+    }
     let mut token = crate::admin_client::admin_token(&config.admin)?;
     if token.is_none() && config.admin.listen.ip().is_loopback() {
         // Changes through the admin API always need a token: with none configured, this run

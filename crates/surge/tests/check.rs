@@ -146,6 +146,43 @@ fn tls_problems_name_the_key_and_the_file() {
 }
 
 #[test]
+fn upstream_tls_problems_name_the_key_and_the_file() {
+    let upstream = |lines: &str| {
+        format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n[gateway]\nlisten = \"127.0.0.1:0\"\n\
+             [services.api]\nupstreams = [\"127.0.0.1:8443\"]\nroutes = [\"/\"]\n{lines}"
+        )
+    };
+    assert_rejected(
+        &upstream("tls = { ca = \"ca.pem\" }\n"),
+        8,
+        "services.api.tls",
+        "applies only with `protocol = \"https\"`",
+    );
+    assert_rejected(
+        &upstream("protocol = \"https\"\ntls = { ca = \"missing-ca.pem\" }\n"),
+        9,
+        "services.api.tls.ca",
+        "missing-ca.pem: cannot read it",
+    );
+    assert_rejected(
+        &upstream("protocol = \"https\"\ntls = { server_name = \"not a name\" }\n"),
+        9,
+        "services.api.tls.server_name",
+        "neither a DNS name nor an IP address",
+    );
+    assert_rejected(
+        &upstream("protocol = \"https\"\ntls = { cert = \"client.pem\" }\n"),
+        9,
+        "services.api.tls",
+        "needs both `cert` and `key`",
+    );
+    let (ok, stdout, stderr) = check(&upstream("protocol = \"https\"\n"));
+    assert!(ok, "the system's roots are used:\n{stderr}");
+    assert!(stdout.contains("is valid"), "{stdout}");
+}
+
+#[test]
 fn an_unknown_user_is_named() {
     assert_rejected(
         "[services.web]\ncommand = \"{echo}\"\nroutes = [\"/\"]\nuser = \"no-such-user-here\"\n",

@@ -5,12 +5,12 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::pem::Pem;
 use common::Surge;
 use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1::SendRequest;
@@ -20,30 +20,6 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 
 const WEB: &str = "[services.web]\ncommand = \"{echo}\"\nroutes = [\"/\"]\n";
-
-/// A self-signed certificate and its key, as PEM.
-struct Pem {
-    cert: String,
-    key: String,
-}
-
-impl Pem {
-    fn for_names(names: &[&str]) -> Pem {
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let certified = rcgen::generate_simple_self_signed(names).expect("certificate");
-        Pem { cert: certified.cert.pem(), key: certified.signing_key.serialize_pem() }
-    }
-
-    fn write(&self, dir: &Path, name: &str) {
-        std::fs::write(dir.join(format!("{name}.pem")), &self.cert).expect("write cert");
-        std::fs::write(dir.join(format!("{name}.key")), &self.key).expect("write key");
-    }
-
-    fn leaf(&self) -> Vec<u8> {
-        let first = CertificateDer::pem_slice_iter(self.cert.as_bytes()).next().expect("a certificate");
-        first.expect("PEM").as_ref().to_vec()
-    }
-}
 
 fn tls_keys(files: &[&str]) -> String {
     let certs: Vec<String> =

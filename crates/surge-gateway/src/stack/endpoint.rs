@@ -20,7 +20,7 @@ use tower::Service;
 
 use super::prepare::Outbound;
 use crate::body::{Payload, UpstreamBody};
-use crate::client::{Http1Client, Outgoing, SendError};
+use crate::client::{Http1Client, Outgoing, SendError, Target, Transport};
 use crate::error::{root_cause, GatewayError};
 use crate::server::{ClientBody, ClientBodyError};
 use crate::wire::BoxFuture;
@@ -60,7 +60,17 @@ impl Endpoint {
         hyper.pool_timer(TokioTimer::new()).pool_idle_timeout(Duration::from_secs(60));
         let (http1, version) = match config.protocol {
             UpstreamProtocol::Http1 => {
-                (Some(Http1Client::new(config.timeouts.connect)), http::Version::HTTP_11)
+                (Some(Http1Client::new(config.timeouts.connect, Transport::Plain)), http::Version::HTTP_11)
+            }
+            UpstreamProtocol::Https => {
+                // Checked before the configuration was taken; a file gone since then fails each
+                // connection instead.
+                let transport = match config.tls.as_ref().map(surge_tls::UpstreamTls::load) {
+                    Some(Ok(tls)) => Transport::Tls(tls),
+                    Some(Err(errors)) => Transport::BrokenTls(errors.to_string()),
+                    None => Transport::BrokenTls(format!("services.{}.tls is missing", config.name)),
+                };
+                (Some(Http1Client::new(config.timeouts.connect, transport)), http::Version::HTTP_11)
             }
             UpstreamProtocol::H2c => {
                 // One multiplexed connection per instance; pings find a dead peer between requests.
@@ -121,7 +131,9 @@ impl Clients {
                 };
                 let extra =
                     deadline.as_ref().map(|millis| (b"x-surge-deadline-ms".as_slice(), millis.as_bytes()));
-                match http1.send(instance.addr, &instance.authority, &parts, extra.as_slice(), body).await {
+                let target =
+                    Target { addr: instance.addr, authority: &instance.authority, name: instance.name() };
+                match http1.send(target, &parts, extra.as_slice(), body).await {
                     Ok(response) => Ok(response.map(Either::Left)),
                     Err(error) => Err(failed(error)),
                 }

@@ -170,6 +170,7 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
+    use crate::client::UpstreamStream;
     use crate::wire::Prefixed;
 
     #[tokio::test]
@@ -178,7 +179,10 @@ mod tests {
         let to_instance = TcpStream::connect(listener.local_addr().expect("address")).await.expect("connect");
         let (mut instance, _) = listener.accept().await.expect("accept");
         // What the instance sent right after its head arrives first.
-        let upstream = UpstreamUpgrade::new(Prefixed::new(Bytes::from_static(b"early "), to_instance));
+        let upstream = UpstreamUpgrade::new(Prefixed::new(
+            Bytes::from_static(b"early "),
+            UpstreamStream::Plain(to_instance),
+        ));
         let switch = tower::service_fn(move |_: Request<()>| {
             let upstream = upstream.clone();
             async move {

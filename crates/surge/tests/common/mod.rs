@@ -1,6 +1,8 @@
 //! Launches the real `surge` binary with real `surge-echo` instances on loopback.
 #![allow(dead_code)] // each test file uses a different part of the harness
 
+pub mod pem;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -82,6 +84,19 @@ impl Surge {
     /// As [`Surge::start`], with `gateway` keys added to `[gateway]`, after `prepare` has
     /// written what they need (certificates, say) into the configuration's directory.
     pub async fn start_with(gateway: &str, services: &str, prepare: impl FnOnce(&Path)) -> Surge {
+        let surge = Surge::launch(gateway, services, prepare);
+        surge
+            .wait_for("every pool at its initial size", |services| {
+                services
+                    .iter()
+                    .all(|s| ready_count(s) == s.desired as usize && s.instances.len() == s.desired as usize)
+            })
+            .await;
+        surge
+    }
+
+    /// As [`Surge::start_with`], without waiting for any instance to be ready.
+    pub fn launch(gateway: &str, services: &str, prepare: impl FnOnce(&Path)) -> Surge {
         let dir = tempfile::tempdir().expect("temp dir");
         prepare(dir.path());
         let config = write_config_with(dir.path(), gateway, services);
@@ -109,7 +124,7 @@ impl Surge {
         let up = ready_rx.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| {
             panic!("surge did not come up:\n{}", log.lock().unwrap_or_else(|p| p.into_inner()).join("\n"))
         });
-        let surge = Surge {
+        Surge {
             child: Some(child),
             gateway: address_after(&up, "gateway on http://"),
             https: up.contains("HTTPS on https://").then(|| address_after(&up, "HTTPS on https://")),
@@ -119,15 +134,7 @@ impl Surge {
             log,
             client: http_client(),
             _dir: dir,
-        };
-        surge
-            .wait_for("every pool at its initial size", |services| {
-                services
-                    .iter()
-                    .all(|s| ready_count(s) == s.desired as usize && s.instances.len() == s.desired as usize)
-            })
-            .await;
-        surge
+        }
     }
 
     pub fn pid(&self) -> u32 {
