@@ -1,0 +1,7 @@
+//! Durable queues. The embedded backend keeps each queue in a segmented append-only log on
+//! disk: a publish is acknowledged only once its record is synced, and concurrent publishes
+//! share one sync (group commit). The queue's state (ready, leased, dead) is a pure machine
+//! (`state`) that recovery rebuilds by replaying the log (`log`).
+
+pub mod record;
+pub mod state;
