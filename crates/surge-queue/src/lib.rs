@@ -3,5 +3,11 @@
 //! share one sync (group commit). The queue's state (ready, leased, dead) is a pure machine
 //! (`state`) that recovery rebuilds by replaying the log (`log`).
 
+mod log;
+mod queue;
 pub mod record;
 pub mod state;
+
+pub use log::{OpenError, Recovered, SEGMENT_SIZE};
+pub use queue::{now_ms, Limits, NewMessage, PublishError, Published, Queue};
+pub use state::{Counts, DeadLetter, Delivery, Failed, Location, Settings, Stale};

@@ -249,7 +249,10 @@ mod tests {
             };
             assert_eq!(&record, expected);
             if let (Record::Publish(stored), Some(payload_at)) = (&record, payload_at) {
-                assert_eq!(&log[at + payload_at..at + payload_at + stored.payload.len()], &stored.payload[..]);
+                assert_eq!(
+                    &log[at + payload_at..at + payload_at + stored.payload.len()],
+                    &stored.payload[..]
+                );
             }
             at += length;
         }

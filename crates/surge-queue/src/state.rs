@@ -187,10 +187,8 @@ impl QueueState {
                 self.key_expiry.push_back((expires, key));
             }
         }
-        if let Some(entry) = self.messages.get_mut(&stored.id) {
-            let old = std::mem::replace(&mut entry.location, location);
-            Self::count_out(&mut self.per_segment, old.segment);
-            *self.per_segment.entry(location.segment).or_default() += 1;
+        if self.messages.contains_key(&stored.id) {
+            self.relocate(stored.id, location);
             return;
         }
         let entry = Entry {
@@ -208,9 +206,18 @@ impl QueueState {
         self.messages.insert(stored.id, entry);
     }
 
+    /// The message (if still held) now lives at `location`: it was copied forward.
+    pub fn relocate(&mut self, id: u64, location: Location) {
+        let Some(entry) = self.messages.get_mut(&id) else { return };
+        let old = std::mem::replace(&mut entry.location, location);
+        Self::count_out(&mut self.per_segment, old.segment);
+        *self.per_segment.entry(location.segment).or_default() += 1;
+    }
+
     /// Leases up to `max` messages that are ready at `now`, oldest first.
     pub fn lease(&mut self, now: u64, max: usize) -> Vec<Delivery> {
-        let due: Vec<(u64, u64)> = self.ready.iter().take_while(|(at, _)| *at <= now).take(max).copied().collect();
+        let due: Vec<(u64, u64)> =
+            self.ready.iter().take_while(|(at, _)| *at <= now).take(max).copied().collect();
         let mut deliveries = Vec::with_capacity(due.len());
         for (at, id) in due {
             self.ready.remove(&(at, id));
@@ -285,7 +292,8 @@ impl QueueState {
 
     /// Every lease that ended by `now` fails its delivery.
     pub fn expire(&mut self, now: u64, mut jitter: impl FnMut() -> f64) -> Vec<(u64, Record, Failed)> {
-        let ended: Vec<(u64, u64)> = self.leased.iter().take_while(|(until, _)| *until <= now).copied().collect();
+        let ended: Vec<(u64, u64)> =
+            self.leased.iter().take_while(|(until, _)| *until <= now).copied().collect();
         ended
             .into_iter()
             .map(|(until, id)| {
