@@ -5,11 +5,16 @@
 //! - `POST /services/{name}/scale` with `{"instances": N}`: sets the desired count.
 //! - `GET /metrics`: the Prometheus (OpenMetrics) text exposition.
 //! - `POST /reload`: re-reads the configuration file and applies it (`surge reload`).
+//! - `GET /queues`: every queue's depth, in flight, dead letters and counters.
+//! - `POST /queues/{name}/messages` (the body is the payload) and `.../messages:batch`:
+//!   publish, answered 202 once durable.
+//! - `GET /queues/{name}/dead`, `POST /queues/{name}/dead/redrive`, `.../dead/purge`.
 //!
 //! Every request passes [`Access`] first: a bearer token, a loopback Host, JSON for changes.
 
 mod access;
 pub mod api;
+mod queues;
 
 pub use access::{Access, Refusal};
 
@@ -24,6 +29,7 @@ use axum::routing::{get, post};
 use axum::Json;
 use surge_metrics::Metrics;
 use surge_pool::{Pools, ScaleError};
+use surge_queue::Queues;
 use tokio::net::TcpListener;
 
 use api::{ErrorResponse, ScaleRequest, ScaleResponse, StatusResponse};
@@ -35,23 +41,34 @@ pub type ReloadRequest = tokio::sync::oneshot::Sender<Result<String, String>>;
 #[derive(Clone)]
 struct AdminState {
     pools: Arc<Pools>,
+    queues: Arc<Queues>,
     metrics: Arc<Metrics>,
     reload: tokio::sync::mpsc::Sender<ReloadRequest>,
 }
 
-pub fn router(
-    pools: Arc<Pools>,
-    metrics: Arc<Metrics>,
-    access: Access,
-    reload: tokio::sync::mpsc::Sender<ReloadRequest>,
-) -> axum::Router {
+/// What the admin API serves from.
+pub struct Handles {
+    pub pools: Arc<Pools>,
+    pub queues: Arc<Queues>,
+    pub metrics: Arc<Metrics>,
+    pub reload: tokio::sync::mpsc::Sender<ReloadRequest>,
+}
+
+pub fn router(handles: Handles, access: Access) -> axum::Router {
+    let Handles { pools, queues, metrics, reload } = handles;
     axum::Router::new()
         .route("/status", get(status))
         .route("/services/{name}/scale", post(scale))
         .route("/reload", post(reload_config))
         .route("/metrics", get(metrics_text))
+        .route("/queues", get(queues::list))
+        .route("/queues/{name}/messages", post(queues::publish))
+        .route("/queues/{name}/messages:batch", post(queues::publish_batch))
+        .route("/queues/{name}/dead", get(queues::dead))
+        .route("/queues/{name}/dead/redrive", post(queues::redrive))
+        .route("/queues/{name}/dead/purge", post(queues::purge))
         .layer(axum::middleware::from_fn_with_state(Arc::new(access), guard))
-        .with_state(AdminState { pools, metrics, reload })
+        .with_state(AdminState { pools, queues, metrics, reload })
 }
 
 async fn reload_config(State(state): State<AdminState>) -> Response {

@@ -31,7 +31,7 @@ impl Site {
     }
 
     /// The whole file, for problems that have no narrower place.
-    pub(crate) fn file(file: &Path) -> Self {
+    pub fn file(file: &Path) -> Self {
         Site { file: file.to_owned(), line: 0, column: 0, key: String::new(), snippet: None }
     }
 

@@ -17,6 +17,65 @@ pub struct Config {
     pub services: Vec<ServiceConfig>,
     /// Shared state for several surge nodes; `None`: each node keeps its own.
     pub redis: Option<String>,
+    /// In the order the file declares them.
+    pub queues: Vec<QueueConfig>,
+    pub workers: Vec<WorkerConfig>,
+}
+
+impl Config {
+    /// Every pool to run: the services', then the workers'.
+    pub fn pools(&self) -> Vec<ServiceConfig> {
+        self.services.iter().cloned().chain(self.workers.iter().map(|worker| worker.pool.clone())).collect()
+    }
+}
+
+/// A durable queue.
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    pub name: String,
+    pub site: Site,
+    /// The folder its log lives in (`path` joined with its name).
+    pub dir: PathBuf,
+    /// Deliveries a message may fail before it is dead.
+    pub max_attempts: u32,
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+    /// How long a delivery may take before it counts as failed.
+    pub lease: Duration,
+    pub dead_letter: bool,
+    pub max_messages: Option<u64>,
+    /// Payload bytes held at most.
+    pub max_size: Option<u64>,
+    /// The largest payload one message may carry.
+    pub max_payload: u64,
+    /// Who may publish: the admin API always; the gateway too when public.
+    pub publish: Publish,
+    /// A repeated `Idempotency-Key` within this window names the first message.
+    pub idempotency_window: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Publish {
+    /// Only through the admin API.
+    Admin,
+    /// Also through the gateway, at `/queues/NAME/messages`.
+    Public,
+}
+
+/// A pool of instances that a queue's messages are pushed to.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// The pool: a service without routes, named as the worker.
+    pub pool: ServiceConfig,
+    pub queue: String,
+    /// Where each message is POSTed on an instance.
+    pub path: String,
+    /// Messages in flight per instance, at most.
+    pub prefetch: u32,
+    /// How long one message may take; past it the delivery failed.
+    pub timeout: Duration,
+    /// Messages started per second for the whole pool, at most.
+    pub max_rate: Option<f64>,
 }
 
 #[derive(Debug, Clone)]

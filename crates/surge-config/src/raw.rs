@@ -25,6 +25,106 @@ pub(crate) struct RawConfig {
     pub services: BTreeMap<String, Spanned<RawService>>,
     #[serde(default)]
     pub store: RawStore,
+    #[serde(default)]
+    pub queues: BTreeMap<String, Spanned<RawQueue>>,
+    #[serde(default)]
+    pub workers: BTreeMap<String, Spanned<RawWorker>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawQueue {
+    pub backend: Option<Spanned<String>>,
+    pub path: Option<Spanned<String>>,
+    pub max_attempts: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub backoff: RawBackoff,
+    pub lease: Option<Spanned<Duration>>,
+    pub dead_letter: Option<bool>,
+    pub max_messages: Option<Spanned<u64>>,
+    pub max_size: Option<ByteSize>,
+    pub max_payload: Option<ByteSize>,
+    pub publish: Option<Spanned<String>>,
+    pub idempotency_window: Option<Spanned<Duration>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBackoff {
+    pub base: Option<Spanned<Duration>>,
+    pub cap: Option<Spanned<Duration>>,
+}
+
+/// A worker pool: the instance settings of a service, less routing, plus what it consumes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawWorker {
+    pub command: Option<Spanned<String>>,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub queue: Option<Spanned<String>>,
+    pub path: Option<Spanned<String>>,
+    pub prefetch: Option<Spanned<u32>>,
+    pub timeout: Option<Spanned<Duration>>,
+    pub max_rate: Option<Spanned<f64>>,
+    pub instances: Option<Spanned<RawInstances>>,
+    #[serde(default)]
+    pub health: RawHealth,
+    #[serde(default)]
+    pub lifecycle: RawLifecycle,
+    pub user: Option<Spanned<String>>,
+    pub group: Option<Spanned<String>>,
+    pub limits: Option<Spanned<RawLimits>>,
+}
+
+impl RawWorker {
+    /// The pool part, as a service without routes reads it.
+    pub fn into_parts(self) -> (RawService, WorkerParts) {
+        let service = RawService {
+            command: self.command,
+            upstreams: None,
+            dns_refresh: None,
+            protocol: UpstreamProtocol::Http1,
+            tls: None,
+            args: self.args,
+            env: self.env,
+            routes: None,
+            instances: self.instances,
+            health: self.health,
+            balance: Balance::default(),
+            timeouts: RawTimeouts::default(),
+            lifecycle: self.lifecycle,
+            autoscale: None,
+            buffer: RawBuffer::default(),
+            instance_concurrency: None,
+            max_concurrency: None,
+            retry: RawRetry::default(),
+            outlier: RawOutlier::default(),
+            user: self.user,
+            group: self.group,
+            limits: self.limits,
+        };
+        let parts = WorkerParts {
+            queue: self.queue,
+            path: self.path,
+            prefetch: self.prefetch,
+            timeout: self.timeout,
+            max_rate: self.max_rate,
+        };
+        (service, parts)
+    }
+}
+
+/// What a worker has that a service has not.
+#[derive(Debug)]
+pub(crate) struct WorkerParts {
+    pub queue: Option<Spanned<String>>,
+    pub path: Option<Spanned<String>>,
+    pub prefetch: Option<Spanned<u32>>,
+    pub timeout: Option<Spanned<Duration>>,
+    pub max_rate: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -14,6 +14,8 @@ use crate::model::*;
 use crate::raw::{self, RawConfig, RawService};
 use surge_scale::ScaleConfig;
 
+mod queues;
+
 const DEFAULT_GATEWAY_LISTEN: &str = "127.0.0.1:8080";
 const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9900";
 const MAX_INSTANCES: u32 = 1024;
@@ -38,7 +40,7 @@ pub(crate) fn validate(raw: RawConfig, source: &str, file: &Path) -> Result<Conf
 
     let mut services: Vec<_> = raw.services.into_iter().collect();
     services.sort_by_key(|(_, service)| service.span().start);
-    if services.is_empty() {
+    if services.is_empty() && raw.workers.is_empty() {
         v.errors.push(
             Site::file(file).error(
                 "no services are defined; add one, for example [services.web] with a command and routes",
@@ -46,8 +48,12 @@ pub(crate) fn validate(raw: RawConfig, source: &str, file: &Path) -> Result<Conf
         );
     }
     let mut routes = RouteTable::default();
-    let services =
-        services.into_iter().filter_map(|(name, service)| v.service(name, service, &mut routes)).collect();
+    let services: Vec<ServiceConfig> = services
+        .into_iter()
+        .filter_map(|(name, service)| v.service(name, service, Some(&mut routes)))
+        .collect();
+    let queues = v.queues(raw.queues);
+    let workers = v.workers(raw.workers, &queues, &services);
 
     let redis = match raw.store.redis {
         Some(url) if !url.get_ref().starts_with("redis://") && !url.get_ref().starts_with("rediss://") => {
@@ -61,7 +67,7 @@ pub(crate) fn validate(raw: RawConfig, source: &str, file: &Path) -> Result<Conf
         other => other.map(Spanned::into_inner),
     };
     if v.errors.is_empty() {
-        Ok(Config { file: file.to_owned(), gateway, admin, services, redis })
+        Ok(Config { file: file.to_owned(), gateway, admin, services, redis, queues, workers })
     } else {
         v.errors.sort_by_key(|e| (e.site.line, e.site.column));
         Err(ConfigErrors(v.errors))
@@ -105,6 +111,22 @@ impl Validator<'_> {
                 let addr = default.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)));
                 (addr, Site { key: key.to_owned(), ..Site::file(self.file) })
             }
+        }
+    }
+
+    /// A service's, queue's or worker's name: it appears in URLs, file names and metrics.
+    fn name(&mut self, name: &str, span: Range<usize>, key: &str, what: &str) {
+        if name.is_empty()
+            || name.len() > 64
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            self.error(
+                span,
+                key,
+                format!(
+                    "a {what} name is 1 to 64 letters, digits, '-' or '_' (it appears in URLs and metrics)"
+                ),
+            );
         }
     }
 
@@ -327,30 +349,26 @@ impl Validator<'_> {
         AdminConfig { listen, listen_site, token_file, metrics_public: raw.metrics_public }
     }
 
+    /// A service; or, without a route table, a worker's pool (under `workers.NAME`).
     fn service(
         &mut self,
         name: String,
         raw: Spanned<RawService>,
-        routes: &mut RouteTable,
+        routes: Option<&mut RouteTable>,
     ) -> Option<ServiceConfig> {
         let errors_before = self.errors.len();
-        let key = format!("services.{name}");
+        let table = if routes.is_some() { "services" } else { "workers" };
+        let key = format!("{table}.{name}");
         // The table's own span: where problems with the service as a whole are reported.
         let name_span = raw.span();
-        if name.is_empty()
-            || name.len() > 64
-            || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
-            self.error(
-                name_span.clone(),
-                &key,
-                "a service name is 1 to 64 letters, digits, '-' or '_' (it appears in URLs and metrics)",
-            );
-        }
+        self.name(&name, name_span.clone(), &key, if table == "services" { "service" } else { "worker" });
         let mut raw = raw.into_inner();
 
         let backend = self.backend(&key, name_span.clone(), &mut raw);
-        let service_routes = self.routes(&name, &key, name_span.clone(), raw.routes, routes);
+        let service_routes = match routes {
+            Some(routes) => self.routes(&name, &key, name_span.clone(), raw.routes, routes),
+            None => Vec::new(),
+        };
         let instances = match &backend {
             Some(Backend::Upstreams { upstreams, .. }) => {
                 let count = u32::try_from(upstreams.len()).unwrap_or(u32::MAX);

@@ -18,6 +18,11 @@
 //! connection without answering, `malformed` answers bytes that are not HTTP; `unhealthy`
 //! serves normally but fails its health checks one second after it starts; `slow` takes 50 ms
 //! longer over every request.
+//!
+//! As a queue's worker it takes `POST /work`: the message's body may hold the same knobs
+//! (`status=500&delay=2s`) to answer as told, or `fail_while=FILE` to fail while FILE exists. With `SURGE_ECHO_JOURNAL=FILE`, each message it
+//! answers appends `MESSAGE-ID ATTEMPT STATUS INSTANCE` to that file, so tests can count every
+//! delivery.
 
 mod body;
 mod knobs;
@@ -96,7 +101,9 @@ pub fn run() -> Result<(), String> {
         }
         Err(_) => None,
     };
+    let journal = std::env::var_os("SURGE_ECHO_JOURNAL").map(std::path::PathBuf::from);
     let echo = Echo {
+        journal: journal.map(Arc::from),
         instance: instance.into(),
         limit: limit.map(|l| Arc::new(Semaphore::new(l))),
         idle_timeout,
@@ -114,6 +121,8 @@ pub fn run() -> Result<(), String> {
 /// What every request needs: the instance's name, and its concurrency limit if it has one.
 #[derive(Clone)]
 struct Echo {
+    /// Where worker deliveries are written down.
+    journal: Option<Arc<std::path::Path>>,
     instance: Arc<str>,
     limit: Option<Arc<Semaphore>>,
     idle_timeout: Option<Duration>,
@@ -214,6 +223,8 @@ async fn handle(mut request: Request<Incoming>, echo: Echo) -> Result<Response<E
     let sick = echo.faulty == Some(Fault::Unhealthy) && echo.started.elapsed() > Duration::from_secs(1);
     let mut response = if (echo.faulty == Some(Fault::Unavailable) && !healthz) || (sick && healthz) {
         text(StatusCode::SERVICE_UNAVAILABLE, "faulty on purpose\n")
+    } else if request.uri().path() == "/work" {
+        work(request, &echo).await
     } else {
         respond(request).await
     };
@@ -263,6 +274,43 @@ async fn respond(request: Request<Incoming>) -> Response<EchoBody> {
     *response.status_mut() = status;
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
+}
+
+/// One message from a queue: its body's knobs say how to answer; the journal hears of it.
+async fn work(request: Request<Incoming>, echo: &Echo) -> Response<EchoBody> {
+    let field =
+        |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned();
+    let (id, attempt) = (field("x-surge-message-id"), field("x-surge-attempt"));
+    let body = match request.into_body().collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(_) => return text(StatusCode::BAD_REQUEST, "the body broke off\n"),
+    };
+    let text_body = std::str::from_utf8(&body).unwrap_or("");
+    let knobs = Knobs::parse(text_body).unwrap_or_default();
+    if let Some(delay) = knobs.delay {
+        tokio::time::sleep(delay).await;
+    }
+    // `fail_while=PATH`: a message that fails for as long as the file is there.
+    let failing = text_body
+        .split('&')
+        .filter_map(|pair| pair.strip_prefix("fail_while="))
+        .any(|path| std::path::Path::new(path).exists());
+    let status =
+        if failing { StatusCode::INTERNAL_SERVER_ERROR } else { knobs.status.unwrap_or(StatusCode::OK) };
+    if let Some(journal) = &echo.journal {
+        use std::io::Write;
+        let line = format!("{id} {attempt} {} {}\n", status.as_u16(), echo.instance);
+        // One short write to a file opened for appending lands whole, whoever else appends.
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(journal)
+            .and_then(|mut file| file.write_all(line.as_bytes()));
+        if let Err(err) = written {
+            return text(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot write the journal: {err}\n"));
+        }
+    }
+    text(status, "worked\n")
 }
 
 /// Reads the request body to its end without keeping it, so uploads of any size stream.

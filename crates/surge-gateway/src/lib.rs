@@ -45,6 +45,9 @@ use wire::BoxFuture;
 pub struct Gateway {
     router: Router<RouteTarget>,
     services: Vec<stack::ServiceStack>,
+    /// Queues the gateway may publish to (`publish = "public"`).
+    queues: Arc<surge_queue::Queues>,
+    max_body: u64,
     metrics: GatewayMetrics,
     trusted_proxies: Vec<ipnet::IpNet>,
     listening: server::Listening,
@@ -60,7 +63,13 @@ struct RouteTarget {
 
 impl Gateway {
     /// Builds the route table and one layer stack per service of `config`.
-    pub fn new(config: &Config, pools: &[Arc<Pool>], metrics: GatewayMetrics, store: RateStore) -> Self {
+    pub fn new(
+        config: &Config,
+        pools: &[Arc<Pool>],
+        queues: Arc<surge_queue::Queues>,
+        metrics: GatewayMetrics,
+        store: RateStore,
+    ) -> Self {
         let mut routes = Vec::new();
         let mut services = Vec::new();
         for service in &config.services {
@@ -80,7 +89,16 @@ impl Gateway {
         }
         let trusted_proxies = config.gateway.trusted_proxies.clone();
         let listening = server::Listening::new(&config.gateway);
-        Gateway { router: Router::new(routes), services, metrics, trusted_proxies, listening }
+        let max_body = config.gateway.max_body;
+        Gateway {
+            router: Router::new(routes),
+            services,
+            queues,
+            max_body,
+            metrics,
+            trusted_proxies,
+            listening,
+        }
     }
 
     /// Routes a request, and answers it when routing decides (404); else it goes through its
@@ -99,6 +117,12 @@ impl Gateway {
             Ok(host) => host,
             Err(err) => return Handled::Answered { response: Some(err.into_response()) },
         };
+        if let Some(queue) = publish_target(&gateway.queues, &request) {
+            if let Err(err) = request.body_mut().limit(gateway.max_body) {
+                return Handled::Answered { response: Some(GatewayError::client_body(&err).into_response()) };
+            }
+            return Handled::Limited { response: Box::pin(publish(queue, request)) };
+        }
         let Some(target) = gateway.router.route(host, request.uri().path()) else {
             gateway.metrics.unrouted.inc();
             let host = host.unwrap_or_default().to_owned();
@@ -145,6 +169,38 @@ impl Gateway {
             }),
         }
     }
+}
+
+/// The queue a `POST /queues/NAME/messages[:batch]` publishes to, when the queue lets the
+/// gateway publish (`publish = "public"`); other queues' paths route as any other.
+fn publish_target<B>(queues: &surge_queue::Queues, request: &Request<B>) -> Option<Arc<surge_queue::Queue>> {
+    if request.method() != http::Method::POST || queues.is_empty() {
+        return None;
+    }
+    let rest = request.uri().path().strip_prefix("/queues/")?;
+    let name = rest.strip_suffix("/messages").or_else(|| rest.strip_suffix("/messages:batch"))?;
+    queues.public(name).cloned()
+}
+
+async fn publish(queue: Arc<surge_queue::Queue>, request: Request<ClientBody>) -> Response<GatewayBody> {
+    use http_body_util::BodyExt;
+    let batch = request.uri().path().ends_with(":batch");
+    let (parts, body) = request.into_parts();
+    let body = match body.collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(err) => return GatewayError::client_body(&*err).into_response(),
+    };
+    let (status, json) = if batch {
+        surge_queue::http::publish_batch(&queue, &body).await
+    } else {
+        surge_queue::http::publish_one(&queue, &parts.headers, body).await
+    };
+    let mut response = Response::new(GatewayBody::full(bytes::Bytes::from(json.to_string())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    response
 }
 
 /// The client behind trusted proxies: the last address in `X-Forwarded-For` that is not one

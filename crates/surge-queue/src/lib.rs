@@ -3,11 +3,15 @@
 //! share one sync (group commit). The queue's state (ready, leased, dead) is a pure machine
 //! (`state`) that recovery rebuilds by replaying the log (`log`).
 
+pub mod deliver;
+pub mod http;
 mod log;
 mod queue;
 pub mod record;
+mod registry;
 pub mod state;
 
 pub use log::{OpenError, Recovered, SEGMENT_SIZE};
-pub use queue::{now_ms, Limits, NewMessage, PublishError, Published, Queue};
+pub use queue::{now_ms, Limits, NewMessage, PublishError, Published, Queue, Totals};
+pub use registry::Queues;
 pub use state::{Counts, DeadLetter, Delivery, Failed, Location, Settings, Stale};

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -65,6 +66,18 @@ pub struct Queue {
     inner: Mutex<Inner>,
     log: Log,
     ready: Notify,
+    totals: Totals,
+}
+
+/// Counts since the queue was opened, for `/status` and `/metrics`.
+#[derive(Debug, Default)]
+pub struct Totals {
+    pub published: AtomicU64,
+    pub delivered: AtomicU64,
+    pub acked: AtomicU64,
+    pub retried: AtomicU64,
+    pub dead: AtomicU64,
+    pub redriven: AtomicU64,
 }
 
 struct Inner {
@@ -98,6 +111,8 @@ impl Queue {
     ) -> Result<(Arc<Queue>, Recovered), OpenError> {
         let mut state = QueueState::new(settings, now_ms().saturating_mul(1_000));
         let (log, recovered) = Log::open(dir, limits.segment_size, &mut state)?;
+        // Time-based, in case the records of the newest ids went with their segments.
+        state.ids_above(now_ms() << 10);
         let oldest = state.oldest_segment_in_use().unwrap_or(1);
         let inner = Inner {
             state,
@@ -107,13 +122,23 @@ impl Queue {
             oldest_segment: oldest,
             newest_segment: oldest,
         };
-        let queue =
-            Queue { name: name.to_owned(), limits, inner: Mutex::new(inner), log, ready: Notify::new() };
+        let queue = Queue {
+            name: name.to_owned(),
+            limits,
+            inner: Mutex::new(inner),
+            log,
+            ready: Notify::new(),
+            totals: Totals::default(),
+        };
         Ok((Arc::new(queue), recovered))
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    pub fn totals(&self) -> &Totals {
+        &self.totals
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -247,6 +272,7 @@ impl Queue {
                         Self::settle_key(&mut inner, key, Ok(stored.id));
                     }
                 }
+                self.totals.published.fetch_add(answers.len() as u64, Ordering::Relaxed);
                 Ok(answers)
             }
             Err(err) => {
@@ -295,10 +321,18 @@ impl Queue {
     pub fn lease(&self, max: usize) -> Vec<Delivery> {
         let now = now_ms();
         let mut inner = self.lock();
-        for (_, record, _) in inner.state.expire(now, fastrand::f64) {
+        for (_, record, failed) in inner.state.expire(now, fastrand::f64) {
             self.log_later(&record);
+            self.count(failed);
         }
-        inner.state.lease(now, max)
+        let deliveries = inner.state.lease(now, max);
+        self.totals.delivered.fetch_add(deliveries.len() as u64, Ordering::Relaxed);
+        deliveries
+    }
+
+    /// Whether a message is ready to lease now.
+    pub fn has_ready(&self) -> bool {
+        self.lock().state.has_ready(now_ms())
     }
 
     /// Waits until a message may be ready: one was published, or a delay, backoff or lease
@@ -333,6 +367,7 @@ impl Queue {
         let mut inner = self.lock();
         let record = inner.state.ack(id, token)?;
         self.log_later(&record);
+        self.totals.acked.fetch_add(1, Ordering::Relaxed);
         self.delete_unused_segments(&mut inner);
         Ok(())
     }
@@ -341,9 +376,13 @@ impl Queue {
         let mut inner = self.lock();
         let (record, failed) = inner.state.fail(id, token, now_ms(), error, fastrand::f64())?;
         self.log_later(&record);
+        self.count(failed);
         if failed == Failed::Dropped {
             self.delete_unused_segments(&mut inner);
         }
+        drop(inner);
+        // Whoever waits for the next due time must hear of the retry's.
+        self.ready.notify_waiters();
         Ok(failed)
     }
 
@@ -352,6 +391,8 @@ impl Queue {
         let mut inner = self.lock();
         let record = inner.state.defer(id, token, millis(at))?;
         self.log_later(&record);
+        drop(inner);
+        self.ready.notify_waiters();
         Ok(())
     }
 
@@ -376,6 +417,7 @@ impl Queue {
         records.iter().for_each(|record| self.log_later(record));
         drop(inner);
         self.ready.notify_waiters();
+        self.totals.redriven.fetch_add(records.len() as u64, Ordering::Relaxed);
         records.len()
     }
 
@@ -386,6 +428,14 @@ impl Queue {
         records.iter().for_each(|record| self.log_later(record));
         self.delete_unused_segments(&mut inner);
         records.len()
+    }
+
+    fn count(&self, failed: Failed) {
+        let total = match failed {
+            Failed::RetryAt(_) => &self.totals.retried,
+            Failed::Dead | Failed::Dropped => &self.totals.dead,
+        };
+        total.fetch_add(1, Ordering::Relaxed);
     }
 
     fn log_later(&self, record: &Record) {

@@ -150,6 +150,12 @@ impl QueueState {
         &self.settings
     }
 
+    /// Ids from here on are above `floor`: ids stay unique across restarts even when the
+    /// records of the newest ones were deleted with their segments.
+    pub fn ids_above(&mut self, floor: u64) {
+        self.next_id = self.next_id.max(floor + 1);
+    }
+
     /// Takes the next message id.
     pub fn take_id(&mut self) -> u64 {
         let id = self.next_id;
@@ -359,6 +365,14 @@ impl QueueState {
 
     /// Applies a record read back from the log (publishes go through [`QueueState::admit`]).
     pub fn replay(&mut self, record: &Record) {
+        let id = match record {
+            Record::Publish(stored) => stored.id,
+            Record::Ack { id }
+            | Record::Retry { id, .. }
+            | Record::Dead { id, .. }
+            | Record::Redrive { id } => *id,
+        };
+        self.next_id = self.next_id.max(id + 1);
         match record {
             Record::Publish(_) => {}
             Record::Ack { id } => self.remove(*id),

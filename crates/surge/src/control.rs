@@ -2,8 +2,10 @@
 
 use surge_admin::api::{PoolStatus, ReloadResponse, ScaleRequest, ScaleResponse, StatusResponse};
 
+use surge_queue::http::{DeadLettersResponse, DeadRequest, DeadResponse, QueueStatus, QueuesResponse};
+
 use crate::admin_client::AdminClient;
-use crate::{AdminArgs, Failure};
+use crate::{AdminArgs, Failure, QueueAction};
 
 fn block_on<T>(future: impl std::future::Future<Output = Result<T, String>>) -> Result<T, Failure> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -38,6 +40,80 @@ pub fn reload(args: &AdminArgs) -> Result<(), Failure> {
     let answer: ReloadResponse = block_on(client.post("/reload", &serde_json::json!({})))?;
     println!("reloaded: {}", answer.reloaded);
     Ok(())
+}
+
+pub fn queues(args: &AdminArgs, action: Option<QueueAction>) -> Result<(), Failure> {
+    let client = AdminClient::new(args.admin.as_deref(), &args.config)?;
+    match action {
+        None => {
+            let answer: QueuesResponse = block_on(client.get("/queues"))?;
+            print!("{}", render_queues(&answer.queues));
+        }
+        Some(QueueAction::Dead { queue }) => {
+            let answer: DeadLettersResponse = block_on(client.get(&format!("/queues/{queue}/dead")))?;
+            if answer.dead.is_empty() {
+                println!("{queue}: no dead letters");
+            }
+            for letter in answer.dead {
+                println!(
+                    "{}  {} attempts  enqueued {}  {}",
+                    letter.id,
+                    letter.attempts,
+                    letter.enqueued_at,
+                    letter.error.unwrap_or_default()
+                );
+            }
+        }
+        Some(QueueAction::Redrive { queue, ids }) => {
+            let request = DeadRequest { ids: (!ids.is_empty()).then_some(ids) };
+            let answer: DeadResponse =
+                block_on(client.post(&format!("/queues/{queue}/dead/redrive"), &request))?;
+            let count = answer.redriven.unwrap_or(0);
+            println!("{queue}: {count} message{} put back in the queue", if count == 1 { "" } else { "s" });
+        }
+        Some(QueueAction::Purge { queue, ids }) => {
+            let request = DeadRequest { ids: (!ids.is_empty()).then_some(ids) };
+            let answer: DeadResponse =
+                block_on(client.post(&format!("/queues/{queue}/dead/purge"), &request))?;
+            let count = answer.purged.unwrap_or(0);
+            println!("{queue}: {count} dead letter{} dropped", if count == 1 { "" } else { "s" });
+        }
+    }
+    Ok(())
+}
+
+fn render_queues(queues: &[QueueStatus]) -> String {
+    if queues.is_empty() {
+        return "no queues are defined\n".to_owned();
+    }
+    let mut rows =
+        vec![["QUEUE", "READY", "DELAYED", "IN-FLIGHT", "DEAD", "OLDEST", "PUBLISHED", "ACKED", "RETRIED"]
+            .map(String::from)];
+    rows.extend(queues.iter().map(|queue| {
+        [
+            queue.queue.clone(),
+            queue.ready.to_string(),
+            queue.delayed.to_string(),
+            queue.in_flight.to_string(),
+            queue.dead.to_string(),
+            queue.oldest_age_seconds.map_or_else(|| "-".to_owned(), |age| format!("{age:.1}s")),
+            queue.published.to_string(),
+            queue.acked.to_string(),
+            queue.retried.to_string(),
+        ]
+    }));
+    table(rows)
+}
+
+fn table<const N: usize>(rows: Vec<[String; N]>) -> String {
+    let widths: Vec<usize> = (0..N).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> =
+            row.iter().zip(&widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
+        out.push_str(&format!("{}\n", cells.join("  ").trim_end()));
+    }
+    out
 }
 
 /// One block per service: a summary line, then a table of its instances.
@@ -78,12 +154,8 @@ fn render(services: &[PoolStatus]) -> String {
             out.push_str("  (no instances)\n");
             continue;
         }
-        let widths: Vec<usize> =
-            (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
-        for row in rows {
-            let cells: Vec<String> =
-                row.iter().zip(&widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
-            out.push_str(&format!("  {}\n", cells.join("  ").trim_end()));
+        for line in table(rows).lines() {
+            out.push_str(&format!("  {line}\n"));
         }
     }
     out

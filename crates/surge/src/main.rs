@@ -55,6 +55,16 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Show the queues of a running surge (depth, in flight, dead letters), or act on their
+    /// dead letters
+    #[command(after_help = "Examples:\n  surge queues\n  surge queues dead emails\n  \
+        surge queues redrive emails\n  surge queues redrive emails --id 0000018c2f1a4000")]
+    Queues {
+        #[command(subcommand)]
+        action: Option<QueueAction>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Load-test an HTTP service: open loop at a rate or shape, or closed loop
     #[command(after_help = "Examples:\n  surge load http://127.0.0.1:8080/ --rate 500/s --duration 30s\n  \
         surge load -s scenario.toml --json report.json --plot report.svg\n  \
@@ -65,6 +75,28 @@ enum Command {
     #[command(after_help = "Examples:\n  surge sim\n  surge sim --scenario step --plot step.svg\n  \
         surge sim --trace ../shared/data/traces/azure-llm-2023-code.csv --scale 20")]
     Sim(sim::SimArgs),
+}
+
+#[derive(Subcommand)]
+enum QueueAction {
+    /// List a queue's dead letters, with their last errors
+    Dead {
+        /// The queue, as named in [queues.NAME]
+        queue: String,
+    },
+    /// Put dead letters back in their queue, attempts cleared: all of them, or those given
+    Redrive {
+        queue: String,
+        /// A message id (repeat for several); without it, every dead letter
+        #[arg(long = "id")]
+        ids: Vec<String>,
+    },
+    /// Drop dead letters for good: all of them, or those given
+    Purge {
+        queue: String,
+        #[arg(long = "id")]
+        ids: Vec<String>,
+    },
 }
 
 #[derive(Args)]
@@ -78,10 +110,10 @@ struct ConfigArg {
 struct AdminArgs {
     /// The admin API of the running surge (host:port); by default the [admin] listen address
     /// of the configuration file, else 127.0.0.1:9900
-    #[arg(long, env = "SURGE_ADMIN")]
+    #[arg(long, env = "SURGE_ADMIN", global = true)]
     admin: Option<String>,
     /// The configuration file to take the admin address from
-    #[arg(short, long, default_value = "surge.toml")]
+    #[arg(short, long, default_value = "surge.toml", global = true)]
     config: PathBuf,
 }
 
@@ -112,6 +144,7 @@ fn main() -> ExitCode {
         Command::Status { admin, json } => control::status(&admin, json),
         Command::Scale { service, instances, admin } => control::scale(&admin, &service, instances),
         Command::Reload { admin } => control::reload(&admin),
+        Command::Queues { action, admin } => control::queues(&admin, action),
         Command::Load(args) => load::run(args),
         Command::Sim(args) => sim::run(args),
     };

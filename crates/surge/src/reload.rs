@@ -21,6 +21,7 @@ pub struct Running {
     pub config: Config,
     pub gateway: LiveGateway,
     pub pools: Arc<Pools>,
+    pub queues: Arc<surge_queue::Queues>,
     pub certificates: Option<Arc<surge_tls::Certificates>>,
     pub metrics: GatewayMetrics,
     pub store: RateStore,
@@ -48,7 +49,7 @@ impl Running {
             }
             _ => None,
         };
-        let change = self.pools.reconfigure(&config.services);
+        let change = self.pools.reconfigure(&config.pools());
         if let Err(problem) = ready_or_not(&change.started).await {
             surge_pool::stop_all(&change.started).await;
             return Err(format!("{problem}; the configuration in use stays"));
@@ -56,7 +57,8 @@ impl Running {
         if let Some((in_use, prepared)) = certificates {
             in_use.install(prepared);
         }
-        let gateway = Gateway::new(&config, &change.pools, self.metrics.clone(), self.store.clone());
+        let queues = Arc::clone(&self.queues);
+        let gateway = Gateway::new(&config, &change.pools, queues, self.metrics.clone(), self.store.clone());
         self.gateway.store(Arc::new(gateway));
         self.pools.install(change.pools);
         let summary = summary(&change.started, &change.retired, &self.config, &config);
@@ -104,12 +106,24 @@ fn needs_restart(running: &Config, wanted: &Config) -> Vec<&'static str> {
         ),
         (running.admin.listen != wanted.admin.listen, "admin.listen"),
         (running.redis != wanted.redis, "store.redis"),
+        (queue_shapes(running) != queue_shapes(wanted), "[queues]"),
+        (format!("{:?}", running.workers) != format!("{:?}", wanted.workers), "[workers]"),
     ] {
         if changed {
             fixed.push(key);
         }
     }
     fixed
+}
+
+/// The queues' settings, without where in the file they were written.
+fn queue_shapes(config: &Config) -> Vec<String> {
+    let nowhere = surge_config::Site::file(&config.file);
+    config
+        .queues
+        .iter()
+        .map(|queue| format!("{:?}", surge_config::QueueConfig { site: nowhere.clone(), ..queue.clone() }))
+        .collect()
 }
 
 /// Waits until every pool in `started` has its instances ready, each within its start

@@ -86,14 +86,24 @@ async fn serve(config: Config, path: std::path::PathBuf) -> Result<(), Failure> 
     let metrics = Arc::new(Metrics::new());
     let pool_metrics = PoolMetrics::register(&metrics);
     let gateway_metrics = GatewayMetrics::register(&metrics);
-    let pools = Arc::new(Pools::start(&config.services, Arc::new(ProcessDriver), &pool_metrics));
+    let queues = Arc::new(surge_queue::Queues::open(&config.queues)?);
+    let pools = Arc::new(Pools::start(&config.pools(), Arc::new(ProcessDriver), &pool_metrics));
     let store = surge_gateway::RateStore::connect(config.redis.as_deref()).await?;
     let gateway: LiveGateway = Arc::new(ArcSwap::from_pointee(Gateway::new(
         &config,
         &pools.list(),
+        Arc::clone(&queues),
         gateway_metrics.clone(),
         store.clone(),
     )));
+    let (stop_delivery, delivery_stopping) = watch::channel(false);
+    for worker in &config.workers {
+        if let (Some(queue), Some(pool)) = (queues.get(&worker.queue), pools.get(&worker.pool.name)) {
+            let stopping = delivery_stopping.clone();
+            tokio::spawn(surge_queue::deliver::deliver(Arc::clone(queue), pool, worker.clone(), stopping));
+        }
+    }
+    let compaction = tokio::spawn(Arc::clone(&queues).compact_forever());
     let mut certificates_in_use = None;
 
     let (stop_gateway, gateway_stopping) = watch::channel(false);
@@ -130,12 +140,22 @@ async fn serve(config: Config, path: std::path::PathBuf) -> Result<(), Failure> 
         None => tokio::spawn(surge_gateway::serve(Arc::clone(&gateway), gateway_listener, plain, drain)),
     });
     let (reload_requests, mut reloads) = tokio::sync::mpsc::channel(4);
-    let admin = surge_admin::router(Arc::clone(&pools), Arc::clone(&metrics), access, reload_requests);
+    let handles = surge_admin::Handles {
+        pools: Arc::clone(&pools),
+        queues: Arc::clone(&queues),
+        metrics: Arc::clone(&metrics),
+        reload: reload_requests,
+    };
+    let admin = surge_admin::router(handles, access);
     let admin_task = tokio::spawn(surge_admin::serve(admin_listener, admin, stopped(admin_stopping)));
+    let plural = |n: usize| if n == 1 { "" } else { "s" };
+    let (services, workers) = (config.services.len(), config.workers.len());
+    let work =
+        if workers > 0 { format!(", {workers} worker pool{}", plural(workers)) } else { String::new() };
     tracing::info!(
-        "surge is up: gateway on http://{gateway_addr}{https_note}, admin API on http://{admin_addr}, {} service{}",
-        config.services.len(),
-        if config.services.len() == 1 { "" } else { "s" }
+        "surge is up: gateway on http://{gateway_addr}{https_note}, admin API on http://{admin_addr}, \
+         {services} service{}{work}",
+        plural(services)
     );
 
     let mut running = Running {
@@ -143,6 +163,7 @@ async fn serve(config: Config, path: std::path::PathBuf) -> Result<(), Failure> 
         config,
         gateway,
         pools: Arc::clone(&pools),
+        queues: Arc::clone(&queues),
         certificates: certificates_in_use,
         metrics: gateway_metrics,
         store,
@@ -171,6 +192,8 @@ async fn serve(config: Config, path: std::path::PathBuf) -> Result<(), Failure> 
     };
     tracing::info!("{first}: draining requests, then stopping instances (send it again to stop at once)");
     let _ = stop_gateway.send(true);
+    // No new delivery starts; those under way finish as the worker pools drain.
+    let _ = stop_delivery.send(true);
     let graceful = async {
         for task in gateway_tasks {
             let _ = task.await;
@@ -179,6 +202,7 @@ async fn serve(config: Config, path: std::path::PathBuf) -> Result<(), Failure> 
             watcher.abort();
         }
         pools.shutdown().await;
+        compaction.abort();
         // The admin API stays up until the end so `surge status` can watch the drain.
         let _ = stop_admin.send(true);
         let _ = admin_task.await;

@@ -100,30 +100,8 @@ impl Surge {
         let dir = tempfile::tempdir().expect("temp dir");
         prepare(dir.path());
         let config = write_config_with(dir.path(), gateway, services);
-        let mut child = Command::new(SURGE)
-            .args(["up", "-c"])
-            .arg(&config)
-            .env("SURGE_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start surge");
-        let stderr = child.stderr.take().expect("stderr");
         let log = Arc::new(Mutex::new(Vec::new()));
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let lines = Arc::clone(&log);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("surge is up") {
-                    let _ = ready_tx.send(line.clone());
-                }
-                lines.lock().unwrap_or_else(|p| p.into_inner()).push(line);
-            }
-        });
-        let up = ready_rx.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| {
-            panic!("surge did not come up:\n{}", log.lock().unwrap_or_else(|p| p.into_inner()).join("\n"))
-        });
+        let (child, up) = spawn_up(&config, &log, &[]);
         Surge {
             child: Some(child),
             gateway: address_after(&up, "gateway on http://"),
@@ -137,6 +115,73 @@ impl Surge {
         }
     }
 
+    /// Kills surge with SIGKILL (its instances die with it) and starts it again on the same
+    /// configuration and folder; returns once it is up. `wrap` runs surge under another command
+    /// (`prlimit`, say).
+    pub fn kill_and_restart(&mut self, wrap: &[&str]) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let (child, up) = spawn_up(&self.config, &self.log, wrap);
+        self.child = Some(child);
+        self.gateway = address_after(&up, "gateway on http://");
+        self.admin = address_after(&up, "admin API on http://");
+    }
+
+    /// The token `surge up` made for the admin API.
+    pub fn admin_token(&self) -> String {
+        let path = self.dir.join(".surge").join("admin.token");
+        std::fs::read_to_string(path).expect("the run's admin token").trim().to_owned()
+    }
+
+    /// A request to the admin API, with the run's token.
+    pub async fn admin(&self, method: Method, path: &str, headers: &[(&str, &str)], body: Bytes) -> Answer {
+        let bearer = format!("Bearer {}", self.admin_token());
+        let mut headers = headers.to_vec();
+        headers.push(("authorization", &bearer));
+        let url = format!("http://{}{path}", self.admin);
+        send(&self.client, method, &url, &headers, body).await.unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+/// Starts `surge up` on `config` and waits for its "surge is up" line; its log goes to `log`.
+fn spawn_up(config: &Path, log: &Arc<Mutex<Vec<String>>>, wrap: &[&str]) -> (Child, String) {
+    let mut command = match wrap.split_first() {
+        Some((program, args)) => {
+            let mut command = Command::new(program);
+            command.args(args).arg(SURGE);
+            command
+        }
+        None => Command::new(SURGE),
+    };
+    let mut child = command
+        .args(["up", "-c"])
+        .arg(config)
+        .env("SURGE_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start surge");
+    let stderr = child.stderr.take().expect("stderr");
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let lines = Arc::clone(log);
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("surge is up") {
+                let _ = ready_tx.send(line.clone());
+            }
+            lines.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+        }
+    });
+    let up = ready_rx.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| {
+        panic!("surge did not come up:\n{}", log.lock().unwrap_or_else(|p| p.into_inner()).join("\n"))
+    });
+    (child, up)
+}
+
+impl Surge {
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(Child::id).unwrap_or_default()
     }

@@ -1,0 +1,125 @@
+//! The queue endpoints: depth and counters, publishing, and the dead letters.
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use surge_queue::http::{
+    self as wire, DeadLetterJson, DeadLettersResponse, DeadRequest, DeadResponse, QueuesResponse,
+};
+
+use crate::{error, AdminState};
+
+/// Dead letters listed at most.
+const DEAD_LISTED: usize = 100;
+/// Payloads shown in the list up to this size.
+const BODY_SHOWN: u32 = 4096;
+
+pub(crate) async fn list(State(state): State<AdminState>) -> Json<QueuesResponse> {
+    Json(QueuesResponse { queues: state.queues.status() })
+}
+
+fn answer((status, body): wire::Answer) -> Response {
+    (status, Json(body)).into_response()
+}
+
+pub(crate) async fn publish(
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match state.queues.get(&name) {
+        Some(queue) => answer(wire::publish_one(queue, &headers, body).await),
+        None => answer(wire::unknown_queue(&name)),
+    }
+}
+
+pub(crate) async fn publish_batch(
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Response {
+    match state.queues.get(&name) {
+        Some(queue) => answer(wire::publish_batch(queue, &body).await),
+        None => answer(wire::unknown_queue(&name)),
+    }
+}
+
+pub(crate) async fn dead(State(state): State<AdminState>, Path(name): Path<String>) -> Response {
+    let Some(queue) = state.queues.get(&name) else { return answer(wire::unknown_queue(&name)) };
+    let dead = queue
+        .dead_letters(DEAD_LISTED)
+        .into_iter()
+        .map(|letter| {
+            let body = (letter.location.len <= BODY_SHOWN)
+                .then(|| queue.payload(letter.location).ok())
+                .flatten()
+                .and_then(|payload| String::from_utf8(payload.to_vec()).ok());
+            let enqueued = std::time::UNIX_EPOCH + std::time::Duration::from_millis(letter.enqueued_at);
+            DeadLetterJson {
+                id: wire::id_text(letter.id),
+                attempts: letter.attempts,
+                enqueued_at: humantime::format_rfc3339_millis(enqueued).to_string(),
+                error: letter.error.as_deref().map(str::to_owned),
+                content_type: letter.content_type.as_deref().map(str::to_owned),
+                body,
+            }
+        })
+        .collect();
+    Json(DeadLettersResponse { queue: name, dead }).into_response()
+}
+
+/// The ids a redrive or purge names; `None`: all of them.
+fn ids(body: &[u8]) -> Result<Option<Vec<u64>>, String> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let request: DeadRequest = serde_json::from_slice(body)
+        .map_err(|err| format!(r#"expected {{"ids": ["..."]}} or an empty body for all: {err}"#))?;
+    let Some(ids) = request.ids else { return Ok(None) };
+    ids.iter()
+        .map(|id| wire::parse_id(id).ok_or_else(|| format!("`{id}` is not a message id")))
+        .collect::<Result<_, _>>()
+        .map(Some)
+}
+
+#[derive(Clone, Copy)]
+enum Settle {
+    Redrive,
+    Purge,
+}
+
+async fn settle(state: AdminState, name: String, body: Bytes, settle: Settle) -> Response {
+    let Some(queue) = state.queues.get(&name) else { return answer(wire::unknown_queue(&name)) };
+    let ids = match ids(&body) {
+        Ok(ids) => ids,
+        Err(problem) => return error(StatusCode::BAD_REQUEST, problem),
+    };
+    let answer = match settle {
+        Settle::Redrive => {
+            DeadResponse { redriven: Some(queue.redrive(ids.as_deref())), purged: None, queue: name }
+        }
+        Settle::Purge => {
+            DeadResponse { redriven: None, purged: Some(queue.purge(ids.as_deref())), queue: name }
+        }
+    };
+    Json(answer).into_response()
+}
+
+pub(crate) async fn redrive(
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Response {
+    settle(state, name, body, Settle::Redrive).await
+}
+
+pub(crate) async fn purge(
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Response {
+    settle(state, name, body, Settle::Purge).await
+}

@@ -1,0 +1,199 @@
+//! `[queues.NAME]` and `[workers.NAME]`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::Validator;
+use crate::model::{Publish, QueueConfig, ServiceConfig, WorkerConfig};
+use crate::raw::{RawQueue, RawWorker};
+
+/// Where queues keep their logs unless `path` says otherwise, beside the configuration.
+const DEFAULT_QUEUE_PATH: &str = ".surge/queues";
+/// RabbitMQ's default frame and Sidekiq's advice are both well under this; a job payload is
+/// a reference to data, not the data.
+const DEFAULT_MAX_PAYLOAD: u64 = 1 << 20;
+
+impl Validator<'_> {
+    pub(super) fn queues(&mut self, raw: BTreeMap<String, Spanned<RawQueue>>) -> Vec<QueueConfig> {
+        let mut queues: Vec<_> = raw.into_iter().collect();
+        queues.sort_by_key(|(_, queue)| queue.span().start);
+        queues.into_iter().filter_map(|(name, queue)| self.queue(name, queue)).collect()
+    }
+
+    fn queue(&mut self, name: String, raw: Spanned<RawQueue>) -> Option<QueueConfig> {
+        let errors_before = self.errors.len();
+        let key = format!("queues.{name}");
+        let span = raw.span();
+        self.name(&name, span.clone(), &key, "queue");
+        let raw = raw.into_inner();
+        if let Some(backend) = &raw.backend {
+            match backend.get_ref().as_str() {
+                "embedded" => {}
+                "amqp" => self.error(
+                    backend.span(),
+                    format!("{key}.backend"),
+                    "the RabbitMQ backend is not built yet; use \"embedded\" (the default)",
+                ),
+                other => self.error(
+                    backend.span(),
+                    format!("{key}.backend"),
+                    format!("unknown backend \"{other}\": the choices are \"embedded\" and \"amqp\""),
+                ),
+            }
+        }
+        let base = self.file.parent().unwrap_or(Path::new("."));
+        let folder = raw.path.as_ref().map_or(DEFAULT_QUEUE_PATH, |path| path.get_ref().as_str());
+        let dir = base.join(folder).join(&name);
+        let max_attempts = match raw.max_attempts {
+            Some(n) if *n.get_ref() == 0 => {
+                self.error(n.span(), format!("{key}.max_attempts"), "must be at least 1");
+                5
+            }
+            Some(n) => n.into_inner(),
+            None => 5,
+        };
+        let backoff_base =
+            self.duration(raw.backoff.base, format!("{key}.backoff.base"), Duration::from_secs(1));
+        let cap_span = raw.backoff.cap.as_ref().map(Spanned::span);
+        let backoff_cap =
+            self.duration(raw.backoff.cap, format!("{key}.backoff.cap"), Duration::from_secs(300));
+        if let Some(span) = cap_span.filter(|_| backoff_cap < backoff_base) {
+            self.error(span, format!("{key}.backoff.cap"), "must be at least `backoff.base`");
+        }
+        let lease = self.duration(raw.lease, format!("{key}.lease"), Duration::from_secs(30));
+        let publish = match &raw.publish {
+            None => Publish::Admin,
+            Some(publish) => match publish.get_ref().as_str() {
+                "admin" => Publish::Admin,
+                "public" => Publish::Public,
+                other => {
+                    self.error(
+                        publish.span(),
+                        format!("{key}.publish"),
+                        format!(
+                            "\"{other}\" is not a choice: \"admin\" (the admin API only, the default) or \
+                             \"public\" (the gateway too, at /queues/{name}/messages)"
+                        ),
+                    );
+                    Publish::Admin
+                }
+            },
+        };
+        let idempotency_window = self.duration(
+            raw.idempotency_window,
+            format!("{key}.idempotency_window"),
+            Duration::from_secs(24 * 3600),
+        );
+        let max_messages = match raw.max_messages {
+            Some(n) if *n.get_ref() == 0 => {
+                self.error(n.span(), format!("{key}.max_messages"), "must be at least 1");
+                None
+            }
+            other => other.map(Spanned::into_inner),
+        };
+        if self.errors.len() > errors_before {
+            return None;
+        }
+        Some(QueueConfig {
+            site: self.site(span, key),
+            name,
+            dir,
+            max_attempts,
+            backoff_base,
+            backoff_cap,
+            lease,
+            dead_letter: raw.dead_letter.unwrap_or(true),
+            max_messages,
+            max_size: raw.max_size.map(|size| size.0),
+            max_payload: raw.max_payload.map_or(DEFAULT_MAX_PAYLOAD, |size| size.0),
+            publish,
+            idempotency_window,
+        })
+    }
+
+    pub(super) fn workers(
+        &mut self,
+        raw: BTreeMap<String, Spanned<RawWorker>>,
+        queues: &[QueueConfig],
+        services: &[ServiceConfig],
+    ) -> Vec<WorkerConfig> {
+        let mut workers: Vec<_> = raw.into_iter().collect();
+        workers.sort_by_key(|(_, worker)| worker.span().start);
+        workers.into_iter().filter_map(|(name, worker)| self.worker(name, worker, queues, services)).collect()
+    }
+
+    fn worker(
+        &mut self,
+        name: String,
+        raw: Spanned<RawWorker>,
+        queues: &[QueueConfig],
+        services: &[ServiceConfig],
+    ) -> Option<WorkerConfig> {
+        let errors_before = self.errors.len();
+        let key = format!("workers.{name}");
+        let span = raw.span();
+        if services.iter().any(|service| service.name == name) {
+            self.error(
+                span.clone(),
+                &key,
+                format!("a service is named \"{name}\" too; workers and services share one namespace"),
+            );
+        }
+        let (service, parts) = raw.into_inner().into_parts();
+        let queue = match parts.queue {
+            None => {
+                self.error(
+                    span.clone(),
+                    format!("{key}.queue"),
+                    "missing `queue`: the queue this pool consumes",
+                );
+                None
+            }
+            Some(queue) if !queues.iter().any(|q| q.name == *queue.get_ref()) => {
+                let known: Vec<&str> = queues.iter().map(|q| q.name.as_str()).collect();
+                let known = if known.is_empty() { "none is defined".to_owned() } else { known.join(", ") };
+                self.error(
+                    queue.span(),
+                    format!("{key}.queue"),
+                    format!("no queue is named \"{}\" (queues: {known})", queue.get_ref()),
+                );
+                None
+            }
+            Some(queue) => Some(queue.into_inner()),
+        };
+        let path = match parts.path {
+            Some(path) if !path.get_ref().starts_with('/') => {
+                self.error(path.span(), format!("{key}.path"), "a path starts with \"/\", such as \"/jobs\"");
+                None
+            }
+            Some(path) => Some(path.into_inner()),
+            None => Some("/".to_owned()),
+        };
+        let prefetch = match parts.prefetch {
+            Some(n) if *n.get_ref() == 0 => {
+                self.error(n.span(), format!("{key}.prefetch"), "must be at least 1");
+                1
+            }
+            Some(n) => n.into_inner(),
+            None => 1,
+        };
+        let lease = queue.as_ref().and_then(|q| queues.iter().find(|c| c.name == *q)).map(|q| q.lease);
+        let timeout =
+            self.duration(parts.timeout, format!("{key}.timeout"), lease.unwrap_or(Duration::from_secs(30)));
+        let max_rate = match parts.max_rate {
+            Some(rate) if !(*rate.get_ref() > 0.0 && rate.get_ref().is_finite()) => {
+                self.error(rate.span(), format!("{key}.max_rate"), "messages per second, more than 0");
+                None
+            }
+            other => other.map(Spanned::into_inner),
+        };
+        let pool = self.service(name, Spanned::new(span, service), None);
+        if self.errors.len() > errors_before {
+            return None;
+        }
+        Some(WorkerConfig { pool: pool?, queue: queue?, path: path?, prefetch, timeout, max_rate })
+    }
+}

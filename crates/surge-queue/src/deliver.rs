@@ -1,0 +1,315 @@
+//! Push delivery: one dispatcher per worker pool takes ready messages from its queue and POSTs
+//! each to an instance with a free slot (at most `prefetch` in flight per instance). The answer
+//! settles the message: 2xx acks it; 429 or 503 with `Retry-After` gives it back for later
+//! without counting an attempt; any other answer, a broken connection (an instance that died
+//! mid-message) or no answer within the worker's `timeout` fails the delivery, which the queue
+//! retries with backoff or moves to the dead letters. A message is leased before it is sent,
+//! so a surge that dies mid-delivery redelivers it after its restart.
+
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use surge_config::WorkerConfig;
+use surge_pool::{InFlight, Pool};
+use tokio::sync::watch;
+
+use crate::state::{Delivery, Failed};
+use crate::{http::id_text, Queue};
+
+/// What of a failed answer's body goes into the message's last error.
+const ERROR_SNIPPET: usize = 200;
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// Delivers `queue`'s messages to `pool`'s instances until `stop` says so.
+pub async fn deliver(
+    queue: Arc<Queue>,
+    pool: Arc<Pool>,
+    worker: WorkerConfig,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(pool.config().timeouts.connect));
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build(connector);
+    let worker = Arc::new(worker);
+    let pace = worker.max_rate.map(|rate| Duration::from_secs_f64(1.0 / rate));
+    let mut next_start = Instant::now();
+    loop {
+        // A message first, so that no slot is held (and counted as load) while none is ready.
+        while !queue.has_ready() {
+            tokio::select! {
+                biased;
+                _ = stop.changed() => return,
+                () = queue.wait_ready() => {}
+            }
+        }
+        let slot = tokio::select! {
+            biased;
+            _ = stop.changed() => return,
+            slot = free_slot(&pool, worker.prefetch as usize) => slot,
+        };
+        if let Some(pace) = pace {
+            let now = Instant::now();
+            if next_start > now {
+                tokio::select! {
+                    biased;
+                    _ = stop.changed() => return,
+                    () = tokio::time::sleep(next_start - now) => {}
+                }
+            }
+            next_start = next_start.max(now) + pace;
+        }
+        let Some(delivery) = queue.lease(1).pop() else {
+            // Another dispatcher of the same queue took it.
+            slot.cancel();
+            continue;
+        };
+        let (client, queue, pool, worker) =
+            (client.clone(), Arc::clone(&queue), Arc::clone(&pool), Arc::clone(&worker));
+        tokio::spawn(async move { send(&client, &queue, &pool, slot, delivery, &worker).await });
+    }
+}
+
+/// Claims a slot on the ready instance with the fewest in flight, below `prefetch`; waits in
+/// the pool's queue for one (a pool at zero is asked to start an instance).
+async fn free_slot(pool: &Pool, prefetch: usize) -> InFlight {
+    let try_claim = || {
+        let ready = pool.ready();
+        let instance = ready
+            .iter()
+            .filter(|i| i.is_available() && i.in_flight() < prefetch)
+            .min_by_key(|i| i.in_flight())?;
+        instance.begin()
+    };
+    let mut waiting = Waiting { pool, ticket: None };
+    std::future::poll_fn(|cx| {
+        if let Some(slot) = try_claim() {
+            return Poll::Ready(slot);
+        }
+        if pool.ready().is_empty() {
+            pool.signal_demand();
+        }
+        pool.load().queue().wait(&mut waiting.ticket, cx.waker());
+        // A slot freed between the look and the wait would have woken no one.
+        match try_claim() {
+            Some(slot) => Poll::Ready(slot),
+            None => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// A place in the pool's wait queue, given back however the wait ends.
+struct Waiting<'a> {
+    pool: &'a Pool,
+    ticket: Option<surge_pool::Ticket>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(ticket) = self.ticket.take() {
+            self.pool.load().queue().leave(ticket, true);
+        }
+    }
+}
+
+/// How one delivery ended.
+enum Answer {
+    Status { status: StatusCode, retry_after: Option<SystemTime>, snippet: String },
+    Broken { refused: bool, error: String },
+    TimedOut,
+}
+
+async fn send(
+    client: &HttpClient,
+    queue: &Queue,
+    pool: &Pool,
+    mut slot: InFlight,
+    delivery: Delivery,
+    worker: &WorkerConfig,
+) {
+    let payload = match queue.payload(delivery.location) {
+        Ok(payload) => payload,
+        Err(err) => {
+            slot.cancel();
+            settle_failure(queue, &delivery, &format!("its payload cannot be read: {err}"));
+            return;
+        }
+    };
+    let instance = Arc::clone(slot.instance());
+    let left = Duration::from_millis(delivery.until.saturating_sub(crate::now_ms())).min(worker.timeout);
+    let request = request(&instance.addr.to_string(), queue.name(), worker, &delivery, payload, left);
+    let answer = match tokio::time::timeout(worker.timeout, exchange(client, request)).await {
+        Ok(answer) => answer,
+        Err(_) => Answer::TimedOut,
+    };
+    let id = delivery.id;
+    match answer {
+        Answer::Status { status, .. } if status.is_success() => {
+            pool.report(&mut slot, true);
+            if queue.ack(id, delivery.token).is_err() {
+                tracing::debug!(
+                    "queue {}: message {} answered after its lease ended",
+                    queue.name(),
+                    id_text(id)
+                );
+            }
+        }
+        Answer::Status { status, retry_after: Some(at), .. }
+            if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE =>
+        {
+            pool.report(&mut slot, true);
+            let _ = queue.defer(id, delivery.token, at);
+        }
+        Answer::Status { status, snippet, .. } => {
+            // A 4xx is about the message, not the instance.
+            pool.report(&mut slot, status.is_client_error());
+            let snippet = if snippet.is_empty() { String::new() } else { format!(": {snippet}") };
+            settle_failure(queue, &delivery, &format!("{} answered {status}{snippet}", instance.id));
+        }
+        Answer::Broken { refused, error } => {
+            if refused {
+                pool.report_refused(&mut slot, &error);
+            } else {
+                pool.report(&mut slot, false);
+            }
+            settle_failure(queue, &delivery, &format!("{}: {error}", instance.id));
+        }
+        Answer::TimedOut => {
+            pool.report(&mut slot, false);
+            let error =
+                format!("{} did not answer within {:?} (workers' timeout)", instance.id, worker.timeout);
+            settle_failure(queue, &delivery, &error);
+        }
+    }
+}
+
+fn settle_failure(queue: &Queue, delivery: &Delivery, error: &str) {
+    let id = id_text(delivery.id);
+    match queue.fail(delivery.id, delivery.token, error) {
+        Ok(Failed::Dead) => tracing::warn!(
+            "queue {}: message {id} failed {} times and went to the dead letters; last: {error}",
+            queue.name(),
+            delivery.attempt
+        ),
+        Ok(Failed::Dropped) => tracing::warn!(
+            "queue {}: message {id} failed {} times and was dropped (dead_letter = false); last: {error}",
+            queue.name(),
+            delivery.attempt
+        ),
+        Ok(Failed::RetryAt(_)) => {
+            tracing::debug!("queue {}: message {id} failed, retried later: {error}", queue.name())
+        }
+        Err(_) => tracing::debug!("queue {}: message {id} failed after its lease ended", queue.name()),
+    }
+}
+
+fn request(
+    addr: &str,
+    queue: &str,
+    worker: &WorkerConfig,
+    delivery: &Delivery,
+    payload: Bytes,
+    left: Duration,
+) -> Request<Full<Bytes>> {
+    let mut request = Request::new(Full::new(payload));
+    *request.method_mut() = http::Method::POST;
+    *request.uri_mut() = format!("http://{addr}{}", worker.path).parse().unwrap_or_default();
+    let headers = request.headers_mut();
+    let enqueued = SystemTime::UNIX_EPOCH + Duration::from_millis(delivery.enqueued_at);
+    let fields = [
+        ("x-surge-queue", queue.to_owned()),
+        ("x-surge-message-id", id_text(delivery.id)),
+        ("x-surge-attempt", delivery.attempt.to_string()),
+        ("x-surge-enqueued-at", humantime::format_rfc3339_millis(enqueued).to_string()),
+        ("x-surge-deadline-ms", left.as_millis().to_string()),
+    ];
+    for (name, value) in fields {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(name, value);
+        }
+    }
+    if let Some(value) = delivery.content_type.as_deref().and_then(|t| HeaderValue::from_str(t).ok()) {
+        headers.insert(CONTENT_TYPE, value);
+    }
+    request
+}
+
+async fn exchange(client: &HttpClient, request: Request<Full<Bytes>>) -> Answer {
+    let response = match client.request(request).await {
+        Ok(response) => response,
+        Err(err) => {
+            let refused =
+                find_io_error(&err).is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused);
+            return Answer::Broken { refused, error: error_chain(&err) };
+        }
+    };
+    let status = response.status();
+    let retry_after = response.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(retry_after);
+    let snippet = if status.is_success() {
+        // Read to the end, so the connection can be reused.
+        let _ = response.into_body().collect().await;
+        String::new()
+    } else {
+        match response.into_body().collect().await {
+            Ok(body) => {
+                let body = body.to_bytes();
+                let text = String::from_utf8_lossy(&body[..body.len().min(ERROR_SNIPPET)]);
+                text.trim().to_owned()
+            }
+            Err(err) => format!("(the body broke off: {err})"),
+        }
+    };
+    Answer::Status { status, retry_after, snippet }
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+fn retry_after(value: &str) -> Option<SystemTime> {
+    match value.trim().parse::<u64>() {
+        Ok(seconds) => Some(SystemTime::now() + Duration::from_secs(seconds)),
+        Err(_) => httpdate::parse_http_date(value).ok(),
+    }
+}
+
+fn find_io_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            return Some(io);
+        }
+        cause = error.source();
+    }
+    None
+}
+
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(error) = cause {
+        text.push_str(": ");
+        text.push_str(&error.to_string());
+        cause = error.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_seconds_or_a_date() {
+        assert!(retry_after("30").is_some());
+        let date = retry_after("Wed, 21 Oct 2015 07:28:00 GMT").expect("date");
+        assert_eq!(httpdate::fmt_http_date(date), "Wed, 21 Oct 2015 07:28:00 GMT");
+        assert_eq!(retry_after("soon"), None);
+    }
+}

@@ -1,0 +1,141 @@
+//! Every queue of the configuration, opened at start; what the admin API, the gateway and the
+//! dispatchers look them up in.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use surge_config::{ConfigErrors, Publish, QueueConfig};
+
+use crate::http::QueueStatus;
+use crate::{now_ms, Limits, Queue, Settings, SEGMENT_SIZE};
+
+/// How often compaction looks for old segments to free.
+const COMPACT_EVERY: Duration = Duration::from_secs(5);
+
+pub struct Queues {
+    queues: Vec<(QueueConfig, Arc<Queue>)>,
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Queues {
+    /// Opens every queue, recovering what its log holds; every problem is named with its
+    /// queue's key.
+    pub fn open(configs: &[QueueConfig]) -> Result<Queues, ConfigErrors> {
+        let mut queues = Vec::new();
+        let mut errors = Vec::new();
+        for config in configs {
+            let settings = Settings {
+                max_attempts: config.max_attempts,
+                lease: millis(config.lease),
+                backoff_base: millis(config.backoff_base),
+                backoff_cap: millis(config.backoff_cap),
+                dead_letter: config.dead_letter,
+                idempotency_window: millis(config.idempotency_window),
+            };
+            let limits = Limits {
+                max_messages: config.max_messages,
+                max_bytes: config.max_size,
+                max_payload: config.max_payload,
+                segment_size: SEGMENT_SIZE,
+            };
+            match Queue::open(&config.name, &config.dir, settings, limits) {
+                Ok((queue, recovered)) => {
+                    if let Some((path, offset, dropped)) = &recovered.torn_tail {
+                        tracing::warn!(
+                            "queue {}: dropped a torn record at the end of {} (offset {offset}, {dropped} bytes): \
+                             a write a crash cut short, never acknowledged",
+                            config.name,
+                            path.display()
+                        );
+                    }
+                    let counts = queue.counts();
+                    tracing::info!(
+                        "queue {}: {} ready, {} dead, from {} records in {} segment(s) in {}",
+                        config.name,
+                        counts.ready,
+                        counts.dead,
+                        recovered.records,
+                        recovered.segments,
+                        config.dir.display()
+                    );
+                    queues.push((config.clone(), queue));
+                }
+                Err(err) => errors.push(config.site.error(err.to_string())),
+            }
+        }
+        if errors.is_empty() {
+            Ok(Queues { queues })
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Queue>> {
+        self.queues.iter().find(|(config, _)| config.name == name).map(|(_, queue)| queue)
+    }
+
+    /// The queue, if the gateway may publish to it.
+    pub fn public(&self, name: &str) -> Option<&Arc<Queue>> {
+        self.queues
+            .iter()
+            .find(|(config, _)| config.name == name && config.publish == Publish::Public)
+            .map(|(_, queue)| queue)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queues.is_empty()
+    }
+
+    pub fn status(&self) -> Vec<QueueStatus> {
+        let now = now_ms();
+        self.queues
+            .iter()
+            .map(|(config, queue)| {
+                let counts = queue.counts();
+                let totals = queue.totals();
+                QueueStatus {
+                    queue: config.name.clone(),
+                    ready: counts.ready - counts.delayed,
+                    delayed: counts.delayed,
+                    in_flight: counts.in_flight,
+                    dead: counts.dead,
+                    bytes: counts.bytes,
+                    oldest_age_seconds: counts
+                        .oldest_enqueued_at
+                        .map(|at| now.saturating_sub(at) as f64 / 1000.0),
+                    published: totals.published.load(Ordering::Relaxed),
+                    delivered: totals.delivered.load(Ordering::Relaxed),
+                    acked: totals.acked.load(Ordering::Relaxed),
+                    retried: totals.retried.load(Ordering::Relaxed),
+                    dead_lettered: totals.dead.load(Ordering::Relaxed),
+                    redriven: totals.redriven.load(Ordering::Relaxed),
+                }
+            })
+            .collect()
+    }
+
+    /// Frees old log segments now and again, until the process ends.
+    pub async fn compact_forever(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(COMPACT_EVERY).await;
+            for (config, queue) in &self.queues {
+                loop {
+                    match queue.compact().await {
+                        Ok(0) => break,
+                        Ok(copied) => {
+                            tracing::debug!("queue {}: copied {copied} messages forward", config.name)
+                        }
+                        Err(err) => {
+                            tracing::warn!("queue {}: compaction failed: {err}", config.name);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

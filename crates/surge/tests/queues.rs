@@ -1,0 +1,310 @@
+//! Queues end to end: messages published through the admin API or the gateway are pushed to a
+//! pool of real worker processes (`surge-echo`, which writes every message it answers to a
+//! journal), retried, dead-lettered and redriven; an instance killed mid-message and a surge
+//! killed with SIGKILL lose nothing that was acknowledged.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::Surge;
+use hyper::{Method, StatusCode};
+use surge_queue::http::{DeadLettersResponse, PublishedJson, QueueStatus, QueuesResponse};
+
+/// One line of the worker's journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Worked {
+    id: String,
+    attempt: u32,
+    status: u16,
+}
+
+fn journal(path: &Path) -> Vec<Worked> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.split(' ');
+            Some(Worked {
+                id: fields.next()?.to_owned(),
+                attempt: fields.next()?.parse().ok()?,
+                status: fields.next()?.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+/// A queue `jobs` and a worker pool `workers` on it (two instances unless `worker` says
+/// otherwise); `queue` and `worker` add keys.
+fn config(journal: &Path, queue: &str, worker: &str) -> String {
+    let instances = if worker.contains("instances") { "" } else { "instances = { min = 2 }" };
+    format!(
+        r#"
+[queues.jobs]
+backoff = {{ base = "20ms", cap = "50ms" }}
+{queue}
+
+[workers.workers]
+command = "{{echo}}"
+queue = "jobs"
+path = "/work"
+{instances}
+env = {{ SURGE_ECHO_JOURNAL = "{}" }}
+{worker}
+"#,
+        journal.display()
+    )
+}
+
+async fn publish(surge: &Surge, body: &str) -> PublishedJson {
+    let answer = surge.admin(Method::POST, "/queues/jobs/messages", &[], Bytes::from(body.to_owned())).await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&answer.body));
+    serde_json::from_slice(&answer.body).expect("publish JSON")
+}
+
+async fn queue_status(surge: &Surge) -> QueueStatus {
+    let answer = surge.admin(Method::GET, "/queues", &[], Bytes::new()).await;
+    let queues: QueuesResponse = serde_json::from_slice(&answer.body).expect("queues JSON");
+    queues.queues.into_iter().find(|q| q.queue == "jobs").expect("the jobs queue")
+}
+
+/// Waits until `done` holds of the journal; fails the test after 30 s.
+async fn wait_for_journal(path: &Path, what: &str, done: impl Fn(&[Worked]) -> bool) -> Vec<Worked> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let worked = journal(path);
+        if done(&worked) {
+            return worked;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}: {worked:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn temp_file(surge: &Surge, name: &str) -> PathBuf {
+    surge.dir.join(name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_messages_are_pushed_to_workers_and_acked() {
+    let dir = tempfile::tempdir().expect("dir");
+    let journal_path = dir.path().join("journal");
+    let surge = Surge::start(&config(&journal_path, "", "prefetch = 4")).await;
+    let mut ids = BTreeSet::new();
+    for i in 0..100 {
+        ids.insert(publish(&surge, &format!("job {i}")).await.id);
+    }
+    let batch = "{\"body\": \"a\"}\n{\"body\": \"b\"}\n";
+    let answer = surge.admin(Method::POST, "/queues/jobs/messages:batch", &[], Bytes::from(batch)).await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED);
+    let batch: surge_queue::http::BatchJson = serde_json::from_slice(&answer.body).expect("batch JSON");
+    ids.extend(batch.messages.into_iter().map(|m| m.id));
+    assert_eq!(ids.len(), 102);
+
+    let worked = wait_for_journal(&journal_path, "every message worked", |worked| {
+        worked.iter().filter(|w| w.status == 200).map(|w| &w.id).collect::<BTreeSet<_>>().len() == 102
+    })
+    .await;
+    let worked_ids: BTreeSet<String> = worked.iter().map(|w| w.id.clone()).collect();
+    assert_eq!(worked_ids, ids);
+    let text = std::fs::read_to_string(&journal_path).expect("journal");
+    let instances: BTreeSet<&str> = text.lines().filter_map(|line| line.split(' ').nth(3)).collect();
+    assert_eq!(instances.len(), 2, "both instances took messages: {instances:?}");
+    let mut status = queue_status(&surge).await;
+    for _ in 0..100 {
+        if status.acked == 102 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        status = queue_status(&surge).await;
+    }
+    assert_eq!(
+        (status.ready, status.in_flight, status.acked, status.published),
+        (0, 0, 102, 102),
+        "{status:?}"
+    );
+
+    // The gateway does not publish to a queue that did not opt in.
+    let answer = surge.request(Method::POST, "/queues/jobs/messages", &[], Bytes::from("x")).await;
+    assert_eq!(answer.status, StatusCode::NOT_FOUND);
+    // Unknown queues and bad input are named.
+    let answer = surge.admin(Method::POST, "/queues/nope/messages", &[], Bytes::from("x")).await;
+    assert_eq!(answer.status, StatusCode::NOT_FOUND);
+    assert!(String::from_utf8_lossy(&answer.body).contains("no queue named `nope`"));
+    let answer = surge.admin(Method::POST, "/queues/jobs/messages", &[("delay", "soon")], Bytes::new()).await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_message_is_dead_lettered_and_redrive_brings_it_back() {
+    let dir = tempfile::tempdir().expect("dir");
+    let journal_path = dir.path().join("journal");
+    let surge = Surge::start(&config(&journal_path, "max_attempts = 3", "")).await;
+    let poison = temp_file(&surge, "poisoned");
+    std::fs::write(&poison, "").expect("write");
+    let id = publish(&surge, &format!("fail_while={}", poison.display())).await.id;
+
+    let worked = wait_for_journal(&journal_path, "three failed attempts", |worked| worked.len() >= 3).await;
+    let attempts: Vec<(u32, u16)> = worked.iter().map(|w| (w.attempt, w.status)).collect();
+    assert_eq!(attempts, [(1, 500), (2, 500), (3, 500)]);
+    let mut dead = DeadLettersResponse { queue: String::new(), dead: Vec::new() };
+    for _ in 0..100 {
+        let answer = surge.admin(Method::GET, "/queues/jobs/dead", &[], Bytes::new()).await;
+        dead = serde_json::from_slice(&answer.body).expect("dead JSON");
+        if !dead.dead.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(dead.dead.len(), 1);
+    assert_eq!((dead.dead[0].id.as_str(), dead.dead[0].attempts), (id.as_str(), 3));
+    let error = dead.dead[0].error.clone().unwrap_or_default();
+    assert!(error.contains("answered 500"), "{error}");
+    assert!(surge.log().contains("went to the dead letters"), "{}", surge.log());
+    assert_eq!(journal(&journal_path).len(), 3, "a dead letter is not delivered");
+
+    // Fixed, and redriven by the command line: it is processed.
+    std::fs::remove_file(&poison).expect("remove");
+    let redrive = surge.cli(&["queues", "redrive", "jobs"]);
+    assert!(redrive.status.success(), "{}", String::from_utf8_lossy(&redrive.stderr));
+    assert!(String::from_utf8_lossy(&redrive.stdout).contains("1 message"), "{redrive:?}");
+    let worked = wait_for_journal(&journal_path, "the redriven message worked", |worked| {
+        worked.iter().any(|w| w.status == 200)
+    })
+    .await;
+    assert_eq!(worked.last().map(|w| (w.id.as_str(), w.attempt)), Some((id.as_str(), 1)));
+    let listed = surge.cli(&["queues"]);
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("jobs"), "{listed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_message_has_it_redelivered() {
+    let dir = tempfile::tempdir().expect("dir");
+    let journal_path = dir.path().join("journal");
+    let surge = Surge::start(&config(&journal_path, "", "")).await;
+    let id = publish(&surge, "delay=1s").await.id;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while queue_status(&surge).await.in_flight == 0 {
+        assert!(Instant::now() < deadline, "never delivered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The instance holding it: the one with a request in flight.
+    let pool = surge.service("workers").await;
+    let busy = pool.instances.iter().find(|i| i.in_flight > 0).expect("an instance at work");
+    common::kill(busy.pid.expect("a pid"), libc::SIGKILL);
+
+    let worked = wait_for_journal(&journal_path, "the message worked", |worked| {
+        worked.iter().any(|w| w.status == 200)
+    })
+    .await;
+    assert_eq!(worked.len(), 1, "the killed instance never answered");
+    assert_eq!((worked[0].id.as_str(), worked[0].attempt), (id.as_str(), 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishes_with_repeated_keys_make_one_message_per_key() {
+    let dir = tempfile::tempdir().expect("dir");
+    let journal_path = dir.path().join("journal");
+    // Published through the gateway this time; no instance consumes, so the queue is counted.
+    let surge = Arc::new(
+        Surge::start(&config(&journal_path, "publish = \"public\"", "instances = { min = 0 }")).await,
+    );
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..50 {
+        let surge = Arc::clone(&surge);
+        tasks.spawn(async move {
+            let mut ids = Vec::new();
+            for i in 0..200 {
+                let key = format!("key-{}", (worker * 200 + i) % 1_000);
+                let headers = [("idempotency-key", key.as_str())];
+                let answer = surge
+                    .request(Method::POST, "/queues/jobs/messages", &headers, Bytes::from(key.clone()))
+                    .await;
+                assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&answer.body));
+                let published: PublishedJson = serde_json::from_slice(&answer.body).expect("publish JSON");
+                ids.push((key, published.id));
+            }
+            ids
+        });
+    }
+    let mut by_key: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    while let Some(ids) = tasks.join_next().await {
+        for (key, id) in ids.expect("task") {
+            by_key.entry(key).or_default().insert(id);
+        }
+    }
+    assert_eq!(by_key.len(), 1_000);
+    assert!(by_key.values().all(|ids| ids.len() == 1), "a key named two messages");
+    let status = queue_status(&surge).await;
+    assert_eq!((status.ready, status.published), (1_000, 1_000), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_publish_and_consume_loses_no_acknowledged_message() {
+    let dir = tempfile::tempdir().expect("dir");
+    let journal_path = dir.path().join("journal");
+    let mut surge = Surge::start(&config(&journal_path, "", "prefetch = 8")).await;
+    let mut acknowledged = BTreeSet::new();
+    let mut refused = 0;
+    for round in 0..20 {
+        // Publishes race the kill: some are answered, some are cut off unanswered.
+        let publishing = {
+            let (admin, token) = (surge.admin, surge.admin_token());
+            tokio::spawn(async move {
+                let client = common::http_client();
+                let mut ids = Vec::new();
+                let mut failed = 0;
+                for i in 0..200 {
+                    let url = format!("http://{admin}/queues/jobs/messages");
+                    let bearer = format!("Bearer {token}");
+                    let headers = [("authorization", bearer.as_str())];
+                    match common::send(
+                        &client,
+                        Method::POST,
+                        &url,
+                        &headers,
+                        Bytes::from(format!("r{round} m{i}")),
+                    )
+                    .await
+                    {
+                        Ok(answer) if answer.status == StatusCode::ACCEPTED => {
+                            let published: PublishedJson =
+                                serde_json::from_slice(&answer.body).expect("JSON");
+                            ids.push(published.id);
+                        }
+                        _ => failed += 1,
+                    }
+                }
+                (ids, failed)
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20 + 10 * (round % 5))).await;
+        surge.kill_and_restart(&[]);
+        let (ids, failed) = publishing.await.expect("publisher");
+        acknowledged.extend(ids);
+        refused += failed;
+    }
+    let worked = wait_for_journal(&journal_path, "every acknowledged message worked", |worked| {
+        let done: BTreeSet<&String> = worked.iter().filter(|w| w.status == 200).map(|w| &w.id).collect();
+        acknowledged.iter().all(|id| done.contains(id))
+    })
+    .await;
+    let mut times: BTreeMap<&String, usize> = BTreeMap::new();
+    for line in worked.iter().filter(|w| w.status == 200) {
+        *times.entry(&line.id).or_default() += 1;
+    }
+    let duplicates: usize = times.values().map(|n| n - 1).sum();
+    eprintln!(
+        "20 kills: {} publishes acknowledged, {refused} cut off unanswered, all {} worked, {duplicates} duplicate deliveries",
+        acknowledged.len(),
+        acknowledged.len()
+    );
+    assert!(
+        acknowledged.len() > 1_000,
+        "too few publishes got through to prove anything: {}",
+        acknowledged.len()
+    );
+}
