@@ -70,6 +70,7 @@ pub(crate) struct RawWorker {
     pub timeout: Option<Spanned<Duration>>,
     pub max_rate: Option<Spanned<f64>>,
     pub instances: Option<Spanned<RawInstances>>,
+    pub autoscale: Option<Spanned<RawAutoscale>>,
     #[serde(default)]
     pub health: RawHealth,
     #[serde(default)]
@@ -96,7 +97,7 @@ impl RawWorker {
             balance: Balance::default(),
             timeouts: RawTimeouts::default(),
             lifecycle: self.lifecycle,
-            autoscale: None,
+            autoscale: self.autoscale,
             buffer: RawBuffer::default(),
             instance_concurrency: None,
             max_concurrency: None,

@@ -19,7 +19,7 @@
 //! serves normally but fails its health checks one second after it starts; `slow` takes 50 ms
 //! longer over every request.
 //!
-//! As a queue's worker it takes `POST /work`: the message's body may hold the same knobs
+//! As a queue's worker it takes `POST /job`: the message's body may hold the same knobs
 //! (`status=500&delay=2s`) to answer as told, or `fail_while=FILE` to fail while FILE exists. With `SURGE_ECHO_JOURNAL=FILE`, each message it
 //! answers appends `MESSAGE-ID ATTEMPT STATUS INSTANCE` to that file, so tests can count every
 //! delivery.
@@ -223,7 +223,7 @@ async fn handle(mut request: Request<Incoming>, echo: Echo) -> Result<Response<E
     let sick = echo.faulty == Some(Fault::Unhealthy) && echo.started.elapsed() > Duration::from_secs(1);
     let mut response = if (echo.faulty == Some(Fault::Unavailable) && !healthz) || (sick && healthz) {
         text(StatusCode::SERVICE_UNAVAILABLE, "faulty on purpose\n")
-    } else if request.uri().path() == "/work" {
+    } else if request.method() == http::Method::POST && request.uri().path() == "/job" {
         work(request, &echo).await
     } else {
         respond(request).await

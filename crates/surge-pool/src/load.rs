@@ -23,6 +23,18 @@ pub struct PoolLoad {
     /// Time finished requests spent at instances, in microseconds, and how many there were.
     service_micros: AtomicU64,
     services: AtomicU64,
+    /// Work waiting for the pool outside it: a worker pool's queue of ready messages.
+    backlog: Mutex<Option<Backlog>>,
+}
+
+/// Counts work waiting for the pool elsewhere, when the autoscaler samples.
+#[derive(Clone)]
+struct Backlog(Arc<dyn Fn() -> usize + Send + Sync>);
+
+impl std::fmt::Debug for Backlog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Backlog")
+    }
 }
 
 impl Default for PoolLoad {
@@ -35,6 +47,7 @@ impl Default for PoolLoad {
             arrivals: AtomicU64::new(0),
             service_micros: AtomicU64::new(0),
             services: AtomicU64::new(0),
+            backlog: Mutex::new(None),
         }
     }
 }
@@ -64,6 +77,17 @@ impl PoolLoad {
 
     pub fn waiting(&self) -> usize {
         self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Has the autoscaler count `backlog` as waiting work too (a queue's ready messages).
+    pub fn set_backlog(&self, backlog: impl Fn() -> usize + Send + Sync + 'static) {
+        *self.backlog.lock().unwrap_or_else(|p| p.into_inner()) = Some(Backlog(Arc::new(backlog)));
+    }
+
+    /// Work waiting for the pool outside it, now.
+    pub(crate) fn backlog(&self) -> usize {
+        let backlog = self.backlog.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        backlog.map_or(0, |Backlog(count)| count())
     }
 
     /// Counts a waiting request, unless `limit` already wait.

@@ -370,7 +370,8 @@ impl Supervisor {
             return;
         }
         let in_flight: usize = self.members.iter().map(|m| m.instance.in_flight()).sum();
-        let waiting = self.pool.load.waiting();
+        // Requests waiting in the gateway, and messages waiting in a worker pool's queue.
+        let waiting = self.pool.load.waiting() + self.pool.load.backlog();
         autoscaler.concurrency_sum += (in_flight + waiting) as f64;
         autoscaler.waiting_sum += waiting as f64;
         autoscaler.concurrency_samples += 1;

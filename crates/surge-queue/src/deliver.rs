@@ -40,6 +40,9 @@ pub async fn deliver(
     connector.set_connect_timeout(Some(pool.config().timeouts.connect));
     let client: HttpClient = Client::builder(TokioExecutor::new()).build(connector);
     let worker = Arc::new(worker);
+    // An autoscaled pool sizes itself on the messages waiting for it as on waiting requests.
+    let backlog = Arc::clone(&queue);
+    pool.load().set_backlog(move || backlog.ready_now());
     let pace = worker.max_rate.map(|rate| Duration::from_secs_f64(1.0 / rate));
     let mut next_start = Instant::now();
     loop {

@@ -13,5 +13,5 @@ pub mod state;
 
 pub use log::{OpenError, Recovered, SEGMENT_SIZE};
 pub use queue::{now_ms, Limits, NewMessage, PublishError, Published, Queue, Totals};
-pub use registry::Queues;
+pub use registry::{QueueMetrics, Queues};
 pub use state::{Counts, DeadLetter, Delivery, Failed, Location, Settings, Stale};

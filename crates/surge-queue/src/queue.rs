@@ -330,6 +330,11 @@ impl Queue {
         deliveries
     }
 
+    /// Messages ready to lease now.
+    pub fn ready_now(&self) -> usize {
+        self.lock().state.ready_at(now_ms())
+    }
+
     /// Whether a message is ready to lease now.
     pub fn has_ready(&self) -> bool {
         self.lock().state.has_ready(now_ms())

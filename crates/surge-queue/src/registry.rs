@@ -139,3 +139,90 @@ impl Queues {
         }
     }
 }
+
+impl std::fmt::Debug for Queues {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.queues.iter().map(|(config, _)| &config.name)).finish()
+    }
+}
+
+/// The queues' gauges and counters, read from them at each scrape of `/metrics`.
+#[derive(Debug)]
+pub struct QueueMetrics(pub Arc<Queues>);
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct QueueLabels {
+    queue: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct StateLabels {
+    queue: String,
+    state: &'static str,
+}
+
+impl prometheus_client::collector::Collector for QueueMetrics {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        use prometheus_client::metrics::MetricType;
+        let statuses = self.0.status();
+        let mut family = encoder.encode_descriptor(
+            "queue_messages",
+            "Messages held, by state: ready now, delayed (a delay or a retry's backoff), in flight, dead",
+            None,
+            MetricType::Gauge,
+        )?;
+        for status in &statuses {
+            for (state, count) in [
+                ("ready", status.ready),
+                ("delayed", status.delayed),
+                ("in_flight", status.in_flight),
+                ("dead", status.dead),
+            ] {
+                let labels = StateLabels { queue: status.queue.clone(), state };
+                ConstGauge::new(i64::try_from(count).unwrap_or(i64::MAX))
+                    .encode(family.encode_family(&labels)?)?;
+            }
+        }
+        type Read = fn(&QueueStatus) -> u64;
+        let gauges: [(&str, &str, Read); 1] =
+            [("queue_bytes", "Payload bytes held, dead letters included", |s| s.bytes)];
+        for (name, help, read) in gauges {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for status in &statuses {
+                let value = i64::try_from(read(status)).unwrap_or(i64::MAX);
+                ConstGauge::new(value)
+                    .encode(family.encode_family(&QueueLabels { queue: status.queue.clone() })?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "queue_oldest_age_seconds",
+            "How long the oldest message not yet done with has waited",
+            None,
+            MetricType::Gauge,
+        )?;
+        for status in &statuses {
+            let age = status.oldest_age_seconds.unwrap_or(0.0);
+            ConstGauge::new(age)
+                .encode(family.encode_family(&QueueLabels { queue: status.queue.clone() })?)?;
+        }
+        let counters: [(&str, &str, Read); 6] = [
+            ("queue_published", "Messages published and durable", |s| s.published),
+            ("queue_delivered", "Deliveries started (leases taken)", |s| s.delivered),
+            ("queue_acked", "Messages a worker answered 2xx for", |s| s.acked),
+            ("queue_retried", "Failed deliveries that will be retried", |s| s.retried),
+            ("queue_dead_lettered", "Messages that used up their attempts", |s| s.dead_lettered),
+            ("queue_redriven", "Dead letters put back in their queue", |s| s.redriven),
+        ];
+        for (name, help, read) in counters {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for status in &statuses {
+                ConstCounter::new(read(status))
+                    .encode(family.encode_family(&QueueLabels { queue: status.queue.clone() })?)?;
+            }
+        }
+        Ok(())
+    }
+}

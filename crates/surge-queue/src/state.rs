@@ -317,6 +317,11 @@ impl QueueState {
         ready.into_iter().chain(lease).min()
     }
 
+    /// Messages ready to lease at `now` (delayed ones and those backing off not counted).
+    pub fn ready_at(&self, now: u64) -> usize {
+        self.ready.len() - self.ready.range((now.saturating_add(1), 0)..).count()
+    }
+
     /// Whether a message is ready to lease at `now`.
     pub fn has_ready(&self, now: u64) -> bool {
         self.ready.iter().next().is_some_and(|(at, _)| *at <= now)

@@ -87,6 +87,8 @@ async fn serve(config: Config, path: std::path::PathBuf) -> Result<(), Failure> 
     let pool_metrics = PoolMetrics::register(&metrics);
     let gateway_metrics = GatewayMetrics::register(&metrics);
     let queues = Arc::new(surge_queue::Queues::open(&config.queues)?);
+    let queue_metrics = surge_queue::QueueMetrics(Arc::clone(&queues));
+    metrics.register(|registry| registry.register_collector(Box::new(queue_metrics)));
     let pools = Arc::new(Pools::start(&config.pools(), Arc::new(ProcessDriver), &pool_metrics));
     let store = surge_gateway::RateStore::connect(config.redis.as_deref()).await?;
     let gateway: LiveGateway = Arc::new(ArcSwap::from_pointee(Gateway::new(

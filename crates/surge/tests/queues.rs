@@ -50,7 +50,7 @@ backoff = {{ base = "20ms", cap = "50ms" }}
 [workers.workers]
 command = "{{echo}}"
 queue = "jobs"
-path = "/work"
+path = "/job"
 {instances}
 env = {{ SURGE_ECHO_JOURNAL = "{}" }}
 {worker}
@@ -126,6 +126,9 @@ async fn published_messages_are_pushed_to_workers_and_acked() {
         (0, 0, 102, 102),
         "{status:?}"
     );
+    let metrics = surge.metrics().await;
+    assert!(metrics.contains("surge_queue_acked_total{queue=\"jobs\"} 102"), "{metrics}");
+    assert!(metrics.contains("surge_queue_messages{queue=\"jobs\",state=\"ready\"} 0"), "{metrics}");
 
     // The gateway does not publish to a queue that did not opt in.
     let answer = surge.request(Method::POST, "/queues/jobs/messages", &[], Bytes::from("x")).await;
@@ -307,4 +310,44 @@ async fn sigkill_during_publish_and_consume_loses_no_acknowledged_message() {
         "too few publishes got through to prove anything: {}",
         acknowledged.len()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_pool_at_zero_scales_out_for_its_backlog_and_back_to_zero() {
+    let dir = tempfile::tempdir().expect("dir");
+    let journal_path = dir.path().join("journal");
+    let worker = "prefetch = 2\ninstances = { min = 0, max = 3, initial = 0 }\n\
+                  autoscale = { target = 2, stable_window = \"4s\", panic_window = \"2s\", scale_down_delay = \"0s\", idle_window = \"2s\" }";
+    let surge = Surge::start(&config(&journal_path, "", worker)).await;
+    assert!(surge.service("workers").await.instances.is_empty());
+
+    let mut ids = BTreeSet::new();
+    for _ in 0..30 {
+        ids.insert(publish(&surge, "delay=100ms").await.id);
+    }
+    let mut peak = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        peak = peak.max(surge.service("workers").await.instances.len());
+        let done: BTreeSet<String> = journal(&journal_path).into_iter().map(|w| w.id).collect();
+        if done == ids {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not all worked: {} of {}\n{}",
+            done.len(),
+            ids.len(),
+            surge.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(surge.log().contains("workers: scaling from zero"), "{}", surge.log());
+    // 30 messages of 100 ms, two at a time per instance: the backlog asks for more than one.
+    assert!(peak >= 2, "peak of {peak} instances\n{}", surge.log());
+    surge
+        .wait_for("the idle worker pool back at zero", |s| {
+            s.iter().any(|p| p.service == "workers" && p.desired == 0 && p.instances.is_empty())
+        })
+        .await;
 }
