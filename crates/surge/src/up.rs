@@ -48,6 +48,8 @@ async fn bind(addr: SocketAddr, site: &Site) -> Result<TcpListener, Failure> {
 }
 
 async fn serve(config: Config, path: std::path::PathBuf) -> Result<(), Failure> {
+    // First, so that no signal finds its default action (SIGXFSZ's would kill surge).
+    let mut signals = Signals::new()?;
     let upstream_tls = surge_tls::check_upstreams(&config.services);
     if !upstream_tls.is_empty() {
         return Err(Failure::Config(surge_config::ConfigErrors(upstream_tls)));
@@ -170,7 +172,6 @@ async fn serve(config: Config, path: std::path::PathBuf) -> Result<(), Failure> 
         metrics: gateway_metrics,
         store,
     };
-    let mut signals = Signals::new()?;
     let first = loop {
         let reply = tokio::select! {
             signal = signals.next() => match signal {
@@ -229,6 +230,9 @@ struct Signals {
     interrupt: tokio::signal::unix::Signal,
     terminate: tokio::signal::unix::Signal,
     hangup: tokio::signal::unix::Signal,
+    /// Taken so that a write past the file-size limit fails with EFBIG (a publish answered
+    /// 503) instead of killing surge.
+    _file_too_large: tokio::signal::unix::Signal,
 }
 
 enum Signal {
@@ -245,6 +249,7 @@ impl Signals {
             interrupt: listen(SignalKind::interrupt())?,
             terminate: listen(SignalKind::terminate())?,
             hangup: listen(SignalKind::hangup())?,
+            _file_too_large: listen(SignalKind::from_raw(libc::SIGXFSZ))?,
         })
     }
 

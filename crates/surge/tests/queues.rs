@@ -351,3 +351,37 @@ async fn a_worker_pool_at_zero_scales_out_for_its_backlog_and_back_to_zero() {
         })
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_publishes_cleanly_and_loses_nothing_acknowledged() {
+    let mut surge =
+        Surge::start("[services.web]\ncommand = \"{echo}\"\nroutes = [\"/\"]\n\n[queues.jobs]\n").await;
+    // The queue's log may grow to 64 KiB: a disk that fills up.
+    surge.kill_and_restart(&["prlimit", "--fsize=65536"]);
+    let payload = Bytes::from(vec![b'x'; 1000]);
+    let mut acknowledged = BTreeSet::new();
+    let refusal = loop {
+        let answer = surge.admin(Method::POST, "/queues/jobs/messages", &[], payload.clone()).await;
+        if answer.status != StatusCode::ACCEPTED {
+            break answer;
+        }
+        let published: PublishedJson = serde_json::from_slice(&answer.body).expect("JSON");
+        acknowledged.insert(published.id);
+        assert!(acknowledged.len() < 1_000, "the file-size limit never hit");
+    };
+    assert_eq!(refusal.status, StatusCode::SERVICE_UNAVAILABLE);
+    let error = String::from_utf8_lossy(&refusal.body).into_owned();
+    assert!(
+        error.contains("could not store the message on disk") && error.contains("nothing was enqueued"),
+        "{error}"
+    );
+    assert!(acknowledged.len() > 10, "{}", acknowledged.len());
+    // Surge goes on serving the rest, and the queue what it holds.
+    assert_eq!(surge.get("/").await.status, StatusCode::OK);
+    assert_eq!(queue_status(&surge).await.ready, acknowledged.len() as u64);
+
+    // With room again, every acknowledged message is there, and publishing works.
+    surge.kill_and_restart(&[]);
+    assert_eq!(queue_status(&surge).await.ready, acknowledged.len() as u64);
+    publish(&surge, "after").await;
+}
