@@ -48,6 +48,8 @@ pub struct QueueConfig {
     pub max_size: Option<u64>,
     /// The largest payload one message may carry.
     pub max_payload: u64,
+    /// How long the answer to an async route's request is kept for `GET /jobs/ID`.
+    pub result_ttl: Duration,
     /// Who may publish: the admin API always; the gateway too when public.
     pub publish: Publish,
     /// A repeated `Idempotency-Key` within this window names the first message.
@@ -309,6 +311,8 @@ pub struct Route {
     pub rate_limit: Option<RateLimit>,
     /// Overrides `gateway.max_body` for this route.
     pub max_body: Option<u64>,
+    /// Its requests go to this queue, answered 202 with where to find the result.
+    pub async_queue: Option<String>,
 }
 
 /// A token bucket per client: `rate` requests per `per`, bursts of up to `burst`.

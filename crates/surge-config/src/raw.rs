@@ -44,6 +44,7 @@ pub(crate) struct RawQueue {
     pub max_messages: Option<Spanned<u64>>,
     pub max_size: Option<ByteSize>,
     pub max_payload: Option<ByteSize>,
+    pub result_ttl: Option<Spanned<Duration>>,
     pub publish: Option<Spanned<String>>,
     pub idempotency_window: Option<Spanned<Duration>>,
 }
@@ -333,6 +334,8 @@ pub(crate) struct RawRoute {
     pub retry: bool,
     pub rate_limit: Option<RawRateLimit>,
     pub max_body: Option<ByteSize>,
+    /// The queue its requests are enqueued to, answered 202 (an async request-reply route).
+    pub async_queue: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -366,6 +369,8 @@ impl<'de> Deserialize<'de> for RawRoute {
             retry: bool,
             rate_limit: Option<RawRateLimit>,
             max_body: Option<ByteSize>,
+            #[serde(rename = "async")]
+            async_queue: Option<String>,
         }
         fn root() -> String {
             "/".to_owned()
@@ -384,6 +389,7 @@ impl<'de> Deserialize<'de> for RawRoute {
                     retry: false,
                     rate_limit: None,
                     max_body: None,
+                    async_queue: None,
                 })
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawRoute, A::Error> {
@@ -394,6 +400,7 @@ impl<'de> Deserialize<'de> for RawRoute {
                     retry: table.retry,
                     rate_limit: table.rate_limit,
                     max_body: table.max_body,
+                    async_queue: table.async_queue,
                 })
             }
         }

@@ -27,7 +27,8 @@ const DEFAULT_MAX_CONNECTIONS: usize = 16 * 1024;
 const MAX_WEIGHT: u32 = 256;
 
 pub(crate) fn validate(raw: RawConfig, source: &str, file: &Path) -> Result<Config, ConfigErrors> {
-    let mut v = Validator { source, file, errors: Vec::new() };
+    let mut v =
+        Validator { source, file, errors: Vec::new(), queue_names: raw.queues.keys().cloned().collect() };
     let gateway = v.gateway(raw.gateway);
     let admin = v.admin(raw.admin);
     // Port 0 asks the kernel for any free port, so two of them never clash.
@@ -92,6 +93,8 @@ struct Validator<'a> {
     source: &'a str,
     file: &'a Path,
     errors: Vec<ConfigError>,
+    /// The queues defined, for routes and workers to name.
+    queue_names: Vec<String>,
 }
 
 impl Validator<'_> {
@@ -632,7 +635,20 @@ impl Validator<'_> {
         for (index, route) in raw.into_inner().into_iter().enumerate() {
             let span = route.span();
             let route_key = format!("{key}[{index}]");
-            let raw::RawRoute { prefix, host, retry, rate_limit, max_body } = route.into_inner();
+            let raw::RawRoute { prefix, host, retry, rate_limit, max_body, async_queue } = route.into_inner();
+            if let Some(queue) = async_queue.as_ref().filter(|q| !self.queue_names.contains(q)) {
+                let known = if self.queue_names.is_empty() {
+                    "none is defined".to_owned()
+                } else {
+                    self.queue_names.join(", ")
+                };
+                self.error(
+                    span,
+                    format!("{route_key}.async"),
+                    format!("no queue is named \"{queue}\" (queues: {known})"),
+                );
+                continue;
+            }
             let rate_limit = match rate_limit.map(to_rate_limit) {
                 Some(Err(message)) => {
                     self.error(span, format!("{route_key}.rate_limit"), message);
@@ -656,7 +672,8 @@ impl Validator<'_> {
                 host => host.map(|h| h.to_ascii_lowercase()),
             };
             let max_body = max_body.map(|size| size.0);
-            let normalised = Route { prefix: normalise_prefix(&prefix), host, retry, rate_limit, max_body };
+            let normalised =
+                Route { prefix: normalise_prefix(&prefix), host, retry, rate_limit, max_body, async_queue };
             let site = self.site(span, route_key);
             if let Some(earlier) = table.insert(&normalised, service, &prefix, site.clone()) {
                 self.errors.push(site.error(earlier));

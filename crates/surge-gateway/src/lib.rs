@@ -11,6 +11,7 @@ mod client;
 mod error;
 mod path;
 mod problem;
+mod queues;
 mod ratelimit;
 mod router;
 pub mod server;
@@ -47,6 +48,8 @@ pub struct Gateway {
     services: Vec<stack::ServiceStack>,
     /// Queues the gateway may publish to (`publish = "public"`).
     queues: Arc<surge_queue::Queues>,
+    /// Queues of async routes, whose jobs `GET /jobs/ID` reports on.
+    job_queues: Vec<Arc<surge_queue::Queue>>,
     max_body: u64,
     metrics: GatewayMetrics,
     trusted_proxies: Vec<ipnet::IpNet>,
@@ -59,6 +62,8 @@ struct RouteTarget {
     retry: bool,
     limiter: Option<Arc<RateLimiter>>,
     max_body: u64,
+    /// An async route: its requests are enqueued here and answered 202.
+    async_queue: Option<Arc<surge_queue::Queue>>,
 }
 
 impl Gateway {
@@ -72,6 +77,7 @@ impl Gateway {
     ) -> Self {
         let mut routes = Vec::new();
         let mut services = Vec::new();
+        let mut job_queues = Vec::new();
         for service in &config.services {
             let Some(pool) = pools.iter().find(|pool| pool.name() == service.name) else { continue };
             let index = services.len();
@@ -82,7 +88,17 @@ impl Gateway {
                     Arc::new(RateLimiter::new(limit, name, store.clone()))
                 });
                 let max_body = route.max_body.unwrap_or(config.gateway.max_body);
-                (route.clone(), RouteTarget { service: index, retry: route.retry, limiter, max_body })
+                let async_queue = route.async_queue.as_deref().and_then(|name| queues.get(name)).cloned();
+                if let Some(queue) = &async_queue {
+                    if !job_queues.iter().any(|known: &Arc<surge_queue::Queue>| known.name() == queue.name())
+                    {
+                        job_queues.push(Arc::clone(queue));
+                    }
+                }
+                (
+                    route.clone(),
+                    RouteTarget { service: index, retry: route.retry, limiter, max_body, async_queue },
+                )
             }));
             let stack = stack::build(pool, &metrics);
             services.push(stack);
@@ -94,6 +110,7 @@ impl Gateway {
             router: Router::new(routes),
             services,
             queues,
+            job_queues,
             max_body,
             metrics,
             trusted_proxies,
@@ -117,11 +134,14 @@ impl Gateway {
             Ok(host) => host,
             Err(err) => return Handled::Answered { response: Some(err.into_response()) },
         };
-        if let Some(queue) = publish_target(&gateway.queues, &request) {
+        if let Some(queue) = queues::publish_target(&gateway.queues, &request) {
             if let Err(err) = request.body_mut().limit(gateway.max_body) {
                 return Handled::Answered { response: Some(GatewayError::client_body(&err).into_response()) };
             }
-            return Handled::Limited { response: Box::pin(publish(queue, request)) };
+            return Handled::Limited { response: Box::pin(queues::publish(queue, request)) };
+        }
+        if let Some(queue) = queues::job_target(&gateway.job_queues, &request) {
+            return Handled::Limited { response: Box::pin(queues::job(queue, request)) };
         }
         let Some(target) = gateway.router.route(host, request.uri().path()) else {
             gateway.metrics.unrouted.inc();
@@ -144,6 +164,17 @@ impl Gateway {
                 client.trusted = gateway.trusted_proxies.iter().any(|net| net.contains(&ip));
             }
         }
+        if let Some(queue) = &target.async_queue {
+            let (gateway, queue, limiter) = (Arc::clone(gateway), Arc::clone(queue), target.limiter.clone());
+            return Handled::Limited {
+                response: Box::pin(async move {
+                    if let Some(refused) = gateway.over_limit(limiter.as_deref(), &request).await {
+                        return refused;
+                    }
+                    queues::enqueue(queue, request).await
+                }),
+            };
+        }
         let stack = gateway.services[target.service].clone();
         let Some(limiter) = &target.limiter else {
             return Handled::Stack { response: stack.oneshot(request) };
@@ -151,56 +182,36 @@ impl Gateway {
         let (gateway, limiter) = (Arc::clone(gateway), Arc::clone(limiter));
         Handled::Limited {
             response: Box::pin(async move {
-                let client_ip = match request.extensions().get::<ClientAddr>() {
-                    Some(client) if client.trusted => {
-                        forwarded_client(request.headers(), client.addr.ip(), &gateway.trusted_proxies)
-                    }
-                    Some(client) => client.addr.ip(),
-                    None => std::net::Ipv4Addr::UNSPECIFIED.into(),
-                };
-                let verdict = limiter.check(&limiter.key(request.headers(), client_ip)).await;
-                if !verdict.allowed {
-                    gateway.metrics.rate_limited.inc();
-                    return GatewayError::RateLimited { limit: limiter.limit().rate, verdict }
-                        .into_response();
+                if let Some(refused) = gateway.over_limit(Some(&limiter), &request).await {
+                    return refused;
                 }
                 let Ok(response) = stack.oneshot(request).await;
                 response
             }),
         }
     }
-}
 
-/// The queue a `POST /queues/NAME/messages[:batch]` publishes to, when the queue lets the
-/// gateway publish (`publish = "public"`); other queues' paths route as any other.
-fn publish_target<B>(queues: &surge_queue::Queues, request: &Request<B>) -> Option<Arc<surge_queue::Queue>> {
-    if request.method() != http::Method::POST || queues.is_empty() {
-        return None;
+    /// The 429 for a request past its route's rate limit.
+    async fn over_limit(
+        &self,
+        limiter: Option<&RateLimiter>,
+        request: &Request<ClientBody>,
+    ) -> Option<Response<GatewayBody>> {
+        let limiter = limiter?;
+        let client_ip = match request.extensions().get::<ClientAddr>() {
+            Some(client) if client.trusted => {
+                forwarded_client(request.headers(), client.addr.ip(), &self.trusted_proxies)
+            }
+            Some(client) => client.addr.ip(),
+            None => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        };
+        let verdict = limiter.check(&limiter.key(request.headers(), client_ip)).await;
+        if verdict.allowed {
+            return None;
+        }
+        self.metrics.rate_limited.inc();
+        Some(GatewayError::RateLimited { limit: limiter.limit().rate, verdict }.into_response())
     }
-    let rest = request.uri().path().strip_prefix("/queues/")?;
-    let name = rest.strip_suffix("/messages").or_else(|| rest.strip_suffix("/messages:batch"))?;
-    queues.public(name).cloned()
-}
-
-async fn publish(queue: Arc<surge_queue::Queue>, request: Request<ClientBody>) -> Response<GatewayBody> {
-    use http_body_util::BodyExt;
-    let batch = request.uri().path().ends_with(":batch");
-    let (parts, body) = request.into_parts();
-    let body = match body.collect().await {
-        Ok(body) => body.to_bytes(),
-        Err(err) => return GatewayError::client_body(&*err).into_response(),
-    };
-    let (status, json) = if batch {
-        surge_queue::http::publish_batch(&queue, &body).await
-    } else {
-        surge_queue::http::publish_one(&queue, &parts.headers, body).await
-    };
-    let mut response = Response::new(GatewayBody::full(bytes::Bytes::from(json.to_string())));
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
-    response
 }
 
 /// The client behind trusted proxies: the last address in `X-Forwarded-For` that is not one

@@ -55,6 +55,7 @@ mod tests {
             retry: false,
             rate_limit: None,
             max_body: None,
+            async_queue: None,
         }
     }
 

@@ -20,6 +20,7 @@ use surge_config::WorkerConfig;
 use surge_pool::{InFlight, Pool};
 use tokio::sync::watch;
 
+use crate::job::{decode_request, JobAnswer, REQUEST_TYPE};
 use crate::state::{Delivery, Failed};
 use crate::{http::id_text, Queue};
 
@@ -126,7 +127,7 @@ impl Drop for Waiting<'_> {
 
 /// How one delivery ended.
 enum Answer {
-    Status { status: StatusCode, retry_after: Option<SystemTime>, snippet: String },
+    Status { status: StatusCode, retry_after: Option<SystemTime>, headers: http::HeaderMap, body: Bytes },
     Broken { refused: bool, error: String },
     TimedOut,
 }
@@ -149,14 +150,22 @@ async fn send(
     };
     let instance = Arc::clone(slot.instance());
     let left = Duration::from_millis(delivery.until.saturating_sub(crate::now_ms())).min(worker.timeout);
-    let request = request(&instance.addr.to_string(), queue.name(), worker, &delivery, payload, left);
+    let job = delivery.content_type.as_deref() == Some(REQUEST_TYPE);
+    let request = match request(&instance.addr.to_string(), queue.name(), worker, &delivery, payload, left) {
+        Ok(request) => request,
+        Err(problem) => {
+            slot.cancel();
+            settle_failure(queue, &delivery, &problem);
+            return;
+        }
+    };
     let answer = match tokio::time::timeout(worker.timeout, exchange(client, request)).await {
         Ok(answer) => answer,
         Err(_) => Answer::TimedOut,
     };
     let id = delivery.id;
     match answer {
-        Answer::Status { status, .. } if status.is_success() => {
+        Answer::Status { status, headers, body, .. } if status.is_success() => {
             pool.report(&mut slot, true);
             if queue.ack(id, delivery.token).is_err() {
                 tracing::debug!(
@@ -164,6 +173,8 @@ async fn send(
                     queue.name(),
                     id_text(id)
                 );
+            } else if job {
+                queue.keep_answer(id, JobAnswer { status, headers, body });
             }
         }
         Answer::Status { status, retry_after: Some(at), .. }
@@ -172,10 +183,11 @@ async fn send(
             pool.report(&mut slot, true);
             let _ = queue.defer(id, delivery.token, at);
         }
-        Answer::Status { status, snippet, .. } => {
+        Answer::Status { status, body, .. } => {
             // A 4xx is about the message, not the instance.
             pool.report(&mut slot, status.is_client_error());
-            let snippet = if snippet.is_empty() { String::new() } else { format!(": {snippet}") };
+            let text = String::from_utf8_lossy(&body[..body.len().min(ERROR_SNIPPET)]).trim().to_owned();
+            let snippet = if text.is_empty() { String::new() } else { format!(": {text}") };
             settle_failure(queue, &delivery, &format!("{} answered {status}{snippet}", instance.id));
         }
         Answer::Broken { refused, error } => {
@@ -215,6 +227,8 @@ fn settle_failure(queue: &Queue, delivery: &Delivery, error: &str) {
     }
 }
 
+/// The delivery as a request: a POST of the payload to the worker's path, or, for a job, the
+/// request that was enqueued, as it was sent.
 fn request(
     addr: &str,
     queue: &str,
@@ -222,10 +236,21 @@ fn request(
     delivery: &Delivery,
     payload: Bytes,
     left: Duration,
-) -> Request<Full<Bytes>> {
-    let mut request = Request::new(Full::new(payload));
-    *request.method_mut() = http::Method::POST;
-    *request.uri_mut() = format!("http://{addr}{}", worker.path).parse().unwrap_or_default();
+) -> Result<Request<Full<Bytes>>, String> {
+    let (method, target, stored_headers, body) = if delivery.content_type.as_deref() == Some(REQUEST_TYPE) {
+        let stored = decode_request(&payload)?;
+        (stored.method, stored.target, Some(stored.headers), stored.body)
+    } else {
+        (http::Method::POST, worker.path.clone(), None, payload)
+    };
+    let mut request = Request::new(Full::new(body));
+    *request.method_mut() = method;
+    *request.uri_mut() = format!("http://{addr}{target}")
+        .parse()
+        .map_err(|err| format!("the request target does not parse: {err}"))?;
+    if let Some(stored) = stored_headers {
+        *request.headers_mut() = stored;
+    }
     let headers = request.headers_mut();
     let enqueued = SystemTime::UNIX_EPOCH + Duration::from_millis(delivery.enqueued_at);
     let fields = [
@@ -240,10 +265,11 @@ fn request(
             headers.insert(name, value);
         }
     }
-    if let Some(value) = delivery.content_type.as_deref().and_then(|t| HeaderValue::from_str(t).ok()) {
+    let own_type = delivery.content_type.as_deref().filter(|t| *t != REQUEST_TYPE);
+    if let Some(value) = own_type.and_then(|t| HeaderValue::from_str(t).ok()) {
         headers.insert(CONTENT_TYPE, value);
     }
-    request
+    Ok(request)
 }
 
 async fn exchange(client: &HttpClient, request: Request<Full<Bytes>>) -> Answer {
@@ -257,21 +283,15 @@ async fn exchange(client: &HttpClient, request: Request<Full<Bytes>>) -> Answer 
     };
     let status = response.status();
     let retry_after = response.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(retry_after);
-    let snippet = if status.is_success() {
-        // Read to the end, so the connection can be reused.
-        let _ = response.into_body().collect().await;
-        String::new()
-    } else {
-        match response.into_body().collect().await {
-            Ok(body) => {
-                let body = body.to_bytes();
-                let text = String::from_utf8_lossy(&body[..body.len().min(ERROR_SNIPPET)]);
-                text.trim().to_owned()
-            }
-            Err(err) => format!("(the body broke off: {err})"),
-        }
-    };
-    Answer::Status { status, retry_after, snippet }
+    let (parts, body) = response.into_parts();
+    // Read to the end, so the connection can be reused.
+    match body.collect().await {
+        Ok(body) => Answer::Status { status, retry_after, headers: parts.headers, body: body.to_bytes() },
+        Err(err) => Answer::Broken {
+            refused: false,
+            error: format!("answered {status}, then the body broke off: {err}"),
+        },
+    }
 }
 
 /// `Retry-After` as seconds or an HTTP date.

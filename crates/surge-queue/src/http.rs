@@ -177,7 +177,7 @@ fn error(status: StatusCode, message: impl Into<String>) -> Answer {
 }
 
 /// The status a failed publish gets: 413 too large, 507 full, 503 not stored.
-fn refused(err: &PublishError) -> Answer {
+pub fn refused(err: &PublishError) -> Answer {
     let status = match err {
         PublishError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         PublishError::Full { .. } => StatusCode::INSUFFICIENT_STORAGE,

@@ -5,6 +5,7 @@
 
 pub mod deliver;
 pub mod http;
+pub mod job;
 mod log;
 mod queue;
 pub mod record;

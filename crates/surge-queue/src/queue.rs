@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use tokio::sync::{oneshot, Notify};
 
+use crate::job::{job_id, Answers, JobAnswer, JobJson};
 use crate::log::{Log, OpenError, Recovered};
 use crate::record::{Record, Stored};
 use crate::state::{Counts, DeadLetter, Delivery, Failed, Location, QueueState, Settings, Stale};
@@ -31,6 +32,8 @@ pub struct Limits {
     /// The size at which the log starts a new segment file ([`crate::SEGMENT_SIZE`] unless
     /// tests need small ones).
     pub segment_size: u64,
+    /// How long a job's answer is kept for `GET /jobs/ID`.
+    pub result_ttl: Duration,
 }
 
 /// A message to publish.
@@ -67,6 +70,9 @@ pub struct Queue {
     log: Log,
     ready: Notify,
     totals: Totals,
+    /// Workers' answers to async requests, and a wake-up for those waiting for one.
+    answers: Mutex<Answers>,
+    answered: Notify,
 }
 
 /// Counts since the queue was opened, for `/status` and `/metrics`.
@@ -129,6 +135,8 @@ impl Queue {
             log,
             ready: Notify::new(),
             totals: Totals::default(),
+            answers: Mutex::new(Answers::default()),
+            answered: Notify::new(),
         };
         Ok((Arc::new(queue), recovered))
     }
@@ -405,6 +413,40 @@ impl Queue {
     pub fn renew(&self, id: u64, token: u64) -> Result<SystemTime, Stale> {
         let until = self.lock().state.renew(id, token, now_ms())?;
         Ok(UNIX_EPOCH + Duration::from_millis(until))
+    }
+
+    /// Keeps a worker's answer to an async request, for `GET /jobs/ID`.
+    pub fn keep_answer(&self, id: u64, answer: JobAnswer) {
+        let mut answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
+        answers.keep(id, answer, self.limits.result_ttl, std::time::Instant::now());
+        drop(answers);
+        self.answered.notify_waiters();
+    }
+
+    /// A job's answer, waiting for it up to `wait`; or where the job is.
+    pub async fn job(&self, id: u64, wait: Duration) -> Result<JobAnswer, JobJson> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let answered = self.answered.notified();
+            tokio::pin!(answered);
+            answered.as_mut().enable();
+            if let Some(answer) =
+                self.answers.lock().unwrap_or_else(|p| p.into_inner()).get(id, std::time::Instant::now())
+            {
+                return Ok(answer);
+            }
+            let (state, attempts, error) = match self.lock().state.job_status(id) {
+                Some((state, attempts, error)) => (state, attempts, error.map(|e| e.to_string())),
+                None => ("unknown", 0, None),
+            };
+            let pending = JobJson { id: job_id(&self.name, id), state: state.to_owned(), attempts, error };
+            if matches!(state, "dead" | "unknown") || tokio::time::Instant::now() >= deadline {
+                return Err(pending);
+            }
+            if tokio::time::timeout_at(deadline, answered).await.is_err() {
+                return Err(pending);
+            }
+        }
     }
 
     pub fn counts(&self) -> Counts {

@@ -41,6 +41,7 @@ impl Queues {
                 max_bytes: config.max_size,
                 max_payload: config.max_payload,
                 segment_size: SEGMENT_SIZE,
+                result_ttl: config.result_ttl,
             };
             match Queue::open(&config.name, &config.dir, settings, limits) {
                 Ok((queue, recovered)) => {

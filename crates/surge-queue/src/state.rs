@@ -327,6 +327,19 @@ impl QueueState {
         self.ready.iter().next().is_some_and(|(at, _)| *at <= now)
     }
 
+    /// Where a message is, as a job: queued, retrying (failed before), running or dead, with
+    /// its failed attempts and last error; `None` once it is gone.
+    pub fn job_status(&self, id: u64) -> Option<(&'static str, u32, Option<Arc<str>>)> {
+        let entry = self.messages.get(&id)?;
+        let state = match entry.status {
+            Status::Ready { .. } if entry.attempts > 0 => "retrying",
+            Status::Ready { .. } => "queued",
+            Status::Leased { .. } => "running",
+            Status::Dead => "dead",
+        };
+        Some((state, entry.attempts, entry.last_error.clone()))
+    }
+
     pub fn dead_letters(&self, limit: usize) -> Vec<DeadLetter> {
         self.dead
             .iter()

@@ -22,6 +22,7 @@ const LIMITS: Limits = Limits {
     max_bytes: None,
     max_payload: 1 << 20,
     segment_size: surge_queue::SEGMENT_SIZE,
+    result_ttl: std::time::Duration::from_secs(60),
 };
 
 fn open(dir: &Path) -> Arc<Queue> {

@@ -385,3 +385,61 @@ async fn a_full_disk_fails_publishes_cleanly_and_loses_nothing_acknowledged() {
     assert_eq!(queue_status(&surge).await.ready, acknowledged.len() as u64);
     publish(&surge, "after").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_async_route_answers_202_and_the_job_result_is_fetched() {
+    let surge = Surge::start(
+        r#"
+[queues.reports]
+max_attempts = 2
+backoff = { base = "20ms", cap = "20ms" }
+
+[services.web]
+command = "{echo}"
+routes = ["/", { prefix = "/reports", async = "reports" }]
+
+[workers.reporters]
+command = "{echo}"
+queue = "reports"
+"#,
+    )
+    .await;
+    let headers = [("x-user", "ada"), ("content-type", "text/plain")];
+    let accepted = surge.request(Method::POST, "/reports/7?format=pdf", &headers, Bytes::from("hello")).await;
+    assert_eq!(accepted.status, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&accepted.body));
+    let location =
+        accepted.headers.get("location").and_then(|v| v.to_str().ok()).expect("Location").to_owned();
+    assert!(location.starts_with("/jobs/reports-"), "{location}");
+    assert!(accepted.headers.contains_key("retry-after"));
+
+    // The worker got the request as it was sent; its answer is the job's.
+    let done = surge.request(Method::GET, &location, &[("prefer", "wait=10")], Bytes::new()).await;
+    assert_eq!(done.status, StatusCode::OK, "{}", String::from_utf8_lossy(&done.body));
+    assert_eq!(done.headers.get("x-surge-job-state").map(|v| v.as_bytes()), Some(&b"done"[..]));
+    let echoed = done.json();
+    assert_eq!(echoed["method"], "POST");
+    assert_eq!(echoed["path"], "/reports/7");
+    assert_eq!(echoed["query"], "format=pdf");
+    assert_eq!(echoed["headers"]["x-user"], "ada");
+    assert_eq!(echoed["body_bytes"], 5);
+
+    // A job the worker keeps failing ends dead, and says why.
+    let accepted = surge.request(Method::POST, "/reports/x?status=500", &[], Bytes::new()).await;
+    let location =
+        accepted.headers.get("location").and_then(|v| v.to_str().ok()).expect("Location").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let dead = loop {
+        let answer = surge.request(Method::GET, &location, &[], Bytes::new()).await;
+        let state = answer.json();
+        if state["state"] == "dead" {
+            break state;
+        }
+        assert!(Instant::now() < deadline, "never dead: {state}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(dead["attempts"], 2);
+    assert!(dead["error"].as_str().is_some_and(|e| e.contains("answered 500")), "{dead}");
+
+    let unknown = surge.request(Method::GET, "/jobs/reports-00000000000000ff", &[], Bytes::new()).await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+}

@@ -82,6 +82,8 @@ impl Validator<'_> {
                 }
             },
         };
+        let result_ttl =
+            self.duration(raw.result_ttl, format!("{key}.result_ttl"), Duration::from_secs(3600));
         let idempotency_window = self.duration(
             raw.idempotency_window,
             format!("{key}.idempotency_window"),
@@ -109,6 +111,7 @@ impl Validator<'_> {
             max_messages,
             max_size: raw.max_size.map(|size| size.0),
             max_payload: raw.max_payload.map_or(DEFAULT_MAX_PAYLOAD, |size| size.0),
+            result_ttl,
             publish,
             idempotency_window,
         })

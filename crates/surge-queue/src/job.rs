@@ -1,0 +1,170 @@
+//! Async request-reply: a request to an `async` route becomes a message whose payload is the
+//! request itself (`message/http`: its head as HTTP/1.1 writes it, then its body). The worker
+//! gets that request as it was sent, and its answer is kept for `GET /jobs/ID` for the queue's
+//! `result_ttl` (in memory: after a restart a job still runs, but an answer given before it is
+//! gone).
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode};
+use serde::{Deserialize, Serialize};
+
+/// The media type of a message that is an HTTP request (RFC 9112, section 10.1).
+pub const REQUEST_TYPE: &str = "message/http";
+/// Fields that belong to one connection, not to the request: not kept.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+];
+
+/// A request as a message payload.
+pub fn encode_request(method: &Method, target: &str, headers: &HeaderMap, body: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(256 + body.len());
+    out.extend_from_slice(format!("{method} {target} HTTP/1.1\r\n").as_bytes());
+    for (name, value) in headers.iter().filter(|(name, _)| !HOP_BY_HOP.contains(&name.as_str())) {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+    out.freeze()
+}
+
+/// A request read back from its payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRequest {
+    pub method: Method,
+    pub target: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+pub fn decode_request(payload: &Bytes) -> Result<StoredRequest, String> {
+    let mut fields = [httparse::EMPTY_HEADER; 128];
+    let mut head = httparse::Request::new(&mut fields);
+    let length = match head.parse(payload) {
+        Ok(httparse::Status::Complete(length)) => length,
+        Ok(httparse::Status::Partial) => return Err("the stored request's head is cut short".into()),
+        Err(err) => return Err(format!("the stored request does not parse: {err}")),
+    };
+    let method = head.method.and_then(|m| Method::from_bytes(m.as_bytes()).ok()).ok_or("no method")?;
+    let target = head.path.ok_or("no target")?.to_owned();
+    let mut headers = HeaderMap::new();
+    for field in head.headers.iter() {
+        if let (Ok(name), Ok(value)) =
+            (HeaderName::from_bytes(field.name.as_bytes()), HeaderValue::from_bytes(field.value))
+        {
+            headers.append(name, value);
+        }
+    }
+    Ok(StoredRequest { method, target, headers, body: payload.slice(length..) })
+}
+
+/// A worker's answer to a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobAnswer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// Answers kept until they expire, oldest first.
+#[derive(Debug, Default)]
+pub struct Answers {
+    by_id: HashMap<u64, JobAnswer>,
+    expiry: VecDeque<(Instant, u64)>,
+}
+
+impl Answers {
+    pub fn keep(&mut self, id: u64, answer: JobAnswer, ttl: Duration, now: Instant) {
+        self.forget_expired(now);
+        if self.by_id.insert(id, answer).is_none() {
+            self.expiry.push_back((now + ttl, id));
+        }
+    }
+
+    pub fn get(&mut self, id: u64, now: Instant) -> Option<JobAnswer> {
+        self.forget_expired(now);
+        self.by_id.get(&id).cloned()
+    }
+
+    fn forget_expired(&mut self, now: Instant) {
+        while let Some(&(expires, id)) = self.expiry.front() {
+            if expires > now {
+                break;
+            }
+            self.expiry.pop_front();
+            self.by_id.remove(&id);
+        }
+    }
+}
+
+/// Where a job is, as `GET /jobs/ID` says while it has no answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct JobJson {
+    pub id: String,
+    /// queued, running, retrying, done, dead, or unknown (never seen, or its answer expired).
+    pub state: String,
+    pub attempts: u32,
+    pub error: Option<String>,
+}
+
+/// A job's id as clients see it: its queue, then its message id.
+pub fn job_id(queue: &str, id: u64) -> String {
+    format!("{queue}-{}", crate::http::id_text(id))
+}
+
+/// The queue and message id a job id names.
+pub fn parse_job_id(text: &str) -> Option<(&str, u64)> {
+    let (queue, id) = text.rsplit_once('-')?;
+    Some((queue, crate::http::parse_id(id)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_reads_back_as_it_was_without_its_framing() {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        headers.insert("content-length", HeaderValue::from_static("2"));
+        headers.insert("x-user", HeaderValue::from_static("ada"));
+        let payload = encode_request(&Method::PUT, "/reports/7?format=pdf", &headers, b"{}");
+        let request = decode_request(&payload).expect("decodes");
+        assert_eq!((request.method, request.target.as_str()), (Method::PUT, "/reports/7?format=pdf"));
+        assert_eq!(request.headers.get("x-user").map(|v| v.as_bytes()), Some(&b"ada"[..]));
+        assert!(request.headers.get("content-length").is_none());
+        assert_eq!(request.body, "{}");
+    }
+
+    #[test]
+    fn answers_expire_after_their_time() {
+        let mut answers = Answers::default();
+        let now = Instant::now();
+        let answer =
+            JobAnswer { status: StatusCode::OK, headers: HeaderMap::new(), body: Bytes::from("done") };
+        answers.keep(7, answer.clone(), Duration::from_secs(60), now);
+        assert_eq!(answers.get(7, now + Duration::from_secs(59)), Some(answer));
+        assert_eq!(answers.get(7, now + Duration::from_secs(60)), None);
+    }
+
+    #[test]
+    fn job_ids_name_queue_and_message() {
+        let id = job_id("pdf-reports", 255);
+        assert_eq!(id, "pdf-reports-00000000000000ff");
+        assert_eq!(parse_job_id(&id), Some(("pdf-reports", 255)));
+        assert_eq!(parse_job_id("nodash"), None);
+    }
+}
