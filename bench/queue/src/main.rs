@@ -1,0 +1,248 @@
+//! The embedded queue against RabbitMQ, in one run on this machine.
+//!
+//! - the disk's own fsync latency (a 4 KiB write and `fdatasync`, 2,000 times);
+//! - confirmed publishes: N publishers, each with one publish awaiting its confirmation at a
+//!   time, for DURATION: publishes/s and the latency of each (p50, p99). The embedded queue is
+//!   driven in process (the backend itself, without Surge's HTTP publish API in front);
+//!   RabbitMQ through its client over loopback: a durable queue, persistent messages,
+//!   publisher confirms;
+//! - deliver and ack: draining what was published, 64 unacked at a time (RabbitMQ: `basic_qos`
+//!   64 and a manual ack per message);
+//! - restart: the time to open the embedded queue with PENDING messages in it.
+//!
+//! NATS JetStream is not measured (no client here yet).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_lite::StreamExt;
+use hdrhistogram::Histogram;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use surge_queue::{Limits, NewMessage, Queue, Settings};
+
+const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const PREFETCH: usize = 64;
+
+const SETTINGS: Settings = Settings {
+    max_attempts: 5,
+    lease: 30_000,
+    backoff_base: 1_000,
+    backoff_cap: 300_000,
+    dead_letter: true,
+    idempotency_window: 86_400_000,
+};
+
+fn limits() -> Limits {
+    Limits {
+        max_messages: None,
+        max_bytes: None,
+        max_payload: 1 << 20,
+        segment_size: surge_queue::SEGMENT_SIZE,
+        result_ttl: Duration::from_secs(3600),
+    }
+}
+
+fn env_list(name: &str, default: &[usize]) -> Vec<usize> {
+    std::env::var(name)
+        .ok()
+        .map(|v| v.split_whitespace().filter_map(|n| n.parse().ok()).collect())
+        .unwrap_or_else(|| default.to_vec())
+}
+
+fn env_seconds(name: &str, default: u64) -> Duration {
+    let value = std::env::var(name).unwrap_or_default();
+    Duration::from_secs(value.trim_end_matches('s').parse().unwrap_or(default))
+}
+
+/// What one publish run measured.
+struct Run {
+    published: u64,
+    per_second: f64,
+    latency: Histogram<u64>,
+    drained_per_second: f64,
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
+}
+
+fn fsync_latency(dir: &Path) -> Histogram<u64> {
+    use std::io::Write;
+    let mut file = std::fs::File::create(dir.join("fsync-probe")).expect("probe file");
+    let block = vec![0u8; 4096];
+    let mut latency = histogram();
+    for _ in 0..2_000 {
+        let start = Instant::now();
+        file.write_all(&block).expect("write");
+        file.sync_data().expect("fdatasync");
+        let _ = latency.record(start.elapsed().as_micros() as u64);
+    }
+    latency
+}
+
+async fn embedded(dir: &Path, publishers: usize, size: usize, duration: Duration) -> Run {
+    let folder = tempfile::tempdir_in(dir).expect("queue folder");
+    let (queue, _) = Queue::open("bench", folder.path(), SETTINGS, limits()).expect("open");
+    let payload = Bytes::from(vec![b'x'; size]);
+    let deadline = Instant::now() + duration;
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..publishers)
+        .map(|_| {
+            let (queue, payload) = (Arc::clone(&queue), payload.clone());
+            tokio::spawn(async move {
+                let mut latency = histogram();
+                while Instant::now() < deadline {
+                    let began = Instant::now();
+                    let message = NewMessage { payload: payload.clone(), ..NewMessage::default() };
+                    queue.publish(vec![message]).await.expect("publish");
+                    let _ = latency.record(began.elapsed().as_micros() as u64);
+                }
+                latency
+            })
+        })
+        .collect();
+    let mut latency = histogram();
+    for task in tasks {
+        latency.add(task.await.expect("publisher")).expect("same bounds");
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let published = latency.len();
+    let drain = Instant::now();
+    let mut drained = 0;
+    while drained < published {
+        for delivery in queue.lease(PREFETCH) {
+            let _ = queue.payload(delivery.location).expect("payload");
+            queue.ack(delivery.id, delivery.token).expect("ack");
+            drained += 1;
+        }
+    }
+    Run {
+        published,
+        per_second: published as f64 / elapsed,
+        latency,
+        drained_per_second: drained as f64 / drain.elapsed().as_secs_f64(),
+    }
+}
+
+async fn rabbitmq(publishers: usize, size: usize, duration: Duration) -> Run {
+    let connection = Connection::connect(AMQP, ConnectionProperties::default()).await.expect("RabbitMQ on 5672");
+    let setup = connection.create_channel().await.expect("channel");
+    let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+    setup.queue_declare("surge-bench", durable, FieldTable::default()).await.expect("declare");
+    setup.queue_purge("surge-bench", Default::default()).await.expect("purge");
+    let payload = vec![b'x'; size];
+    let deadline = Instant::now() + duration;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..publishers {
+        let channel = connection.create_channel().await.expect("channel");
+        channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
+        let payload = payload.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latency = histogram();
+            let persistent = BasicProperties::default().with_delivery_mode(2);
+            while Instant::now() < deadline {
+                let began = Instant::now();
+                let confirm = channel
+                    .basic_publish("", "surge-bench", BasicPublishOptions::default(), &payload, persistent.clone())
+                    .await
+                    .expect("publish");
+                let confirmation = confirm.await.expect("confirmation");
+                assert!(confirmation.is_ack(), "RabbitMQ refused a publish");
+                let _ = latency.record(began.elapsed().as_micros() as u64);
+            }
+            latency
+        }));
+    }
+    let mut latency = histogram();
+    for task in tasks {
+        latency.add(task.await.expect("publisher")).expect("same bounds");
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let published = latency.len();
+    let consumer_channel = connection.create_channel().await.expect("channel");
+    consumer_channel.basic_qos(PREFETCH as u16, BasicQosOptions::default()).await.expect("qos");
+    let drain = Instant::now();
+    let mut consumer = consumer_channel
+        .basic_consume("surge-bench", "surge-bench", BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .expect("consume");
+    let mut drained = 0;
+    while drained < published {
+        let Some(delivery) = consumer.next().await else { break };
+        delivery.expect("delivery").ack(BasicAckOptions::default()).await.expect("ack");
+        drained += 1;
+    }
+    let drained_per_second = drained as f64 / drain.elapsed().as_secs_f64();
+    let _ = setup.queue_delete("surge-bench", QueueDeleteOptions::default()).await;
+    let _ = connection.close(200, "done").await;
+    Run { published, per_second: published as f64 / elapsed, latency, drained_per_second }
+}
+
+async fn restart(dir: &Path, pending: usize) -> (Duration, u64) {
+    let folder = tempfile::tempdir_in(dir).expect("queue folder");
+    let (queue, _) = Queue::open("bench", folder.path(), SETTINGS, limits()).expect("open");
+    let payload = Bytes::from_static(b"twelve bytes");
+    for _ in 0..pending / 1_000 {
+        let batch = (0..1_000).map(|_| NewMessage { payload: payload.clone(), ..NewMessage::default() }).collect();
+        queue.publish(batch).await.expect("publish");
+    }
+    drop(queue);
+    let start = Instant::now();
+    let (queue, recovered) = Queue::open("bench", folder.path(), SETTINGS, limits()).expect("reopen");
+    let took = start.elapsed();
+    assert_eq!(queue.counts().ready as usize, pending / 1_000 * 1_000);
+    (took, recovered.records)
+}
+
+fn ms(micros: u64) -> String {
+    format!("{:.2}", micros as f64 / 1000.0)
+}
+
+#[tokio::main]
+async fn main() {
+    let duration = env_seconds("DURATION", 5);
+    let publishers = env_list("PUBLISHERS", &[1, 16, 256]);
+    let sizes = env_list("SIZES", &[12, 1024]);
+    let pending = env_list("PENDING", &[1_000_000])[0];
+    let work = tempfile::tempdir_in(".").expect("a folder on this disk");
+
+    let fsync = fsync_latency(work.path());
+    println!(
+        "fsync of this disk (4 KiB write + fdatasync, 2,000 times): p50 {} ms, p99 {} ms\n",
+        ms(fsync.value_at_quantile(0.5)),
+        ms(fsync.value_at_quantile(0.99))
+    );
+    println!("| size | publishers | backend | publishes/s | p50 ms | p99 ms | deliver+ack/s | embedded / RabbitMQ publishes |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for &size in &sizes {
+        for &count in &publishers {
+            let ours = embedded(work.path(), count, size, duration).await;
+            let theirs = rabbitmq(count, size, duration).await;
+            for (name, run) in [("embedded", &ours), ("RabbitMQ", &theirs)] {
+                let ratio = if name == "embedded" {
+                    format!("{:.2}x", ours.per_second / theirs.per_second.max(f64::MIN_POSITIVE))
+                } else {
+                    String::new()
+                };
+                println!(
+                    "| {size} B | {count} | {name} | {:.0} ({} in all) | {} | {} | {:.0} | {ratio} |",
+                    run.per_second,
+                    run.published,
+                    ms(run.latency.value_at_quantile(0.5)),
+                    ms(run.latency.value_at_quantile(0.99)),
+                    run.drained_per_second
+                );
+            }
+        }
+    }
+    let (took, records) = restart(work.path(), pending).await;
+    println!("\nrestart with {pending} pending 12-byte messages: opened in {:.2} s ({records} records replayed)", took.as_secs_f64());
+}
