@@ -8,6 +8,8 @@
 # RabbitMQ must listen on 127.0.0.1:5672 (guest/guest). Prints a table to append to
 # bench/RESULTS.md.
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/../.."
+cargo build --release --quiet --bin surge
+cd bench/queue
 cargo build --release --quiet
 exec target/release/surge-bench-queue

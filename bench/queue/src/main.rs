@@ -8,6 +8,8 @@
 //!   publisher confirms;
 //! - deliver and ack: draining what was published, 64 unacked at a time (RabbitMQ: `basic_qos`
 //!   64 and a manual ack per message);
+//! - the same publishes through Surge (`surge up`, a queue with `publish = "public"`, HTTP/1.1
+//!   keep-alive connections to the gateway, one per publisher): what a client of Surge sees;
 //! - restart: the time to open the embedded queue with PENDING messages in it.
 //!
 //! NATS JetStream is not measured (no client here yet).
@@ -131,6 +133,89 @@ async fn embedded(dir: &Path, publishers: usize, size: usize, duration: Duration
     }
 }
 
+/// `surge up` on a configuration with one public queue; killed when dropped.
+struct SurgeUp {
+    child: std::process::Child,
+    gateway: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for SurgeUp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a port")
+}
+
+fn surge_up(dir: &Path) -> SurgeUp {
+    let surge = std::env::var("SURGE").unwrap_or_else(|_| "../../target/release/surge".to_owned());
+    let folder = tempfile::tempdir_in(dir).expect("surge folder");
+    let (gateway, admin) = (free_port(), free_port());
+    let config = format!(
+        "[gateway]\nlisten = \"127.0.0.1:{gateway}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+         [queues.bench]\npublish = \"public\"\n\
+         [workers.none]\ncommand = \"true\"\nqueue = \"bench\"\ninstances = {{ min = 0 }}\n"
+    );
+    let path = folder.path().join("surge.toml");
+    std::fs::write(&path, config).expect("config");
+    let child = std::process::Command::new(&surge)
+        .args(["up", "-c"])
+        .arg(&path)
+        .env("SURGE_LOG", "warn")
+        .spawn()
+        .unwrap_or_else(|err| panic!("cannot start {surge} (build it: cargo build --release): {err}"));
+    let address = format!("127.0.0.1:{gateway}");
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(&address).is_ok() {
+            return SurgeUp { child, gateway: address, _dir: folder };
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("surge did not come up");
+}
+
+async fn through_surge(dir: &Path, publishers: usize, size: usize, duration: Duration) -> Run {
+    use hyper_util::client::legacy::Client;
+    let surge = surge_up(dir);
+    let url: hyper::Uri = format!("http://{}/queues/bench/messages", surge.gateway).parse().expect("url");
+    let payload = Bytes::from(vec![b'x'; size]);
+    let deadline = Instant::now() + duration;
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..publishers)
+        .map(|_| {
+            let (url, payload) = (url.clone(), payload.clone());
+            tokio::spawn(async move {
+                // One connection per publisher: a client of its own.
+                let client = Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .pool_max_idle_per_host(1)
+                    .build_http::<http_body_util::Full<Bytes>>();
+                let mut latency = histogram();
+                while Instant::now() < deadline {
+                    let began = Instant::now();
+                    let request = hyper::Request::post(url.clone())
+                        .body(http_body_util::Full::new(payload.clone()))
+                        .expect("request");
+                    let response = client.request(request).await.expect("an answer");
+                    assert_eq!(response.status(), hyper::StatusCode::ACCEPTED, "a publish was refused");
+                    let _ = http_body_util::BodyExt::collect(response.into_body()).await;
+                    let _ = latency.record(began.elapsed().as_micros() as u64);
+                }
+                latency
+            })
+        })
+        .collect();
+    let mut latency = histogram();
+    for task in tasks {
+        latency.add(task.await.expect("publisher")).expect("same bounds");
+    }
+    let published = latency.len();
+    Run { published, per_second: published as f64 / start.elapsed().as_secs_f64(), latency, drained_per_second: f64::NAN }
+}
+
 async fn rabbitmq(publishers: usize, size: usize, duration: Duration) -> Run {
     let connection = Connection::connect(AMQP, ConnectionProperties::default()).await.expect("RabbitMQ on 5672");
     let setup = connection.create_channel().await.expect("channel");
@@ -220,25 +305,27 @@ async fn main() {
         ms(fsync.value_at_quantile(0.5)),
         ms(fsync.value_at_quantile(0.99))
     );
-    println!("| size | publishers | backend | publishes/s | p50 ms | p99 ms | deliver+ack/s | embedded / RabbitMQ publishes |");
+    println!("| size | publishers | backend | publishes/s | p50 ms | p99 ms | deliver+ack/s | publishes / RabbitMQ's |");
     println!("|---|---|---|---|---|---|---|---|");
     for &size in &sizes {
         for &count in &publishers {
             let ours = embedded(work.path(), count, size, duration).await;
+            let http = through_surge(work.path(), count, size, duration).await;
             let theirs = rabbitmq(count, size, duration).await;
-            for (name, run) in [("embedded", &ours), ("RabbitMQ", &theirs)] {
-                let ratio = if name == "embedded" {
-                    format!("{:.2}x", ours.per_second / theirs.per_second.max(f64::MIN_POSITIVE))
-                } else {
+            for (name, run) in [("embedded, in process", &ours), ("Surge over HTTP", &http), ("RabbitMQ", &theirs)] {
+                let ratio = if name == "RabbitMQ" {
                     String::new()
+                } else {
+                    format!("{:.2}x", run.per_second / theirs.per_second.max(f64::MIN_POSITIVE))
                 };
+                let drained =
+                    if run.drained_per_second.is_nan() { "-".to_owned() } else { format!("{:.0}", run.drained_per_second) };
                 println!(
-                    "| {size} B | {count} | {name} | {:.0} ({} in all) | {} | {} | {:.0} | {ratio} |",
+                    "| {size} B | {count} | {name} | {:.0} ({} in all) | {} | {} | {drained} | {ratio} |",
                     run.per_second,
                     run.published,
                     ms(run.latency.value_at_quantile(0.5)),
                     ms(run.latency.value_at_quantile(0.99)),
-                    run.drained_per_second
                 );
             }
         }
