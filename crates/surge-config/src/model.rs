@@ -20,6 +20,18 @@ pub struct Config {
     /// In the order the file declares them.
     pub queues: Vec<QueueConfig>,
     pub workers: Vec<WorkerConfig>,
+    pub schedules: Vec<ScheduleConfig>,
+}
+
+/// A message published to a queue on a cron schedule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduleConfig {
+    pub name: String,
+    /// Five fields (minute to weekday), or six with seconds first; checked when read.
+    pub cron: String,
+    pub queue: String,
+    pub body: String,
+    pub content_type: Option<String>,
 }
 
 impl Config {

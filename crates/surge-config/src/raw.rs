@@ -29,6 +29,18 @@ pub(crate) struct RawConfig {
     pub queues: BTreeMap<String, Spanned<RawQueue>>,
     #[serde(default)]
     pub workers: BTreeMap<String, Spanned<RawWorker>>,
+    #[serde(default)]
+    pub schedules: BTreeMap<String, Spanned<RawSchedule>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSchedule {
+    pub cron: Option<Spanned<String>>,
+    pub queue: Option<Spanned<String>>,
+    #[serde(default)]
+    pub body: String,
+    pub content_type: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -55,6 +55,7 @@ pub(crate) fn validate(raw: RawConfig, source: &str, file: &Path) -> Result<Conf
         .collect();
     let queues = v.queues(raw.queues);
     let workers = v.workers(raw.workers, &queues, &services);
+    let schedules = v.schedules(raw.schedules);
 
     let redis = match raw.store.redis {
         Some(url) if !url.get_ref().starts_with("redis://") && !url.get_ref().starts_with("rediss://") => {
@@ -68,7 +69,7 @@ pub(crate) fn validate(raw: RawConfig, source: &str, file: &Path) -> Result<Conf
         other => other.map(Spanned::into_inner),
     };
     if v.errors.is_empty() {
-        Ok(Config { file: file.to_owned(), gateway, admin, services, redis, queues, workers })
+        Ok(Config { file: file.to_owned(), gateway, admin, services, redis, queues, workers, schedules })
     } else {
         v.errors.sort_by_key(|e| (e.site.line, e.site.column));
         Err(ConfigErrors(v.errors))

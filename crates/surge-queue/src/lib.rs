@@ -10,6 +10,7 @@ mod log;
 mod queue;
 pub mod record;
 mod registry;
+pub mod schedule;
 pub mod state;
 
 pub use log::{OpenError, Recovered, SEGMENT_SIZE};

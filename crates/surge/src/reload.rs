@@ -108,6 +108,7 @@ fn needs_restart(running: &Config, wanted: &Config) -> Vec<&'static str> {
         (running.redis != wanted.redis, "store.redis"),
         (queue_shapes(running) != queue_shapes(wanted), "[queues]"),
         (format!("{:?}", running.workers) != format!("{:?}", wanted.workers), "[workers]"),
+        (running.schedules != wanted.schedules, "[schedules]"),
     ] {
         if changed {
             fixed.push(key);

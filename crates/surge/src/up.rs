@@ -108,6 +108,14 @@ async fn serve(config: Config, path: std::path::PathBuf) -> Result<(), Failure> 
         }
     }
     let compaction = tokio::spawn(Arc::clone(&queues).compact_forever());
+    let schedules: Vec<_> = config
+        .schedules
+        .iter()
+        .filter_map(|schedule| {
+            let queue = Arc::clone(queues.get(&schedule.queue)?);
+            Some(tokio::spawn(surge_queue::schedule::fire_forever(queue, schedule.clone())))
+        })
+        .collect();
     let mut certificates_in_use = None;
 
     let (stop_gateway, gateway_stopping) = watch::channel(false);
@@ -204,6 +212,7 @@ async fn serve(config: Config, path: std::path::PathBuf) -> Result<(), Failure> 
         if let Some(watcher) = watcher {
             watcher.abort();
         }
+        schedules.iter().for_each(|schedule| schedule.abort());
         pools.shutdown().await;
         compaction.abort();
         // The admin API stays up until the end so `surge status` can watch the drain.

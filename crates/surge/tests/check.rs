@@ -191,3 +191,25 @@ fn an_unknown_user_is_named() {
         "no user named `no-such-user-here` in /etc/passwd",
     );
 }
+
+#[test]
+fn schedule_problems_name_the_key() {
+    let with = |schedule: &str| {
+        format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n[gateway]\nlisten = \"127.0.0.1:0\"\n{SERVICE}\
+             [queues.jobs]\n[schedules.nightly]\n{schedule}"
+        )
+    };
+    assert_rejected(
+        &with("cron = \"61 * * * *\"\nqueue = \"jobs\"\n"),
+        10,
+        "schedules.nightly.cron",
+        "not a cron expression",
+    );
+    assert_rejected(
+        &with("cron = \"0 3 * * *\"\nqueue = \"nope\"\n"),
+        11,
+        "schedules.nightly.queue",
+        "no queue is named \"nope\"",
+    );
+}

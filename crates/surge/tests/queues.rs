@@ -443,3 +443,18 @@ queue = "reports"
     let unknown = surge.request(Method::GET, "/jobs/reports-00000000000000ff", &[], Bytes::new()).await;
     assert_eq!(unknown.status, StatusCode::NOT_FOUND);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_publishes_at_each_tick() {
+    let dir = tempfile::tempdir().expect("dir");
+    let journal_path = dir.path().join("journal");
+    let schedule = "\n[schedules.every-second]\ncron = \"* * * * * *\"\nqueue = \"jobs\"\nbody = \"tick\"\n";
+    let surge = Surge::start(&(config(&journal_path, "", "") + schedule)).await;
+    let worked = wait_for_journal(&journal_path, "three ticks worked", |worked| {
+        worked.iter().filter(|w| w.status == 200).map(|w| &w.id).collect::<BTreeSet<_>>().len() >= 3
+    })
+    .await;
+    assert!(worked.iter().all(|w| w.attempt == 1 && w.status == 200), "{worked:?}");
+    let status = queue_status(&surge).await;
+    assert!(status.published >= 3, "{status:?}");
+}

@@ -7,8 +7,8 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::Validator;
-use crate::model::{Publish, QueueConfig, ServiceConfig, WorkerConfig};
-use crate::raw::{RawQueue, RawWorker};
+use crate::model::{Publish, QueueConfig, ScheduleConfig, ServiceConfig, WorkerConfig};
+use crate::raw::{RawQueue, RawSchedule, RawWorker};
 
 /// Where queues keep their logs unless `path` says otherwise, beside the configuration.
 const DEFAULT_QUEUE_PATH: &str = ".surge/queues";
@@ -198,5 +198,66 @@ impl Validator<'_> {
             return None;
         }
         Some(WorkerConfig { pool: pool?, queue: queue?, path: path?, prefetch, timeout, max_rate })
+    }
+
+    pub(super) fn schedules(&mut self, raw: BTreeMap<String, Spanned<RawSchedule>>) -> Vec<ScheduleConfig> {
+        let mut schedules: Vec<_> = raw.into_iter().collect();
+        schedules.sort_by_key(|(_, schedule)| schedule.span().start);
+        schedules.into_iter().filter_map(|(name, schedule)| self.schedule(name, schedule)).collect()
+    }
+
+    fn schedule(&mut self, name: String, raw: Spanned<RawSchedule>) -> Option<ScheduleConfig> {
+        let key = format!("schedules.{name}");
+        let span = raw.span();
+        self.name(&name, span.clone(), &key, "schedule");
+        let raw = raw.into_inner();
+        let cron = match raw.cron {
+            None => {
+                self.error(
+                    span.clone(),
+                    format!("{key}.cron"),
+                    "missing `cron`, such as \"*/5 * * * *\" (every five minutes)",
+                );
+                None
+            }
+            Some(cron) => match croner::Cron::new(cron.get_ref()).with_seconds_optional().parse() {
+                Ok(_) => Some(cron.into_inner()),
+                Err(err) => {
+                    self.error(
+                        cron.span(),
+                        format!("{key}.cron"),
+                        format!("not a cron expression ({err}): five fields, minute hour day month weekday, such as \"0 3 * * *\""),
+                    );
+                    None
+                }
+            },
+        };
+        let queue = match raw.queue {
+            None => {
+                self.error(span, format!("{key}.queue"), "missing `queue`: the queue it publishes to");
+                None
+            }
+            Some(queue) if !self.queue_names.contains(queue.get_ref()) => {
+                let known = if self.queue_names.is_empty() {
+                    "none is defined".to_owned()
+                } else {
+                    self.queue_names.join(", ")
+                };
+                self.error(
+                    queue.span(),
+                    format!("{key}.queue"),
+                    format!("no queue is named \"{}\" (queues: {known})", queue.get_ref()),
+                );
+                None
+            }
+            Some(queue) => Some(queue.into_inner()),
+        };
+        Some(ScheduleConfig {
+            name,
+            cron: cron?,
+            queue: queue?,
+            body: raw.body,
+            content_type: raw.content_type,
+        })
     }
 }
