@@ -71,7 +71,13 @@ pub(crate) async fn enqueue(queue: Arc<Queue>, request: Request<ClientBody>) -> 
         Err(err) => return GatewayError::client_body(&*err).into_response(),
     };
     let target = parts.uri.path_and_query().map_or("/", |target| target.as_str());
-    let key = parts.headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let key = parts.headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(|k| k.trim().to_owned());
+    let key = match surge_queue::http::checked_key(key) {
+        Ok(key) => key,
+        Err(problem) => {
+            return json_response(StatusCode::BAD_REQUEST, &serde_json::json!({ "error": problem }))
+        }
+    };
     let message = NewMessage {
         payload: encode_request(&parts.method, target, &parts.headers, &body),
         content_type: Some(REQUEST_TYPE.to_owned()),

@@ -167,14 +167,16 @@ async fn send(
     match answer {
         Answer::Status { status, headers, body, .. } if status.is_success() => {
             pool.report(&mut slot, true);
+            // Kept first, so that the job is never gone without its answer.
+            if job {
+                queue.keep_answer(id, JobAnswer { status, headers: end_to_end(headers), body });
+            }
             if queue.ack(id, delivery.token).is_err() {
                 tracing::debug!(
                     "queue {}: message {} answered after its lease ended",
                     queue.name(),
                     id_text(id)
                 );
-            } else if job {
-                queue.keep_answer(id, JobAnswer { status, headers, body });
             }
         }
         Answer::Status { status, retry_after: Some(at), .. }
@@ -294,10 +296,26 @@ async fn exchange(client: &HttpClient, request: Request<Full<Bytes>>) -> Answer 
     }
 }
 
+/// An answer's fields less those that belonged to the worker's connection.
+fn end_to_end(mut headers: http::HeaderMap) -> http::HeaderMap {
+    let named: Vec<String> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|name| name.trim().to_ascii_lowercase())
+        .collect();
+    for name in crate::job::HOP_BY_HOP.iter().copied().chain(named.iter().map(String::as_str)) {
+        headers.remove(name);
+    }
+    headers
+}
+
 /// `Retry-After` as seconds or an HTTP date.
 fn retry_after(value: &str) -> Option<SystemTime> {
     match value.trim().parse::<u64>() {
-        Ok(seconds) => Some(SystemTime::now() + Duration::from_secs(seconds)),
+        // A day at most: a worker cannot park a message for good.
+        Ok(seconds) => Some(SystemTime::now() + Duration::from_secs(seconds.min(86_400))),
         Err(_) => httpdate::parse_http_date(value).ok(),
     }
 }

@@ -225,7 +225,8 @@ fn json(value: &impl Serialize) -> serde_json::Value {
     serde_json::to_value(value).unwrap_or_default()
 }
 
-fn checked_key(key: Option<String>) -> Result<Option<String>, String> {
+/// An `Idempotency-Key` as given, or why it cannot be one.
+pub fn checked_key(key: Option<String>) -> Result<Option<String>, String> {
     match key {
         Some(key) if key.is_empty() || key.len() > 255 => {
             Err("an Idempotency-Key is 1 to 255 characters".into())
@@ -241,7 +242,10 @@ fn when(delay: Option<&str>, not_before: Option<&str>) -> Result<Option<SystemTi
         (Some(delay), None) => {
             let delay: Duration = humantime::parse_duration(delay)
                 .map_err(|err| format!("Delay: \"{delay}\" is not a duration like 30s: {err}"))?;
-            Ok(Some(SystemTime::now() + delay))
+            SystemTime::now()
+                .checked_add(delay)
+                .map(Some)
+                .ok_or_else(|| format!("Delay: \"{delay:?}\" is too far off"))
         }
         (None, Some(at)) => humantime::parse_rfc3339_weak(at).map(Some).map_err(|err| {
             format!("Not-Before: \"{at}\" is not an RFC 3339 time like 2026-12-01T12:00:00Z: {err}")

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 /// The media type of a message that is an HTTP request (RFC 9112, section 10.1).
 pub const REQUEST_TYPE: &str = "message/http";
 /// Fields that belong to one connection, not to the request: not kept.
-const HOP_BY_HOP: [&str; 8] = [
+pub(crate) const HOP_BY_HOP: [&str; 8] = [
     "connection",
     "keep-alive",
     "proxy-connection",

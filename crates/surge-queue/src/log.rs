@@ -243,6 +243,15 @@ impl Writer {
                 }
             }
             let written = self.write(&batch, size);
+            if let Err(err) = &written {
+                let unanswered = batch.iter().filter(|append| append.done.is_none()).count();
+                if unanswered > 0 {
+                    tracing::warn!(
+                        "{}: {unanswered} acks or retries were not written ({err}); those messages may be delivered again",
+                        self.dir.display()
+                    );
+                }
+            }
             for (index, append) in batch.into_iter().enumerate() {
                 if let Some(done) = append.done {
                     let _ = done.send(match &written {
@@ -313,7 +322,13 @@ fn segment_path(dir: &Path, number: u64) -> PathBuf {
 
 /// A new empty segment, its name made durable in the folder.
 fn create_segment(dir: &Path, number: u64) -> io::Result<File> {
-    let file = OpenOptions::new().read(true).write(true).create_new(true).open(segment_path(dir, number))?;
+    // Not create_new: a roll whose folder sync failed left this file, empty, to retry on.
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(segment_path(dir, number))?;
     File::open(dir)?.sync_all()?;
     Ok(file)
 }

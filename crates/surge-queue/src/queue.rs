@@ -17,8 +17,10 @@ use crate::log::{Log, OpenError, Recovered};
 use crate::record::{Record, Stored};
 use crate::state::{Counts, DeadLetter, Delivery, Failed, Location, QueueState, Settings, Stale};
 
-/// Messages copied forward per round of compaction, at most.
+/// Messages, and payload bytes, copied forward per round of compaction at most: it reads them
+/// under the state lock.
 const COMPACT_BATCH: usize = 1_000;
+const COMPACT_BYTES: u64 = 4 * 1024 * 1024;
 /// Compaction copies the oldest segment's messages forward once this many newer segments
 /// wait behind it.
 const COMPACT_BEHIND: u64 = 2;
@@ -96,6 +98,9 @@ struct Inner {
     /// The oldest segment still on disk, and the newest written to.
     oldest_segment: u64,
     newest_segment: u64,
+    /// Publishes handed to the log and not yet admitted, by the lowest segment each can be in
+    /// (the newest known when it was handed over): no segment from there on may be deleted.
+    pending_floors: std::collections::BTreeMap<u64, u64>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -127,6 +132,7 @@ impl Queue {
             pending_keys: HashMap::new(),
             oldest_segment: oldest,
             newest_segment: oldest,
+            pending_floors: std::collections::BTreeMap::new(),
         };
         let queue = Queue {
             name: name.to_owned(),
@@ -176,7 +182,7 @@ impl Queue {
         let mut answers: Vec<Option<Published>> = vec![None; messages.len()];
         let mut repeats = Vec::new();
         let mut fresh: Vec<(usize, Stored)> = Vec::new();
-        {
+        let floor = {
             let mut inner = self.lock();
             let mut new_keys: Vec<String> = Vec::new();
             for (index, message) in messages.into_iter().enumerate() {
@@ -197,6 +203,7 @@ impl Queue {
                     for key in new_keys {
                         Self::settle_key(&mut inner, &key, Err(full.clone()));
                     }
+                    inner.pending_bytes -= fresh.iter().map(|(_, s)| s.payload.len() as u64).sum::<u64>();
                     return Err(full);
                 }
                 if let Some(key) = &message.idempotency_key {
@@ -218,9 +225,16 @@ impl Queue {
                 fresh.push((index, stored));
             }
             inner.pending_messages += fresh.len() as u64;
-        }
+            if !fresh.is_empty() {
+                let floor = inner.newest_segment;
+                *inner.pending_floors.entry(floor).or_default() += 1;
+                floor
+            } else {
+                0
+            }
+        };
         if !fresh.is_empty() {
-            let written = self.write_fresh(fresh);
+            let written = self.write_fresh(fresh, floor);
             let stored = written.await.map_err(|_| self.storage_error("the queue stopped"))??;
             for (index, published) in stored {
                 answers[index] = Some(published);
@@ -240,6 +254,7 @@ impl Queue {
     fn write_fresh(
         self: &Arc<Self>,
         fresh: Vec<(usize, Stored)>,
+        floor: u64,
     ) -> oneshot::Receiver<Result<Vec<(usize, Published)>, PublishError>> {
         let mut bytes = Vec::with_capacity(fresh.iter().map(|(_, s)| s.payload.len() + 64).sum());
         let mut payload_offsets = Vec::with_capacity(fresh.len());
@@ -253,7 +268,7 @@ impl Queue {
         let queue = Arc::clone(self);
         tokio::spawn(async move {
             let appended = durable.await;
-            let _ = answer.send(queue.admit_fresh(&fresh, payload_offsets, appended));
+            let _ = answer.send(queue.admit_fresh(&fresh, payload_offsets, appended, floor));
         });
         answered
     }
@@ -263,9 +278,16 @@ impl Queue {
         fresh: &[(usize, Stored)],
         payload_offsets: Vec<u64>,
         appended: std::io::Result<crate::log::Appended>,
+        floor: u64,
     ) -> Result<Vec<(usize, Published)>, PublishError> {
         let mut answers = Vec::with_capacity(fresh.len());
         let mut inner = self.lock();
+        if let Some(count) = inner.pending_floors.get_mut(&floor) {
+            *count -= 1;
+            if *count == 0 {
+                inner.pending_floors.remove(&floor);
+            }
+        }
         inner.pending_messages -= fresh.len() as u64;
         inner.pending_bytes -= fresh.iter().map(|(_, s)| s.payload.len() as u64).sum::<u64>();
         let result = match appended {
@@ -325,14 +347,19 @@ impl Queue {
         Ok(())
     }
 
-    /// Leases up to `max` ready messages (ending expired leases first).
-    pub fn lease(&self, max: usize) -> Vec<Delivery> {
-        let now = now_ms();
-        let mut inner = self.lock();
+    /// Ends the leases that ran out by `now`: each is a failed delivery.
+    fn expire(&self, inner: &mut Inner, now: u64) {
         for (_, record, failed) in inner.state.expire(now, fastrand::f64) {
             self.log_later(&record);
             self.count(failed);
         }
+    }
+
+    /// Leases up to `max` ready messages (ending expired leases first).
+    pub fn lease(&self, max: usize) -> Vec<Delivery> {
+        let now = now_ms();
+        let mut inner = self.lock();
+        self.expire(&mut inner, now);
         let deliveries = inner.state.lease(now, max);
         self.totals.delivered.fetch_add(deliveries.len() as u64, Ordering::Relaxed);
         deliveries
@@ -345,7 +372,10 @@ impl Queue {
 
     /// Whether a message is ready to lease now.
     pub fn has_ready(&self) -> bool {
-        self.lock().state.has_ready(now_ms())
+        let now = now_ms();
+        let mut inner = self.lock();
+        self.expire(&mut inner, now);
+        inner.state.has_ready(now)
     }
 
     /// Waits until a message may be ready: one was published, or a delay, backoff or lease
@@ -356,7 +386,8 @@ impl Queue {
         notified.as_mut().enable();
         let now = now_ms();
         let next = {
-            let inner = self.lock();
+            let mut inner = self.lock();
+            self.expire(&mut inner, now);
             if inner.state.has_ready(now) {
                 return;
             }
@@ -402,7 +433,7 @@ impl Queue {
     /// Gives a message back, to be delivered again from `at` without counting an attempt.
     pub fn defer(&self, id: u64, token: u64, at: SystemTime) -> Result<(), Stale> {
         let mut inner = self.lock();
-        let record = inner.state.defer(id, token, millis(at))?;
+        let record = inner.state.defer(id, token, millis(at), now_ms())?;
         self.log_later(&record);
         drop(inner);
         self.ready.notify_waiters();
@@ -493,7 +524,9 @@ impl Queue {
 
     /// Deletes the segments older than every message still held.
     fn delete_unused_segments(&self, inner: &mut Inner) {
-        let in_use = inner.state.oldest_segment_in_use().unwrap_or(u64::MAX).min(inner.newest_segment);
+        let pending = inner.pending_floors.keys().next().copied().unwrap_or(u64::MAX);
+        let in_use =
+            inner.state.oldest_segment_in_use().unwrap_or(u64::MAX).min(inner.newest_segment).min(pending);
         if in_use > inner.oldest_segment {
             match self.log.delete_before(in_use) {
                 Ok(_) => inner.oldest_segment = in_use,
@@ -514,7 +547,12 @@ impl Queue {
             }
             let mut bytes = Vec::new();
             let mut ids = Vec::new();
+            let mut copied_bytes = 0u64;
             for (id, location) in inner.state.held_in(oldest).into_iter().take(COMPACT_BATCH) {
+                if copied_bytes >= COMPACT_BYTES {
+                    break;
+                }
+                copied_bytes += u64::from(location.len);
                 let Some(mut stored) = inner.state.as_stored(id) else { continue };
                 stored.payload = self.log.read(location)?;
                 let start = bytes.len();

@@ -11,8 +11,11 @@ use bytes::{BufMut, Bytes};
 
 /// Length and checksum before each body.
 pub(crate) const FRAME: usize = 8;
-/// The largest body the log accepts: a payload up to 64 MiB and its fields.
-pub(crate) const MAX_BODY: usize = 64 * 1024 * 1024 + 64 * 1024;
+/// The largest payload a message may have (`max_payload` is at most this).
+pub const MAX_PAYLOAD: u64 = 64 * 1024 * 1024;
+/// The largest body the log accepts: the largest payload and its fields (two texts of at most
+/// 64 KiB, and the numbers).
+pub(crate) const MAX_BODY: usize = MAX_PAYLOAD as usize + 256 * 1024;
 
 const PUBLISH: u8 = 1;
 const ACK: u8 = 2;

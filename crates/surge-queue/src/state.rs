@@ -53,6 +53,8 @@ struct Entry {
     last_error: Option<Arc<str>>,
     /// The current (or last) lease's token; only it settles the message.
     token: u64,
+    /// Its idempotency key, written again when it is copied forward.
+    key: Option<Arc<str>>,
 }
 
 /// A message handed out under a lease.
@@ -205,6 +207,7 @@ impl QueueState {
             status: Status::Ready { at: stored.ready_at },
             last_error: None,
             token: 0,
+            key: stored.idempotency_key.as_deref().map(Arc::from),
         };
         self.ready.insert((stored.ready_at, stored.id));
         self.bytes += u64::from(location.len);
@@ -274,10 +277,12 @@ impl QueueState {
 
     /// Gives the message back without counting an attempt, to be delivered from `at` (a
     /// worker's `Retry-After`).
-    pub fn defer(&mut self, id: u64, token: u64, at: u64) -> Result<Record, Stale> {
+    pub fn defer(&mut self, id: u64, token: u64, at: u64, now: u64) -> Result<Record, Stale> {
         let until = self.leased_by(id, token)?;
         self.leased.remove(&(until, id));
         let Some(entry) = self.messages.get_mut(&id) else { return Err(Stale { id }) };
+        // A second at least: a worker answering "later" at once must not spin the message.
+        let at = at.max(now.saturating_add(1_000));
         entry.status = Status::Ready { at };
         self.ready.insert((at, id));
         let error = "deferred by the worker".to_owned();
@@ -441,12 +446,14 @@ impl QueueState {
         self.per_segment.keys().next().copied()
     }
 
-    /// The messages (not leased) held in `segment`, to be copied forward so it can go.
+    /// The messages (not leased: a delivery may be reading its payload) held in `segment`, to
+    /// be copied forward so it can go.
     pub fn held_in(&self, segment: u64) -> Vec<(u64, Location)> {
         let mut held: Vec<(u64, Location)> = self
             .messages
             .iter()
             .filter(|(_, entry)| entry.location.segment == segment)
+            .filter(|(_, entry)| !matches!(entry.status, Status::Leased { .. }))
             .map(|(id, entry)| (*id, entry.location))
             .collect();
         held.sort_unstable_by_key(|(id, _)| *id);
@@ -466,7 +473,7 @@ impl QueueState {
             ready_at,
             attempts: entry.attempts,
             content_type: entry.content_type.as_deref().map(str::to_owned),
-            idempotency_key: None,
+            idempotency_key: entry.key.as_deref().map(str::to_owned),
             payload: bytes::Bytes::new(),
         })
     }

@@ -230,7 +230,14 @@ async fn compaction_copies_what_old_segments_hold_and_deletes_them() {
     for i in 0..5 {
         publish(&queue, &format!("done {i}")).await;
     }
-    drain(&queue, |text| text != "kept");
+    // All done but the first, which failed once and waits for its retry (not leased).
+    for delivery in queue.lease(usize::MAX) {
+        if delivery.id == kept {
+            queue.fail(delivery.id, delivery.token, "not yet").expect("held");
+        } else {
+            queue.ack(delivery.id, delivery.token).expect("held");
+        }
+    }
     let segments = |dir: &Path| {
         std::fs::read_dir(dir)
             .expect("dir")
@@ -242,7 +249,54 @@ async fn compaction_copies_what_old_segments_hold_and_deletes_them() {
     assert!(segments(dir.path()) <= 2, "{} segments left", segments(dir.path()));
     drop(queue);
     let queue = open(dir.path());
-    let deliveries = queue.lease(10);
-    assert_eq!(deliveries.iter().map(|d| d.id).collect::<Vec<_>>(), [kept]);
+    let deliveries = loop {
+        let deliveries = queue.lease(10);
+        if !deliveries.is_empty() {
+            break deliveries;
+        }
+        queue.wait_ready().await;
+    };
+    assert_eq!(deliveries.iter().map(|d| (d.id, d.attempt)).collect::<Vec<_>>(), [(kept, 2)]);
     assert_eq!(queue.payload(deliveries[0].location).expect("payload"), "kept");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payloads_stay_readable_while_tiny_segments_come_and_go() {
+    // Every write in a segment of its own, while a consumer acks (and segments are deleted) as
+    // fast as it can. (The race it guards against, a segment deleted under a publish that is
+    // durable but not yet admitted, is rare enough that this run alone seldom meets it.)
+    let dir = tempfile::tempdir().expect("dir");
+    let queue = open_with(dir.path(), Limits { segment_size: 1, ..LIMITS });
+    let publishers: Vec<_> = (0..8)
+        .map(|p| {
+            let queue = Arc::clone(&queue);
+            tokio::spawn(async move {
+                for i in 0..100 {
+                    publish(&queue, &format!("p{p} m{i}")).await;
+                }
+            })
+        })
+        .collect();
+    let consumer = {
+        let queue = Arc::clone(&queue);
+        tokio::spawn(async move {
+            let mut read = 0;
+            while read < 800 {
+                let deliveries = queue.lease(16);
+                if deliveries.is_empty() {
+                    tokio::task::yield_now().await;
+                }
+                for delivery in deliveries {
+                    queue.payload(delivery.location).expect("every payload is still on disk");
+                    queue.ack(delivery.id, delivery.token).expect("held");
+                    read += 1;
+                }
+            }
+        })
+    };
+    for publisher in publishers {
+        publisher.await.expect("publisher");
+    }
+    consumer.await.expect("consumer");
+    assert_eq!(queue.counts().ready, 0);
 }

@@ -89,6 +89,14 @@ impl Validator<'_> {
             format!("{key}.idempotency_window"),
             Duration::from_secs(24 * 3600),
         );
+        // The log's own bound on a record (surge_queue's MAX_PAYLOAD).
+        const LARGEST_PAYLOAD: u64 = 64 << 20;
+        if let Some(size) = raw.max_payload.filter(|size| size.0 > LARGEST_PAYLOAD) {
+            self.errors.push(self.site(span.clone(), format!("{key}.max_payload")).error(format!(
+                "{} bytes is over the largest message the log holds, 64 MiB (keep payloads small: a reference to the data, not the data)",
+                size.0
+            )));
+        }
         let max_messages = match raw.max_messages {
             Some(n) if *n.get_ref() == 0 => {
                 self.error(n.span(), format!("{key}.max_messages"), "must be at least 1");
@@ -184,8 +192,16 @@ impl Validator<'_> {
             None => 1,
         };
         let lease = queue.as_ref().and_then(|q| queues.iter().find(|c| c.name == *q)).map(|q| q.lease);
+        let timeout_span = parts.timeout.as_ref().map(Spanned::span);
         let timeout =
             self.duration(parts.timeout, format!("{key}.timeout"), lease.unwrap_or(Duration::from_secs(30)));
+        if let (Some(span), Some(lease)) = (timeout_span, lease.filter(|lease| timeout > *lease)) {
+            self.error(
+                span,
+                format!("{key}.timeout"),
+                format!("must not be longer than the queue's lease ({lease:?}): a delivery outliving its lease is given to another instance too"),
+            );
+        }
         let max_rate = match parts.max_rate {
             Some(rate) if !(*rate.get_ref() > 0.0 && rate.get_ref().is_finite()) => {
                 self.error(rate.span(), format!("{key}.max_rate"), "messages per second, more than 0");

@@ -106,7 +106,7 @@ fn a_late_answer_after_a_new_lease_is_stale() {
 fn deferring_counts_no_attempt() {
     let mut state = queue_of(1);
     let delivery = state.lease(0, 1).pop().expect("ready");
-    state.defer(1, delivery.token, 5_000).expect("held");
+    state.defer(1, delivery.token, 5_000, 0).expect("held");
     assert!(state.lease(4_999, 1).is_empty());
     assert_eq!(state.next_due(0), Some(5_000));
     assert_eq!(state.lease(5_000, 1).pop().map(|d| d.attempt), Some(1));
@@ -128,11 +128,16 @@ fn idempotency_keys_name_their_message_until_the_window_passes() {
 fn segments_empty_as_their_messages_go() {
     let mut state = queue_of(8);
     assert_eq!(state.oldest_segment_in_use(), Some(0));
-    let deliveries = state.lease(0, 8);
-    for delivery in deliveries.iter().filter(|d| d.location.segment == 0) {
+    // Messages 1 to 3 are in segment 0.
+    for delivery in state.lease(0, 3) {
+        assert_eq!(delivery.location.segment, 0);
         state.ack(delivery.id, delivery.token).expect("held");
     }
     assert_eq!(state.oldest_segment_in_use(), Some(1));
+    // A leased message is not copied: its delivery may be reading it.
+    let leased = state.lease(0, 1).pop().expect("message 4");
+    assert!(!state.held_in(1).iter().any(|(id, _)| *id == leased.id));
+    state.defer(leased.id, leased.token, 0, 0).expect("held");
     // Copied forward, a message moves to its new segment.
     let (id, _) = state.held_in(1)[0];
     state.admit(&stored(id, 0, None), Location { segment: 9, offset: 0, len: 10 });
@@ -268,7 +273,7 @@ proptest! {
                 }
                 Step::Defer(i, by) if !held.is_empty() => {
                     let delivery = held.remove(i % held.len());
-                    if let Ok(record) = state.defer(delivery.id, delivery.token, now + by) {
+                    if let Ok(record) = state.defer(delivery.id, delivery.token, now + by, now) {
                         log.push(record);
                     }
                 }
