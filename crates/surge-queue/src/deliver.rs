@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
@@ -44,8 +44,7 @@ pub async fn deliver(
     // An autoscaled pool sizes itself on the messages waiting for it as on waiting requests.
     let backlog = Arc::clone(&queue);
     pool.load().set_backlog(move || backlog.ready_now());
-    let pace = worker.max_rate.map(|rate| Duration::from_secs_f64(1.0 / rate));
-    let mut next_start = Instant::now();
+    let mut pacer = worker.max_rate.map(Pacer::new);
     loop {
         // A message first, so that no slot is held (and counted as load) while none is ready.
         while !queue.has_ready() {
@@ -60,16 +59,16 @@ pub async fn deliver(
             _ = stop.changed() => return,
             slot = free_slot(&pool, worker.prefetch as usize) => slot,
         };
-        if let Some(pace) = pace {
-            let now = Instant::now();
-            if next_start > now {
+        if let Some(pacer) = &mut pacer {
+            let now = tokio::time::Instant::now();
+            let at = pacer.take(now);
+            if at > now {
                 tokio::select! {
                     biased;
                     _ = stop.changed() => return,
-                    () = tokio::time::sleep(next_start - now) => {}
+                    () = tokio::time::sleep_until(at) => {}
                 }
             }
-            next_start = next_start.max(now) + pace;
         }
         let Some(delivery) = queue.lease(1).pop() else {
             // Another dispatcher of the same queue took it.
@@ -79,6 +78,26 @@ pub async fn deliver(
         let (client, queue, pool, worker) =
             (client.clone(), Arc::clone(&queue), Arc::clone(&pool), Arc::clone(&worker));
         tokio::spawn(async move { send(&client, &queue, &pool, slot, delivery, &worker).await });
+    }
+}
+
+/// Spaces deliveries `1 / max_rate` apart: a worker pool that protects a downstream API. No
+/// burst is saved up while idle.
+struct Pacer {
+    interval: Duration,
+    next: Option<tokio::time::Instant>,
+}
+
+impl Pacer {
+    fn new(per_second: f64) -> Self {
+        Pacer { interval: Duration::from_secs_f64(1.0 / per_second), next: None }
+    }
+
+    /// When a delivery asked for at `now` may start; it counts as taken.
+    fn take(&mut self, now: tokio::time::Instant) -> tokio::time::Instant {
+        let at = self.next.map_or(now, |next| next.max(now));
+        self.next = Some(at + self.interval);
+        at
     }
 }
 
@@ -345,6 +364,17 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn max_rate_spaces_starts_without_saving_a_burst() {
+        let start = tokio::time::Instant::now();
+        let mut pacer = Pacer::new(5.0);
+        let gap = Duration::from_millis(200);
+        let starts: Vec<_> = (0..4).map(|_| pacer.take(start)).collect();
+        assert_eq!(starts, [start, start + gap, start + 2 * gap, start + 3 * gap]);
+        let later = start + Duration::from_secs(10);
+        assert_eq!((pacer.take(later), pacer.take(later)), (later, later + gap));
+    }
 
     #[test]
     fn retry_after_is_seconds_or_a_date() {

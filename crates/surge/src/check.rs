@@ -67,6 +67,34 @@ pub fn run(path: &Path) -> Result<(), Failure> {
         };
         println!("  {}: {} ({}), {instances}", service.name, routes.join(" "), service.balance.as_str());
     }
+    for queue in &config.queues {
+        let publish = match queue.publish {
+            surge_config::Publish::Admin => "published through the admin API",
+            surge_config::Publish::Public => "published through the admin API and the gateway",
+        };
+        println!(
+            "  queue {}: kept in {}, {publish}, {} attempts",
+            queue.name,
+            queue.dir.display(),
+            queue.max_attempts
+        );
+    }
+    for worker in &config.workers {
+        let bounds = worker.pool.instances;
+        println!(
+            "  worker {}: consumes {} at {}, instances {}..{}{}, prefetch {}",
+            worker.pool.name,
+            worker.queue,
+            worker.path,
+            bounds.min,
+            bounds.max,
+            if worker.pool.autoscale.is_some() { " (autoscaled)" } else { "" },
+            worker.prefetch
+        );
+    }
+    for schedule in &config.schedules {
+        println!("  schedule {}: \"{}\" to {}", schedule.name, schedule.cron, schedule.queue);
+    }
     Ok(())
 }
 
