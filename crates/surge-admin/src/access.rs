@@ -69,7 +69,12 @@ impl Access {
             return Err(Refusal::ForeignHost);
         }
         let changes = !matches!(*method, Method::GET | Method::HEAD);
-        if let Some(token) = &self.token {
+        // A worker settling its own lease: the lease's token (random, given to that worker
+        // alone) is what authorises it, and no cross-site page can send the field.
+        let lease = path.starts_with("/queues/")
+            && path.contains("/leases/")
+            && headers.contains_key("x-surge-lease-token");
+        if let Some(token) = self.token.as_ref().filter(|_| !lease) {
             let open = self.metrics_public && path == "/metrics";
             if changes || (self.everything_needs_token && !open) {
                 let sent = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
@@ -86,7 +91,7 @@ impl Access {
         // cannot send) nothing else is needed.
         let publish = path.starts_with("/queues/")
             && (path.ends_with("/messages") || path.ends_with("/messages:batch"));
-        if changes && !(publish && self.token.is_some()) {
+        if changes && !lease && !(publish && self.token.is_some()) {
             let json = headers
                 .get(header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
@@ -163,6 +168,28 @@ mod tests {
         assert_eq!(guarded.check(&Method::POST, scale, &headers(&[host, JSON])), Err(Refusal::MissingToken));
         let bearer = ("authorization", "Bearer s3cret");
         assert_eq!(guarded.check(&Method::POST, scale, &headers(&[host, JSON, bearer])), Ok(()));
+    }
+
+    #[test]
+    fn publishes_keep_their_type_and_leases_are_settled_by_their_own_token() {
+        let guarded = access(LOCAL, Some("s3cret"), false);
+        let (host, bearer) = (("host", "127.0.0.1:9900"), ("authorization", "Bearer s3cret"));
+        let text = ("content-type", "text/plain");
+        let publish = "/queues/jobs/messages";
+        assert_eq!(guarded.check(&Method::POST, publish, &headers(&[host, text, bearer])), Ok(()));
+        assert_eq!(
+            guarded.check(&Method::POST, publish, &headers(&[host, text])),
+            Err(Refusal::MissingToken)
+        );
+        let ack = "/queues/jobs/leases/00000000000000ff/ack";
+        let lease = ("x-surge-lease-token", "1f");
+        assert_eq!(guarded.check(&Method::POST, ack, &headers(&[host, lease])), Ok(()));
+        assert_eq!(guarded.check(&Method::POST, ack, &headers(&[host])), Err(Refusal::MissingToken));
+        let foreign = ("origin", "https://evil.example");
+        assert_eq!(
+            guarded.check(&Method::POST, ack, &headers(&[host, lease, foreign])),
+            Err(Refusal::CrossOrigin)
+        );
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //! - `POST /queues/{name}/messages` (the body is the payload) and `.../messages:batch`:
 //!   publish, answered 202 once durable.
 //! - `GET /queues/{name}/dead`, `POST /queues/{name}/dead/redrive`, `.../dead/purge`.
+//! - `POST /queues/{name}/leases/{id}` (renew), `.../ack`, `.../fail`: a worker that answered a
+//!   delivery 202 settles it itself, with the lease's token in `x-surge-lease-token`.
 //!
 //! Every request passes [`Access`] first: a bearer token, a loopback Host, JSON for changes.
 
@@ -67,6 +69,9 @@ pub fn router(handles: Handles, access: Access) -> axum::Router {
         .route("/queues/{name}/dead", get(queues::dead))
         .route("/queues/{name}/dead/redrive", post(queues::redrive))
         .route("/queues/{name}/dead/purge", post(queues::purge))
+        .route("/queues/{name}/leases/{id}", post(queues::renew))
+        .route("/queues/{name}/leases/{id}/ack", post(queues::ack))
+        .route("/queues/{name}/leases/{id}/fail", post(queues::fail))
         .layer(axum::middleware::from_fn_with_state(Arc::new(access), guard))
         .with_state(AdminState { pools, queues, metrics, reload })
 }

@@ -123,3 +123,89 @@ pub(crate) async fn purge(
 ) -> Response {
     settle(state, name, body, Settle::Purge).await
 }
+
+/// What a worker does with a lease it holds.
+#[derive(Clone, Copy)]
+enum LeaseAction {
+    Renew,
+    Ack,
+    Fail,
+}
+
+/// A lease a worker settles itself, proving it holds it with the token it was given.
+async fn on_lease(
+    state: AdminState,
+    name: String,
+    id: String,
+    headers: HeaderMap,
+    body: Bytes,
+    action: LeaseAction,
+) -> Response {
+    let Some(queue) = state.queues.get(&name) else { return answer(wire::unknown_queue(&name)) };
+    let Some(id) = wire::parse_id(&id) else {
+        return error(StatusCode::BAD_REQUEST, format!("`{id}` is not a message id"));
+    };
+    let token = headers
+        .get("x-surge-lease-token")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|t| u64::from_str_radix(t.trim(), 16).ok());
+    let Some(token) = token else {
+        return error(StatusCode::BAD_REQUEST, "x-surge-lease-token is missing or not a token".into());
+    };
+    let settled = match action {
+        LeaseAction::Renew => queue
+            .renew(id, token)
+            .map(|until| serde_json::json!({ "until": humantime::format_rfc3339_millis(until).to_string() })),
+        LeaseAction::Ack => queue.ack(id, token).map(|()| serde_json::json!({ "acked": wire::id_text(id) })),
+        LeaseAction::Fail => {
+            let reason = String::from_utf8_lossy(&body[..body.len().min(1024)]).trim().to_owned();
+            let reason = if reason.is_empty() { "the worker reported a failure".to_owned() } else { reason };
+            queue.fail(id, token, &reason).map(|failed| {
+                let outcome = match failed {
+                    surge_queue::Failed::RetryAt(_) => "retried",
+                    surge_queue::Failed::Dead => "dead",
+                    surge_queue::Failed::Dropped => "dropped",
+                };
+                serde_json::json!({ "outcome": outcome })
+            })
+        }
+    };
+    match settled {
+        Ok(json) => Json(json).into_response(),
+        Err(_) => error(
+            StatusCode::CONFLICT,
+            format!(
+                "the lease on message {} is not held: it ran out, was settled, or the token is not its own",
+                wire::id_text(id)
+            ),
+        ),
+    }
+}
+
+/// `POST /queues/NAME/leases/ID`: the lease goes on for the queue's lease time from now.
+pub(crate) async fn renew(
+    State(state): State<AdminState>,
+    Path((name, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    on_lease(state, name, id, headers, Bytes::new(), LeaseAction::Renew).await
+}
+
+/// `POST /queues/NAME/leases/ID/ack`: done.
+pub(crate) async fn ack(
+    State(state): State<AdminState>,
+    Path((name, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    on_lease(state, name, id, headers, Bytes::new(), LeaseAction::Ack).await
+}
+
+/// `POST /queues/NAME/leases/ID/fail`, the body the error: retried after the backoff, or dead.
+pub(crate) async fn fail(
+    State(state): State<AdminState>,
+    Path((name, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    on_lease(state, name, id, headers, body, LeaseAction::Fail).await
+}

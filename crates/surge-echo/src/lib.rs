@@ -20,7 +20,9 @@
 //! longer over every request.
 //!
 //! As a queue's worker it takes `POST /job`: the message's body may hold the same knobs
-//! (`status=500&delay=2s`) to answer as told, or `fail_while=FILE` to fail while FILE exists. With `SURGE_ECHO_JOURNAL=FILE`, each message it
+//! (`status=500&delay=2s`) to answer as told, or `fail_while=FILE` to fail while FILE exists,
+//! or `settle=later` to answer 202 at once and settle the lease itself (renew, then ack, after
+//! the delay) through `x-surge-lease-url`. With `SURGE_ECHO_JOURNAL=FILE`, each message it
 //! answers appends `MESSAGE-ID ATTEMPT STATUS INSTANCE` to that file, so tests can count every
 //! delivery.
 
@@ -281,6 +283,7 @@ async fn work(request: Request<Incoming>, echo: &Echo) -> Response<EchoBody> {
     let field =
         |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned();
     let (id, attempt) = (field("x-surge-message-id"), field("x-surge-attempt"));
+    let (lease_url, lease_token) = (field("x-surge-lease-url"), field("x-surge-lease-token"));
     let body = match request.into_body().collect().await {
         Ok(body) => body.to_bytes(),
         Err(_) => return text(StatusCode::BAD_REQUEST, "the body broke off\n"),
@@ -297,20 +300,49 @@ async fn work(request: Request<Incoming>, echo: &Echo) -> Response<EchoBody> {
         .any(|path| std::path::Path::new(path).exists());
     let status =
         if failing { StatusCode::INTERNAL_SERVER_ERROR } else { knobs.status.unwrap_or(StatusCode::OK) };
+    if text_body.split('&').any(|pair| pair == "settle=later") {
+        let (journal, instance) = (echo.journal.clone(), Arc::clone(&echo.instance));
+        tokio::spawn(async move {
+            if let Some(delay) = knobs.delay {
+                tokio::time::sleep(delay).await;
+            }
+            let renewed = post(&lease_url, &lease_token).await;
+            let acked = post(&format!("{lease_url}/ack"), &lease_token).await;
+            if let Some(journal) = journal {
+                let _ =
+                    write_journal(&journal, &format!("{id} {attempt} {acked} {instance} renew={renewed}\n"));
+            }
+        });
+        return text(StatusCode::ACCEPTED, "taken; settled later\n");
+    }
     if let Some(journal) = &echo.journal {
-        use std::io::Write;
         let line = format!("{id} {attempt} {} {}\n", status.as_u16(), echo.instance);
-        // One short write to a file opened for appending lands whole, whoever else appends.
-        let written = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(journal)
-            .and_then(|mut file| file.write_all(line.as_bytes()));
-        if let Err(err) = written {
+        if let Err(err) = write_journal(journal, &line) {
             return text(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot write the journal: {err}\n"));
         }
     }
     text(status, "worked\n")
+}
+
+/// One short write to a file opened for appending lands whole, whoever else appends.
+fn write_journal(journal: &std::path::Path, line: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::OpenOptions::new().create(true).append(true).open(journal)?.write_all(line.as_bytes())
+}
+
+/// POSTs to the worker's lease URL with its token; the status answered, or 0.
+async fn post(url: &str, token: &str) -> u16 {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<Bytes>>();
+    let Ok(request) =
+        Request::post(url).header("x-surge-lease-token", token).body(http_body_util::Empty::new())
+    else {
+        return 0;
+    };
+    match client.request(request).await {
+        Ok(response) => response.status().as_u16(),
+        Err(_) => 0,
+    }
 }
 
 /// Reads the request body to its end without keeping it, so uploads of any size stream.

@@ -30,12 +30,16 @@ const ERROR_SNIPPET: usize = 200;
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 /// Delivers `queue`'s messages to `pool`'s instances until `stop` says so.
+/// `leases`: the admin API's address, where a worker that answered 202 renews, acks or fails
+/// its lease itself.
 pub async fn deliver(
     queue: Arc<Queue>,
     pool: Arc<Pool>,
     worker: WorkerConfig,
+    leases: Option<String>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let leases: Arc<Option<String>> = Arc::new(leases);
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(pool.config().timeouts.connect));
@@ -75,9 +79,11 @@ pub async fn deliver(
             slot.cancel();
             continue;
         };
-        let (client, queue, pool, worker) =
-            (client.clone(), Arc::clone(&queue), Arc::clone(&pool), Arc::clone(&worker));
-        tokio::spawn(async move { send(&client, &queue, &pool, slot, delivery, &worker).await });
+        let (client, queue, pool, worker, leases) =
+            (client.clone(), Arc::clone(&queue), Arc::clone(&pool), Arc::clone(&worker), Arc::clone(&leases));
+        tokio::spawn(async move {
+            send(&client, &queue, &pool, slot, delivery, &worker, leases.as_deref()).await
+        });
     }
 }
 
@@ -158,6 +164,7 @@ async fn send(
     mut slot: InFlight,
     delivery: Delivery,
     worker: &WorkerConfig,
+    leases: Option<&str>,
 ) {
     let payload = match queue.payload(delivery.location) {
         Ok(payload) => payload,
@@ -171,7 +178,10 @@ async fn send(
     let left = Duration::from_millis(delivery.until.saturating_sub(crate::now_ms())).min(worker.timeout);
     let job = delivery.content_type.as_deref() == Some(REQUEST_TYPE);
     let request = match request(&instance.addr.to_string(), queue.name(), worker, &delivery, payload, left) {
-        Ok(request) => request,
+        Ok(mut request) => {
+            lease_fields(request.headers_mut(), queue.name(), &delivery, leases);
+            request
+        }
         Err(problem) => {
             slot.cancel();
             settle_failure(queue, &delivery, &problem);
@@ -184,6 +194,10 @@ async fn send(
     };
     let id = delivery.id;
     match answer {
+        Answer::Status { status: StatusCode::ACCEPTED, .. } if !job => {
+            // The worker took it on and settles the lease itself (or lets it run out).
+            pool.report(&mut slot, true);
+        }
         Answer::Status { status, headers, body, .. } if status.is_success() => {
             pool.report(&mut slot, true);
             // Kept first, so that the job is never gone without its answer.
@@ -224,6 +238,19 @@ async fn send(
             let error =
                 format!("{} did not answer within {:?} (workers' timeout)", instance.id, worker.timeout);
             settle_failure(queue, &delivery, &error);
+        }
+    }
+}
+
+/// Where and with what a worker settles the lease itself.
+fn lease_fields(headers: &mut http::HeaderMap, queue: &str, delivery: &Delivery, leases: Option<&str>) {
+    if let Ok(token) = HeaderValue::from_str(&format!("{:016x}", delivery.token)) {
+        headers.insert("x-surge-lease-token", token);
+    }
+    if let Some(base) = leases {
+        let url = format!("{base}/queues/{queue}/leases/{}", id_text(delivery.id));
+        if let Ok(url) = HeaderValue::from_str(&url) {
+            headers.insert("x-surge-lease-url", url);
         }
     }
 }

@@ -360,7 +360,8 @@ impl Queue {
         let now = now_ms();
         let mut inner = self.lock();
         self.expire(&mut inner, now);
-        let deliveries = inner.state.lease(now, max);
+        // Random tokens: a worker settling its lease itself proves it holds it with one.
+        let deliveries = inner.state.lease_with(now, max, || fastrand::u64(1..));
         self.totals.delivered.fetch_add(deliveries.len() as u64, Ordering::Relaxed);
         deliveries
     }

@@ -225,14 +225,25 @@ impl QueueState {
 
     /// Leases up to `max` messages that are ready at `now`, oldest first.
     pub fn lease(&mut self, now: u64, max: usize) -> Vec<Delivery> {
+        let mut next = self.next_token;
+        let deliveries = self.lease_with(now, max, || {
+            next += 1;
+            next - 1
+        });
+        self.next_token = next;
+        deliveries
+    }
+
+    /// As [`QueueState::lease`], each lease's token from `token`: random ones, when a worker
+    /// holds its token to renew or settle the lease itself.
+    pub fn lease_with(&mut self, now: u64, max: usize, mut token: impl FnMut() -> u64) -> Vec<Delivery> {
         let due: Vec<(u64, u64)> =
             self.ready.iter().take_while(|(at, _)| *at <= now).take(max).copied().collect();
         let mut deliveries = Vec::with_capacity(due.len());
         for (at, id) in due {
             self.ready.remove(&(at, id));
             let until = now.saturating_add(self.settings.lease);
-            let token = self.next_token;
-            self.next_token += 1;
+            let token = token();
             let Some(entry) = self.messages.get_mut(&id) else { continue };
             entry.status = Status::Leased { until };
             entry.token = token;

@@ -104,7 +104,14 @@ async fn serve(config: Config, path: std::path::PathBuf) -> Result<(), Failure> 
     for worker in &config.workers {
         if let (Some(queue), Some(pool)) = (queues.get(&worker.queue), pools.get(&worker.pool.name)) {
             let stopping = delivery_stopping.clone();
-            tokio::spawn(surge_queue::deliver::deliver(Arc::clone(queue), pool, worker.clone(), stopping));
+            let leases = Some(format!("http://{admin_addr}"));
+            tokio::spawn(surge_queue::deliver::deliver(
+                Arc::clone(queue),
+                pool,
+                worker.clone(),
+                leases,
+                stopping,
+            ));
         }
     }
     let compaction = tokio::spawn(Arc::clone(&queues).compact_forever());

@@ -458,3 +458,28 @@ async fn a_schedule_publishes_at_each_tick() {
     let status = queue_status(&surge).await;
     assert!(status.published >= 3, "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_answers_202_settles_its_lease_itself() {
+    let dir = tempfile::tempdir().expect("dir");
+    let journal_path = dir.path().join("journal");
+    let surge = Surge::start(&config(&journal_path, "lease = \"10s\"", "")).await;
+    let id = publish(&surge, "settle=later&delay=1s").await.id;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while queue_status(&surge).await.in_flight == 0 {
+        assert!(Instant::now() < deadline, "never delivered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Without its token, nobody settles it: not even with the admin token.
+    let url = format!("/queues/jobs/leases/{id}/ack");
+    let forged =
+        surge.admin(Method::POST, &url, &[("x-surge-lease-token", "0000000000000001")], Bytes::new()).await;
+    assert_eq!(forged.status, StatusCode::CONFLICT, "{}", String::from_utf8_lossy(&forged.body));
+
+    // The worker renews and acks with its own token.
+    wait_for_journal(&journal_path, "the worker's own ack", |worked| worked.iter().any(|w| w.id == id)).await;
+    let text = std::fs::read_to_string(&journal_path).expect("journal");
+    assert!(text.contains(&format!("{id} 1 200 ")) && text.contains("renew=200"), "{text}");
+    let status = queue_status(&surge).await;
+    assert_eq!((status.acked, status.retried, status.in_flight), (1, 0, 0), "{status:?}");
+}
