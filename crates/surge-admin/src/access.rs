@@ -71,9 +71,8 @@ impl Access {
         let changes = !matches!(*method, Method::GET | Method::HEAD);
         // A worker settling its own lease: the lease's token (random, given to that worker
         // alone) is what authorises it, and no cross-site page can send the field.
-        let lease = path.starts_with("/queues/")
-            && path.contains("/leases/")
-            && headers.contains_key("x-surge-lease-token");
+        let lease =
+            *method == Method::POST && is_lease_path(path) && headers.contains_key("x-surge-lease-token");
         if let Some(token) = self.token.as_ref().filter(|_| !lease) {
             let open = self.metrics_public && path == "/metrics";
             if changes || (self.everything_needs_token && !open) {
@@ -111,6 +110,16 @@ impl Access {
             }
         }
         Ok(())
+    }
+}
+
+/// `/queues/NAME/leases/ID`, or that with `/ack` or `/fail`: nothing else.
+fn is_lease_path(path: &str) -> bool {
+    let segments: Vec<&str> = path.split('/').collect();
+    match segments.as_slice() {
+        ["", "queues", name, "leases", id] => !name.is_empty() && !id.is_empty(),
+        ["", "queues", name, "leases", id, "ack" | "fail"] => !name.is_empty() && !id.is_empty(),
+        _ => false,
     }
 }
 
@@ -190,6 +199,12 @@ mod tests {
             guarded.check(&Method::POST, ack, &headers(&[host, lease, foreign])),
             Err(Refusal::CrossOrigin)
         );
+        // Only the lease calls: a queue named `leases` gets no way around the token.
+        for other in ["/queues/leases/messages", "/queues/leases/dead/purge", "/queues/jobs/leases/ff/purge"]
+        {
+            let refused = guarded.check(&Method::POST, other, &headers(&[host, lease, text]));
+            assert_eq!(refused, Err(Refusal::MissingToken), "{other}");
+        }
     }
 
     #[test]

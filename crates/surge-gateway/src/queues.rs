@@ -8,7 +8,7 @@ use std::time::Duration;
 use http::header::{CONTENT_TYPE, LOCATION, RETRY_AFTER};
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use surge_queue::job::{encode_request, job_id, parse_job_id, JobJson, REQUEST_TYPE};
+use surge_queue::job::{encode_request, parse_job_id, JobJson, MAX_FIELDS, REQUEST_TYPE};
 use surge_queue::{NewMessage, Queue};
 
 use crate::body::GatewayBody;
@@ -64,7 +64,15 @@ fn json_response(status: StatusCode, json: &serde_json::Value) -> Response<Gatew
 }
 
 /// An async route's request: enqueued whole, answered 202 with the job's place.
-pub(crate) async fn enqueue(queue: Arc<Queue>, request: Request<ClientBody>) -> Response<GatewayBody> {
+pub(crate) async fn enqueue(queue: Arc<Queue>, mut request: Request<ClientBody>) -> Response<GatewayBody> {
+    // What the worker sees is what an instance would: forwarding fields set, a client's claims dropped.
+    crate::stack::rewrite_request(&mut request);
+    if request.headers().len() > MAX_FIELDS {
+        return json_response(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            &serde_json::json!({ "error": format!("an async route's request may have {MAX_FIELDS} fields at most") }),
+        );
+    }
     let (parts, body) = request.into_parts();
     let body = match body.collect().await {
         Ok(body) => body.to_bytes(),
@@ -89,7 +97,7 @@ pub(crate) async fn enqueue(queue: Arc<Queue>, request: Request<ClientBody>) -> 
             let Some(published) = published.first() else {
                 return GatewayError::Internal { what: "the publish answered nothing" }.into_response();
             };
-            let id = job_id(queue.name(), published.id);
+            let id = queue.job_name(published.id);
             let location = format!("/jobs/{id}");
             let json = serde_json::json!({ "id": id, "state": "queued", "location": location });
             let mut response = json_response(StatusCode::ACCEPTED, &json);
@@ -107,21 +115,30 @@ pub(crate) async fn enqueue(queue: Arc<Queue>, request: Request<ClientBody>) -> 
 }
 
 /// The queue a `GET /jobs/QUEUE-ID` asks about, among the async routes' queues.
-pub(crate) fn job_target<B>(queues: &[Arc<Queue>], request: &Request<B>) -> Option<(Arc<Queue>, u64)> {
+/// The id is `None` when its tag is not the queue's own: a made-up id, answered as unknown.
+pub(crate) fn job_target<B>(
+    queues: &[Arc<Queue>],
+    request: &Request<B>,
+) -> Option<(Arc<Queue>, Option<u64>)> {
     if request.method() != http::Method::GET || queues.is_empty() {
         return None;
     }
-    let (name, id) = parse_job_id(request.uri().path().strip_prefix("/jobs/")?)?;
+    let (name, id, tag) = parse_job_id(request.uri().path().strip_prefix("/jobs/")?)?;
     let queue = queues.iter().find(|queue| queue.name() == name)?;
-    Some((Arc::clone(queue), id))
+    Some((Arc::clone(queue), queue.job_tag_matches(id, tag).then_some(id)))
 }
 
 /// A job's answer as the worker gave it, or where the job is (waiting for the answer up to
 /// `Prefer: wait=N` seconds).
 pub(crate) async fn job(
-    (queue, id): (Arc<Queue>, u64),
+    (queue, id): (Arc<Queue>, Option<u64>),
     request: Request<ClientBody>,
 ) -> Response<GatewayBody> {
+    let Some(id) = id else {
+        let path = request.uri().path();
+        let error = format!("no job {} (or its answer expired)", path.trim_start_matches("/jobs/"));
+        return json_response(StatusCode::NOT_FOUND, &serde_json::json!({ "error": error }));
+    };
     let wait = request
         .headers()
         .get_all("prefer")
@@ -142,7 +159,7 @@ pub(crate) async fn job(
         }
         Err(JobJson { state, .. }) if state == "unknown" => json_response(
             StatusCode::NOT_FOUND,
-            &serde_json::json!({ "error": format!("no job {} (or its answer expired)", job_id(queue.name(), id)) }),
+            &serde_json::json!({ "error": format!("no job {} (or its answer expired)", queue.job_name(id)) }),
         ),
         Err(pending) => {
             let mut response =

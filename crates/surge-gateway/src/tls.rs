@@ -109,7 +109,18 @@ impl State {
             if state.plaintext_bytes_to_read() > 0 {
                 return Ok(state.plaintext_bytes_to_read());
             }
-            if state.peer_has_closed() || self.eof {
+            if state.peer_has_closed() {
+                return Ok(0);
+            }
+            if self.eof {
+                // An instance's answer cut off by a bare TCP end is not one that ended: only
+                // close_notify ends a TLS stream. Clients closing without it just close.
+                if matches!(self.tls, Connection::Client(_)) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the instance closed TLS without close_notify",
+                    ));
+                }
                 return Ok(0);
             }
             if self.tls.read_tls(&mut Kernel(tcp))? == 0 {

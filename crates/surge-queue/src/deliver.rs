@@ -362,7 +362,9 @@ fn retry_after(value: &str) -> Option<SystemTime> {
     match value.trim().parse::<u64>() {
         // A day at most: a worker cannot park a message for good.
         Ok(seconds) => Some(SystemTime::now() + Duration::from_secs(seconds.min(86_400))),
-        Err(_) => httpdate::parse_http_date(value).ok(),
+        Err(_) => httpdate::parse_http_date(value)
+            .ok()
+            .map(|at| at.min(SystemTime::now() + Duration::from_secs(86_400))),
     }
 }
 

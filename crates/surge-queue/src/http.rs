@@ -115,6 +115,7 @@ pub fn message_from(headers: &HeaderMap, body: Bytes) -> Result<NewMessage, Stri
                 .map_err(|_| format!("the {name} header is not text")),
         }
     };
+    reserved_type(headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()))?;
     let delay = text("delay")?;
     let not_before = text("not-before")?;
     let key = text("idempotency-key")?;
@@ -159,6 +160,7 @@ pub fn batch_from(body: &[u8]) -> Result<Vec<NewMessage>, String> {
     entries
         .into_iter()
         .map(|entry| {
+            reserved_type(entry.content_type.as_deref())?;
             Ok(NewMessage {
                 payload: Bytes::from(entry.body),
                 content_type: entry.content_type,
@@ -223,6 +225,19 @@ pub fn unknown_queue(name: &str) -> Answer {
 
 fn json(value: &impl Serialize) -> serde_json::Value {
     serde_json::to_value(value).unwrap_or_default()
+}
+
+/// `message/http` is the type of the requests async routes enqueue, which the dispatcher
+/// replays to workers as requests: a publisher may not claim it.
+fn reserved_type(content_type: Option<&str>) -> Result<(), String> {
+    let essence = content_type.and_then(|t| t.split(';').next()).map(str::trim);
+    if essence.is_some_and(|t| t.eq_ignore_ascii_case(crate::job::REQUEST_TYPE)) {
+        return Err(format!(
+            "Content-Type {} is kept for the requests of async routes",
+            crate::job::REQUEST_TYPE
+        ));
+    }
+    Ok(())
 }
 
 /// An `Idempotency-Key` as given, or why it cannot be one.

@@ -51,7 +51,7 @@ pub struct StoredRequest {
 }
 
 pub fn decode_request(payload: &Bytes) -> Result<StoredRequest, String> {
-    let mut fields = [httparse::EMPTY_HEADER; 128];
+    let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
     let mut head = httparse::Request::new(&mut fields);
     let length = match head.parse(payload) {
         Ok(httparse::Status::Complete(length)) => length,
@@ -60,6 +60,10 @@ pub fn decode_request(payload: &Bytes) -> Result<StoredRequest, String> {
     };
     let method = head.method.and_then(|m| Method::from_bytes(m.as_bytes()).ok()).ok_or("no method")?;
     let target = head.path.ok_or("no target")?.to_owned();
+    // Origin form only: the worker's address is the dispatcher's to choose.
+    if !target.starts_with('/') {
+        return Err(format!("the stored request's target {target:?} is not a path"));
+    }
     let mut headers = HeaderMap::new();
     for field in head.headers.iter() {
         if let (Ok(name), Ok(value)) =
@@ -120,16 +124,24 @@ pub struct JobJson {
     pub error: Option<String>,
 }
 
-/// A job's id as clients see it: its queue, then its message id.
-pub fn job_id(queue: &str, id: u64) -> String {
-    format!("{queue}-{}", crate::http::id_text(id))
+/// A job's id as clients see it: its queue, its message id, and a tag only the queue can make
+/// (a keyed hash of the id), so that knowing one job's id tells nothing of another's.
+pub fn job_id(queue: &str, id: u64, tag: u64) -> String {
+    format!("{queue}-{}{tag:016x}", crate::http::id_text(id))
 }
 
-/// The queue and message id a job id names.
-pub fn parse_job_id(text: &str) -> Option<(&str, u64)> {
-    let (queue, id) = text.rsplit_once('-')?;
-    Some((queue, crate::http::parse_id(id)?))
+/// The queue, message id and tag a job id names.
+pub fn parse_job_id(text: &str) -> Option<(&str, u64, u64)> {
+    let (queue, rest) = text.rsplit_once('-')?;
+    if rest.len() != 32 || !rest.is_ascii() {
+        return None;
+    }
+    let (id, tag) = rest.split_at(16);
+    Some((queue, crate::http::parse_id(id)?, u64::from_str_radix(tag, 16).ok()?))
 }
+
+/// The largest number of fields a stored request may have.
+pub const MAX_FIELDS: usize = 256;
 
 #[cfg(test)]
 mod tests {
@@ -162,9 +174,10 @@ mod tests {
 
     #[test]
     fn job_ids_name_queue_and_message() {
-        let id = job_id("pdf-reports", 255);
-        assert_eq!(id, "pdf-reports-00000000000000ff");
-        assert_eq!(parse_job_id(&id), Some(("pdf-reports", 255)));
+        let id = job_id("pdf-reports", 255, 0xabc);
+        assert_eq!(id, "pdf-reports-00000000000000ff0000000000000abc");
+        assert_eq!(parse_job_id(&id), Some(("pdf-reports", 255, 0xabc)));
+        assert_eq!(parse_job_id("pdf-reports-00000000000000ff"), None, "no tag");
         assert_eq!(parse_job_id("nodash"), None);
     }
 }

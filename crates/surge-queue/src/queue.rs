@@ -75,6 +75,41 @@ pub struct Queue {
     /// Workers' answers to async requests, and a wake-up for those waiting for one.
     answers: Mutex<Answers>,
     answered: Notify,
+    /// The key job ids are tagged with, kept in the queue's folder so ids outlive restarts.
+    job_key: aws_lc_rs::hmac::Key,
+}
+
+/// A random u64 from the system's generator (lease tokens, which authorise a worker).
+fn random_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    // The system generator does not fail on Linux; a zero token then only matches no lease.
+    let _ = aws_lc_rs::rand::fill(&mut bytes);
+    u64::from_le_bytes(bytes)
+}
+
+/// The queue's job key: read from `job.key` in its folder, made there (mode 0600) the first time.
+fn job_key(dir: &Path) -> Result<aws_lc_rs::hmac::Key, OpenError> {
+    let path = dir.join("job.key");
+    let io = |source| OpenError::Io { path: path.clone(), source };
+    let secret = match std::fs::read(&path) {
+        Ok(secret) if secret.len() == 32 => secret,
+        _ => {
+            let mut secret = vec![0u8; 32];
+            aws_lc_rs::rand::fill(&mut secret).map_err(|_| io(std::io::Error::other("no random bytes")))?;
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(io)?;
+            file.write_all(&secret).and_then(|()| file.sync_all()).map_err(io)?;
+            secret
+        }
+    };
+    Ok(aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &secret))
 }
 
 /// Counts since the queue was opened, for `/status` and `/metrics`.
@@ -143,6 +178,7 @@ impl Queue {
             totals: Totals::default(),
             answers: Mutex::new(Answers::default()),
             answered: Notify::new(),
+            job_key: job_key(dir)?,
         };
         Ok((Arc::new(queue), recovered))
     }
@@ -361,7 +397,7 @@ impl Queue {
         let mut inner = self.lock();
         self.expire(&mut inner, now);
         // Random tokens: a worker settling its lease itself proves it holds it with one.
-        let deliveries = inner.state.lease_with(now, max, || fastrand::u64(1..));
+        let deliveries = inner.state.lease_with(now, max, random_u64);
         self.totals.delivered.fetch_add(deliveries.len() as u64, Ordering::Relaxed);
         deliveries
     }
@@ -447,6 +483,24 @@ impl Queue {
         Ok(UNIX_EPOCH + Duration::from_millis(until))
     }
 
+    /// The id a client is given for the job of message `id`.
+    pub fn job_name(&self, id: u64) -> String {
+        job_id(&self.name, id, self.job_tag(id))
+    }
+
+    /// Whether `tag` is the one this queue gave the job of message `id`.
+    pub fn job_tag_matches(&self, id: u64, tag: u64) -> bool {
+        let expected = self.job_tag(id).to_le_bytes();
+        aws_lc_rs::constant_time::verify_slices_are_equal(&expected, &tag.to_le_bytes()).is_ok()
+    }
+
+    fn job_tag(&self, id: u64) -> u64 {
+        let mac = aws_lc_rs::hmac::sign(&self.job_key, &id.to_le_bytes());
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&mac.as_ref()[..8]);
+        u64::from_le_bytes(first)
+    }
+
     /// Keeps a worker's answer to an async request, for `GET /jobs/ID`.
     pub fn keep_answer(&self, id: u64, answer: JobAnswer) {
         let mut answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
@@ -471,7 +525,7 @@ impl Queue {
                 Some((state, attempts, error)) => (state, attempts, error.map(|e| e.to_string())),
                 None => ("unknown", 0, None),
             };
-            let pending = JobJson { id: job_id(&self.name, id), state: state.to_owned(), attempts, error };
+            let pending = JobJson { id: self.job_name(id), state: state.to_owned(), attempts, error };
             if matches!(state, "dead" | "unknown") || tokio::time::Instant::now() >= deadline {
                 return Err(pending);
             }

@@ -404,7 +404,7 @@ queue = "reports"
 "#,
     )
     .await;
-    let headers = [("x-user", "ada"), ("content-type", "text/plain")];
+    let headers = [("x-user", "ada"), ("content-type", "text/plain"), ("x-forwarded-for", "6.6.6.6")];
     let accepted = surge.request(Method::POST, "/reports/7?format=pdf", &headers, Bytes::from("hello")).await;
     assert_eq!(accepted.status, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&accepted.body));
     let location =
@@ -421,6 +421,8 @@ queue = "reports"
     assert_eq!(echoed["path"], "/reports/7");
     assert_eq!(echoed["query"], "format=pdf");
     assert_eq!(echoed["headers"]["x-user"], "ada");
+    // Forwarded as an instance's request is: the client's own claim replaced.
+    assert_eq!(echoed["headers"]["x-forwarded-for"], "127.0.0.1");
     assert_eq!(echoed["body_bytes"], 5);
 
     // A job the worker keeps failing ends dead, and says why.
@@ -440,8 +442,18 @@ queue = "reports"
     assert_eq!(dead["attempts"], 2);
     assert!(dead["error"].as_str().is_some_and(|e| e.contains("answered 500")), "{dead}");
 
-    let unknown = surge.request(Method::GET, "/jobs/reports-00000000000000ff", &[], Bytes::new()).await;
-    assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+    // Another job's id cannot be guessed from this one's: the tag is the queue's own.
+    let mut forged = location.clone();
+    let last = forged.pop().map_or('0', |c| if c == '0' { '1' } else { '0' });
+    forged.push(last);
+    let unknown = surge.request(Method::GET, &forged, &[], Bytes::new()).await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND, "{}", String::from_utf8_lossy(&unknown.body));
+    // A publisher cannot pass a message off as a request for the workers.
+    let headers = [("content-type", "message/http")];
+    let refused = surge
+        .admin(Method::POST, "/queues/reports/messages", &headers, Bytes::from("GET / HTTP/1.1\r\n\r\n"))
+        .await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -222,3 +222,57 @@ async fn an_upstream_whose_certificate_does_not_match_is_never_used() {
     assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(upstream.seen(|seen| seen.len()), 0, "no handshake completed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_cut_off_without_close_notify_is_not_taken_as_whole() {
+    // An upstream whose answer ends with the connection, then a bare TCP end: someone on the
+    // path can cut a TLS stream so, and only close_notify says the answer is whole.
+    let backend = Pem::for_names(&["backend.test"]);
+    let chain = vec![CertificateDer::from_pem_slice(backend.cert.as_bytes()).expect("PEM")];
+    let key = PrivateKeyDer::from_pem_slice(backend.key.as_bytes()).expect("key");
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("certificate");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let accepting = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let health = head.starts_with(b"GET /healthz");
+                let answer: &[u8] = if health {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                } else {
+                    b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\npartial"
+                };
+                let _ = tls.write_all(answer).await;
+                let _ = tls.flush().await;
+                // Dropped without shutdown: no close_notify, a bare TCP end.
+                let (tcp, _) = tls.into_inner();
+                drop(tcp);
+            });
+        }
+    });
+    let services = service("api", port, r#"ca = "backend.pem", server_name = "backend.test""#);
+    let surge = Surge::start_with("", &services, |dir| backend.write(dir, "backend")).await;
+    let client = common::http_client();
+    let answer = common::send(&client, Method::GET, &surge.url("/api/x"), &[], Bytes::new()).await;
+    accepting.abort();
+    // The head went out before the cut, so the client sees its body broken off, not whole.
+    let whole = answer.as_ref().is_ok_and(|a| a.status == StatusCode::OK && a.body == "partial");
+    assert!(!whole, "a cut-off answer was passed on as whole: {:?}", answer.map(|a| a.body));
+}

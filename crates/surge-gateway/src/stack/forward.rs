@@ -69,7 +69,7 @@ impl<F: Future<Output = Result<Response<R>, E>>, R, E> Future for Forwarded<F> {
 /// instances see the name the client asked for. Forwarding fields from a client that is not a
 /// trusted proxy are replaced, never passed on: they would let anyone claim any address.
 /// Fields named `x-surge-*` are the gateway's to set, so a client's are dropped.
-fn rewrite_request<B>(request: &mut Request<B>) {
+pub(crate) fn rewrite_request<B>(request: &mut Request<B>) {
     let upgrade = upgrade_protocol(request);
     let client = request.extensions().get::<ClientAddr>();
     let forwarded_for = client.and_then(|c| c.forwarded_for.clone());

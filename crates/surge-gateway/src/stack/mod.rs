@@ -25,6 +25,7 @@ mod budget;
 mod buffer;
 mod endpoint;
 mod forward;
+pub(crate) use forward::rewrite_request;
 mod metrics;
 mod prepare;
 mod respond;
