@@ -14,6 +14,6 @@ pub mod schedule;
 pub mod state;
 
 pub use log::{OpenError, Recovered, SEGMENT_SIZE};
-pub use queue::{now_ms, Limits, NewMessage, PublishError, Published, Queue, Totals};
+pub use queue::{now_ms, Latencies, Limits, NewMessage, PublishError, Published, Queue, Totals};
 pub use registry::{QueueMetrics, Queues};
 pub use state::{Counts, DeadLetter, Delivery, Failed, Location, Settings, Stale};

@@ -72,6 +72,7 @@ pub struct Queue {
     log: Log,
     ready: Notify,
     totals: Totals,
+    latencies: Latencies,
     /// Workers' answers to async requests, and a wake-up for those waiting for one.
     answers: Mutex<Answers>,
     answered: Notify,
@@ -110,6 +111,24 @@ fn job_key(dir: &Path) -> Result<aws_lc_rs::hmac::Key, OpenError> {
         }
     };
     Ok(aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &secret))
+}
+
+/// How long publishes took to be durable, and messages from publish to ack, in seconds.
+#[derive(Debug)]
+pub struct Latencies {
+    pub publish: prometheus_client::metrics::histogram::Histogram,
+    pub end_to_end: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for Latencies {
+    fn default() -> Self {
+        use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+        // 100 µs to about 6.5 s for a publish; 1 ms to about 18 hours from publish to ack.
+        Latencies {
+            publish: Histogram::new(exponential_buckets(0.000_1, 2.0, 17)),
+            end_to_end: Histogram::new(exponential_buckets(0.001, 4.0, 17)),
+        }
+    }
 }
 
 /// Counts since the queue was opened, for `/status` and `/metrics`.
@@ -176,6 +195,7 @@ impl Queue {
             log,
             ready: Notify::new(),
             totals: Totals::default(),
+            latencies: Latencies::default(),
             answers: Mutex::new(Answers::default()),
             answered: Notify::new(),
             job_key: job_key(dir)?,
@@ -189,6 +209,10 @@ impl Queue {
 
     pub fn totals(&self) -> &Totals {
         &self.totals
+    }
+
+    pub fn latencies(&self) -> &Latencies {
+        &self.latencies
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -205,6 +229,7 @@ impl Queue {
         messages: Vec<NewMessage>,
     ) -> Result<Vec<Published>, PublishError> {
         let now = now_ms();
+        let began = std::time::Instant::now();
         for message in &messages {
             let size = message.payload.len() as u64;
             if size > self.limits.max_payload {
@@ -272,7 +297,9 @@ impl Queue {
         if !fresh.is_empty() {
             let written = self.write_fresh(fresh, floor);
             let stored = written.await.map_err(|_| self.storage_error("the queue stopped"))??;
+            let took = began.elapsed().as_secs_f64();
             for (index, published) in stored {
+                self.latencies.publish.observe(took);
                 answers[index] = Some(published);
             }
         }
@@ -446,9 +473,13 @@ impl Queue {
 
     pub fn ack(&self, id: u64, token: u64) -> Result<(), Stale> {
         let mut inner = self.lock();
+        let enqueued_at = inner.state.enqueued_at(id);
         let record = inner.state.ack(id, token)?;
         self.log_later(&record);
         self.totals.acked.fetch_add(1, Ordering::Relaxed);
+        if let Some(at) = enqueued_at {
+            self.latencies.end_to_end.observe(now_ms().saturating_sub(at) as f64 / 1000.0);
+        }
         self.delete_unused_segments(&mut inner);
         Ok(())
     }

@@ -209,6 +209,21 @@ impl prometheus_client::collector::Collector for QueueMetrics {
             ConstGauge::new(age)
                 .encode(family.encode_family(&QueueLabels { queue: status.queue.clone() })?)?;
         }
+        type Latency = fn(&Queue) -> &prometheus_client::metrics::histogram::Histogram;
+        let histograms: [(&str, &str, Latency); 2] = [
+            ("queue_publish_seconds", "How long a publish took to be on disk, per message", |q| {
+                &q.latencies().publish
+            }),
+            ("queue_end_to_end_seconds", "From publish to a worker's ack, per message", |q| {
+                &q.latencies().end_to_end
+            }),
+        ];
+        for (name, help, read) in histograms {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+            for (config, queue) in &self.0.queues {
+                read(queue).encode(family.encode_family(&QueueLabels { queue: config.name.clone() })?)?;
+            }
+        }
         let counters: [(&str, &str, Read); 6] = [
             ("queue_published", "Messages published and durable", |s| s.published),
             ("queue_delivered", "Deliveries started (leases taken)", |s| s.delivered),

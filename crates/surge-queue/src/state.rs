@@ -171,6 +171,11 @@ impl QueueState {
         self.keys.get(key).copied()
     }
 
+    /// When a message held was published.
+    pub fn enqueued_at(&self, id: u64) -> Option<u64> {
+        self.messages.get(&id).map(|entry| entry.enqueued_at)
+    }
+
     /// Messages held, dead ones included.
     pub fn len(&self) -> u64 {
         self.messages.len() as u64

@@ -129,6 +129,8 @@ async fn published_messages_are_pushed_to_workers_and_acked() {
     let metrics = surge.metrics().await;
     assert!(metrics.contains("surge_queue_acked_total{queue=\"jobs\"} 102"), "{metrics}");
     assert!(metrics.contains("surge_queue_messages{queue=\"jobs\",state=\"ready\"} 0"), "{metrics}");
+    assert!(metrics.contains("surge_queue_publish_seconds_count{queue=\"jobs\"} 102"), "{metrics}");
+    assert!(metrics.contains("surge_queue_end_to_end_seconds_count{queue=\"jobs\"} 102"), "{metrics}");
 
     // The gateway does not publish to a queue that did not opt in.
     let answer = surge.request(Method::POST, "/queues/jobs/messages", &[], Bytes::from("x")).await;
