@@ -75,6 +75,15 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
 }
 
+/// The publishers' latencies, together.
+async fn merged(publishers: Vec<tokio::task::JoinHandle<Histogram<u64>>>) -> Histogram<u64> {
+    let mut latency = histogram();
+    for publisher in publishers {
+        latency.add(publisher.await.expect("publisher")).expect("same bounds");
+    }
+    latency
+}
+
 fn fsync_latency(dir: &Path) -> Histogram<u64> {
     use std::io::Write;
     let mut file = std::fs::File::create(dir.join("fsync-probe")).expect("probe file");
@@ -110,10 +119,7 @@ async fn embedded(dir: &Path, publishers: usize, size: usize, duration: Duration
             })
         })
         .collect();
-    let mut latency = histogram();
-    for task in tasks {
-        latency.add(task.await.expect("publisher")).expect("same bounds");
-    }
+    let latency = merged(tasks).await;
     let elapsed = start.elapsed().as_secs_f64();
     let published = latency.len();
     let drain = Instant::now();
@@ -208,10 +214,7 @@ async fn through_surge(dir: &Path, publishers: usize, size: usize, duration: Dur
             })
         })
         .collect();
-    let mut latency = histogram();
-    for task in tasks {
-        latency.add(task.await.expect("publisher")).expect("same bounds");
-    }
+    let latency = merged(tasks).await;
     let published = latency.len();
     Run { published, per_second: published as f64 / start.elapsed().as_secs_f64(), latency, drained_per_second: f64::NAN }
 }
@@ -246,10 +249,7 @@ async fn rabbitmq(publishers: usize, size: usize, duration: Duration) -> Run {
             latency
         }));
     }
-    let mut latency = histogram();
-    for task in tasks {
-        latency.add(task.await.expect("publisher")).expect("same bounds");
-    }
+    let latency = merged(tasks).await;
     let elapsed = start.elapsed().as_secs_f64();
     let published = latency.len();
     let consumer_channel = connection.create_channel().await.expect("channel");

@@ -134,6 +134,20 @@ impl Validator<'_> {
         }
     }
 
+    /// Whether `queue` is defined; if not, says so at `key`, listing the queues there are.
+    fn names_a_queue(&mut self, span: Range<usize>, key: &str, queue: &str) -> bool {
+        if self.queue_names.iter().any(|known| known == queue) {
+            return true;
+        }
+        let known = if self.queue_names.is_empty() {
+            "none is defined".to_owned()
+        } else {
+            self.queue_names.join(", ")
+        };
+        self.error(span, key, format!("no queue is named \"{queue}\" (queues: {known})"));
+        false
+    }
+
     /// A count that must be at least 1; `None` when absent or refused.
     fn at_least_one<T: Copy + PartialEq + From<u8>>(
         &mut self,
@@ -637,18 +651,10 @@ impl Validator<'_> {
             let span = route.span();
             let route_key = format!("{key}[{index}]");
             let raw::RawRoute { prefix, host, retry, rate_limit, max_body, async_queue } = route.into_inner();
-            if let Some(queue) = async_queue.as_ref().filter(|q| !self.queue_names.contains(q)) {
-                let known = if self.queue_names.is_empty() {
-                    "none is defined".to_owned()
-                } else {
-                    self.queue_names.join(", ")
-                };
-                self.error(
-                    span,
-                    format!("{route_key}.async"),
-                    format!("no queue is named \"{queue}\" (queues: {known})"),
-                );
-                continue;
+            if let Some(queue) = &async_queue {
+                if !self.names_a_queue(span.clone(), &format!("{route_key}.async"), queue) {
+                    continue;
+                }
             }
             let rate_limit = match rate_limit.map(to_rate_limit) {
                 Some(Err(message)) => {

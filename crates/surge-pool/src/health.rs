@@ -26,10 +26,9 @@ impl Prober {
     /// Checks in the protocol the service's instances speak.
     pub fn new(config: &ServiceConfig) -> Self {
         if config.protocol == UpstreamProtocol::Https {
-            return match config.tls.as_ref().map(UpstreamTls::load) {
-                Some(Ok(tls)) => Prober::Tls(tls),
-                Some(Err(errors)) => Prober::BrokenTls(errors.to_string().into()),
-                None => Prober::BrokenTls(format!("services.{}.tls is missing", config.name).into()),
+            return match UpstreamTls::for_service(config) {
+                Ok(tls) => Prober::Tls(tls),
+                Err(why) => Prober::BrokenTls(why.into()),
             };
         }
         let mut connector = HttpConnector::new();
@@ -82,7 +81,8 @@ async fn probe_tls(
     Ok(sender.send_request(request).await?)
 }
 
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+/// An error and every cause under it, `: `-separated.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {

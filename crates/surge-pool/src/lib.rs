@@ -25,6 +25,7 @@ use surge_config::ServiceConfig;
 use tokio::sync::{mpsc, oneshot};
 
 pub use driver::{Driver, Exit, InstanceControl, LaunchError, LaunchSpec, Launched};
+pub use health::error_chain;
 pub use instance::{InFlight, Instance, InstanceState};
 pub use load::{PoolLoad, Ticket, WaitQueue, Waiting};
 pub use metrics::PoolMetrics;

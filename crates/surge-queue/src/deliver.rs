@@ -17,7 +17,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use surge_config::WorkerConfig;
-use surge_pool::{InFlight, Pool};
+use surge_pool::{error_chain, InFlight, Pool};
 use tokio::sync::watch;
 
 use crate::job::{decode_request, JobAnswer, REQUEST_TYPE};
@@ -377,17 +377,6 @@ fn find_io_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a
         cause = error.source();
     }
     None
-}
-
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(error) = cause {
-        text.push_str(": ");
-        text.push_str(&error.to_string());
-        cause = error.source();
-    }
-    text
 }
 
 #[cfg(test)]

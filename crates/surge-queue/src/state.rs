@@ -440,7 +440,7 @@ impl QueueState {
     }
 
     pub fn counts(&self, now: u64) -> Counts {
-        let delayed = self.ready.iter().filter(|(at, _)| *at > now).count() as u64;
+        let delayed = (self.ready.len() - self.ready_at(now)) as u64;
         let oldest = self
             .messages
             .values()
@@ -533,11 +533,8 @@ impl QueueState {
 
     fn set_status(&mut self, id: u64, status: Status) {
         let Some(entry) = self.messages.get_mut(&id) else { return };
-        match std::mem::replace(&mut entry.status, status) {
-            Status::Ready { at } => self.ready.remove(&(at, id)),
-            Status::Leased { until } => self.leased.remove(&(until, id)),
-            Status::Dead => self.dead.remove(&id),
-        };
+        let old = std::mem::replace(&mut entry.status, status);
+        self.unindex(id, old);
         match status {
             Status::Ready { at } => self.ready.insert((at, id)),
             Status::Leased { until } => self.leased.insert((until, id)),
@@ -545,13 +542,18 @@ impl QueueState {
         };
     }
 
-    fn remove(&mut self, id: u64) {
-        let Some(entry) = self.messages.remove(&id) else { return };
-        match entry.status {
+    /// Takes the message out of the index its status keeps it in.
+    fn unindex(&mut self, id: u64, status: Status) {
+        match status {
             Status::Ready { at } => self.ready.remove(&(at, id)),
             Status::Leased { until } => self.leased.remove(&(until, id)),
             Status::Dead => self.dead.remove(&id),
         };
+    }
+
+    fn remove(&mut self, id: u64) {
+        let Some(entry) = self.messages.remove(&id) else { return };
+        self.unindex(id, entry.status);
         self.bytes -= u64::from(entry.location.len);
         Self::count_out(&mut self.per_segment, entry.location.segment);
     }

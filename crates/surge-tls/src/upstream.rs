@@ -76,6 +76,16 @@ impl UpstreamTls {
         Ok(Arc::new(UpstreamTls { config: Arc::new(config), server_name }))
     }
 
+    /// The TLS settings of a service spoken to over TLS, read now. They were checked before the
+    /// configuration was taken; a file gone since then gives the reason, for each connection
+    /// to fail with.
+    pub fn for_service(service: &surge_config::ServiceConfig) -> Result<Arc<Self>, String> {
+        match &service.tls {
+            Some(tls) => UpstreamTls::load(tls).map_err(|errors| errors.to_string()),
+            None => Err(format!("services.{}.tls is missing", service.name)),
+        }
+    }
+
     /// Runs the client side of a handshake on `tcp`, checking the instance's certificate for
     /// the configured name or else `host`, the name (or address) the instance was found by.
     pub async fn connect(&self, tcp: TcpStream, host: &str) -> io::Result<TlsStream<TcpStream>> {

@@ -84,6 +84,15 @@ async fn wait_for_journal(path: &Path, what: &str, done: impl Fn(&[Worked]) -> b
     }
 }
 
+/// Waits until a delivery is under way; fails the test after 20 s.
+async fn wait_until_in_flight(surge: &Surge) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while queue_status(surge).await.in_flight == 0 {
+        assert!(Instant::now() < deadline, "never delivered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 fn temp_file(surge: &Surge, name: &str) -> PathBuf {
     surge.dir.join(name)
 }
@@ -191,11 +200,7 @@ async fn a_worker_killed_mid_message_has_it_redelivered() {
     let journal_path = dir.path().join("journal");
     let surge = Surge::start(&config(&journal_path, "", "")).await;
     let id = publish(&surge, "delay=1s").await.id;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while queue_status(&surge).await.in_flight == 0 {
-        assert!(Instant::now() < deadline, "never delivered");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until_in_flight(&surge).await;
     // The instance holding it: the one with a request in flight.
     let pool = surge.service("workers").await;
     let busy = pool.instances.iter().find(|i| i.in_flight > 0).expect("an instance at work");
@@ -479,11 +484,7 @@ async fn a_worker_that_answers_202_settles_its_lease_itself() {
     let journal_path = dir.path().join("journal");
     let surge = Surge::start(&config(&journal_path, "lease = \"10s\"", "")).await;
     let id = publish(&surge, "settle=later&delay=1s").await.id;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while queue_status(&surge).await.in_flight == 0 {
-        assert!(Instant::now() < deadline, "never delivered");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until_in_flight(&surge).await;
     // Without its token, nobody settles it: not even with the admin token.
     let url = format!("/queues/jobs/leases/{id}/ack");
     let forged =

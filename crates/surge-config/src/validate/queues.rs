@@ -163,17 +163,9 @@ impl Validator<'_> {
                 );
                 None
             }
-            Some(queue) if !queues.iter().any(|q| q.name == *queue.get_ref()) => {
-                let known: Vec<&str> = queues.iter().map(|q| q.name.as_str()).collect();
-                let known = if known.is_empty() { "none is defined".to_owned() } else { known.join(", ") };
-                self.error(
-                    queue.span(),
-                    format!("{key}.queue"),
-                    format!("no queue is named \"{}\" (queues: {known})", queue.get_ref()),
-                );
-                None
-            }
-            Some(queue) => Some(queue.into_inner()),
+            Some(queue) => self
+                .names_a_queue(queue.span(), &format!("{key}.queue"), queue.get_ref())
+                .then(|| queue.into_inner()),
         };
         let path = match parts.path {
             Some(path) if !path.get_ref().starts_with('/') => {
@@ -253,20 +245,9 @@ impl Validator<'_> {
                 self.error(span, format!("{key}.queue"), "missing `queue`: the queue it publishes to");
                 None
             }
-            Some(queue) if !self.queue_names.contains(queue.get_ref()) => {
-                let known = if self.queue_names.is_empty() {
-                    "none is defined".to_owned()
-                } else {
-                    self.queue_names.join(", ")
-                };
-                self.error(
-                    queue.span(),
-                    format!("{key}.queue"),
-                    format!("no queue is named \"{}\" (queues: {known})", queue.get_ref()),
-                );
-                None
-            }
-            Some(queue) => Some(queue.into_inner()),
+            Some(queue) => self
+                .names_a_queue(queue.span(), &format!("{key}.queue"), queue.get_ref())
+                .then(|| queue.into_inner()),
         };
         Some(ScheduleConfig {
             name,

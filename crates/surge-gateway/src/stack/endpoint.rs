@@ -63,12 +63,9 @@ impl Endpoint {
                 (Some(Http1Client::new(config.timeouts.connect, Transport::Plain)), http::Version::HTTP_11)
             }
             UpstreamProtocol::Https => {
-                // Checked before the configuration was taken; a file gone since then fails each
-                // connection instead.
-                let transport = match config.tls.as_ref().map(surge_tls::UpstreamTls::load) {
-                    Some(Ok(tls)) => Transport::Tls(tls),
-                    Some(Err(errors)) => Transport::BrokenTls(errors.to_string()),
-                    None => Transport::BrokenTls(format!("services.{}.tls is missing", config.name)),
+                let transport = match surge_tls::UpstreamTls::for_service(config) {
+                    Ok(tls) => Transport::Tls(tls),
+                    Err(why) => Transport::BrokenTls(why),
                 };
                 (Some(Http1Client::new(config.timeouts.connect, transport)), http::Version::HTTP_11)
             }
