@@ -9,7 +9,7 @@
 //! A lease that runs out counts as a failure (a worker that crashes on a message must not
 //! retry it forever).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use crate::record::{Record, Stored};
@@ -122,9 +122,12 @@ pub struct QueueState {
     next_id: u64,
     next_token: u64,
     bytes: u64,
-    /// Idempotency keys and the message each names, until they expire (oldest first).
+    /// Idempotency keys and the message each names, until they expire.
     keys: HashMap<Arc<str>, u64>,
-    key_expiry: VecDeque<(u64, Arc<str>)>,
+    /// When each key stops naming a message, by (time, message): ordered by time even when
+    /// replay meets copied-forward messages out of publish order, and tied to the message so
+    /// that the expiry of a key's earlier message leaves its newer one named.
+    key_expiry: BTreeMap<(u64, u64), Arc<str>>,
     /// Messages held per log segment, so empty segments can be deleted.
     per_segment: BTreeMap<u64, u64>,
 }
@@ -143,7 +146,7 @@ impl QueueState {
             next_token: first_token.max(1),
             bytes: 0,
             keys: HashMap::new(),
-            key_expiry: VecDeque::new(),
+            key_expiry: BTreeMap::new(),
             per_segment: BTreeMap::new(),
         }
     }
@@ -196,9 +199,8 @@ impl QueueState {
         if let Some(key) = &stored.idempotency_key {
             let key: Arc<str> = Arc::from(key.as_str());
             let expires = stored.enqueued_at.saturating_add(self.settings.idempotency_window);
-            if self.keys.insert(Arc::clone(&key), stored.id).is_none() {
-                self.key_expiry.push_back((expires, key));
-            }
+            self.keys.insert(Arc::clone(&key), stored.id);
+            self.key_expiry.insert((expires, stored.id), key);
         }
         if self.messages.contains_key(&stored.id) {
             self.relocate(stored.id, location);
@@ -575,11 +577,13 @@ impl QueueState {
     }
 
     fn expire_keys(&mut self, now: u64) {
-        while let Some((expires, _)) = self.key_expiry.front() {
-            if *expires > now {
+        while let Some(entry) = self.key_expiry.first_entry() {
+            let (expires, id) = *entry.key();
+            if expires > now {
                 break;
             }
-            if let Some((_, key)) = self.key_expiry.pop_front() {
+            let key = entry.remove();
+            if self.keys.get(&key) == Some(&id) {
                 self.keys.remove(&key);
             }
         }

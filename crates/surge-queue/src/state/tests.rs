@@ -125,6 +125,18 @@ fn idempotency_keys_name_their_message_until_the_window_passes() {
 }
 
 #[test]
+fn a_key_reused_after_its_window_names_the_new_message_after_a_replay() {
+    let first = stored(1, 0, Some("order-1"));
+    let second = stored(2, 20_000, Some("order-1"));
+    let mut state = QueueState::new(SETTINGS, 1);
+    // Replay admits both without asking for the key in between, as recovery does.
+    state.admit(&first, location(1));
+    state.admit(&second, location(2));
+    assert_eq!(state.keyed("order-1", 20_001), Some(2), "the first message's expiry left the second named");
+    assert_eq!(state.keyed("order-1", 30_000), None);
+}
+
+#[test]
 fn segments_empty_as_their_messages_go() {
     let mut state = queue_of(8);
     assert_eq!(state.oldest_segment_in_use(), Some(0));
