@@ -49,14 +49,14 @@ pub(crate) async fn publish_batch(
 
 pub(crate) async fn dead(State(state): State<AdminState>, Path(name): Path<String>) -> Response {
     let Some(queue) = state.queues.get(&name) else { return answer(wire::unknown_queue(&name)) };
-    let dead = queue
-        .dead_letters(DEAD_LISTED)
+    let letters = match queue.dead_letters(DEAD_LISTED, BODY_SHOWN as usize).await {
+        Ok(letters) => letters,
+        Err(err) => return answer(wire::refused(&err)),
+    };
+    let dead = letters
         .into_iter()
-        .map(|letter| {
-            let body = (letter.location.len <= BODY_SHOWN)
-                .then(|| queue.payload(letter.location).ok())
-                .flatten()
-                .and_then(|payload| String::from_utf8(payload.to_vec()).ok());
+        .map(|(letter, payload)| {
+            let body = payload.and_then(|payload| String::from_utf8(payload.to_vec()).ok());
             let enqueued = std::time::UNIX_EPOCH + std::time::Duration::from_millis(letter.enqueued_at);
             DeadLetterJson {
                 id: wire::id_text(letter.id),
@@ -97,13 +97,17 @@ async fn settle(state: AdminState, name: String, body: Bytes, settle: Settle) ->
         Ok(ids) => ids,
         Err(problem) => return error(StatusCode::BAD_REQUEST, problem),
     };
+    let settled = match settle {
+        Settle::Redrive => queue.redrive(ids.as_deref()).await,
+        Settle::Purge => queue.purge(ids.as_deref()).await,
+    };
+    let count = match settled {
+        Ok(count) => Some(count),
+        Err(err) => return answer(wire::refused(&err)),
+    };
     let answer = match settle {
-        Settle::Redrive => {
-            DeadResponse { redriven: Some(queue.redrive(ids.as_deref())), purged: None, queue: name }
-        }
-        Settle::Purge => {
-            DeadResponse { redriven: None, purged: Some(queue.purge(ids.as_deref())), queue: name }
-        }
+        Settle::Redrive => DeadResponse { redriven: count, purged: None, queue: name },
+        Settle::Purge => DeadResponse { redriven: None, purged: count, queue: name },
     };
     Json(answer).into_response()
 }
@@ -156,11 +160,13 @@ async fn on_lease(
         LeaseAction::Renew => queue
             .renew(id, token)
             .map(|until| serde_json::json!({ "until": humantime::format_rfc3339_millis(until).to_string() })),
-        LeaseAction::Ack => queue.ack(id, token).map(|()| serde_json::json!({ "acked": wire::id_text(id) })),
+        LeaseAction::Ack => {
+            queue.ack(id, token).await.map(|()| serde_json::json!({ "acked": wire::id_text(id) }))
+        }
         LeaseAction::Fail => {
             let reason = String::from_utf8_lossy(&body[..body.len().min(1024)]).trim().to_owned();
             let reason = if reason.is_empty() { "the worker reported a failure".to_owned() } else { reason };
-            queue.fail(id, token, &reason).map(|failed| {
+            queue.fail(id, token, &reason).await.map(|failed| {
                 let outcome = match failed {
                     surge_queue::Failed::RetryAt(_) => "retried",
                     surge_queue::Failed::Dead => "dead",

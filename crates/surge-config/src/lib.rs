@@ -16,9 +16,9 @@ pub use raw::{parse_duration, parse_size, Duration as HumanDuration};
 pub use error::{ConfigError, ConfigErrors, Site};
 pub use model::{
     AdminConfig, Backend, Balance, BufferConfig, CertificateFiles, ClientTimeouts, Config, GatewayConfig,
-    HealthConfig, InstanceBounds, LifecycleConfig, OutlierConfig, ProcessLimits, Publish, QueueConfig,
-    RateKey, RateLimit, RetryConfig, Route, RunAs, ScheduleConfig, ServiceConfig, TimeoutConfig, TlsConfig,
-    Upstream, UpstreamProtocol, UpstreamTlsConfig, WorkerConfig,
+    HealthConfig, InstanceBounds, LifecycleConfig, OutlierConfig, ProcessLimits, Publish, QueueBackend,
+    QueueConfig, RateKey, RateLimit, RetryConfig, Route, RunAs, ScheduleConfig, ServiceConfig, TimeoutConfig,
+    TlsConfig, Upstream, UpstreamProtocol, UpstreamTlsConfig, WorkerConfig,
 };
 pub use validate::check_listeners;
 

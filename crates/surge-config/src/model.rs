@@ -46,7 +46,10 @@ impl Config {
 pub struct QueueConfig {
     pub name: String,
     pub site: Site,
-    /// The folder its log lives in (`path` joined with its name).
+    /// Where its messages are kept.
+    pub backend: QueueBackend,
+    /// The folder its log lives in (`path` joined with its name); an amqp queue keeps only
+    /// its job key there.
     pub dir: PathBuf,
     /// Deliveries a message may fail before it is dead.
     pub max_attempts: u32,
@@ -66,6 +69,14 @@ pub struct QueueConfig {
     pub publish: Publish,
     /// A repeated `Idempotency-Key` within this window names the first message.
     pub idempotency_window: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueBackend {
+    /// The log on this machine's disk.
+    Embedded,
+    /// A RabbitMQ broker, shared by every surge node that names it.
+    Amqp { url: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

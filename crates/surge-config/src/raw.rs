@@ -47,6 +47,7 @@ pub(crate) struct RawSchedule {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawQueue {
     pub backend: Option<Spanned<String>>,
+    pub url: Option<Spanned<String>>,
     pub path: Option<Spanned<String>>,
     pub max_attempts: Option<Spanned<u32>>,
     #[serde(default)]

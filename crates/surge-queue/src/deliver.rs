@@ -48,6 +48,7 @@ pub async fn deliver(
     // An autoscaled pool sizes itself on the messages waiting for it as on waiting requests.
     let backlog = Arc::clone(&queue);
     pool.load().set_backlog(move || backlog.ready_now());
+    queue.workers_take(worker.prefetch as usize * pool.config().instances.max as usize);
     let mut pacer = worker.max_rate.map(Pacer::new);
     loop {
         // A message first, so that no slot is held (and counted as load) while none is ready.
@@ -166,11 +167,11 @@ async fn send(
     worker: &WorkerConfig,
     leases: Option<&str>,
 ) {
-    let payload = match queue.payload(delivery.location) {
+    let payload = match queue.payload(&delivery) {
         Ok(payload) => payload,
         Err(err) => {
             slot.cancel();
-            settle_failure(queue, &delivery, &format!("its payload cannot be read: {err}"));
+            settle_failure(queue, &delivery, &format!("its payload cannot be read: {err}")).await;
             return;
         }
     };
@@ -184,7 +185,7 @@ async fn send(
         }
         Err(problem) => {
             slot.cancel();
-            settle_failure(queue, &delivery, &problem);
+            settle_failure(queue, &delivery, &problem).await;
             return;
         }
     };
@@ -204,7 +205,7 @@ async fn send(
             if job {
                 queue.keep_answer(id, JobAnswer { status, headers: end_to_end(headers), body });
             }
-            if queue.ack(id, delivery.token).is_err() {
+            if queue.ack(id, delivery.token).await.is_err() {
                 tracing::debug!(
                     "queue {}: message {} answered after its lease ended",
                     queue.name(),
@@ -216,14 +217,14 @@ async fn send(
             if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE =>
         {
             pool.report(&mut slot, true);
-            let _ = queue.defer(id, delivery.token, at);
+            let _ = queue.defer(id, delivery.token, at).await;
         }
         Answer::Status { status, body, .. } => {
             // A 4xx is about the message, not the instance.
             pool.report(&mut slot, status.is_client_error());
             let text = String::from_utf8_lossy(&body[..body.len().min(ERROR_SNIPPET)]).trim().to_owned();
             let snippet = if text.is_empty() { String::new() } else { format!(": {text}") };
-            settle_failure(queue, &delivery, &format!("{} answered {status}{snippet}", instance.id));
+            settle_failure(queue, &delivery, &format!("{} answered {status}{snippet}", instance.id)).await;
         }
         Answer::Broken { refused, error } => {
             if refused {
@@ -231,13 +232,13 @@ async fn send(
             } else {
                 pool.report(&mut slot, false);
             }
-            settle_failure(queue, &delivery, &format!("{}: {error}", instance.id));
+            settle_failure(queue, &delivery, &format!("{}: {error}", instance.id)).await;
         }
         Answer::TimedOut => {
             pool.report(&mut slot, false);
             let error =
                 format!("{} did not answer within {:?} (workers' timeout)", instance.id, worker.timeout);
-            settle_failure(queue, &delivery, &error);
+            settle_failure(queue, &delivery, &error).await;
         }
     }
 }
@@ -255,9 +256,9 @@ fn lease_fields(headers: &mut http::HeaderMap, queue: &str, delivery: &Delivery,
     }
 }
 
-fn settle_failure(queue: &Queue, delivery: &Delivery, error: &str) {
+async fn settle_failure(queue: &Queue, delivery: &Delivery, error: &str) {
     let id = id_text(delivery.id);
-    match queue.fail(delivery.id, delivery.token, error) {
+    match queue.fail(delivery.id, delivery.token, error).await {
         Ok(Failed::Dead) => tracing::warn!(
             "queue {}: message {id} failed {} times and went to the dead letters; last: {error}",
             queue.name(),

@@ -178,12 +178,12 @@ fn error(status: StatusCode, message: impl Into<String>) -> Answer {
     (status, serde_json::json!({ "error": message.into() }))
 }
 
-/// The status a failed publish gets: 413 too large, 507 full, 503 not stored.
+/// The status a failed publish gets: 413 too large, 507 full, 503 not stored or no broker.
 pub fn refused(err: &PublishError) -> Answer {
     let status = match err {
         PublishError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         PublishError::Full { .. } => StatusCode::INSUFFICIENT_STORAGE,
-        PublishError::Storage { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        PublishError::Storage { .. } | PublishError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
     };
     error(status, err.to_string())
 }

@@ -1,9 +1,11 @@
-//! Durable queues. The embedded backend keeps each queue in a segmented append-only log on
+//! Durable queues, embedded or in RabbitMQ (`amqp`). The embedded backend keeps each queue in a segmented append-only log on
 //! disk: a publish is acknowledged only once its record is synced, and concurrent publishes
 //! share one sync (group commit). The queue's state (ready, leased, dead) is a pure machine
 //! (`state`) that recovery rebuilds by replaying the log (`log`).
 
+mod amqp;
 pub mod deliver;
+mod embedded;
 pub mod http;
 pub mod job;
 mod log;

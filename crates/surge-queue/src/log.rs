@@ -46,6 +46,8 @@ pub enum OpenError {
     Damaged { path: PathBuf, offset: u64, why: &'static str },
     #[error("{path}: another process has this queue open (two surges sharing a data folder?)")]
     Locked { path: PathBuf },
+    #[error("the RabbitMQ broker at {url}: {cause}")]
+    Broker { url: String, cause: String },
 }
 
 /// What recovery found besides the state.

@@ -1,29 +1,21 @@
-//! One embedded queue: the state machine behind a lock, the log behind it, and a wake-up for
-//! whoever waits for messages. Records enter the log's writer under the state lock, so the
-//! log holds the changes in the order the state made them: an ack is never written before
-//! the copy of its message that compaction wrote.
+//! A queue as the rest of surge sees it: publish, lease, settle, dead letters and jobs, over
+//! one of two backends behind one trait ([`QueueStore`]): the embedded log on this machine's
+//! disk, or a RabbitMQ broker. What both share (its name and limits, counters, latencies,
+//! and the answers of async requests) lives here, in [`Core`].
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::Notify;
 
+use crate::amqp::Amqp;
+use crate::embedded::Embedded;
 use crate::job::{job_id, Answers, JobAnswer, JobJson};
-use crate::log::{Log, OpenError, Recovered};
-use crate::record::{Record, Stored};
-use crate::state::{Counts, DeadLetter, Delivery, Failed, Location, QueueState, Settings, Stale};
-
-/// Messages, and payload bytes, copied forward per round of compaction at most: it reads them
-/// under the state lock.
-const COMPACT_BATCH: usize = 1_000;
-const COMPACT_BYTES: u64 = 4 * 1024 * 1024;
-/// Compaction copies the oldest segment's messages forward once this many newer segments
-/// wait behind it.
-const COMPACT_BEHIND: u64 = 2;
+use crate::log::{OpenError, Recovered};
+use crate::state::{Counts, DeadLetter, Delivery, Failed, Settings, Stale};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -63,25 +55,12 @@ pub enum PublishError {
     TooLarge { queue: String, size: u64, limit: u64 },
     #[error("queue {queue} could not store the message on disk ({cause}); nothing was enqueued")]
     Storage { queue: String, cause: String },
-}
-
-pub struct Queue {
-    name: String,
-    limits: Limits,
-    inner: Mutex<Inner>,
-    log: Log,
-    ready: Notify,
-    totals: Totals,
-    latencies: Latencies,
-    /// Workers' answers to async requests, and a wake-up for those waiting for one.
-    answers: Mutex<Answers>,
-    answered: Notify,
-    /// The key job ids are tagged with, kept in the queue's folder so ids outlive restarts.
-    job_key: aws_lc_rs::hmac::Key,
+    #[error("queue {queue}'s broker did not take it ({cause})")]
+    Unavailable { queue: String, cause: String },
 }
 
 /// A random u64 from the system's generator (lease tokens, which authorise a worker).
-fn random_u64() -> u64 {
+pub(crate) fn random_u64() -> u64 {
     let mut bytes = [0u8; 8];
     // The system generator does not fail on Linux; a zero token then only matches no lease.
     let _ = aws_lc_rs::rand::fill(&mut bytes);
@@ -142,381 +121,226 @@ pub struct Totals {
     pub redriven: AtomicU64,
 }
 
-struct Inner {
-    state: QueueState,
-    /// Publishes written but not yet durable.
-    pending_messages: u64,
-    pending_bytes: u64,
-    /// Idempotency keys of publishes not yet durable, and the repeats waiting for them.
-    pending_keys: HashMap<String, Vec<oneshot::Sender<Result<u64, PublishError>>>>,
-    /// The oldest segment still on disk, and the newest written to.
-    oldest_segment: u64,
-    newest_segment: u64,
-    /// Publishes handed to the log and not yet admitted, by the lowest segment each can be in
-    /// (the newest known when it was handed over): no segment from there on may be deleted.
-    pending_floors: std::collections::BTreeMap<u64, u64>,
-}
-
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     millis(SystemTime::now())
 }
 
-fn millis(time: SystemTime) -> u64 {
+pub(crate) fn millis(time: SystemTime) -> u64 {
     time.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// What both backends share.
+pub(crate) struct Core {
+    pub name: String,
+    pub limits: Limits,
+    pub totals: Totals,
+    pub latencies: Latencies,
+    /// Workers' answers to async requests, and a wake-up for those waiting for one.
+    answers: Mutex<Answers>,
+    answered: Notify,
+    /// The key job ids are tagged with, kept in the queue's folder so ids outlive restarts.
+    job_key: aws_lc_rs::hmac::Key,
+}
+
+/// Where a job is, as its backend knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct JobStatus {
+    pub state: &'static str,
+    pub attempts: u32,
+    pub error: Option<String>,
+}
+
+/// What a backend does. Both keep the same promises: a publish answers once the message is
+/// durable; a delivery is leased with a token and settled by it; a failure is retried with
+/// backoff until its attempts are used up, then dead-lettered.
+pub(crate) trait QueueStore {
+    async fn publish(self: &Arc<Self>, messages: Vec<NewMessage>) -> Result<Vec<Published>, PublishError>;
+    /// Leases up to `max` ready messages (ending expired leases first).
+    fn lease(self: &Arc<Self>, max: usize) -> Vec<Delivery>;
+    /// Messages ready to lease now (the backlog autoscaling sees).
+    fn ready_now(&self) -> usize;
+    fn has_ready(self: &Arc<Self>) -> bool;
+    /// Waits until a message may be ready: one was published, or a delay, backoff or lease
+    /// ends.
+    async fn wait_ready(self: &Arc<Self>);
+    /// The payload of a leased message.
+    fn payload(&self, delivery: &Delivery) -> std::io::Result<Bytes>;
+    async fn ack(self: &Arc<Self>, id: u64, token: u64) -> Result<(), Stale>;
+    async fn fail(self: &Arc<Self>, id: u64, token: u64, error: &str) -> Result<Failed, Stale>;
+    /// Gives a message back, to be delivered again from `at` without counting an attempt.
+    async fn defer(self: &Arc<Self>, id: u64, token: u64, at: SystemTime) -> Result<(), Stale>;
+    /// Extends a lease; returns its new end.
+    fn renew(&self, id: u64, token: u64) -> Result<SystemTime, Stale>;
+    fn job_status(&self, id: u64) -> Option<JobStatus>;
+    fn counts(&self) -> Counts;
+    /// Up to `limit` dead letters, each with its payload when it is at most `body_max` bytes.
+    async fn dead_letters(
+        self: &Arc<Self>,
+        limit: usize,
+        body_max: usize,
+    ) -> Result<Vec<(DeadLetter, Option<Bytes>)>, PublishError>;
+    /// Puts dead letters (`ids`, or all) back in the queue; returns how many.
+    async fn redrive(self: &Arc<Self>, ids: Option<&[u64]>) -> Result<usize, PublishError>;
+    /// Drops dead letters (`ids`, or all) for good; returns how many.
+    async fn purge(self: &Arc<Self>, ids: Option<&[u64]>) -> Result<usize, PublishError>;
+    /// Frees disk the backend no longer needs; returns how many messages it moved.
+    async fn compact(self: &Arc<Self>) -> std::io::Result<usize>;
+    /// How many deliveries the workers take at once: what a backend that fetches ahead
+    /// (amqp's prefetch) may hold.
+    fn workers_take(&self, _deliveries: usize) {}
+}
+
+enum Backend {
+    Embedded(Arc<Embedded>),
+    Amqp(Arc<Amqp>),
+}
+
+pub struct Queue {
+    core: Arc<Core>,
+    backend: Backend,
+}
+
+/// Calls the same [`QueueStore`] method on whichever backend the queue has.
+macro_rules! on_backend {
+    ($queue:expr, $store:ident => $call:expr) => {
+        match &$queue.backend {
+            Backend::Embedded($store) => $call,
+            Backend::Amqp($store) => $call,
+        }
+    };
+}
+
+impl Core {
+    fn new(name: &str, dir: &Path, limits: Limits) -> Result<Core, OpenError> {
+        Ok(Core {
+            name: name.to_owned(),
+            limits,
+            totals: Totals::default(),
+            latencies: Latencies::default(),
+            answers: Mutex::new(Answers::default()),
+            answered: Notify::new(),
+            job_key: job_key(dir)?,
+        })
+    }
+}
+
 impl Queue {
-    /// Opens (or creates) the queue kept in `dir`, recovering every message the log holds.
+    /// Opens (or creates) the embedded queue kept in `dir`, recovering every message its log
+    /// holds.
     pub fn open(
         name: &str,
         dir: &Path,
         settings: Settings,
         limits: Limits,
     ) -> Result<(Arc<Queue>, Recovered), OpenError> {
-        let mut state = QueueState::new(settings, now_ms().saturating_mul(1_000));
-        let (log, recovered) = Log::open(dir, limits.segment_size, &mut state)?;
-        // Time-based, in case the records of the newest ids went with their segments.
-        state.ids_above(now_ms() << 10);
-        let oldest = state.oldest_segment_in_use().unwrap_or(1);
-        let inner = Inner {
-            state,
-            pending_messages: 0,
-            pending_bytes: 0,
-            pending_keys: HashMap::new(),
-            oldest_segment: oldest,
-            newest_segment: oldest,
-            pending_floors: std::collections::BTreeMap::new(),
-        };
-        let queue = Queue {
-            name: name.to_owned(),
-            limits,
-            inner: Mutex::new(inner),
-            log,
-            ready: Notify::new(),
-            totals: Totals::default(),
-            latencies: Latencies::default(),
-            answers: Mutex::new(Answers::default()),
-            answered: Notify::new(),
-            job_key: job_key(dir)?,
-        };
-        Ok((Arc::new(queue), recovered))
+        std::fs::create_dir_all(dir).map_err(|source| OpenError::Io { path: dir.to_owned(), source })?;
+        let core = Arc::new(Core::new(name, dir, limits)?);
+        let (embedded, recovered) = Embedded::open(Arc::clone(&core), dir, settings)?;
+        Ok((Arc::new(Queue { core, backend: Backend::Embedded(Arc::new(embedded)) }), recovered))
+    }
+
+    /// Opens the queue kept by the RabbitMQ broker at `url`, declaring what it needs there;
+    /// `dir` keeps only its job key.
+    pub async fn open_amqp(
+        name: &str,
+        url: &str,
+        dir: &Path,
+        settings: Settings,
+        limits: Limits,
+    ) -> Result<Arc<Queue>, OpenError> {
+        std::fs::create_dir_all(dir).map_err(|source| OpenError::Io { path: dir.to_owned(), source })?;
+        let core = Arc::new(Core::new(name, dir, limits)?);
+        let amqp = Amqp::open(Arc::clone(&core), url, settings).await?;
+        Ok(Arc::new(Queue { core, backend: Backend::Amqp(amqp) }))
     }
 
     pub fn name(&self) -> &str {
-        &self.name
+        &self.core.name
     }
 
     pub fn totals(&self) -> &Totals {
-        &self.totals
+        &self.core.totals
     }
 
     pub fn latencies(&self) -> &Latencies {
-        &self.latencies
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        // Nothing panics while holding it; a poisoned lock is taken over.
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        &self.core.latencies
     }
 
     /// Publishes `messages`, answering once all are durable (or were already there, by
-    /// idempotency key). Either all are enqueued or, on an error, none of the new ones is.
-    /// Cancelling it (a client gone) changes nothing: what was handed to the log is admitted
-    /// once durable, and the repeats waiting on its keys are answered.
-    pub async fn publish(
-        self: &Arc<Self>,
-        messages: Vec<NewMessage>,
-    ) -> Result<Vec<Published>, PublishError> {
-        let now = now_ms();
-        let began = std::time::Instant::now();
-        for message in &messages {
-            let size = message.payload.len() as u64;
-            if size > self.limits.max_payload {
-                return Err(PublishError::TooLarge {
-                    queue: self.name.clone(),
-                    size,
-                    limit: self.limits.max_payload,
-                });
-            }
-        }
-        let mut answers: Vec<Option<Published>> = vec![None; messages.len()];
-        let mut repeats = Vec::new();
-        let mut fresh: Vec<(usize, Stored)> = Vec::new();
-        let floor = {
-            let mut inner = self.lock();
-            let mut new_keys: Vec<String> = Vec::new();
-            for (index, message) in messages.into_iter().enumerate() {
-                if let Some(key) = &message.idempotency_key {
-                    if let Some(id) = inner.state.keyed(key, now) {
-                        answers[index] = Some(Published { id, duplicate: true });
-                        continue;
-                    }
-                    if let Some(waiting) = inner.pending_keys.get_mut(key) {
-                        let (tell, told) = oneshot::channel();
-                        waiting.push(tell);
-                        repeats.push((index, told));
-                        continue;
-                    }
-                }
-                if let Err(full) = self.room_for(&inner, fresh.len() as u64 + 1, message.payload.len() as u64)
-                {
-                    for key in new_keys {
-                        Self::settle_key(&mut inner, &key, Err(full.clone()));
-                    }
-                    inner.pending_bytes -= fresh.iter().map(|(_, s)| s.payload.len() as u64).sum::<u64>();
-                    return Err(full);
-                }
-                if let Some(key) = &message.idempotency_key {
-                    inner.pending_keys.insert(key.clone(), Vec::new());
-                    new_keys.push(key.clone());
-                }
-                let id = inner.state.take_id();
-                let ready_at = message.not_before.map_or(now, millis).max(now);
-                let stored = Stored {
-                    id,
-                    enqueued_at: now,
-                    ready_at,
-                    attempts: 0,
-                    content_type: message.content_type,
-                    idempotency_key: message.idempotency_key,
-                    payload: message.payload,
-                };
-                inner.pending_bytes += stored.payload.len() as u64;
-                fresh.push((index, stored));
-            }
-            inner.pending_messages += fresh.len() as u64;
-            if !fresh.is_empty() {
-                let floor = inner.newest_segment;
-                *inner.pending_floors.entry(floor).or_default() += 1;
-                floor
-            } else {
-                0
-            }
-        };
-        if !fresh.is_empty() {
-            let written = self.write_fresh(fresh, floor);
-            let stored = written.await.map_err(|_| self.storage_error("the queue stopped"))??;
-            let took = began.elapsed().as_secs_f64();
-            for (index, published) in stored {
-                self.latencies.publish.observe(took);
-                answers[index] = Some(published);
-            }
-        }
-        for (index, told) in repeats {
-            let id = match told.await {
-                Ok(result) => result?,
-                Err(_) => return Err(self.storage_error("the first publish with this key was abandoned")),
-            };
-            answers[index] = Some(Published { id, duplicate: true });
-        }
-        Ok(answers.into_iter().flatten().collect())
+    /// idempotency key).
+    pub async fn publish(&self, messages: Vec<NewMessage>) -> Result<Vec<Published>, PublishError> {
+        on_backend!(self, store => store.publish(messages).await)
     }
 
-    /// Hands the new messages to the log and admits them once durable, in a task of its own.
-    fn write_fresh(
-        self: &Arc<Self>,
-        fresh: Vec<(usize, Stored)>,
-        floor: u64,
-    ) -> oneshot::Receiver<Result<Vec<(usize, Published)>, PublishError>> {
-        let mut bytes = Vec::with_capacity(fresh.iter().map(|(_, s)| s.payload.len() + 64).sum());
-        let mut payload_offsets = Vec::with_capacity(fresh.len());
-        for (_, stored) in &fresh {
-            let start = bytes.len();
-            let payload_at = Record::Publish(stored.clone()).encode(&mut bytes).unwrap_or(0);
-            payload_offsets.push((start + payload_at) as u64);
-        }
-        let durable = self.log.submit(bytes);
-        let (answer, answered) = oneshot::channel();
-        let queue = Arc::clone(self);
-        tokio::spawn(async move {
-            let appended = durable.await;
-            let _ = answer.send(queue.admit_fresh(&fresh, payload_offsets, appended, floor));
-        });
-        answered
-    }
-
-    fn admit_fresh(
-        &self,
-        fresh: &[(usize, Stored)],
-        payload_offsets: Vec<u64>,
-        appended: std::io::Result<crate::log::Appended>,
-        floor: u64,
-    ) -> Result<Vec<(usize, Published)>, PublishError> {
-        let mut answers = Vec::with_capacity(fresh.len());
-        let mut inner = self.lock();
-        if let Some(count) = inner.pending_floors.get_mut(&floor) {
-            *count -= 1;
-            if *count == 0 {
-                inner.pending_floors.remove(&floor);
-            }
-        }
-        inner.pending_messages -= fresh.len() as u64;
-        inner.pending_bytes -= fresh.iter().map(|(_, s)| s.payload.len() as u64).sum::<u64>();
-        let result = match appended {
-            Ok(at) => {
-                inner.newest_segment = inner.newest_segment.max(at.segment);
-                for ((index, stored), payload_offset) in fresh.iter().zip(payload_offsets) {
-                    let len = u32::try_from(stored.payload.len()).unwrap_or(u32::MAX);
-                    let location = Location { segment: at.segment, offset: at.offset + payload_offset, len };
-                    inner.state.admit(stored, location);
-                    answers.push((*index, Published { id: stored.id, duplicate: false }));
-                    if let Some(key) = &stored.idempotency_key {
-                        Self::settle_key(&mut inner, key, Ok(stored.id));
-                    }
-                }
-                self.totals.published.fetch_add(answers.len() as u64, Ordering::Relaxed);
-                Ok(answers)
-            }
-            Err(err) => {
-                let error = self.storage_error(&err.to_string());
-                for (_, stored) in fresh {
-                    if let Some(key) = &stored.idempotency_key {
-                        Self::settle_key(&mut inner, key, Err(error.clone()));
-                    }
-                }
-                tracing::error!("{error}");
-                Err(error)
-            }
-        };
-        drop(inner);
-        self.ready.notify_waiters();
-        result
-    }
-
-    fn storage_error(&self, cause: &str) -> PublishError {
-        PublishError::Storage { queue: self.name.clone(), cause: cause.to_owned() }
-    }
-
-    fn settle_key(inner: &mut Inner, key: &str, result: Result<u64, PublishError>) {
-        for waiting in inner.pending_keys.remove(key).unwrap_or_default() {
-            let _ = waiting.send(result.clone());
-        }
-    }
-
-    fn room_for(&self, inner: &Inner, count: u64, bytes: u64) -> Result<(), PublishError> {
-        let held = inner.state.len() + inner.pending_messages;
-        let full = |limit: String| PublishError::Full { queue: self.name.clone(), held, limit };
-        if let Some(max) = self.limits.max_messages {
-            if held + count > max {
-                return Err(full(format!("max_messages is {max}")));
-            }
-        }
-        if let Some(max) = self.limits.max_bytes {
-            if inner.state.bytes() + inner.pending_bytes + bytes > max {
-                return Err(full(format!("max_size is {max} bytes")));
-            }
-        }
-        Ok(())
-    }
-
-    /// Ends the leases that ran out by `now`: each is a failed delivery.
-    fn expire(&self, inner: &mut Inner, now: u64) {
-        for (_, record, failed) in inner.state.expire(now, fastrand::f64) {
-            self.log_later(&record);
-            self.count(failed);
-        }
-    }
-
-    /// Leases up to `max` ready messages (ending expired leases first).
     pub fn lease(&self, max: usize) -> Vec<Delivery> {
-        let now = now_ms();
-        let mut inner = self.lock();
-        self.expire(&mut inner, now);
-        // Random tokens: a worker settling its lease itself proves it holds it with one.
-        let deliveries = inner.state.lease_with(now, max, random_u64);
-        self.totals.delivered.fetch_add(deliveries.len() as u64, Ordering::Relaxed);
-        deliveries
+        on_backend!(self, store => store.lease(max))
     }
 
-    /// Messages ready to lease now.
     pub fn ready_now(&self) -> usize {
-        self.lock().state.ready_at(now_ms())
+        on_backend!(self, store => store.ready_now())
     }
 
-    /// Whether a message is ready to lease now.
     pub fn has_ready(&self) -> bool {
-        let now = now_ms();
-        let mut inner = self.lock();
-        self.expire(&mut inner, now);
-        inner.state.has_ready(now)
+        on_backend!(self, store => store.has_ready())
     }
 
-    /// Waits until a message may be ready: one was published, or a delay, backoff or lease
-    /// ends.
     pub async fn wait_ready(&self) {
-        let notified = self.ready.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        let now = now_ms();
-        let next = {
-            let mut inner = self.lock();
-            self.expire(&mut inner, now);
-            if inner.state.has_ready(now) {
-                return;
-            }
-            inner.state.next_due(now)
-        };
-        match next {
-            Some(at) => {
-                let _ = tokio::time::timeout(Duration::from_millis(at.saturating_sub(now).max(1)), notified)
-                    .await;
-            }
-            None => notified.await,
-        }
+        on_backend!(self, store => store.wait_ready().await)
     }
 
-    /// The payload of a leased message.
-    pub fn payload(&self, location: Location) -> std::io::Result<Bytes> {
-        self.log.read(location)
+    pub fn payload(&self, delivery: &Delivery) -> std::io::Result<Bytes> {
+        on_backend!(self, store => store.payload(delivery))
     }
 
-    pub fn ack(&self, id: u64, token: u64) -> Result<(), Stale> {
-        let mut inner = self.lock();
-        let enqueued_at = inner.state.enqueued_at(id);
-        let record = inner.state.ack(id, token)?;
-        self.log_later(&record);
-        self.totals.acked.fetch_add(1, Ordering::Relaxed);
-        if let Some(at) = enqueued_at {
-            self.latencies.end_to_end.observe(now_ms().saturating_sub(at) as f64 / 1000.0);
-        }
-        self.delete_unused_segments(&mut inner);
-        Ok(())
+    pub async fn ack(&self, id: u64, token: u64) -> Result<(), Stale> {
+        on_backend!(self, store => store.ack(id, token).await)
     }
 
-    pub fn fail(&self, id: u64, token: u64, error: &str) -> Result<Failed, Stale> {
-        let mut inner = self.lock();
-        let (record, failed) = inner.state.fail(id, token, now_ms(), error, fastrand::f64())?;
-        self.log_later(&record);
-        self.count(failed);
-        if failed == Failed::Dropped {
-            self.delete_unused_segments(&mut inner);
-        }
-        drop(inner);
-        // Whoever waits for the next due time must hear of the retry's.
-        self.ready.notify_waiters();
-        Ok(failed)
+    pub async fn fail(&self, id: u64, token: u64, error: &str) -> Result<Failed, Stale> {
+        on_backend!(self, store => store.fail(id, token, error).await)
     }
 
-    /// Gives a message back, to be delivered again from `at` without counting an attempt.
-    pub fn defer(&self, id: u64, token: u64, at: SystemTime) -> Result<(), Stale> {
-        let mut inner = self.lock();
-        let record = inner.state.defer(id, token, millis(at), now_ms())?;
-        self.log_later(&record);
-        drop(inner);
-        self.ready.notify_waiters();
-        Ok(())
+    pub async fn defer(&self, id: u64, token: u64, at: SystemTime) -> Result<(), Stale> {
+        on_backend!(self, store => store.defer(id, token, at).await)
     }
 
-    /// Extends a lease; returns its new end.
     pub fn renew(&self, id: u64, token: u64) -> Result<SystemTime, Stale> {
-        let until = self.lock().state.renew(id, token, now_ms())?;
-        Ok(UNIX_EPOCH + Duration::from_millis(until))
+        on_backend!(self, store => store.renew(id, token))
+    }
+
+    pub fn counts(&self) -> Counts {
+        on_backend!(self, store => store.counts())
+    }
+
+    pub async fn dead_letters(
+        &self,
+        limit: usize,
+        body_max: usize,
+    ) -> Result<Vec<(DeadLetter, Option<Bytes>)>, PublishError> {
+        on_backend!(self, store => store.dead_letters(limit, body_max).await)
+    }
+
+    pub async fn redrive(&self, ids: Option<&[u64]>) -> Result<usize, PublishError> {
+        on_backend!(self, store => store.redrive(ids).await)
+    }
+
+    pub async fn purge(&self, ids: Option<&[u64]>) -> Result<usize, PublishError> {
+        on_backend!(self, store => store.purge(ids).await)
+    }
+
+    pub async fn compact(&self) -> std::io::Result<usize> {
+        on_backend!(self, store => store.compact().await)
+    }
+
+    /// How many deliveries the workers of this queue take at once.
+    pub fn workers_take(&self, deliveries: usize) {
+        on_backend!(self, store => store.workers_take(deliveries))
     }
 
     /// The id a client is given for the job of message `id`.
     pub fn job_name(&self, id: u64) -> String {
-        job_id(&self.name, id, self.job_tag(id))
+        job_id(&self.core.name, id, self.job_tag(id))
     }
 
     /// Whether `tag` is the one this queue gave the job of message `id`.
@@ -526,7 +350,7 @@ impl Queue {
     }
 
     fn job_tag(&self, id: u64) -> u64 {
-        let mac = aws_lc_rs::hmac::sign(&self.job_key, &id.to_le_bytes());
+        let mac = aws_lc_rs::hmac::sign(&self.core.job_key, &id.to_le_bytes());
         let mut first = [0u8; 8];
         first.copy_from_slice(&mac.as_ref()[..8]);
         u64::from_le_bytes(first)
@@ -534,134 +358,42 @@ impl Queue {
 
     /// Keeps a worker's answer to an async request, for `GET /jobs/ID`.
     pub fn keep_answer(&self, id: u64, answer: JobAnswer) {
-        let mut answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
-        answers.keep(id, answer, self.limits.result_ttl, std::time::Instant::now());
+        let mut answers = self.core.answers.lock().unwrap_or_else(|p| p.into_inner());
+        answers.keep(id, answer, self.core.limits.result_ttl, std::time::Instant::now());
         drop(answers);
-        self.answered.notify_waiters();
+        self.core.answered.notify_waiters();
     }
 
     /// A job's answer, waiting for it up to `wait`; or where the job is.
     pub async fn job(&self, id: u64, wait: Duration) -> Result<JobAnswer, JobJson> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            let answered = self.answered.notified();
+            let answered = self.core.answered.notified();
             tokio::pin!(answered);
             answered.as_mut().enable();
             if let Some(answer) =
-                self.answers.lock().unwrap_or_else(|p| p.into_inner()).get(id, std::time::Instant::now())
+                self.core.answers.lock().unwrap_or_else(|p| p.into_inner()).get(id, std::time::Instant::now())
             {
                 return Ok(answer);
             }
-            let (state, attempts, error) = match self.lock().state.job_status(id) {
-                Some((state, attempts, error)) => (state, attempts, error.map(|e| e.to_string())),
-                None => ("unknown", 0, None),
+            let status = on_backend!(self, store => store.job_status(id)).unwrap_or(JobStatus {
+                state: "unknown",
+                attempts: 0,
+                error: None,
+            });
+            let dead_end = matches!(status.state, "dead" | "unknown");
+            let pending = JobJson {
+                id: self.job_name(id),
+                state: status.state.to_owned(),
+                attempts: status.attempts,
+                error: status.error,
             };
-            let pending = JobJson { id: self.job_name(id), state: state.to_owned(), attempts, error };
-            if matches!(state, "dead" | "unknown") || tokio::time::Instant::now() >= deadline {
+            if dead_end || tokio::time::Instant::now() >= deadline {
                 return Err(pending);
             }
             if tokio::time::timeout_at(deadline, answered).await.is_err() {
                 return Err(pending);
             }
         }
-    }
-
-    pub fn counts(&self) -> Counts {
-        self.lock().state.counts(now_ms())
-    }
-
-    pub fn dead_letters(&self, limit: usize) -> Vec<DeadLetter> {
-        self.lock().state.dead_letters(limit)
-    }
-
-    /// Puts dead letters (`ids`, or all) back in the queue; returns how many.
-    pub fn redrive(&self, ids: Option<&[u64]>) -> usize {
-        let mut inner = self.lock();
-        let records = inner.state.redrive(ids, now_ms());
-        records.iter().for_each(|record| self.log_later(record));
-        drop(inner);
-        self.ready.notify_waiters();
-        self.totals.redriven.fetch_add(records.len() as u64, Ordering::Relaxed);
-        records.len()
-    }
-
-    /// Drops dead letters (`ids`, or all) for good; returns how many.
-    pub fn purge(&self, ids: Option<&[u64]>) -> usize {
-        let mut inner = self.lock();
-        let records = inner.state.purge(ids);
-        records.iter().for_each(|record| self.log_later(record));
-        self.delete_unused_segments(&mut inner);
-        records.len()
-    }
-
-    fn count(&self, failed: Failed) {
-        let total = match failed {
-            Failed::RetryAt(_) => &self.totals.retried,
-            Failed::Dead | Failed::Dropped => &self.totals.dead,
-        };
-        total.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn log_later(&self, record: &Record) {
-        let mut bytes = Vec::with_capacity(64);
-        record.encode(&mut bytes);
-        self.log.append_later(bytes);
-    }
-
-    /// Deletes the segments older than every message still held.
-    fn delete_unused_segments(&self, inner: &mut Inner) {
-        let pending = inner.pending_floors.keys().next().copied().unwrap_or(u64::MAX);
-        let in_use =
-            inner.state.oldest_segment_in_use().unwrap_or(u64::MAX).min(inner.newest_segment).min(pending);
-        if in_use > inner.oldest_segment {
-            match self.log.delete_before(in_use) {
-                Ok(_) => inner.oldest_segment = in_use,
-                Err(err) => tracing::warn!("queue {}: cannot delete old log segments: {err}", self.name),
-            }
-        }
-    }
-
-    /// Copies the messages still held in the oldest segment forward, when newer segments wait
-    /// behind it, so it can be deleted: a message left unacked (a dead letter, say) must not
-    /// keep everything written after it on disk. Returns how many it copied.
-    pub async fn compact(&self) -> std::io::Result<usize> {
-        let (copies, ids) = {
-            let inner = self.lock();
-            let Some(oldest) = inner.state.oldest_segment_in_use() else { return Ok(0) };
-            if inner.newest_segment < oldest + COMPACT_BEHIND {
-                return Ok(0);
-            }
-            let mut bytes = Vec::new();
-            let mut ids = Vec::new();
-            let mut copied_bytes = 0u64;
-            for (id, location) in inner.state.held_in(oldest).into_iter().take(COMPACT_BATCH) {
-                if copied_bytes >= COMPACT_BYTES {
-                    break;
-                }
-                copied_bytes += u64::from(location.len);
-                let Some(mut stored) = inner.state.as_stored(id) else { continue };
-                stored.payload = self.log.read(location)?;
-                let start = bytes.len();
-                let payload_at = Record::Publish(stored).encode(&mut bytes).unwrap_or(0);
-                if let Some((attempts, error)) = inner.state.is_dead(id) {
-                    let error = error.as_deref().unwrap_or("").to_owned();
-                    Record::Dead { id, attempts, error }.encode(&mut bytes);
-                }
-                ids.push((id, (start + payload_at) as u64, location.len));
-            }
-            // Sent under the lock: an ack after this point is written after the copy.
-            let appended = self.log.submit(bytes);
-            (appended, ids)
-        };
-        let at = copies.await?;
-        let mut inner = self.lock();
-        inner.newest_segment = inner.newest_segment.max(at.segment);
-        for (id, offset, len) in &ids {
-            inner
-                .state
-                .relocate(*id, Location { segment: at.segment, offset: at.offset + offset, len: *len });
-        }
-        self.delete_unused_segments(&mut inner);
-        Ok(ids.len())
     }
 }

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use surge_config::{ConfigErrors, Publish, QueueConfig};
+use surge_config::{ConfigErrors, Publish, QueueBackend, QueueConfig};
 
 use crate::http::QueueStatus;
 use crate::{now_ms, Limits, Queue, Settings, SEGMENT_SIZE};
@@ -24,7 +24,7 @@ fn millis(duration: Duration) -> u64 {
 impl Queues {
     /// Opens every queue, recovering what its log holds; every problem is named with its
     /// queue's key.
-    pub fn open(configs: &[QueueConfig]) -> Result<Queues, ConfigErrors> {
+    pub async fn open(configs: &[QueueConfig]) -> Result<Queues, ConfigErrors> {
         let mut queues = Vec::new();
         let mut errors = Vec::new();
         for config in configs {
@@ -43,6 +43,22 @@ impl Queues {
                 segment_size: SEGMENT_SIZE,
                 result_ttl: config.result_ttl,
             };
+            if let QueueBackend::Amqp { url } = &config.backend {
+                match Queue::open_amqp(&config.name, url, &config.dir, settings, limits).await {
+                    Ok(queue) => {
+                        let counts = queue.counts();
+                        tracing::info!(
+                            "queue {}: {} ready, {} dead, in RabbitMQ",
+                            config.name,
+                            counts.ready,
+                            counts.dead
+                        );
+                        queues.push((config.clone(), queue));
+                    }
+                    Err(err) => errors.push(config.site.error(err.to_string())),
+                }
+                continue;
+            }
             match Queue::open(&config.name, &config.dir, settings, limits) {
                 Ok((queue, recovered)) => {
                     if let Some((path, offset, dropped)) = &recovered.torn_tail {

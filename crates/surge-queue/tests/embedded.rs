@@ -46,13 +46,13 @@ async fn publish(queue: &Arc<Queue>, text: &str) -> u64 {
 }
 
 /// Leases everything ready and returns the payloads, acking those `ack` says.
-fn drain(queue: &Queue, ack: impl Fn(&str) -> bool) -> Vec<String> {
+async fn drain(queue: &Queue, ack: impl Fn(&str) -> bool) -> Vec<String> {
     let mut seen = Vec::new();
     for delivery in queue.lease(usize::MAX) {
-        let payload = queue.payload(delivery.location).expect("payload");
+        let payload = queue.payload(&delivery).expect("payload");
         let text = String::from_utf8(payload.to_vec()).expect("utf-8");
         if ack(&text) {
-            queue.ack(delivery.id, delivery.token).expect("held");
+            queue.ack(delivery.id, delivery.token).await.expect("held");
         }
         seen.push(text);
     }
@@ -67,14 +67,14 @@ async fn what_was_acknowledged_survives_reopening() {
     for text in ["a", "b", "c"] {
         publish(&queue, text).await;
     }
-    assert_eq!(drain(&queue, |text| text == "b"), ["a", "b", "c"]);
+    assert_eq!(drain(&queue, |text| text == "b").await, ["a", "b", "c"]);
     drop(queue);
 
     let (queue, recovered) = Queue::open("jobs", dir.path(), SETTINGS, LIMITS).expect("reopen");
     assert_eq!(recovered.records, 4, "three publishes and an ack");
     assert_eq!(recovered.torn_tail, None);
     // Leases do not survive: a and c are ready again; b was acked.
-    assert_eq!(drain(&queue, |_| true), ["a", "c"]);
+    assert_eq!(drain(&queue, |_| true).await, ["a", "c"]);
     let next = publish(&queue, "d").await;
     assert!(next > 3, "ids keep growing across restarts: {next}");
 }
@@ -117,11 +117,11 @@ async fn a_torn_tail_is_dropped_and_the_rest_kept() {
     let (path, offset, dropped) = recovered.torn_tail.expect("a torn tail");
     assert_eq!(path, segment);
     assert_eq!(dropped, length - 3 - offset);
-    assert_eq!(drain(&queue, |_| true), ["whole"]);
+    assert_eq!(drain(&queue, |_| true).await, ["whole"]);
     // New records go where the torn one was cut off, and read back.
     publish(&queue, "after").await;
     drop(queue);
-    assert_eq!(drain(&open(dir.path()), |_| true), ["after"]);
+    assert_eq!(drain(&open(dir.path()), |_| true).await, ["after"]);
 }
 
 #[tokio::test]
@@ -211,15 +211,16 @@ async fn poison_messages_end_in_the_dead_letters_and_come_back_on_redrive() {
             queue.wait_ready().await;
         };
         assert_eq!((delivery.id, delivery.attempt), (id, attempt));
-        queue.fail(id, delivery.token, "answered 500").expect("held");
+        queue.fail(id, delivery.token, "answered 500").await.expect("held");
     }
     assert_eq!(queue.counts().dead, 1);
     drop(queue);
     let queue = open(dir.path());
-    let dead = queue.dead_letters(10);
+    let dead: Vec<_> =
+        queue.dead_letters(10, 0).await.expect("listed").into_iter().map(|(letter, _)| letter).collect();
     assert_eq!((dead[0].id, dead[0].attempts, dead[0].error.as_deref()), (id, 3, Some("answered 500")));
-    assert_eq!(queue.redrive(None), 1);
-    assert_eq!(drain(&queue, |_| true), ["poison"]);
+    assert_eq!(queue.redrive(None).await, Ok(1));
+    assert_eq!(drain(&queue, |_| true).await, ["poison"]);
 }
 
 #[tokio::test]
@@ -233,9 +234,9 @@ async fn compaction_copies_what_old_segments_hold_and_deletes_them() {
     // All done but the first, which failed once and waits for its retry (not leased).
     for delivery in queue.lease(usize::MAX) {
         if delivery.id == kept {
-            queue.fail(delivery.id, delivery.token, "not yet").expect("held");
+            queue.fail(delivery.id, delivery.token, "not yet").await.expect("held");
         } else {
-            queue.ack(delivery.id, delivery.token).expect("held");
+            queue.ack(delivery.id, delivery.token).await.expect("held");
         }
     }
     let segments = |dir: &Path| {
@@ -257,7 +258,7 @@ async fn compaction_copies_what_old_segments_hold_and_deletes_them() {
         queue.wait_ready().await;
     };
     assert_eq!(deliveries.iter().map(|d| (d.id, d.attempt)).collect::<Vec<_>>(), [(kept, 2)]);
-    assert_eq!(queue.payload(deliveries[0].location).expect("payload"), "kept");
+    assert_eq!(queue.payload(&deliveries[0]).expect("payload"), "kept");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -287,8 +288,8 @@ async fn payloads_stay_readable_while_tiny_segments_come_and_go() {
                     tokio::task::yield_now().await;
                 }
                 for delivery in deliveries {
-                    queue.payload(delivery.location).expect("every payload is still on disk");
-                    queue.ack(delivery.id, delivery.token).expect("held");
+                    queue.payload(&delivery).expect("every payload is still on disk");
+                    queue.ack(delivery.id, delivery.token).await.expect("held");
                     read += 1;
                 }
             }

@@ -88,7 +88,7 @@ async fn serve(config: Config, path: std::path::PathBuf) -> Result<(), Failure> 
     let metrics = Arc::new(Metrics::new());
     let pool_metrics = PoolMetrics::register(&metrics);
     let gateway_metrics = GatewayMetrics::register(&metrics);
-    let queues = Arc::new(surge_queue::Queues::open(&config.queues)?);
+    let queues = Arc::new(surge_queue::Queues::open(&config.queues).await?);
     let queue_metrics = surge_queue::QueueMetrics(Arc::clone(&queues));
     metrics.register(|registry| registry.register_collector(Box::new(queue_metrics)));
     let pools = Arc::new(Pools::start(&config.pools(), Arc::new(ProcessDriver), &pool_metrics));

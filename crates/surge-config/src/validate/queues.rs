@@ -7,7 +7,7 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::Validator;
-use crate::model::{Publish, QueueConfig, ScheduleConfig, ServiceConfig, WorkerConfig};
+use crate::model::{Publish, QueueBackend, QueueConfig, ScheduleConfig, ServiceConfig, WorkerConfig};
 use crate::raw::{RawQueue, RawSchedule, RawWorker};
 
 /// Where queues keep their logs unless `path` says otherwise, beside the configuration.
@@ -29,21 +29,7 @@ impl Validator<'_> {
         let span = raw.span();
         self.name(&name, span.clone(), &key, "queue");
         let raw = raw.into_inner();
-        if let Some(backend) = &raw.backend {
-            match backend.get_ref().as_str() {
-                "embedded" => {}
-                "amqp" => self.error(
-                    backend.span(),
-                    format!("{key}.backend"),
-                    "the RabbitMQ backend is not built yet; use \"embedded\" (the default)",
-                ),
-                other => self.error(
-                    backend.span(),
-                    format!("{key}.backend"),
-                    format!("unknown backend \"{other}\": the choices are \"embedded\" and \"amqp\""),
-                ),
-            }
-        }
+        let backend = self.queue_backend(&key, span.clone(), raw.backend.as_ref(), raw.url.as_ref());
         let base = self.file.parent().unwrap_or(Path::new("."));
         let folder = raw.path.as_ref().map_or(DEFAULT_QUEUE_PATH, |path| path.get_ref().as_str());
         let dir = base.join(folder).join(&name);
@@ -110,6 +96,7 @@ impl Validator<'_> {
         Some(QueueConfig {
             site: self.site(span, key),
             name,
+            backend: backend?,
             dir,
             max_attempts,
             backoff_base,
@@ -123,6 +110,55 @@ impl Validator<'_> {
             publish,
             idempotency_window,
         })
+    }
+
+    /// `backend` and `url`: the embedded log, or a RabbitMQ broker at an `amqp://` URL.
+    fn queue_backend(
+        &mut self,
+        key: &str,
+        span: std::ops::Range<usize>,
+        backend: Option<&Spanned<String>>,
+        url: Option<&Spanned<String>>,
+    ) -> Option<QueueBackend> {
+        match backend.map(|b| (b.get_ref().as_str(), b.span())) {
+            None | Some(("embedded", _)) => {
+                if let Some(url) = url {
+                    self.error(
+                        url.span(),
+                        format!("{key}.url"),
+                        "only an amqp queue has a url; add `backend = \"amqp\"` or remove it",
+                    );
+                    return None;
+                }
+                Some(QueueBackend::Embedded)
+            }
+            Some(("amqp", _)) => {
+                let Some(url) = url else {
+                    self.errors.push(self.site(span, format!("{key}.url")).error(
+                        "an amqp queue needs the broker's URL, e.g. url = \"amqp://guest:guest@127.0.0.1:5672/%2f\"",
+                    ));
+                    return None;
+                };
+                let text = url.get_ref();
+                if !(text.starts_with("amqp://") || text.starts_with("amqps://")) {
+                    self.error(
+                        url.span(),
+                        format!("{key}.url"),
+                        format!("\"{text}\" is not an amqp:// or amqps:// URL"),
+                    );
+                    return None;
+                }
+                Some(QueueBackend::Amqp { url: text.clone() })
+            }
+            Some((other, span)) => {
+                self.error(
+                    span,
+                    format!("{key}.backend"),
+                    format!("unknown backend \"{other}\": the choices are \"embedded\" and \"amqp\""),
+                );
+                None
+            }
+        }
     }
 
     pub(super) fn workers(
