@@ -75,8 +75,9 @@ pub struct QueueConfig {
 pub enum QueueBackend {
     /// The log on this machine's disk.
     Embedded,
-    /// A RabbitMQ broker, shared by every surge node that names it.
-    Amqp { url: String },
+    /// A RabbitMQ broker, shared by every surge node that names it; `broker_queue` is the
+    /// queue's name there (its own name unless `broker_queue` says otherwise).
+    Amqp { url: String, broker_queue: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -48,6 +48,7 @@ pub(crate) struct RawSchedule {
 pub(crate) struct RawQueue {
     pub backend: Option<Spanned<String>>,
     pub url: Option<Spanned<String>>,
+    pub broker_queue: Option<Spanned<String>>,
     pub path: Option<Spanned<String>>,
     pub max_attempts: Option<Spanned<u32>>,
     #[serde(default)]

@@ -54,6 +54,8 @@ pub(crate) struct Amqp {
     url: String,
     /// The URL without its password, for messages.
     shown: String,
+    /// The queue's name at the broker, and its dead letters'.
+    main_queue: String,
     dead_queue: String,
     /// The publishing connection (and its confirming channel), made again when it broke.
     link: tokio::sync::Mutex<Option<Link>>,
@@ -130,7 +132,7 @@ impl Jobs {
 }
 
 /// `amqp://user:secret@host/vhost` shown as `amqp://user@host/vhost`.
-fn without_password(url: &str) -> String {
+pub fn without_password(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
     let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
     let authority = match authority.rsplit_once('@') {
@@ -278,9 +280,15 @@ fn took(confirmation: Confirmation, queue: &str) -> Result<(), String> {
 
 impl Amqp {
     /// Connects, declares the queue and its dead letters, and starts reading the broker's counts.
-    pub(crate) async fn open(core: Arc<Core>, url: &str, settings: Settings) -> Result<Arc<Amqp>, OpenError> {
+    pub(crate) async fn open(
+        core: Arc<Core>,
+        url: &str,
+        main_queue: &str,
+        settings: Settings,
+    ) -> Result<Arc<Amqp>, OpenError> {
         let amqp = Arc::new(Amqp {
-            dead_queue: format!("{}.dead", core.name),
+            main_queue: main_queue.to_owned(),
+            dead_queue: format!("{main_queue}.dead"),
             core,
             settings,
             url: url.to_owned(),
@@ -327,7 +335,7 @@ impl Amqp {
         let connection = self.connect().await?;
         let channel = connection.create_channel().await.map_err(error_text)?;
         channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(error_text)?;
-        for queue in [self.core.name.as_str(), self.dead_queue.as_str()] {
+        for queue in [self.main_queue.as_str(), self.dead_queue.as_str()] {
             let (options, arguments) = durable(FieldTable::default());
             channel
                 .queue_declare(queue.into(), options, arguments)
@@ -342,7 +350,7 @@ impl Amqp {
     async fn delay_queue(&self, ms: u64) -> Result<(Channel, String), String> {
         let channel = self.channel().await?;
         let bucket = delay_bucket(ms);
-        let name = format!("{}.delay.{bucket}ms", self.core.name);
+        let name = format!("{}.delay.{bucket}ms", self.main_queue);
         let mut link = self.link.lock().await;
         let Some(current) = link.as_mut() else { return Err("the connection closed".to_owned()) };
         if !current.delays.contains(&bucket) {
@@ -350,7 +358,7 @@ impl Amqp {
             arguments.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
             arguments.insert(
                 "x-dead-letter-routing-key".into(),
-                AMQPValue::LongString(self.core.name.as_str().into()),
+                AMQPValue::LongString(self.main_queue.as_str().into()),
             );
             let (options, arguments) = durable(arguments);
             channel
@@ -367,7 +375,7 @@ impl Amqp {
         let properties = about.properties();
         if wait == 0 {
             let channel = self.channel().await?;
-            return confirmed(&channel, &self.core.name, payload, properties).await;
+            return confirmed(&channel, &self.main_queue, payload, properties).await;
         }
         let (channel, queue) = self.delay_queue(wait).await?;
         let properties = properties.with_expiration(ShortString::from(wait.to_string()));
@@ -400,11 +408,11 @@ impl Amqp {
                     .unwrap_or(0)
             }
         };
-        let ready = count(self.core.name.clone()).await;
+        let ready = count(self.main_queue.clone()).await;
         let dead = count(self.dead_queue.clone()).await;
         let mut delayed = 0;
         for bucket in delays {
-            delayed += count(format!("{}.delay.{bucket}ms", self.core.name)).await;
+            delayed += count(format!("{}.delay.{bucket}ms", self.main_queue)).await;
         }
         *self.broker.lock().unwrap_or_else(|p| p.into_inner()) = BrokerCounts { ready, delayed, dead };
     }
@@ -455,7 +463,7 @@ impl Amqp {
             .map_err(error_text)?;
         let mut consumer = channel
             .basic_consume(
-                self.core.name.as_str().into(),
+                self.main_queue.as_str().into(),
                 "".into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
@@ -582,7 +590,7 @@ impl Amqp {
                 }
                 Sweep::Redrive => {
                     let again = about.after(0, None);
-                    confirmed(&channel, &self.core.name, &delivery.data, again.properties())
+                    confirmed(&channel, &self.main_queue, &delivery.data, again.properties())
                         .await
                         .map_err(|cause| self.unavailable(cause))?;
                 }
@@ -919,7 +927,7 @@ impl Amqp {
             let confirm = channel
                 .basic_publish(
                     "".into(),
-                    self.core.name.as_str().into(),
+                    self.main_queue.as_str().into(),
                     options,
                     &message.payload,
                     about.properties(),
@@ -930,7 +938,7 @@ impl Amqp {
         }
         for confirm in confirms {
             let confirmation = confirm.await.map_err(|err| self.unavailable(err.to_string()))?;
-            took(confirmation, &self.core.name).map_err(|cause| self.unavailable(cause))?;
+            took(confirmation, &self.main_queue).map_err(|cause| self.unavailable(cause))?;
         }
         Ok(())
     }

@@ -15,6 +15,7 @@ mod registry;
 pub mod schedule;
 pub mod state;
 
+pub use amqp::without_password;
 pub use log::{OpenError, Recovered, SEGMENT_SIZE};
 pub use queue::{now_ms, Latencies, Limits, NewMessage, PublishError, Published, Queue, Totals};
 pub use registry::{QueueMetrics, Queues};

@@ -240,18 +240,19 @@ impl Queue {
         Ok((Arc::new(Queue { core, backend: Backend::Embedded(Arc::new(embedded)) }), recovered))
     }
 
-    /// Opens the queue kept by the RabbitMQ broker at `url`, declaring what it needs there;
-    /// `dir` keeps only its job key.
+    /// Opens the queue kept by the RabbitMQ broker at `url` as `broker_queue`, declaring what
+    /// it needs there; `dir` keeps only its job key.
     pub async fn open_amqp(
         name: &str,
         url: &str,
+        broker_queue: &str,
         dir: &Path,
         settings: Settings,
         limits: Limits,
     ) -> Result<Arc<Queue>, OpenError> {
         std::fs::create_dir_all(dir).map_err(|source| OpenError::Io { path: dir.to_owned(), source })?;
         let core = Arc::new(Core::new(name, dir, limits)?);
-        let amqp = Amqp::open(Arc::clone(&core), url, settings).await?;
+        let amqp = Amqp::open(Arc::clone(&core), url, broker_queue, settings).await?;
         Ok(Arc::new(Queue { core, backend: Backend::Amqp(amqp) }))
     }
 

@@ -43,8 +43,8 @@ impl Queues {
                 segment_size: SEGMENT_SIZE,
                 result_ttl: config.result_ttl,
             };
-            if let QueueBackend::Amqp { url } = &config.backend {
-                match Queue::open_amqp(&config.name, url, &config.dir, settings, limits).await {
+            if let QueueBackend::Amqp { url, broker_queue } = &config.backend {
+                match Queue::open_amqp(&config.name, url, broker_queue, &config.dir, settings, limits).await {
                     Ok(queue) => {
                         let counts = queue.counts();
                         tracing::info!(

@@ -72,12 +72,13 @@ pub fn run(path: &Path) -> Result<(), Failure> {
             surge_config::Publish::Admin => "published through the admin API",
             surge_config::Publish::Public => "published through the admin API and the gateway",
         };
-        println!(
-            "  queue {}: kept in {}, {publish}, {} attempts",
-            queue.name,
-            queue.dir.display(),
-            queue.max_attempts
-        );
+        let kept = match &queue.backend {
+            surge_config::QueueBackend::Embedded => format!("kept in {}", queue.dir.display()),
+            surge_config::QueueBackend::Amqp { url, broker_queue } => {
+                format!("kept by RabbitMQ at {} as {broker_queue}", surge_queue::without_password(url))
+            }
+        };
+        println!("  queue {}: {kept}, {publish}, {} attempts", queue.name, queue.max_attempts);
     }
     for worker in &config.workers {
         let bounds = worker.pool.instances;

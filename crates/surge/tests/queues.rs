@@ -2,6 +2,11 @@
 //! pool of real worker processes (`surge-echo`, which writes every message it answers to a
 //! journal), retried, dead-lettered and redriven; an instance killed mid-message and a surge
 //! killed with SIGKILL lose nothing that was acknowledged.
+//!
+//! The suite runs on both backends: `embedded::` tests keep the queue on disk, `amqp::` tests
+//! in the RabbitMQ on this machine (127.0.0.1:5672, guest), each under a queue name of its own
+//! that is deleted afterwards. Killing surge and filling its disk are the embedded backend's
+//! own tests.
 
 mod common;
 
@@ -11,40 +16,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::queues::{journal, Store, Worked};
 use common::Surge;
 use hyper::{Method, StatusCode};
 use surge_queue::http::{DeadLettersResponse, PublishedJson, QueueStatus, QueuesResponse};
 
-/// One line of the worker's journal.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Worked {
-    id: String,
-    attempt: u32,
-    status: u16,
-}
-
-fn journal(path: &Path) -> Vec<Worked> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines()
-        .filter_map(|line| {
-            let mut fields = line.split(' ');
-            Some(Worked {
-                id: fields.next()?.to_owned(),
-                attempt: fields.next()?.parse().ok()?,
-                status: fields.next()?.parse().ok()?,
-            })
-        })
-        .collect()
-}
-
 /// A queue `jobs` and a worker pool `workers` on it (two instances unless `worker` says
 /// otherwise); `queue` and `worker` add keys.
-fn config(journal: &Path, queue: &str, worker: &str) -> String {
+fn config(store: &Store, journal: &Path, queue: &str, worker: &str) -> String {
     let instances = if worker.contains("instances") { "" } else { "instances = { min = 2 }" };
+    let backend = store.keys();
     format!(
         r#"
 [queues.jobs]
 backoff = {{ base = "20ms", cap = "50ms" }}
+{backend}
 {queue}
 
 [workers.workers]
@@ -84,6 +70,20 @@ async fn wait_for_journal(path: &Path, what: &str, done: impl Fn(&[Worked]) -> b
     }
 }
 
+/// Waits until the queue's status is what `done` wants (an amqp queue's counts are read from
+/// the broker each second); fails the test after 20 s.
+async fn wait_for_status(surge: &Surge, done: impl Fn(&QueueStatus) -> bool) -> QueueStatus {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = queue_status(surge).await;
+        if done(&status) {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "the queue never got there: {status:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits until a delivery is under way; fails the test after 20 s.
 async fn wait_until_in_flight(surge: &Surge) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -97,11 +97,43 @@ fn temp_file(surge: &Surge, name: &str) -> PathBuf {
     surge.dir.join(name)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn published_messages_are_pushed_to_workers_and_acked() {
+/// Each test of the suite, on the embedded backend and on RabbitMQ.
+macro_rules! on_both_backends {
+    ($($test:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Store::Embedded).await
+                }
+            )*
+        }
+        mod amqp {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Store::amqp()).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    published_messages_are_pushed_to_workers_and_acked,
+    a_poison_message_is_dead_lettered_and_redrive_brings_it_back,
+    a_worker_killed_mid_message_has_it_redelivered,
+    concurrent_publishes_with_repeated_keys_make_one_message_per_key,
+    a_worker_pool_at_zero_scales_out_for_its_backlog_and_back_to_zero,
+    an_async_route_answers_202_and_the_job_result_is_fetched,
+    a_schedule_publishes_at_each_tick,
+    a_worker_that_answers_202_settles_its_lease_itself,
+);
+
+async fn published_messages_are_pushed_to_workers_and_acked(store: Store) {
     let dir = tempfile::tempdir().expect("dir");
     let journal_path = dir.path().join("journal");
-    let surge = Surge::start(&config(&journal_path, "", "prefetch = 4")).await;
+    let surge = Surge::start(&config(&store, &journal_path, "", "prefetch = 4")).await;
     let mut ids = BTreeSet::new();
     for i in 0..100 {
         ids.insert(publish(&surge, &format!("job {i}")).await.id);
@@ -122,19 +154,9 @@ async fn published_messages_are_pushed_to_workers_and_acked() {
     let text = std::fs::read_to_string(&journal_path).expect("journal");
     let instances: BTreeSet<&str> = text.lines().filter_map(|line| line.split(' ').nth(3)).collect();
     assert_eq!(instances.len(), 2, "both instances took messages: {instances:?}");
-    let mut status = queue_status(&surge).await;
-    for _ in 0..100 {
-        if status.acked == 102 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        status = queue_status(&surge).await;
-    }
-    assert_eq!(
-        (status.ready, status.in_flight, status.acked, status.published),
-        (0, 0, 102, 102),
-        "{status:?}"
-    );
+    let status =
+        wait_for_status(&surge, |status| (status.ready, status.in_flight, status.acked) == (0, 0, 102)).await;
+    assert_eq!(status.published, 102, "{status:?}");
     let metrics = surge.metrics().await;
     assert!(metrics.contains("surge_queue_acked_total{queue=\"jobs\"} 102"), "{metrics}");
     assert!(metrics.contains("surge_queue_messages{queue=\"jobs\",state=\"ready\"} 0"), "{metrics}");
@@ -152,11 +174,10 @@ async fn published_messages_are_pushed_to_workers_and_acked() {
     assert_eq!(answer.status, StatusCode::BAD_REQUEST);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_poison_message_is_dead_lettered_and_redrive_brings_it_back() {
+async fn a_poison_message_is_dead_lettered_and_redrive_brings_it_back(store: Store) {
     let dir = tempfile::tempdir().expect("dir");
     let journal_path = dir.path().join("journal");
-    let surge = Surge::start(&config(&journal_path, "max_attempts = 3", "")).await;
+    let surge = Surge::start(&config(&store, &journal_path, "max_attempts = 3", "")).await;
     let poison = temp_file(&surge, "poisoned");
     std::fs::write(&poison, "").expect("write");
     let id = publish(&surge, &format!("fail_while={}", poison.display())).await.id;
@@ -194,11 +215,10 @@ async fn a_poison_message_is_dead_lettered_and_redrive_brings_it_back() {
     assert!(String::from_utf8_lossy(&listed.stdout).contains("jobs"), "{listed:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_killed_mid_message_has_it_redelivered() {
+async fn a_worker_killed_mid_message_has_it_redelivered(store: Store) {
     let dir = tempfile::tempdir().expect("dir");
     let journal_path = dir.path().join("journal");
-    let surge = Surge::start(&config(&journal_path, "", "")).await;
+    let surge = Surge::start(&config(&store, &journal_path, "", "")).await;
     let id = publish(&surge, "delay=1s").await.id;
     wait_until_in_flight(&surge).await;
     // The instance holding it: the one with a request in flight.
@@ -214,13 +234,12 @@ async fn a_worker_killed_mid_message_has_it_redelivered() {
     assert_eq!((worked[0].id.as_str(), worked[0].attempt), (id.as_str(), 2));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_publishes_with_repeated_keys_make_one_message_per_key() {
+async fn concurrent_publishes_with_repeated_keys_make_one_message_per_key(store: Store) {
     let dir = tempfile::tempdir().expect("dir");
     let journal_path = dir.path().join("journal");
     // Published through the gateway this time; no instance consumes, so the queue is counted.
     let surge = Arc::new(
-        Surge::start(&config(&journal_path, "publish = \"public\"", "instances = { min = 0 }")).await,
+        Surge::start(&config(&store, &journal_path, "publish = \"public\"", "instances = { min = 0 }")).await,
     );
     let mut tasks = tokio::task::JoinSet::new();
     for worker in 0..50 {
@@ -248,15 +267,15 @@ async fn concurrent_publishes_with_repeated_keys_make_one_message_per_key() {
     }
     assert_eq!(by_key.len(), 1_000);
     assert!(by_key.values().all(|ids| ids.len() == 1), "a key named two messages");
-    let status = queue_status(&surge).await;
-    assert_eq!((status.ready, status.published), (1_000, 1_000), "{status:?}");
+    wait_for_status(&surge, |status| (status.ready, status.published) == (1_000, 1_000)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_publish_and_consume_loses_no_acknowledged_message() {
+    let store = Store::Embedded;
     let dir = tempfile::tempdir().expect("dir");
     let journal_path = dir.path().join("journal");
-    let mut surge = Surge::start(&config(&journal_path, "", "prefetch = 8")).await;
+    let mut surge = Surge::start(&config(&store, &journal_path, "", "prefetch = 8")).await;
     let mut acknowledged = BTreeSet::new();
     let mut refused = 0;
     for round in 0..20 {
@@ -319,13 +338,12 @@ async fn sigkill_during_publish_and_consume_loses_no_acknowledged_message() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_pool_at_zero_scales_out_for_its_backlog_and_back_to_zero() {
+async fn a_worker_pool_at_zero_scales_out_for_its_backlog_and_back_to_zero(store: Store) {
     let dir = tempfile::tempdir().expect("dir");
     let journal_path = dir.path().join("journal");
     let worker = "prefetch = 2\ninstances = { min = 0, max = 3, initial = 0 }\n\
                   autoscale = { target = 2, stable_window = \"4s\", panic_window = \"2s\", scale_down_delay = \"0s\", idle_window = \"2s\" }";
-    let surge = Surge::start(&config(&journal_path, "", worker)).await;
+    let surge = Surge::start(&config(&store, &journal_path, "", worker)).await;
     assert!(surge.service("workers").await.instances.is_empty());
 
     let mut ids = BTreeSet::new();
@@ -393,23 +411,24 @@ async fn a_full_disk_fails_publishes_cleanly_and_loses_nothing_acknowledged() {
     publish(&surge, "after").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_async_route_answers_202_and_the_job_result_is_fetched() {
-    let surge = Surge::start(
+async fn an_async_route_answers_202_and_the_job_result_is_fetched(store: Store) {
+    let surge = Surge::start(&format!(
         r#"
 [queues.reports]
 max_attempts = 2
-backoff = { base = "20ms", cap = "20ms" }
+backoff = {{ base = "20ms", cap = "20ms" }}
+{}
 
 [services.web]
-command = "{echo}"
-routes = ["/", { prefix = "/reports", async = "reports" }]
+command = "{{echo}}"
+routes = ["/", {{ prefix = "/reports", async = "reports" }}]
 
 [workers.reporters]
-command = "{echo}"
+command = "{{echo}}"
 queue = "reports"
 "#,
-    )
+        store.keys()
+    ))
     .await;
     let headers = [("x-user", "ada"), ("content-type", "text/plain"), ("x-forwarded-for", "6.6.6.6")];
     let accepted = surge.request(Method::POST, "/reports/7?format=pdf", &headers, Bytes::from("hello")).await;
@@ -463,12 +482,11 @@ queue = "reports"
     assert_eq!(refused.status, StatusCode::BAD_REQUEST);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_schedule_publishes_at_each_tick() {
+async fn a_schedule_publishes_at_each_tick(store: Store) {
     let dir = tempfile::tempdir().expect("dir");
     let journal_path = dir.path().join("journal");
     let schedule = "\n[schedules.every-second]\ncron = \"* * * * * *\"\nqueue = \"jobs\"\nbody = \"tick\"\n";
-    let surge = Surge::start(&(config(&journal_path, "", "") + schedule)).await;
+    let surge = Surge::start(&(config(&store, &journal_path, "", "") + schedule)).await;
     let worked = wait_for_journal(&journal_path, "three ticks worked", |worked| {
         worked.iter().filter(|w| w.status == 200).map(|w| &w.id).collect::<BTreeSet<_>>().len() >= 3
     })
@@ -478,11 +496,10 @@ async fn a_schedule_publishes_at_each_tick() {
     assert!(status.published >= 3, "{status:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_that_answers_202_settles_its_lease_itself() {
+async fn a_worker_that_answers_202_settles_its_lease_itself(store: Store) {
     let dir = tempfile::tempdir().expect("dir");
     let journal_path = dir.path().join("journal");
-    let surge = Surge::start(&config(&journal_path, "lease = \"10s\"", "")).await;
+    let surge = Surge::start(&config(&store, &journal_path, "lease = \"10s\"", "")).await;
     let id = publish(&surge, "settle=later&delay=1s").await.id;
     wait_until_in_flight(&surge).await;
     // Without its token, nobody settles it: not even with the admin token.
@@ -495,6 +512,5 @@ async fn a_worker_that_answers_202_settles_its_lease_itself() {
     wait_for_journal(&journal_path, "the worker's own ack", |worked| worked.iter().any(|w| w.id == id)).await;
     let text = std::fs::read_to_string(&journal_path).expect("journal");
     assert!(text.contains(&format!("{id} 1 200 ")) && text.contains("renew=200"), "{text}");
-    let status = queue_status(&surge).await;
-    assert_eq!((status.acked, status.retried, status.in_flight), (1, 0, 0), "{status:?}");
+    wait_for_status(&surge, |status| (status.acked, status.retried, status.in_flight) == (1, 0, 0)).await;
 }

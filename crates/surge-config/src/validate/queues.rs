@@ -29,7 +29,7 @@ impl Validator<'_> {
         let span = raw.span();
         self.name(&name, span.clone(), &key, "queue");
         let raw = raw.into_inner();
-        let backend = self.queue_backend(&key, span.clone(), raw.backend.as_ref(), raw.url.as_ref());
+        let backend = self.queue_backend(&name, span.clone(), &raw);
         let base = self.file.parent().unwrap_or(Path::new("."));
         let folder = raw.path.as_ref().map_or(DEFAULT_QUEUE_PATH, |path| path.get_ref().as_str());
         let dir = base.join(folder).join(&name);
@@ -115,18 +115,20 @@ impl Validator<'_> {
     /// `backend` and `url`: the embedded log, or a RabbitMQ broker at an `amqp://` URL.
     fn queue_backend(
         &mut self,
-        key: &str,
+        name: &str,
         span: std::ops::Range<usize>,
-        backend: Option<&Spanned<String>>,
-        url: Option<&Spanned<String>>,
+        raw: &RawQueue,
     ) -> Option<QueueBackend> {
-        match backend.map(|b| (b.get_ref().as_str(), b.span())) {
+        let key = format!("queues.{name}");
+        let (url, broker_queue) = (raw.url.as_ref(), raw.broker_queue.as_ref());
+        match raw.backend.as_ref().map(|b| (b.get_ref().as_str(), b.span())) {
             None | Some(("embedded", _)) => {
-                if let Some(url) = url {
+                let amqp_only = [("url", url), ("broker_queue", broker_queue)];
+                if let Some((field, value)) = amqp_only.into_iter().find_map(|(f, v)| v.map(|v| (f, v))) {
                     self.error(
-                        url.span(),
-                        format!("{key}.url"),
-                        "only an amqp queue has a url; add `backend = \"amqp\"` or remove it",
+                        value.span(),
+                        format!("{key}.{field}"),
+                        format!("only an amqp queue has a {field}; add `backend = \"amqp\"` or remove it"),
                     );
                     return None;
                 }
@@ -148,7 +150,8 @@ impl Validator<'_> {
                     );
                     return None;
                 }
-                Some(QueueBackend::Amqp { url: text.clone() })
+                let broker_queue = broker_queue.map_or(name, |q| q.get_ref().as_str()).to_owned();
+                Some(QueueBackend::Amqp { url: text.clone(), broker_queue })
             }
             Some((other, span)) => {
                 self.error(
