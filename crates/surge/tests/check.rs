@@ -213,3 +213,26 @@ fn schedule_problems_name_the_key() {
         "no queue is named \"nope\"",
     );
 }
+
+#[test]
+fn queue_backend_problems_name_the_key() {
+    let with = |queue: &str| {
+        format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n[gateway]\nlisten = \"127.0.0.1:0\"\n{SERVICE}\
+             [queues.jobs]\n{queue}"
+        )
+    };
+    assert_rejected(&with("backend = \"kafka\"\n"), 9, "queues.jobs.backend", "the choices are");
+    assert_rejected(&with("backend = \"amqp\"\n"), 8, "queues.jobs.url", "needs the broker's URL");
+    assert_rejected(&with("url = \"amqp://rabbit\"\n"), 9, "queues.jobs.url", "only an amqp queue");
+    assert_rejected(
+        &with("backend = \"amqp\"\nurl = \"http://rabbit\"\n"),
+        10,
+        "queues.jobs.url",
+        "not an amqp:// or amqps:// URL",
+    );
+    let (ok, stdout, stderr) = check(&with("backend = \"amqp\"\nurl = \"amqp://guest:secret@rabbit/%2f\"\n"));
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("kept by RabbitMQ at amqp://guest@rabbit/%2f as jobs"), "{stdout}");
+    assert!(!stdout.contains("secret"), "{stdout}");
+}

@@ -514,3 +514,24 @@ async fn a_worker_that_answers_202_settles_its_lease_itself(store: Store) {
     assert!(text.contains(&format!("{id} 1 200 ")) && text.contains("renew=200"), "{text}");
     wait_for_status(&surge, |status| (status.acked, status.retried, status.in_flight) == (1, 0, 0)).await;
 }
+
+#[test]
+fn surge_up_names_the_queue_and_the_broker_it_cannot_reach() {
+    let dir = tempfile::tempdir().expect("dir");
+    // Port 1 on loopback: nothing listens there.
+    let config = common::write_config(
+        dir.path(),
+        "[services.web]\ncommand = \"{echo}\"\nroutes = [\"/\"]\n\n\
+         [queues.jobs]\nbackend = \"amqp\"\nurl = \"amqp://guest:secret@127.0.0.1:1/%2f\"\n",
+    );
+    let output = std::process::Command::new(common::SURGE)
+        .args(["up", "-c"])
+        .arg(&config)
+        .output()
+        .expect("run surge up");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("queues.jobs"), "{stderr}");
+    assert!(stderr.contains("amqp://guest@127.0.0.1:1/%2f"), "{stderr}");
+    assert!(!stderr.contains("secret"), "{stderr}");
+}
