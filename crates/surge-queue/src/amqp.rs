@@ -11,6 +11,11 @@
 //! `NAME.dead`. The copy is confirmed before the ack, so a crash in between gives a duplicate,
 //! never a loss. When the broker goes away, publishes answer 503 until it is back, and every
 //! delivery not yet acked returns to the queue on the broker's side.
+//!
+//! Schedules: of the nodes sharing the queue, the one that holds the exclusive queue
+//! `NAME.schedule.SCHEDULE.leader` fires the ticks. The broker deletes an exclusive queue with
+//! the connection that declared it, so when the leader stops (or its connection is seen dead,
+//! by heartbeat) another node takes the queue at its next tick.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
@@ -64,6 +69,8 @@ pub(crate) struct Amqp {
     consuming: AtomicBool,
     window: AtomicU16,
     broker: Mutex<BrokerCounts>,
+    /// The connections holding this node's leader queues, by schedule.
+    leads: tokio::sync::Mutex<HashMap<String, Connection>>,
 }
 
 struct Link {
@@ -299,6 +306,7 @@ impl Amqp {
             consuming: AtomicBool::new(false),
             window: AtomicU16::new(DEFAULT_WINDOW),
             broker: Mutex::new(BrokerCounts::default()),
+            leads: tokio::sync::Mutex::new(HashMap::new()),
         });
         amqp.channel().await.map_err(|cause| OpenError::Broker { url: amqp.shown.clone(), cause })?;
         amqp.read_counts().await;
@@ -860,6 +868,35 @@ impl QueueStore for Amqp {
     async fn compact(self: &Arc<Self>) -> std::io::Result<usize> {
         // The broker keeps its own disk.
         Ok(0)
+    }
+
+    async fn fires(self: &Arc<Self>, schedule: &str) -> bool {
+        let mut leads = self.leads.lock().await;
+        if leads.get(schedule).is_some_and(|connection| connection.status().connected()) {
+            return true;
+        }
+        leads.remove(schedule);
+        let leader = format!("{}.schedule.{schedule}.leader", self.main_queue);
+        let Ok(connection) = self.connect().await else { return false };
+        let claimed = match connection.create_channel().await {
+            Ok(channel) => {
+                let options = QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                };
+                channel.queue_declare(leader.as_str().into(), options, FieldTable::default()).await.is_ok()
+            }
+            Err(_) => false,
+        };
+        if !claimed {
+            // Another node's: RESOURCE_LOCKED.
+            let _ = connection.close(200, "not the leader".into()).await;
+            return false;
+        }
+        tracing::info!("queue {}: this node fires schedule {schedule}", self.core.name);
+        leads.insert(schedule.to_owned(), connection);
+        true
     }
 
     /// The prefetch window: surge holds no more unacked deliveries than its workers take.

@@ -189,6 +189,11 @@ pub(crate) trait QueueStore {
     /// How many deliveries the workers take at once: what a backend that fetches ahead
     /// (amqp's prefetch) may hold.
     fn workers_take(&self, _deliveries: usize) {}
+    /// Whether this node fires `schedule`'s ticks: with a queue shared by several nodes, one
+    /// of them does.
+    async fn fires(self: &Arc<Self>, _schedule: &str) -> bool {
+        true
+    }
 }
 
 enum Backend {
@@ -332,6 +337,11 @@ impl Queue {
 
     pub async fn compact(&self) -> std::io::Result<usize> {
         on_backend!(self, store => store.compact().await)
+    }
+
+    /// Whether this node fires `schedule`'s ticks now.
+    pub async fn fires(&self, schedule: &str) -> bool {
+        on_backend!(self, store => store.fires(schedule).await)
     }
 
     /// How many deliveries the workers of this queue take at once.

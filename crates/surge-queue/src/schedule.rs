@@ -1,7 +1,8 @@
 //! Scheduled jobs: a message published to a queue at each tick of a cron expression. Each
 //! tick's publish carries the idempotency key `schedule:NAME:TICK`, so a surge restarted
 //! within a tick does not publish it twice. Ticks that pass while surge is down are skipped,
-//! as cron skips them.
+//! as cron skips them. With an amqp queue that several nodes share, one node fires a
+//! schedule's ticks: the one holding its leader queue at the broker (see `amqp`).
 
 use std::sync::Arc;
 
@@ -31,6 +32,10 @@ pub async fn fire_forever(queue: Arc<Queue>, schedule: ScheduleConfig) {
             return;
         };
         tokio::time::sleep((next - now).to_std().unwrap_or_default()).await;
+        if !queue.fires(&schedule.name).await {
+            tracing::debug!("schedule {}: another node fires the tick of {next}", schedule.name);
+            continue;
+        }
         match queue.publish(vec![tick_message(&schedule, next.timestamp())]).await {
             Ok(published) if published.iter().all(|p| p.duplicate) => {
                 tracing::debug!(

@@ -535,3 +535,43 @@ fn surge_up_names_the_queue_and_the_broker_it_cannot_reach() {
     assert!(stderr.contains("amqp://guest@127.0.0.1:1/%2f"), "{stderr}");
     assert!(!stderr.contains("secret"), "{stderr}");
 }
+
+/// Two nodes share an amqp queue with a schedule: one fires each tick, and when it is killed
+/// the other takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_nodes_sharing_an_amqp_queue_one_fires_a_schedule() {
+    let store = Store::amqp();
+    let config = format!(
+        "[services.web]\ncommand = \"{{echo}}\"\nroutes = [\"/\"]\n\n[queues.jobs]\n{}\n\n\
+         [schedules.every-second]\ncron = \"* * * * * *\"\nqueue = \"jobs\"\nbody = \"tick\"\n",
+        store.keys()
+    );
+    let mut first = Surge::start(&config).await;
+    let second = Surge::start(&config).await;
+    let published = |status: &QueueStatus| status.published;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (leader, follower) = loop {
+        let (a, b) = (published(&queue_status(&first).await), published(&queue_status(&second).await));
+        if a + b >= 3 {
+            break (a, b);
+        }
+        assert!(Instant::now() < deadline, "no ticks: {a} and {b}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(leader == 0 || follower == 0, "both nodes fired: {leader} and {follower}");
+    // Whichever fired is killed; the other fires from then on.
+    let (survivor, fired_before) = if leader > 0 {
+        first.signal(libc::SIGKILL);
+        let _ = first.wait_exit(Duration::from_secs(10));
+        (&second, follower)
+    } else {
+        drop(second);
+        (&first, leader)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while published(&queue_status(survivor).await) < fired_before + 2 {
+        assert!(Instant::now() < deadline, "the survivor never took the schedule over\n{}", survivor.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(survivor.log().contains("this node fires schedule every-second"), "{}", survivor.log());
+}
