@@ -231,6 +231,12 @@ fn queue_backend_problems_name_the_key() {
         "queues.jobs.url",
         "not an amqp:// or amqps:// URL",
     );
+    assert_rejected(
+        &with("backend = \"amqp\"\nurl = \"amqp://rabbit\"\nmax_size = \"1MiB\"\n"),
+        8,
+        "queues.jobs.max_size",
+        "cannot bound its bytes",
+    );
     let (ok, stdout, stderr) = check(&with("backend = \"amqp\"\nurl = \"amqp://guest:secret@rabbit/%2f\"\n"));
     assert!(ok, "{stderr}");
     assert!(stdout.contains("kept by RabbitMQ at amqp://guest@rabbit/%2f as jobs"), "{stdout}");

@@ -150,6 +150,12 @@ impl Validator<'_> {
                     );
                     return None;
                 }
+                if raw.max_size.is_some() {
+                    self.errors.push(self.site(span, format!("{key}.max_size")).error(
+                        "an amqp queue cannot bound its bytes (the broker does not report them over AMQP); use max_messages, or a max-length policy at the broker",
+                    ));
+                    return None;
+                }
                 let broker_queue = broker_queue.map_or(name, |q| q.get_ref().as_str()).to_owned();
                 Some(QueueBackend::Amqp { url: text.clone(), broker_queue })
             }
