@@ -9,7 +9,7 @@
 # bench/RESULTS.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-cargo build --release --quiet --bin surge
+cargo build --release --quiet --bin surge --bin surge-echo
 cd bench/queue
 cargo build --release --quiet
 exec target/release/surge-bench-queue

@@ -9,10 +9,17 @@
 //! - deliver and ack: draining what was published, 64 unacked at a time (RabbitMQ: `basic_qos`
 //!   64 and a manual ack per message);
 //! - the same publishes through Surge (`surge up`, a queue with `publish = "public"`, HTTP/1.1
-//!   keep-alive connections to the gateway, one per publisher): what a client of Surge sees;
+//!   keep-alive connections to the gateway, one per publisher): what a client of Surge sees,
+//!   once with the embedded backend and once with the amqp backend (the same RabbitMQ); then
+//!   deliver and ack through Surge: the worker pool (two `surge-echo` instances, 32 messages in
+//!   flight each, 64 in all) is scaled up from zero and drains what was published, each
+//!   message POSTed to a worker and acked on its 200;
+//! - from zero: an autoscaled worker pool at zero instances, one message published, the time
+//!   until the pool's first instance is launched (and until the message is acked);
 //! - restart: the time to open the embedded queue with PENDING messages in it.
 //!
-//! NATS JetStream is not measured (no client here yet).
+//! NATS JetStream is not measured: Debian's nats-server (2.9) has no `sync_interval`, so it
+//! cannot be made to sync each message as the others do.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -126,8 +133,8 @@ async fn embedded(dir: &Path, publishers: usize, size: usize, duration: Duration
     let mut drained = 0;
     while drained < published {
         for delivery in queue.lease(PREFETCH) {
-            let _ = queue.payload(delivery.location).expect("payload");
-            queue.ack(delivery.id, delivery.token).expect("ack");
+            let _ = queue.payload(&delivery).expect("payload");
+            queue.ack(delivery.id, delivery.token).await.expect("ack");
             drained += 1;
         }
     }
@@ -139,10 +146,13 @@ async fn embedded(dir: &Path, publishers: usize, size: usize, duration: Duration
     }
 }
 
-/// `surge up` on a configuration with one public queue; killed when dropped.
+/// `surge up` on a configuration with one public queue and a worker pool on it; killed when
+/// dropped.
 struct SurgeUp {
     child: std::process::Child,
     gateway: String,
+    admin: String,
+    token: String,
     _dir: tempfile::TempDir,
 }
 
@@ -157,14 +167,30 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a port")
 }
 
-fn surge_up(dir: &Path) -> SurgeUp {
+/// Where a Surge run keeps its queue.
+#[derive(Clone, Copy, PartialEq)]
+enum Backend {
+    Embedded,
+    Amqp,
+}
+
+const AMQP_QUEUE: &str = "surge-bench-through-surge";
+
+fn surge_up(dir: &Path, backend: Backend, workers: &str) -> SurgeUp {
     let surge = std::env::var("SURGE").unwrap_or_else(|_| "../../target/release/surge".to_owned());
+    let echo = std::env::var("SURGE_ECHO").unwrap_or_else(|_| "../../target/release/surge-echo".to_owned());
+    let echo = std::fs::canonicalize(&echo).unwrap_or_else(|err| panic!("{echo} (build it): {err}"));
     let folder = tempfile::tempdir_in(dir).expect("surge folder");
     let (gateway, admin) = (free_port(), free_port());
+    let queue = match backend {
+        Backend::Embedded => String::new(),
+        Backend::Amqp => format!("backend = \"amqp\"\nurl = \"{AMQP}\"\nbroker_queue = \"{AMQP_QUEUE}\"\n"),
+    };
     let config = format!(
         "[gateway]\nlisten = \"127.0.0.1:{gateway}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
-         [queues.bench]\npublish = \"public\"\n\
-         [workers.none]\ncommand = \"true\"\nqueue = \"bench\"\ninstances = {{ min = 0 }}\n"
+         [queues.bench]\npublish = \"public\"\n{queue}\n\
+         [workers.workers]\ncommand = \"{}\"\nqueue = \"bench\"\npath = \"/job\"\n{workers}\n",
+        echo.display()
     );
     let path = folder.path().join("surge.toml");
     std::fs::write(&path, config).expect("config");
@@ -177,16 +203,52 @@ fn surge_up(dir: &Path) -> SurgeUp {
     let address = format!("127.0.0.1:{gateway}");
     for _ in 0..200 {
         if std::net::TcpStream::connect(&address).is_ok() {
-            return SurgeUp { child, gateway: address, _dir: folder };
+            let token = std::fs::read_to_string(folder.path().join(".surge/admin.token")).expect("admin token");
+            return SurgeUp {
+                child,
+                gateway: address,
+                admin: format!("127.0.0.1:{admin}"),
+                token: token.trim().to_owned(),
+                _dir: folder,
+            };
         }
         std::thread::sleep(Duration::from_millis(25));
     }
     panic!("surge did not come up");
 }
 
-async fn through_surge(dir: &Path, publishers: usize, size: usize, duration: Duration) -> Run {
-    use hyper_util::client::legacy::Client;
-    let surge = surge_up(dir);
+type HttpClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Full<Bytes>,
+>;
+
+fn http_client() -> HttpClient {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_max_idle_per_host(1)
+        .build_http()
+}
+
+/// A call to the admin API; its body as JSON.
+async fn admin(client: &HttpClient, surge: &SurgeUp, method: &str, path: &str, body: &str) -> serde_json::Value {
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(format!("http://{}{path}", surge.admin))
+        .header("authorization", format!("Bearer {}", surge.token))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(Bytes::from(body.to_owned())))
+        .expect("request");
+    let response = client.request(request).await.expect("the admin API answers");
+    let body = http_body_util::BodyExt::collect(response.into_body()).await.expect("body").to_bytes();
+    serde_json::from_slice(&body).unwrap_or_default()
+}
+
+async fn queue_field(client: &HttpClient, surge: &SurgeUp, field: &str) -> u64 {
+    let queues = admin(client, surge, "GET", "/queues", "").await;
+    queues["queues"][0][field].as_u64().unwrap_or(0)
+}
+
+async fn through_surge(dir: &Path, backend: Backend, publishers: usize, size: usize, duration: Duration) -> Run {
+    let surge = surge_up(dir, backend, "prefetch = 32\ninstances = { min = 0, max = 2, initial = 0 }");
     let url: hyper::Uri = format!("http://{}/queues/bench/messages", surge.gateway).parse().expect("url");
     let payload = Bytes::from(vec![b'x'; size]);
     let deadline = Instant::now() + duration;
@@ -196,9 +258,7 @@ async fn through_surge(dir: &Path, publishers: usize, size: usize, duration: Dur
             let (url, payload) = (url.clone(), payload.clone());
             tokio::spawn(async move {
                 // One connection per publisher: a client of its own.
-                let client = Client::builder(hyper_util::rt::TokioExecutor::new())
-                    .pool_max_idle_per_host(1)
-                    .build_http::<http_body_util::Full<Bytes>>();
+                let client = http_client();
                 let mut latency = histogram();
                 while Instant::now() < deadline {
                     let began = Instant::now();
@@ -216,7 +276,54 @@ async fn through_surge(dir: &Path, publishers: usize, size: usize, duration: Dur
         .collect();
     let latency = merged(tasks).await;
     let published = latency.len();
-    Run { published, per_second: published as f64 / start.elapsed().as_secs_f64(), latency, drained_per_second: f64::NAN }
+    let per_second = published as f64 / start.elapsed().as_secs_f64();
+    // Deliver and ack through the workers: the pool goes from zero to two.
+    let client = http_client();
+    let drain = Instant::now();
+    admin(&client, &surge, "POST", "/services/workers/scale", r#"{"instances": 2}"#).await;
+    while queue_field(&client, &surge, "acked").await < published {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let drained_per_second = published as f64 / drain.elapsed().as_secs_f64();
+    if backend == Backend::Amqp {
+        delete_queues(&[AMQP_QUEUE, &format!("{AMQP_QUEUE}.dead")]).await;
+    }
+    Run { published, per_second, latency, drained_per_second }
+}
+
+/// An autoscaled worker pool at zero: one message published through the gateway, then the time
+/// until the pool has an instance, and until the message is acked.
+async fn from_zero(dir: &Path) -> (Duration, Duration) {
+    let workers = "instances = { min = 0, max = 2, initial = 0 }\nautoscale = { target = 1 }";
+    let surge = surge_up(dir, Backend::Embedded, workers);
+    let client = http_client();
+    let request = hyper::Request::post(format!("http://{}/queues/bench/messages", surge.gateway))
+        .body(http_body_util::Full::new(Bytes::from_static(b"wake up")))
+        .expect("request");
+    let response = client.request(request).await.expect("an answer");
+    let published = Instant::now();
+    assert_eq!(response.status(), hyper::StatusCode::ACCEPTED);
+    let launched = loop {
+        let status = admin(&client, &surge, "GET", "/status", "").await;
+        let workers = status["services"].as_array().and_then(|s| s.iter().find(|p| p["service"] == "workers")).cloned();
+        if workers.is_some_and(|w| w["instances"].as_array().is_some_and(|i| !i.is_empty())) {
+            break published.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    while queue_field(&client, &surge, "acked").await < 1 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    (launched, published.elapsed())
+}
+
+async fn delete_queues(names: &[&str]) {
+    let connection = Connection::connect(AMQP, ConnectionProperties::default()).await.expect("RabbitMQ on 5672");
+    let channel = connection.create_channel().await.expect("channel");
+    for name in names {
+        let _ = channel.queue_delete(name, QueueDeleteOptions::default()).await;
+    }
+    let _ = connection.close(200, "done").await;
 }
 
 async fn rabbitmq(publishers: usize, size: usize, duration: Duration) -> Run {
@@ -310,9 +417,16 @@ async fn main() {
     for &size in &sizes {
         for &count in &publishers {
             let ours = embedded(work.path(), count, size, duration).await;
-            let http = through_surge(work.path(), count, size, duration).await;
+            let http = through_surge(work.path(), Backend::Embedded, count, size, duration).await;
+            let over_amqp = through_surge(work.path(), Backend::Amqp, count, size, duration).await;
             let theirs = rabbitmq(count, size, duration).await;
-            for (name, run) in [("embedded, in process", &ours), ("Surge over HTTP", &http), ("RabbitMQ", &theirs)] {
+            let runs = [
+                ("embedded, in process", &ours),
+                ("Surge over HTTP, embedded", &http),
+                ("Surge over HTTP, amqp backend", &over_amqp),
+                ("RabbitMQ", &theirs),
+            ];
+            for (name, run) in runs {
                 let ratio = if name == "RabbitMQ" {
                     String::new()
                 } else {
@@ -329,6 +443,14 @@ async fn main() {
                 );
             }
         }
+    }
+    for attempt in 1..=3 {
+        let (launched, acked) = from_zero(work.path()).await;
+        println!(
+            "\nfrom zero, run {attempt}: first worker instance launched {:.0} ms after the publish was answered, the message acked after {:.0} ms",
+            launched.as_secs_f64() * 1000.0,
+            acked.as_secs_f64() * 1000.0
+        );
     }
     let (took, records) = restart(work.path(), pending).await;
     println!("\nrestart with {pending} pending 12-byte messages: opened in {:.2} s ({records} records replayed)", took.as_secs_f64());

@@ -38,6 +38,11 @@ use crate::state::{backoff, Counts, DeadLetter, Delivery, Failed, Location, Sett
 use crate::{now_ms, NewMessage, PublishError, Published};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the broker may take to set up a connection's channels, or to confirm a publish,
+/// before the publish answers 503.
+const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest wait a delay queue is given: RabbitMQ's per-message TTL is at most 2^32 - 1 ms.
+const LONGEST_WAIT: u64 = u32::MAX as u64;
 /// How often the broker's counts are read for `/queues`, `/metrics` and autoscaling.
 const COUNTS_EVERY: Duration = Duration::from_secs(1);
 const RECONNECT_FIRST: Duration = Duration::from_millis(100);
@@ -62,8 +67,10 @@ pub(crate) struct Amqp {
     /// The queue's name at the broker, and its dead letters'.
     main_queue: String,
     dead_queue: String,
-    /// The publishing connection (and its confirming channel), made again when it broke.
-    link: tokio::sync::Mutex<Option<Link>>,
+    /// The publishing connection and its channels, made again when it broke.
+    link: tokio::sync::Mutex<LinkSlot>,
+    /// Delay queues used since the start, whose messages count as delayed.
+    delays_seen: Mutex<BTreeSet<u64>>,
     local: Mutex<Local>,
     ready: Notify,
     consuming: AtomicBool,
@@ -73,11 +80,25 @@ pub(crate) struct Amqp {
     leads: tokio::sync::Mutex<HashMap<String, Connection>>,
 }
 
+/// A connection to the broker and its channels: client publishes on `channel`, the copies
+/// surge makes of messages (retries, deferrals, dead letters) on `copies`, so that the broker's
+/// answers for one never stand for the other's, and passive declares (which close their
+/// channel when a queue is missing) on `counts`.
+#[derive(Clone)]
 struct Link {
-    connection: Connection,
+    connection: Arc<Connection>,
     channel: Channel,
+    copies: Channel,
+    counts: Channel,
     /// Delay queues declared over this connection.
-    delays: BTreeSet<u64>,
+    delays: Arc<Mutex<BTreeSet<u64>>>,
+}
+
+#[derive(Default)]
+struct LinkSlot {
+    link: Option<Link>,
+    /// The last failed attempt to connect, and why.
+    failed: Option<(std::time::Instant, String)>,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -101,8 +122,8 @@ struct Held {
 
 #[derive(Default)]
 struct Local {
-    /// Delivered by the broker, not yet leased to a worker.
-    buffered: VecDeque<Incoming>,
+    /// Delivered by the broker (at the time with each), not yet leased to a worker.
+    buffered: VecDeque<(u64, Incoming)>,
     /// Leased to a worker, by lease token.
     leased: HashMap<u64, Held>,
     keys: Keys,
@@ -268,11 +289,16 @@ async fn confirmed(
     properties: BasicProperties,
 ) -> Result<(), String> {
     let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
-    let confirm = channel
-        .basic_publish("".into(), queue.into(), options, payload, properties)
+    let published = async {
+        let confirm = channel
+            .basic_publish("".into(), queue.into(), options, payload, properties)
+            .await
+            .map_err(error_text)?;
+        took(confirm.await.map_err(error_text)?, queue)
+    };
+    tokio::time::timeout(BROKER_TIMEOUT, published)
         .await
-        .map_err(error_text)?;
-    took(confirm.await.map_err(error_text)?, queue)
+        .unwrap_or_else(|_| Err(format!("the broker did not confirm within {BROKER_TIMEOUT:?}")))
 }
 
 /// Whether the broker took a message it confirmed.
@@ -300,7 +326,8 @@ impl Amqp {
             settings,
             url: url.to_owned(),
             shown: without_password(url),
-            link: tokio::sync::Mutex::new(None),
+            link: tokio::sync::Mutex::new(LinkSlot::default()),
+            delays_seen: Mutex::new(BTreeSet::new()),
             local: Mutex::new(Local::default()),
             ready: Notify::new(),
             consuming: AtomicBool::new(false),
@@ -308,7 +335,7 @@ impl Amqp {
             broker: Mutex::new(BrokerCounts::default()),
             leads: tokio::sync::Mutex::new(HashMap::new()),
         });
-        amqp.channel().await.map_err(|cause| OpenError::Broker { url: amqp.shown.clone(), cause })?;
+        amqp.link().await.map_err(|cause| OpenError::Broker { url: amqp.shown.clone(), cause })?;
         amqp.read_counts().await;
         tokio::spawn(Arc::clone(&amqp).count_forever());
         Ok(amqp)
@@ -331,18 +358,50 @@ impl Amqp {
         }
     }
 
-    /// The confirming channel, connecting (and declaring the queues) again when it broke.
-    async fn channel(&self) -> Result<Channel, String> {
-        let mut link = self.link.lock().await;
-        if let Some(current) = link.as_ref() {
-            if current.connection.status().connected() && current.channel.status().connected() {
-                return Ok(current.channel.clone());
+    /// The link to the broker, connecting (and declaring the queues) again when it broke; for
+    /// a second after a failed attempt, publishes fail at once with its error rather than each
+    /// waiting for a connect of its own.
+    async fn link(&self) -> Result<Link, String> {
+        let mut slot = self.link.lock().await;
+        if let Some(current) = slot.link.as_ref() {
+            let channels = [&current.channel, &current.copies, &current.counts];
+            if current.connection.status().connected() && channels.iter().all(|c| c.status().connected()) {
+                return Ok(current.clone());
             }
         }
-        *link = None;
-        let connection = self.connect().await?;
-        let channel = connection.create_channel().await.map_err(error_text)?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(error_text)?;
+        slot.link = None;
+        if let Some((at, cause)) = &slot.failed {
+            if at.elapsed() < RECONNECT_MOST.min(Duration::from_secs(1)) {
+                return Err(cause.clone());
+            }
+        }
+        match tokio::time::timeout(BROKER_TIMEOUT, self.connect_link()).await {
+            Ok(Ok(link)) => {
+                slot.failed = None;
+                slot.link = Some(link.clone());
+                Ok(link)
+            }
+            Ok(Err(cause)) => {
+                slot.failed = Some((std::time::Instant::now(), cause.clone()));
+                Err(cause)
+            }
+            Err(_) => {
+                let cause = format!("{} did not set up a channel within {BROKER_TIMEOUT:?}", self.shown);
+                slot.failed = Some((std::time::Instant::now(), cause.clone()));
+                Err(cause)
+            }
+        }
+    }
+
+    async fn connect_link(&self) -> Result<Link, String> {
+        let connection = Arc::new(self.connect().await?);
+        let confirming = async || -> Result<Channel, String> {
+            let channel = connection.create_channel().await.map_err(error_text)?;
+            channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(error_text)?;
+            Ok(channel)
+        };
+        let (channel, copies) = (confirming().await?, confirming().await?);
+        let counts = connection.create_channel().await.map_err(error_text)?;
         for queue in [self.main_queue.as_str(), self.dead_queue.as_str()] {
             let (options, arguments) = durable(FieldTable::default());
             channel
@@ -350,44 +409,53 @@ impl Amqp {
                 .await
                 .map_err(|err| format!("cannot declare queue {queue}: {err}"))?;
         }
-        *link = Some(Link { connection, channel: channel.clone(), delays: BTreeSet::new() });
-        Ok(channel)
+        Ok(Link { connection, channel, copies, counts, delays: Arc::new(Mutex::new(BTreeSet::new())) })
     }
 
-    /// The delay queue for a wait of `ms`, declared on first use over this connection.
-    async fn delay_queue(&self, ms: u64) -> Result<(Channel, String), String> {
-        let channel = self.channel().await?;
+    /// Forgets the link, so that the next use connects and declares everything again (a queue
+    /// deleted at the broker under us, say).
+    async fn drop_link(&self) {
+        self.link.lock().await.link = None;
+    }
+
+    /// The delay queue for a wait of `ms`, declared on first use over this connection: a quorum
+    /// queue whose messages expire back into the queue, dead-lettered at least once (RabbitMQ
+    /// keeps an expired message until the queue took it).
+    async fn delay_queue(&self, link: &Link, ms: u64) -> Result<String, String> {
         let bucket = delay_bucket(ms);
         let name = format!("{}.delay.{bucket}ms", self.main_queue);
-        let mut link = self.link.lock().await;
-        let Some(current) = link.as_mut() else { return Err("the connection closed".to_owned()) };
-        if !current.delays.contains(&bucket) {
-            let mut arguments = FieldTable::default();
-            arguments.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
-            arguments.insert(
-                "x-dead-letter-routing-key".into(),
-                AMQPValue::LongString(self.main_queue.as_str().into()),
-            );
-            let (options, arguments) = durable(arguments);
-            channel
-                .queue_declare(name.as_str().into(), options, arguments)
-                .await
-                .map_err(|err| format!("cannot declare queue {name}: {err}"))?;
-            current.delays.insert(bucket);
+        if link.delays.lock().unwrap_or_else(|p| p.into_inner()).contains(&bucket) {
+            return Ok(name);
         }
-        Ok((channel, name))
+        let mut arguments = FieldTable::default();
+        let text = |value: &str| AMQPValue::LongString(value.into());
+        arguments.insert("x-queue-type".into(), text("quorum"));
+        arguments.insert("x-dead-letter-exchange".into(), text(""));
+        arguments.insert("x-dead-letter-routing-key".into(), text(&self.main_queue));
+        arguments.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+        arguments.insert("x-overflow".into(), text("reject-publish"));
+        let (options, arguments) = durable(arguments);
+        link.copies
+            .queue_declare(name.as_str().into(), options, arguments)
+            .await
+            .map_err(|err| format!("cannot declare queue {name}: {err}"))?;
+        link.delays.lock().unwrap_or_else(|p| p.into_inner()).insert(bucket);
+        self.delays_seen.lock().unwrap_or_else(|p| p.into_inner()).insert(bucket);
+        Ok(name)
     }
 
-    /// Publishes a message, in `wait` milliseconds if not at once, and waits for the confirm.
+    /// Publishes a copy of a message (a retry, a deferral, a delayed publish), in `wait`
+    /// milliseconds if not at once, on the copies' channel, and waits for the confirm.
     async fn put(&self, about: &About, payload: &[u8], wait: u64) -> Result<(), String> {
+        let link = self.link().await?;
         let properties = about.properties();
+        let wait = wait.min(LONGEST_WAIT);
         if wait == 0 {
-            let channel = self.channel().await?;
-            return confirmed(&channel, &self.main_queue, payload, properties).await;
+            return confirmed(&link.copies, &self.main_queue, payload, properties).await;
         }
-        let (channel, queue) = self.delay_queue(wait).await?;
+        let queue = self.delay_queue(&link, wait).await?;
         let properties = properties.with_expiration(ShortString::from(wait.to_string()));
-        confirmed(&channel, &queue, payload, properties).await
+        confirmed(&link.copies, &queue, payload, properties).await
     }
 
     fn unavailable(&self, cause: String) -> PublishError {
@@ -401,28 +469,33 @@ impl Amqp {
         }
     }
 
-    /// Reads how many messages wait in the queue, its delay queues and its dead letters.
+    /// Reads how many messages wait in the queue, the delay queues this node has used, and its
+    /// dead letters, on a channel of their own; a count that cannot be read keeps its last value.
     async fn read_counts(&self) {
-        let Ok(channel) = self.channel().await else { return };
+        let Ok(link) = self.link().await else { return };
         let delays: Vec<u64> =
-            self.link.lock().await.as_ref().map(|l| l.delays.iter().copied().collect()).unwrap_or_default();
-        let count = |queue: String| {
-            let channel = channel.clone();
-            async move {
-                channel
-                    .queue_declare(queue.as_str().into(), passive(), FieldTable::default())
-                    .await
-                    .map(|q| u64::from(q.message_count()))
-                    .unwrap_or(0)
+            self.delays_seen.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect();
+        let count = async |queue: String| -> Option<u64> {
+            let declared = link.counts.queue_declare(queue.as_str().into(), passive(), FieldTable::default());
+            match tokio::time::timeout(BROKER_TIMEOUT, declared).await {
+                Ok(Ok(queue)) => Some(u64::from(queue.message_count())),
+                _ => None,
             }
         };
+        let before = self.broker_counts();
         let ready = count(self.main_queue.clone()).await;
         let dead = count(self.dead_queue.clone()).await;
-        let mut delayed = 0;
+        let mut delayed = Some(0);
         for bucket in delays {
-            delayed += count(format!("{}.delay.{bucket}ms", self.main_queue)).await;
+            let held = count(format!("{}.delay.{bucket}ms", self.main_queue)).await;
+            delayed = delayed.zip(held).map(|(sum, held)| sum + held);
         }
-        *self.broker.lock().unwrap_or_else(|p| p.into_inner()) = BrokerCounts { ready, delayed, dead };
+        let counts = BrokerCounts {
+            ready: ready.unwrap_or(before.ready),
+            delayed: delayed.unwrap_or(before.delayed),
+            dead: dead.unwrap_or(before.dead),
+        };
+        *self.broker.lock().unwrap_or_else(|p| p.into_inner()) = counts;
     }
 
     fn broker_counts(&self) -> BrokerCounts {
@@ -439,6 +512,7 @@ impl Amqp {
     async fn consume_forever(self: Arc<Self>) {
         let mut wait = RECONNECT_FIRST;
         loop {
+            let began = std::time::Instant::now();
             let cause = match self.consume().await {
                 Ok(()) => "the broker cancelled the consumer".to_owned(),
                 Err(cause) => cause,
@@ -457,6 +531,10 @@ impl Amqp {
                 self.core.name,
                 self.shown
             );
+            // A consumer that ran a while starts its backoff over.
+            if began.elapsed() > 10 * RECONNECT_MOST {
+                wait = RECONNECT_FIRST;
+            }
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(RECONNECT_MOST);
         }
@@ -481,20 +559,35 @@ impl Amqp {
         tracing::info!("queue {}: consuming from {}", self.core.name, self.shown);
         while let Some(delivery) = consumer.next().await {
             let delivery = delivery.map_err(error_text)?;
-            self.lock().buffered.push_back(incoming(delivery));
+            self.lock().buffered.push_back((now_ms(), incoming(delivery)));
             self.ready.notify_waiters();
         }
         Ok(())
     }
 
-    /// Ends the leases that ran out by `now`: each is a failed delivery.
+    /// Ends the leases that ran out by `now`: each is a failed delivery. Deliveries buffered
+    /// here for longer than a lease (no worker took them) go back to the broker, for a node
+    /// whose workers can.
     fn expire(self: &Arc<Self>, now: u64) {
-        let expired: Vec<Held> = {
+        let (expired, unclaimed): (Vec<Held>, Vec<Incoming>) = {
             let mut local = self.lock();
             let tokens: Vec<u64> =
                 local.leased.iter().filter(|(_, held)| held.until <= now).map(|(token, _)| *token).collect();
-            tokens.iter().filter_map(|token| local.leased.remove(token)).collect()
+            let expired = tokens.iter().filter_map(|token| local.leased.remove(token)).collect();
+            let mut unclaimed = Vec::new();
+            while local.buffered.front().is_some_and(|(at, _)| at + self.settings.lease <= now) {
+                unclaimed.extend(local.buffered.pop_front().map(|(_, message)| message));
+            }
+            (expired, unclaimed)
         };
+        for message in unclaimed {
+            tokio::spawn(async move {
+                let _ = message
+                    .acker
+                    .nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() })
+                    .await;
+            });
+        }
         for held in expired {
             let amqp = Arc::clone(self);
             let error = format!("its lease of {:?} ran out", Duration::from_millis(self.settings.lease));
@@ -519,10 +612,9 @@ impl Amqp {
         let about = message.about.after(attempt, Some(error));
         let (failed, copied) = if attempt >= self.settings.max_attempts {
             if self.settings.dead_letter {
-                let channel = self.channel().await;
-                let copied = match channel {
-                    Ok(channel) => {
-                        confirmed(&channel, &self.dead_queue, &message.payload, about.properties()).await
+                let copied = match self.link().await {
+                    Ok(link) => {
+                        confirmed(&link.copies, &self.dead_queue, &message.payload, about.properties()).await
                     }
                     Err(cause) => Err(cause),
                 };
@@ -535,17 +627,27 @@ impl Amqp {
             (Failed::RetryAt(now + wait), self.put(&about, &message.payload, wait).await)
         };
         if let Err(cause) = copied {
-            // Given back at once: the broker delivers it again, never loses it.
+            // Given back, a second later so that a broker refusing copies is not hammered, and
+            // declared again from scratch in case a queue went missing: delivered again, never
+            // lost.
             tracing::warn!(
                 "queue {}: message {} failed and could not be kept for a retry ({cause}); it goes back to the queue",
                 self.core.name,
                 crate::http::id_text(about.id)
             );
+            self.drop_link().await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
             let _ =
                 message.acker.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await;
             return Failed::RetryAt(now);
         }
-        let _ = message.acker.ack(BasicAckOptions::default()).await;
+        if !matches!(message.acker.ack(BasicAckOptions::default()).await, Ok(true)) {
+            tracing::debug!(
+                "queue {}: message {} was copied but its ack did not reach the broker: it comes again",
+                self.core.name,
+                crate::http::id_text(about.id)
+            );
+        }
         let (total, state) = match failed {
             Failed::RetryAt(_) => (&self.core.totals.retried, "retrying"),
             Failed::Dead | Failed::Dropped => (&self.core.totals.dead, "dead"),
@@ -563,12 +665,19 @@ impl Amqp {
         let channel = connection.create_channel().await.map_err(unavailable)?;
         channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(unavailable)?;
         let mut swept = Swept::default();
-        // Unacked, a letter is not given again on this channel: the sweep ends when all were.
-        while let Some(message) = channel
-            .basic_get(self.dead_queue.as_str().into(), BasicGetOptions::default())
-            .await
-            .map_err(unavailable)?
-        {
+        // Unacked, a letter is not given again on this channel. The sweep takes at most the
+        // letters there were when it began: a redriven one that fails again and comes back
+        // while it runs is left for the next.
+        let mut left: Option<u32> = None;
+        while left != Some(0) {
+            let got = channel.basic_get(self.dead_queue.as_str().into(), BasicGetOptions::default());
+            let got = tokio::time::timeout(BROKER_TIMEOUT, got)
+                .await
+                .map_err(|_| self.unavailable(format!("no answer within {BROKER_TIMEOUT:?}")))?
+                .map_err(unavailable)?;
+            let Some(message) = got else { break };
+            // The count is of the letters after this one.
+            left = Some(left.map_or(message.message_count, |left| left - 1).min(message.message_count));
             let delivery = message.delivery;
             let about = About::of(&delivery.properties);
             if !ids.is_none_or(|ids| ids.contains(&about.id)) {
@@ -674,9 +783,23 @@ impl QueueStore for Amqp {
         }
         if !fresh.is_empty() {
             // In a task of its own: a client gone mid-publish still settles the keys it holds.
+            let keys: Vec<String> = fresh.iter().filter_map(|(_, _, m)| m.idempotency_key.clone()).collect();
             let amqp = Arc::clone(self);
             let written = tokio::spawn(async move { amqp.publish_now(fresh, now).await });
-            let stored = written.await.map_err(|_| self.unavailable("the publish stopped".into()))??;
+            let stored = match written.await {
+                Ok(stored) => stored?,
+                Err(_) => {
+                    // The task ended without settling its keys: their repeats must not wait forever.
+                    let stopped = self.unavailable("the publish stopped".into());
+                    let mut local = self.lock();
+                    for key in keys {
+                        for waiting in local.keys.pending.remove(&key).unwrap_or_default() {
+                            let _ = waiting.send(Err(stopped.clone()));
+                        }
+                    }
+                    return Err(stopped);
+                }
+            };
             let took = began.elapsed().as_secs_f64();
             for (index, id) in stored {
                 self.core.latencies.publish.observe(took);
@@ -701,7 +824,7 @@ impl QueueStore for Amqp {
         let mut local = self.lock();
         let mut deliveries = Vec::new();
         while deliveries.len() < max {
-            let Some(message) = local.buffered.pop_front() else { break };
+            let Some((_, message)) = local.buffered.pop_front() else { break };
             let token = random_u64();
             let until = now + self.settings.lease;
             let about = &message.about;
@@ -771,9 +894,8 @@ impl QueueStore for Amqp {
         let message = self.take_lease(id, token)?;
         // Acked at the broker only over the connection it came on; if that broke, the broker
         // delivers it again.
-        match message.acker.ack(BasicAckOptions::default()).await {
-            Ok(_) => {}
-            Err(_) => return Err(Stale { id }),
+        if !matches!(message.acker.ack(BasicAckOptions::default()).await, Ok(true)) {
+            return Err(Stale { id });
         }
         self.core.totals.acked.fetch_add(1, Ordering::Relaxed);
         self.core
@@ -835,7 +957,7 @@ impl QueueStore for Amqp {
             dead: broker.dead,
             // The broker does not tell a queue's bytes over AMQP.
             bytes: 0,
-            oldest_enqueued_at: local.buffered.iter().map(|m| m.about.enqueued_at).min(),
+            oldest_enqueued_at: local.buffered.iter().map(|(_, m)| m.about.enqueued_at).min(),
         }
     }
 
@@ -857,10 +979,11 @@ impl QueueStore for Amqp {
         if ids.is_some() {
             return Ok(self.sweep_dead(ids, Sweep::Purge).await?.taken);
         }
-        let channel = self.channel().await.map_err(|cause| self.unavailable(cause))?;
-        let purged = channel
-            .queue_purge(self.dead_queue.as_str().into(), QueuePurgeOptions::default())
+        let link = self.link().await.map_err(|cause| self.unavailable(cause))?;
+        let purged = link.copies.queue_purge(self.dead_queue.as_str().into(), QueuePurgeOptions::default());
+        let purged = tokio::time::timeout(BROKER_TIMEOUT, purged)
             .await
+            .map_err(|_| self.unavailable(format!("no answer within {BROKER_TIMEOUT:?}")))?
             .map_err(|err| self.unavailable(err.to_string()))?;
         Ok(purged as usize)
     }
@@ -877,23 +1000,42 @@ impl QueueStore for Amqp {
         }
         leads.remove(schedule);
         let leader = format!("{}.schedule.{schedule}.leader", self.main_queue);
-        let Ok(connection) = self.connect().await else { return false };
-        let claimed = match connection.create_channel().await {
-            Ok(channel) => {
-                let options = QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                };
-                channel.queue_declare(leader.as_str().into(), options, FieldTable::default()).await.is_ok()
+        let claim = async {
+            let connection = self.connect().await?;
+            let channel = connection.create_channel().await.map_err(error_text)?;
+            let options =
+                QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() };
+            match channel.queue_declare(leader.as_str().into(), options, FieldTable::default()).await {
+                Ok(_) => Ok(Some(connection)),
+                Err(err) => {
+                    let _ = connection.close(200, "not the leader".into()).await;
+                    // Another node holds it; anything else is a problem worth saying.
+                    if err.to_string().contains("RESOURCE_LOCKED") {
+                        Ok(None)
+                    } else {
+                        Err(err.to_string())
+                    }
+                }
             }
-            Err(_) => false,
         };
-        if !claimed {
-            // Another node's: RESOURCE_LOCKED.
-            let _ = connection.close(200, "not the leader".into()).await;
-            return false;
-        }
+        let connection = match tokio::time::timeout(BROKER_TIMEOUT, claim).await {
+            Ok(Ok(Some(connection))) => connection,
+            Ok(Ok(None)) => return false,
+            Ok(Err(cause)) => {
+                tracing::warn!(
+                    "queue {}: cannot claim schedule {schedule} at the broker: {cause}",
+                    self.core.name
+                );
+                return false;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "queue {}: the broker did not answer the claim of schedule {schedule}",
+                    self.core.name
+                );
+                return false;
+            }
+        };
         tracing::info!("queue {}: this node fires schedule {schedule}", self.core.name);
         leads.insert(schedule.to_owned(), connection);
         true
@@ -906,17 +1048,21 @@ impl QueueStore for Amqp {
 }
 
 impl Amqp {
-    /// Publishes `fresh` over the confirming channel and settles their idempotency keys.
+    /// Publishes `fresh` over the confirming channel and settles each one's idempotency key by
+    /// its own outcome: a batch that failed in part still names the messages that were taken.
     async fn publish_now(
         &self,
         fresh: Vec<(usize, u64, NewMessage)>,
         now: u64,
     ) -> Result<Vec<(usize, u64)>, PublishError> {
-        let result = self.publish_confirmed(&fresh, now).await;
+        let outcomes = self.publish_confirmed(&fresh, now).await;
         let mut local = self.lock();
-        for (_, id, message) in &fresh {
+        for ((_, id, message), outcome) in fresh.iter().zip(&outcomes) {
+            let settled = outcome.as_ref().map(|()| *id).map_err(|cause| self.unavailable(cause.clone()));
+            if settled.is_ok() {
+                local.jobs.set(*id, "queued", 0, None);
+            }
             let Some(key) = &message.idempotency_key else { continue };
-            let settled = result.as_ref().map(|_| *id).map_err(Clone::clone);
             if settled.is_ok() {
                 local.keys.named.insert(key.clone(), (*id, now + self.settings.idempotency_window));
             }
@@ -927,25 +1073,31 @@ impl Amqp {
         if local.keys.named.len() > 4 * 1024 && local.keys.named.len().is_power_of_two() {
             local.keys.named.retain(|_, (_, until)| *until > now);
         }
-        if result.is_ok() {
-            for (_, id, _) in &fresh {
-                local.jobs.set(*id, "queued", 0, None);
-            }
-        }
         drop(local);
-        result?;
-        self.core.totals.published.fetch_add(fresh.len() as u64, Ordering::Relaxed);
+        let taken = outcomes.iter().filter(|outcome| outcome.is_ok()).count();
+        self.core.totals.published.fetch_add(taken as u64, Ordering::Relaxed);
+        if let Some(Err(cause)) = outcomes.into_iter().find(Result::is_err) {
+            return Err(self.unavailable(cause));
+        }
         Ok(fresh.iter().map(|(index, id, _)| (*index, *id)).collect())
     }
 
+    /// Publishes each message and waits for the broker's confirms, all sent before any is
+    /// waited for; the outcome of each, in order.
     async fn publish_confirmed(
         &self,
         fresh: &[(usize, u64, NewMessage)],
         now: u64,
-    ) -> Result<(), PublishError> {
-        let channel = self.channel().await.map_err(|cause| self.unavailable(cause))?;
+    ) -> Vec<Result<(), String>> {
+        let link = match self.link().await {
+            Ok(link) => link,
+            Err(cause) => return vec![Err(cause); fresh.len()],
+        };
+        let deadline = tokio::time::Instant::now() + BROKER_TIMEOUT;
+        let late = || format!("the broker did not confirm within {BROKER_TIMEOUT:?}");
+        let mut outcomes: Vec<Option<Result<(), String>>> = vec![None; fresh.len()];
         let mut confirms = Vec::with_capacity(fresh.len());
-        for (_, id, message) in fresh {
+        for (index, (_, id, message)) in fresh.iter().enumerate() {
             let about = About {
                 id: *id,
                 attempts: 0,
@@ -957,27 +1109,31 @@ impl Amqp {
             let wait = message.not_before.map_or(0, |at| millis(at).saturating_sub(now));
             if wait > 0 {
                 // Rare: one at a time through its delay queue.
-                self.put(&about, &message.payload, wait).await.map_err(|cause| self.unavailable(cause))?;
+                outcomes[index] = Some(self.put(&about, &message.payload, wait).await);
                 continue;
             }
             let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
-            let confirm = channel
-                .basic_publish(
-                    "".into(),
-                    self.main_queue.as_str().into(),
-                    options,
-                    &message.payload,
-                    about.properties(),
-                )
-                .await
-                .map_err(|err| self.unavailable(err.to_string()))?;
-            confirms.push(confirm);
+            let sent = link.channel.basic_publish(
+                "".into(),
+                self.main_queue.as_str().into(),
+                options,
+                &message.payload,
+                about.properties(),
+            );
+            match tokio::time::timeout_at(deadline, sent).await {
+                Ok(Ok(confirm)) => confirms.push((index, confirm)),
+                Ok(Err(err)) => outcomes[index] = Some(Err(err.to_string())),
+                Err(_) => outcomes[index] = Some(Err(late())),
+            }
         }
-        for confirm in confirms {
-            let confirmation = confirm.await.map_err(|err| self.unavailable(err.to_string()))?;
-            took(confirmation, &self.main_queue).map_err(|cause| self.unavailable(cause))?;
+        for (index, confirm) in confirms {
+            outcomes[index] = Some(match tokio::time::timeout_at(deadline, confirm).await {
+                Ok(Ok(confirmation)) => took(confirmation, &self.main_queue),
+                Ok(Err(err)) => Err(err.to_string()),
+                Err(_) => Err(late()),
+            });
         }
-        Ok(())
+        outcomes.into_iter().map(|outcome| outcome.unwrap_or_else(|| Err("it was not sent".into()))).collect()
     }
 }
 

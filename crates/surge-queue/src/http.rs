@@ -115,7 +115,7 @@ pub fn message_from(headers: &HeaderMap, body: Bytes) -> Result<NewMessage, Stri
                 .map_err(|_| format!("the {name} header is not text")),
         }
     };
-    reserved_type(headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()))?;
+    checked_type(headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()))?;
     let delay = text("delay")?;
     let not_before = text("not-before")?;
     let key = text("idempotency-key")?;
@@ -160,7 +160,7 @@ pub fn batch_from(body: &[u8]) -> Result<Vec<NewMessage>, String> {
     entries
         .into_iter()
         .map(|entry| {
-            reserved_type(entry.content_type.as_deref())?;
+            checked_type(entry.content_type.as_deref())?;
             Ok(NewMessage {
                 payload: Bytes::from(entry.body),
                 content_type: entry.content_type,
@@ -227,9 +227,17 @@ fn json(value: &impl Serialize) -> serde_json::Value {
     serde_json::to_value(value).unwrap_or_default()
 }
 
-/// `message/http` is the type of the requests async routes enqueue, which the dispatcher
-/// replays to workers as requests: a publisher may not claim it.
-fn reserved_type(content_type: Option<&str>) -> Result<(), String> {
+/// The longest delay a message may be given: 30 days (RabbitMQ's per-message TTL ends at
+/// about 49).
+pub const LONGEST_DELAY: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// A Content-Type a publisher may give: up to 255 bytes (AMQP's limit for it), and not
+/// `message/http`, the type of the requests async routes enqueue, which the dispatcher replays
+/// to workers as requests.
+fn checked_type(content_type: Option<&str>) -> Result<(), String> {
+    if content_type.is_some_and(|t| t.len() > 255) {
+        return Err("a Content-Type is at most 255 bytes".into());
+    }
     let essence = content_type.and_then(|t| t.split(';').next()).map(str::trim);
     if essence.is_some_and(|t| t.eq_ignore_ascii_case(crate::job::REQUEST_TYPE)) {
         return Err(format!(
@@ -252,6 +260,15 @@ pub fn checked_key(key: Option<String>) -> Result<Option<String>, String> {
 
 /// When a message may first be delivered: after a delay, or at a time.
 fn when(delay: Option<&str>, not_before: Option<&str>) -> Result<Option<SystemTime>, String> {
+    let at = given_time(delay, not_before)?;
+    let latest = SystemTime::now() + LONGEST_DELAY;
+    if at.is_some_and(|at| at > latest) {
+        return Err("a message can be delayed 30 days at most".into());
+    }
+    Ok(at)
+}
+
+fn given_time(delay: Option<&str>, not_before: Option<&str>) -> Result<Option<SystemTime>, String> {
     match (delay, not_before) {
         (Some(_), Some(_)) => Err("give Delay or Not-Before, not both".into()),
         (Some(delay), None) => {
@@ -278,12 +295,21 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(CONTENT_TYPE, "application/json".parse().expect("value"));
         headers.insert("idempotency-key", "order-7".parse().expect("value"));
-        headers.insert("not-before", "2030-01-01T00:00:00Z".parse().expect("value"));
+        let tomorrow =
+            humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(86_400)).to_string();
+        headers.insert("not-before", tomorrow.parse().expect("value"));
         let message = message_from(&headers, Bytes::from_static(b"{}")).expect("valid");
         assert_eq!(message.content_type.as_deref(), Some("application/json"));
         assert_eq!(message.idempotency_key.as_deref(), Some("order-7"));
-        let at = humantime::parse_rfc3339("2030-01-01T00:00:00Z").expect("time");
+        let at = humantime::parse_rfc3339(&tomorrow).expect("time");
         assert_eq!(message.not_before, Some(at));
+
+        headers.insert("not-before", "2099-01-01T00:00:00Z".parse().expect("value"));
+        assert!(message_from(&headers, Bytes::new()).expect_err("far").contains("30 days at most"));
+        headers.insert("not-before", tomorrow.parse().expect("value"));
+        headers.insert(CONTENT_TYPE, "x".repeat(256).parse().expect("value"));
+        assert!(message_from(&headers, Bytes::new()).expect_err("long").contains("at most 255 bytes"));
+        headers.insert(CONTENT_TYPE, "application/json".parse().expect("value"));
 
         headers.insert("delay", "5s".parse().expect("value"));
         assert!(message_from(&headers, Bytes::new()).expect_err("both").contains("not both"));

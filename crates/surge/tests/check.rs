@@ -237,6 +237,12 @@ fn queue_backend_problems_name_the_key() {
         "queues.jobs.max_size",
         "cannot bound its bytes",
     );
+    assert_rejected(
+        &with("backend = \"amqp\"\nurl = \"amqp://rabbit\"\nbroker_queue = \"a b\"\n"),
+        11,
+        "queues.jobs.broker_queue",
+        "1 to 160 letters",
+    );
     let (ok, stdout, stderr) = check(&with("backend = \"amqp\"\nurl = \"amqp://guest:secret@rabbit/%2f\"\n"));
     assert!(ok, "{stderr}");
     assert!(stdout.contains("kept by RabbitMQ at amqp://guest@rabbit/%2f as jobs"), "{stdout}");

@@ -278,7 +278,12 @@ async fn sigkill_during_publish_and_consume_loses_no_acknowledged_message() {
     let mut surge = Surge::start(&config(&store, &journal_path, "", "prefetch = 8")).await;
     let mut acknowledged = BTreeSet::new();
     let mut refused = 0;
-    for round in 0..20 {
+    // At least 20 kills, and as many more as it takes (on a slow machine) for 1,000
+    // acknowledged publishes: enough to prove something.
+    let mut round = 0;
+    while round < 20 || acknowledged.len() < 1_000 {
+        assert!(round < 200, "only {} publishes acknowledged in {round} rounds", acknowledged.len());
+        round += 1;
         // Publishes race the kill: some are answered, some are cut off unanswered.
         let publishing = {
             let (admin, token) = (surge.admin, surge.admin_token());
@@ -327,13 +332,8 @@ async fn sigkill_during_publish_and_consume_loses_no_acknowledged_message() {
     }
     let duplicates: usize = times.values().map(|n| n - 1).sum();
     eprintln!(
-        "20 kills: {} publishes acknowledged, {refused} cut off unanswered, all {} worked, {duplicates} duplicate deliveries",
+        "{round} kills: {} publishes acknowledged, {refused} cut off unanswered, all {} worked, {duplicates} duplicate deliveries",
         acknowledged.len(),
-        acknowledged.len()
-    );
-    assert!(
-        acknowledged.len() > 1_000,
-        "too few publishes got through to prove anything: {}",
         acknowledged.len()
     );
 }

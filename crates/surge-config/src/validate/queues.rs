@@ -156,6 +156,20 @@ impl Validator<'_> {
                     ));
                     return None;
                 }
+                if let Some(queue) = broker_queue {
+                    let text = queue.get_ref();
+                    let fits = !text.is_empty()
+                        && text.len() <= 160
+                        && text.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
+                    if !fits {
+                        self.error(
+                            queue.span(),
+                            format!("{key}.broker_queue"),
+                            "a broker queue name is 1 to 160 letters, digits, '-', '_', '.' or ':' (surge adds .dead, .delay.N and .schedule.NAME.leader to it)",
+                        );
+                        return None;
+                    }
+                }
                 let broker_queue = broker_queue.map_or(name, |q| q.get_ref().as_str()).to_owned();
                 Some(QueueBackend::Amqp { url: text.clone(), broker_queue })
             }
