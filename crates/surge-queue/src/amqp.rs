@@ -9,7 +9,8 @@
 //! (`NAME.delay.<ms>`, one per power of two of milliseconds so a long delay never holds up a
 //! short one by more than twice); then the delivery is acked. Dead letters are published to
 //! `NAME.dead`. The copy is confirmed before the ack, so a crash in between gives a duplicate,
-//! never a loss. When the broker goes away, publishes answer 503 until it is back, and every
+//! never a loss; the delay queues dead-letter at least once (quorum queues), so the hop back
+//! into the queue is not lost either. When the broker goes away, publishes answer 503 until it is back, and every
 //! delivery not yet acked returns to the queue on the broker's side.
 //!
 //! Schedules: of the nodes sharing the queue, the one that holds the exclusive queue
