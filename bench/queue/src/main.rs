@@ -285,6 +285,8 @@ async fn through_surge(dir: &Path, backend: Backend, publishers: usize, size: us
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let drained_per_second = published as f64 / drain.elapsed().as_secs_f64();
+    // Stopped before its queues go, so that it does not see them deleted under it.
+    drop(surge);
     if backend == Backend::Amqp {
         delete_queues(&[AMQP_QUEUE, &format!("{AMQP_QUEUE}.dead")]).await;
     }

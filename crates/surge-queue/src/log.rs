@@ -42,7 +42,10 @@ struct Append {
 pub enum OpenError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
-    #[error("{path}: damaged at offset {offset} ({why}); the records after it cannot be trusted")]
+    #[error(
+        "{path}: damaged at offset {offset} ({why}); the records after it cannot be trusted. With surge \
+         stopped, `surge queues repair QUEUE` keeps every intact record"
+    )]
     Damaged { path: PathBuf, offset: u64, why: &'static str },
     #[error("{path}: another process has this queue open (two surges sharing a data folder?)")]
     Locked { path: PathBuf },
@@ -123,6 +126,10 @@ impl Log {
                         at += length;
                     }
                     Read::Short if at == bytes.len() => break,
+                    Read::Damaged(why) if next_record(&bytes[at + 1..]).is_some() => {
+                        // Whole records follow: this is damage, not a write a crash cut short.
+                        return Err(OpenError::Damaged { path, offset: at as u64, why });
+                    }
                     Read::Short | Read::Damaged(_) if last => {
                         // The tail of the last segment: a write the crash cut short.
                         let file = OpenOptions::new().write(true).open(&path).map_err(io_error(&path))?;
@@ -297,6 +304,78 @@ impl Writer {
         self.end = 0;
         Ok(())
     }
+}
+
+/// What a repair did to one segment that had damage in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Repaired {
+    pub path: PathBuf,
+    /// Whole records kept.
+    pub kept: u64,
+    /// Where damaged bytes were cut out, and how many.
+    pub cut: Vec<(u64, u64)>,
+    /// The segment as it was, kept beside it.
+    pub original: PathBuf,
+}
+
+/// Rewrites every damaged segment of the queue in `dir` with its intact records only: after
+/// a damaged stretch, the next offset where a whole record with a good checksum starts is
+/// where reading goes on. The segment as it was is kept beside it (`.damaged`). Takes the
+/// folder's lock: surge must not have the queue open.
+pub fn repair(dir: &Path) -> Result<Vec<Repaired>, OpenError> {
+    let io_error = |path: &Path| {
+        let path = path.to_owned();
+        move |source| OpenError::Io { path, source }
+    };
+    let _lock = lock(dir)?;
+    let mut repaired = Vec::new();
+    for number in segment_numbers(dir).map_err(io_error(dir))? {
+        let path = segment_path(dir, number);
+        let bytes = fs::read(&path).map_err(io_error(&path))?;
+        let (kept, intact, cut) = intact_records(&bytes);
+        if cut.is_empty() {
+            continue;
+        }
+        let fresh = path.with_extension("log.repairing");
+        let original = path.with_extension("log.damaged");
+        let rewrite = || -> io::Result<()> {
+            let mut file = File::create(&fresh)?;
+            for range in &intact {
+                io::Write::write_all(&mut file, &bytes[range.clone()])?;
+            }
+            file.sync_all()?;
+            fs::rename(&path, &original)?;
+            fs::rename(&fresh, &path)?;
+            File::open(dir)?.sync_all()
+        };
+        rewrite().map_err(io_error(&path))?;
+        repaired.push(Repaired { path, kept, cut, original });
+    }
+    Ok(repaired)
+}
+
+/// The whole records of a segment (how many, and their byte ranges) and the damaged stretches
+/// between them (offset, length).
+fn intact_records(bytes: &[u8]) -> (u64, Vec<std::ops::Range<usize>>, Vec<(u64, u64)>) {
+    let (mut kept, mut intact, mut cut) = (0, Vec::new(), Vec::new());
+    let mut at = 0;
+    while at < bytes.len() {
+        if let Read::Record { length, .. } = record::read(&bytes[at..]) {
+            kept += 1;
+            intact.push(at..at + length);
+            at += length;
+            continue;
+        }
+        let start = at;
+        at = next_record(&bytes[at + 1..]).map_or(bytes.len(), |next| at + 1 + next);
+        cut.push((start as u64, (at - start) as u64));
+    }
+    (kept, intact, cut)
+}
+
+/// The first offset in `bytes` where a whole record with a good checksum starts.
+fn next_record(bytes: &[u8]) -> Option<usize> {
+    (0..bytes.len()).find(|&at| matches!(record::read(&bytes[at..]), Read::Record { .. }))
 }
 
 /// Takes the folder's lock file, without waiting.

@@ -301,3 +301,29 @@ async fn payloads_stay_readable_while_tiny_segments_come_and_go() {
     consumer.await.expect("consumer");
     assert_eq!(queue.counts().ready, 0);
 }
+
+#[tokio::test]
+async fn damage_in_the_last_segment_with_records_after_it_is_not_taken_for_a_torn_tail() {
+    let dir = tempfile::tempdir().expect("dir");
+    let queue = open(dir.path());
+    for text in ["one", "two", "three"] {
+        publish(&queue, text).await;
+    }
+    drop(queue);
+    let segment = dir.path().join(format!("{:020}.log", 1));
+    let mut bytes = std::fs::read(&segment).expect("read");
+    let two = bytes.windows(3).position(|w| w == b"two").expect("the second payload");
+    bytes[two] ^= 0xff;
+    std::fs::write(&segment, &bytes).expect("write");
+    let Err(OpenError::Damaged { path, why, .. }) = Queue::open("jobs", dir.path(), SETTINGS, LIMITS) else {
+        panic!("damage followed by whole records must be refused, not cut off");
+    };
+    assert_eq!((path, why), (segment.clone(), "checksum mismatch"));
+
+    let repaired = surge_queue::repair(dir.path()).expect("repair");
+    assert_eq!(repaired.len(), 1);
+    assert_eq!((repaired[0].kept, repaired[0].cut.len()), (2, 1));
+    assert_eq!(std::fs::read(&repaired[0].original).expect("kept"), bytes, "the file as it was");
+    assert_eq!(drain(&open(dir.path()), |_| true).await, ["one", "three"]);
+    assert!(surge_queue::repair(dir.path()).expect("again").is_empty(), "nothing left to repair");
+}

@@ -43,6 +43,9 @@ pub fn reload(args: &AdminArgs) -> Result<(), Failure> {
 }
 
 pub fn queues(args: &AdminArgs, action: Option<QueueAction>) -> Result<(), Failure> {
+    if let Some(QueueAction::Repair { queue }) = &action {
+        return repair(&args.config, queue);
+    }
     let client = AdminClient::new(args.admin.as_deref(), &args.config)?;
     match action {
         None => {
@@ -78,6 +81,35 @@ pub fn queues(args: &AdminArgs, action: Option<QueueAction>) -> Result<(), Failu
             let count = answer.purged.unwrap_or(0);
             println!("{queue}: {count} dead letter{} dropped", if count == 1 { "" } else { "s" });
         }
+        Some(QueueAction::Repair { .. }) => {}
+    }
+    Ok(())
+}
+
+/// `surge queues repair NAME`: the queue's folder from the configuration, its damaged segments
+/// rewritten with their intact records.
+fn repair(config: &std::path::Path, name: &str) -> Result<(), Failure> {
+    let config = surge_config::load(config).map_err(Failure::Config)?;
+    let Some(queue) = config.queues.iter().find(|queue| queue.name == name) else {
+        return Err(Failure::Message(format!("no queue named `{name}` in {}", config.file.display())));
+    };
+    if queue.backend != surge_config::QueueBackend::Embedded {
+        return Err(Failure::Message(format!("queue {name} is kept by RabbitMQ: there is no log here to repair")));
+    }
+    let repaired = surge_queue::repair(&queue.dir).map_err(|err| Failure::Message(err.to_string()))?;
+    if repaired.is_empty() {
+        println!("{name}: no damage found in {}", queue.dir.display());
+    }
+    for segment in repaired {
+        let cut: u64 = segment.cut.iter().map(|(_, bytes)| bytes).sum();
+        let at: Vec<String> = segment.cut.iter().map(|(offset, _)| offset.to_string()).collect();
+        println!(
+            "{}: kept {} records, cut {cut} damaged bytes at offset {}; the file as it was is {}",
+            segment.path.display(),
+            segment.kept,
+            at.join(", "),
+            segment.original.display()
+        );
     }
     Ok(())
 }

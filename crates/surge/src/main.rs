@@ -58,7 +58,8 @@ enum Command {
     /// Show the queues of a running surge (depth, in flight, dead letters), or act on their
     /// dead letters
     #[command(after_help = "Examples:\n  surge queues\n  surge queues dead emails\n  \
-        surge queues redrive emails\n  surge queues redrive emails --id 0000018c2f1a4000")]
+        surge queues redrive emails\n  surge queues redrive emails --id 0000018c2f1a4000\n  \
+        surge queues repair emails")]
     Queues {
         #[command(subcommand)]
         action: Option<QueueAction>,
@@ -97,6 +98,9 @@ enum QueueAction {
         #[arg(long = "id")]
         ids: Vec<String>,
     },
+    /// Rewrite an embedded queue's damaged log files with every intact record (surge stopped;
+    /// each file as it was is kept beside it as .damaged)
+    Repair { queue: String },
 }
 
 #[derive(Args)]

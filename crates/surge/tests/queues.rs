@@ -575,3 +575,41 @@ async fn of_two_nodes_sharing_an_amqp_queue_one_fires_a_schedule() {
     }
     assert!(survivor.log().contains("this node fires schedule every-second"), "{}", survivor.log());
 }
+
+/// Damage in the middle of a queue's log stops `surge up` with the file and the offset;
+/// `surge queues repair` keeps every intact record, and the queue opens again without the
+/// damaged one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_log_is_named_at_start_and_repaired_keeping_every_intact_record() {
+    let mut surge = Surge::start("[services.web]\ncommand = \"{echo}\"\nroutes = [\"/\"]\n\n[queues.jobs]\n").await;
+    for body in ["first message", "second message", "third message"] {
+        publish(&surge, body).await;
+    }
+    surge.signal(libc::SIGKILL);
+    let _ = surge.wait_exit(Duration::from_secs(10));
+    let segment = surge.dir.join(".surge/queues/jobs").join(format!("{:020}.log", 1));
+    let mut bytes = std::fs::read(&segment).expect("the log");
+    let second = bytes.windows(14).position(|w| w == b"second message").expect("the second payload");
+    bytes[second] ^= 0xff;
+    std::fs::write(&segment, &bytes).expect("damage it");
+
+    let up = std::process::Command::new(common::SURGE)
+        .args(["up", "-c"])
+        .arg(&surge.config)
+        .output()
+        .expect("run surge up");
+    assert!(!up.status.success());
+    let stderr = String::from_utf8_lossy(&up.stderr);
+    assert!(stderr.contains("damaged at offset") && stderr.contains("00000000000000000001.log"), "{stderr}");
+    assert!(stderr.contains("surge queues repair"), "{stderr}");
+
+    let repair = surge.cli(&["queues", "repair", "jobs"]);
+    let stdout = String::from_utf8_lossy(&repair.stdout);
+    assert!(repair.status.success(), "{stdout}{}", String::from_utf8_lossy(&repair.stderr));
+    assert!(stdout.contains("kept 2 records"), "{stdout}");
+    assert!(segment.with_extension("log.damaged").exists(), "the file as it was is kept");
+
+    surge.kill_and_restart(&[]);
+    let status = queue_status(&surge).await;
+    assert_eq!((status.ready, status.dead), (2, 0), "{status:?}");
+}
