@@ -16,7 +16,7 @@ pub mod schedule;
 pub mod state;
 
 pub use amqp::without_password;
-pub use log::{repair, Repaired, OpenError, Recovered, SEGMENT_SIZE};
+pub use log::{repair, OpenError, Recovered, Repaired, SEGMENT_SIZE};
 pub use queue::{now_ms, Latencies, Limits, NewMessage, PublishError, Published, Queue, Totals};
 pub use registry::{QueueMetrics, Queues};
 pub use state::{Counts, DeadLetter, Delivery, Failed, Location, Settings, Stale};

@@ -94,7 +94,9 @@ fn repair(config: &std::path::Path, name: &str) -> Result<(), Failure> {
         return Err(Failure::Message(format!("no queue named `{name}` in {}", config.file.display())));
     };
     if queue.backend != surge_config::QueueBackend::Embedded {
-        return Err(Failure::Message(format!("queue {name} is kept by RabbitMQ: there is no log here to repair")));
+        return Err(Failure::Message(format!(
+            "queue {name} is kept by RabbitMQ: there is no log here to repair"
+        )));
     }
     let repaired = surge_queue::repair(&queue.dir).map_err(|err| Failure::Message(err.to_string()))?;
     if repaired.is_empty() {

@@ -581,7 +581,8 @@ async fn of_two_nodes_sharing_an_amqp_queue_one_fires_a_schedule() {
 /// damaged one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_log_is_named_at_start_and_repaired_keeping_every_intact_record() {
-    let mut surge = Surge::start("[services.web]\ncommand = \"{echo}\"\nroutes = [\"/\"]\n\n[queues.jobs]\n").await;
+    let mut surge =
+        Surge::start("[services.web]\ncommand = \"{echo}\"\nroutes = [\"/\"]\n\n[queues.jobs]\n").await;
     for body in ["first message", "second message", "third message"] {
         publish(&surge, body).await;
     }
