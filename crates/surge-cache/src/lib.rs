@@ -35,6 +35,7 @@
 //! entries end with their TTL).
 
 mod metrics;
+pub mod rules;
 
 use std::future::Future;
 use std::sync::Arc;

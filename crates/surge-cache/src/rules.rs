@@ -1,0 +1,408 @@
+//! HTTP caching's rules for a shared cache (RFC 9111), as pure functions over a request's and
+//! a response's fields and the time: whether a response may be stored, for how long it is
+//! fresh, whether a stored one may answer a request (fresh, stale, or only after asking the
+//! instance again), the key it is kept under and its variant, conditional requests answered
+//! 304, and the `Cache-Status` field (RFC 9211). The gateway's response cache calls these;
+//! they do no I/O.
+
+use std::time::{Duration, SystemTime};
+
+use http::header::{
+    HeaderName, AGE, AUTHORIZATION, CACHE_CONTROL, DATE, ETAG, EXPIRES, IF_MODIFIED_SINCE, IF_NONE_MATCH,
+    LAST_MODIFIED, SET_COOKIE, VARY,
+};
+use http::{HeaderMap, Method, StatusCode};
+
+/// A route's caching settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// Freshness for a response that says nothing of it (as nginx's `proxy_cache_valid`);
+    /// `None`: such responses are not stored.
+    pub default_ttl: Option<Duration>,
+    /// Store responses that set cookies (off: one user's cookie never goes to another).
+    pub store_set_cookie: bool,
+    /// How long past its freshness a response may still be served while it is refreshed in
+    /// the background, or when the instances fail, unless it says otherwise
+    /// (`stale-while-revalidate`, `stale-if-error`).
+    pub grace: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy { default_ttl: None, store_set_cookie: false, grace: Duration::ZERO }
+    }
+}
+
+/// The directives of a `Cache-Control` field that a shared cache acts on. Unknown directives
+/// are ignored; a directive whose value does not parse counts as the strictest reading (a
+/// `max-age` that is not a number makes the response stale, RFC 9111 §4.2.1).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Directives {
+    pub no_store: bool,
+    pub no_cache: bool,
+    pub private: bool,
+    pub public: bool,
+    pub must_revalidate: bool,
+    pub proxy_revalidate: bool,
+    pub immutable: bool,
+    pub only_if_cached: bool,
+    pub max_age: Option<Duration>,
+    pub s_maxage: Option<Duration>,
+    /// `max-stale` without a value: any staleness.
+    pub max_stale: Option<Duration>,
+    pub min_fresh: Option<Duration>,
+    pub stale_while_revalidate: Option<Duration>,
+    pub stale_if_error: Option<Duration>,
+}
+
+fn seconds(value: Option<&str>) -> Duration {
+    // Not a number (or absent where one is needed): zero, the strictest.
+    let value = value.map(|v| v.trim().trim_matches('"'));
+    Duration::from_secs(value.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0))
+}
+
+/// Every `Cache-Control` field of `headers`, read together.
+pub fn directives(headers: &HeaderMap) -> Directives {
+    let mut found = Directives::default();
+    for field in headers.get_all(CACHE_CONTROL) {
+        let Ok(text) = field.to_str() else { continue };
+        for directive in text.split(',') {
+            let (name, value) = match directive.split_once('=') {
+                Some((name, value)) => (name.trim(), Some(value)),
+                None => (directive.trim(), None),
+            };
+            match name.to_ascii_lowercase().as_str() {
+                "no-store" => found.no_store = true,
+                "no-cache" => found.no_cache = true,
+                "private" => found.private = true,
+                "public" => found.public = true,
+                "must-revalidate" => found.must_revalidate = true,
+                "proxy-revalidate" => found.proxy_revalidate = true,
+                "immutable" => found.immutable = true,
+                "only-if-cached" => found.only_if_cached = true,
+                // Repeated with different values: the shortest.
+                "max-age" => found.max_age = Some(shortest(found.max_age, seconds(value))),
+                "s-maxage" => found.s_maxage = Some(shortest(found.s_maxage, seconds(value))),
+                "max-stale" => found.max_stale = Some(value.map_or(Duration::MAX, |v| seconds(Some(v)))),
+                "min-fresh" => found.min_fresh = Some(seconds(value)),
+                "stale-while-revalidate" => found.stale_while_revalidate = Some(seconds(value)),
+                "stale-if-error" => found.stale_if_error = Some(seconds(value)),
+                _ => {}
+            }
+        }
+    }
+    found
+}
+
+fn shortest(before: Option<Duration>, now: Duration) -> Duration {
+    before.map_or(now, |before| before.min(now))
+}
+
+/// Statuses a cache may store without explicit freshness (RFC 9110 §15.1, "heuristically
+/// cacheable").
+fn cacheable_by_default(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 200 | 203 | 204 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501)
+}
+
+/// How a response may be kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Storable {
+    /// Fresh for this long from when it was generated (its `Age` already counted).
+    pub lifetime: Duration,
+    /// Its age when received.
+    pub age: Duration,
+    /// May be served stale while it is refreshed, for this long past its freshness.
+    pub while_revalidate: Duration,
+    /// May be served stale when the instances fail, for this long past its freshness.
+    pub if_error: Duration,
+    /// Stale, it may not be served without asking the instance (must-revalidate,
+    /// proxy-revalidate, s-maxage, or no-cache).
+    pub revalidate_when_stale: bool,
+    /// Always asked again before it is served (`no-cache`).
+    pub revalidate_always: bool,
+    /// The request fields its variants differ by (`Vary`), lower case.
+    pub vary: Vec<HeaderName>,
+}
+
+/// Why a response is not stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotStored {
+    Method,
+    Status,
+    NoStore,
+    Private,
+    Authorization,
+    SetCookie,
+    VaryStar,
+    /// Nothing says how long it is fresh, and the route has no default.
+    NoFreshness,
+}
+
+/// Whether a shared cache may store this response to this request, and how (RFC 9111 §3).
+pub fn storable(
+    method: &Method,
+    request: &HeaderMap,
+    status: StatusCode,
+    response: &HeaderMap,
+    policy: &Policy,
+) -> Result<Storable, NotStored> {
+    if method != Method::GET {
+        return Err(NotStored::Method);
+    }
+    // Partial content, and statuses a cache does not understand, are not kept.
+    if status == StatusCode::PARTIAL_CONTENT || status.is_informational() {
+        return Err(NotStored::Status);
+    }
+    let asked = directives(request);
+    let said = directives(response);
+    if asked.no_store || said.no_store {
+        return Err(NotStored::NoStore);
+    }
+    if said.private {
+        return Err(NotStored::Private);
+    }
+    // A request with credentials: only when the response says a shared cache may keep it.
+    if request.contains_key(AUTHORIZATION)
+        && !(said.public || said.s_maxage.is_some() || said.must_revalidate)
+    {
+        return Err(NotStored::Authorization);
+    }
+    if response.contains_key(SET_COOKIE) && !policy.store_set_cookie {
+        return Err(NotStored::SetCookie);
+    }
+    let vary = vary_fields(response).ok_or(NotStored::VaryStar)?;
+    let explicit = said.s_maxage.or(said.max_age).or_else(|| expires_lifetime(response));
+    let lifetime = match explicit {
+        Some(lifetime) => lifetime,
+        None if said.no_cache => Duration::ZERO,
+        None if cacheable_by_default(status) || said.public => {
+            policy.default_ttl.ok_or(NotStored::NoFreshness)?
+        }
+        None => return Err(NotStored::NoFreshness),
+    };
+    let grace = |directive: Option<Duration>| directive.unwrap_or(policy.grace);
+    Ok(Storable {
+        lifetime,
+        age: header_seconds(response, &AGE),
+        while_revalidate: grace(said.stale_while_revalidate),
+        if_error: grace(said.stale_if_error),
+        revalidate_when_stale: said.must_revalidate
+            || said.proxy_revalidate
+            || said.s_maxage.is_some()
+            || said.no_cache,
+        revalidate_always: said.no_cache,
+        vary,
+    })
+}
+
+/// `Expires` minus `Date` (or the time now when there is no `Date`); an `Expires` that does
+/// not parse means already expired.
+fn expires_lifetime(response: &HeaderMap) -> Option<Duration> {
+    let expires = response.get(EXPIRES)?.to_str().ok();
+    let Some(expires) = expires.and_then(|e| httpdate::parse_http_date(e).ok()) else {
+        return Some(Duration::ZERO);
+    };
+    let date = response
+        .get(DATE)
+        .and_then(|d| d.to_str().ok())
+        .and_then(|d| httpdate::parse_http_date(d).ok())
+        .unwrap_or_else(SystemTime::now);
+    Some(expires.duration_since(date).unwrap_or(Duration::ZERO))
+}
+
+fn header_seconds(headers: &HeaderMap, name: &HeaderName) -> Duration {
+    let value = headers.get(name).and_then(|v| v.to_str().ok());
+    Duration::from_secs(value.and_then(|v| v.trim().parse().ok()).unwrap_or(0))
+}
+
+/// The fields a response varies by, lower case and sorted; `None` for `Vary: *`.
+pub fn vary_fields(response: &HeaderMap) -> Option<Vec<HeaderName>> {
+    let mut fields = Vec::new();
+    for value in response.get_all(VARY) {
+        let Ok(text) = value.to_str() else { continue };
+        for name in text.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if name == "*" {
+                return None;
+            }
+            if let Ok(name) = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) {
+                fields.push(name);
+            }
+        }
+    }
+    fields.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    fields.dedup();
+    Some(fields)
+}
+
+/// The variant of a request: the values of the fields the response varies by, each
+/// normalised (values joined by commas, blanks around them dropped), one line per field.
+pub fn variant(request: &HeaderMap, vary: &[HeaderName]) -> String {
+    let mut variant = String::new();
+    for name in vary {
+        let values: Vec<String> = request
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|v| v.trim().to_ascii_lowercase())
+            .filter(|v| !v.is_empty())
+            .collect();
+        variant.push_str(name.as_str());
+        variant.push('=');
+        variant.push_str(&values.join(","));
+        variant.push('\n');
+    }
+    variant
+}
+
+/// The key a response is kept under: the host, the path and the query (its parameters sorted
+/// when `sort_query`, so `?b=1&a=2` and `?a=2&b=1` share an entry), and the values of the
+/// route's key fields. HEAD is answered from GET's entry, so the method is not in it.
+pub fn key(
+    host: &str,
+    path: &str,
+    query: Option<&str>,
+    sort_query: bool,
+    fields: &[(HeaderName, String)],
+) -> String {
+    let mut key = format!("{}{path}", host.to_ascii_lowercase());
+    if let Some(query) = query.filter(|q| !q.is_empty()) {
+        key.push('?');
+        if sort_query {
+            let mut pairs: Vec<&str> = query.split('&').filter(|p| !p.is_empty()).collect();
+            pairs.sort_unstable();
+            key.push_str(&pairs.join("&"));
+        } else {
+            key.push_str(query);
+        }
+    }
+    for (name, value) in fields {
+        key.push('\n');
+        key.push_str(name.as_str());
+        key.push('=');
+        key.push_str(value);
+    }
+    key
+}
+
+/// What a stored response can do for a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Use {
+    /// Serve it.
+    Fresh,
+    /// Serve it stale (the request accepts staleness, `max-stale`).
+    Stale,
+    /// Serve it stale and refresh it in the background (`stale-while-revalidate`).
+    StaleWhileRevalidate,
+    /// Ask the instance first (conditionally, when the response has a validator).
+    Revalidate,
+}
+
+/// How old a stored response is now: its age when received plus the time since.
+pub fn current_age(stored: &Storable, stored_at: SystemTime, now: SystemTime) -> Duration {
+    stored.age + now.duration_since(stored_at).unwrap_or(Duration::ZERO)
+}
+
+/// Whether a stored response may answer this request now (RFC 9111 §4.2, §4.2.4, RFC 5861).
+pub fn usable(stored: &Storable, stored_at: SystemTime, request: &HeaderMap, now: SystemTime) -> Use {
+    let asked = directives(request);
+    if stored.revalidate_always || asked.no_cache {
+        return Use::Revalidate;
+    }
+    let age = current_age(stored, stored_at, now);
+    let fresh_left = stored.lifetime.checked_sub(age);
+    let fresh_enough = match fresh_left {
+        Some(left) if !left.is_zero() => {
+            asked.max_age.is_none_or(|max| age <= max) && asked.min_fresh.is_none_or(|min| left >= min)
+        }
+        _ => false,
+    };
+    if fresh_enough {
+        return Use::Fresh;
+    }
+    if fresh_left.is_some_and(|left| !left.is_zero()) {
+        // Fresh, but not enough for this request's max-age or min-fresh.
+        return Use::Revalidate;
+    }
+    if stored.revalidate_when_stale {
+        return Use::Revalidate;
+    }
+    let stale_for = age.saturating_sub(stored.lifetime);
+    if asked.max_stale.is_some_and(|max| stale_for <= max) {
+        return Use::Stale;
+    }
+    if stale_for < stored.while_revalidate {
+        return Use::StaleWhileRevalidate;
+    }
+    Use::Revalidate
+}
+
+/// Whether a stale response may be served because the instances failed (`stale-if-error`).
+pub fn usable_on_error(stored: &Storable, stored_at: SystemTime, now: SystemTime) -> bool {
+    if stored.revalidate_when_stale {
+        return false;
+    }
+    let stale_for = current_age(stored, stored_at, now).saturating_sub(stored.lifetime);
+    stale_for <= stored.if_error
+}
+
+/// Whether a conditional request is answered 304 by a stored response's validators:
+/// `If-None-Match` by weak comparison of entity tags, else `If-Modified-Since` by its
+/// `Last-Modified`.
+pub fn not_modified(request: &HeaderMap, response: &HeaderMap) -> bool {
+    if let Some(wanted) = request.get(IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
+        let Some(tag) = response.get(ETAG).and_then(|v| v.to_str().ok()) else { return false };
+        let weak = |tag: &str| tag.trim().trim_start_matches("W/").to_owned();
+        return wanted.trim() == "*" || wanted.split(',').any(|candidate| weak(candidate) == weak(tag));
+    }
+    let since = request
+        .get(IF_MODIFIED_SINCE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| httpdate::parse_http_date(v).ok());
+    let modified = response
+        .get(LAST_MODIFIED)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| httpdate::parse_http_date(v).ok());
+    matches!((since, modified), (Some(since), Some(modified)) if modified <= since)
+}
+
+/// How the cache handled a response, for `Cache-Status` (RFC 9211).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handled {
+    Hit {
+        ttl_left: i64,
+    },
+    StaleHit {
+        ttl_left: i64,
+    },
+    /// Forwarded to the instance: why, its status, whether the answer was stored, whether
+    /// this request waited for another's.
+    Forward {
+        why: &'static str,
+        status: u16,
+        stored: bool,
+        collapsed: bool,
+    },
+}
+
+/// The `Cache-Status` value, under the cache's name.
+pub fn cache_status(name: &str, handled: &Handled) -> String {
+    match handled {
+        Handled::Hit { ttl_left } => format!("{name}; hit; ttl={ttl_left}"),
+        // A negative ttl says how stale it was.
+        Handled::StaleHit { ttl_left } => format!("{name}; hit; ttl={ttl_left}"),
+        Handled::Forward { why, status, stored, collapsed } => {
+            let mut value = format!("{name}; fwd={why}; fwd-status={status}");
+            if *stored {
+                value.push_str("; stored");
+            }
+            if *collapsed {
+                value.push_str("; collapsed");
+            }
+            value
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

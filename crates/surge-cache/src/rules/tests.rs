@@ -1,0 +1,472 @@
+//! The rules as tables: each row a request and a response, and what a shared cache does.
+
+use super::*;
+
+type Fields<'a> = Vec<(&'a str, &'a str)>;
+/// What, method, request fields, status, response fields, policy, stored for (seconds).
+type StoreRow<'a> = (&'a str, Method, Fields<'a>, u16, Fields<'a>, &'a Policy, Result<u64, NotStored>);
+/// What, response fields, policy, request fields, seconds since stored, use.
+type UseRow<'a> = (&'a str, Fields<'a>, &'a Policy, Fields<'a>, u64, Use);
+/// What, request fields, answered 304.
+type ConditionRow<'a> = (&'a str, Fields<'a>, bool);
+
+fn fields(pairs: &[(&str, &str)]) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (name, value) in pairs {
+        headers.append(HeaderName::from_bytes(name.as_bytes()).expect("name"), value.parse().expect("value"));
+    }
+    headers
+}
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+#[test]
+fn what_is_stored_and_for_how_long() {
+    let default = Policy::default();
+    let with_default = Policy { default_ttl: Some(MINUTE), ..Policy::default() };
+    let cookies = Policy { store_set_cookie: true, ..Policy::default() };
+    let date = "Tue, 01 Dec 2026 12:00:00 GMT";
+    // (what, method, request fields, status, response fields, policy, stored for)
+    let rows: Vec<StoreRow> = vec![
+        ("max-age", Method::GET, vec![], 200, vec![("cache-control", "max-age=60")], &default, Ok(60)),
+        (
+            "s-maxage wins over max-age",
+            Method::GET,
+            vec![],
+            200,
+            vec![("cache-control", "max-age=60, s-maxage=10")],
+            &default,
+            Ok(10),
+        ),
+        (
+            "Expires minus Date",
+            Method::GET,
+            vec![],
+            200,
+            vec![("date", date), ("expires", "Tue, 01 Dec 2026 12:05:00 GMT")],
+            &default,
+            Ok(300),
+        ),
+        (
+            "max-age wins over Expires",
+            Method::GET,
+            vec![],
+            200,
+            vec![
+                ("cache-control", "max-age=5"),
+                ("date", date),
+                ("expires", "Tue, 01 Dec 2026 12:05:00 GMT"),
+            ],
+            &default,
+            Ok(5),
+        ),
+        (
+            "an Expires that does not parse is expired",
+            Method::GET,
+            vec![],
+            200,
+            vec![("expires", "0")],
+            &default,
+            Ok(0),
+        ),
+        (
+            "no freshness, no default: not kept",
+            Method::GET,
+            vec![],
+            200,
+            vec![],
+            &default,
+            Err(NotStored::NoFreshness),
+        ),
+        ("no freshness: the route's default", Method::GET, vec![], 200, vec![], &with_default, Ok(60)),
+        (
+            "the default is for heuristically cacheable statuses",
+            Method::GET,
+            vec![],
+            500,
+            vec![],
+            &with_default,
+            Err(NotStored::NoFreshness),
+        ),
+        (
+            "explicit freshness on any status",
+            Method::GET,
+            vec![],
+            500,
+            vec![("cache-control", "max-age=3")],
+            &default,
+            Ok(3),
+        ),
+        ("404 takes the default", Method::GET, vec![], 404, vec![], &with_default, Ok(60)),
+        (
+            "POST is not kept",
+            Method::POST,
+            vec![],
+            200,
+            vec![("cache-control", "max-age=60")],
+            &default,
+            Err(NotStored::Method),
+        ),
+        (
+            "HEAD is answered from GET's entry, not kept",
+            Method::HEAD,
+            vec![],
+            200,
+            vec![("cache-control", "max-age=60")],
+            &default,
+            Err(NotStored::Method),
+        ),
+        (
+            "partial content is not kept",
+            Method::GET,
+            vec![],
+            206,
+            vec![("cache-control", "max-age=60")],
+            &default,
+            Err(NotStored::Status),
+        ),
+        (
+            "no-store in the response",
+            Method::GET,
+            vec![],
+            200,
+            vec![("cache-control", "max-age=60, no-store")],
+            &default,
+            Err(NotStored::NoStore),
+        ),
+        (
+            "no-store in the request",
+            Method::GET,
+            vec![("cache-control", "no-store")],
+            200,
+            vec![("cache-control", "max-age=60")],
+            &default,
+            Err(NotStored::NoStore),
+        ),
+        (
+            "private",
+            Method::GET,
+            vec![],
+            200,
+            vec![("cache-control", "private, max-age=60")],
+            &default,
+            Err(NotStored::Private),
+        ),
+        (
+            "Authorization without a shared-cache directive",
+            Method::GET,
+            vec![("authorization", "Bearer x")],
+            200,
+            vec![("cache-control", "max-age=60")],
+            &default,
+            Err(NotStored::Authorization),
+        ),
+        (
+            "Authorization with public",
+            Method::GET,
+            vec![("authorization", "Bearer x")],
+            200,
+            vec![("cache-control", "public, max-age=60")],
+            &default,
+            Ok(60),
+        ),
+        (
+            "Authorization with s-maxage",
+            Method::GET,
+            vec![("authorization", "Bearer x")],
+            200,
+            vec![("cache-control", "s-maxage=30")],
+            &default,
+            Ok(30),
+        ),
+        (
+            "Authorization with must-revalidate",
+            Method::GET,
+            vec![("authorization", "Bearer x")],
+            200,
+            vec![("cache-control", "must-revalidate, max-age=9")],
+            &default,
+            Ok(9),
+        ),
+        (
+            "Set-Cookie is not kept",
+            Method::GET,
+            vec![],
+            200,
+            vec![("cache-control", "max-age=60"), ("set-cookie", "id=1")],
+            &default,
+            Err(NotStored::SetCookie),
+        ),
+        (
+            "Set-Cookie kept when the route says so",
+            Method::GET,
+            vec![],
+            200,
+            vec![("cache-control", "max-age=60"), ("set-cookie", "id=1")],
+            &cookies,
+            Ok(60),
+        ),
+        (
+            "Vary: * is not kept",
+            Method::GET,
+            vec![],
+            200,
+            vec![("cache-control", "max-age=60"), ("vary", "*")],
+            &default,
+            Err(NotStored::VaryStar),
+        ),
+        (
+            "no-cache is kept, to be revalidated",
+            Method::GET,
+            vec![],
+            200,
+            vec![("cache-control", "no-cache")],
+            &default,
+            Ok(0),
+        ),
+        (
+            "a max-age that is not a number is stale",
+            Method::GET,
+            vec![],
+            200,
+            vec![("cache-control", "max-age=soon")],
+            &default,
+            Ok(0),
+        ),
+        (
+            "repeated max-age: the shortest",
+            Method::GET,
+            vec![],
+            200,
+            vec![("cache-control", "max-age=60"), ("cache-control", "max-age=20")],
+            &default,
+            Ok(20),
+        ),
+        (
+            "unknown directives are ignored",
+            Method::GET,
+            vec![],
+            200,
+            vec![("cache-control", "max-age=60, x-whatever=\"a,b\", , ;")],
+            &default,
+            Ok(60),
+        ),
+        (
+            "a quoted max-age",
+            Method::GET,
+            vec![],
+            200,
+            vec![("cache-control", "max-age=\"15\"")],
+            &default,
+            Ok(15),
+        ),
+    ];
+    for (what, method, request, status, response, policy, expected) in rows {
+        let status = StatusCode::from_u16(status).expect("status");
+        let got = storable(&method, &fields(&request), status, &fields(&response), policy)
+            .map(|s| s.lifetime.as_secs());
+        assert_eq!(got, expected, "{what}");
+    }
+}
+
+fn stored(response: &[(&str, &str)], policy: &Policy) -> Storable {
+    storable(&Method::GET, &HeaderMap::new(), StatusCode::OK, &fields(response), policy).expect("storable")
+}
+
+#[test]
+fn what_is_served_fresh_stale_or_after_asking_again() {
+    let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let graceful = Policy { grace: Duration::from_secs(30), ..Policy::default() };
+    let plain = Policy::default();
+    // (what, response fields, policy, request fields, seconds since stored, use)
+    let rows: Vec<UseRow> = vec![
+        ("fresh", vec![("cache-control", "max-age=60")], &plain, vec![], 59, Use::Fresh),
+        ("stale at its lifetime", vec![("cache-control", "max-age=60")], &plain, vec![], 60, Use::Revalidate),
+        (
+            "Age counts toward staleness",
+            vec![("cache-control", "max-age=60"), ("age", "50")],
+            &plain,
+            vec![],
+            10,
+            Use::Revalidate,
+        ),
+        (
+            "request max-age shorter than the age",
+            vec![("cache-control", "max-age=60")],
+            &plain,
+            vec![("cache-control", "max-age=10")],
+            20,
+            Use::Revalidate,
+        ),
+        (
+            "request min-fresh not left",
+            vec![("cache-control", "max-age=60")],
+            &plain,
+            vec![("cache-control", "min-fresh=30")],
+            40,
+            Use::Revalidate,
+        ),
+        (
+            "request no-cache",
+            vec![("cache-control", "max-age=60")],
+            &plain,
+            vec![("cache-control", "no-cache")],
+            1,
+            Use::Revalidate,
+        ),
+        (
+            "response no-cache",
+            vec![("cache-control", "no-cache, max-age=60")],
+            &plain,
+            vec![],
+            1,
+            Use::Revalidate,
+        ),
+        (
+            "request max-stale accepts it",
+            vec![("cache-control", "max-age=60")],
+            &plain,
+            vec![("cache-control", "max-stale=30")],
+            80,
+            Use::Stale,
+        ),
+        (
+            "max-stale without a value: any",
+            vec![("cache-control", "max-age=60")],
+            &plain,
+            vec![("cache-control", "max-stale")],
+            10_000,
+            Use::Stale,
+        ),
+        (
+            "must-revalidate refuses max-stale",
+            vec![("cache-control", "max-age=60, must-revalidate")],
+            &plain,
+            vec![("cache-control", "max-stale")],
+            80,
+            Use::Revalidate,
+        ),
+        (
+            "s-maxage refuses staleness too",
+            vec![("cache-control", "s-maxage=60")],
+            &plain,
+            vec![("cache-control", "max-stale")],
+            80,
+            Use::Revalidate,
+        ),
+        (
+            "stale-while-revalidate",
+            vec![("cache-control", "max-age=60, stale-while-revalidate=30")],
+            &plain,
+            vec![],
+            80,
+            Use::StaleWhileRevalidate,
+        ),
+        (
+            "past stale-while-revalidate",
+            vec![("cache-control", "max-age=60, stale-while-revalidate=30")],
+            &plain,
+            vec![],
+            95,
+            Use::Revalidate,
+        ),
+        (
+            "the route's grace",
+            vec![("cache-control", "max-age=60")],
+            &graceful,
+            vec![],
+            80,
+            Use::StaleWhileRevalidate,
+        ),
+        (
+            "the response's own window wins over the grace",
+            vec![("cache-control", "max-age=60, stale-while-revalidate=5")],
+            &graceful,
+            vec![],
+            80,
+            Use::Revalidate,
+        ),
+    ];
+    for (what, response, policy, request, elapsed, expected) in rows {
+        let entry = stored(&response, policy);
+        let got = usable(&entry, at, &fields(&request), at + Duration::from_secs(elapsed));
+        assert_eq!(got, expected, "{what}");
+    }
+}
+
+#[test]
+fn stale_if_error_serves_within_its_window_and_never_past_must_revalidate() {
+    let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let later = |seconds| at + Duration::from_secs(seconds);
+    let entry = stored(&[("cache-control", "max-age=60, stale-if-error=120")], &Policy::default());
+    assert!(usable_on_error(&entry, at, later(170)));
+    assert!(!usable_on_error(&entry, at, later(190)));
+    let graced = stored(&[("cache-control", "max-age=60")], &Policy { grace: MINUTE, ..Policy::default() });
+    assert!(usable_on_error(&graced, at, later(100)));
+    let strict =
+        stored(&[("cache-control", "max-age=60, must-revalidate, stale-if-error=120")], &Policy::default());
+    assert!(!usable_on_error(&strict, at, later(70)));
+}
+
+#[test]
+fn variants_follow_vary_with_values_normalised() {
+    let response = fields(&[("vary", "Accept-Encoding, accept-language"), ("vary", "Accept-Encoding")]);
+    let vary = vary_fields(&response).expect("no star");
+    assert_eq!(
+        vary.iter().map(HeaderName::as_str).collect::<Vec<_>>(),
+        ["accept-encoding", "accept-language"]
+    );
+    let one = variant(&fields(&[("accept-encoding", "gzip, br"), ("accept-language", "EN")]), &vary);
+    let same = variant(&fields(&[("Accept-Encoding", "gzip,br"), ("accept-language", "en")]), &vary);
+    let other = variant(&fields(&[("accept-encoding", "gzip")]), &vary);
+    assert_eq!(one, same);
+    assert_ne!(one, other);
+    assert_eq!(vary_fields(&fields(&[("vary", "accept, *")])), None);
+}
+
+#[test]
+fn keys_hold_host_path_query_and_the_route_fields() {
+    let a = key("Shop.example", "/items", Some("b=1&a=2"), true, &[]);
+    assert_eq!(a, key("shop.example", "/items", Some("a=2&b=1"), true, &[]));
+    assert_ne!(
+        key("shop.example", "/items", Some("b=1&a=2"), false, &[]),
+        key("shop.example", "/items", Some("a=2&b=1"), false, &[])
+    );
+    assert_ne!(a, key("shop.example", "/items", None, true, &[]));
+    let tenant = |t: &str| {
+        key("shop.example", "/items", None, true, &[(HeaderName::from_static("x-tenant"), t.to_owned())])
+    };
+    assert_ne!(tenant("a"), tenant("b"));
+}
+
+#[test]
+fn conditional_requests_are_answered_not_modified_by_the_validators() {
+    let response = fields(&[("etag", "\"v1\""), ("last-modified", "Tue, 01 Dec 2026 12:00:00 GMT")]);
+    let rows: Vec<ConditionRow> = vec![
+        ("the same tag", vec![("if-none-match", "\"v1\"")], true),
+        ("one of the tags", vec![("if-none-match", "\"v0\", \"v1\"")], true),
+        ("a weak tag compares weakly", vec![("if-none-match", "W/\"v1\"")], true),
+        ("star", vec![("if-none-match", "*")], true),
+        ("another tag", vec![("if-none-match", "\"v2\"")], false),
+        (
+            "If-None-Match wins over If-Modified-Since",
+            vec![("if-none-match", "\"v2\""), ("if-modified-since", "Wed, 02 Dec 2026 12:00:00 GMT")],
+            false,
+        ),
+        ("modified before the date", vec![("if-modified-since", "Wed, 02 Dec 2026 12:00:00 GMT")], true),
+        ("modified after the date", vec![("if-modified-since", "Mon, 30 Nov 2026 12:00:00 GMT")], false),
+        ("a date that does not parse", vec![("if-modified-since", "yesterday")], false),
+        ("no condition", vec![], false),
+    ];
+    for (what, request, expected) in rows {
+        assert_eq!(not_modified(&fields(&request), &response), expected, "{what}");
+    }
+}
+
+#[test]
+fn cache_status_says_what_happened() {
+    assert_eq!(cache_status("surge", &Handled::Hit { ttl_left: 42 }), "surge; hit; ttl=42");
+    assert_eq!(cache_status("surge", &Handled::StaleHit { ttl_left: -3 }), "surge; hit; ttl=-3");
+    let forwarded = Handled::Forward { why: "miss", status: 200, stored: true, collapsed: true };
+    assert_eq!(cache_status("surge", &forwarded), "surge; fwd=miss; fwd-status=200; stored; collapsed");
+}
