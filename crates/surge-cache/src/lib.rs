@@ -27,7 +27,7 @@
 //!
 //! Redis is optional and never required to answer: when it is down or slow (each call has
 //! [`REDIS_TIMEOUT`]), reads fall back to the loader and the local tier, with a warning, and
-//! the error is counted.
+//! the error is counted. Away at open, it is taken on in the background once it answers.
 //!
 //! What it does not promise: an invalidation that arrives while a load for the same key is
 //! under way can be followed by that load's (older) value, until its TTL ends; and an
@@ -127,10 +127,20 @@ const MISSING: &[u8] = b"\0surge-cache:missing";
 pub struct Cache {
     config: CacheConfig,
     local: moka::future::Cache<String, Entry>,
-    redis: Option<ConnectionManager>,
+    /// The Redis tier once connected (at open, or later in the background).
+    redis: Arc<std::sync::OnceLock<ConnectionManager>>,
     metrics: Arc<CacheMetrics>,
-    /// Stops the invalidation listener with the cache.
-    _listener: Option<tokio::task::JoinHandle<()>>,
+    /// The task that connects (when Redis was away at open) and then listens for
+    /// invalidations; stopped with the cache.
+    redis_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Cache {
+    fn drop(&mut self) {
+        if let Some(task) = &self.redis_task {
+            task.abort();
+        }
+    }
 }
 
 impl Cache {
@@ -150,30 +160,31 @@ impl Cache {
             .expire_after(Lifetimes)
             .build();
         let metrics = Arc::new(CacheMetrics::new(&config.name));
-        let (redis, listener) = match &config.redis {
-            Some(url) => match connect(url).await {
-                Ok((client, manager)) => {
-                    let (subscribed, listening) = tokio::sync::oneshot::channel();
-                    let listener =
-                        tokio::spawn(listen(client, channel(&config.name), local.clone(), subscribed));
-                    // Invalidations from here on reach this process (unless Redis is slow).
-                    if tokio::time::timeout(Duration::from_secs(2), listening).await.is_err() {
-                        tracing::warn!("cache {}: not yet subscribed to invalidations", config.name);
-                    }
-                    (Some(manager), Some(listener))
-                }
-                Err(err) => {
+        let redis = Arc::new(std::sync::OnceLock::new());
+        let redis_task = match &config.redis {
+            Some(url) => {
+                let (subscribed, listening) = tokio::sync::oneshot::channel();
+                let task = tokio::spawn(connect_and_listen(
+                    url.clone(),
+                    config.name.clone(),
+                    Arc::clone(&redis),
+                    local.clone(),
+                    Arc::clone(&metrics),
+                    subscribed,
+                ));
+                // Invalidations from here on reach this process, unless Redis is away or slow:
+                // then the cache starts local and takes Redis on when it answers.
+                if tokio::time::timeout(Duration::from_secs(2), listening).await.is_err() {
                     tracing::warn!(
-                        "cache {}: Redis at {url} cannot be reached ({err}); local tier only",
+                        "cache {}: Redis at {url} is not answering yet; local tier until it does",
                         config.name
                     );
-                    metrics.count_redis_error();
-                    (None, None)
                 }
-            },
-            None => (None, None),
+                Some(task)
+            }
+            None => None,
         };
-        Arc::new(Cache { config, local, redis, metrics, _listener: listener })
+        Arc::new(Cache { config, local, redis, metrics, redis_task })
     }
 
     pub fn metrics(&self) -> &Arc<CacheMetrics> {
@@ -248,7 +259,7 @@ impl Cache {
     }
 
     async fn read_redis(&self, key: &str) -> Option<Entry> {
-        let mut redis = self.redis.clone()?;
+        let mut redis = self.redis.get()?.clone();
         let mut pipe = redis::pipe();
         pipe.get(self.redis_key(key)).pttl(self.redis_key(key));
         let read =
@@ -268,7 +279,7 @@ impl Cache {
     }
 
     async fn write_redis(&self, key: &str, entry: &Entry) {
-        let Some(mut redis) = self.redis.clone() else { return };
+        let Some(mut redis) = self.redis.get().cloned() else { return };
         let (value, ttl): (&[u8], Duration) = match entry {
             Entry::Value(value, ttl) if value.len() <= self.config.max_redis_value => (value, *ttl),
             Entry::Value(..) => return,
@@ -298,8 +309,13 @@ impl Cache {
     /// Drops `key` here, in Redis, and (through Redis pub/sub) in every process sharing it.
     pub async fn invalidate(&self, key: &str) {
         self.metrics.count_invalidation();
+        // Redis first: a read between the two would otherwise fill the local tier again from it.
+        self.invalidate_in_redis(key).await;
         self.local.invalidate(key).await;
-        let Some(mut redis) = self.redis.clone() else { return };
+    }
+
+    async fn invalidate_in_redis(&self, key: &str) {
+        let Some(mut redis) = self.redis.get().cloned() else { return };
         let mut pipe = redis::pipe();
         pipe.del(self.redis_key(key)).ignore().publish(channel(&self.config.name), key).ignore();
         match tokio::time::timeout(REDIS_TIMEOUT, pipe.query_async::<()>(&mut redis)).await {
@@ -338,14 +354,33 @@ async fn connect(url: &str) -> Result<(redis::Client, ConnectionManager), String
     Ok((client, manager))
 }
 
-/// Drops from `local` every key another process invalidates, reconnecting when Redis goes
-/// away, until the cache is dropped.
-async fn listen(
-    client: redis::Client,
-    channel: String,
+/// Connects to Redis (again and again, with backoff, while it is away), makes it the cache's
+/// second tier, then drops from `local` every key another process invalidates, subscribing
+/// again when Redis goes away.
+async fn connect_and_listen(
+    url: String,
+    name: String,
+    redis: Arc<std::sync::OnceLock<ConnectionManager>>,
     local: moka::future::Cache<String, Entry>,
+    metrics: Arc<CacheMetrics>,
     subscribed: tokio::sync::oneshot::Sender<()>,
 ) {
+    let mut wait = Duration::from_millis(100);
+    let client = loop {
+        match connect(&url).await {
+            Ok((client, manager)) => {
+                let _ = redis.set(manager);
+                break client;
+            }
+            Err(err) => {
+                metrics.count_redis_error();
+                tracing::debug!("cache {name}: Redis at {url} cannot be reached ({err}); again in {wait:?}");
+            }
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(5));
+    };
+    let channel = channel(&name);
     let mut subscribed = Some(subscribed);
     let mut wait = Duration::from_millis(100);
     loop {
@@ -364,7 +399,9 @@ async fn listen(
                     }
                 }
             }
-            Err(err) => tracing::debug!("cache invalidations: cannot subscribe ({err}); again in {wait:?}"),
+            Err(err) => {
+                tracing::debug!("cache {name}: cannot subscribe to invalidations ({err}); again in {wait:?}")
+            }
         }
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(Duration::from_secs(5));

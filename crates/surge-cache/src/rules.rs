@@ -25,11 +25,19 @@ pub struct Policy {
     /// the background, or when the instances fail, unless it says otherwise
     /// (`stale-while-revalidate`, `stale-if-error`).
     pub grace: Duration,
+    /// Let a request's `no-cache` and `max-age` send it to the instance. Off, as in nginx and
+    /// Varnish: a browser's hard reload sends them, and any client could bypass the cache.
+    pub obey_request_no_cache: bool,
 }
 
 impl Default for Policy {
     fn default() -> Self {
-        Policy { default_ttl: None, store_set_cookie: false, grace: Duration::ZERO }
+        Policy {
+            default_ttl: None,
+            store_set_cookie: false,
+            grace: Duration::ZERO,
+            obey_request_no_cache: false,
+        }
     }
 }
 
@@ -55,10 +63,22 @@ pub struct Directives {
     pub stale_if_error: Option<Duration>,
 }
 
+/// The largest delta-seconds a cache needs to tell apart (RFC 9111 §1.2.2): anything above
+/// is read as this.
+const MOST_SECONDS: u64 = 1 << 31;
+
+/// Delta-seconds: digits, capped at 2^31; anything else (or nothing where a value is needed)
+/// is zero, the strictest reading.
+fn delta_seconds(value: &str) -> Duration {
+    let value = value.trim().trim_matches('"');
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return Duration::ZERO;
+    }
+    Duration::from_secs(value.parse::<u64>().unwrap_or(MOST_SECONDS).min(MOST_SECONDS))
+}
+
 fn seconds(value: Option<&str>) -> Duration {
-    // Not a number (or absent where one is needed): zero, the strictest.
-    let value = value.map(|v| v.trim().trim_matches('"'));
-    Duration::from_secs(value.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0))
+    value.map_or(Duration::ZERO, delta_seconds)
 }
 
 /// Every `Cache-Control` field of `headers`, read together.
@@ -149,8 +169,12 @@ pub fn storable(
     if method != Method::GET {
         return Err(NotStored::Method);
     }
-    // Partial content, and statuses a cache does not understand, are not kept.
-    if status == StatusCode::PARTIAL_CONTENT || status.is_informational() {
+    // Partial content, a 304 (it refreshes a stored response, it is not one), and interim
+    // answers are not kept.
+    if status == StatusCode::PARTIAL_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+        || status.is_informational()
+    {
         return Err(NotStored::Status);
     }
     let asked = directives(request);
@@ -186,10 +210,14 @@ pub fn storable(
         age: header_seconds(response, &AGE),
         while_revalidate: grace(said.stale_while_revalidate),
         if_error: grace(said.stale_if_error),
+        // s-maxage implies proxy-revalidate (RFC 9111 §5.2.2.10), unless the response says how
+        // stale it may be served (RFC 5861), as CDNs read `s-maxage=1, stale-while-revalidate=59`.
         revalidate_when_stale: said.must_revalidate
             || said.proxy_revalidate
-            || said.s_maxage.is_some()
-            || said.no_cache,
+            || said.no_cache
+            || (said.s_maxage.is_some()
+                && said.stale_while_revalidate.is_none()
+                && said.stale_if_error.is_none()),
         revalidate_always: said.no_cache,
         vary,
     })
@@ -211,8 +239,7 @@ fn expires_lifetime(response: &HeaderMap) -> Option<Duration> {
 }
 
 fn header_seconds(headers: &HeaderMap, name: &HeaderName) -> Duration {
-    let value = headers.get(name).and_then(|v| v.to_str().ok());
-    Duration::from_secs(value.and_then(|v| v.trim().parse().ok()).unwrap_or(0))
+    headers.get(name).and_then(|v| v.to_str().ok()).map_or(Duration::ZERO, delta_seconds)
 }
 
 /// The fields a response varies by, lower case and sorted; `None` for `Vary: *`.
@@ -239,12 +266,14 @@ pub fn vary_fields(response: &HeaderMap) -> Option<Vec<HeaderName>> {
 pub fn variant(request: &HeaderMap, vary: &[HeaderName]) -> String {
     let mut variant = String::new();
     for name in vary {
-        let values: Vec<String> = request
+        // Blanks around values do not make a variant; case does (a token or a cookie is
+        // case-sensitive).
+        let values: Vec<&str> = request
             .get_all(name)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .map(|v| v.trim().to_ascii_lowercase())
+            .map(str::trim)
             .filter(|v| !v.is_empty())
             .collect();
         variant.push_str(name.as_str());
@@ -255,17 +284,19 @@ pub fn variant(request: &HeaderMap, vary: &[HeaderName]) -> String {
     variant
 }
 
-/// The key a response is kept under: the host, the path and the query (its parameters sorted
-/// when `sort_query`, so `?b=1&a=2` and `?a=2&b=1` share an entry), and the values of the
-/// route's key fields. HEAD is answered from GET's entry, so the method is not in it.
+/// The key a response is kept under: the scheme (a redirect to HTTPS kept for HTTP must not
+/// answer HTTPS), the host, the path and the query (its parameters sorted when `sort_query`,
+/// so `?b=1&a=2` and `?a=2&b=1` share an entry), and the values of the route's key fields.
+/// HEAD is answered from GET's entry, so the method is not in it.
 pub fn key(
+    scheme: &str,
     host: &str,
     path: &str,
     query: Option<&str>,
     sort_query: bool,
     fields: &[(HeaderName, String)],
 ) -> String {
-    let mut key = format!("{}{path}", host.to_ascii_lowercase());
+    let mut key = format!("{scheme}://{}{path}", host.to_ascii_lowercase());
     if let Some(query) = query.filter(|q| !q.is_empty()) {
         key.push('?');
         if sort_query {
@@ -304,8 +335,18 @@ pub fn current_age(stored: &Storable, stored_at: SystemTime, now: SystemTime) ->
 }
 
 /// Whether a stored response may answer this request now (RFC 9111 §4.2, §4.2.4, RFC 5861).
-pub fn usable(stored: &Storable, stored_at: SystemTime, request: &HeaderMap, now: SystemTime) -> Use {
-    let asked = directives(request);
+pub fn usable(
+    stored: &Storable,
+    stored_at: SystemTime,
+    request: &HeaderMap,
+    policy: &Policy,
+    now: SystemTime,
+) -> Use {
+    let mut asked = directives(request);
+    if !policy.obey_request_no_cache {
+        asked.no_cache = false;
+        asked.max_age = None;
+    }
     if stored.revalidate_always || asked.no_cache {
         return Use::Revalidate;
     }

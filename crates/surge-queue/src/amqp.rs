@@ -82,15 +82,13 @@ pub(crate) struct Amqp {
 }
 
 /// A connection to the broker and its channels: client publishes on `channel`, the copies
-/// surge makes of messages (retries, deferrals, dead letters) on `copies`, so that the broker's
-/// answers for one never stand for the other's, and passive declares (which close their
-/// channel when a queue is missing) on `counts`.
+/// surge makes of messages (retries, deferrals, dead letters) and declares on `copies`, so
+/// that the broker's answers for one never stand for the other's.
 #[derive(Clone)]
 struct Link {
     connection: Arc<Connection>,
     channel: Channel,
     copies: Channel,
-    counts: Channel,
     /// Delay queues declared over this connection.
     delays: Arc<Mutex<BTreeSet<u64>>>,
 }
@@ -365,7 +363,7 @@ impl Amqp {
     async fn link(&self) -> Result<Link, String> {
         let mut slot = self.link.lock().await;
         if let Some(current) = slot.link.as_ref() {
-            let channels = [&current.channel, &current.copies, &current.counts];
+            let channels = [&current.channel, &current.copies];
             if current.connection.status().connected() && channels.iter().all(|c| c.status().connected()) {
                 return Ok(current.clone());
             }
@@ -402,21 +400,32 @@ impl Amqp {
             Ok(channel)
         };
         let (channel, copies) = (confirming().await?, confirming().await?);
-        let counts = connection.create_channel().await.map_err(error_text)?;
+        let link = Link { connection, channel, copies, delays: Arc::new(Mutex::new(BTreeSet::new())) };
+        self.declare_queues(&link).await?;
+        Ok(link)
+    }
+
+    /// Declares the queue and its dead letters (again: a no-op when they are there).
+    async fn declare_queues(&self, link: &Link) -> Result<(), String> {
         for queue in [self.main_queue.as_str(), self.dead_queue.as_str()] {
             let (options, arguments) = durable(FieldTable::default());
-            channel
+            link.copies
                 .queue_declare(queue.into(), options, arguments)
                 .await
                 .map_err(|err| format!("cannot declare queue {queue}: {err}"))?;
         }
-        Ok(Link { connection, channel, copies, counts, delays: Arc::new(Mutex::new(BTreeSet::new())) })
+        Ok(())
     }
 
-    /// Forgets the link, so that the next use connects and declares everything again (a queue
-    /// deleted at the broker under us, say).
-    async fn drop_link(&self) {
-        self.link.lock().await.link = None;
+    /// After a copy the broker would not take: the delay queues are declared again on next
+    /// use, and the queue and its dead letters now, in case one was deleted under us. The
+    /// connection stays (other tasks use it).
+    async fn declare_again(&self) {
+        let Ok(link) = self.link().await else { return };
+        link.delays.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        if let Err(cause) = self.declare_queues(&link).await {
+            tracing::error!("queue {}: {cause}", self.core.name);
+        }
     }
 
     /// The delay queue for a wait of `ms`, declared on first use over this connection: a quorum
@@ -471,25 +480,45 @@ impl Amqp {
     }
 
     /// Reads how many messages wait in the queue, the delay queues this node has used, and its
-    /// dead letters, on a channel of their own; a count that cannot be read keeps its last value.
+    /// dead letters, with passive declares on a channel of their own (a missing queue closes
+    /// it: a delay queue deleted at the broker is forgotten, and the next count opens another);
+    /// a count that cannot be read keeps its last value.
     async fn read_counts(&self) {
         let Ok(link) = self.link().await else { return };
         let delays: Vec<u64> =
             self.delays_seen.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect();
-        let count = async |queue: String| -> Option<u64> {
-            let declared = link.counts.queue_declare(queue.as_str().into(), passive(), FieldTable::default());
-            match tokio::time::timeout(BROKER_TIMEOUT, declared).await {
-                Ok(Ok(queue)) => Some(u64::from(queue.message_count())),
-                _ => None,
-            }
+        let mut channel: Option<Channel> = None;
+        let mut count = async |queue: String| -> Result<u64, String> {
+            let open = match channel.take() {
+                Some(open) if open.status().connected() => open,
+                _ => link.connection.create_channel().await.map_err(error_text)?,
+            };
+            let declared = open.queue_declare(queue.as_str().into(), passive(), FieldTable::default());
+            let answer = match tokio::time::timeout(BROKER_TIMEOUT, declared).await {
+                Ok(Ok(queue)) => Ok(u64::from(queue.message_count())),
+                Ok(Err(err)) => Err(err.to_string()),
+                Err(_) => Err("no answer in time".to_owned()),
+            };
+            channel = Some(open);
+            answer
         };
         let before = self.broker_counts();
-        let ready = count(self.main_queue.clone()).await;
-        let dead = count(self.dead_queue.clone()).await;
+        let ready = count(self.main_queue.clone()).await.ok();
+        let dead = count(self.dead_queue.clone()).await.ok();
         let mut delayed = Some(0);
         for bucket in delays {
-            let held = count(format!("{}.delay.{bucket}ms", self.main_queue)).await;
+            let held = match count(format!("{}.delay.{bucket}ms", self.main_queue)).await {
+                Ok(held) => Some(held),
+                Err(cause) if cause.contains("NOT_FOUND") => {
+                    self.delays_seen.lock().unwrap_or_else(|p| p.into_inner()).remove(&bucket);
+                    Some(0)
+                }
+                Err(_) => None,
+            };
             delayed = delayed.zip(held).map(|(sum, held)| sum + held);
+        }
+        if let Some(open) = channel {
+            let _ = open.close(200, "counted".into()).await;
         }
         let counts = BrokerCounts {
             ready: ready.unwrap_or(before.ready),
@@ -636,7 +665,7 @@ impl Amqp {
                 self.core.name,
                 crate::http::id_text(about.id)
             );
-            self.drop_link().await;
+            self.declare_again().await;
             tokio::time::sleep(Duration::from_secs(1)).await;
             let _ =
                 message.acker.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await;

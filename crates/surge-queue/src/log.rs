@@ -60,6 +60,8 @@ pub struct Recovered {
     pub records: u64,
     /// Bytes dropped from the end of the last segment: a write cut short by a crash.
     pub torn_tail: Option<(PathBuf, u64, u64)>,
+    /// The last segment, repaired: damage with whole records after it.
+    pub repaired: Option<Repaired>,
 }
 
 pub struct Log {
@@ -105,7 +107,7 @@ impl Log {
         let mut end = 0;
         for (index, &number) in numbers.iter().enumerate() {
             let path = segment_path(dir, number);
-            let bytes = fs::read(&path).map_err(io_error(&path))?;
+            let mut bytes = fs::read(&path).map_err(io_error(&path))?;
             let mut at = 0usize;
             let last = index + 1 == numbers.len();
             loop {
@@ -126,9 +128,19 @@ impl Log {
                         at += length;
                     }
                     Read::Short if at == bytes.len() => break,
-                    Read::Damaged(why) if next_record(&bytes[at + 1..]).is_some() => {
-                        // Whole records follow: this is damage, not a write a crash cut short.
+                    Read::Damaged(why) if !last => {
                         return Err(OpenError::Damaged { path, offset: at as u64, why });
+                    }
+                    Read::Short | Read::Damaged(_) if last && next_record(&bytes[at + 1..]).is_some() => {
+                        // Whole records after damage in the last segment: a write a power loss
+                        // left with holes, or damage. Either way every whole record is kept
+                        // (the segment is repaired, the file as it was kept aside), and reading
+                        // goes on where the repaired file has the next one.
+                        let Some(done) = repair_segment(dir, &path, &bytes).map_err(io_error(&path))? else {
+                            return Err(OpenError::Damaged { path, offset: at as u64, why: "unrepairable" });
+                        };
+                        bytes = fs::read(&path).map_err(io_error(&path))?;
+                        recovered.repaired = Some(done);
                     }
                     Read::Short | Read::Damaged(_) if last => {
                         // The tail of the last segment: a write the crash cut short.
@@ -332,26 +344,42 @@ pub fn repair(dir: &Path) -> Result<Vec<Repaired>, OpenError> {
     for number in segment_numbers(dir).map_err(io_error(dir))? {
         let path = segment_path(dir, number);
         let bytes = fs::read(&path).map_err(io_error(&path))?;
-        let (kept, intact, cut) = intact_records(&bytes);
-        if cut.is_empty() {
-            continue;
+        if let Some(done) = repair_segment(dir, &path, &bytes).map_err(io_error(&path))? {
+            repaired.push(done);
         }
-        let fresh = path.with_extension("log.repairing");
-        let original = path.with_extension("log.damaged");
-        let rewrite = || -> io::Result<()> {
-            let mut file = File::create(&fresh)?;
-            for range in &intact {
-                io::Write::write_all(&mut file, &bytes[range.clone()])?;
-            }
-            file.sync_all()?;
-            fs::rename(&path, &original)?;
-            fs::rename(&fresh, &path)?;
-            File::open(dir)?.sync_all()
-        };
-        rewrite().map_err(io_error(&path))?;
-        repaired.push(Repaired { path, kept, cut, original });
     }
     Ok(repaired)
+}
+
+/// Rewrites one segment (`bytes`, as read) with its intact records, if any of it is damaged.
+fn repair_segment(dir: &Path, path: &Path, bytes: &[u8]) -> io::Result<Option<Repaired>> {
+    let (kept, intact, cut) = intact_records(bytes);
+    if cut.is_empty() {
+        return Ok(None);
+    }
+    let fresh = path.with_extension("log.repairing");
+    let original = keep_aside(path, "damaged");
+    // The file as it was gets a second name first; then the repaired one takes its place in
+    // one rename. A crash at any point leaves the segment whole under its own name.
+    let mut file = File::create(&fresh)?;
+    for range in &intact {
+        io::Write::write_all(&mut file, &bytes[range.clone()])?;
+    }
+    file.sync_all()?;
+    fs::hard_link(path, &original)?;
+    File::open(dir)?.sync_all()?;
+    fs::rename(&fresh, path)?;
+    File::open(dir)?.sync_all()?;
+    Ok(Some(Repaired { path: path.to_owned(), kept, cut, original }))
+}
+
+/// A name beside `path` for a copy of it, `NNN.log.WHAT`, numbered when one is there already.
+fn keep_aside(path: &Path, what: &str) -> PathBuf {
+    let first = path.with_extension(format!("log.{what}"));
+    (1..)
+        .map(|n| if n == 1 { first.clone() } else { path.with_extension(format!("log.{what}.{n}")) })
+        .find(|candidate| !candidate.exists())
+        .unwrap_or(first)
 }
 
 /// The whole records of a segment (how many, and their byte ranges) and the damaged stretches
@@ -375,7 +403,7 @@ fn intact_records(bytes: &[u8]) -> (u64, Vec<std::ops::Range<usize>>, Vec<(u64, 
 
 /// The first offset in `bytes` where a whole record with a good checksum starts.
 fn next_record(bytes: &[u8]) -> Option<usize> {
-    (0..bytes.len()).find(|&at| matches!(record::read(&bytes[at..]), Read::Record { .. }))
+    (0..bytes.len()).find(|&at| record::starts_whole(&bytes[at..]))
 }
 
 /// Takes the folder's lock file, without waiting.

@@ -69,6 +69,17 @@ impl Queues {
                             path.display()
                         );
                     }
+                    if let Some(repaired) = &recovered.repaired {
+                        tracing::warn!(
+                            "queue {}: {} had damage with whole records after it: {} bytes cut at offset(s) {:?}, {} records kept; the file as it was is {}",
+                            config.name,
+                            repaired.path.display(),
+                            repaired.cut.iter().map(|(_, bytes)| bytes).sum::<u64>(),
+                            repaired.cut.iter().map(|(offset, _)| offset).collect::<Vec<_>>(),
+                            repaired.kept,
+                            repaired.original.display()
+                        );
+                    }
                     let counts = queue.counts();
                     tracing::info!(
                         "queue {}: {} ready, {} dead, from {} records in {} segment(s) in {}",

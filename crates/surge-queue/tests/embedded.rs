@@ -303,7 +303,7 @@ async fn payloads_stay_readable_while_tiny_segments_come_and_go() {
 }
 
 #[tokio::test]
-async fn damage_in_the_last_segment_with_records_after_it_is_not_taken_for_a_torn_tail() {
+async fn damage_in_the_last_segment_with_records_after_it_keeps_them_all() {
     let dir = tempfile::tempdir().expect("dir");
     let queue = open(dir.path());
     for text in ["one", "two", "three"] {
@@ -315,15 +315,36 @@ async fn damage_in_the_last_segment_with_records_after_it_is_not_taken_for_a_tor
     let two = bytes.windows(3).position(|w| w == b"two").expect("the second payload");
     bytes[two] ^= 0xff;
     std::fs::write(&segment, &bytes).expect("write");
-    let Err(OpenError::Damaged { path, why, .. }) = Queue::open("jobs", dir.path(), SETTINGS, LIMITS) else {
-        panic!("damage followed by whole records must be refused, not cut off");
-    };
-    assert_eq!((path, why), (segment.clone(), "checksum mismatch"));
+    // Not cut off as a torn tail (which would take "three" with it): repaired.
+    let (queue, recovered) = Queue::open("jobs", dir.path(), SETTINGS, LIMITS).expect("opened");
+    let repaired = recovered.repaired.expect("repaired");
+    assert_eq!((repaired.kept, repaired.cut.len()), (2, 1));
+    assert_eq!(std::fs::read(&repaired.original).expect("kept aside"), bytes, "the file as it was");
+    assert_eq!(drain(&queue, |_| true).await, ["one", "three"]);
+}
 
+#[tokio::test]
+async fn repair_keeps_every_intact_record_of_an_older_segment() {
+    let dir = tempfile::tempdir().expect("dir");
+    let limits = Limits { segment_size: 1, ..LIMITS };
+    let queue = open_with(dir.path(), limits);
+    for text in ["one", "two", "three"] {
+        publish(&queue, text).await;
+    }
+    drop(queue);
+    // Damage the first segment's record: refused at open, then repaired.
+    let first = dir.path().join(format!("{:020}.log", 1));
+    let mut bytes = std::fs::read(&first).expect("read");
+    let one = bytes.windows(3).position(|w| w == b"one").expect("the first payload");
+    bytes[one] ^= 0xff;
+    std::fs::write(&first, &bytes).expect("write");
+    assert!(matches!(Queue::open("jobs", dir.path(), SETTINGS, limits), Err(OpenError::Damaged { .. })));
     let repaired = surge_queue::repair(dir.path()).expect("repair");
     assert_eq!(repaired.len(), 1);
-    assert_eq!((repaired[0].kept, repaired[0].cut.len()), (2, 1));
+    assert_eq!((repaired[0].kept, repaired[0].cut.len()), (0, 1));
     assert_eq!(std::fs::read(&repaired[0].original).expect("kept"), bytes, "the file as it was");
-    assert_eq!(drain(&open(dir.path()), |_| true).await, ["one", "three"]);
     assert!(surge_queue::repair(dir.path()).expect("again").is_empty(), "nothing left to repair");
+    let mut left = drain(&open_with(dir.path(), limits), |_| true).await;
+    left.sort_unstable();
+    assert_eq!(left, ["three", "two"]);
 }

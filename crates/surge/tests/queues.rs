@@ -549,9 +549,12 @@ async fn of_two_nodes_sharing_an_amqp_queue_one_fires_a_schedule() {
     let mut first = Surge::start(&config).await;
     let second = Surge::start(&config).await;
     let published = |status: &QueueStatus| status.published;
+    // Counted from when both are up: the first may have fired alone before the second started.
+    let (from_a, from_b) = (published(&queue_status(&first).await), published(&queue_status(&second).await));
     let deadline = Instant::now() + Duration::from_secs(20);
     let (leader, follower) = loop {
-        let (a, b) = (published(&queue_status(&first).await), published(&queue_status(&second).await));
+        let a = published(&queue_status(&first).await) - from_a;
+        let b = published(&queue_status(&second).await) - from_b;
         if a + b >= 3 {
             break (a, b);
         }
@@ -563,10 +566,10 @@ async fn of_two_nodes_sharing_an_amqp_queue_one_fires_a_schedule() {
     let (survivor, fired_before) = if leader > 0 {
         first.signal(libc::SIGKILL);
         let _ = first.wait_exit(Duration::from_secs(10));
-        (&second, follower)
+        (&second, from_b + follower)
     } else {
         drop(second);
-        (&first, leader)
+        (&first, from_a + leader)
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     while published(&queue_status(survivor).await) < fired_before + 2 {
@@ -576,7 +579,7 @@ async fn of_two_nodes_sharing_an_amqp_queue_one_fires_a_schedule() {
     assert!(survivor.log().contains("this node fires schedule every-second"), "{}", survivor.log());
 }
 
-/// Damage in the middle of a queue's log stops `surge up` with the file and the offset;
+/// Damage in an older segment of a queue's log stops `surge up` with the file and the offset;
 /// `surge queues repair` keeps every intact record, and the queue opens again without the
 /// damaged one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -593,6 +596,9 @@ async fn a_damaged_log_is_named_at_start_and_repaired_keeping_every_intact_recor
     let second = bytes.windows(14).position(|w| w == b"second message").expect("the second payload");
     bytes[second] ^= 0xff;
     std::fs::write(&segment, &bytes).expect("damage it");
+    // A newer segment after it: damage there is not a write a crash cut short.
+    std::fs::write(surge.dir.join(".surge/queues/jobs").join(format!("{:020}.log", 2)), b"")
+        .expect("segment 2");
 
     let up = std::process::Command::new(common::SURGE)
         .args(["up", "-c"])

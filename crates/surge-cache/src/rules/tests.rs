@@ -117,6 +117,15 @@ fn what_is_stored_and_for_how_long() {
             Err(NotStored::Method),
         ),
         (
+            "a 304 is not kept",
+            Method::GET,
+            vec![],
+            304,
+            vec![("cache-control", "max-age=60")],
+            &default,
+            Err(NotStored::Status),
+        ),
+        (
             "partial content is not kept",
             Method::GET,
             vec![],
@@ -277,6 +286,7 @@ fn stored(response: &[(&str, &str)], policy: &Policy) -> Storable {
 fn what_is_served_fresh_stale_or_after_asking_again() {
     let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
     let graceful = Policy { grace: Duration::from_secs(30), ..Policy::default() };
+    let obeying = Policy { obey_request_no_cache: true, ..Policy::default() };
     let plain = Policy::default();
     // (what, response fields, policy, request fields, seconds since stored, use)
     let rows: Vec<UseRow> = vec![
@@ -293,7 +303,7 @@ fn what_is_served_fresh_stale_or_after_asking_again() {
         (
             "request max-age shorter than the age",
             vec![("cache-control", "max-age=60")],
-            &plain,
+            &obeying,
             vec![("cache-control", "max-age=10")],
             20,
             Use::Revalidate,
@@ -307,10 +317,34 @@ fn what_is_served_fresh_stale_or_after_asking_again() {
             Use::Revalidate,
         ),
         (
-            "request no-cache",
+            "request no-cache, obeyed",
+            vec![("cache-control", "max-age=60")],
+            &obeying,
+            vec![("cache-control", "no-cache")],
+            1,
+            Use::Revalidate,
+        ),
+        (
+            "a hard reload does not bypass the cache by default",
             vec![("cache-control", "max-age=60")],
             &plain,
-            vec![("cache-control", "no-cache")],
+            vec![("cache-control", "no-cache, max-age=0")],
+            1,
+            Use::Fresh,
+        ),
+        (
+            "s-maxage with stale-while-revalidate",
+            vec![("cache-control", "s-maxage=1, stale-while-revalidate=59")],
+            &plain,
+            vec![],
+            30,
+            Use::StaleWhileRevalidate,
+        ),
+        (
+            "an Age past any lifetime",
+            vec![("cache-control", "max-age=60"), ("age", "18446744073709551615")],
+            &plain,
+            vec![],
             1,
             Use::Revalidate,
         ),
@@ -389,7 +423,7 @@ fn what_is_served_fresh_stale_or_after_asking_again() {
     ];
     for (what, response, policy, request, elapsed, expected) in rows {
         let entry = stored(&response, policy);
-        let got = usable(&entry, at, &fields(&request), at + Duration::from_secs(elapsed));
+        let got = usable(&entry, at, &fields(&request), policy, at + Duration::from_secs(elapsed));
         assert_eq!(got, expected, "{what}");
     }
 }
@@ -416,25 +450,39 @@ fn variants_follow_vary_with_values_normalised() {
         vary.iter().map(HeaderName::as_str).collect::<Vec<_>>(),
         ["accept-encoding", "accept-language"]
     );
-    let one = variant(&fields(&[("accept-encoding", "gzip, br"), ("accept-language", "EN")]), &vary);
+    let one = variant(&fields(&[("accept-encoding", "gzip, br"), ("accept-language", "en")]), &vary);
     let same = variant(&fields(&[("Accept-Encoding", "gzip,br"), ("accept-language", "en")]), &vary);
     let other = variant(&fields(&[("accept-encoding", "gzip")]), &vary);
-    assert_eq!(one, same);
+    let other_case = variant(&fields(&[("accept-encoding", "gzip, br"), ("accept-language", "EN")]), &vary);
+    assert_eq!(one, same, "blanks and field-name case do not make a variant");
     assert_ne!(one, other);
+    assert_ne!(one, other_case, "values keep their case");
     assert_eq!(vary_fields(&fields(&[("vary", "accept, *")])), None);
 }
 
 #[test]
 fn keys_hold_host_path_query_and_the_route_fields() {
-    let a = key("Shop.example", "/items", Some("b=1&a=2"), true, &[]);
-    assert_eq!(a, key("shop.example", "/items", Some("a=2&b=1"), true, &[]));
+    let a = key("https", "Shop.example", "/items", Some("b=1&a=2"), true, &[]);
+    assert_eq!(a, key("https", "shop.example", "/items", Some("a=2&b=1"), true, &[]));
     assert_ne!(
-        key("shop.example", "/items", Some("b=1&a=2"), false, &[]),
-        key("shop.example", "/items", Some("a=2&b=1"), false, &[])
+        key("https", "shop.example", "/items", Some("b=1&a=2"), false, &[]),
+        key("https", "shop.example", "/items", Some("a=2&b=1"), false, &[])
     );
-    assert_ne!(a, key("shop.example", "/items", None, true, &[]));
+    assert_ne!(a, key("https", "shop.example", "/items", None, true, &[]));
+    assert_ne!(
+        a,
+        key("http", "shop.example", "/items", Some("a=2&b=1"), true, &[]),
+        "the scheme is in the key"
+    );
     let tenant = |t: &str| {
-        key("shop.example", "/items", None, true, &[(HeaderName::from_static("x-tenant"), t.to_owned())])
+        key(
+            "https",
+            "shop.example",
+            "/items",
+            None,
+            true,
+            &[(HeaderName::from_static("x-tenant"), t.to_owned())],
+        )
     };
     assert_ne!(tenant("a"), tenant("b"));
 }

@@ -64,7 +64,7 @@ impl Drop for Store {
                     .await
                     .expect("the broker, to clean up");
                 let channel = connection.create_channel().await.expect("channel");
-                let delays = (0..=27).map(|k| format!("{main}.delay.{}ms", 1u64 << k));
+                let delays = (0..=32).map(|k| format!("{main}.delay.{}ms", 1u64 << k));
                 for queue in [main.clone(), format!("{main}.dead")].into_iter().chain(delays) {
                     let options = lapin::options::QueueDeleteOptions::default();
                     let _ = channel.queue_delete(queue.as_str().into(), options).await;
