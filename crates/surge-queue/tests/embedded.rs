@@ -2,7 +2,7 @@
 //! publishes share syncs, a torn tail is dropped and damage elsewhere is named, idempotency
 //! keys hold under concurrency, limits answer clearly, and compaction frees old segments.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -124,27 +124,45 @@ async fn a_torn_tail_is_dropped_and_the_rest_kept() {
     assert_eq!(drain(&open(dir.path()), |_| true).await, ["after"]);
 }
 
-#[tokio::test]
-async fn damage_before_the_tail_is_named_with_its_file_and_offset() {
-    let dir = tempfile::tempdir().expect("dir");
-    let limits = Limits { segment_size: 1, ..LIMITS };
-    let queue = open_with(dir.path(), limits);
+/// Publishes "one", "two" and "three" to a queue in `dir` opened with `limits`.
+async fn three_published(dir: &Path, limits: Limits) {
+    let queue = open_with(dir, limits);
     for text in ["one", "two", "three"] {
         publish(&queue, text).await;
     }
-    drop(queue);
-    // Each publish went to a segment of its own; damage the first.
-    let first = dir.path().join(format!("{:020}.log", 1));
-    let mut bytes = std::fs::read(&first).expect("read");
-    let last = bytes.len() - 1;
-    bytes[last] ^= 0xff;
-    std::fs::write(&first, bytes).expect("write");
+}
+
+/// Flips the first byte of `word` in segment `number`; the file as it is then.
+fn damage(dir: &Path, number: u64, word: &str) -> (PathBuf, Vec<u8>) {
+    let segment = dir.join(format!("{number:020}.log"));
+    let mut bytes = std::fs::read(&segment).expect("read");
+    let at = bytes.windows(word.len()).position(|w| w == word.as_bytes()).expect("the payload");
+    bytes[at] ^= 0xff;
+    std::fs::write(&segment, &bytes).expect("write");
+    (segment, bytes)
+}
+
+#[tokio::test]
+async fn damage_before_the_last_segment_is_named_and_repair_keeps_every_intact_record() {
+    let dir = tempfile::tempdir().expect("dir");
+    // Each publish goes to a segment of its own; the first is damaged.
+    let limits = Limits { segment_size: 1, ..LIMITS };
+    three_published(dir.path(), limits).await;
+    let (first, bytes) = damage(dir.path(), 1, "one");
     match Queue::open("jobs", dir.path(), SETTINGS, limits) {
         Err(OpenError::Damaged { path, offset, why }) => {
             assert_eq!((path, offset, why), (first, 0, "checksum mismatch"));
         }
         other => panic!("expected damage, got {:?}", other.map(|(_, recovered)| recovered)),
     }
+    let repaired = surge_queue::repair(dir.path()).expect("repair");
+    assert_eq!(repaired.len(), 1);
+    assert_eq!((repaired[0].kept, repaired[0].cut.len()), (0, 1));
+    assert_eq!(std::fs::read(&repaired[0].original).expect("kept"), bytes, "the file as it was");
+    assert!(surge_queue::repair(dir.path()).expect("again").is_empty(), "nothing left to repair");
+    let mut left = drain(&open_with(dir.path(), limits), |_| true).await;
+    left.sort_unstable();
+    assert_eq!(left, ["three", "two"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -305,46 +323,12 @@ async fn payloads_stay_readable_while_tiny_segments_come_and_go() {
 #[tokio::test]
 async fn damage_in_the_last_segment_with_records_after_it_keeps_them_all() {
     let dir = tempfile::tempdir().expect("dir");
-    let queue = open(dir.path());
-    for text in ["one", "two", "three"] {
-        publish(&queue, text).await;
-    }
-    drop(queue);
-    let segment = dir.path().join(format!("{:020}.log", 1));
-    let mut bytes = std::fs::read(&segment).expect("read");
-    let two = bytes.windows(3).position(|w| w == b"two").expect("the second payload");
-    bytes[two] ^= 0xff;
-    std::fs::write(&segment, &bytes).expect("write");
+    three_published(dir.path(), LIMITS).await;
+    let (_, bytes) = damage(dir.path(), 1, "two");
     // Not cut off as a torn tail (which would take "three" with it): repaired.
     let (queue, recovered) = Queue::open("jobs", dir.path(), SETTINGS, LIMITS).expect("opened");
     let repaired = recovered.repaired.expect("repaired");
     assert_eq!((repaired.kept, repaired.cut.len()), (2, 1));
     assert_eq!(std::fs::read(&repaired.original).expect("kept aside"), bytes, "the file as it was");
     assert_eq!(drain(&queue, |_| true).await, ["one", "three"]);
-}
-
-#[tokio::test]
-async fn repair_keeps_every_intact_record_of_an_older_segment() {
-    let dir = tempfile::tempdir().expect("dir");
-    let limits = Limits { segment_size: 1, ..LIMITS };
-    let queue = open_with(dir.path(), limits);
-    for text in ["one", "two", "three"] {
-        publish(&queue, text).await;
-    }
-    drop(queue);
-    // Damage the first segment's record: refused at open, then repaired.
-    let first = dir.path().join(format!("{:020}.log", 1));
-    let mut bytes = std::fs::read(&first).expect("read");
-    let one = bytes.windows(3).position(|w| w == b"one").expect("the first payload");
-    bytes[one] ^= 0xff;
-    std::fs::write(&first, &bytes).expect("write");
-    assert!(matches!(Queue::open("jobs", dir.path(), SETTINGS, limits), Err(OpenError::Damaged { .. })));
-    let repaired = surge_queue::repair(dir.path()).expect("repair");
-    assert_eq!(repaired.len(), 1);
-    assert_eq!((repaired[0].kept, repaired[0].cut.len()), (0, 1));
-    assert_eq!(std::fs::read(&repaired[0].original).expect("kept"), bytes, "the file as it was");
-    assert!(surge_queue::repair(dir.path()).expect("again").is_empty(), "nothing left to repair");
-    let mut left = drain(&open_with(dir.path(), limits), |_| true).await;
-    left.sort_unstable();
-    assert_eq!(left, ["three", "two"]);
 }
