@@ -54,6 +54,8 @@ pub struct Gateway {
     metrics: GatewayMetrics,
     trusted_proxies: Vec<ipnet::IpNet>,
     listening: server::Listening,
+    /// Every route's rate limiter, for the next gateway a reload builds to carry over.
+    limiters: Vec<Arc<RateLimiter>>,
 }
 
 /// What a matched route leads to.
@@ -67,14 +69,19 @@ struct RouteTarget {
 }
 
 impl Gateway {
-    /// Builds the route table and one layer stack per service of `config`.
+    /// Builds the route table and one layer stack per service of `config`. A route whose rate
+    /// limit `previous` (the gateway a reload replaces) had unchanged keeps its limiter, and
+    /// so its clients' buckets: a reload gives nobody a fresh burst.
     pub fn new(
         config: &Config,
         pools: &[Arc<Pool>],
         queues: Arc<surge_queue::Queues>,
         metrics: GatewayMetrics,
         store: RateStore,
+        previous: Option<&Gateway>,
     ) -> Self {
+        let kept = previous.map_or(&[][..], |gateway| gateway.limiters.as_slice());
+        let mut limiters: Vec<Arc<RateLimiter>> = Vec::new();
         let mut routes = Vec::new();
         let mut services = Vec::new();
         let mut job_queues = Vec::new();
@@ -85,7 +92,12 @@ impl Gateway {
                 let limiter = route.rate_limit.clone().map(|limit| {
                     let name =
                         format!("{}:{}{}", service.name, route.host.as_deref().unwrap_or(""), route.prefix);
-                    Arc::new(RateLimiter::new(limit, name, store.clone()))
+                    let same = kept.iter().find(|old| old.name() == name && *old.limit() == limit);
+                    let limiter = same
+                        .cloned()
+                        .unwrap_or_else(|| Arc::new(RateLimiter::new(limit, name, store.clone())));
+                    limiters.push(Arc::clone(&limiter));
+                    limiter
                 });
                 let max_body = route.max_body.unwrap_or(config.gateway.max_body);
                 let async_queue = route.async_queue.as_deref().and_then(|name| queues.get(name)).cloned();
@@ -115,6 +127,7 @@ impl Gateway {
             metrics,
             trusted_proxies,
             listening,
+            limiters,
         }
     }
 

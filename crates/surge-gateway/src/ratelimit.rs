@@ -161,6 +161,11 @@ impl RateLimiter {
         &self.limit
     }
 
+    /// The route it limits (`SERVICE:HOSTPREFIX`), also its Redis keys' prefix.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// The client a request counts for.
     pub fn key(&self, headers: &http::HeaderMap, client: std::net::IpAddr) -> String {
         match &self.limit.key {

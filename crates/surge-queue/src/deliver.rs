@@ -113,8 +113,12 @@ impl Pacer {
 async fn free_slot(pool: &Pool, prefetch: usize) -> InFlight {
     let try_claim = || {
         let ready = pool.ready();
-        let instance = ready
+        // The least busy, ties broken from a random place: messages arriving one at a time
+        // spread over idle instances instead of all going to the first.
+        let start = fastrand::usize(..ready.len().max(1));
+        let instance = ready[start..]
             .iter()
+            .chain(&ready[..start])
             .filter(|i| i.is_available() && i.in_flight() < prefetch)
             .min_by_key(|i| i.in_flight())?;
         instance.begin()

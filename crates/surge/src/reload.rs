@@ -58,7 +58,15 @@ impl Running {
             in_use.install(prepared);
         }
         let queues = Arc::clone(&self.queues);
-        let gateway = Gateway::new(&config, &change.pools, queues, self.metrics.clone(), self.store.clone());
+        let previous = self.gateway.load();
+        let gateway = Gateway::new(
+            &config,
+            &change.pools,
+            queues,
+            self.metrics.clone(),
+            self.store.clone(),
+            Some(&previous),
+        );
         self.gateway.store(Arc::new(gateway));
         self.pools.install(change.pools);
         let summary = summary(&change.started, &change.retired, &self.config, &config);

@@ -99,6 +99,7 @@ async fn serve(config: Config, path: std::path::PathBuf) -> Result<(), Failure> 
         Arc::clone(&queues),
         gateway_metrics.clone(),
         store.clone(),
+        None,
     )));
     let (stop_delivery, delivery_stopping) = watch::channel(false);
     for worker in &config.workers {

@@ -118,3 +118,35 @@ routes = ["/"]
     assert_eq!(other.json()["path"], "/api/y");
     assert_eq!(other.json()["query"], "q=1");
 }
+
+/// A reload keeps the buckets of routes whose limit did not change: nobody gets a fresh burst
+/// by waiting for one. A route whose limit changed starts afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_gives_no_client_a_fresh_burst() {
+    let limited = |burst: u32| {
+        format!(
+            "[services.web]\ncommand = \"{{echo}}\"\n\
+             routes = [{{ prefix = \"/\", rate_limit = {{ rate = 1, per = \"1h\", burst = {burst}, key = \"header:x-client\" }} }}]\n"
+        )
+    };
+    let surge = Surge::start(&limited(2)).await;
+    let client = [("x-client", "alice")];
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(surge.request(Method::GET, "/", &client, Bytes::new()).await.status);
+    }
+    assert_eq!(statuses, [StatusCode::OK, StatusCode::OK, StatusCode::TOO_MANY_REQUESTS]);
+
+    let reloaded = surge.cli(&["reload"]);
+    assert!(reloaded.status.success(), "{}", String::from_utf8_lossy(&reloaded.stderr));
+    let after = surge.request(Method::GET, "/", &client, Bytes::new()).await;
+    assert_eq!(after.status, StatusCode::TOO_MANY_REQUESTS, "the bucket outlived the reload");
+
+    // The limit changed: its buckets are new.
+    let text = std::fs::read_to_string(&surge.config).expect("config");
+    std::fs::write(&surge.config, text.replace("burst = 2", "burst = 3")).expect("config");
+    let reloaded = surge.cli(&["reload"]);
+    assert!(reloaded.status.success(), "{}", String::from_utf8_lossy(&reloaded.stderr));
+    let changed = surge.request(Method::GET, "/", &client, Bytes::new()).await;
+    assert_eq!(changed.status, StatusCode::OK);
+}
