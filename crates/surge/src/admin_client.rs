@@ -36,8 +36,9 @@ pub fn run_token_path(config_file: &Path) -> std::path::PathBuf {
     config_file.parent().unwrap_or(Path::new(".")).join(".surge").join("admin.token")
 }
 
-/// Makes a token for this run and writes it to [`run_token_path`]; `Err` says why it could not.
-pub fn make_run_token(config_file: &Path) -> Result<String, String> {
+/// Makes a token for this run and writes it to [`run_token_path`]. The token is made even
+/// when it cannot be written (the second part says why): changes then still need it.
+pub fn make_run_token(config_file: &Path) -> Result<(String, Result<(), String>), String> {
     use std::io::{Read, Write};
     use std::os::unix::fs::OpenOptionsExt;
     let mut random = [0u8; 32];
@@ -54,8 +55,8 @@ pub fn make_run_token(config_file: &Path) -> Result<String, String> {
             std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)?;
         file.write_all(token.as_bytes())
     };
-    write().map_err(|err| format!("cannot write {}: {err}", path.display()))?;
-    Ok(token)
+    let saved = write().map_err(|err| format!("cannot write {}: {err}", path.display()));
+    Ok((token, saved))
 }
 
 pub struct AdminClient {

@@ -59,10 +59,22 @@ async fn serve(config: Config, path: std::path::PathBuf) -> Result<(), Failure> 
         // Changes through the admin API always need a token: with none configured, this run
         // makes its own and leaves it where the command line finds it.
         match crate::admin_client::make_run_token(&path) {
-            Ok(made) => token = Some(made),
-            Err(why) => tracing::warn!(
-                "{why}; the admin API takes changes without a token (set admin.token_file to require one)"
-            ),
+            Ok((made, saved)) => {
+                token = Some(made);
+                if let Err(why) = saved {
+                    // Fail closed: changes still need this run's token, which nobody has.
+                    tracing::warn!(
+                        "{why}; the admin API takes changes only with this run's token, which could not be \
+                         saved: set SURGE_ADMIN_TOKEN (for surge up and the command line alike) or \
+                         admin.token_file to use surge scale, reload and queues"
+                    );
+                }
+            }
+            Err(why) => {
+                return Err(Failure::Message(format!(
+                    "{why}: no token for the admin API; set SURGE_ADMIN_TOKEN or admin.token_file"
+                )))
+            }
         }
     }
     let access = surge_admin::Access::new(config.admin.listen, token, config.admin.metrics_public).map_err(

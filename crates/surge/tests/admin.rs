@@ -107,3 +107,23 @@ fn off_loopback_without_a_token_surge_refuses_to_start() {
     assert!(!status.success());
     assert!(stderr.contains("`admin.listen`") && stderr.contains("off loopback, with no token"), "{stderr}");
 }
+
+/// With nowhere to save its token (`.surge` is a file here), a run still requires one for
+/// changes: the admin API fails closed, and the log says how to give it a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_that_cannot_save_its_token_still_requires_one() {
+    let surge = Surge::start_with("", "[services.web]\ncommand = \"{echo}\"\nroutes = [\"/\"]\n", |dir| {
+        std::fs::write(dir.join(".surge"), "not a folder").expect("write");
+    })
+    .await;
+    assert!(surge.log().contains("could not be saved"), "{}", surge.log());
+    let client = http_client();
+    let url = format!("http://{}/services/web/scale", surge.admin);
+    let headers = [("content-type", "application/json")];
+    let refused = send(&client, Method::POST, &url, &headers, Bytes::from(r#"{"instances": 1}"#))
+        .await
+        .expect("an answer");
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED, "{}", String::from_utf8_lossy(&refused.body));
+    // Reads need no token.
+    assert_eq!(surge.status().await.len(), 1);
+}
