@@ -262,13 +262,8 @@ impl Cache {
         let mut redis = self.redis.get()?.clone();
         let mut pipe = redis::pipe();
         pipe.get(self.redis_key(key)).pttl(self.redis_key(key));
-        let read =
-            tokio::time::timeout(REDIS_TIMEOUT, pipe.query_async::<(Option<Vec<u8>>, i64)>(&mut redis)).await;
-        let (value, left) = match read {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(err)) => return self.redis_failed("read", &err.to_string()),
-            Err(_) => return self.redis_failed("read", "no answer in time"),
-        };
+        let (value, left) =
+            self.redis_call("read", pipe.query_async::<(Option<Vec<u8>>, i64)>(&mut redis)).await?;
         let value = value?;
         // What Redis has left of its TTL, so that the local copy does not outlive it.
         let left = Duration::from_millis(u64::try_from(left).ok().filter(|ms| *ms > 0)?);
@@ -289,18 +284,21 @@ impl Cache {
         let millis = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         let mut set = redis::cmd("SET");
         set.arg(self.redis_key(key)).arg(value).arg("PX").arg(millis);
-        match tokio::time::timeout(REDIS_TIMEOUT, set.query_async::<()>(&mut redis)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => {
-                let _: Option<()> = self.redis_failed("write", &err.to_string());
-            }
-            Err(_) => {
-                let _: Option<()> = self.redis_failed("write", "no answer in time");
-            }
-        }
+        self.redis_call("write", set.query_async::<()>(&mut redis)).await;
     }
 
-    fn redis_failed<T>(&self, what: &str, cause: &str) -> Option<T> {
+    /// One Redis call, within [`REDIS_TIMEOUT`]; a failure is counted and warned of, and the
+    /// cache goes on without it.
+    async fn redis_call<T>(
+        &self,
+        what: &str,
+        call: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Option<T> {
+        let cause = match tokio::time::timeout(REDIS_TIMEOUT, call).await {
+            Ok(Ok(answer)) => return Some(answer),
+            Ok(Err(err)) => err.to_string(),
+            Err(_) => "no answer in time".to_owned(),
+        };
         self.metrics.count_redis_error();
         tracing::warn!("cache {}: Redis {what} failed ({cause}); going on without it", self.config.name);
         None
@@ -318,15 +316,7 @@ impl Cache {
         let Some(mut redis) = self.redis.get().cloned() else { return };
         let mut pipe = redis::pipe();
         pipe.del(self.redis_key(key)).ignore().publish(channel(&self.config.name), key).ignore();
-        match tokio::time::timeout(REDIS_TIMEOUT, pipe.query_async::<()>(&mut redis)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => {
-                let _: Option<()> = self.redis_failed("invalidate", &err.to_string());
-            }
-            Err(_) => {
-                let _: Option<()> = self.redis_failed("invalidate", "no answer in time");
-            }
-        }
+        self.redis_call("invalidate", pipe.query_async::<()>(&mut redis)).await;
     }
 
     /// Bytes the local tier holds now (keys, values and a small overhead each), after its

@@ -34,7 +34,7 @@ use lapin::{Acker, BasicProperties, Channel, Confirmation, Connection, Connectio
 use tokio::sync::{oneshot, Notify};
 
 use crate::log::OpenError;
-use crate::queue::{millis, random_u64, Core, JobStatus, QueueStore};
+use crate::queue::{millis, random_u64, wait_until_due, Core, JobStatus, QueueStore};
 use crate::state::{backoff, Counts, DeadLetter, Delivery, Failed, Location, Settings, Stale};
 use crate::{now_ms, NewMessage, PublishError, Published};
 
@@ -287,17 +287,25 @@ async fn confirmed(
     payload: &[u8],
     properties: BasicProperties,
 ) -> Result<(), String> {
-    let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
     let published = async {
-        let confirm = channel
-            .basic_publish("".into(), queue.into(), options, payload, properties)
-            .await
-            .map_err(error_text)?;
+        let confirm = send(channel, queue, payload, properties).await.map_err(error_text)?;
         took(confirm.await.map_err(error_text)?, queue)
     };
     tokio::time::timeout(BROKER_TIMEOUT, published)
         .await
         .unwrap_or_else(|_| Err(format!("the broker did not confirm within {BROKER_TIMEOUT:?}")))
+}
+
+/// Sends a persistent message to `queue`, `mandatory` so that one the broker cannot route
+/// comes back rather than vanishing; the confirm is the caller's to wait for.
+async fn send(
+    channel: &Channel,
+    queue: &str,
+    payload: &[u8],
+    properties: BasicProperties,
+) -> lapin::Result<lapin::PublisherConfirm> {
+    let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
+    channel.basic_publish("".into(), queue.into(), options, payload, properties).await
 }
 
 /// Whether the broker took a message it confirmed.
@@ -769,18 +777,9 @@ impl QueueStore for Amqp {
     async fn publish(self: &Arc<Self>, messages: Vec<NewMessage>) -> Result<Vec<Published>, PublishError> {
         let began = std::time::Instant::now();
         let now = now_ms();
-        for message in &messages {
-            let size = message.payload.len() as u64;
-            if size > self.core.limits.max_payload {
-                return Err(PublishError::TooLarge {
-                    queue: self.core.name.clone(),
-                    size,
-                    limit: self.core.limits.max_payload,
-                });
-            }
-        }
         if let Some(max) = self.core.limits.max_messages {
-            let held = self.broker_counts().ready + self.broker_counts().delayed;
+            let broker = self.broker_counts();
+            let held = broker.ready + broker.delayed;
             if held + messages.len() as u64 > max {
                 return Err(PublishError::Full {
                     queue: self.core.name.clone(),
@@ -891,25 +890,13 @@ impl QueueStore for Amqp {
 
     async fn wait_ready(self: &Arc<Self>) {
         self.start_consuming();
-        let notified = self.ready.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        let now = now_ms();
-        self.expire(now);
-        let next_end = {
+        wait_until_due(&self.ready, |now| {
+            self.expire(now);
             let local = self.lock();
-            if !local.buffered.is_empty() {
-                return;
-            }
-            local.leased.values().map(|held| held.until).min()
-        };
-        match next_end {
-            Some(at) => {
-                let _ = tokio::time::timeout(Duration::from_millis(at.saturating_sub(now).max(1)), notified)
-                    .await;
-            }
-            None => notified.await,
-        }
+            // Nothing buffered: the next lease to run out is when to look again.
+            local.buffered.is_empty().then(|| local.leased.values().map(|held| held.until).min())
+        })
+        .await
     }
 
     fn payload(&self, delivery: &Delivery) -> std::io::Result<Bytes> {
@@ -1142,14 +1129,7 @@ impl Amqp {
                 outcomes[index] = Some(self.put(&about, &message.payload, wait).await);
                 continue;
             }
-            let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
-            let sent = link.channel.basic_publish(
-                "".into(),
-                self.main_queue.as_str().into(),
-                options,
-                &message.payload,
-                about.properties(),
-            );
+            let sent = send(&link.channel, &self.main_queue, &message.payload, about.properties());
             match tokio::time::timeout_at(deadline, sent).await {
                 Ok(Ok(confirm)) => confirms.push((index, confirm)),
                 Ok(Err(err)) => outcomes[index] = Some(Err(err.to_string())),

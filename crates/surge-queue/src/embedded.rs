@@ -13,7 +13,7 @@ use bytes::Bytes;
 use tokio::sync::{oneshot, Notify};
 
 use crate::log::{Log, OpenError, Recovered};
-use crate::queue::{millis, random_u64, Core, JobStatus, QueueStore};
+use crate::queue::{millis, random_u64, wait_until_due, Core, JobStatus, QueueStore};
 use crate::record::{Record, Stored};
 use crate::state::{Counts, DeadLetter, Delivery, Failed, Location, QueueState, Settings, Stale};
 use crate::{now_ms, NewMessage, PublishError, Published};
@@ -218,16 +218,6 @@ impl QueueStore for Embedded {
     async fn publish(self: &Arc<Self>, messages: Vec<NewMessage>) -> Result<Vec<Published>, PublishError> {
         let now = now_ms();
         let began = std::time::Instant::now();
-        for message in &messages {
-            let size = message.payload.len() as u64;
-            if size > self.core.limits.max_payload {
-                return Err(PublishError::TooLarge {
-                    queue: self.core.name.clone(),
-                    size,
-                    limit: self.core.limits.max_payload,
-                });
-            }
-        }
         let mut answers: Vec<Option<Published>> = vec![None; messages.len()];
         let mut repeats = Vec::new();
         let mut fresh: Vec<(usize, Stored)> = Vec::new();
@@ -328,25 +318,12 @@ impl QueueStore for Embedded {
     /// Waits until a message may be ready: one was published, or a delay, backoff or lease
     /// ends.
     async fn wait_ready(self: &Arc<Self>) {
-        let notified = self.ready.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        let now = now_ms();
-        let next = {
+        wait_until_due(&self.ready, |now| {
             let mut inner = self.lock();
             self.expire(&mut inner, now);
-            if inner.state.has_ready(now) {
-                return;
-            }
-            inner.state.next_due(now)
-        };
-        match next {
-            Some(at) => {
-                let _ = tokio::time::timeout(Duration::from_millis(at.saturating_sub(now).max(1)), notified)
-                    .await;
-            }
-            None => notified.await,
-        }
+            (!inner.state.has_ready(now)).then(|| inner.state.next_due(now))
+        })
+        .await
     }
 
     /// The payload of a leased message.

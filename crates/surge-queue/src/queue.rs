@@ -151,10 +151,30 @@ pub(crate) struct JobStatus {
     pub error: Option<String>,
 }
 
+/// Waits until `ready` is notified or the time `look` gives comes (milliseconds since the
+/// epoch; `None`: no time, only a notification). `look` runs after the wake-up is armed, so a
+/// notification between the look and the wait is not lost; it answers `None` when something is
+/// ready already.
+pub(crate) async fn wait_until_due(ready: &Notify, look: impl FnOnce(u64) -> Option<Option<u64>>) {
+    let notified = ready.notified();
+    tokio::pin!(notified);
+    notified.as_mut().enable();
+    let now = crate::now_ms();
+    match look(now) {
+        None => {}
+        Some(Some(at)) => {
+            let _ =
+                tokio::time::timeout(Duration::from_millis(at.saturating_sub(now).max(1)), notified).await;
+        }
+        Some(None) => notified.await,
+    }
+}
+
 /// What a backend does. Both keep the same promises: a publish answers once the message is
 /// durable; a delivery is leased with a token and settled by it; a failure is retried with
 /// backoff until its attempts are used up, then dead-lettered.
 pub(crate) trait QueueStore {
+    /// Payloads are within `max_payload` already.
     async fn publish(self: &Arc<Self>, messages: Vec<NewMessage>) -> Result<Vec<Published>, PublishError>;
     /// Leases up to `max` ready messages (ending expired leases first).
     fn lease(self: &Arc<Self>, max: usize) -> Vec<Delivery>;
@@ -217,7 +237,9 @@ macro_rules! on_backend {
 }
 
 impl Core {
+    /// The queue's own part, its folder made if missing (the job key lives there).
     fn new(name: &str, dir: &Path, limits: Limits) -> Result<Core, OpenError> {
+        std::fs::create_dir_all(dir).map_err(|source| OpenError::Io { path: dir.to_owned(), source })?;
         Ok(Core {
             name: name.to_owned(),
             limits,
@@ -239,7 +261,6 @@ impl Queue {
         settings: Settings,
         limits: Limits,
     ) -> Result<(Arc<Queue>, Recovered), OpenError> {
-        std::fs::create_dir_all(dir).map_err(|source| OpenError::Io { path: dir.to_owned(), source })?;
         let core = Arc::new(Core::new(name, dir, limits)?);
         let (embedded, recovered) = Embedded::open(Arc::clone(&core), dir, settings)?;
         Ok((Arc::new(Queue { core, backend: Backend::Embedded(Arc::new(embedded)) }), recovered))
@@ -255,7 +276,6 @@ impl Queue {
         settings: Settings,
         limits: Limits,
     ) -> Result<Arc<Queue>, OpenError> {
-        std::fs::create_dir_all(dir).map_err(|source| OpenError::Io { path: dir.to_owned(), source })?;
         let core = Arc::new(Core::new(name, dir, limits)?);
         let amqp = Amqp::open(Arc::clone(&core), url, broker_queue, settings).await?;
         Ok(Arc::new(Queue { core, backend: Backend::Amqp(amqp) }))
@@ -276,6 +296,10 @@ impl Queue {
     /// Publishes `messages`, answering once all are durable (or were already there, by
     /// idempotency key).
     pub async fn publish(&self, messages: Vec<NewMessage>) -> Result<Vec<Published>, PublishError> {
+        let limit = self.core.limits.max_payload;
+        if let Some(size) = messages.iter().map(|m| m.payload.len() as u64).find(|size| *size > limit) {
+            return Err(PublishError::TooLarge { queue: self.core.name.clone(), size, limit });
+        }
         on_backend!(self, store => store.publish(messages).await)
     }
 
