@@ -115,6 +115,35 @@ def wrk(url, connections, core, duration=None, headers=()):
     return {"rps": rps, "p50": p50, "p99": p99, "requests": total}
 
 
+def measure(process, url, connections, duration=None, headers=()):
+    """wrk against `url`, with the CPU time `process` (and its children) spent per request."""
+    before = cpu_seconds(process.pid)
+    m = wrk(url, connections, SHARED_CORE, duration, headers)
+    m["cpu_us"] = (cpu_seconds(process.pid) - before) / max(m["requests"], 1) * 1e6
+    return m
+
+
+def median(measurements, keys):
+    """The median of each of `keys` over `measurements`."""
+    middle = lambda values: sorted(values)[len(values) // 2]
+    return {key: middle([m[key] for m in measurements]) for key in keys}
+
+
+def run_in_work(run):
+    """`run(work)` in a scratch folder whose processes are stopped and files removed after."""
+    work = Work()
+    try:
+        run(work)
+    finally:
+        work.close()
+
+
+def require(bench_name, tools, install):
+    for tool in tools:
+        if not shutil.which(tool):
+            sys.exit(f"{bench_name} needs {tool}: apt-get install -y {install}")
+
+
 class Work:
     def __init__(self):
         self.dir = tempfile.mkdtemp(prefix="surge-bench-proxy-")
@@ -149,8 +178,9 @@ class Work:
         return os.path.join(self.dir, name)
 
 
-def nginx_origin(work, port, sizes):
-    """nginx, one worker, serving `/<size>` from memory-cached files."""
+def nginx_origin(work, port, sizes, access_log=None, extra=""):
+    """nginx, one worker, serving `/<size>` from memory-cached files; logging requests to
+    `access_log` if given, with `extra` lines in its server block."""
     root = work.path("www")
     os.makedirs(root, exist_ok=True)
     for size in sizes:
@@ -165,7 +195,7 @@ pid {work.path('origin.pid')};
 error_log {work.path('origin-error.log')};
 events {{ worker_connections 4096; }}
 http {{
-  access_log off;
+  access_log {access_log or 'off'};
   keepalive_requests 10000000;
   open_file_cache max=16;
   client_body_temp_path {work.dir}; proxy_temp_path {work.dir}; fastcgi_temp_path {work.dir};
@@ -174,6 +204,7 @@ http {{
     listen 127.0.0.1:{port} reuseport backlog=4096;
     root {root};
     default_type application/octet-stream;
+    {extra}
   }}
 }}
 """)
@@ -295,16 +326,10 @@ def hold_idle_connections(port, count, path, batch=100):
 
 
 def main():
-    for tool in ["nginx", "haproxy", "wrk", "taskset"]:
-        if not shutil.which(tool):
-            sys.exit(f"bench/proxy needs {tool}: apt-get install -y nginx haproxy wrk")
+    require("bench/proxy", ["nginx", "haproxy", "wrk", "taskset"], "nginx haproxy wrk")
     if os.cpu_count() < 2:
         sys.exit("bench/proxy needs two cores: one for the proxy, one for the backend and wrk")
-    work = Work()
-    try:
-        run(work)
-    finally:
-        work.close()
+    run_in_work(run)
 
 
 def run(work):
@@ -329,9 +354,7 @@ def run(work):
             wrk(f"http://127.0.0.1:{port}{path_of(SIZES[0])}", 16, SHARED_CORE, "2s")  # warm-up
             for size in SIZES:
                 for connections in CONNECTIONS:
-                    before = cpu_seconds(process.pid)
-                    m = wrk(f"http://127.0.0.1:{port}{path_of(size)}", connections, SHARED_CORE)
-                    m["cpu_us"] = (cpu_seconds(process.pid) - before) / max(m["requests"], 1) * 1e6
+                    m = measure(process, f"http://127.0.0.1:{port}{path_of(size)}", connections)
                     results.append((backend, size, connections, name, m))
                     print(f"{backend:10} {size:>6} B {connections:>3} conns  {name:8} {m['rps']:>10,.0f} req/s"
                           f"  p50 {m['p50']:.2f} ms  p99 {m['p99']:.2f} ms  cpu {m['cpu_us']:.1f} µs/req",

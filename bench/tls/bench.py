@@ -56,28 +56,9 @@ def negotiated(port):
     return line.removeprefix("New, ").replace(", Cipher is ", " ")
 
 
-def measure(process, url, connections, headers=()):
-    before = bench.cpu_seconds(process.pid)
-    m = bench.wrk(url, connections, bench.SHARED_CORE, DURATION, headers)
-    m["cpu_us"] = (bench.cpu_seconds(process.pid) - before) / max(m["requests"], 1) * 1e6
-    return m
-
-
-def median(measurements):
-    """The median of each figure over rounds."""
-    middle = lambda values: sorted(values)[len(values) // 2]
-    return {key: middle([m[key] for m in measurements]) for key in ("rps", "p99", "cpu_us")}
-
-
 def main():
-    for tool in ["nginx", "wrk", "openssl", "taskset"]:
-        if not bench.shutil.which(tool):
-            sys.exit(f"bench/tls needs {tool}: apt-get install -y nginx wrk openssl")
-    work = bench.Work()
-    try:
-        run(work)
-    finally:
-        work.close()
+    bench.require("bench/tls", ["nginx", "wrk", "openssl", "taskset"], "nginx wrk openssl")
+    bench.run_in_work(run)
 
 
 def run(work):
@@ -96,8 +77,8 @@ def run(work):
             url = f"https://localhost:{port}/{SIZE}"
             bench.wrk(url, 16, bench.SHARED_CORE, "2s")  # warm-up
             suites[name] = negotiated(port)
-            kept = measure(process, url, CONNECTIONS)
-            fresh = measure(process, url, CONNECTIONS, ["Connection: close"])
+            kept = bench.measure(process, url, CONNECTIONS, DURATION)
+            fresh = bench.measure(process, url, CONNECTIONS, DURATION, ["Connection: close"])
             work.stop(process)
             rounds[name].append((kept, fresh))
             for what, m in [("keep-alive", kept), ("handshakes", fresh)]:
@@ -105,7 +86,7 @@ def run(work):
                       file=sys.stderr)
     results = []
     for name, measured in rounds.items():
-        kept, fresh = (median([m[i] for m in measured]) for i in (0, 1))
+        kept, fresh = (bench.median([m[i] for m in measured], ("rps", "p99", "cpu_us")) for i in (0, 1))
         results.append((name, suites[name], kept, fresh))
     report(results)
 

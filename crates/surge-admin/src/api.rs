@@ -29,3 +29,22 @@ pub struct ErrorResponse {
 pub struct ReloadResponse {
     pub reloaded: String,
 }
+
+/// `POST /cache/purge`: exactly one of `url`, `prefix`, `tag`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PurgeRequest {
+    pub url: Option<String>,
+    pub prefix: Option<String>,
+    pub tag: Option<String>,
+    /// Mark stale (served while refreshed, or on error) rather than drop.
+    #[serde(default)]
+    pub soft: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PurgeResponse {
+    /// Responses found on this node and in Redis.
+    pub purged: usize,
+    pub soft: bool,
+}

@@ -12,6 +12,10 @@
 //! - `POST /queues/{name}/leases/{id}` (renew), `.../ack`, `.../fail`: a worker that answered a
 //!   delivery 202 settles it itself, with the lease's token in `x-surge-lease-token`.
 //!
+//! - `POST /cache/purge` with `{"url": "http://host/path"}`, `{"prefix": "http://host/a/"}` or
+//!   `{"tag": "product-42"}`, and `"soft": true` to mark stale rather than drop: purges every
+//!   cached route, on every node sharing Redis; 404 when nothing matched.
+//!
 //! Every request passes [`Access`] first: a bearer token, a loopback Host, JSON for changes.
 
 mod access;
@@ -29,6 +33,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Json;
+use surge_cache::responses::{Purge, ResponseCaches};
 use surge_metrics::Metrics;
 use surge_pool::{Pools, ScaleError};
 use surge_queue::Queues;
@@ -44,6 +49,7 @@ pub type ReloadRequest = tokio::sync::oneshot::Sender<Result<String, String>>;
 struct AdminState {
     pools: Arc<Pools>,
     queues: Arc<Queues>,
+    caches: Arc<ResponseCaches>,
     metrics: Arc<Metrics>,
     reload: tokio::sync::mpsc::Sender<ReloadRequest>,
 }
@@ -52,12 +58,13 @@ struct AdminState {
 pub struct Handles {
     pub pools: Arc<Pools>,
     pub queues: Arc<Queues>,
+    pub caches: Arc<ResponseCaches>,
     pub metrics: Arc<Metrics>,
     pub reload: tokio::sync::mpsc::Sender<ReloadRequest>,
 }
 
 pub fn router(handles: Handles, access: Access) -> axum::Router {
-    let Handles { pools, queues, metrics, reload } = handles;
+    let Handles { pools, queues, caches, metrics, reload } = handles;
     axum::Router::new()
         .route("/status", get(status))
         .route("/services/{name}/scale", post(scale))
@@ -72,8 +79,9 @@ pub fn router(handles: Handles, access: Access) -> axum::Router {
         .route("/queues/{name}/leases/{id}", post(queues::renew))
         .route("/queues/{name}/leases/{id}/ack", post(queues::ack))
         .route("/queues/{name}/leases/{id}/fail", post(queues::fail))
+        .route("/cache/purge", post(purge_cache))
         .layer(axum::middleware::from_fn_with_state(Arc::new(access), guard))
-        .with_state(AdminState { pools, queues, metrics, reload })
+        .with_state(AdminState { pools, queues, caches, metrics, reload })
 }
 
 async fn reload_config(State(state): State<AdminState>) -> Response {
@@ -144,6 +152,34 @@ async fn scale(State(state): State<AdminState>, Path(name): Path<String>, body: 
             error(StatusCode::CONFLICT, err.to_string())
         }
     }
+}
+
+async fn purge_cache(State(state): State<AdminState>, body: Bytes) -> Response {
+    let request: api::PurgeRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(err) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(r#"expected a body like {{"url": "http://shop.example/products/1"}}: {err}"#),
+            )
+        }
+    };
+    let what = match (request.url, request.prefix, request.tag) {
+        (Some(url), None, None) => Purge::Url(url),
+        (None, Some(prefix), None) => Purge::Prefix(prefix),
+        (None, None, Some(tag)) => Purge::Tag(tag),
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "give exactly one of `url`, `prefix` and `tag`".to_owned(),
+            );
+        }
+    };
+    let purged = state.caches.purge(&what, request.soft).await;
+    if purged == 0 {
+        return error(StatusCode::NOT_FOUND, format!("nothing cached matches {what:?}"));
+    }
+    Json(api::PurgeResponse { purged, soft: request.soft }).into_response()
 }
 
 async fn metrics_text(State(state): State<AdminState>) -> Response {

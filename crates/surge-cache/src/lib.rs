@@ -35,6 +35,7 @@
 //! entries end with their TTL).
 
 mod metrics;
+pub mod responses;
 pub mod rules;
 
 use std::future::Future;
@@ -163,24 +164,18 @@ impl Cache {
         let redis = Arc::new(std::sync::OnceLock::new());
         let redis_task = match &config.redis {
             Some(url) => {
-                let (subscribed, listening) = tokio::sync::oneshot::channel();
-                let task = tokio::spawn(connect_and_listen(
-                    url.clone(),
-                    config.name.clone(),
-                    Arc::clone(&redis),
-                    local.clone(),
-                    Arc::clone(&metrics),
-                    subscribed,
-                ));
-                // Invalidations from here on reach this process, unless Redis is away or slow:
-                // then the cache starts local and takes Redis on when it answers.
-                if tokio::time::timeout(Duration::from_secs(2), listening).await.is_err() {
-                    tracing::warn!(
-                        "cache {}: Redis at {url} is not answering yet; local tier until it does",
-                        config.name
-                    );
-                }
-                Some(task)
+                let (local, counted) = (local.clone(), Arc::clone(&metrics));
+                let listen = Listen {
+                    url: url.clone(),
+                    name: config.name.clone(),
+                    channel: channel(&config.name),
+                    redis: Arc::clone(&redis),
+                };
+                let heard = move |key: String| {
+                    let local = local.clone();
+                    async move { local.invalidate(&key).await }
+                };
+                Some(listen.start(move || counted.count_redis_error(), heard).await)
             }
             None => None,
         };
@@ -294,14 +289,7 @@ impl Cache {
         what: &str,
         call: impl Future<Output = redis::RedisResult<T>>,
     ) -> Option<T> {
-        let cause = match tokio::time::timeout(REDIS_TIMEOUT, call).await {
-            Ok(Ok(answer)) => return Some(answer),
-            Ok(Err(err)) => err.to_string(),
-            Err(_) => "no answer in time".to_owned(),
-        };
-        self.metrics.count_redis_error();
-        tracing::warn!("cache {}: Redis {what} failed ({cause}); going on without it", self.config.name);
-        None
+        redis_call(&self.config.name, what, call, || self.metrics.count_redis_error()).await
     }
 
     /// Drops `key` here, in Redis, and (through Redis pub/sub) in every process sharing it.
@@ -327,6 +315,24 @@ impl Cache {
     }
 }
 
+/// One Redis call of the cache `name` within [`REDIS_TIMEOUT`]; a failure is told to `failed`
+/// and warned of, and the cache goes on without Redis.
+pub(crate) async fn redis_call<T>(
+    name: &str,
+    what: &str,
+    call: impl Future<Output = redis::RedisResult<T>>,
+    failed: impl FnOnce(),
+) -> Option<T> {
+    let cause = match tokio::time::timeout(REDIS_TIMEOUT, call).await {
+        Ok(Ok(answer)) => return Some(answer),
+        Ok(Err(err)) => err.to_string(),
+        Err(_) => "no answer in time".to_owned(),
+    };
+    failed();
+    tracing::warn!("cache {name}: Redis {what} failed ({cause}); going on without it");
+    None
+}
+
 fn channel(name: &str) -> String {
     format!("surge-cache:{name}:invalidate")
 }
@@ -344,17 +350,48 @@ async fn connect(url: &str) -> Result<(redis::Client, ConnectionManager), String
     Ok((client, manager))
 }
 
-/// Connects to Redis (again and again, with backoff, while it is away), makes it the cache's
-/// second tier, then drops from `local` every key another process invalidates, subscribing
-/// again when Redis goes away.
-async fn connect_and_listen(
-    url: String,
-    name: String,
-    redis: Arc<std::sync::OnceLock<ConnectionManager>>,
-    local: moka::future::Cache<String, Entry>,
-    metrics: Arc<CacheMetrics>,
+/// Where a cache's Redis tier is and the channel it hears on.
+pub(crate) struct Listen {
+    pub url: String,
+    /// The cache's name, for logs.
+    pub name: String,
+    pub channel: String,
+    /// Set once connected.
+    pub redis: Arc<std::sync::OnceLock<ConnectionManager>>,
+}
+
+impl Listen {
+    /// Connects and listens in a task, and waits (up to 2 s) until it listens: messages from
+    /// then on reach this process, unless Redis is away or slow; then the cache starts local
+    /// and takes Redis on when it answers.
+    pub(crate) async fn start<Fut>(
+        self,
+        failed: impl Fn() + Send + 'static,
+        heard: impl FnMut(String) -> Fut + Send + 'static,
+    ) -> tokio::task::JoinHandle<()>
+    where
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let (subscribed, listening) = tokio::sync::oneshot::channel();
+        let (name, url) = (self.name.clone(), self.url.clone());
+        let task = tokio::spawn(connect_and_listen(self, subscribed, failed, heard));
+        if tokio::time::timeout(Duration::from_secs(2), listening).await.is_err() {
+            tracing::warn!("cache {name}: Redis at {url} is not answering yet; local tier until it does");
+        }
+        task
+    }
+}
+
+/// Connects to Redis (again and again, with backoff, while it is away; each failure told to
+/// `failed`), makes it the cache's second tier, then hands every message on the channel to
+/// `heard`, subscribing again when Redis goes away.
+async fn connect_and_listen<Fut: Future<Output = ()>>(
+    listen: Listen,
     subscribed: tokio::sync::oneshot::Sender<()>,
+    failed: impl Fn(),
+    mut heard: impl FnMut(String) -> Fut,
 ) {
+    let Listen { url, name, channel, redis } = listen;
     let mut wait = Duration::from_millis(100);
     let client = loop {
         match connect(&url).await {
@@ -363,14 +400,13 @@ async fn connect_and_listen(
                 break client;
             }
             Err(err) => {
-                metrics.count_redis_error();
+                failed();
                 tracing::debug!("cache {name}: Redis at {url} cannot be reached ({err}); again in {wait:?}");
             }
         }
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(Duration::from_secs(5));
     };
-    let channel = channel(&name);
     let mut subscribed = Some(subscribed);
     let mut wait = Duration::from_millis(100);
     loop {
@@ -383,14 +419,14 @@ async fn connect_and_listen(
                     }
                     let mut messages = pubsub.on_message();
                     while let Some(message) = messages.next().await {
-                        if let Ok(key) = message.get_payload::<String>() {
-                            local.invalidate(&key).await;
+                        if let Ok(text) = message.get_payload::<String>() {
+                            heard(text).await;
                         }
                     }
                 }
             }
             Err(err) => {
-                tracing::debug!("cache {name}: cannot subscribe to invalidations ({err}); again in {wait:?}")
+                tracing::debug!("cache {name}: cannot subscribe to {channel} ({err}); again in {wait:?}")
             }
         }
         tokio::time::sleep(wait).await;

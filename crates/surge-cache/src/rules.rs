@@ -8,8 +8,8 @@
 use std::time::{Duration, SystemTime};
 
 use http::header::{
-    HeaderName, AGE, AUTHORIZATION, CACHE_CONTROL, DATE, ETAG, EXPIRES, IF_MODIFIED_SINCE, IF_NONE_MATCH,
-    LAST_MODIFIED, SET_COOKIE, VARY,
+    HeaderName, ACCEPT_ENCODING, AGE, AUTHORIZATION, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_TYPE, DATE,
+    ETAG, EXPIRES, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED, SET_COOKIE, VARY,
 };
 use http::{HeaderMap, Method, StatusCode};
 
@@ -266,28 +266,170 @@ pub fn vary_fields(response: &HeaderMap) -> Option<Vec<HeaderName>> {
 pub fn variant(request: &HeaderMap, vary: &[HeaderName]) -> String {
     let mut variant = String::new();
     for name in vary {
-        // Blanks around values do not make a variant; case does (a token or a cookie is
-        // case-sensitive).
-        let values: Vec<&str> = request
-            .get_all(name)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-            .collect();
         variant.push_str(name.as_str());
         variant.push('=');
-        variant.push_str(&values.join(","));
+        if name == ACCEPT_ENCODING {
+            // Clients spell it a hundred ways; what matters is which codings they take.
+            variant.push_str(&accepted_codings(request));
+        } else {
+            variant.push_str(&field_values(request, name));
+        }
         variant.push('\n');
     }
     variant
 }
 
+/// The codings a request accepts (q above 0), lower case, sorted, joined by commas;
+/// `identity` when none: the variant of an instance's response that varies by them.
+pub fn accepted_codings(request: &HeaderMap) -> String {
+    let mut codings: Vec<String> = Vec::new();
+    for value in request.get_all(ACCEPT_ENCODING) {
+        let text = escaped(value.as_bytes());
+        for item in text.split(',') {
+            let mut parts = item.split(';');
+            let coding = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+            let refused = parts.any(|p| {
+                let p = p.trim().to_ascii_lowercase();
+                p.strip_prefix("q=").and_then(|q| q.trim().parse::<f32>().ok()).is_some_and(|q| q <= 0.0)
+            });
+            let coding = if coding == "x-gzip" { "gzip".to_owned() } else { coding };
+            if !coding.is_empty() && !refused {
+                codings.push(coding);
+            }
+        }
+    }
+    codings.sort();
+    codings.dedup();
+    if codings.is_empty() {
+        "identity".to_owned()
+    } else {
+        codings.join(",")
+    }
+}
+
+/// A content coding the cache compresses stored responses with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Coding {
+    Brotli,
+    Gzip,
+}
+
+impl Coding {
+    pub fn token(self) -> &'static str {
+        match self {
+            Coding::Brotli => "br",
+            Coding::Gzip => "gzip",
+        }
+    }
+}
+
+/// The coding a request's `Accept-Encoding` prefers among brotli and gzip: the higher q-value,
+/// brotli on a tie (it is smaller); `q=0` refuses one, `*` stands for any not named.
+pub fn preferred_coding(request: &HeaderMap) -> Option<Coding> {
+    let (mut brotli, mut gzip, mut any) = (None::<f32>, None::<f32>, None::<f32>);
+    for value in request.get_all(ACCEPT_ENCODING) {
+        let Ok(text) = value.to_str() else { continue };
+        for item in text.split(',') {
+            let mut parts = item.split(';');
+            let coding = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+            let q = parts
+                .filter_map(|p| p.trim().strip_prefix("q=").or_else(|| p.trim().strip_prefix("Q=")))
+                .find_map(|q| q.trim().parse::<f32>().ok())
+                .unwrap_or(1.0);
+            match coding.as_str() {
+                "br" => brotli = Some(q),
+                "gzip" | "x-gzip" => gzip = Some(q),
+                "*" => any = Some(q),
+                _ => {}
+            }
+        }
+    }
+    let brotli = brotli.or(any).unwrap_or(0.0);
+    let gzip = gzip.or(any).unwrap_or(0.0);
+    if brotli > 0.0 && brotli >= gzip {
+        Some(Coding::Brotli)
+    } else if gzip > 0.0 {
+        Some(Coding::Gzip)
+    } else {
+        None
+    }
+}
+
+/// Whether a stored response is worth compressing for clients: a 200 of a textual type, at
+/// least 1 KiB, not compressed already, and not `no-transform`.
+pub fn compressible(status: StatusCode, response: &HeaderMap, length: usize) -> bool {
+    let kind = response.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let kind = kind.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let textual = kind.starts_with("text/")
+        || kind.ends_with("+json")
+        || kind.ends_with("+xml")
+        || matches!(
+            kind.as_str(),
+            "application/json"
+                | "application/javascript"
+                | "application/xml"
+                | "application/wasm"
+                | "image/svg+xml"
+                | "application/x-javascript"
+        );
+    status == StatusCode::OK
+        && textual
+        && length >= 1024
+        && !response.contains_key(CONTENT_ENCODING)
+        && !directives_have(response, "no-transform")
+}
+
+fn directives_have(headers: &HeaderMap, wanted: &str) -> bool {
+    headers
+        .get_all(CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|directive| directive.trim().eq_ignore_ascii_case(wanted))
+}
+
+/// A field's values joined by commas, blanks around them dropped: blanks do not make a
+/// variant, case does (a token or a cookie is case-sensitive). Bytes outside visible ASCII,
+/// and `%`, are written `%XX`: two values that differ only there are still two variants.
+pub fn field_values(request: &HeaderMap, name: &HeaderName) -> String {
+    let values: Vec<String> = request
+        .get_all(name)
+        .iter()
+        .map(|v| escaped(v.as_bytes()))
+        .flat_map(|v| v.split(',').map(|part| part.trim().to_owned()).collect::<Vec<_>>())
+        .filter(|v| !v.is_empty())
+        .collect();
+    values.join(",")
+}
+
+fn escaped(bytes: &[u8]) -> String {
+    let mut text = String::with_capacity(bytes.len());
+    for &byte in bytes {
+        if (byte == b' ' || byte.is_ascii_graphic()) && byte != b'%' {
+            text.push(byte as char);
+        } else {
+            text.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    text
+}
+
+/// `host:port` without its port (`[::1]:80` keeps its brackets).
+fn without_port(host: &str) -> &str {
+    if let Some(end) = host.strip_prefix('[').and_then(|rest| rest.find(']')) {
+        return &host[..end + 2];
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    }
+}
+
 /// The key a response is kept under: the scheme (a redirect to HTTPS kept for HTTP must not
 /// answer HTTPS), the host, the path and the query (its parameters sorted when `sort_query`,
 /// so `?b=1&a=2` and `?a=2&b=1` share an entry), and the values of the route's key fields.
-/// HEAD is answered from GET's entry, so the method is not in it.
+/// HEAD is answered from GET's entry, so the method is not in it. The host's port is not in
+/// it either: routing ignores it, so `shop.example:80` and `shop.example` are one site.
 pub fn key(
     scheme: &str,
     host: &str,
@@ -296,7 +438,7 @@ pub fn key(
     sort_query: bool,
     fields: &[(HeaderName, String)],
 ) -> String {
-    let mut key = format!("{scheme}://{}{path}", host.to_ascii_lowercase());
+    let mut key = format!("{scheme}://{}{path}", without_port(host).to_ascii_lowercase());
     if let Some(query) = query.filter(|q| !q.is_empty()) {
         key.push('?');
         if sort_query {
@@ -393,8 +535,7 @@ pub fn usable_on_error(stored: &Storable, stored_at: SystemTime, now: SystemTime
 pub fn not_modified(request: &HeaderMap, response: &HeaderMap) -> bool {
     if let Some(wanted) = request.get(IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
         let Some(tag) = response.get(ETAG).and_then(|v| v.to_str().ok()) else { return false };
-        let weak = |tag: &str| tag.trim().trim_start_matches("W/").to_owned();
-        return wanted.trim() == "*" || wanted.split(',').any(|candidate| weak(candidate) == weak(tag));
+        return etag_listed(wanted, tag);
     }
     let since = request
         .get(IF_MODIFIED_SINCE)
@@ -407,22 +548,32 @@ pub fn not_modified(request: &HeaderMap, response: &HeaderMap) -> bool {
     matches!((since, modified), (Some(since), Some(modified)) if modified <= since)
 }
 
+/// Whether an `If-None-Match` list names `tag`, or is `*` (weak comparison).
+pub fn etag_listed(wanted: &str, tag: &str) -> bool {
+    wanted.trim() == "*" || wanted.split(',').any(|candidate| same_entity(candidate, tag))
+}
+
+/// Weak comparison of two entity tags (RFC 9110 §8.8.3.2): equal once `W/` is set aside.
+pub fn same_entity(one: &str, other: &str) -> bool {
+    let weak = |tag: &str| tag.trim().trim_start_matches("W/").to_owned();
+    weak(one) == weak(other)
+}
+
 /// How the cache handled a response, for `Cache-Status` (RFC 9211).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Handled {
-    Hit {
-        ttl_left: i64,
-    },
-    StaleHit {
-        ttl_left: i64,
-    },
-    /// Forwarded to the instance: why, its status, whether the answer was stored, whether
-    /// this request waited for another's.
+    /// Served from the cache; a negative ttl says how stale it was.
+    Hit { ttl_left: i64 },
+    /// Forwarded to the instance: why (`miss`, `stale`, `request`, `uri-miss`, `method`), its
+    /// status, whether the answer was stored, whether this request waited for another's, the
+    /// freshness of what was served, and a detail (`stale-if-error`).
     Forward {
         why: &'static str,
         status: u16,
         stored: bool,
         collapsed: bool,
+        ttl_left: Option<i64>,
+        detail: Option<&'static str>,
     },
 }
 
@@ -430,15 +581,19 @@ pub enum Handled {
 pub fn cache_status(name: &str, handled: &Handled) -> String {
     match handled {
         Handled::Hit { ttl_left } => format!("{name}; hit; ttl={ttl_left}"),
-        // A negative ttl says how stale it was.
-        Handled::StaleHit { ttl_left } => format!("{name}; hit; ttl={ttl_left}"),
-        Handled::Forward { why, status, stored, collapsed } => {
+        Handled::Forward { why, status, stored, collapsed, ttl_left, detail } => {
             let mut value = format!("{name}; fwd={why}; fwd-status={status}");
             if *stored {
                 value.push_str("; stored");
             }
             if *collapsed {
                 value.push_str("; collapsed");
+            }
+            if let Some(ttl) = ttl_left {
+                value.push_str(&format!("; ttl={ttl}"));
+            }
+            if let Some(detail) = detail {
+                value.push_str(&format!("; detail={detail}"));
             }
             value
         }

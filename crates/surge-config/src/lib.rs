@@ -17,8 +17,8 @@ pub use error::{ConfigError, ConfigErrors, Site};
 pub use model::{
     AdminConfig, Backend, Balance, BufferConfig, CertificateFiles, ClientTimeouts, Config, GatewayConfig,
     HealthConfig, InstanceBounds, LifecycleConfig, OutlierConfig, ProcessLimits, Publish, QueueBackend,
-    QueueConfig, RateKey, RateLimit, RetryConfig, Route, RunAs, ScheduleConfig, ServiceConfig, TimeoutConfig,
-    TlsConfig, Upstream, UpstreamProtocol, UpstreamTlsConfig, WorkerConfig,
+    QueueConfig, RateKey, RateLimit, RetryConfig, Route, RouteCache, RunAs, ScheduleConfig, ServiceConfig,
+    StaticConfig, TimeoutConfig, TlsConfig, Upstream, UpstreamProtocol, UpstreamTlsConfig, WorkerConfig,
 };
 pub use validate::check_listeners;
 

@@ -21,6 +21,25 @@ pub struct Config {
     pub queues: Vec<QueueConfig>,
     pub workers: Vec<WorkerConfig>,
     pub schedules: Vec<ScheduleConfig>,
+    /// Folders served as files, in the order the file declares them.
+    pub statics: Vec<StaticConfig>,
+}
+
+/// `[static.NAME]`: files under `root` answer the routes, with the route's prefix taken off
+/// the path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticConfig {
+    pub name: String,
+    /// A folder, relative paths taken from the configuration file's.
+    pub root: PathBuf,
+    pub routes: Vec<Route>,
+    /// Served for a folder's path (`index.html`, say); `None`: a folder is 404.
+    pub index: Option<String>,
+    /// `Cache-Control` by file name pattern (`*.css`), the first that matches.
+    pub cache_control: Vec<(String, String)>,
+    /// Names with a content hash (`app.3f2a9c1b.js`) get `public, max-age=31536000, immutable`
+    /// when no pattern matched.
+    pub fingerprinted: bool,
 }
 
 /// A message published to a queue on a cron schedule.
@@ -337,6 +356,34 @@ pub struct Route {
     pub max_body: Option<u64>,
     /// Its requests go to this queue, answered 202 with where to find the result.
     pub async_queue: Option<String>,
+    /// Its responses are cached by the gateway, as HTTP's caching rules allow.
+    pub cache: Option<RouteCache>,
+}
+
+/// A route's response cache (`cache = { ... }`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteCache {
+    /// Freshness for responses that say nothing of it; `None`: they are not stored.
+    pub default_ttl: Option<Duration>,
+    /// How long past its freshness a response may be served while it is refreshed, or when
+    /// the instances fail, unless it says so itself (`stale-while-revalidate`, `stale-if-error`).
+    pub grace: Duration,
+    /// Store responses that set cookies.
+    pub store_set_cookie: bool,
+    /// A request's `Cache-Control: no-cache` or `max-age` may send it past the cache.
+    pub obey_request_no_cache: bool,
+    /// `?b=1&a=2` and `?a=2&b=1` are one entry.
+    pub sort_query: bool,
+    /// Request fields whose values are part of the key, lower case.
+    pub key_headers: Vec<String>,
+    /// Larger responses are passed through, not stored.
+    pub max_object: u64,
+    /// The in-process tier's bound, in bytes.
+    pub memory: u64,
+    /// How long concurrent misses for one key wait for the first one's answer.
+    pub collapse_timeout: Duration,
+    /// Use the Redis tier (`store.redis`) when there is one.
+    pub shared: bool,
 }
 
 /// A token bucket per client: `rate` requests per `per`, bursts of up to `burst`.

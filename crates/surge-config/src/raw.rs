@@ -31,6 +31,28 @@ pub(crate) struct RawConfig {
     pub workers: BTreeMap<String, Spanned<RawWorker>>,
     #[serde(default)]
     pub schedules: BTreeMap<String, Spanned<RawSchedule>>,
+    #[serde(default, rename = "static")]
+    pub statics: BTreeMap<String, Spanned<RawStatic>>,
+}
+
+/// `[static.NAME]`: a folder served as files.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawStatic {
+    pub root: Option<Spanned<String>>,
+    pub routes: Option<Spanned<Vec<Spanned<RawRoute>>>>,
+    pub index: Option<String>,
+    #[serde(default)]
+    pub cache_control: Vec<RawCacheControl>,
+    pub fingerprinted: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCacheControl {
+    #[serde(rename = "match")]
+    pub pattern: String,
+    pub value: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -350,6 +372,22 @@ pub(crate) struct RawRoute {
     pub max_body: Option<ByteSize>,
     /// The queue its requests are enqueued to, answered 202 (an async request-reply route).
     pub async_queue: Option<String>,
+    pub cache: Option<RawRouteCache>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawRouteCache {
+    pub default_ttl: Option<Duration>,
+    pub grace: Option<Duration>,
+    pub store_set_cookie: bool,
+    pub obey_request_no_cache: bool,
+    pub sort_query: bool,
+    pub key_headers: Vec<String>,
+    pub max_object: Option<ByteSize>,
+    pub memory: Option<ByteSize>,
+    pub collapse_timeout: Option<Duration>,
+    pub shared: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -385,6 +423,7 @@ impl<'de> Deserialize<'de> for RawRoute {
             max_body: Option<ByteSize>,
             #[serde(rename = "async")]
             async_queue: Option<String>,
+            cache: Option<RawRouteCache>,
         }
         fn root() -> String {
             "/".to_owned()
@@ -404,6 +443,7 @@ impl<'de> Deserialize<'de> for RawRoute {
                     rate_limit: None,
                     max_body: None,
                     async_queue: None,
+                    cache: None,
                 })
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawRoute, A::Error> {
@@ -415,6 +455,7 @@ impl<'de> Deserialize<'de> for RawRoute {
                     rate_limit: table.rate_limit,
                     max_body: table.max_body,
                     async_queue: table.async_queue,
+                    cache: table.cache,
                 })
             }
         }

@@ -53,6 +53,10 @@ pub(crate) fn validate(raw: RawConfig, source: &str, file: &Path) -> Result<Conf
         .into_iter()
         .filter_map(|(name, service)| v.service(name, service, Some(&mut routes)))
         .collect();
+    let mut statics: Vec<_> = raw.statics.into_iter().collect();
+    statics.sort_by_key(|(_, site)| site.span().start);
+    let statics =
+        statics.into_iter().filter_map(|(name, site)| v.static_site(name, site, &mut routes)).collect();
     let queues = v.queues(raw.queues);
     let workers = v.workers(raw.workers, &queues, &services);
     let schedules = v.schedules(raw.schedules);
@@ -69,7 +73,17 @@ pub(crate) fn validate(raw: RawConfig, source: &str, file: &Path) -> Result<Conf
         other => other.map(Spanned::into_inner),
     };
     if v.errors.is_empty() {
-        Ok(Config { file: file.to_owned(), gateway, admin, services, redis, queues, workers, schedules })
+        Ok(Config {
+            file: file.to_owned(),
+            gateway,
+            admin,
+            services,
+            redis,
+            queues,
+            workers,
+            schedules,
+            statics,
+        })
     } else {
         v.errors.sort_by_key(|e| (e.site.line, e.site.column));
         Err(ConfigErrors(v.errors))
@@ -650,7 +664,8 @@ impl Validator<'_> {
         for (index, route) in raw.into_inner().into_iter().enumerate() {
             let span = route.span();
             let route_key = format!("{key}[{index}]");
-            let raw::RawRoute { prefix, host, retry, rate_limit, max_body, async_queue } = route.into_inner();
+            let raw::RawRoute { prefix, host, retry, rate_limit, max_body, async_queue, cache } =
+                route.into_inner();
             if let Some(queue) = &async_queue {
                 if !self.names_a_queue(span.clone(), &format!("{route_key}.async"), queue) {
                     continue;
@@ -678,9 +693,28 @@ impl Validator<'_> {
                 }
                 host => host.map(|h| h.to_ascii_lowercase()),
             };
+            let cache = match cache.map(to_route_cache) {
+                Some(Err((field, message))) => {
+                    self.error(span, format!("{route_key}.cache{field}"), message);
+                    continue;
+                }
+                Some(Ok(_)) if async_queue.is_some() => {
+                    let message = "an async route answers 202 with a job's place; it has nothing to cache";
+                    self.error(span, format!("{route_key}.cache"), message);
+                    continue;
+                }
+                other => other.and_then(Result::ok),
+            };
             let max_body = max_body.map(|size| size.0);
-            let normalised =
-                Route { prefix: normalise_prefix(&prefix), host, retry, rate_limit, max_body, async_queue };
+            let normalised = Route {
+                prefix: normalise_prefix(&prefix),
+                host,
+                retry,
+                rate_limit,
+                max_body,
+                async_queue,
+                cache,
+            };
             let site = self.site(span, route_key);
             if let Some(earlier) = table.insert(&normalised, service, &prefix, site.clone()) {
                 self.errors.push(site.error(earlier));
@@ -689,6 +723,72 @@ impl Validator<'_> {
             routes.push(normalised);
         }
         routes
+    }
+
+    /// `[static.NAME]`: its folder must exist; its routes are checked against every other.
+    fn static_site(
+        &mut self,
+        name: String,
+        raw: Spanned<raw::RawStatic>,
+        table: &mut RouteTable,
+    ) -> Option<StaticConfig> {
+        let key = format!("static.{name}");
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let routes = self.routes(&key, &key, span.clone(), raw.routes, table);
+        if routes
+            .iter()
+            .any(|route| route.cache.is_some() || route.async_queue.is_some() || route.rate_limit.is_some())
+        {
+            let message =
+                "a static route takes a prefix and a host only: files carry ETag and Cache-Control already, \
+                           and rate limits apply to services";
+            self.error(span.clone(), format!("{key}.routes"), message);
+        }
+        let Some(root) = raw.root else {
+            self.error(
+                span,
+                format!("{key}.root"),
+                r#"missing `root`: the folder to serve, such as "./public""#,
+            );
+            return None;
+        };
+        let dir = self.file.parent().unwrap_or(Path::new("."));
+        let path = dir.join(root.get_ref());
+        if !path.is_dir() {
+            self.error(root.span(), format!("{key}.root"), format!("{} is not a folder", path.display()));
+            return None;
+        }
+        if let Some(index) =
+            raw.index.as_deref().filter(|index| index.is_empty() || index.contains(['/', '\\']))
+        {
+            self.error(
+                span,
+                format!("{key}.index"),
+                format!(r#""{index}" must be a file name, such as "index.html""#),
+            );
+            return None;
+        }
+        let mut cache_control = Vec::new();
+        for (i, rule) in raw.cache_control.into_iter().enumerate() {
+            if http::HeaderValue::from_str(&rule.value).is_err() {
+                self.error(
+                    span.clone(),
+                    format!("{key}.cache_control[{i}].value"),
+                    "not a valid header value",
+                );
+                continue;
+            }
+            cache_control.push((rule.pattern, rule.value));
+        }
+        Some(StaticConfig {
+            name,
+            root: path,
+            routes,
+            index: raw.index,
+            cache_control,
+            fingerprinted: raw.fingerprinted.unwrap_or(true),
+        })
     }
 
     /// The user and group from `/etc/passwd` and `/etc/group`; switching to them needs root.
@@ -892,6 +992,46 @@ fn to_rate_limit(raw: raw::RawRateLimit) -> Result<RateLimit, String> {
         },
     };
     Ok(RateLimit { rate: raw.rate, per: raw.per.0, burst: raw.burst.unwrap_or(raw.rate).max(1), key })
+}
+
+/// A route's cache settings with their defaults; an error names the field (".memory", say).
+fn to_route_cache(raw: raw::RawRouteCache) -> Result<RouteCache, (&'static str, String)> {
+    let mut key_headers = Vec::new();
+    for name in raw.key_headers {
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return Err((".key_headers", format!(r#""{name}" is not a header field name"#)));
+        }
+        key_headers.push(name.to_ascii_lowercase());
+    }
+    let max_object = raw.max_object.map_or(1 << 20, |size| size.0);
+    let memory = raw.memory.map_or(64 << 20, |size| size.0);
+    if max_object == 0 {
+        return Err((".max_object", "must be more than 0 bytes".to_owned()));
+    }
+    if memory < max_object {
+        return Err((
+            ".memory",
+            format!("{memory} bytes cannot hold one object of max_object ({max_object} bytes)"),
+        ));
+    }
+    if raw.default_ttl.is_some_and(|ttl| ttl.0.is_zero()) {
+        return Err((
+            ".default_ttl",
+            "must be more than 0; leave it out to store only what says how long it is fresh".to_owned(),
+        ));
+    }
+    Ok(RouteCache {
+        default_ttl: raw.default_ttl.map(|ttl| ttl.0),
+        grace: raw.grace.map_or(Duration::ZERO, |grace| grace.0),
+        store_set_cookie: raw.store_set_cookie,
+        obey_request_no_cache: raw.obey_request_no_cache,
+        sort_query: raw.sort_query,
+        key_headers,
+        max_object,
+        memory,
+        collapse_timeout: raw.collapse_timeout.map_or(Duration::from_secs(5), |wait| wait.0),
+        shared: raw.shared.unwrap_or(true),
+    })
 }
 
 /// "/api/" and "/api" match the same paths on segment boundaries, so they are one prefix.

@@ -10,6 +10,8 @@ pub(crate) struct Knobs {
     pub cpu: Option<Duration>,
     pub status: Option<StatusCode>,
     pub bytes: Option<u64>,
+    /// `header=NAME:VALUE` (VALUE percent-decoded), added to the response; repeatable.
+    pub headers: Vec<(String, String)>,
 }
 
 impl Knobs {
@@ -29,11 +31,22 @@ impl Knobs {
                     knobs.bytes =
                         Some(value.parse().map_err(|_| format!("bytes={value} is not a number of bytes"))?)
                 }
+                "header" => {
+                    let decoded = percent_decode(value);
+                    let (field, text) =
+                        decoded.split_once(':').ok_or_else(|| format!("header={value} is not NAME:VALUE"))?;
+                    knobs.headers.push((field.to_owned(), text.to_owned()));
+                }
                 _ => {}
             }
         }
         Ok(knobs)
     }
+}
+
+/// `%XX` decoded (and `+` kept as it is: a knob's value is not a form).
+fn percent_decode(value: &str) -> String {
+    percent_encoding::percent_decode_str(value).decode_utf8_lossy().into_owned()
 }
 
 fn duration(name: &str, value: &str) -> Result<Duration, String> {
@@ -47,7 +60,10 @@ mod tests {
 
     #[test]
     fn parses_every_knob() {
-        let knobs = Knobs::parse("delay=50ms&cpu=2ms&status=503&bytes=100&cachebust=1").expect("valid");
+        let knobs = Knobs::parse(
+            "delay=50ms&cpu=2ms&status=503&bytes=100&cachebust=1&header=cache-control:max-age%3D60,%20public",
+        )
+        .expect("valid");
         assert_eq!(
             knobs,
             Knobs {
@@ -55,6 +71,7 @@ mod tests {
                 cpu: Some(Duration::from_millis(2)),
                 status: Some(StatusCode::SERVICE_UNAVAILABLE),
                 bytes: Some(100),
+                headers: vec![("cache-control".into(), "max-age=60, public".into())],
             }
         );
         assert_eq!(Knobs::parse("").expect("empty"), Knobs::default());
@@ -65,5 +82,6 @@ mod tests {
         assert!(Knobs::parse("delay=soon").is_err());
         assert!(Knobs::parse("status=42").is_err());
         assert!(Knobs::parse("bytes=-1").is_err());
+        assert!(Knobs::parse("header=no-colon").is_err());
     }
 }

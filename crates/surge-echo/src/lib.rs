@@ -3,7 +3,11 @@
 //! It listens on `$PORT` and answers every request with a JSON echo of the method, path,
 //! query and headers, or with knobs in the query string:
 //! `?delay=50ms` waits, `?cpu=5ms` busy-works, `?status=503` sets the status, `?bytes=N`
-//! streams an N-byte body. `/healthz` answers 200. Every response carries
+//! streams an N-byte body, `?header=NAME:VALUE` (percent-encoded, repeatable) adds a response
+//! field; a request whose `If-None-Match` matches the `ETag` so added is answered 304.
+//! With `SURGE_ECHO_REQUEST_LOG=FILE`, every request but health checks appends
+//! `METHOD TARGET INSTANCE` to FILE, so tests can count what reached the instances.
+//! `/healthz` answers 200. Every response carries
 //! `x-surge-instance: $SURGE_INSTANCE`. SIGTERM stops it gracefully.
 //!
 //! Two variables model a real service's limits: `SURGE_ECHO_CONCURRENCY=N` serves at most N
@@ -104,8 +108,10 @@ pub fn run() -> Result<(), String> {
         Err(_) => None,
     };
     let journal = std::env::var_os("SURGE_ECHO_JOURNAL").map(std::path::PathBuf::from);
+    let request_log = std::env::var_os("SURGE_ECHO_REQUEST_LOG").map(std::path::PathBuf::from);
     let echo = Echo {
         journal: journal.map(Arc::from),
+        request_log: request_log.map(Arc::from),
         instance: instance.into(),
         limit: limit.map(|l| Arc::new(Semaphore::new(l))),
         idle_timeout,
@@ -125,6 +131,8 @@ pub fn run() -> Result<(), String> {
 struct Echo {
     /// Where worker deliveries are written down.
     journal: Option<Arc<std::path::Path>>,
+    /// Where every request is written down.
+    request_log: Option<Arc<std::path::Path>>,
     instance: Arc<str>,
     limit: Option<Arc<Semaphore>>,
     idle_timeout: Option<Duration>,
@@ -210,6 +218,16 @@ async fn handle(mut request: Request<Incoming>, echo: Echo) -> Result<Response<E
         return Ok(response);
     }
     let healthz = request.uri().path() == "/healthz";
+    if let (Some(log), false) = (&echo.request_log, healthz) {
+        let target = request.uri().path_and_query().map_or("/", |target| target.as_str());
+        let line = format!("{} {target} {}\n", request.method(), echo.instance);
+        if let Err(err) = write_journal(log, &line) {
+            return Ok(text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("cannot write the request log: {err}\n"),
+            ));
+        }
+    }
     match echo.faulty {
         Some(Fault::Hang) if !healthz => std::future::pending::<()>().await,
         // Failing the service makes hyper close the connection without an answer.
@@ -252,6 +270,41 @@ async fn respond(request: Request<Incoming>) -> Response<EchoBody> {
     if let Some(cpu) = knobs.cpu {
         busy_work(cpu);
     }
+    let mut response = shaped(&parts, &knobs, body_bytes);
+    // A knob's field replaces the echo's own (Content-Type, say); repeated, it is appended.
+    for (name, _) in &knobs.headers {
+        response.headers_mut().remove(name.as_str());
+    }
+    for (name, value) in &knobs.headers {
+        match (http::HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+            (Ok(name), Ok(value)) => {
+                response.headers_mut().append(name, value);
+            }
+            _ => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    &format!("header={name}:{value} is not a valid field\n"),
+                )
+            }
+        }
+    }
+    let etag = response.headers().get(http::header::ETAG);
+    let wanted = parts.headers.get(http::header::IF_NONE_MATCH);
+    if etag.is_some() && etag == wanted {
+        let mut not_modified = Response::new(EchoBody::full(Bytes::new()));
+        *not_modified.status_mut() = StatusCode::NOT_MODIFIED;
+        for name in [http::header::ETAG, http::header::CACHE_CONTROL] {
+            for value in response.headers().get_all(&name) {
+                not_modified.headers_mut().append(name.clone(), value.clone());
+            }
+        }
+        return not_modified;
+    }
+    response
+}
+
+/// The response the knobs ask for, before its added fields.
+fn shaped(parts: &http::request::Parts, knobs: &Knobs, body_bytes: u64) -> Response<EchoBody> {
     let status = knobs.status.unwrap_or(StatusCode::OK);
     if let Some(bytes) = knobs.bytes {
         let mut response = Response::new(EchoBody::repeat(bytes));

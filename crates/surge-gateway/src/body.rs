@@ -23,7 +23,7 @@ const REPLAYABLE_LIMIT: u64 = 64 * 1024;
 pin_project_lite::pin_project! {
     pub struct GatewayBody {
         #[pin]
-        inner: Payload<UpstreamBody>,
+        inner: Payload<Source>,
         instance: Option<InFlight>,
         gauge: Option<GaugeGuard>,
     }
@@ -35,7 +35,26 @@ impl GatewayBody {
     }
 
     pub(crate) fn upstream(body: UpstreamBody, instance: InFlight) -> Self {
-        GatewayBody { inner: Payload::Streaming { body }, instance: Some(instance), gauge: None }
+        GatewayBody {
+            inner: Payload::Streaming { body: http_body_util::Either::Left(body) },
+            instance: Some(instance),
+            gauge: None,
+        }
+    }
+
+    /// A body of the gateway's own that streams (a file's).
+    pub(crate) fn streaming<B>(body: B) -> Self
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        use http_body_util::BodyExt;
+        let body = body.map_err(Into::into).boxed_unsync();
+        GatewayBody {
+            inner: Payload::Streaming { body: http_body_util::Either::Right(body) },
+            instance: None,
+            gauge: None,
+        }
     }
 
     /// The instance that answered, for an instance's response.
@@ -87,6 +106,10 @@ impl Drop for GaugeGuard {
 
 /// An instance's response body: read by the gateway's own HTTP/1.1 client, or by hyper's.
 pub type UpstreamBody = http_body_util::Either<Http1Body, Incoming>;
+
+/// Where a streamed response body comes from: an instance, or the gateway itself (files).
+type Source =
+    http_body_util::Either<UpstreamBody, http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>>;
 
 pin_project_lite::pin_project! {
     /// A body kept whole (small request bodies, so a failed try can be sent again; the

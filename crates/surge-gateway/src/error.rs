@@ -13,6 +13,10 @@ use crate::server::BodyError;
 pub enum GatewayError {
     #[error("no route matches host {host:?} and path {path:?}")]
     NoRoute { host: String, path: String },
+    #[error("no file for {path:?}")]
+    NoFile { path: String },
+    #[error("files are served to GET and HEAD only")]
+    MethodNotAllowed,
     #[error("bad request: {what}")]
     BadRequest { what: &'static str },
     #[error("the request body could not be read: {cause}")]
@@ -46,7 +50,8 @@ pub enum GatewayError {
 impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
-            GatewayError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            GatewayError::NoRoute { .. } | GatewayError::NoFile { .. } => StatusCode::NOT_FOUND,
+            GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::BadRequest { .. } | GatewayError::BadRequestBody { .. } => StatusCode::BAD_REQUEST,
             GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
@@ -90,6 +95,8 @@ impl GatewayError {
     pub fn code(&self) -> &'static str {
         match self {
             GatewayError::NoRoute { .. } => "no_route",
+            GatewayError::NoFile { .. } => "no_file",
+            GatewayError::MethodNotAllowed => "method_not_allowed",
             GatewayError::BadRequest { .. } => "bad_request",
             GatewayError::BadRequestBody { .. } => "bad_request_body",
             GatewayError::BodyTooLarge { .. } => "body_too_large",

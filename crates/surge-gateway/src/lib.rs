@@ -7,8 +7,10 @@
 //! Resilience layers (retries, budgets, load shedding) slot into the same stack.
 
 mod body;
+mod cache;
 mod client;
 mod error;
+mod files;
 mod path;
 mod problem;
 mod queues;
@@ -29,6 +31,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use http::header::{HOST, STRICT_TRANSPORT_SECURITY};
 use http::{HeaderValue, Request, Response};
+use surge_cache::responses::{ResponseCache, ResponseCaches, ResponseSettings};
 use surge_config::Config;
 use surge_pool::Pool;
 use tokio::net::TcpListener;
@@ -58,28 +61,33 @@ pub struct Gateway {
     limiters: Vec<Arc<RateLimiter>>,
 }
 
+/// Who answers a route.
+enum Serves {
+    /// A service, through its stack (its index in `Gateway::services`).
+    Service(usize),
+    /// A static folder; the route's prefix comes off the path.
+    Files { site: Arc<files::StaticSite>, prefix: String },
+}
+
 /// What a matched route leads to.
 struct RouteTarget {
-    service: usize,
+    serves: Serves,
     retry: bool,
     limiter: Option<Arc<RateLimiter>>,
     max_body: u64,
     /// An async route: its requests are enqueued here and answered 202.
     async_queue: Option<Arc<surge_queue::Queue>>,
+    cache: Option<Arc<ResponseCache>>,
 }
 
 impl Gateway {
     /// Builds the route table and one layer stack per service of `config`. A route whose rate
     /// limit `previous` (the gateway a reload replaces) had unchanged keeps its limiter, and
-    /// so its clients' buckets: a reload gives nobody a fresh burst.
-    pub fn new(
-        config: &Config,
-        pools: &[Arc<Pool>],
-        queues: Arc<surge_queue::Queues>,
-        metrics: GatewayMetrics,
-        store: RateStore,
-        previous: Option<&Gateway>,
-    ) -> Self {
+    /// so its clients' buckets: a reload gives nobody a fresh burst. A cached route whose
+    /// cache settings did not change keeps what it stored.
+    pub fn new(config: &Config, pools: &[Arc<Pool>], shared: &Shared, previous: Option<&Gateway>) -> Self {
+        let Shared { queues, metrics, store, caches } = shared.clone();
+        let mut cached_routes = Vec::new();
         let kept = previous.map_or(&[][..], |gateway| gateway.limiters.as_slice());
         let mut limiters: Vec<Arc<RateLimiter>> = Vec::new();
         let mut routes = Vec::new();
@@ -89,9 +97,13 @@ impl Gateway {
             let Some(pool) = pools.iter().find(|pool| pool.name() == service.name) else { continue };
             let index = services.len();
             routes.extend(service.routes.iter().map(|route| {
+                let name =
+                    format!("{}:{}{}", service.name, route.host.as_deref().unwrap_or(""), route.prefix);
+                let cache = route.cache.as_ref().map(|settings| {
+                    cached_routes.push(name.clone());
+                    caches.for_route(response_settings(&name, settings))
+                });
                 let limiter = route.rate_limit.clone().map(|limit| {
-                    let name =
-                        format!("{}:{}{}", service.name, route.host.as_deref().unwrap_or(""), route.prefix);
                     let same = kept.iter().find(|old| old.name() == name && *old.limit() == limit);
                     let limiter = same
                         .cloned()
@@ -109,11 +121,33 @@ impl Gateway {
                 }
                 (
                     route.clone(),
-                    RouteTarget { service: index, retry: route.retry, limiter, max_body, async_queue },
+                    RouteTarget {
+                        serves: Serves::Service(index),
+                        retry: route.retry,
+                        limiter,
+                        max_body,
+                        async_queue,
+                        cache,
+                    },
                 )
             }));
             let stack = stack::build(pool, &metrics);
             services.push(stack);
+        }
+        caches.keep_only(&cached_routes.iter().map(String::as_str).collect::<Vec<_>>());
+        for site in &config.statics {
+            let files = Arc::new(files::StaticSite::new(site));
+            routes.extend(site.routes.iter().map(|route| {
+                let target = RouteTarget {
+                    serves: Serves::Files { site: Arc::clone(&files), prefix: route.prefix.clone() },
+                    retry: false,
+                    limiter: None,
+                    max_body: config.gateway.max_body,
+                    async_queue: None,
+                    cache: None,
+                };
+                (route.clone(), target)
+            }));
         }
         let trusted_proxies = config.gateway.trusted_proxies.clone();
         let listening = server::Listening::new(&config.gateway);
@@ -164,6 +198,8 @@ impl Gateway {
                 response: Some(GatewayError::NoRoute { host, path }.into_response()),
             };
         };
+        // The key of a cached response holds the host as the client wrote it.
+        let cache_host = target.cache.as_ref().map(|_| host.unwrap_or_default().to_owned());
         if let Err(err) = request.body_mut().limit(target.max_body) {
             let err = GatewayError::client_body(&err);
             return Handled::Answered { response: Some(err.into_response()) };
@@ -188,7 +224,27 @@ impl Gateway {
                 }),
             };
         }
-        let stack = gateway.services[target.service].clone();
+        let service = match &target.serves {
+            Serves::Service(service) => *service,
+            Serves::Files { site, prefix } => {
+                let (site, prefix) = (Arc::clone(site), prefix.clone());
+                return Handled::Limited {
+                    response: Box::pin(async move { files::serve(site, request, &prefix).await }),
+                };
+            }
+        };
+        let stack = gateway.services[service].clone();
+        if let (Some(cache), Some(host)) = (&target.cache, cache_host) {
+            let (gateway, cache, limiter) = (Arc::clone(gateway), Arc::clone(cache), target.limiter.clone());
+            return Handled::Limited {
+                response: Box::pin(async move {
+                    if let Some(refused) = gateway.over_limit(limiter.as_deref(), &request).await {
+                        return refused;
+                    }
+                    cache::serve(cache, stack, request, host).await
+                }),
+            };
+        }
         let Some(limiter) = &target.limiter else {
             return Handled::Stack { response: stack.oneshot(request) };
         };
@@ -224,6 +280,37 @@ impl Gateway {
         }
         self.metrics.rate_limited.inc();
         Some(GatewayError::RateLimited { limit: limiter.limit().rate, verdict }.into_response())
+    }
+}
+
+/// What every gateway a run builds shares, reloads included.
+#[derive(Clone)]
+pub struct Shared {
+    pub queues: Arc<surge_queue::Queues>,
+    pub metrics: GatewayMetrics,
+    pub store: RateStore,
+    pub caches: Arc<ResponseCaches>,
+}
+
+fn response_settings(name: &str, route: &surge_config::RouteCache) -> ResponseSettings {
+    ResponseSettings {
+        name: name.to_owned(),
+        policy: surge_cache::rules::Policy {
+            default_ttl: route.default_ttl,
+            store_set_cookie: route.store_set_cookie,
+            grace: route.grace,
+            obey_request_no_cache: route.obey_request_no_cache,
+        },
+        sort_query: route.sort_query,
+        key_headers: route
+            .key_headers
+            .iter()
+            .filter_map(|name| http::HeaderName::from_bytes(name.as_bytes()).ok())
+            .collect(),
+        max_object: route.max_object,
+        memory: route.memory,
+        collapse_timeout: route.collapse_timeout,
+        shared: route.shared,
     }
 }
 

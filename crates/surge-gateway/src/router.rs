@@ -56,6 +56,7 @@ mod tests {
             rate_limit: None,
             max_body: None,
             async_queue: None,
+            cache: None,
         }
     }
 

@@ -37,14 +37,7 @@ pub fn run(path: &Path) -> Result<(), Failure> {
         config.admin.listen
     );
     for service in &config.services {
-        let routes: Vec<String> = service
-            .routes
-            .iter()
-            .map(|r| match &r.host {
-                Some(host) => format!("{host}{}", r.prefix),
-                None => r.prefix.clone(),
-            })
-            .collect();
+        let routes = route_list(&service.routes);
         let bounds = service.instances;
         let instances = match &service.backend {
             Backend::Command { command, .. } => format!(
@@ -96,7 +89,26 @@ pub fn run(path: &Path) -> Result<(), Failure> {
     for schedule in &config.schedules {
         println!("  schedule {}: \"{}\" to {}", schedule.name, schedule.cron, schedule.queue);
     }
+    for site in &config.statics {
+        println!(
+            "  static {}: {} from {}",
+            site.name,
+            route_list(&site.routes).join(" "),
+            site.root.display()
+        );
+    }
     Ok(())
+}
+
+/// Each route as `host/prefix`, marked `(cached)` when it has a response cache.
+fn route_list(routes: &[surge_config::Route]) -> Vec<String> {
+    routes
+        .iter()
+        .map(|r| {
+            let cached = if r.cache.is_some() { " (cached)" } else { "" };
+            format!("{}{}{cached}", r.host.as_deref().unwrap_or(""), r.prefix)
+        })
+        .collect()
 }
 
 fn plural(count: usize) -> &'static str {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use surge_config::Config;
-use surge_gateway::{Gateway, GatewayMetrics, LiveGateway, RateStore};
+use surge_gateway::{Gateway, LiveGateway, Shared};
 use surge_pool::{Pool, Pools};
 
 /// Everything a reload replaces or reads.
@@ -21,10 +21,9 @@ pub struct Running {
     pub config: Config,
     pub gateway: LiveGateway,
     pub pools: Arc<Pools>,
-    pub queues: Arc<surge_queue::Queues>,
     pub certificates: Option<Arc<surge_tls::Certificates>>,
-    pub metrics: GatewayMetrics,
-    pub store: RateStore,
+    /// What every gateway shares: queues, metrics, rate-limit store, response caches.
+    pub shared: Shared,
 }
 
 impl Running {
@@ -57,16 +56,8 @@ impl Running {
         if let Some((in_use, prepared)) = certificates {
             in_use.install(prepared);
         }
-        let queues = Arc::clone(&self.queues);
         let previous = self.gateway.load();
-        let gateway = Gateway::new(
-            &config,
-            &change.pools,
-            queues,
-            self.metrics.clone(),
-            self.store.clone(),
-            Some(&previous),
-        );
+        let gateway = Gateway::new(&config, &change.pools, &self.shared, Some(&previous));
         self.gateway.store(Arc::new(gateway));
         self.pools.install(change.pools);
         let summary = summary(&change.started, &change.retired, &self.config, &config);

@@ -105,14 +105,19 @@ async fn serve(config: Config, path: std::path::PathBuf) -> Result<(), Failure> 
     metrics.register(|registry| registry.register_collector(Box::new(queue_metrics)));
     let pools = Arc::new(Pools::start(&config.pools(), Arc::new(ProcessDriver), &pool_metrics));
     let store = surge_gateway::RateStore::connect(config.redis.as_deref()).await?;
-    let gateway: LiveGateway = Arc::new(ArcSwap::from_pointee(Gateway::new(
-        &config,
-        &pools.list(),
-        Arc::clone(&queues),
-        gateway_metrics.clone(),
-        store.clone(),
-        None,
-    )));
+    let caches = surge_cache::responses::ResponseCaches::open(config.redis.as_deref()).await;
+    metrics.register(|registry| {
+        registry
+            .register_collector(Box::new(surge_cache::responses::ResponseCacheMetrics(Arc::clone(&caches))))
+    });
+    let shared = surge_gateway::Shared {
+        queues: Arc::clone(&queues),
+        metrics: gateway_metrics,
+        store,
+        caches: Arc::clone(&caches),
+    };
+    let gateway: LiveGateway =
+        Arc::new(ArcSwap::from_pointee(Gateway::new(&config, &pools.list(), &shared, None)));
     let (stop_delivery, delivery_stopping) = watch::channel(false);
     for worker in &config.workers {
         if let (Some(queue), Some(pool)) = (queues.get(&worker.queue), pools.get(&worker.pool.name)) {
@@ -175,6 +180,7 @@ async fn serve(config: Config, path: std::path::PathBuf) -> Result<(), Failure> 
     let handles = surge_admin::Handles {
         pools: Arc::clone(&pools),
         queues: Arc::clone(&queues),
+        caches,
         metrics: Arc::clone(&metrics),
         reload: reload_requests,
     };
@@ -195,10 +201,8 @@ async fn serve(config: Config, path: std::path::PathBuf) -> Result<(), Failure> 
         config,
         gateway,
         pools: Arc::clone(&pools),
-        queues: Arc::clone(&queues),
         certificates: certificates_in_use,
-        metrics: gateway_metrics,
-        store,
+        shared,
     };
     let first = loop {
         let reply = tokio::select! {

@@ -457,11 +457,25 @@ fn variants_follow_vary_with_values_normalised() {
     assert_eq!(one, same, "blanks and field-name case do not make a variant");
     assert_ne!(one, other);
     assert_ne!(one, other_case, "values keep their case");
+    let raw = |bytes: &[u8]| {
+        let mut headers = HeaderMap::new();
+        headers.insert("cookie", http::HeaderValue::from_bytes(bytes).expect("obs-text is allowed"));
+        variant(&headers, &[HeaderName::from_static("cookie")])
+    };
+    assert_ne!(raw(b"name=Jos\xc3\xa9"), raw(b"name=Jos\xc3\xa8"), "bytes beyond ASCII count");
+    assert_ne!(raw(b"name=Jos\xc3\xa9"), raw(b""), "a value beyond ASCII is not no value");
+    assert_ne!(raw(b"a%C3"), raw(b"a\xc3"), "an escape is not the byte");
     assert_eq!(vary_fields(&fields(&[("vary", "accept, *")])), None);
 }
 
 #[test]
 fn keys_hold_host_path_query_and_the_route_fields() {
+    assert_eq!(
+        key("https", "shop.example:8443", "/items", None, false, &[]),
+        key("https", "shop.example", "/items", None, false, &[]),
+        "routing ignores the port, so does the key"
+    );
+    assert_eq!(key("http", "[::1]:8080", "/", None, false, &[]), "http://[::1]/");
     let a = key("https", "Shop.example", "/items", Some("b=1&a=2"), true, &[]);
     assert_eq!(a, key("https", "shop.example", "/items", Some("a=2&b=1"), true, &[]));
     assert_ne!(
@@ -514,7 +528,82 @@ fn conditional_requests_are_answered_not_modified_by_the_validators() {
 #[test]
 fn cache_status_says_what_happened() {
     assert_eq!(cache_status("surge", &Handled::Hit { ttl_left: 42 }), "surge; hit; ttl=42");
-    assert_eq!(cache_status("surge", &Handled::StaleHit { ttl_left: -3 }), "surge; hit; ttl=-3");
-    let forwarded = Handled::Forward { why: "miss", status: 200, stored: true, collapsed: true };
+    assert_eq!(cache_status("surge", &Handled::Hit { ttl_left: -3 }), "surge; hit; ttl=-3");
+    let forwarded = Handled::Forward {
+        why: "miss",
+        status: 200,
+        stored: true,
+        collapsed: true,
+        ttl_left: None,
+        detail: None,
+    };
     assert_eq!(cache_status("surge", &forwarded), "surge; fwd=miss; fwd-status=200; stored; collapsed");
+    let on_error = Handled::Forward {
+        why: "stale",
+        status: 503,
+        stored: false,
+        collapsed: false,
+        ttl_left: Some(-5),
+        detail: Some("stale-if-error"),
+    };
+    assert_eq!(
+        cache_status("surge", &on_error),
+        "surge; fwd=stale; fwd-status=503; ttl=-5; detail=stale-if-error"
+    );
+}
+
+#[test]
+fn the_preferred_coding_follows_accept_encoding() {
+    let coding = |value: &str| preferred_coding(&fields(&[("accept-encoding", value)]));
+    assert_eq!(coding("gzip, deflate, br"), Some(Coding::Brotli), "brotli on a tie");
+    assert_eq!(coding("gzip"), Some(Coding::Gzip));
+    assert_eq!(coding("br;q=0.5, gzip;q=0.9"), Some(Coding::Gzip));
+    assert_eq!(coding("br;q=0, gzip;q=0"), None);
+    assert_eq!(coding("identity"), None);
+    assert_eq!(coding("*"), Some(Coding::Brotli));
+    assert_eq!(coding("*;q=0, gzip"), Some(Coding::Gzip));
+    assert_eq!(preferred_coding(&HeaderMap::new()), None);
+    let vary = [HeaderName::from_static("accept-encoding")];
+    let of = |value: &str| variant(&fields(&[("accept-encoding", value)]), &vary);
+    assert_eq!(
+        of("gzip, deflate, br"),
+        of("br,gzip ,DEFLATE"),
+        "one variant per set of codings, however spelt"
+    );
+    assert_ne!(
+        of("gzip, deflate, br, zstd"),
+        of("gzip, deflate, br"),
+        "a zstd body must not reach a client without it"
+    );
+    assert_ne!(of("deflate"), of(""), "nor a deflate body a client that takes none");
+    assert_eq!(of("gzip;q=0"), of(""), "refused is not accepted");
+    assert_eq!(of("x-gzip"), of("gzip"));
+}
+
+#[test]
+fn only_textual_uncompressed_responses_are_compressed() {
+    let with = |pairs: &[(&str, &str)]| fields(pairs);
+    assert!(compressible(StatusCode::OK, &with(&[("content-type", "text/html; charset=utf-8")]), 2048));
+    assert!(compressible(StatusCode::OK, &with(&[("content-type", "application/problem+json")]), 2048));
+    assert!(!compressible(StatusCode::OK, &with(&[("content-type", "image/png")]), 2048));
+    assert!(!compressible(StatusCode::OK, &with(&[("content-type", "text/html")]), 100), "too small to gain");
+    assert!(!compressible(
+        StatusCode::OK,
+        &with(&[("content-type", "text/html"), ("content-encoding", "gzip")]),
+        2048
+    ));
+    assert!(!compressible(
+        StatusCode::OK,
+        &with(&[("content-type", "text/css"), ("cache-control", "public, no-transform")]),
+        2048
+    ));
+    assert!(!compressible(StatusCode::NOT_FOUND, &with(&[("content-type", "text/html")]), 2048));
+}
+
+#[test]
+fn etags_compare_weakly() {
+    assert!(etag_listed("W/\"1-2\"", "W/\"1-2\""));
+    assert!(etag_listed("\"x\", W/\"1-2\"", "W/\"1-2\""));
+    assert!(etag_listed("*", "W/\"1-2\""));
+    assert!(!etag_listed("W/\"1-3\"", "W/\"1-2\""));
 }
