@@ -511,7 +511,6 @@ impl Validator<'_> {
     ) -> surge_scale::ScaleConfig {
         use surge_scale::Metric;
         let key = format!("{key}.autoscale");
-        let table_span = raw.span();
         let raw = raw.into_inner();
         let defaults = surge_scale::ScaleConfig::default();
         let metric = match &raw.metric {
@@ -537,11 +536,11 @@ impl Validator<'_> {
             Metric::Cpu => 0.7,
             Metric::LatencyP95 => 0.5,
         };
-        // CPU and latency targets are already the level to hold; concurrency and rps leave
-        // Knative's 30% headroom for bursts.
+        // Rps leaves Knative's 30% headroom for bursts; concurrency gets its headroom from
+        // square-root staffing; CPU and latency targets are already the level to hold.
         let default_utilization = match metric {
-            Metric::Concurrency | Metric::Rps => defaults.utilization,
-            Metric::Cpu | Metric::LatencyP95 => 1.0,
+            Metric::Rps => 0.7,
+            Metric::Concurrency | Metric::Cpu | Metric::LatencyP95 => defaults.utilization,
         };
         let mut number =
             |value: Option<Spanned<f64>>, name: &str, default: f64, valid: fn(f64) -> bool, rule: &str| {
@@ -562,13 +561,6 @@ impl Validator<'_> {
             default_utilization,
             |v| v > 0.0 && v <= 1.0,
             "must be above 0 and at most 1",
-        );
-        let panic_threshold = number(
-            raw.panic_threshold,
-            "panic_threshold",
-            defaults.panic_threshold,
-            |v| v >= 1.0,
-            "must be at least 1",
         );
         let max_scale_up_rate = number(
             raw.max_scale_up_rate,
@@ -591,13 +583,23 @@ impl Validator<'_> {
             |v| (0.0..1.0).contains(&v),
             "must be from 0 to below 1",
         );
-        let stable_window =
-            self.duration(raw.stable_window, format!("{key}.stable_window"), defaults.stable_window);
-        let panic_window =
-            self.duration(raw.panic_window, format!("{key}.panic_window"), defaults.panic_window);
-        if panic_window > stable_window {
-            self.error(table_span.clone(), key.clone(), "panic_window must not be longer than stable_window");
+        // The keys of the panic-mode policy that Surge's policy replaced.
+        let removed = [
+            ("stable_window", raw.stable_window.as_ref().map(|v| v.span())),
+            ("panic_window", raw.panic_window.as_ref().map(|v| v.span())),
+            ("panic_threshold", raw.panic_threshold.as_ref().map(|v| v.span())),
+        ];
+        for (name, span) in removed {
+            if let Some(span) = span {
+                self.error(
+                    span,
+                    format!("{key}.{name}"),
+                    "is no longer a setting: the policy has no panic mode; a rise in load counts \
+                     in full once it has held for `persistence` (default 2s), see docs/autoscaling.md",
+                );
+            }
         }
+        let persistence = self.duration(raw.persistence, format!("{key}.persistence"), defaults.persistence);
         let scale_down_delay = match raw.scale_down_delay {
             Some(d) => d.get_ref().0,
             None => defaults.scale_down_delay,
@@ -606,17 +608,13 @@ impl Validator<'_> {
             metric,
             target,
             utilization,
-            stable_window,
-            panic_window,
-            panic_threshold,
+            persistence,
             max_scale_up_rate,
             max_scale_down_rate,
             scale_down_delay,
             tolerance,
             idle_window: self.duration(raw.idle_window, format!("{key}.idle_window"), defaults.idle_window),
             tick: defaults.tick,
-            littles_law: defaults.littles_law,
-            burst_at_once: defaults.burst_at_once,
             min: bounds.min,
             max: bounds.max,
         }

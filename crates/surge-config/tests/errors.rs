@@ -174,13 +174,14 @@ fn port_in_use_names_the_listen_key() {
 #[test]
 fn autoscale_takes_its_bounds_from_instances() {
     let source = format!(
-        "{GOOD_SERVICE}instances = {{ min = 0, max = 6 }}\nautoscale = {{ metric = \"rps\", target = 50, panic_window = \"3s\" }}\n"
+        "{GOOD_SERVICE}instances = {{ min = 0, max = 6 }}\nautoscale = {{ metric = \"rps\", target = 50, persistence = \"3s\" }}\n"
     );
     let config = surge_config::parse(&source, Path::new("surge.toml")).expect("valid");
     let scale = config.services[0].autoscale.clone().expect("autoscaled");
     assert_eq!((scale.min, scale.max, scale.target), (0, 6, 50.0));
     assert_eq!(scale.metric, surge_scale::Metric::Rps);
-    assert_eq!(scale.panic_window, std::time::Duration::from_secs(3));
+    assert_eq!(scale.persistence, std::time::Duration::from_secs(3));
+    assert_eq!(scale.utilization, 0.7, "rps keeps headroom");
     assert_eq!(config.services[0].buffer.requests, 1000);
 }
 
@@ -190,6 +191,8 @@ fn bad_autoscale_values() {
     assert_single(&source, "services.api.autoscale.metric", 5, "not a metric");
     let source = format!("{GOOD_SERVICE}autoscale = {{ utilization = 1.5 }}\n");
     assert_single(&source, "services.api.autoscale.utilization", 5, "at most 1");
+    let source = format!("{GOOD_SERVICE}autoscale = {{ panic_window = \"6s\" }}\n");
+    assert_single(&source, "services.api.autoscale.panic_window", 5, "held for `persistence`");
 }
 
 #[test]

@@ -259,7 +259,11 @@ impl Supervisor {
                 member.passed_checks += 1;
                 if instance.transition(InstanceState::Starting, InstanceState::Ready) {
                     member.ready_since = Some(Instant::now());
-                    tracing::info!("{} is ready after {:?}", instance.id, instance.launched.elapsed());
+                    let startup = instance.launched.elapsed();
+                    tracing::info!("{} is ready after {startup:?}", instance.id);
+                    if let Some(autoscaler) = &mut self.autoscaler {
+                        autoscaler.last_startup = Some(startup);
+                    }
                 } else if member.passed_checks >= healthy_threshold
                     && instance.transition(InstanceState::Unhealthy, InstanceState::Ready)
                 {
@@ -398,6 +402,7 @@ impl Supervisor {
             latency_p95: self.pool.load.take_quantile(0.95).map(|d| d.as_secs_f64()),
             // CPU of the instances that were there both times: a new one counts from its start.
             cpu: ((cpu_seconds - autoscaler.cpu_before).max(0.0)) / seconds,
+            startup: autoscaler.last_startup,
         };
         autoscaler.served_before = served;
         autoscaler.cpu_before = cpu_seconds;
@@ -628,6 +633,8 @@ struct Autoscaler {
     served_by_gone: u64,
     served_before: u64,
     cpu_before: f64,
+    /// Launch to ready of the latest instance that became ready.
+    last_startup: Option<Duration>,
     /// Requests are waiting: decide at once instead of at the next period.
     decide_now: bool,
 }
@@ -644,6 +651,7 @@ impl Autoscaler {
             served_by_gone: 0,
             served_before: 0,
             cpu_before: 0.0,
+            last_startup: None,
             decide_now: false,
         }
     }

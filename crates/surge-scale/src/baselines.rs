@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use crate::policy::{Decision, Policy, ScaleConfig, Signals, SurgePolicy};
+use crate::policy::{Decision, Policy, Signals};
 
 /// What a Kubernetes HPA scales on.
 #[derive(Debug, Clone, Copy)]
@@ -114,27 +114,93 @@ impl Policy for Hpa {
     }
 }
 
-/// Knative's KPA with its defaults: 60 s stable and 6 s panic windows, panic at 200%, a 2 s
-/// tick, scale-up rate 1000, scale-down rate 2, no scale-down delay, no tolerance band, and
-/// the measured concurrency as its signal, averaged over each window.
-pub fn kpa(target: f64, utilization: f64, min: u32, max: u32) -> SurgePolicy {
-    SurgePolicy::named(
-        "knative-kpa",
-        ScaleConfig {
-            target,
-            utilization,
-            max_scale_up_rate: 1000.0,
-            max_scale_down_rate: 2.0,
-            scale_down_delay: Duration::ZERO,
-            tolerance: 0.0,
-            tick: Duration::from_secs(2),
-            littles_law: false,
-            burst_at_once: false,
+/// Knative's KPA (`pkg/autoscaler/scaling/autoscaler.go` in knative/serving, with the defaults
+/// of `config-autoscaler`): every 2 s, the measured concurrency (which counts requests queued at
+/// the pod and in the activator) averaged over a 60 s stable and a 6 s panic window; desired
+/// pods are `ceil(average / (target × utilisation))`. The panic window asking for 200% of the
+/// ready pods starts panic mode, in which the count never decreases; panic ends a stable window
+/// after the threshold was last crossed. Scale-up at most 1000x and scale-down at most 2x the
+/// ready pods per decision; no scale-down delay; an idle pool goes to zero after the 30 s
+/// scale-to-zero grace period.
+#[derive(Debug, Clone)]
+pub struct Kpa {
+    per_pod: f64,
+    min: u32,
+    max: u32,
+    samples: VecDeque<(Duration, f64)>,
+    panic_until: Option<Duration>,
+    last_request: Option<Duration>,
+}
+
+const KPA_TICK: Duration = Duration::from_secs(2);
+const KPA_STABLE_WINDOW: Duration = Duration::from_secs(60);
+const KPA_PANIC_WINDOW: Duration = Duration::from_secs(6);
+const KPA_PANIC_THRESHOLD: f64 = 2.0;
+const KPA_MAX_SCALE_UP_RATE: f64 = 1000.0;
+const KPA_MAX_SCALE_DOWN_RATE: f64 = 2.0;
+const KPA_SCALE_TO_ZERO_GRACE: Duration = Duration::from_secs(30);
+
+impl Kpa {
+    pub fn new(target: f64, utilization: f64, min: u32, max: u32) -> Self {
+        Kpa {
+            per_pod: (target * utilization).max(f64::EPSILON),
             min,
             max,
-            ..ScaleConfig::default()
-        },
-    )
+            samples: VecDeque::new(),
+            panic_until: None,
+            last_request: None,
+        }
+    }
+
+    fn average_over(&self, now: Duration, window: Duration) -> f64 {
+        let within: Vec<f64> =
+            self.samples.iter().filter(|(at, _)| now.saturating_sub(*at) < window).map(|(_, v)| *v).collect();
+        within.iter().sum::<f64>() / within.len().max(1) as f64
+    }
+}
+
+impl Policy for Kpa {
+    fn name(&self) -> &str {
+        "knative-kpa"
+    }
+
+    fn period(&self) -> Duration {
+        KPA_TICK
+    }
+
+    fn decide(&mut self, signals: &Signals, current: u32) -> Decision {
+        let now = signals.now;
+        self.samples.push_back((now, signals.concurrency));
+        while self.samples.front().is_some_and(|(at, _)| now.saturating_sub(*at) >= KPA_STABLE_WINDOW) {
+            self.samples.pop_front();
+        }
+        if signals.concurrency > 0.0 {
+            self.last_request = Some(now);
+        }
+        let ready = signals.ready;
+        let want = |average: f64| (average / self.per_pod).ceil() as u32;
+        let stable = want(self.average_over(now, KPA_STABLE_WINDOW));
+        let panic_want = want(self.average_over(now, KPA_PANIC_WINDOW));
+        let over_threshold = if ready == 0 {
+            panic_want > 0
+        } else {
+            f64::from(panic_want) / f64::from(ready) >= KPA_PANIC_THRESHOLD
+        };
+        if over_threshold {
+            self.panic_until = Some(now + KPA_STABLE_WINDOW);
+        }
+        let panic = self.panic_until.is_some_and(|until| now < until);
+        let mut desired = if panic { panic_want.max(current) } else { stable };
+        let up_limit = (f64::from(ready.max(1)) * KPA_MAX_SCALE_UP_RATE).ceil() as u32;
+        let down_limit = (f64::from(ready) / KPA_MAX_SCALE_DOWN_RATE).floor() as u32;
+        desired = desired.min(up_limit.max(current)).max(down_limit.min(current));
+        let idle = self.last_request.is_none_or(|last| now.saturating_sub(last) >= KPA_SCALE_TO_ZERO_GRACE);
+        if desired == 0 && !idle {
+            desired = 1;
+        }
+        let reason = format!("stable wants {stable}, panic window wants {panic_want}");
+        Decision { desired: desired.clamp(self.min, self.max), panic, reason }
+    }
 }
 
 /// AWS target tracking on CPU: one datapoint a minute; scale out when three in a row are above

@@ -311,6 +311,8 @@ impl Sim<'_> {
             latency_p95: (!self.latencies_since_tick.is_empty())
                 .then(|| percentile(&mut self.latencies_since_tick, 0.95)),
             cpu: self.busy_integral / dt / f64::from(self.model.slots),
+            // Every instance takes the model's start-up time, the initial ones included.
+            startup: Some(Duration::from_secs_f64(self.model.startup_s)),
         };
         self.demand_integral = 0.0;
         self.busy_integral = 0.0;

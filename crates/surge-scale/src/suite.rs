@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Serialize;
 use surge_shape::Shape;
 
-use crate::baselines::{kpa, AwsTargetTracking, Hpa};
+use crate::baselines::{AwsTargetTracking, Hpa, Kpa};
 use crate::policy::{Policy, ScaleConfig, SurgePolicy};
 use crate::sim::{self, Model, Run};
 
@@ -117,7 +117,7 @@ pub fn policies(model: &Model) -> Vec<Box<dyn Policy + Send>> {
     let surge = ScaleConfig { target: slots, min, max, ..ScaleConfig::default() };
     vec![
         Box::new(SurgePolicy::new(surge)),
-        Box::new(kpa(slots, 0.7, min, max)),
+        Box::new(Kpa::new(slots, 0.7, min, max)),
         Box::new(Hpa::cpu(0.7, min, max)),
         Box::new(Hpa::keda(slots * 0.7, min, max)),
         Box::new(AwsTargetTracking::cpu(0.7, min, max)),

@@ -24,7 +24,7 @@ routes = ["/"]
 env = { SURGE_ECHO_CONCURRENCY = "10", SURGE_ECHO_STARTUP = "500ms" }
 instance_concurrency = 10
 instances = { min = 1, max = 10, initial = 1 }
-autoscale = { target = 10, utilization = 0.8, stable_window = "10s", panic_window = "2s", scale_down_delay = "2s" }
+autoscale = { target = 10, utilization = 0.8, scale_down_delay = "2s" }
 "#,
     )
     .await;
@@ -103,7 +103,7 @@ autoscale = { target = 10, utilization = 0.8, stable_window = "10s", panic_windo
     assert!(after.desired < peak as u32, "scaled in to {} from {peak}\n{}", after.desired, surge.log());
     let log = surge.log();
     assert!(
-        log.contains("web: autoscale 1 →") && log.contains("panic"),
+        log.contains("web: autoscale 1 →") && log.contains("held for"),
         "decisions are logged with reasons:\n{log}"
     );
     assert!(log.contains("draining"), "{log}");
@@ -118,7 +118,7 @@ command = "{echo}"
 routes = ["/"]
 env = { SURGE_ECHO_STARTUP = "500ms" }
 instances = { min = 0, max = 3, initial = 0 }
-autoscale = { stable_window = "4s", panic_window = "2s", scale_down_delay = "0s", idle_window = "2s" }
+autoscale = { scale_down_delay = "0s", idle_window = "2s" }
 "#,
     )
     .await;

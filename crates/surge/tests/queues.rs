@@ -342,7 +342,7 @@ async fn a_worker_pool_at_zero_scales_out_for_its_backlog_and_back_to_zero(store
     let dir = tempfile::tempdir().expect("dir");
     let journal_path = dir.path().join("journal");
     let worker = "prefetch = 2\ninstances = { min = 0, max = 3, initial = 0 }\n\
-                  autoscale = { target = 2, stable_window = \"4s\", panic_window = \"2s\", scale_down_delay = \"0s\", idle_window = \"2s\" }";
+                  autoscale = { target = 2, scale_down_delay = \"0s\", idle_window = \"2s\" }";
     let surge = Surge::start(&config(&store, &journal_path, "", worker)).await;
     assert!(surge.service("workers").await.instances.is_empty());
 
