@@ -50,7 +50,7 @@ impl PoolMetrics {
             );
             registry.register(
                 "autoscale_panic",
-                "1 while a pool's autoscaler is in panic mode (answering a burst)",
+                "1 while a pool's autoscaler sizes for requests waiting beyond what its ready instances clear",
                 this.panic.clone(),
             );
             registry.register(

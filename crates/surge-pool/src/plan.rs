@@ -1,9 +1,8 @@
-//! Pure decisions of the supervisor: which instances to stop, how long to wait before a
-//! restart, whether a pool is crash-looping.
+//! Pure decisions of the supervisor: how long to wait before a restart, whether a pool is
+//! crash-looping, how a pool of fixed addresses follows its resolution. Which instances a
+//! scale-in stops is `surge_scale::scale_in`, shared with the simulator.
 
 use std::time::Duration;
-
-use crate::instance::InstanceState;
 
 /// Consecutive unexpected exits after which a pool is reported as crash-looping.
 pub const CRASH_LOOP_THRESHOLD: u32 = 5;
@@ -22,30 +21,6 @@ pub fn restart_delay(failures: u32) -> Duration {
         0 | 1 => Duration::ZERO,
         n => FIRST_BACKOFF.saturating_mul(2u32.saturating_pow(n - 2)).min(MAX_BACKOFF),
     }
-}
-
-/// What the scale-in choice looks at for one live instance.
-#[derive(Debug, Clone, Copy)]
-pub struct Candidate {
-    pub state: InstanceState,
-    pub in_flight: usize,
-}
-
-/// Indices of the `count` instances to stop: first those not serving (starting, unhealthy),
-/// then the least loaded, so that draining finishes soonest.
-pub fn choose_victims(candidates: &[Candidate], count: usize) -> Vec<usize> {
-    let rank = |state: InstanceState| match state {
-        InstanceState::Starting => 0,
-        InstanceState::Unhealthy => 1,
-        _ => 2,
-    };
-    let mut order: Vec<usize> = (0..candidates.len()).collect();
-    // Among equals, stop the newest (it has warmed up least). Candidates come oldest first
-    // and the sort is stable, so reverse before sorting.
-    order.reverse();
-    order.sort_by_key(|&i| (rank(candidates[i].state), candidates[i].in_flight));
-    order.truncate(count);
-    order
 }
 
 /// How a pool of fixed addresses follows a new resolution: the indices in `wanted` to add (not
@@ -75,26 +50,5 @@ mod tests {
         assert_eq!(delays, [ms(0), ms(0), ms(100), ms(200), ms(400), ms(800)]);
         assert_eq!(restart_delay(20), MAX_BACKOFF);
         assert_eq!(restart_delay(u32::MAX), MAX_BACKOFF);
-    }
-
-    #[test]
-    fn victims_are_idle_or_not_serving_first() {
-        use InstanceState::*;
-        let candidates = [
-            Candidate { state: Ready, in_flight: 3 },
-            Candidate { state: Ready, in_flight: 0 },
-            Candidate { state: Starting, in_flight: 0 },
-            Candidate { state: Ready, in_flight: 1 },
-            Candidate { state: Unhealthy, in_flight: 5 },
-        ];
-        assert_eq!(choose_victims(&candidates, 3), [2, 4, 1]);
-        assert_eq!(choose_victims(&candidates, 0), Vec::<usize>::new());
-        assert_eq!(choose_victims(&candidates, 9).len(), 5);
-    }
-
-    #[test]
-    fn among_equals_the_newest_goes_first() {
-        let idle = Candidate { state: InstanceState::Ready, in_flight: 0 };
-        assert_eq!(choose_victims(&[idle, idle, idle], 2), [2, 1]);
     }
 }

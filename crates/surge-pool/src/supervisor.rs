@@ -16,10 +16,11 @@ use crate::driver::{Driver, Exit, InstanceControl, LaunchSpec};
 use crate::health::Prober;
 use crate::instance::{Instance, InstanceState};
 use crate::metrics::{PoolMetrics, StateLabels};
-use crate::plan::{self, Candidate, CRASH_LOOP_THRESHOLD, STABLE_AFTER};
+use crate::plan::{self, CRASH_LOOP_THRESHOLD, STABLE_AFTER};
 use crate::status::AutoscaleStatus;
 use crate::upstreams::{self, Endpoint};
 use crate::{Pool, ScaleError};
+use surge_scale::scale_in::{self, Candidate, Standing};
 use surge_scale::{Policy, Signals, SurgePolicy};
 
 /// How often a starting instance is probed: fast, so new capacity serves as soon as it can.
@@ -489,10 +490,15 @@ impl Supervisor {
                     .iter()
                     .map(|&i| {
                         let instance = &self.members[i].instance;
-                        Candidate { state: instance.state(), in_flight: instance.in_flight() }
+                        let standing = match instance.state() {
+                            InstanceState::Starting => Standing::Starting,
+                            InstanceState::Ready => Standing::Ready,
+                            _ => Standing::Unhealthy,
+                        };
+                        Candidate { standing, in_flight: instance.in_flight() }
                     })
                     .collect();
-                for victim in plan::choose_victims(&candidates, live.len() - desired) {
+                for victim in scale_in::choose_victims(&candidates, live.len() - desired) {
                     self.drain(live[victim]);
                 }
             }

@@ -6,6 +6,7 @@
 pub mod baselines;
 pub mod plot;
 mod policy;
+pub mod scale_in;
 pub mod sim;
 pub mod suite;
 

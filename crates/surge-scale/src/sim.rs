@@ -1,9 +1,11 @@
 //! The simulator: a pool under a policy, in virtual time, deterministic from a seed.
 //!
-//! Requests arrive on a shape's schedule and go to a free slot of a ready instance, or wait in
-//! the gateway's queue (first come, first served), as in Surge. A request that waited longer
-//! than `max_wait` is dropped. Service times are a fixed part plus an exponential part. New
-//! instances serve after `startup`; removed ones finish their requests first. The policy sees
+//! Requests arrive on a shape's schedule and go to a ready instance with a free slot, picked by
+//! the gateway's balancer (`surge-balance`, least in flight), or wait in the gateway's queue
+//! (first come, first served), as in Surge. A request that waited longer than `max_wait` is
+//! dropped. Service times are a fixed part plus an exponential part. New instances serve after
+//! `startup`; a scale-in stops the instances the live supervisor would
+//! ([`crate::scale_in::choose_victims`]), which finish their requests first. The policy sees
 //! exact time-weighted signals every period and its answer is applied at once.
 
 use std::cmp::Reverse;
@@ -12,7 +14,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use surge_balance::{Balancer, Load};
+
 use crate::policy::{Policy, Signals};
+use crate::scale_in::{self, Candidate, Standing};
 
 /// The pool being simulated.
 #[derive(Debug, Clone, Serialize)]
@@ -119,8 +124,9 @@ struct Sim<'a> {
     rng: fastrand::Rng,
     now: u64,
     instances: Vec<Instance>,
-    /// Ready instances that may have a free slot (checked when taken).
-    free: Vec<usize>,
+    /// Ready instances, oldest first.
+    ready: Vec<usize>,
+    balancer: Balancer,
     queue: VecDeque<u64>,
     events: BinaryHeap<Reverse<(u64, u64, Event)>>,
     sequence: u64,
@@ -200,23 +206,22 @@ impl Sim<'_> {
         ns(self.model.service_base_s + extra)
     }
 
-    /// Starts `arrival` on a free slot if there is one.
+    /// Starts `arrival` on the ready instance the balancer picks, if one has a free slot.
     fn start_on_free_slot(&mut self, arrival: u64) -> bool {
-        while let Some(&index) = self.free.last() {
-            let instance = &mut self.instances[index];
-            if instance.state != State::Ready || instance.busy >= self.model.slots {
-                self.free.pop();
-                continue;
-            }
-            instance.busy += 1;
-            if instance.busy >= self.model.slots {
-                self.free.pop();
-            }
-            let service = self.service_time();
-            self.schedule(self.now + service, Event::Completion { instance: index, arrival, service });
-            return true;
-        }
-        false
+        let (instances, ready, slots) = (&self.instances, &self.ready, self.model.slots);
+        let picked = self.balancer.pick(
+            ready.len(),
+            |_| 1,
+            |i| {
+                let busy = instances[ready[i]].busy;
+                (busy < slots).then_some(Load { in_flight: busy as usize, latency: 0.0 })
+            },
+        );
+        let Some(index) = picked.map(|i| ready[i]) else { return false };
+        self.instances[index].busy += 1;
+        let service = self.service_time();
+        self.schedule(self.now + service, Event::Completion { instance: index, arrival, service });
+        true
     }
 
     /// Serves waiting requests while slots are free; drops those that waited too long.
@@ -255,13 +260,10 @@ impl Sim<'_> {
         self.latencies_since_tick.push(latency);
         self.completed_since_tick += 1;
         self.current_second().completed += 1;
-        let slots = self.model.slots;
         let instance = &mut self.instances[index];
         instance.busy -= 1;
-        match instance.state {
-            State::Draining if instance.busy == 0 => instance.state = State::Gone,
-            State::Ready if instance.busy + 1 == slots => self.free.push(index),
-            _ => {}
+        if instance.state == State::Draining && instance.busy == 0 {
+            instance.state = State::Gone;
         }
         self.drain_queue();
     }
@@ -273,8 +275,8 @@ impl Sim<'_> {
         self.schedule(at, Event::Ready { instance: index });
     }
 
-    /// Applies a desired count: launches, or stops starting instances first, then the least
-    /// busy ready ones (which finish their requests first).
+    /// Applies a desired count: launches, or stops the instances the live supervisor would
+    /// (which finish their requests first).
     fn resize(&mut self, desired: u32) {
         let live: Vec<usize> = (0..self.instances.len())
             .filter(|&i| matches!(self.instances[i].state, State::Starting | State::Ready))
@@ -286,12 +288,21 @@ impl Sim<'_> {
             }
             return;
         }
-        let mut victims = live;
-        victims.sort_by_key(|&i| (self.instances[i].state != State::Starting, self.instances[i].busy));
-        for &index in victims.iter().take((live_count - desired) as usize) {
-            let instance = &mut self.instances[index];
+        let candidates: Vec<Candidate> = live
+            .iter()
+            .map(|&i| {
+                let instance = &self.instances[i];
+                let standing =
+                    if instance.state == State::Starting { Standing::Starting } else { Standing::Ready };
+                Candidate { standing, in_flight: instance.busy as usize }
+            })
+            .collect();
+        for victim in scale_in::choose_victims(&candidates, (live_count - desired) as usize) {
+            let instance = &mut self.instances[live[victim]];
             instance.state = if instance.busy == 0 { State::Gone } else { State::Draining };
         }
+        let instances = &self.instances;
+        self.ready.retain(|&i| instances[i].state == State::Ready);
     }
 
     fn tick(&mut self, policy: &mut dyn Policy, last_tick: &mut u64) {
@@ -350,7 +361,8 @@ pub fn simulate(
         rng: fastrand::Rng::with_seed(seed),
         now: 0,
         instances: Vec::new(),
-        free: Vec::new(),
+        ready: Vec::new(),
+        balancer: Balancer::default(),
         queue: VecDeque::new(),
         events: BinaryHeap::new(),
         sequence: 0,
@@ -371,7 +383,7 @@ pub fn simulate(
     // The initial instances are ready at the start.
     for index in 0..model.initial as usize {
         sim.instances.push(Instance { state: State::Ready, busy: 0 });
-        sim.free.push(index);
+        sim.ready.push(index);
     }
     let end = length.as_nanos() as u64;
     let period = |policy: &dyn Policy| policy.period().as_nanos().max(1) as u64;
@@ -403,7 +415,7 @@ pub fn simulate(
             Event::Ready { instance } => {
                 if sim.instances[instance].state == State::Starting {
                     sim.instances[instance].state = State::Ready;
-                    sim.free.push(instance);
+                    sim.ready.push(instance);
                     sim.drain_queue();
                 }
             }
@@ -535,6 +547,39 @@ mod tests {
         assert!(hpa_time >= 45, "hpa {hpa_time} s");
         assert!(surge_time + 20 <= hpa_time, "surge {surge_time} s, hpa {hpa_time} s");
         assert!(surge_run.dropped <= hpa_run.dropped);
+    }
+
+    /// Asks for the counts of `script`, one per second, then keeps the last.
+    struct Scripted(Vec<u32>, usize);
+
+    impl Policy for Scripted {
+        fn name(&self) -> &str {
+            "scripted"
+        }
+        fn period(&self) -> Duration {
+            Duration::from_secs(1)
+        }
+        fn decide(&mut self, _: &Signals, _: u32) -> crate::Decision {
+            let desired = self.0[self.1.min(self.0.len() - 1)];
+            self.1 += 1;
+            crate::Decision { desired, panic: false, reason: String::new() }
+        }
+    }
+
+    #[test]
+    fn scale_in_stops_starting_instances_before_serving_ones() {
+        // Two ready instances at half load; two more are launched at 1 s, then the count goes
+        // back to two at 2 s. The live choice stops the two still starting, so the ready ones
+        // keep serving and no second breaks the SLO while the others would still be starting.
+        let model = Model { initial: 2, min: 1, ..Model::default() };
+        let rate = model.capacity();
+        let shape = Shape::Steps(vec![(rate, Duration::from_secs(10))]);
+        let length = Duration::from_secs(10);
+        let run = simulate(&mut Scripted(vec![4, 2], 0), &model, shape.schedule(length), length, 3);
+        let instances: Vec<u32> = run.seconds.iter().map(|s| s.instances).collect();
+        assert_eq!(&instances[..4], [2, 4, 2, 2], "{instances:?}");
+        // Had the ready ones been stopped, requests would wait until 6 s for the others.
+        assert_eq!(violation_seconds(&model, &run.seconds), 0, "{:?}", run.seconds);
     }
 
     #[test]

@@ -82,9 +82,8 @@ pub fn run(args: SimArgs) -> Result<(), Failure> {
     let simulated: f64 = scenarios.iter().map(|s| s.length.as_secs_f64()).sum();
 
     print!("{}", suite::render(&rows));
-    let stationary: Vec<&str> = scenarios.iter().filter(|s| s.stationary).map(|s| s.name.as_str()).collect();
     println!();
-    for verdict in suite::goals(&rows, &stationary) {
+    for verdict in suite::goals(&rows, &scenarios) {
         println!("{verdict}");
     }
     eprintln!(
