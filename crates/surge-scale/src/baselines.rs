@@ -181,11 +181,8 @@ impl Policy for Kpa {
         let want = |average: f64| (average / self.per_pod).ceil() as u32;
         let stable = want(self.average_over(now, KPA_STABLE_WINDOW));
         let panic_want = want(self.average_over(now, KPA_PANIC_WINDOW));
-        let over_threshold = if ready == 0 {
-            panic_want > 0
-        } else {
-            f64::from(panic_want) / f64::from(ready) >= KPA_PANIC_THRESHOLD
-        };
+        // Knative divides by at least one ready pod.
+        let over_threshold = f64::from(panic_want) / f64::from(ready.max(1)) >= KPA_PANIC_THRESHOLD;
         if over_threshold {
             self.panic_until = Some(now + KPA_STABLE_WINDOW);
         }
@@ -199,7 +196,7 @@ impl Policy for Kpa {
             desired = 1;
         }
         let reason = format!("stable wants {stable}, panic window wants {panic_want}");
-        Decision { desired: desired.clamp(self.min, self.max), panic, reason }
+        Decision { desired: desired.clamp(self.min, self.max.max(self.min)), panic, reason }
     }
 }
 

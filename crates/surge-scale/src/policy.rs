@@ -1,7 +1,9 @@
-//! Surge's default policy: target tracking over a stable window, with a panic window that
-//! answers a burst at once, rate limits, a tolerance band, scale-down stabilisation and scale
-//! to zero after an idle window. The windows follow Knative's KPA; the tick is one second,
-//! because Surge sits in the request path and sees load the moment it arrives.
+//! Surge's default policy: the offered work of each period, square-root staffed, counted in
+//! full once a rise has held for `persistence`; a backlog asks only for what the ready
+//! instances cannot clear within one start-up; scale-down waits for `scale_down_delay`, within
+//! rate limits, a tolerance band and the instance bounds, and an idle pool goes to zero after
+//! its idle window. The tick is one second, because Surge sits in the request path and sees
+//! load the moment it arrives.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -172,6 +174,8 @@ pub struct SurgePolicy {
     /// Mean service time in seconds, smoothed over the periods that finished requests.
     service_time: Option<f64>,
     last_request: Option<Duration>,
+    /// The ready and starting instances when the rise not yet held began.
+    rise_base: Option<u32>,
     decided: bool,
     /// Requests were waiting at the last decision: decide again soon.
     urgent: bool,
@@ -185,6 +189,7 @@ impl SurgePolicy {
             recommendations: VecDeque::new(),
             service_time: None,
             last_request: None,
+            rise_base: None,
             decided: false,
             urgent: false,
         }
@@ -210,10 +215,14 @@ impl SurgePolicy {
     /// The pool-wide load of this period, in metric units, without the backlog.
     fn load(&self, signals: &Signals) -> f64 {
         match (self.config.metric, self.service_time) {
-            (Metric::Concurrency, Some(service)) => signals.arrivals * service,
+            // At least what is in flight: a worker pool has no arrivals (its queue delivers),
+            // and live arrivals are counted once a request has a slot.
+            (Metric::Concurrency, Some(service)) => {
+                (signals.arrivals * service).max(signals.concurrency - signals.waiting)
+            }
             // Nothing has finished yet (a pool at zero): what is in flight or waiting.
             (Metric::Concurrency, None) => signals.concurrency,
-            (Metric::Rps, _) => signals.arrivals,
+            (Metric::Rps, _) => signals.arrivals.max(signals.rps),
             (metric, _) => metric.observe(signals),
         }
     }
@@ -275,7 +284,13 @@ impl Policy for SurgePolicy {
         let for_held = self.needed(held + backlog, ready);
         let for_latest = self.needed(load + backlog, ready);
         let base = (ready + signals.starting).max(1);
-        let rise_cap = ((f64::from(base) * UNCONFIRMED_RISE).ceil() as u32).max(for_held);
+        // The cap counts from the pool as it was when the rise began, so decisions every
+        // 200 ms do not compound it, and it never cuts the pool.
+        let rise_base = if for_latest > for_held { *self.rise_base.get_or_insert(base) } else { base };
+        if for_latest <= for_held {
+            self.rise_base = None;
+        }
+        let rise_cap = ((f64::from(rise_base) * UNCONFIRMED_RISE).ceil() as u32).max(for_held).max(current);
         let mut desired = for_latest.min(rise_cap).max(for_held);
         let mut reason =
             format!("{} {load:.1} ({held:.1} held for {:?})", config.metric.as_str(), config.persistence);
@@ -300,7 +315,7 @@ impl Policy for SurgePolicy {
 
         // Rate limits, from the instances already serving or on their way.
         let up_limit = (f64::from(base) * config.max_scale_up_rate).ceil() as u32;
-        let down_limit = (f64::from(ready) / config.max_scale_down_rate).floor() as u32;
+        let down_limit = ((f64::from(ready) / config.max_scale_down_rate).floor() as u32).min(current);
         if desired > up_limit.max(current) {
             desired = up_limit.max(current);
             reason.push_str(&format!(", up rate limit {up_limit}"));
@@ -423,6 +438,35 @@ mod tests {
         let highest = counts(&decisions).into_iter().max().unwrap_or(0);
         assert!(highest < 12, "a one-second burst grew 4 instances to {highest}");
         assert!(decisions[0].reason.contains("not yet held"), "{}", decisions[0].reason);
+    }
+
+    #[test]
+    fn decisions_every_200_ms_do_not_compound_the_cap_on_a_rise_not_yet_held() {
+        let mut policy = SurgePolicy::new(config());
+        run(&mut policy, 0, &[200.0; 60], 4);
+        let mut current = 4;
+        for tenth in (600..610).step_by(2) {
+            let at = Signals {
+                now: Duration::from_millis(tenth * 100),
+                starting: current - 4,
+                ..signals(0, 4, 2000.0, 50.0)
+            };
+            current = policy.decide(&at, current).desired;
+            assert!(current <= 8, "at {tenth} tenths the pool went to {current}");
+        }
+    }
+
+    #[test]
+    fn a_worker_pool_without_arrivals_is_sized_by_what_it_has_in_flight() {
+        let mut policy = SurgePolicy::new(config());
+        // A queue delivers: nothing arrives at the gateway, 40 deliveries are in flight.
+        let working = Signals { arrivals: 0.0, concurrency: 40.0, ..signals(0, 6, 0.0, 0.0) };
+        let decisions: Vec<u32> = (0..60)
+            .map(|s| policy.decide(&Signals { now: secs(s), ..working }, 6).desired)
+            .collect();
+        // 40 busy slots, staffed to 40 + 1.5 × √40 = 50: five instances, not one.
+        assert!(decisions.iter().all(|&d| d >= 5), "{decisions:?}");
+        assert_eq!(decisions.last().copied(), Some(5));
     }
 
     #[test]

@@ -32,6 +32,27 @@ pub struct SimArgs {
     /// The latency objective: p99 of every second at or under this
     #[arg(long, default_value = "1s", value_parser = surge_config::parse_duration)]
     slo: Duration,
+    /// Requests one instance serves at once (the policy's concurrency target)
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    slots: u32,
+    /// Service time: this fixed part ...
+    #[arg(long, default_value = "100ms", value_parser = surge_config::parse_duration)]
+    service: Duration,
+    /// ... plus an exponential part of this mean
+    #[arg(long, default_value = "100ms", value_parser = surge_config::parse_duration)]
+    service_extra: Duration,
+    /// Fewest instances
+    #[arg(long, default_value_t = 1)]
+    min: u32,
+    /// Most instances
+    #[arg(long, default_value_t = 100)]
+    max: u32,
+    /// Instances at the start (default: enough for the first second's load at 70%)
+    #[arg(long)]
+    initial: Option<u32>,
+    /// With --trace: the second a step in load happens, to report the time to SLO after it
+    #[arg(long)]
+    step_at: Option<usize>,
     /// Also write the results as JSON to this file
     #[arg(long)]
     json: Option<PathBuf>,
@@ -41,8 +62,22 @@ pub struct SimArgs {
 }
 
 pub fn run(args: SimArgs) -> Result<(), Failure> {
-    let model =
-        Model { startup_s: args.startup.as_secs_f64(), slo_s: args.slo.as_secs_f64(), ..Model::default() };
+    if args.min > args.max || args.initial.is_some_and(|initial| initial > args.max) {
+        return Err("--min and --initial must not be above --max".to_owned().into());
+    }
+    let model = Model {
+        startup_s: args.startup.as_secs_f64(),
+        slo_s: args.slo.as_secs_f64(),
+        slots: args.slots,
+        service_base_s: args.service.as_secs_f64(),
+        service_extra_s: args.service_extra.as_secs_f64(),
+        min: args.min,
+        max: args.max,
+        ..Model::default()
+    };
+    if model.capacity() <= 0.0 || !model.capacity().is_finite() {
+        return Err("--service and --service-extra must not both be zero".to_owned().into());
+    }
     let scenarios = scenarios(&args, &model)?;
     eprintln!(
         "surge sim: {} scenario{} x {} policies; instances serve {} at once, {:.0} ms each on average \
@@ -61,7 +96,10 @@ pub fn run(args: SimArgs) -> Result<(), Failure> {
     let mut rows: Vec<Row> = Vec::new();
     let mut runs = Vec::new();
     for scenario in &scenarios {
-        let model = scenario.model(&model);
+        let mut model = scenario.model(&model);
+        if let Some(initial) = args.initial {
+            model.initial = initial;
+        }
         // The policies of one scenario run side by side, one thread each.
         let scenario_runs: Vec<sim::Run> = std::thread::scope(|scope| {
             let handles: Vec<_> = suite::policies(&model)
@@ -114,10 +152,10 @@ fn scenarios(args: &SimArgs, model: &Model) -> Result<Vec<Scenario>, String> {
         let arrivals =
             surge_shape::trace::parse(&text).map_err(|err| format!("{}: {err}", path.display()))?;
         let name = path.file_stem().map_or("trace".into(), |s| s.to_string_lossy().into_owned());
-        return Ok(vec![suite::trace(
-            &name,
-            surge_shape::trace::replay(&arrivals, args.speedup, args.scale),
-        )]);
+        let mut scenario =
+            suite::trace(&name, surge_shape::trace::replay(&arrivals, args.speedup, args.scale));
+        scenario.step_at = args.step_at;
+        return Ok(vec![scenario]);
     }
     let all = suite::standard(model, args.seed);
     if args.scenarios.is_empty() {
