@@ -215,14 +215,13 @@ impl SurgePolicy {
     /// The pool-wide load of this period, in metric units, without the backlog.
     fn load(&self, signals: &Signals) -> f64 {
         match (self.config.metric, self.service_time) {
-            // At least what is in flight: a worker pool has no arrivals (its queue delivers),
-            // and live arrivals are counted once a request has a slot.
-            (Metric::Concurrency, Some(service)) => {
-                (signals.arrivals * service).max(signals.concurrency - signals.waiting)
-            }
+            (Metric::Concurrency, Some(service)) if signals.arrivals > 0.0 => signals.arrivals * service,
+            // A worker pool has no arrivals (its queue delivers): what it has in flight.
+            (Metric::Concurrency, Some(_)) => signals.concurrency - signals.waiting,
             // Nothing has finished yet (a pool at zero): what is in flight or waiting.
             (Metric::Concurrency, None) => signals.concurrency,
-            (Metric::Rps, _) => signals.arrivals.max(signals.rps),
+            (Metric::Rps, _) if signals.arrivals > 0.0 => signals.arrivals,
+            (Metric::Rps, _) => signals.rps,
             (metric, _) => metric.observe(signals),
         }
     }
@@ -461,9 +460,8 @@ mod tests {
         let mut policy = SurgePolicy::new(config());
         // A queue delivers: nothing arrives at the gateway, 40 deliveries are in flight.
         let working = Signals { arrivals: 0.0, concurrency: 40.0, ..signals(0, 6, 0.0, 0.0) };
-        let decisions: Vec<u32> = (0..60)
-            .map(|s| policy.decide(&Signals { now: secs(s), ..working }, 6).desired)
-            .collect();
+        let decisions: Vec<u32> =
+            (0..60).map(|s| policy.decide(&Signals { now: secs(s), ..working }, 6).desired).collect();
         // 40 busy slots, staffed to 40 + 1.5 × √40 = 50: five instances, not one.
         assert!(decisions.iter().all(|&d| d >= 5), "{decisions:?}");
         assert_eq!(decisions.last().copied(), Some(5));
