@@ -180,7 +180,7 @@ fn autoscale_takes_its_bounds_from_instances() {
     let scale = config.services[0].autoscale.clone().expect("autoscaled");
     assert_eq!((scale.min, scale.max, scale.target), (0, 6, 50.0));
     assert_eq!(scale.metric, surge_scale::Metric::Rps);
-    assert_eq!(scale.persistence, std::time::Duration::from_secs(3));
+    assert_eq!(Ok(scale.persistence), surge_config::parse_duration("3s"), "persistence as written");
     assert_eq!(scale.utilization, 0.7, "rps keeps headroom");
     assert_eq!(config.services[0].buffer.requests, 1000);
 }
