@@ -43,7 +43,7 @@ pub use problem::ERROR_HEADER;
 pub use ratelimit::{gcra, RateLimiter, RateStore, Verdict};
 pub use router::Router;
 use server::{ClientAddr, ClientBody};
-pub use stack::GatewayMetrics;
+pub use stack::{GatewayMetrics, Traffic};
 use wire::BoxFuture;
 
 pub struct Gateway {
@@ -69,11 +69,18 @@ enum Serves {
     Files { site: Arc<files::StaticSite>, prefix: String },
 }
 
+/// A route's rate limit, and the count of requests it refused (by the route's service).
+#[derive(Clone)]
+struct RouteLimit {
+    limiter: Arc<RateLimiter>,
+    refused: surge_metrics::Counter,
+}
+
 /// What a matched route leads to.
 struct RouteTarget {
     serves: Serves,
     retry: bool,
-    limiter: Option<Arc<RateLimiter>>,
+    limit: Option<RouteLimit>,
     max_body: u64,
     /// An async route: its requests are enqueued here and answered 202.
     async_queue: Option<Arc<surge_queue::Queue>>,
@@ -103,13 +110,13 @@ impl Gateway {
                     cached_routes.push(name.clone());
                     caches.for_route(response_settings(&name, settings))
                 });
-                let limiter = route.rate_limit.clone().map(|limit| {
+                let limit = route.rate_limit.clone().map(|limit| {
                     let same = kept.iter().find(|old| old.name() == name && *old.limit() == limit);
                     let limiter = same
                         .cloned()
                         .unwrap_or_else(|| Arc::new(RateLimiter::new(limit, name, store.clone())));
                     limiters.push(Arc::clone(&limiter));
-                    limiter
+                    RouteLimit { limiter, refused: metrics.rate_limited(&service.name) }
                 });
                 let max_body = route.max_body.unwrap_or(config.gateway.max_body);
                 let async_queue = route.async_queue.as_deref().and_then(|name| queues.get(name)).cloned();
@@ -124,7 +131,7 @@ impl Gateway {
                     RouteTarget {
                         serves: Serves::Service(index),
                         retry: route.retry,
-                        limiter,
+                        limit,
                         max_body,
                         async_queue,
                         cache,
@@ -141,7 +148,7 @@ impl Gateway {
                 let target = RouteTarget {
                     serves: Serves::Files { site: Arc::clone(&files), prefix: route.prefix.clone() },
                     retry: false,
-                    limiter: None,
+                    limit: None,
                     max_body: config.gateway.max_body,
                     async_queue: None,
                     cache: None,
@@ -214,10 +221,10 @@ impl Gateway {
             }
         }
         if let Some(queue) = &target.async_queue {
-            let (gateway, queue, limiter) = (Arc::clone(gateway), Arc::clone(queue), target.limiter.clone());
+            let (gateway, queue, limit) = (Arc::clone(gateway), Arc::clone(queue), target.limit.clone());
             return Handled::Limited {
                 response: Box::pin(async move {
-                    if let Some(refused) = gateway.over_limit(limiter.as_deref(), &request).await {
+                    if let Some(refused) = gateway.over_limit(limit.as_ref(), &request).await {
                         return refused;
                     }
                     queues::enqueue(queue, request).await
@@ -235,23 +242,23 @@ impl Gateway {
         };
         let stack = gateway.services[service].clone();
         if let (Some(cache), Some(host)) = (&target.cache, cache_host) {
-            let (gateway, cache, limiter) = (Arc::clone(gateway), Arc::clone(cache), target.limiter.clone());
+            let (gateway, cache, limit) = (Arc::clone(gateway), Arc::clone(cache), target.limit.clone());
             return Handled::Limited {
                 response: Box::pin(async move {
-                    if let Some(refused) = gateway.over_limit(limiter.as_deref(), &request).await {
+                    if let Some(refused) = gateway.over_limit(limit.as_ref(), &request).await {
                         return refused;
                     }
                     cache::serve(cache, stack, request, host).await
                 }),
             };
         }
-        let Some(limiter) = &target.limiter else {
+        let Some(limit) = &target.limit else {
             return Handled::Stack { response: stack.oneshot(request) };
         };
-        let (gateway, limiter) = (Arc::clone(gateway), Arc::clone(limiter));
+        let (gateway, limit) = (Arc::clone(gateway), limit.clone());
         Handled::Limited {
             response: Box::pin(async move {
-                if let Some(refused) = gateway.over_limit(Some(&limiter), &request).await {
+                if let Some(refused) = gateway.over_limit(Some(&limit), &request).await {
                     return refused;
                 }
                 let Ok(response) = stack.oneshot(request).await;
@@ -263,10 +270,10 @@ impl Gateway {
     /// The 429 for a request past its route's rate limit.
     async fn over_limit(
         &self,
-        limiter: Option<&RateLimiter>,
+        limit: Option<&RouteLimit>,
         request: &Request<ClientBody>,
     ) -> Option<Response<GatewayBody>> {
-        let limiter = limiter?;
+        let RouteLimit { limiter, refused } = limit?;
         let client_ip = match request.extensions().get::<ClientAddr>() {
             Some(client) if client.trusted => {
                 forwarded_client(request.headers(), client.addr.ip(), &self.trusted_proxies)
@@ -278,7 +285,7 @@ impl Gateway {
         if verdict.allowed {
             return None;
         }
-        self.metrics.rate_limited.inc();
+        refused.inc();
         Some(GatewayError::RateLimited { limit: limiter.limit().rate, verdict }.into_response())
     }
 }

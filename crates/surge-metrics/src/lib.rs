@@ -5,10 +5,13 @@
 //! Labels are typed and bounded: a service name comes from the configuration, a status is a
 //! class (`2xx`), never a free-form string.
 
+mod latency;
+
 use std::sync::Mutex;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 pub use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram};
+pub use latency::{LatencyCounts, LatencyHistogram};
 pub use prometheus_client::registry::Registry;
 
 /// The registry, filled at start-up and read by the admin API's `/metrics`.

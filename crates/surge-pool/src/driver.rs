@@ -5,6 +5,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 
 /// Everything a driver needs to start one instance.
 #[derive(Debug, Clone)]
@@ -40,6 +41,35 @@ pub struct Launched {
     pub pid: Option<u32>,
     pub control: Box<dyn InstanceControl>,
     pub exited: Pin<Box<dyn Future<Output = Exit> + Send>>,
+    /// What it writes, when the driver captures it.
+    pub output: Option<OutputTail>,
+}
+
+/// The last lines an instance wrote, for the dashboard's instance view. Bounded in lines and
+/// in bytes per line, so a chatty instance costs a fixed amount of memory.
+#[derive(Debug, Clone, Default)]
+pub struct OutputTail(Arc<Mutex<std::collections::VecDeque<String>>>);
+
+impl OutputTail {
+    pub const LINES: usize = 200;
+    const LINE_BYTES: usize = 2048;
+
+    pub fn push(&self, line: &str) {
+        let mut end = line.len().min(Self::LINE_BYTES);
+        while !line.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut lines = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if lines.len() == Self::LINES {
+            lines.pop_front();
+        }
+        lines.push_back(line[..end].to_owned());
+    }
+
+    /// Oldest first.
+    pub fn lines(&self) -> Vec<String> {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).iter().cloned().collect()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -81,6 +81,8 @@ pub struct Instance {
     /// since launch), for the p2c_ewma balancer.
     latency_estimate_us: AtomicU64,
     latency_updated_ms: AtomicU64,
+    /// Its last lines of output, when its driver captures them.
+    output: Option<crate::driver::OutputTail>,
 }
 
 /// The estimate of an instance without a sample yet (linkerd assumes the same).
@@ -127,6 +129,7 @@ impl Instance {
             breaker: Breaker::default(),
             latency_estimate_us: AtomicU64::new(0),
             latency_updated_ms: AtomicU64::new(0),
+            output: None,
         }
     }
 
@@ -134,6 +137,16 @@ impl Instance {
     pub(crate) fn found_as(mut self, host: Arc<str>) -> Self {
         self.name = host;
         self
+    }
+
+    pub(crate) fn with_output(mut self, output: Option<crate::driver::OutputTail>) -> Self {
+        self.output = output;
+        self
+    }
+
+    /// Its last lines of output, oldest first; `None` when they are not captured.
+    pub fn output(&self) -> Option<Vec<String>> {
+        self.output.as_ref().map(crate::driver::OutputTail::lines)
     }
 
     /// What its TLS certificate is checked for.

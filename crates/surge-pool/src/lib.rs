@@ -24,7 +24,7 @@ use arc_swap::ArcSwap;
 use surge_config::ServiceConfig;
 use tokio::sync::{mpsc, oneshot};
 
-pub use driver::{Driver, Exit, InstanceControl, LaunchError, LaunchSpec, Launched};
+pub use driver::{Driver, Exit, InstanceControl, LaunchError, LaunchSpec, Launched, OutputTail};
 pub use health::error_chain;
 pub use instance::{InFlight, Instance, InstanceState};
 pub use load::{PoolLoad, Ticket, WaitQueue, Waiting};
@@ -61,6 +61,16 @@ pub enum ScaleError {
     Upstreams { service: String },
     #[error("service `{service}` is autoscaled (services.{service}.autoscale): its size follows the load; change services.{service}.instances to bound it")]
     Autoscaled { service: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DrainError {
+    #[error("service `{service}` has no running instance `{id}`")]
+    NoInstance { service: String, id: String },
+    #[error("service `{service}` is shutting down")]
+    ShuttingDown { service: String },
+    #[error("service `{service}` lists its upstreams (services.{service}.upstreams): surge does not run them, so it cannot drain one")]
+    Upstreams { service: String },
 }
 
 impl Pool {
@@ -201,6 +211,22 @@ impl Pool {
         let shutting_down = || ScaleError::ShuttingDown { service: self.name().to_owned() };
         self.commands.send(Command::Scale { count, reply }).await.map_err(|_| shutting_down())?;
         answer.await.map_err(|_| shutting_down())?
+    }
+
+    /// Takes instance `id` out of rotation, lets its requests finish and stops it; the pool
+    /// launches another in its place.
+    pub async fn drain_instance(&self, id: &str) -> Result<(), DrainError> {
+        let (reply, answer) = oneshot::channel();
+        let shutting_down = || DrainError::ShuttingDown { service: self.name().to_owned() };
+        let command = Command::Drain { id: id.to_owned(), reply };
+        self.commands.send(command).await.map_err(|_| shutting_down())?;
+        answer.await.map_err(|_| shutting_down())?
+    }
+
+    /// The last lines instance `id` wrote: `None` for an instance the pool does not have,
+    /// `Some(None)` for one whose output is not captured.
+    pub fn instance_output(&self, id: &str) -> Option<Option<Vec<String>>> {
+        self.all.load().iter().find(|instance| instance.id == id).map(|instance| instance.output())
     }
 
     /// Drains and stops every instance; returns once all have exited.

@@ -7,16 +7,14 @@ use std::sync::{Arc, Mutex};
 use std::task::Waker;
 use std::time::Duration;
 
-/// Four buckets per power of two of microseconds, up to about 19 hours: ±12% resolution, which
-/// is plenty for a scaling signal.
-const BUCKETS: usize = 4 * 36;
+use surge_metrics::LatencyHistogram;
 
 #[derive(Debug)]
 pub struct PoolLoad {
     waiting: AtomicUsize,
     /// Requests in flight on any instance of the pool.
     active: AtomicUsize,
-    latency: [AtomicU64; BUCKETS],
+    latency: LatencyHistogram,
     /// Requests waiting for a slot, first come first served.
     queue: WaitQueue,
     arrivals: AtomicU64,
@@ -42,7 +40,7 @@ impl Default for PoolLoad {
         PoolLoad {
             waiting: AtomicUsize::new(0),
             active: AtomicUsize::new(0),
-            latency: std::array::from_fn(|_| AtomicU64::new(0)),
+            latency: LatencyHistogram::default(),
             queue: WaitQueue::default(),
             arrivals: AtomicU64::new(0),
             service_micros: AtomicU64::new(0),
@@ -122,7 +120,7 @@ impl PoolLoad {
         let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         self.service_micros.fetch_add(micros, Ordering::Relaxed);
         self.services.fetch_add(1, Ordering::Relaxed);
-        self.latency[bucket(micros)].fetch_add(1, Ordering::Relaxed);
+        self.latency.record(latency);
     }
 
     /// The requests waiting for a slot.
@@ -132,8 +130,7 @@ impl PoolLoad {
 
     /// The `quantile` of the latencies recorded since the last call, which clears them.
     pub(crate) fn take_quantile(&self, quantile: f64) -> Option<Duration> {
-        let counts: Vec<u64> = self.latency.iter().map(|c| c.swap(0, Ordering::Relaxed)).collect();
-        quantile_of(&counts, quantile)
+        self.latency.take().quantile(quantile)
     }
 }
 
@@ -227,55 +224,12 @@ impl WaitQueue {
     }
 }
 
-fn bucket(micros: u64) -> usize {
-    let micros = micros.max(1);
-    let exponent = 63 - micros.leading_zeros() as usize;
-    let sub = if exponent >= 2 { ((micros >> (exponent - 2)) & 3) as usize } else { 0 };
-    (exponent * 4 + sub).min(BUCKETS - 1)
-}
 
-/// The smallest value a bucket holds.
-fn lower_bound(index: usize) -> u64 {
-    let (exponent, sub) = (index / 4, (index % 4) as u64);
-    if exponent >= 2 {
-        (1u64 << exponent) + sub * (1u64 << (exponent - 2))
-    } else {
-        1u64 << exponent
-    }
-}
 
-fn quantile_of(counts: &[u64], quantile: f64) -> Option<Duration> {
-    let total: u64 = counts.iter().sum();
-    if total == 0 {
-        return None;
-    }
-    let rank = ((total as f64) * quantile).ceil().max(1.0) as u64;
-    let mut seen = 0;
-    for (index, count) in counts.iter().enumerate() {
-        seen += count;
-        if seen >= rank {
-            // The middle of the bucket.
-            let (low, high) = (lower_bound(index), lower_bound(index + 1));
-            return Some(Duration::from_micros((low + high) / 2));
-        }
-    }
-    None
-}
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn buckets_cover_and_order_values() {
-        let mut last = 0;
-        for micros in [1, 2, 3, 4, 5, 7, 8, 100, 1_000, 50_000, 1_000_000, u64::MAX] {
-            let index = bucket(micros);
-            assert!(index >= last, "{micros}");
-            assert!(lower_bound(index) <= micros.max(1) || index == BUCKETS - 1, "{micros}");
-            last = index;
-        }
-    }
 
     #[test]
     fn p95_is_within_the_bucket_resolution() {

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
 
-use crate::driver::{Driver, Exit, InstanceControl, LaunchError, LaunchSpec, Launched};
+use crate::driver::{Driver, Exit, InstanceControl, LaunchError, LaunchSpec, Launched, OutputTail};
 
 #[derive(Debug, Default)]
 pub struct ProcessDriver;
@@ -90,11 +90,12 @@ impl Driver for ProcessDriver {
             .map_err(|source| LaunchError::Spawn { command: spec.command.display().to_string(), source })?;
         let pid = child.id();
 
+        let output = OutputTail::default();
         if let Some(stdout) = child.stdout.take() {
-            tokio::spawn(fold_into_log(stdout, spec.instance_id.clone()));
+            tokio::spawn(fold_into_log(stdout, spec.instance_id.clone(), output.clone()));
         }
         if let Some(stderr) = child.stderr.take() {
-            tokio::spawn(fold_into_log(stderr, spec.instance_id.clone()));
+            tokio::spawn(fold_into_log(stderr, spec.instance_id.clone(), output.clone()));
         }
 
         let exited_flag = Arc::new(AtomicBool::new(false));
@@ -112,6 +113,7 @@ impl Driver for ProcessDriver {
             pid,
             control: Box::new(control),
             exited: Box::pin(exited),
+            output: Some(output),
         })
     }
 }
@@ -133,8 +135,8 @@ fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
 }
 
-/// Copies an instance's output into surge's log, one event per line.
-async fn fold_into_log(reader: impl AsyncRead + Unpin, instance: String) {
+/// Copies an instance's output into surge's log, one event per line, and keeps its last lines.
+async fn fold_into_log(reader: impl AsyncRead + Unpin, instance: String, tail: OutputTail) {
     let mut reader = BufReader::new(reader);
     let mut line = Vec::new();
     loop {
@@ -143,7 +145,9 @@ async fn fold_into_log(reader: impl AsyncRead + Unpin, instance: String) {
             Ok(0) | Err(_) => return,
             Ok(_) => {
                 let text = String::from_utf8_lossy(&line);
-                tracing::info!(target: "instance", "[{instance}] {}", text.trim_end());
+                let text = text.trim_end();
+                tracing::info!(target: "instance", "[{instance}] {text}");
+                tail.push(text);
             }
         }
     }

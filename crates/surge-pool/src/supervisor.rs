@@ -19,7 +19,7 @@ use crate::metrics::{PoolMetrics, StateLabels};
 use crate::plan::{self, CRASH_LOOP_THRESHOLD, STABLE_AFTER};
 use crate::status::AutoscaleStatus;
 use crate::upstreams::{self, Endpoint};
-use crate::{Pool, ScaleError};
+use crate::{DrainError, Pool, ScaleError};
 use surge_scale::scale_in::{self, Candidate, Standing};
 use surge_scale::{Policy, Signals, SurgePolicy};
 
@@ -40,6 +40,11 @@ pub(crate) enum Command {
     },
     /// A request is waiting and nothing is ready: an autoscaled pool at zero starts one now.
     Demand,
+    /// Stop one instance gracefully; the pool launches another in its place.
+    Drain {
+        id: String,
+        reply: oneshot::Sender<Result<(), DrainError>>,
+    },
     /// An instance refused a connection: the data path took it out of rotation already.
     Refused {
         id: String,
@@ -218,6 +223,22 @@ impl Supervisor {
                         tracing::info!("{}: scaling from {before} to {count} instances", self.service());
                     }
                     Ok(count)
+                };
+                let _ = reply.send(result);
+            }
+            Command::Drain { id, reply } => {
+                let service = || self.service().to_owned();
+                let found = self.members.iter().position(|m| m.instance.id == id && !m.stopping);
+                let result = if self.shutdown_waiters.is_some() {
+                    Err(DrainError::ShuttingDown { service: service() })
+                } else if matches!(self.source, Source::Upstreams { .. }) {
+                    Err(DrainError::Upstreams { service: service() })
+                } else if let Some(index) = found {
+                    tracing::info!("{id}: drain asked through the admin API; a new instance takes its place");
+                    self.drain(index);
+                    Ok(())
+                } else {
+                    Err(DrainError::NoInstance { service: service(), id })
                 };
                 let _ = reply.send(result);
             }
@@ -543,8 +564,8 @@ impl Supervisor {
     fn admit(&mut self, id: String, launched: crate::driver::Launched, weight: u32, host: Option<Arc<str>>) {
         let key = self.next_key;
         self.next_key += 1;
-        let mut instance =
-            Instance::new(id, launched.addr, launched.pid, weight, Arc::clone(&self.pool.load));
+        let mut instance = Instance::new(id, launched.addr, launched.pid, weight, Arc::clone(&self.pool.load))
+            .with_output(launched.output);
         if let Some(host) = host {
             instance = instance.found_as(host);
         }

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use http::{Request, Response};
 use surge_metrics::{
-    latency_buckets, Counter, Family, Gauge, Histogram, Metrics, ResponseLabels, ServiceLabels, StatusClass,
+    Counter, Family, Gauge, LatencyCounts, LatencyHistogram, Metrics, ResponseLabels, ServiceLabels, StatusClass,
 };
 use tower::{Layer, Service};
 
@@ -20,10 +20,10 @@ use crate::body::{GatewayBody, GaugeGuard};
 #[derive(Clone)]
 pub struct GatewayMetrics {
     requests: Family<ResponseLabels, Counter>,
-    duration: Family<ServiceLabels, Histogram, fn() -> Histogram>,
+    duration: Family<ServiceLabels, LatencyHistogram>,
     in_flight: Family<ServiceLabels, Gauge>,
     pub(crate) unrouted: Counter,
-    pub(crate) rate_limited: Counter,
+    rate_limited: Family<ServiceLabels, Counter>,
     retries: Family<ServiceLabels, Counter>,
     retries_denied: Family<ServiceLabels, Counter>,
 }
@@ -32,10 +32,10 @@ impl GatewayMetrics {
     pub fn register(metrics: &Metrics) -> Self {
         let this = GatewayMetrics {
             requests: Family::default(),
-            duration: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
+            duration: Family::default(),
             in_flight: Family::default(),
             unrouted: Counter::default(),
-            rate_limited: Counter::default(),
+            rate_limited: Family::default(),
             retries: Family::default(),
             retries_denied: Family::default(),
         };
@@ -59,7 +59,7 @@ impl GatewayMetrics {
             registry.register("retries", "Tries sent again to another instance", this.retries.clone());
             registry.register(
                 "rate_limited_requests",
-                "Requests refused with 429 by a route's rate limit",
+                "Requests refused with 429 by a route's rate limit, by the route's service",
                 this.rate_limited.clone(),
             );
             registry.register(
@@ -72,11 +72,32 @@ impl GatewayMetrics {
     }
 
     pub(crate) fn retries(&self, service: &str) -> Counter {
-        self.retries.get_or_create(&ServiceLabels { service: service.to_owned() }).clone()
+        counter(&self.retries, service)
     }
 
     pub(crate) fn retries_denied(&self, service: &str) -> Counter {
-        self.retries_denied.get_or_create(&ServiceLabels { service: service.to_owned() }).clone()
+        counter(&self.retries_denied, service)
+    }
+
+    pub(crate) fn rate_limited(&self, service: &str) -> Counter {
+        counter(&self.rate_limited, service)
+    }
+
+    /// What one service's requests came to so far, for the dashboard and alerts.
+    pub fn traffic(&self, service: &str) -> Traffic {
+        let handles = self.for_service(service);
+        Traffic {
+            by_class: handles.by_class.each_ref().map(Counter::get),
+            latency: handles.duration.read(),
+            in_flight: u64::try_from(handles.in_flight.get()).unwrap_or(0),
+            retries: counter(&self.retries, service).get(),
+            rate_limited: counter(&self.rate_limited, service).get(),
+        }
+    }
+
+    /// Requests that matched no route, so far.
+    pub fn unrouted(&self) -> u64 {
+        self.unrouted.get()
     }
 
     /// One service's handles, looked up once so the data path never hashes a label.
@@ -99,9 +120,25 @@ impl GatewayMetrics {
     }
 }
 
+fn counter(family: &Family<ServiceLabels, Counter>, service: &str) -> Counter {
+    family.get_or_create(&ServiceLabels { service: service.to_owned() }).clone()
+}
+
+/// One service's request counters as read at one moment: all cumulative but `in_flight`.
+#[derive(Debug, Clone, Default)]
+pub struct Traffic {
+    /// Answers by status class: 1xx, 2xx, 3xx, 4xx, 5xx.
+    pub by_class: [u64; 5],
+    /// From a request's arrival to its response head.
+    pub latency: LatencyCounts,
+    pub in_flight: u64,
+    pub retries: u64,
+    pub rate_limited: u64,
+}
+
 pub struct ServiceMetrics {
     by_class: [Counter; 5],
-    duration: Histogram,
+    duration: LatencyHistogram,
     in_flight: Gauge,
 }
 
@@ -165,7 +202,7 @@ impl<F: Future<Output = Result<Response<GatewayBody>, Infallible>>> Future for R
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
         let Ok(mut response) = ready!(this.response.poll(cx));
-        this.metrics.duration.observe(this.start.elapsed().as_secs_f64());
+        this.metrics.duration.record(this.start.elapsed());
         let class = StatusClass::of(response.status().as_u16());
         this.metrics.by_class[class as usize].inc();
         if let Some(in_flight) = this.in_flight.take() {

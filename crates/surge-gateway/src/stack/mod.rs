@@ -40,7 +40,7 @@ use surge_pool::Pool;
 use tower::retry::{Retry, RetryLayer};
 use tower::ServiceBuilder;
 
-pub use metrics::GatewayMetrics;
+pub use metrics::{GatewayMetrics, Traffic};
 pub use retry::RetryRoute;
 
 /// One service's stack, as `build` makes it.
