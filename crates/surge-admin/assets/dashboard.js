@@ -30,7 +30,7 @@ let detail = null; // {service, instance} shown in #instance-detail
   }
 }
 
-// ---- small helpers ----------------------------------------------------------------------
+// ---- small helpers
 
 function el(tag, attrs, ...kids) {
   const e = document.createElement(tag);
@@ -42,10 +42,10 @@ function el(tag, attrs, ...kids) {
   for (const k of kids) if (k != null) e.append(k);
   return e;
 }
-function svg(tag, attrs, text) {
+function svg(tag, attrs, ...kids) {
   const e = document.createElementNS(SVG_NS, tag);
   for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
-  if (text != null) e.textContent = text;
+  e.append(...kids); // strings become text nodes
   return e;
 }
 // Writes only on change: no needless mutations, and selections/tooltips survive.
@@ -54,6 +54,7 @@ function setAttr(e, k, v) {
   if (v == null) e.removeAttribute(k);
   else if (e.getAttribute(k) !== String(v)) e.setAttribute(k, v);
 }
+const on = (sel, type, fn) => $(sel).addEventListener(type, fn);
 // Puts `nodes` in order under `parent` moving only what is out of place (moving a node
 // would blur an input inside it), and removes the rest.
 function place(parent, nodes) {
@@ -80,13 +81,12 @@ function fmtDur(ms) {
 const fmtAge = (s) => (s == null ? DASH : s < 60 ? s.toFixed(1) + " s" : fmtDur(s * 1000));
 function fmtBytes(n) {
   if (n == null) return DASH;
-  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
   let i = 0;
-  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
-  return (i ? n.toFixed(1) : String(n)) + " " + units[i];
+  for (; n >= 1024 && i < 4; i++) n /= 1024;
+  return (i ? n.toFixed(1) : n) + " " + ["B", "KiB", "MiB", "GiB", "TiB"][i];
 }
 
-// ---- messages and the token ---------------------------------------------------------------
+// ---- messages and the token
 
 let msgTimer = 0;
 function say(text, isError) {
@@ -101,12 +101,7 @@ function say(text, isError) {
 
 function needToken() {
   $("#auth-needed").hidden = false;
-  const input = $("#token-input");
-  if (document.activeElement === document.body) input.focus();
-}
-
-function showTokenState() {
-  $("#token-input").placeholder = token ? "token saved" : "admin token";
+  if (document.activeElement === document.body) $("#token-input").focus();
 }
 
 async function api(method, path, body) {
@@ -121,11 +116,11 @@ async function api(method, path, body) {
   let data = null;
   try { data = await res.json(); } catch { /* not JSON */ }
   if (res.status === 401) needToken();
-  if (!res.ok) throw new Error((data && data.error) || `${res.status} ${res.statusText}`);
+  if (!res.ok) throw new Error(data?.error || `${res.status} ${res.statusText}`);
   return data;
 }
 
-// ---- the live stream --------------------------------------------------------------------
+// ---- the live stream
 // EventSource cannot send Authorization, so SSE is read from fetch() by hand.
 
 let streamCtl = null;
@@ -153,11 +148,7 @@ async function connect() {
     await readEvents(res.body, ctl);
   } catch { /* reconnect below */ }
   if (ctl !== streamCtl) return; // replaced by a newer connection (token changed)
-  if (unauthorized) {
-    setConn("auth", "token needed"); // retrying is pointless until a token is saved
-    needToken();
-    return;
-  }
+  if (unauthorized) return needToken(), setConn("auth", "token needed"); // no retry until a token is saved
   setConn("retry", "reconnecting…");
   retryTimer = setTimeout(connect, backoff);
   backoff = Math.min(backoff * 2, 10000);
@@ -209,14 +200,13 @@ function onEvent(type, data) {
   applySample(s);
 }
 
-// ---- data ---------------------------------------------------------------------------------
+// ---- data
 
-function series(name) {
-  let h = hist.get(name);
-  if (!h) hist.set(name, (h = { t: [], rps: [], err: [], p99: [], ready: [], desired: [] }));
-  return h;
-}
 const KEYS = ["t", "rps", "err", "p99", "ready", "desired"];
+function series(name) {
+  if (!hist.has(name)) hist.set(name, Object.fromEntries(KEYS.map((k) => [k, []])));
+  return hist.get(name);
+}
 
 function addDecision(d) {
   // The backend's history may already hold the same change.
@@ -245,8 +235,15 @@ function applyHistory(h) {
     let n = 0;
     while (n < t.length && t[n] < upto) n++;
     const col = (a) => Array.from({ length: n }, (_, i) => (a && a[i] != null ? a[i] : null));
-    const fresh = { t: t.slice(0, n), rps: col(s.rps), err: col(s.errors_per_s), p99: col(s.p99_ms), ready: col(s.ready), desired: col(s.desired) };
-    if (have) for (const k of KEYS) fresh[k] = fresh[k].concat(have[k]);
+    const fresh = {};
+    [t, s.rps, s.errors_per_s, s.p99_ms, s.ready, s.desired].forEach((a, i) => (fresh[KEYS[i]] = col(a)));
+    if (have && have.t.length) {
+      const before = n ? fresh.desired[n - 1] : null; // a change across the seam is a decision too
+      if (before != null && have.desired[0] != null && before !== have.desired[0]) {
+        addDecision({ service: name, t_ms: have.t[0], from: before, to: have.desired[0], reason: "scaled" });
+      }
+      for (const k of KEYS) fresh[k] = fresh[k].concat(have[k]);
+    }
     hist.set(name, fresh);
   }
   for (const d of h.decisions || []) addDecision(d);
@@ -265,15 +262,11 @@ function applySample(s) {
     if (n && s.time_ms <= h.t[n - 1]) continue;
     const prev = n ? h.desired[n - 1] : null;
     if (prev != null && prev !== p.desired) {
-      addDecision({ service: p.service, t_ms: s.time_ms, from: prev, to: p.desired, reason: (p.autoscale && p.autoscale.reason) || "scaled" });
+      addDecision({ service: p.service, t_ms: s.time_ms, from: prev, to: p.desired, reason: p.autoscale?.reason ?? "scaled" });
     }
     const tr = p.traffic || {};
-    h.t.push(s.time_ms);
-    h.rps.push(tr.rps ?? null);
-    h.err.push(tr.errors_per_s ?? null);
-    h.p99.push(tr.p99_ms ?? null);
-    h.ready.push((p.instances || []).filter((i) => i.state === "ready").length);
-    h.desired.push(p.desired ?? null);
+    const ready = (p.instances || []).filter((i) => i.state === "ready").length;
+    [s.time_ms, tr.rps, tr.errors_per_s, tr.p99_ms, ready, p.desired].forEach((v, i) => h[KEYS[i]].push(v ?? null));
   }
   prune(s.time_ms);
   render(s);
@@ -287,262 +280,177 @@ async function loadOverview() {
   try { applySample(await api("GET", "/overview")); } catch (e) { console.warn("overview:", e.message); }
 }
 
-// ---- rendering ----------------------------------------------------------------------------
+// ---- rendering
 
 function render(s) {
   setText($("#seq"), s.seq);
   setText($("#uptime"), fmtDur((s.uptime_s || 0) * 1000));
   renderAlerts(s.alerts || [], s.time_ms);
-  renderServices(s.services);
-  renderQueues(s.queues || []);
-  renderCaches(s.caches || []);
+  sync($("#services tbody"), svcRows, s.services, (p) => p.service, serviceRow, updateService, "No services", COLS);
+  sync($("#queues tbody"), queueRows, s.queues || [], (q) => q.queue, (q) => {
+    const r = fieldRow("data-queue", q.queue, QUEUE);
+    r.append((r._act = el("td", { class: "actions" })));
+    return r;
+  }, updateQueue, "No queues", 11);
+  sync($("#caches tbody"), cacheRows, s.caches || [], (c) => c.route, (c) => fieldRow("data-cache", c.route, CACHE), (r, c) => {
+    fill(r, c, CACHE);
+    setAttr(r, "title", `${c.hits} hits, ${c.misses} misses in all`);
+  }, "No caches", 6);
   const g = s.gateway || {};
-  const gw = $("#gateway");
-  setText(gw.querySelector('[data-field="rate_limited_per_s"]'), fmt1(g.rate_limited_per_s));
-  setText(gw.querySelector('[data-field="rate_limited_total"]'), fmtInt(g.rate_limited_total));
-  setText(gw.querySelector('[data-field="unrouted_total"]'), fmtInt(g.unrouted_total));
+  for (const e of $("#gateway").querySelectorAll("[data-field]")) {
+    const v = g[e.dataset.field];
+    setText(e, e.dataset.field.endsWith("per_s") ? fmt1(v) : fmtInt(v));
+  }
   renderDetail();
 }
 
 function renderAlerts(alerts, now) {
-  const box = $("#alerts");
   const rank = (a) => (a.state === "firing" ? 0 : 2) + (a.severity === "critical" ? 0 : 1);
   const list = [...alerts].sort((a, b) => rank(a) - rank(b) || a.name.localeCompare(b.name));
-  if (!list.length) { place(box, [el("div", { class: "alert none" }, "No alerts")]); return; }
-  place(box, list.map((a) => {
-    const sev = a.severity === "critical" ? "crit" : "warn";
+  place($("#alerts"), list.length ? list.map((a) => {
+    const state = a.state === "firing" ? "firing" : "pending";
     const since = a.since_ms ? ` for ${fmtDur(now - a.since_ms)}` : "";
-    return el("div", {
-      class: `alert ${a.state === "firing" ? "firing" : "pending"} ${sev}`,
-      "data-alert": a.name, "data-state": a.state,
-      title: `${a.severity} · ${a.state}${since}` + (a.value != null ? ` · value ${a.value}` : ""),
-    },
-    el("b", null, a.name),
-    a.service ? el("span", { class: "tag" }, a.service) : null,
-    el("span", { class: "summary" }, a.summary || ""),
-    el("span", { class: "since" }, (a.state === "firing" ? "firing" : "pending") + since));
-  }));
+    return el("div", { class: `alert ${state} ${a.severity === "critical" ? "crit" : "warn"}`, "data-alert": a.name, "data-state": a.state },
+      el("b", null, a.name), a.service ? el("span", { class: "tag" }, a.service) : null,
+    el("span", { class: "summary" }, a.summary || ""), el("span", { class: "since" }, state + since));
+  }) : [el("div", { class: "alert none" }, "No alerts")]);
 }
 
-// Services: one row per pool plus, when expanded, a row holding its instances.
-const svcRows = new Map();
-const COLS = 13;
-
-function serviceRow(name) {
-  const f = {};
-  const num = (field) => (f[field] = el("td", { class: "num", "data-field": field }));
-  const pill = (state) => (f[state] = el("span", { class: "pill " + state, "data-field": state, title: state }));
-  const toggle = el("button", { type: "button", class: "toggle", "data-action": "toggle", "data-service": name, "aria-expanded": "false", title: "Show instances" }, "▸");
-  f.badges = el("span", { class: "badges" });
-  f.kind = el("td", { class: "kind" });
-  f.desired = el("span", { "data-field": "desired" });
-  f.range = el("span", { class: "range" });
-  f.panic = el("span", { class: "badge bad", hidden: true }, "panic");
-  f.reason = el("span", { class: "why" });
-  f.scale = el("td", { class: "scale" });
-  const tr = el("tr", { class: "svc", "data-service": name },
-    el("td", { class: "name" }, toggle, el("span", null, name), f.badges),
-    f.kind,
-    el("td", { class: "pills" }, pill("ready"), pill("starting"), pill("draining"), pill("unhealthy")),
-    el("td", { class: "num" }, f.desired, f.range),
-    el("td", { class: "reason" }, f.panic, f.reason),
-    num("rps"), num("error_ratio"), num("p50_ms"), num("p99_ms"), num("in_flight"), num("waiting"), num("requests_total"),
-    f.scale);
-  tr._f = f;
-  tr._toggle = toggle;
-  tr._scalable = null;
-  const body = el("tbody");
-  tr._inst = el("tr", { class: "instances-row" },
-    el("td", { colspan: COLS }, el("table", { class: "grid inst" },
-      el("thead", null, el("tr", null, ...["instance", "pid", "address", "state", "uptime", "served", "in flight", "weight", "ejections", "ejected", ""]
-        .map((h, i) => el("th", { class: i && i !== 2 && i !== 3 && i < 9 ? "num" : null }, h))))),
-      body)));
-  tr._instBody = body;
-  tr._instRows = new Map();
-  return tr;
-}
-
-function renderServices(pools) {
-  const rows = [];
-  const seen = new Set();
-  for (const p of pools) {
-    seen.add(p.service);
-    let tr = svcRows.get(p.service);
-    if (!tr) svcRows.set(p.service, (tr = serviceRow(p.service)));
-    updateService(tr, p);
-    rows.push(tr);
-    const open = expanded.has(p.service);
-    setAttr(tr._toggle, "aria-expanded", String(open));
-    tr.classList.toggle("open", open);
-    if (open) { updateInstances(tr, p); rows.push(tr._inst); }
-  }
-  for (const k of [...svcRows.keys()]) if (!seen.has(k)) svcRows.delete(k);
-  if (!rows.length) rows.push(el("tr", { class: "empty" }, el("td", { colspan: COLS }, "No services")));
-  place($("#services tbody"), rows);
-}
-
-function updateService(tr, p) {
-  const f = tr._f;
-  const n = { ready: 0, starting: 0, draining: 0, unhealthy: 0 };
-  for (const i of p.instances || []) {
-    const k = i.state === "stopping" ? "draining" : i.state;
-    if (k in n) n[k]++;
-  }
-  for (const k in n) { setText(f[k], n[k]); f[k].classList.toggle("zero", !n[k]); }
-  setText(f.kind, p.kind);
-  setText(f.desired, fmtInt(p.desired));
-  setText(f.range, p.kind === "upstreams" ? "" : ` (${p.min}–${p.max})`);
-  const badges = [];
-  if (p.crash_looping) badges.push(el("span", { class: "badge bad", title: `${p.failures} failures, ${p.restarts} restarts` }, "crash loop"));
-  else if (p.restarts) badges.push(el("span", { class: "badge", title: `${p.failures} failures` }, `${p.restarts} restarts`));
-  if (f.badges.textContent !== badges.map((b) => b.textContent).join("")) f.badges.replaceChildren(...badges);
-  const a = p.autoscale;
-  let why = "manual", title = "scaled by hand";
-  if (p.kind === "upstreams") { why = "static"; title = "static upstream addresses"; }
-  else if (a) {
-    why = a.reason || a.metric;
-    title = `${a.reason || ""}\nmetric ${a.metric}, target ${a.target}` +
-      (a.rps != null ? `\nrps ${fmt1(a.rps)}, concurrency ${fmt1(a.concurrency)}, p95 ${fmt1(a.latency_p95_ms)} ms, cpu ${fmtPct(a.cpu)}` : "");
-  }
-  setText(f.reason, why);
-  setAttr(f.reason, "title", title);
-  f.panic.hidden = !(a && a.panic);
-  const t = p.traffic || {};
-  setText(f.rps, fmt1(t.rps));
-  setText(f.error_ratio, fmtPct(t.error_ratio));
-  f.error_ratio.classList.toggle("bad", t.error_ratio >= 0.05);
-  f.error_ratio.classList.toggle("warn", t.error_ratio > 0 && t.error_ratio < 0.05);
-  setAttr(f.error_ratio, "title", `${fmt1(t.errors_per_s)} errors/s, ${fmtInt(t.errors_total)} in all, ${fmt1(t.retries_per_s)} retries/s`);
-  setText(f.p50_ms, fmt1(t.p50_ms));
-  setText(f.p99_ms, fmt1(t.p99_ms));
-  setText(f.in_flight, fmtInt(t.in_flight));
-  setText(f.waiting, fmtInt(t.waiting));
-  f.waiting.classList.toggle("warn", t.waiting > 0);
-  setText(f.requests_total, fmtInt(t.requests_total));
-
-  // The scale control exists only for hand-scaled pools; rebuilt only when that changes, so
-  // a number being typed is never lost.
-  const scalable = p.kind !== "upstreams" && !a;
-  if (tr._scalable !== scalable) {
-    tr._scalable = scalable;
-    f.scale.replaceChildren(scalable
-      ? el("span", { class: "scale-ctl" },
-        el("input", { type: "number", min: 0, step: 1, "data-scale-input": p.service, "aria-label": `Instances for ${p.service}` }),
-        el("button", { type: "button", "data-action": "scale", "data-service": p.service }, "Scale"))
-      : el("span", { class: "muted" }, a ? "auto" : DASH));
-  }
-  const input = f.scale.querySelector("input");
-  if (input) {
-    setAttr(input, "placeholder", p.desired);
-    setAttr(input, "min", p.min ?? 0);
-    setAttr(input, "max", p.max);
-  }
-}
-
-function updateInstances(tr, p) {
-  const rows = [];
-  const seen = new Set();
-  for (const i of p.instances || []) {
-    seen.add(i.id);
-    let r = tr._instRows.get(i.id);
-    if (!r) tr._instRows.set(i.id, (r = instanceRow(p, i)));
-    const f = r._f;
-    setText(f.pid, fmtInt(i.pid));
-    setText(f.address, i.address || DASH);
-    setText(f.state, i.state);
-    f.state.className = "pill " + i.state;
-    setText(f.uptime, fmtDur(i.uptime_ms));
-    setText(f.served, fmtInt(i.served));
-    setText(f.in_flight, fmtInt(i.in_flight));
-    setText(f.weight, fmtInt(i.weight));
-    setText(f.ejections, fmtInt(i.ejections));
-    setText(f.ejected, i.ejected ? "ejected" : "no");
-    f.ejected.classList.toggle("bad", !!i.ejected);
-    if (f.drain) f.drain.disabled = !["ready", "starting", "unhealthy"].includes(i.state);
-    rows.push(r);
-  }
-  for (const k of [...tr._instRows.keys()]) if (!seen.has(k)) tr._instRows.delete(k);
-  if (!rows.length) rows.push(el("tr", { class: "empty" }, el("td", { colspan: 11 }, "No instances")));
-  place(tr._instBody, rows);
-}
-
-function instanceRow(p, i) {
-  const f = {};
-  const td = (field, cls) => (f[field] = el("td", { class: cls, "data-field": field }));
-  f.state = el("span", { class: "pill" });
-  const ids = { "data-service": p.service, "data-instance": i.id };
-  if (p.kind !== "upstreams") f.drain = el("button", { type: "button", "data-action": "drain", ...ids, title: "Stop gracefully; the pool starts a replacement" }, "Drain");
-  const r = el("tr", { "data-instance": i.id },
-    el("td", { class: "mono" }, i.id), td("pid", "num"), td("address", "mono"),
-    el("td", { "data-field": "state" }, f.state),
-    td("uptime", "num"), td("served", "num"), td("in_flight", "num"), td("weight", "num"), td("ejections", "num"), td("ejected"),
-    el("td", { class: "actions" }, f.drain, el("button", { type: "button", "data-action": "log", ...ids }, "Log")));
-  r._f = f;
-  return r;
-}
-
-// Keyed tables for queues and caches.
-function syncTable(tbody, map, items, key, make, update, empty, cols) {
-  const rows = [];
-  const seen = new Set();
+// Keyed rows: existing rows are updated in place (so focus, typed text and expanded state
+// survive); `update` may return an extra row to follow its row.
+function sync(tbody, map, items, key, make, update, empty, cols) {
+  const rows = [], seen = new Set();
   for (const it of items) {
     const k = key(it);
     seen.add(k);
     let r = map.get(k);
     if (!r) map.set(k, (r = make(it)));
-    update(r, it);
     rows.push(r);
+    const extra = update(r, it);
+    if (extra) rows.push(extra);
   }
-  for (const k of [...map.keys()]) if (!seen.has(k)) map.delete(k);
-  if (!rows.length) rows.push(el("tr", { class: "empty" }, el("td", { colspan: cols }, empty)));
-  place(tbody, rows);
+  for (const k of map.keys()) if (!seen.has(k)) map.delete(k);
+  place(tbody, rows.length ? rows : [el("tr", { class: "empty" }, el("td", { colspan: cols }, empty))]);
 }
-function fieldRow(attr, name, fields) {
+
+// Table columns as [data-field, formatter, source key when it differs].
+const QUEUE = [["ready", fmtInt], ["delayed", fmtInt], ["in_flight", fmtInt], ["dead", fmtInt], ["oldest_age_seconds", fmtAge],
+  ["publish_per_s", fmt1], ["ack_per_s", fmt1], ["retried", fmtInt], ["bytes", fmtBytes]];
+const CACHE = [["hit_ratio", fmtPct], ["hits_per_s", fmt1], ["misses_per_s", fmt1], ["stale", fmtInt], ["stored_bytes", fmtBytes]];
+const INST = [["pid", fmtInt], ["address", (v) => v || DASH, , "mono"], ["state", String, , "st"], ["uptime", fmtDur, "uptime_ms"],
+  ["served", fmtInt], ["in_flight", fmtInt], ["weight", fmtInt], ["ejections", fmtInt], ["ejected", (v) => (v ? "ejected" : "no"), , "ej"]];
+const svcRows = new Map(), queueRows = new Map(), cacheRows = new Map();
+const COLS = 13;
+
+function fieldRow(attr, name, spec) {
   const f = {};
   const r = el("tr", { [attr]: name }, el("td", { class: "name" }, name),
-    ...fields.map((k) => (f[k] = el("td", { class: "num", "data-field": k }))));
+    ...spec.map(([k, , , cls]) => (f[k] = el("td", { class: cls || "num", "data-field": k }))));
   r._f = f;
   return r;
 }
-
-const queueRows = new Map();
-function renderQueues(queues) {
-  syncTable($("#queues tbody"), queueRows, queues, (q) => q.queue, (q) => {
-    const r = fieldRow("data-queue", q.queue, ["ready", "delayed", "in_flight", "dead", "oldest_age_seconds", "publish_per_s", "ack_per_s", "retried", "bytes"]);
-    r.append((r._act = el("td", { class: "actions" })));
-    return r;
-  }, (r, q) => {
-    const f = r._f;
-    for (const k of ["ready", "delayed", "in_flight", "dead", "retried"]) setText(f[k], fmtInt(q[k]));
-    f.dead.classList.toggle("bad", q.dead > 0);
-    setText(f.oldest_age_seconds, fmtAge(q.oldest_age_seconds));
-    setText(f.publish_per_s, fmt1(q.publish_per_s));
-    setText(f.ack_per_s, fmt1(q.ack_per_s));
-    setText(f.bytes, fmtBytes(q.bytes));
-    setAttr(r, "title", `published ${q.published}, delivered ${q.delivered}, acked ${q.acked}, dead-lettered ${q.dead_lettered}, redriven ${q.redriven}`);
-    const want = q.dead > 0;
-    if (!!r._act.firstChild !== want) {
-      r._act.replaceChildren(...(want ? [el("button", { type: "button", "data-action": "redrive", "data-queue": q.queue, title: "Put dead letters back on the queue" }, "Redrive")] : []));
-    }
-  }, "No queues", 11);
+function fill(r, o, spec) {
+  for (const [k, fmt, src] of spec) setText(r._f[k], fmt(o[src || k]));
 }
 
-const cacheRows = new Map();
-function renderCaches(caches) {
-  syncTable($("#caches tbody"), cacheRows, caches, (c) => c.route,
-    (c) => fieldRow("data-cache", c.route, ["hit_ratio", "hits_per_s", "misses_per_s", "stale", "stored_bytes"]),
-    (r, c) => {
-      const f = r._f;
-      setText(f.hit_ratio, fmtPct(c.hit_ratio));
-      setText(f.hits_per_s, fmt1(c.hits_per_s));
-      setText(f.misses_per_s, fmt1(c.misses_per_s));
-      setText(f.stale, fmtInt(c.stale));
-      setText(f.stored_bytes, fmtBytes(c.stored_bytes));
-      setAttr(r, "title", `${c.hits} hits, ${c.misses} misses in all`);
-    }, "No caches", 6);
+function updateQueue(r, q) {
+  fill(r, q, QUEUE);
+  r._f.dead.classList.toggle("bad", q.dead > 0);
+  setAttr(r, "title", `published ${q.published}, delivered ${q.delivered}, acked ${q.acked}, dead-lettered ${q.dead_lettered}, redriven ${q.redriven}`);
+  if (!!r._act.firstChild !== q.dead > 0) {
+    r._act.replaceChildren(...(q.dead > 0 ? [el("button", { type: "button", "data-action": "redrive", "data-queue": q.queue, title: "Put dead letters back on the queue" }, "Redrive")] : []));
+  }
 }
 
-// ---- instance detail panel ------------------------------------------------------------------
+// Services: one row per pool plus, when expanded, a row holding its instances.
+function serviceRow(p) {
+  const name = p.service;
+  const f = {};
+  const num = (k) => (f[k] = el("td", { class: "num", "data-field": k }));
+  const pill = (k) => (f[k] = el("span", { class: "pill " + k, "data-field": k, title: k }));
+  f.toggle = el("button", { type: "button", class: "toggle", "data-action": "toggle", "data-service": name, title: "Instances" }, "▸");
+  f.badges = el("span", { class: "badges" });
+  f.kind = el("td", { class: "kind" });
+  f.desired = el("span", { "data-field": "desired" });
+  f.range = el("span", { class: "range" });
+  f.panic = el("span", { class: "badge bad" }, "panic");
+  f.reason = el("span");
+  f.scale = el("td", { class: "scale" });
+  const tr = el("tr", { class: "svc", "data-service": name },
+    el("td", { class: "name" }, f.toggle, name, f.badges), f.kind,
+    el("td", { class: "pills" }, pill("ready"), pill("starting"), pill("draining"), pill("unhealthy")),
+    el("td", { class: "num" }, f.desired, f.range), el("td", { class: "reason" }, f.panic, f.reason),
+    num("rps"), num("error_ratio"), num("p50_ms"), num("p99_ms"), num("in_flight"), num("waiting"), num("requests_total"), f.scale);
+  tr._f = f;
+  tr._rows = new Map();
+  tr._body = el("tbody");
+  // Headers starting with # are numeric columns.
+  const heads = ["instance", "#pid", "address", "state", "#uptime", "#served", "#in flight", "#weight", "#ejections", "ejected", ""];
+  tr._inst = el("tr", { class: "instances-row" }, el("td", { colspan: COLS }, el("table", { class: "grid inst" },
+    el("thead", null, el("tr", null, ...heads.map((h) => el("th", { class: h[0] === "#" ? "num" : null }, h.replace("#", ""))))), tr._body)));
+  return tr;
+}
+
+function updateService(tr, p) {
+  const f = tr._f;
+  const n = { ready: 0, starting: 0, draining: 0, unhealthy: 0 };
+  for (const i of p.instances || []) n[i.state === "stopping" ? "draining" : i.state]++;
+  for (const k of ["ready", "starting", "draining", "unhealthy"]) { setText(f[k], n[k]); f[k].classList.toggle("zero", !n[k]); }
+  setText(f.kind, p.kind);
+  setText(f.desired, fmtInt(p.desired));
+  setText(f.range, p.kind === "upstreams" ? "" : ` (${p.min}–${p.max})`);
+  const badge = p.crash_looping ? "crash loop" : p.restarts ? `${p.restarts} restarts` : "";
+  if (f.badges.textContent !== badge) {
+    f.badges.replaceChildren(...(badge ? [el("span", { class: "badge" + (p.crash_looping ? " bad" : ""), title: `${p.failures} failures, ${p.restarts} restarts` }, badge)] : []));
+  }
+  const a = p.autoscale;
+  setText(f.reason, p.kind === "upstreams" ? "static" : a ? a.reason || a.metric : "manual");
+  setAttr(f.reason, "title", a ? `${a.reason || ""}\nmetric ${a.metric}, target ${a.target}` : null);
+  f.panic.hidden = !(a && a.panic);
+  const t = p.traffic || {};
+  for (const k of ["rps", "p50_ms", "p99_ms"]) setText(f[k], fmt1(t[k]));
+  for (const k of ["in_flight", "waiting", "requests_total"]) setText(f[k], fmtInt(t[k]));
+  setText(f.error_ratio, fmtPct(t.error_ratio));
+  f.error_ratio.classList.toggle("bad", t.error_ratio >= 0.05);
+  f.error_ratio.classList.toggle("warn", t.error_ratio > 0 && t.error_ratio < 0.05);
+  setAttr(f.error_ratio, "title", `${fmt1(t.errors_per_s)} errors/s, ${fmtInt(t.errors_total)} in all`);
+  f.waiting.classList.toggle("warn", t.waiting > 0);
+
+  // The scale control exists only for hand-scaled pools and is rebuilt only when that
+  // changes, so a number being typed is never lost.
+  const scalable = p.kind !== "upstreams" && !a;
+  if (tr._scalable !== scalable) {
+    tr._scalable = scalable;
+    f.scale.replaceChildren(scalable ? el("span", { class: "scale-ctl" },
+      el("input", { type: "number", min: 0, step: 1, "data-scale-input": p.service, "aria-label": `Instances of ${p.service}` }),
+      el("button", { type: "button", "data-action": "scale", "data-service": p.service }, "Scale"))
+      : el("span", { class: "muted" }, a ? "auto" : DASH));
+  }
+  const input = f.scale.querySelector("input");
+  if (input) { setAttr(input, "placeholder", p.desired); setAttr(input, "min", p.min ?? 0); setAttr(input, "max", p.max); }
+
+  const open = expanded.has(p.service);
+  setAttr(f.toggle, "aria-expanded", String(open));
+  tr.classList.toggle("open", open);
+  if (!open) return null;
+  sync(tr._body, tr._rows, p.instances || [], (i) => i.id, (i) => instanceRow(p, i), (r, i) => {
+    fill(r, i, INST);
+    r._f.state.className = "st " + i.state;
+    r._f.ejected.classList.toggle("bad", !!i.ejected);
+    if (r._drain) r._drain.disabled = !["ready", "starting", "unhealthy"].includes(i.state);
+  }, "No instances", 11);
+  return tr._inst;
+}
+
+function instanceRow(p, i) {
+  const r = fieldRow("data-instance", i.id, INST);
+  const ids = { type: "button", "data-service": p.service, "data-instance": i.id };
+  if (p.kind !== "upstreams") r._drain = el("button", { "data-action": "drain", ...ids, title: "Stop gracefully; the pool starts a replacement" }, "Drain");
+  r.append(el("td", { class: "actions" }, r._drain, el("button", { "data-action": "log", ...ids }, "Log")));
+  return r;
+}
+
+// ---- instance detail panel
 
 let logTimer = 0;
 let logBusy = false;
@@ -569,16 +477,13 @@ function renderDetail() {
   if (!detail || !last) return;
   const p = last.services.find((x) => x.service === detail.service);
   const i = p && (p.instances || []).find((x) => x.id === detail.instance);
-  const rows = i ? [
-    ["service", `${p.service} (${p.kind})`], ["state", i.state], ["pid", fmtInt(i.pid)], ["address", i.address || DASH],
-    ["port", fmtInt(i.port)], ["uptime", fmtDur(i.uptime_ms)], ["weight", fmtInt(i.weight)], ["served", fmtInt(i.served)],
-    ["in flight", fmtInt(i.in_flight)], ["ejected", i.ejected ? "yes" : "no"], ["ejections", fmtInt(i.ejections)],
-  ] : [["state", "gone: no longer in the pool"]];
+  const rows = i ? [["service", `${p.service} (${p.kind})`], ["port", fmtInt(i.port)],
+    ...INST.map(([k, fmt, src]) => [k.replace("_", " "), fmt(i[src || k])])] : [["state", "gone: no longer in the pool"]];
   const dl = $("#detail-fields");
   const text = rows.map((r) => r.join(":")).join("|");
   if (dl._text !== text) { // rebuild only when something changed
     dl._text = text;
-    dl.replaceChildren(...rows.flatMap(([k, v]) => [el("dt", null, k), el("dd", { "data-field": k.replace(" ", "_") }, v)]));
+    dl.replaceChildren(...rows.flatMap(([k, v]) => [el("dt", null, k), el("dd", null, v)]));
   }
 }
 
@@ -591,7 +496,7 @@ async function fetchLog() {
     if (detail !== d) return;
     const pre = $("#instance-log");
     const atEnd = pre.scrollHeight - pre.scrollTop - pre.clientHeight < 24; // follow the tail
-    setText(pre, (r && r.lines && r.lines.length) ? r.lines.join("\n") : "(no output)");
+    setText(pre, r?.lines?.length ? r.lines.join("\n") : "(no output)");
     if (atEnd) pre.scrollTop = pre.scrollHeight;
     setText($("#log-status"), "updated " + new Date().toLocaleTimeString());
   } catch (e) {
@@ -601,14 +506,14 @@ async function fetchLog() {
   }
 }
 
-// ---- charts -------------------------------------------------------------------------------
+// ---- charts
 
-const W = 300, H = 96, PL = 34, PR = 6, PT = 6, PB = 15; // viewBox and plot padding
+const W = 300, H = 86, PL = 34, PR = 6, PT = 6, PB = 15; // viewBox and plot padding
 const CHARTS = [
   { label: "requests/s", lines: [{ key: "rps", cls: "c-rps", area: true }] },
   { label: "errors/s", lines: [{ key: "err", cls: "c-err", area: true }] },
   { label: "p99 ms", lines: [{ key: "p99", cls: "c-p99" }] },
-  { label: "instances", int: true, marks: true, lines: [{ key: "desired", cls: "c-desired", step: true }, { key: "ready", cls: "c-ready" }] },
+  { label: "instances", int: true, marks: true, lines: [{ key: "ready", cls: "c-ready" }, { key: "desired", cls: "c-desired", step: true }] },
 ];
 const chartBlocks = new Map();
 let chartTimer = 0;
@@ -656,7 +561,7 @@ function drawCharts() {
     });
     return b;
   });
-  for (const k of [...chartBlocks.keys()]) if (!names.includes(k)) chartBlocks.delete(k);
+  for (const k of chartBlocks.keys()) if (!names.includes(k)) chartBlocks.delete(k);
   place($("#charts"), blocks.length ? blocks : [el("p", { class: "muted" }, "No data yet")]);
 }
 
@@ -669,15 +574,12 @@ function drawChart(s, c, h, now, marks) {
   const x = (t) => PL + ((t - t0) / WINDOW_MS) * (W - PL - PR);
   const base = H - PB;
   const y = (v) => base - (v / top) * (base - PT);
-  const kids = [
-    svg("line", { class: "axis", x1: PL, x2: W - PR, y1: PT, y2: PT }),
-    svg("line", { class: "axis", x1: PL, x2: W - PR, y1: (PT + base) / 2, y2: (PT + base) / 2 }),
-    svg("line", { class: "axis base", x1: PL, x2: W - PR, y1: base, y2: base }),
-    svg("text", { class: "lbl", x: PL - 4, y: PT + 3, "text-anchor": "end" }, fmtAxis(top)),
-    svg("text", { class: "lbl", x: PL - 4, y: base + 3, "text-anchor": "end" }, "0"),
-    svg("text", { class: "lbl", x: PL, y: H - 3 }, "15 min ago"),
-    svg("text", { class: "lbl", x: W - PR, y: H - 3, "text-anchor": "end" }, "now"),
-  ];
+  const kids = [PT, (PT + base) / 2, base].map((gy) => svg("line", { class: "axis", x1: PL, x2: W - PR, y1: gy, y2: gy }));
+  const label = (x, y, text, anchor = "end") => kids.push(svg("text", { class: "lbl", x, y, "text-anchor": anchor }, text));
+  label(PL - 4, PT + 3, fmtAxis(top));
+  label(PL - 4, base + 3, "0");
+  label(PL, H - 3, "15 min ago", "start");
+  label(W - PR, H - 3, "now");
   for (const l of c.lines) {
     // Split into runs of consecutive non-null points.
     const runs = [];
@@ -690,7 +592,15 @@ function drawChart(s, c, h, now, marks) {
       prevT = t;
     });
     if (!runs.length) continue;
-    const d = runs.map((r) => "M" + r.map(([px, py], i) => (i === 0 ? `${px} ${py}` : l.step ? `H${px}V${py}` : `L${px} ${py}`)).join("") + (r.length === 1 ? "h0.01" : "")).join("");
+    const d = runs.map((r) => {
+      let out = `M${r[0][0]} ${r[0][1]}`;
+      if (r.length === 1) return out + "h0.01"; // a lone point still shows as a dot
+      for (let i = 1; i < r.length; i++) {
+        if (!l.step) out += `L${r[i][0]} ${r[i][1]}`;
+        else if (r[i][1] !== r[i - 1][1]) out += `H${r[i][0]}V${r[i][1]}`; // steps only where it changes
+      }
+      return l.step ? out + `H${r[r.length - 1][0]}` : out;
+    }).join("");
     if (l.area) {
       const a = runs.filter((r) => r.length > 1).map((r) => `M${r[0][0]} ${base}L` + r.map((p) => p.join(" ")).join("L") + `L${r[r.length - 1][0]} ${base}Z`).join("");
       if (a) kids.push(svg("path", { class: "area " + l.cls, d: a }));
@@ -706,11 +616,11 @@ function drawChart(s, c, h, now, marks) {
       svg("line", { class: "hit", x1: mx, x2: mx, y1: PT, y2: base }),
       svg("circle", { cx: mx, cy: y(Math.min(m.to, top)).toFixed(1), r: 2.5 })));
   }
-  if (!any) kids.push(svg("text", { class: "lbl nodata", x: (PL + W - PR) / 2, y: (PT + base) / 2 + 3, "text-anchor": "middle" }, "no data"));
+  if (!any) label((PL + W - PR) / 2, (PT + base) / 2 + 3, "no data", "middle");
   s.replaceChildren(...kids);
 }
 
-// ---- actions ------------------------------------------------------------------------------
+// ---- actions
 
 // Runs an action with its button disabled, reporting the outcome in #message.
 async function act(btn, fn) {
@@ -720,17 +630,15 @@ async function act(btn, fn) {
 
 function scale(service, btn) {
   const input = document.querySelector(`input[data-scale-input="${CSS.escape(service)}"]`);
-  if (!input) return;
   const n = Number(input.value);
-  if (input.value.trim() === "" || !Number.isInteger(n) || n < 0) {
-    say(`Type a whole number of instances for ${service} first`, true);
+  if (!input.value.trim() || !Number.isInteger(n) || n < 0) {
     input.focus();
-    return;
+    return say(`Type a whole number of instances for ${service} first`, true);
   }
   act(btn, async () => {
     const r = await api("POST", `/services/${enc(service)}/scale`, { instances: n });
     input.value = "";
-    return `${(r && r.service) || service}: scaling to ${(r && r.desired) ?? n} instances`;
+    return `${service}: scaling to ${r?.desired ?? n} instances`;
   });
 }
 
@@ -745,25 +653,25 @@ function drain(service, instance, btn) {
 function redrive(queue, btn) {
   act(btn, async () => {
     const r = await api("POST", `/queues/${enc(queue)}/dead/redrive`);
-    return `${queue}: ${r && r.redriven != null ? r.redriven : "dead"} messages put back on the queue`;
+    return `${queue}: ${r?.redriven ?? "dead"} messages put back on the queue`;
   });
 }
 
 function purge(btn) {
   const input = $("#purge-prefix");
   const prefix = input.value.trim();
-  if (!prefix) { say("Type the URL prefix to purge first", true); input.focus(); return; }
+  if (!prefix) return input.focus(), say("Type the URL prefix to purge first", true);
   if (!window.confirm(`Purge every cached response whose URL starts with\n${prefix} ?`)) return;
   act(btn, async () => {
     const r = await api("POST", "/cache/purge", { prefix });
-    return `Purged ${r ? r.purged : "?"} cached responses${r && r.soft ? " (marked stale)" : ""}`;
+    return `Purged ${r?.purged ?? "?"} cached responses${r?.soft ? " (marked stale)" : ""}`;
   });
 }
 
 function toggle(service) {
   if (expanded.has(service)) expanded.delete(service);
   else expanded.add(service);
-  if (last) renderServices(last.services);
+  if (last) render(last);
 }
 
 document.addEventListener("click", (e) => {
@@ -795,19 +703,19 @@ document.addEventListener("keydown", (e) => {
   } else if (e.key === "Escape" && detail) closeDetail();
 });
 
-$("#purge-form").addEventListener("submit", (e) => {
+on("#purge-form", "submit", (e) => {
   e.preventDefault();
   purge(e.submitter || $('[data-action="purge"]'));
 });
 
-$("#token-form").addEventListener("submit", (e) => {
+on("#token-form", "submit", (e) => {
   e.preventDefault();
   const input = $("#token-input");
   token = input.value.trim();
   if (token) sessionStorage.setItem(TOKEN_KEY, token);
   else sessionStorage.removeItem(TOKEN_KEY);
   input.value = "";
-  showTokenState();
+  input.placeholder = token ? "token saved" : "admin token";
   $("#auth-needed").hidden = true;
   say(token ? "Token saved" : "Token cleared");
   // Start over with the new token.
@@ -817,9 +725,9 @@ $("#token-form").addEventListener("submit", (e) => {
   if (!last) loadOverview();
 });
 
-// ---- start --------------------------------------------------------------------------------
+// ---- start
 
-showTokenState();
+if (token) $("#token-input").placeholder = "token saved";
 drawCharts();
 loadHistory();
 loadOverview();

@@ -419,6 +419,11 @@ impl ResponseCache {
         &self.settings
     }
 
+    /// Bytes the in-process tier holds.
+    pub fn stored_bytes(&self) -> u64 {
+        self.local.weighted_size()
+    }
+
     pub fn metrics(&self) -> &ResponseMetrics {
         &self.metrics
     }

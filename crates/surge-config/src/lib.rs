@@ -15,10 +15,12 @@ pub use raw::{parse_duration, parse_size, Duration as HumanDuration};
 
 pub use error::{ConfigError, ConfigErrors, Site};
 pub use model::{
-    AdminConfig, Backend, Balance, BufferConfig, CertificateFiles, ClientTimeouts, Config, GatewayConfig,
-    HealthConfig, InstanceBounds, LifecycleConfig, OutlierConfig, ProcessLimits, Publish, QueueBackend,
-    QueueConfig, RateKey, RateLimit, RetryConfig, Route, RouteCache, RunAs, ScheduleConfig, ServiceConfig,
-    StaticConfig, TimeoutConfig, TlsConfig, Upstream, UpstreamProtocol, UpstreamTlsConfig, WorkerConfig,
+    AccessLogConfig, AccessLogFormat, AccessLogTarget, AdminConfig, AlertConfig, AlertRule, AlertingConfig,
+    Backend, Balance, BufferConfig, CertificateFiles, ClientTimeouts, Config, GatewayConfig, HealthConfig,
+    InstanceBounds, LifecycleConfig, OutlierConfig, ProcessLimits, Publish, QueueBackend, QueueConfig,
+    RateKey, RateLimit, RetryConfig, Route, RouteCache, RunAs, ScheduleConfig, ServiceConfig, Severity,
+    StaticConfig, TimeoutConfig, TlsConfig, Upstream, UpstreamProtocol, UpstreamTlsConfig, WebhookConfig,
+    WebhookFormat, WorkerConfig,
 };
 pub use validate::check_listeners;
 

@@ -23,6 +23,151 @@ pub struct Config {
     pub schedules: Vec<ScheduleConfig>,
     /// Folders served as files, in the order the file declares them.
     pub statics: Vec<StaticConfig>,
+    /// `[alerts.NAME]`, in the order the file declares them.
+    pub alerts: Vec<AlertConfig>,
+    /// Where firing and resolved alerts are sent.
+    pub alerting: AlertingConfig,
+}
+
+/// `[alerts.NAME]`: a condition on a signal Surge has, that fires once it has held for `for_`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlertConfig {
+    pub name: String,
+    pub site: Site,
+    pub rule: AlertRule,
+    /// How long the condition must hold before the alert fires (Prometheus' `for`).
+    pub for_: Duration,
+    pub severity: Severity,
+    /// Said in the log, the dashboard and the webhooks instead of the generated text.
+    pub summary: Option<String>,
+}
+
+/// What an alert watches. `service`/`queue` of `None`: every one, each an alert of its own.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AlertRule {
+    /// 5xx answers over all answers within `window`, above `above` (0..1).
+    ErrorRatio {
+        service: Option<String>,
+        above: f64,
+        window: Duration,
+    },
+    /// The p99 of request latency within `window`, above `above`.
+    Latency {
+        service: Option<String>,
+        above: Duration,
+        window: Duration,
+    },
+    /// An autoscaled pool wants its `instances.max`.
+    AtMax {
+        service: Option<String>,
+    },
+    CrashLoop {
+        service: Option<String>,
+    },
+    /// More than `above` instances out of rotation by their circuit breaker.
+    Ejected {
+        service: Option<String>,
+        above: u64,
+    },
+    /// The oldest message not done with has waited longer than `above`.
+    QueueAge {
+        queue: Option<String>,
+        above: Duration,
+    },
+    /// More than `above` dead letters.
+    DeadLetters {
+        queue: Option<String>,
+        above: u64,
+    },
+    /// Requests refused by rate limits, per second within `window`, above `above`.
+    RateLimited {
+        service: Option<String>,
+        above: f64,
+        window: Duration,
+    },
+    /// A certificate of the HTTPS listener expires within `within`.
+    CertificateExpiry {
+        within: Duration,
+    },
+}
+
+impl AlertRule {
+    /// The name of the rule's kind, as `when` says it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AlertRule::ErrorRatio { .. } => "error_ratio",
+            AlertRule::Latency { .. } => "p99",
+            AlertRule::AtMax { .. } => "at_max",
+            AlertRule::CrashLoop { .. } => "crash_loop",
+            AlertRule::Ejected { .. } => "ejected",
+            AlertRule::QueueAge { .. } => "queue_age",
+            AlertRule::DeadLetters { .. } => "dead_letters",
+            AlertRule::RateLimited { .. } => "rate_limited",
+            AlertRule::CertificateExpiry { .. } => "certificate_expiry",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Severity {
+    Critical,
+    #[default]
+    Warning,
+    Info,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Critical => "critical",
+            Severity::Warning => "warning",
+            Severity::Info => "info",
+        }
+    }
+}
+
+/// `[alerting]`: webhooks told of every alert that fires or resolves.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct AlertingConfig {
+    pub webhooks: Vec<WebhookConfig>,
+    /// A firing alert is sent again this often (Alertmanager forgets one not heard of).
+    pub repeat: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookConfig {
+    pub url: http::Uri,
+    pub format: WebhookFormat,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookFormat {
+    /// Alertmanager's `POST /api/v2/alerts` body: an array of alerts with labels.
+    Alertmanager,
+    /// One plain JSON object per change.
+    Json,
+}
+
+/// `[gateway] access_log`: a line per request, written off the request path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessLogConfig {
+    pub target: AccessLogTarget,
+    pub format: AccessLogFormat,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLogTarget {
+    Stdout,
+    /// Appended to; relative paths are taken from the configuration file's folder.
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLogFormat {
+    Json,
+    /// nginx's `combined`, then Surge's own fields as `key=value`.
+    Combined,
 }
 
 /// `[static.NAME]`: files under `root` answer the routes, with the route's prefix taken off
@@ -144,6 +289,7 @@ pub struct GatewayConfig {
     pub max_connections_per_client: Option<u32>,
     /// Every connection starts with a PROXY protocol header from one of `trusted_proxies`.
     pub proxy_protocol: bool,
+    pub access_log: Option<AccessLogConfig>,
 }
 
 /// How long the gateway waits on a client (nginx's names in brackets).

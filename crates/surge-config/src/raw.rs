@@ -33,6 +33,43 @@ pub(crate) struct RawConfig {
     pub schedules: BTreeMap<String, Spanned<RawSchedule>>,
     #[serde(default, rename = "static")]
     pub statics: BTreeMap<String, Spanned<RawStatic>>,
+    #[serde(default)]
+    pub alerts: BTreeMap<String, Spanned<RawAlert>>,
+    #[serde(default)]
+    pub alerting: RawAlerting,
+}
+
+/// `[alerts.NAME]`: `when` names the rule; which other keys it takes depends on it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAlert {
+    pub when: Option<Spanned<String>>,
+    pub service: Option<Spanned<String>>,
+    pub queue: Option<Spanned<String>>,
+    /// A number, or a duration for `p99` and `queue_age`.
+    pub above: Option<Spanned<toml::Value>>,
+    pub window: Option<Spanned<Duration>>,
+    pub within: Option<Spanned<Duration>>,
+    #[serde(rename = "for")]
+    pub for_: Option<Spanned<Duration>>,
+    pub severity: Option<Spanned<String>>,
+    pub summary: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAlerting {
+    #[serde(default)]
+    pub webhooks: Vec<Spanned<RawWebhook>>,
+    pub repeat: Option<Spanned<Duration>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawWebhook {
+    pub url: Option<Spanned<String>>,
+    pub format: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<Duration>>,
 }
 
 /// `[static.NAME]`: a folder served as files.
@@ -193,6 +230,8 @@ pub(crate) struct RawGateway {
     pub max_connections: Option<Spanned<usize>>,
     pub max_connections_per_client: Option<Spanned<u32>>,
     pub proxy_protocol: Option<Spanned<bool>>,
+    pub access_log: Option<Spanned<String>>,
+    pub access_log_format: Option<Spanned<String>>,
 }
 
 /// How the gateway checks (and answers) instances spoken to over TLS.

@@ -14,6 +14,7 @@ use crate::model::*;
 use crate::raw::{self, RawConfig, RawService};
 use surge_scale::ScaleConfig;
 
+mod observe;
 mod queues;
 
 const DEFAULT_GATEWAY_LISTEN: &str = "127.0.0.1:8080";
@@ -60,6 +61,17 @@ pub(crate) fn validate(raw: RawConfig, source: &str, file: &Path) -> Result<Conf
     let queues = v.queues(raw.queues);
     let workers = v.workers(raw.workers, &queues, &services);
     let schedules = v.schedules(raw.schedules);
+    let subjects = observe::Subjects {
+        pools: services
+            .iter()
+            .map(|s| s.name.as_str())
+            .chain(workers.iter().map(|w| w.pool.name.as_str()))
+            .collect(),
+        queues: queues.iter().map(|q| q.name.as_str()).collect(),
+        https: gateway.tls.is_some(),
+    };
+    let alerts = v.alerts(raw.alerts, &subjects);
+    let alerting = v.alerting(raw.alerting);
 
     let redis = match raw.store.redis {
         Some(url) if !url.get_ref().starts_with("redis://") && !url.get_ref().starts_with("rediss://") => {
@@ -83,6 +95,8 @@ pub(crate) fn validate(raw: RawConfig, source: &str, file: &Path) -> Result<Conf
             workers,
             schedules,
             statics,
+            alerts,
+            alerting,
         })
     } else {
         v.errors.sort_by_key(|e| (e.site.line, e.site.column));
@@ -245,7 +259,9 @@ impl Validator<'_> {
             }
             other => other.is_some_and(Spanned::into_inner),
         };
+        let access_log = self.access_log(raw.access_log.take(), raw.access_log_format.take());
         GatewayConfig {
+            access_log,
             proxy_protocol,
             listen,
             listen_site,

@@ -9,9 +9,9 @@ mod latency;
 
 use std::sync::Mutex;
 
+pub use latency::{LatencyCounts, LatencyHistogram};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 pub use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram};
-pub use latency::{LatencyCounts, LatencyHistogram};
 pub use prometheus_client::registry::Registry;
 
 /// The registry, filled at start-up and read by the admin API's `/metrics`.

@@ -224,9 +224,6 @@ impl WaitQueue {
     }
 }
 
-
-
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -564,8 +564,9 @@ impl Supervisor {
     fn admit(&mut self, id: String, launched: crate::driver::Launched, weight: u32, host: Option<Arc<str>>) {
         let key = self.next_key;
         self.next_key += 1;
-        let mut instance = Instance::new(id, launched.addr, launched.pid, weight, Arc::clone(&self.pool.load))
-            .with_output(launched.output);
+        let mut instance =
+            Instance::new(id, launched.addr, launched.pid, weight, Arc::clone(&self.pool.load))
+                .with_output(launched.output);
         if let Some(host) = host {
             instance = instance.found_as(host);
         }

@@ -95,7 +95,13 @@ pub(crate) fn attach(addr: SocketAddr) -> Launched {
         let _ = watch_removed.wait_for(|removed| *removed).await;
         Exit { success: true, description: "left the pool".to_owned() }
     };
-    Launched { addr, pid: None, control: Box::new(Detached { removed }), exited: Box::pin(exited), output: None }
+    Launched {
+        addr,
+        pid: None,
+        control: Box::new(Detached { removed }),
+        exited: Box::pin(exited),
+        output: None,
+    }
 }
 
 struct Detached {

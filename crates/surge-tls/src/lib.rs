@@ -48,6 +48,8 @@ struct Entry {
     /// DNS names from the certificate, lowercase; `*.example.com` matches one label.
     names: Vec<String>,
     key: Arc<CertifiedKey>,
+    file: std::path::PathBuf,
+    not_after: SystemTime,
 }
 
 /// What says a file changed: its modification time and length.
@@ -89,6 +91,11 @@ impl Certificates {
 
     /// The rustls configuration for the listener: TLS 1.3 and 1.2 with rustls' default
     /// ciphers, ALPN `h2` then `http/1.1`, resumption by tickets and by session ID.
+    /// Each certificate in use (its file) and when it expires, for alerts.
+    pub fn expiries(&self) -> Vec<(std::path::PathBuf, SystemTime)> {
+        self.current.load().entries.iter().map(|entry| (entry.file.clone(), entry.not_after)).collect()
+    }
+
     pub fn server_config(self: &Arc<Self>) -> Result<Arc<rustls::ServerConfig>, String> {
         let mut config = rustls::ServerConfig::builder_with_provider(Arc::clone(&self.provider))
             .with_safe_default_protocol_versions()
@@ -232,7 +239,7 @@ fn read_one(
         }
         err => key_error(format!("cannot use this key: {err}")),
     })?;
-    Ok(Entry { names, key: Arc::new(key) })
+    Ok(Entry { names, key: Arc::new(key), file: files.cert.clone(), not_after })
 }
 
 /// The leaf's DNS names (its subject alternative names, else its common name) and its expiry.

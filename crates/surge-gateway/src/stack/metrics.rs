@@ -10,7 +10,8 @@ use std::time::Instant;
 
 use http::{Request, Response};
 use surge_metrics::{
-    Counter, Family, Gauge, LatencyCounts, LatencyHistogram, Metrics, ResponseLabels, ServiceLabels, StatusClass,
+    Counter, Family, Gauge, LatencyCounts, LatencyHistogram, Metrics, ResponseLabels, ServiceLabels,
+    StatusClass,
 };
 use tower::{Layer, Service};
 
