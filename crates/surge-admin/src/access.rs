@@ -74,7 +74,8 @@ impl Access {
         let lease =
             *method == Method::POST && is_lease_path(path) && headers.contains_key("x-surge-lease-token");
         if let Some(token) = self.token.as_ref().filter(|_| !lease) {
-            let open = self.metrics_public && path == "/metrics";
+            // The dashboard's own files hold no data; what they fetch needs the token.
+            let open = (self.metrics_public && path == "/metrics") || crate::dashboard::is_asset(path);
             if changes || (self.everything_needs_token && !open) {
                 let sent = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
                 match sent.and_then(|v| v.strip_prefix("Bearer ")) {
@@ -104,7 +105,11 @@ impl Access {
             if let Some(origin) = headers.get(header::ORIGIN) {
                 let origin = origin.to_str().unwrap_or_default();
                 let host = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://"));
-                if !host.is_some_and(names_loopback) {
+                // The dashboard's own page, wherever the API listens, or a page on loopback.
+                let own = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+                let same_origin =
+                    host.is_some_and(|host| own.is_some_and(|own| host.eq_ignore_ascii_case(own)));
+                if !same_origin && !host.is_some_and(names_loopback) {
                     return Err(Refusal::CrossOrigin);
                 }
             }
@@ -166,6 +171,26 @@ mod tests {
         assert_eq!(open.check(&Method::GET, "/status", &headers(&[host, wrong])), Err(Refusal::WrongToken));
         let closed = access("0.0.0.0:9900", Some("s3cret"), false);
         assert_eq!(closed.check(&Method::GET, "/metrics", &headers(&[host])), Err(Refusal::MissingToken));
+    }
+
+    #[test]
+    fn the_dashboard_page_loads_anywhere_and_acts_from_its_own_origin() {
+        let guarded = access("0.0.0.0:9900", Some("s3cret"), false);
+        let host = ("host", "10.0.0.5:9900");
+        for asset in ["/", "/dashboard.js", "/dashboard.css"] {
+            assert_eq!(guarded.check(&Method::GET, asset, &headers(&[host])), Ok(()), "{asset}");
+        }
+        for data in ["/overview", "/events", "/history", "/services/web/instances/web-1/log"] {
+            let refused = guarded.check(&Method::GET, data, &headers(&[host]));
+            assert_eq!(refused, Err(Refusal::MissingToken), "{data}");
+        }
+        let bearer = ("authorization", "Bearer s3cret");
+        let drain = "/services/web/instances/web-1/drain";
+        let own = ("origin", "http://10.0.0.5:9900");
+        assert_eq!(guarded.check(&Method::POST, drain, &headers(&[host, JSON, bearer, own])), Ok(()));
+        let other = ("origin", "http://10.0.0.6:9900");
+        let refused = guarded.check(&Method::POST, drain, &headers(&[host, JSON, bearer, other]));
+        assert_eq!(refused, Err(Refusal::CrossOrigin));
     }
 
     #[test]

@@ -1,12 +1,12 @@
 //! The admin API's JSON bodies, shared by the server and the `surge` command line.
 
 use serde::{Deserialize, Serialize};
+pub use surge_observe::sample::{Sample, ServiceSample, TrafficRates};
 pub use surge_pool::{InstanceState, InstanceStatus, PoolStatus};
 
-#[derive(Debug, Serialize, Deserialize)]
-pub struct StatusResponse {
-    pub services: Vec<PoolStatus>,
-}
+/// `GET /status`: the latest sample (rates, queues, caches, alerts), with every pool's
+/// instances as they are at the moment of asking.
+pub type StatusResponse = Sample;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ScaleRequest {
@@ -17,6 +17,22 @@ pub struct ScaleRequest {
 pub struct ScaleResponse {
     pub service: String,
     pub desired: u32,
+}
+
+/// `POST /services/{name}/instances/{id}/drain`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DrainResponse {
+    pub service: String,
+    pub instance: String,
+    pub draining: bool,
+}
+
+/// `GET /services/{name}/instances/{id}/log`: its last lines, oldest first.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LogResponse {
+    pub service: String,
+    pub instance: String,
+    pub lines: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

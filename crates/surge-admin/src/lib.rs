@@ -16,10 +16,18 @@
 //!   `{"tag": "product-42"}`, and `"soft": true` to mark stale rather than drop: purges every
 //!   cached route, on every node sharing Redis; 404 when nothing matched.
 //!
+//! - `GET /` (and `/dashboard.js`, `/dashboard.css`): the dashboard.
+//! - `GET /overview`: the latest sample; `GET /events`: each new one, as server-sent events;
+//!   `GET /history`: the last 15 minutes of every pool, for charts.
+//! - `GET /services/{name}/instances/{id}/log`: an instance's last lines of output.
+//! - `POST /services/{name}/instances/{id}/drain`: stop one instance gracefully; the pool
+//!   launches another in its place.
+//!
 //! Every request passes [`Access`] first: a bearer token, a loopback Host, JSON for changes.
 
 mod access;
 pub mod api;
+mod dashboard;
 mod queues;
 
 pub use access::{Access, Refusal};
@@ -35,6 +43,7 @@ use axum::routing::{get, post};
 use axum::Json;
 use surge_cache::responses::{Purge, ResponseCaches};
 use surge_metrics::Metrics;
+use surge_observe::Observer;
 use surge_pool::{Pools, ScaleError};
 use surge_queue::Queues;
 use tokio::net::TcpListener;
@@ -52,6 +61,8 @@ struct AdminState {
     caches: Arc<ResponseCaches>,
     metrics: Arc<Metrics>,
     reload: tokio::sync::mpsc::Sender<ReloadRequest>,
+    observer: Arc<Observer>,
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 /// What the admin API serves from.
@@ -61,11 +72,22 @@ pub struct Handles {
     pub caches: Arc<ResponseCaches>,
     pub metrics: Arc<Metrics>,
     pub reload: tokio::sync::mpsc::Sender<ReloadRequest>,
+    pub observer: Arc<Observer>,
+    /// Turns true when surge stops: the dashboard's event streams end, so the API can close.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 pub fn router(handles: Handles, access: Access) -> axum::Router {
-    let Handles { pools, queues, caches, metrics, reload } = handles;
+    let Handles { pools, queues, caches, metrics, reload, observer, stopping } = handles;
     axum::Router::new()
+        .route("/", get(dashboard::page))
+        .route("/dashboard.js", get(dashboard::script))
+        .route("/dashboard.css", get(dashboard::style))
+        .route("/overview", get(dashboard::overview))
+        .route("/events", get(dashboard::events))
+        .route("/history", get(dashboard::history))
+        .route("/services/{name}/instances/{id}/log", get(dashboard::instance_log))
+        .route("/services/{name}/instances/{id}/drain", post(dashboard::drain))
         .route("/status", get(status))
         .route("/services/{name}/scale", post(scale))
         .route("/reload", post(reload_config))
@@ -81,7 +103,7 @@ pub fn router(handles: Handles, access: Access) -> axum::Router {
         .route("/queues/{name}/leases/{id}/fail", post(queues::fail))
         .route("/cache/purge", post(purge_cache))
         .layer(axum::middleware::from_fn_with_state(Arc::new(access), guard))
-        .with_state(AdminState { pools, queues, caches, metrics, reload })
+        .with_state(AdminState { pools, queues, caches, metrics, reload, observer, stopping })
 }
 
 async fn reload_config(State(state): State<AdminState>) -> Response {
@@ -128,7 +150,7 @@ pub async fn serve(
 }
 
 async fn status(State(state): State<AdminState>) -> Json<StatusResponse> {
-    Json(StatusResponse { services: state.pools.list().iter().map(|pool| pool.status()).collect() })
+    Json(dashboard::status(&state))
 }
 
 async fn scale(State(state): State<AdminState>, Path(name): Path<String>, body: Bytes) -> Response {

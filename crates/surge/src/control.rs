@@ -1,6 +1,6 @@
 //! `surge status` and `surge scale`: talk to a running surge through its admin API.
 
-use surge_admin::api::{PoolStatus, ReloadResponse, ScaleRequest, ScaleResponse, StatusResponse};
+use surge_admin::api::{ReloadResponse, ScaleRequest, ScaleResponse, ServiceSample, StatusResponse};
 
 use surge_queue::http::{DeadLettersResponse, DeadRequest, DeadResponse, QueueStatus, QueuesResponse};
 
@@ -24,6 +24,13 @@ pub fn status(args: &AdminArgs, json: bool) -> Result<(), Failure> {
     }
     let status: StatusResponse = block_on(client.get("/status"))?;
     print!("{}", render(&status.services));
+    for alert in &status.alerts {
+        let state = match alert.state {
+            surge_observe::sample::AlertState::Firing => "FIRING",
+            surge_observe::sample::AlertState::Pending => "pending",
+        };
+        println!("\nalert {} ({}) {state}: {}", alert.name, alert.severity, alert.summary);
+    }
     Ok(())
 }
 
@@ -151,12 +158,13 @@ fn table<const N: usize>(rows: Vec<[String; N]>) -> String {
 }
 
 /// One block per service: a summary line, then a table of its instances.
-fn render(services: &[PoolStatus]) -> String {
+fn render(services: &[ServiceSample]) -> String {
     let mut out = String::new();
-    for (i, service) in services.iter().enumerate() {
+    for (i, sampled) in services.iter().enumerate() {
         if i > 0 {
             out.push('\n');
         }
+        let (service, traffic) = (&sampled.status, &sampled.traffic);
         let ready =
             service.instances.iter().filter(|i| i.state == surge_admin::api::InstanceState::Ready).count();
         out.push_str(&format!(
@@ -169,6 +177,18 @@ fn render(services: &[PoolStatus]) -> String {
             service.restarts,
             if service.crash_looping { "  CRASH LOOP: restarts backed off" } else { "" }
         ));
+        if sampled.kind != surge_observe::sample::PoolKind::Worker {
+            let ms = |value: Option<f64>| value.map_or_else(|| "-".to_owned(), |ms| format!("{ms:.1} ms"));
+            out.push_str(&format!(
+                "  {:.1} req/s  {:.1} errors/s  p50 {}  p99 {}  in flight {}  waiting {}\n",
+                traffic.rps,
+                traffic.errors_per_s,
+                ms(traffic.p50_ms),
+                ms(traffic.p99_ms),
+                traffic.in_flight,
+                traffic.waiting
+            ));
+        }
         let mut rows =
             vec![["INSTANCE", "PID", "ADDRESS", "WEIGHT", "STATE", "IN-FLIGHT", "SERVED", "UPTIME"]
                 .map(String::from)];

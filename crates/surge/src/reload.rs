@@ -24,6 +24,8 @@ pub struct Running {
     pub certificates: Option<Arc<surge_tls::Certificates>>,
     /// What every gateway shares: queues, metrics, rate-limit store, response caches.
     pub shared: Shared,
+    /// Takes the new alert rules and pools.
+    pub observer: Arc<surge_observe::Observer>,
 }
 
 impl Running {
@@ -62,6 +64,7 @@ impl Running {
         self.pools.install(change.pools);
         let summary = summary(&change.started, &change.retired, &self.config, &config);
         tokio::spawn(retire(change.retired));
+        self.observer.configure(&config);
         self.config = config;
         Ok(summary)
     }

@@ -176,6 +176,20 @@ async fn serve(config: Config, path: std::path::PathBuf) -> Result<(), Failure> 
         )),
         None => tokio::spawn(surge_gateway::serve(Arc::clone(&gateway), gateway_listener, plain, drain)),
     });
+    let expiries = certificates_in_use.clone().map(|certificates| {
+        let expiries: surge_observe::Expiries = Arc::new(move || certificates.expiries());
+        expiries
+    });
+    let observed = surge_observe::Handles {
+        pools: Arc::clone(&pools),
+        queues: Arc::clone(&queues),
+        caches: Arc::clone(&caches),
+        gateway: shared.metrics.clone(),
+        certificates: expiries,
+    };
+    let dashboard = format!("http://{admin_addr}/");
+    let observer = surge_observe::Observer::new(observed, &config, dashboard.clone(), &metrics);
+    let observing = tokio::spawn(Arc::clone(&observer).run(stopped(admin_stopping.clone())));
     let (reload_requests, mut reloads) = tokio::sync::mpsc::channel(4);
     let handles = surge_admin::Handles {
         pools: Arc::clone(&pools),
@@ -183,6 +197,8 @@ async fn serve(config: Config, path: std::path::PathBuf) -> Result<(), Failure> 
         caches,
         metrics: Arc::clone(&metrics),
         reload: reload_requests,
+        observer: Arc::clone(&observer),
+        stopping: admin_stopping.clone(),
     };
     let admin = surge_admin::router(handles, access);
     let admin_task = tokio::spawn(surge_admin::serve(admin_listener, admin, stopped(admin_stopping)));
@@ -192,7 +208,7 @@ async fn serve(config: Config, path: std::path::PathBuf) -> Result<(), Failure> 
         if workers > 0 { format!(", {workers} worker pool{}", plural(workers)) } else { String::new() };
     tracing::info!(
         "surge is up: gateway on http://{gateway_addr}{https_note}, admin API on http://{admin_addr}, \
-         {services} service{}{work}",
+         {services} service{}{work}; dashboard at {dashboard}",
         plural(services)
     );
 
@@ -203,6 +219,7 @@ async fn serve(config: Config, path: std::path::PathBuf) -> Result<(), Failure> 
         pools: Arc::clone(&pools),
         certificates: certificates_in_use,
         shared,
+        observer,
     };
     let first = loop {
         let reply = tokio::select! {
@@ -242,6 +259,7 @@ async fn serve(config: Config, path: std::path::PathBuf) -> Result<(), Failure> 
         // The admin API stays up until the end so `surge status` can watch the drain.
         let _ = stop_admin.send(true);
         let _ = admin_task.await;
+        let _ = observing.await;
     };
     tokio::select! {
         _ = graceful => {

@@ -204,10 +204,15 @@ impl Surge {
     }
 
     pub async fn status(&self) -> Vec<PoolStatus> {
+        self.sample().await.services.into_iter().map(|service| service.status).collect()
+    }
+
+    /// `/status` whole: the pools with their traffic, queues, caches and alerts.
+    pub async fn sample(&self) -> StatusResponse {
         let url = format!("http://{}/status", self.admin);
         let answer = send(&self.client, Method::GET, &url, &[], Bytes::new()).await.expect("admin API");
         assert_eq!(answer.status, StatusCode::OK);
-        serde_json::from_slice::<StatusResponse>(&answer.body).expect("status JSON").services
+        serde_json::from_slice::<StatusResponse>(&answer.body).expect("status JSON")
     }
 
     pub async fn service(&self, name: &str) -> PoolStatus {
