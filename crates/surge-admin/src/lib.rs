@@ -204,8 +204,15 @@ async fn purge_cache(State(state): State<AdminState>, body: Bytes) -> Response {
     Json(api::PurgeResponse { purged, soft: request.soft }).into_response()
 }
 
-async fn metrics_text(State(state): State<AdminState>) -> Response {
-    ([(header::CONTENT_TYPE, surge_metrics::CONTENT_TYPE)], state.metrics.encode()).into_response()
+/// OpenMetrics for scrapers that ask for it (Prometheus does), the classic text otherwise.
+async fn metrics_text(State(state): State<AdminState>, headers: axum::http::HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|value| value.to_str().ok());
+    if surge_metrics::wants_openmetrics(accept) {
+        ([(header::CONTENT_TYPE, surge_metrics::CONTENT_TYPE)], state.metrics.encode()).into_response()
+    } else {
+        ([(header::CONTENT_TYPE, surge_metrics::CLASSIC_CONTENT_TYPE)], state.metrics.encode_classic())
+            .into_response()
+    }
 }
 
 fn error(status: StatusCode, message: String) -> Response {

@@ -290,6 +290,8 @@ pub struct GatewayConfig {
     /// Every connection starts with a PROXY protocol header from one of `trusted_proxies`.
     pub proxy_protocol: bool,
     pub access_log: Option<AccessLogConfig>,
+    /// Every request gets an `x-request-id` and a W3C `traceparent` (on by default).
+    pub request_ids: bool,
 }
 
 /// How long the gateway waits on a client (nginx's names in brackets).

@@ -232,6 +232,7 @@ pub(crate) struct RawGateway {
     pub proxy_protocol: Option<Spanned<bool>>,
     pub access_log: Option<Spanned<String>>,
     pub access_log_format: Option<Spanned<String>>,
+    pub request_ids: Option<bool>,
 }
 
 /// How the gateway checks (and answers) instances spoken to over TLS.

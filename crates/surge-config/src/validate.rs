@@ -262,6 +262,7 @@ impl Validator<'_> {
         let access_log = self.access_log(raw.access_log.take(), raw.access_log_format.take());
         GatewayConfig {
             access_log,
+            request_ids: raw.request_ids.unwrap_or(true),
             proxy_protocol,
             listen,
             listen_site,

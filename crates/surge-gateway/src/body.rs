@@ -6,6 +6,7 @@
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -13,6 +14,7 @@ use hyper::body::Incoming;
 use surge_metrics::Gauge;
 use surge_pool::InFlight;
 
+use crate::access_log::{AccessLog, Entry};
 use crate::client::Http1Body;
 use crate::server::ClientBody;
 use crate::wire::BoxError;
@@ -26,12 +28,13 @@ pin_project_lite::pin_project! {
         inner: Payload<Source>,
         instance: Option<InFlight>,
         gauge: Option<GaugeGuard>,
+        log: Option<Box<Logged>>,
     }
 }
 
 impl GatewayBody {
     pub fn full(bytes: Bytes) -> Self {
-        GatewayBody { inner: Payload::Kept { bytes: Some(bytes) }, instance: None, gauge: None }
+        GatewayBody { inner: Payload::Kept { bytes: Some(bytes) }, instance: None, gauge: None, log: None }
     }
 
     pub(crate) fn upstream(body: UpstreamBody, instance: InFlight) -> Self {
@@ -39,6 +42,7 @@ impl GatewayBody {
             inner: Payload::Streaming { body: http_body_util::Either::Left(body) },
             instance: Some(instance),
             gauge: None,
+            log: None,
         }
     }
 
@@ -54,6 +58,7 @@ impl GatewayBody {
             inner: Payload::Streaming { body: http_body_util::Either::Right(body) },
             instance: None,
             gauge: None,
+            log: None,
         }
     }
 
@@ -66,6 +71,32 @@ impl GatewayBody {
     pub(crate) fn hold(&mut self, guard: GaugeGuard) {
         self.gauge = Some(guard);
     }
+
+    /// Writes `entry` to the access log once the body is done, with the bytes it sent.
+    pub(crate) fn log(&mut self, mut entry: Entry, log: AccessLog, start: Instant) {
+        entry.instance = self.instance_id().map(str::to_owned);
+        if entry.instance.is_some() {
+            entry.tries = entry.tries.or(Some(1));
+        }
+        entry.completed = self.inner.is_end_stream();
+        self.log = Some(Box::new(Logged { entry, log, start }));
+    }
+}
+
+/// An access log entry waiting for its response body to end (or be dropped, when the client
+/// leaves first).
+pub(crate) struct Logged {
+    entry: Entry,
+    log: AccessLog,
+    start: Instant,
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        let mut entry = std::mem::replace(&mut self.entry, Entry::placeholder());
+        entry.duration = self.start.elapsed();
+        self.log.record(entry);
+    }
 }
 
 impl Body for GatewayBody {
@@ -76,7 +107,19 @@ impl Body for GatewayBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        self.project().inner.poll_frame(cx)
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        if let Some(logged) = this.log {
+            match &polled {
+                Poll::Ready(Some(Ok(frame))) => {
+                    logged.entry.bytes += frame.data_ref().map_or(0, |data| data.len() as u64);
+                    logged.entry.completed = this.inner.is_end_stream();
+                }
+                Poll::Ready(None) => logged.entry.completed = true,
+                _ => {}
+            }
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -6,6 +6,7 @@
 //! [`RequestTimeout`](layers::RequestTimeout) → [`Proxy`](proxy::Proxy).
 //! Resilience layers (retries, budgets, load shedding) slot into the same stack.
 
+mod access_log;
 mod body;
 mod cache;
 mod client;
@@ -19,6 +20,7 @@ mod router;
 pub mod server;
 mod stack;
 mod tls;
+mod trace;
 mod wire;
 
 use std::convert::Infallible;
@@ -37,6 +39,7 @@ use surge_pool::Pool;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
+pub use access_log::AccessLog;
 pub use body::GatewayBody;
 pub use error::GatewayError;
 pub use problem::ERROR_HEADER;
@@ -59,6 +62,9 @@ pub struct Gateway {
     listening: server::Listening,
     /// Every route's rate limiter, for the next gateway a reload builds to carry over.
     limiters: Vec<Arc<RateLimiter>>,
+    /// Give requests an `x-request-id` and a `traceparent`.
+    request_ids: bool,
+    access_log: Option<AccessLog>,
 }
 
 /// Who answers a route.
@@ -93,7 +99,7 @@ impl Gateway {
     /// so its clients' buckets: a reload gives nobody a fresh burst. A cached route whose
     /// cache settings did not change keeps what it stored.
     pub fn new(config: &Config, pools: &[Arc<Pool>], shared: &Shared, previous: Option<&Gateway>) -> Self {
-        let Shared { queues, metrics, store, caches } = shared.clone();
+        let Shared { queues, metrics, store, caches, access_log } = shared.clone();
         let mut cached_routes = Vec::new();
         let kept = previous.map_or(&[][..], |gateway| gateway.limiters.as_slice());
         let mut limiters: Vec<Arc<RateLimiter>> = Vec::new();
@@ -169,6 +175,8 @@ impl Gateway {
             trusted_proxies,
             listening,
             limiters,
+            request_ids: config.gateway.request_ids,
+            access_log,
         }
     }
 
@@ -297,6 +305,8 @@ pub struct Shared {
     pub metrics: GatewayMetrics,
     pub store: RateStore,
     pub caches: Arc<ResponseCaches>,
+    /// Kept across reloads, which reopen its file.
+    pub access_log: Option<AccessLog>,
 }
 
 fn response_settings(name: &str, route: &surge_config::RouteCache) -> ResponseSettings {
@@ -410,14 +420,93 @@ struct GatewayService(LiveGateway);
 impl tower::Service<Request<ClientBody>> for GatewayService {
     type Response = Response<GatewayBody>;
     type Error = Infallible;
-    type Future = Handled;
+    type Future = Identified;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<ClientBody>) -> Self::Future {
-        Gateway::handle(&self.0.load(), request)
+    fn call(&mut self, mut request: Request<ClientBody>) -> Self::Future {
+        let gateway = self.0.load();
+        let ids = gateway.request_ids.then(|| trace::identify(request.headers_mut()));
+        let log =
+            gateway.access_log.as_ref().map(|log| Box::new(Unfinished::of(log, &request, ids.as_ref())));
+        Identified {
+            response: Gateway::handle(&gateway, request),
+            request_id: ids.map(|ids| ids.request_id),
+            log,
+        }
+    }
+}
+
+/// What the access log knows of a request before its answer.
+struct Unfinished {
+    entry: access_log::Entry,
+    log: AccessLog,
+    start: std::time::Instant,
+}
+
+impl Unfinished {
+    fn of(log: &AccessLog, request: &Request<ClientBody>, ids: Option<&trace::RequestIds>) -> Self {
+        let field = |name: http::header::HeaderName| {
+            request.headers().get(name).and_then(|value| value.to_str().ok()).map(str::to_owned)
+        };
+        let entry = access_log::Entry {
+            started: std::time::SystemTime::now(),
+            client: request
+                .extensions()
+                .get::<ClientAddr>()
+                .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |client| client.addr.ip().to_canonical()),
+            method: request.method().clone(),
+            target: request
+                .uri()
+                .path_and_query()
+                .map_or_else(|| "/".to_owned(), |target| target.to_string()),
+            host: request.uri().host().map(str::to_owned).or_else(|| field(HOST)),
+            version: request.version(),
+            request_id: ids
+                .map_or_else(String::new, |ids| ids.request_id.to_str().unwrap_or_default().to_owned()),
+            trace_id: ids.map_or_else(String::new, |ids| ids.trace.trace_id_hex()),
+            user_agent: field(http::header::USER_AGENT),
+            referer: field(http::header::REFERER),
+            ..access_log::Entry::placeholder()
+        };
+        Unfinished { entry, log: log.clone(), start: std::time::Instant::now() }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request being answered, whose answer gets its id and, once its body is done, an
+    /// access log line.
+    struct Identified {
+        #[pin]
+        response: Handled,
+        request_id: Option<HeaderValue>,
+        log: Option<Box<Unfinished>>,
+    }
+}
+
+impl Future for Identified {
+    type Output = Result<Response<GatewayBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Ok(mut response) = std::task::ready!(this.response.poll(cx));
+        if let Some(id) = this.request_id.take() {
+            response.headers_mut().insert(trace::REQUEST_ID.clone(), id);
+        }
+        if let Some(unfinished) = this.log.take() {
+            let Unfinished { mut entry, log, start } = *unfinished;
+            entry.status = response.status().as_u16();
+            entry.tries = response.extensions().get::<stack::Tries>().map(|tries| tries.0);
+            entry.cache = response
+                .headers()
+                .get("cache-status")
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_owned);
+            response.body_mut().log(entry, log, start);
+        }
+        Poll::Ready(Ok(response))
     }
 }
 

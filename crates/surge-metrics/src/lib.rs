@@ -40,6 +40,44 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// The same metrics in Prometheus' classic text format (0.0.4), for scrapers and tools
+    /// that do not ask for OpenMetrics (`promtool check metrics`, older Prometheus, curl): a
+    /// counter's HELP and TYPE name its `_total` samples, and there is no `# EOF`.
+    pub fn encode_classic(&self) -> String {
+        classic_text(&self.encode())
+    }
+}
+
+/// Whether a scraper's `Accept` asks for OpenMetrics, as Prometheus itself does.
+pub fn wants_openmetrics(accept: Option<&str>) -> bool {
+    accept.is_some_and(|accept| accept.contains("application/openmetrics-text"))
+}
+
+fn classic_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut lines = openmetrics.lines().peekable();
+    while let Some(line) = lines.next() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+            let counter = lines.peek().is_some_and(|next| *next == format!("# TYPE {name} counter"));
+            let name = if counter { format!("{name}_total") } else { name.to_owned() };
+            out.push_str(&format!("# HELP {name} {help}\n"));
+            if counter {
+                lines.next();
+                out.push_str(&format!("# TYPE {name} counter\n"));
+            }
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -48,6 +86,8 @@ impl Default for Metrics {
 
 /// The content type of [`Metrics::encode`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The content type of [`Metrics::encode_classic`]'s output.
+pub const CLASSIC_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServiceLabels {
@@ -117,5 +157,18 @@ mod tests {
         requests.get_or_create(&ResponseLabels { service: "api".into(), class: StatusClass::of(503) }).inc();
         let text = metrics.encode();
         assert!(text.contains(r#"surge_requests_total{service="api",class="5xx"} 1"#), "{text}");
+        let classic = metrics.encode_classic();
+        assert!(classic.contains("# HELP surge_requests_total Requests answered"), "{classic}");
+        assert!(classic.contains("# TYPE surge_requests_total counter"), "{classic}");
+        assert!(classic.contains(r#"surge_requests_total{service="api",class="5xx"} 1"#), "{classic}");
+        assert!(!classic.contains("# EOF"), "{classic}");
+    }
+
+    #[test]
+    fn prometheus_asks_for_openmetrics_and_others_get_the_classic_text() {
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert!(wants_openmetrics(Some(prometheus)));
+        assert!(!wants_openmetrics(Some("*/*")));
+        assert!(!wants_openmetrics(None));
     }
 }

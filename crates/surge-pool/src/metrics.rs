@@ -22,6 +22,7 @@ impl EncodeLabelValue for InstanceState {
 pub struct PoolMetrics {
     pub(crate) instances: Family<StateLabels, Gauge>,
     pub(crate) desired: Family<ServiceLabels, Gauge>,
+    pub(crate) max: Family<ServiceLabels, Gauge>,
     pub(crate) restarts: Family<ServiceLabels, Counter>,
     pub(crate) crash_looping: Family<ServiceLabels, Gauge>,
     pub(crate) panic: Family<ServiceLabels, Gauge>,
@@ -37,6 +38,11 @@ impl PoolMetrics {
                 "desired_instances",
                 "Instances each pool is asked to run",
                 this.desired.clone(),
+            );
+            registry.register(
+                "max_instances",
+                "The most instances each pool may run (instances.max)",
+                this.max.clone(),
             );
             registry.register(
                 "instance_restarts",

@@ -644,6 +644,7 @@ impl Supervisor {
         }
         let desired = self.pool.desired.load(Ordering::Relaxed);
         self.metrics.desired.get_or_create(&self.labels).set(i64::from(desired));
+        self.metrics.max.get_or_create(&self.labels).set(i64::from(self.config.instances.max));
         let looping = self.failures >= CRASH_LOOP_THRESHOLD;
         self.metrics.crash_looping.get_or_create(&self.labels).set(i64::from(looping));
     }

@@ -65,6 +65,10 @@ impl Running {
         let summary = summary(&change.started, &change.retired, &self.config, &config);
         tokio::spawn(retire(change.retired));
         self.observer.configure(&config);
+        // After logrotate moved the file, a reload starts a new one (as nginx -s reopen).
+        if let Some(log) = &self.shared.access_log {
+            log.reopen();
+        }
         self.config = config;
         Ok(summary)
     }
@@ -106,6 +110,7 @@ fn needs_restart(running: &Config, wanted: &Config) -> Vec<&'static str> {
             now.max_connections_per_client != then.max_connections_per_client,
             "gateway.max_connections_per_client",
         ),
+        (now.access_log != then.access_log, "gateway.access_log and gateway.access_log_format"),
         (running.admin.listen != wanted.admin.listen, "admin.listen"),
         (running.redis != wanted.redis, "store.redis"),
         (queue_shapes(running) != queue_shapes(wanted), "[queues]"),

@@ -110,11 +110,16 @@ async fn serve(config: Config, path: std::path::PathBuf) -> Result<(), Failure> 
         registry
             .register_collector(Box::new(surge_cache::responses::ResponseCacheMetrics(Arc::clone(&caches))))
     });
+    let access_log = match &config.gateway.access_log {
+        Some(settings) => Some(surge_gateway::AccessLog::open(settings, &metrics)?),
+        None => None,
+    };
     let shared = surge_gateway::Shared {
         queues: Arc::clone(&queues),
         metrics: gateway_metrics,
         store,
         caches: Arc::clone(&caches),
+        access_log: access_log.clone(),
     };
     let gateway: LiveGateway =
         Arc::new(ArcSwap::from_pointee(Gateway::new(&config, &pools.list(), &shared, None)));
@@ -249,6 +254,10 @@ async fn serve(config: Config, path: std::path::PathBuf) -> Result<(), Failure> 
     let graceful = async {
         for task in gateway_tasks {
             let _ = task.await;
+        }
+        if let Some(log) = access_log {
+            // The last requests' lines, before surge exits.
+            let _ = tokio::task::spawn_blocking(move || log.flush(std::time::Duration::from_secs(2))).await;
         }
         if let Some(watcher) = watcher {
             watcher.abort();

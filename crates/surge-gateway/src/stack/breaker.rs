@@ -21,6 +21,10 @@ use super::prepare::Outbound;
 use crate::body::{GatewayBody, UpstreamBody};
 use crate::error::GatewayError;
 
+/// How many tries a retried request's answer took; absent: one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tries(pub u32);
+
 /// What a try says about its instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -76,11 +80,13 @@ where
     fn call(&mut self, (in_flight, request): (InFlight, Outbound)) -> Self::Future {
         let instance = Arc::clone(in_flight.instance());
         let deadline = request.deadline;
+        let earlier_tries = request.tried.len();
         Reported {
             response: self.inner.call((instance, request)),
             in_flight: Some(in_flight),
             pool: Arc::clone(&self.pool),
             deadline,
+            earlier_tries,
         }
     }
 }
@@ -92,6 +98,7 @@ pin_project_lite::pin_project! {
         in_flight: Option<InFlight>,
         pool: Arc<Pool>,
         deadline: Option<Instant>,
+        earlier_tries: usize,
     }
 
     impl<F> PinnedDrop for Reported<F> {
@@ -123,7 +130,16 @@ impl<F: Future<Output = Result<Response<UpstreamBody>, GatewayError>>> Future fo
             (Verdict::Refused, Err(error)) => this.pool.report_refused(&mut in_flight, &error.to_string()),
             (Verdict::Refused, Ok(_)) | (Verdict::Silent, _) => {}
         }
-        Poll::Ready(result.map(|response| response.map(|body| GatewayBody::upstream(body, in_flight))))
+        let earlier_tries = *this.earlier_tries;
+        Poll::Ready(result.map(|response| {
+            let mut response = response.map(|body| GatewayBody::upstream(body, in_flight));
+            // Only a retried request pays for the extension (the access log reads it).
+            if earlier_tries > 0 {
+                let tries = u32::try_from(earlier_tries + 1).unwrap_or(u32::MAX);
+                response.extensions_mut().insert(Tries(tries));
+            }
+            response
+        }))
     }
 }
 

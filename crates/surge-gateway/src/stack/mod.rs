@@ -40,6 +40,7 @@ use surge_pool::Pool;
 use tower::retry::{Retry, RetryLayer};
 use tower::ServiceBuilder;
 
+pub use breaker::Tries;
 pub use metrics::{GatewayMetrics, Traffic};
 pub use retry::RetryRoute;
 
