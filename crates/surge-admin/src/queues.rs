@@ -39,10 +39,11 @@ pub(crate) async fn publish(
 pub(crate) async fn publish_batch(
     State(state): State<AdminState>,
     Path(name): Path<String>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     match state.queues.get(&name) {
-        Some(queue) => answer(wire::publish_batch(queue, &body).await),
+        Some(queue) => answer(wire::publish_batch(queue, &headers, &body).await),
         None => answer(wire::unknown_queue(&name)),
     }
 }

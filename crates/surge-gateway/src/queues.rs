@@ -44,7 +44,7 @@ pub(crate) async fn publish(
         Err(err) => return GatewayError::client_body(&*err).into_response(),
     };
     let (status, json) = if batch {
-        surge_queue::http::publish_batch(&queue, &body).await
+        surge_queue::http::publish_batch(&queue, &parts.headers, &body).await
     } else {
         surge_queue::http::publish_one(&queue, &parts.headers, body).await
     };
@@ -91,6 +91,7 @@ pub(crate) async fn enqueue(queue: Arc<Queue>, mut request: Request<ClientBody>)
         content_type: Some(REQUEST_TYPE.to_owned()),
         idempotency_key: key,
         not_before: None,
+        traceparent: surge_queue::http::traceparent(&parts.headers),
     };
     match queue.publish(vec![message]).await {
         Ok(published) => {

@@ -280,7 +280,7 @@ fn rfc3339(ms: u64) -> String {
 }
 
 pub(crate) fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| crate::windows::duration_ms(d))
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, crate::windows::duration_ms)
 }
 
 #[cfg(test)]

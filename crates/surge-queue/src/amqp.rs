@@ -58,6 +58,8 @@ const ATTEMPTS: &str = "x-surge-attempts";
 const ENQUEUED_AT: &str = "x-surge-enqueued-at";
 const KEY: &str = "x-surge-key";
 const ERROR: &str = "x-surge-error";
+/// The W3C name, as other AMQP clients propagate a trace.
+const TRACEPARENT: &str = "traceparent";
 
 pub(crate) struct Amqp {
     core: Arc<Core>,
@@ -212,6 +214,8 @@ struct About {
     key: Option<String>,
     /// Why its last delivery failed (dead letters).
     error: Option<String>,
+    /// The W3C trace context of the request that published it.
+    traceparent: Option<Arc<str>>,
 }
 
 impl About {
@@ -222,7 +226,11 @@ impl About {
         headers.insert(ATTEMPTS.into(), AMQPValue::LongUInt(self.attempts));
         headers
             .insert(ENQUEUED_AT.into(), AMQPValue::LongLongInt(i64::try_from(self.enqueued_at).unwrap_or(0)));
-        let texts = [(KEY, &self.key), (ERROR, &self.error)];
+        let texts = [
+            (KEY, self.key.as_deref()),
+            (ERROR, self.error.as_deref()),
+            (TRACEPARENT, self.traceparent.as_deref()),
+        ];
         for (name, text) in texts {
             if let Some(text) = text {
                 headers
@@ -255,6 +263,7 @@ impl About {
             content_type: properties.content_type().as_ref().map(|t| Arc::from(t.as_str())),
             key: header_text(headers, KEY),
             error: header_text(headers, ERROR),
+            traceparent: header_text(headers, TRACEPARENT).map(Arc::from),
         }
     }
 
@@ -867,6 +876,7 @@ impl QueueStore for Amqp {
                     len: u32::try_from(message.payload.len()).unwrap_or(u32::MAX),
                 },
                 content_type: about.content_type.clone(),
+                traceparent: about.traceparent.clone(),
                 enqueued_at: about.enqueued_at,
                 until,
             });
@@ -1122,6 +1132,7 @@ impl Amqp {
                 content_type: message.content_type.as_deref().map(Arc::from),
                 key: message.idempotency_key.clone(),
                 error: None,
+                traceparent: message.traceparent.as_deref().map(Arc::from),
             };
             let wait = message.not_before.map_or(0, |at| millis(at).saturating_sub(now));
             if wait > 0 {

@@ -322,6 +322,10 @@ fn request(
     if let Some(value) = own_type.and_then(|t| HeaderValue::from_str(t).ok()) {
         headers.insert(CONTENT_TYPE, value);
     }
+    // The job is part of the trace of the request that published it.
+    if let Some(value) = delivery.traceparent.as_deref().and_then(|t| HeaderValue::from_str(t).ok()) {
+        headers.insert("traceparent", value);
+    }
     Ok(request)
 }
 

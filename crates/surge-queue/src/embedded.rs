@@ -258,6 +258,7 @@ impl QueueStore for Embedded {
                     attempts: 0,
                     content_type: message.content_type,
                     idempotency_key: message.idempotency_key,
+                    traceparent: message.traceparent,
                     payload: message.payload,
                 };
                 inner.pending_bytes += stored.payload.len() as u64;

@@ -124,7 +124,21 @@ pub fn message_from(headers: &HeaderMap, body: Bytes) -> Result<NewMessage, Stri
         content_type: text(CONTENT_TYPE.as_str())?,
         idempotency_key: checked_key(key)?,
         not_before: when(delay.as_deref(), not_before.as_deref())?,
+        traceparent: traceparent(headers),
     })
+}
+
+/// The request's W3C `traceparent`, when it has one of the right shape (version, trace id,
+/// parent id and flags in lower-case hex); anything else is not kept.
+pub fn traceparent(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get("traceparent")?.to_str().ok()?;
+    let fields: Vec<&str> = value.split('-').collect();
+    let hex = |field: &str, len: usize| {
+        field.len() == len && field.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    let shaped =
+        matches!(fields.as_slice(), [v, t, p, f] if hex(v, 2) && hex(t, 32) && hex(p, 16) && hex(f, 2));
+    shaped.then(|| value.to_owned())
 }
 
 /// One entry of a batch.
@@ -138,8 +152,9 @@ struct BatchEntry {
     not_before: Option<String>,
 }
 
-/// The messages of a batch: a JSON array, or one JSON object per line.
-pub fn batch_from(body: &[u8]) -> Result<Vec<NewMessage>, String> {
+/// The messages of a batch: a JSON array, or one JSON object per line; each carries the
+/// request's `traceparent`.
+pub fn batch_from(body: &[u8], traceparent: Option<&str>) -> Result<Vec<NewMessage>, String> {
     let trimmed = body.trim_ascii_start();
     let entries: Vec<BatchEntry> = if trimmed.starts_with(b"[") {
         serde_json::from_slice(trimmed)
@@ -166,6 +181,7 @@ pub fn batch_from(body: &[u8]) -> Result<Vec<NewMessage>, String> {
                 content_type: entry.content_type,
                 idempotency_key: checked_key(entry.idempotency_key)?,
                 not_before: when(entry.delay.as_deref(), entry.not_before.as_deref())?,
+                traceparent: traceparent.map(str::to_owned),
             })
         })
         .collect()
@@ -204,8 +220,8 @@ pub async fn publish_one(queue: &Arc<Queue>, headers: &HeaderMap, body: Bytes) -
 }
 
 /// `POST /queues/NAME/messages:batch`: 202 once all are durable; none is enqueued on an error.
-pub async fn publish_batch(queue: &Arc<Queue>, body: &[u8]) -> Answer {
-    let messages = match batch_from(body) {
+pub async fn publish_batch(queue: &Arc<Queue>, headers: &HeaderMap, body: &[u8]) -> Answer {
+    let messages = match batch_from(body, traceparent(headers).as_deref()) {
         Ok(messages) => messages,
         Err(problem) => return error(StatusCode::BAD_REQUEST, problem),
     };
@@ -322,14 +338,33 @@ mod tests {
     fn batches_are_arrays_or_lines() {
         let array =
             br#"[{"body": "a"}, {"body": "b", "idempotency_key": "k", "content_type": "text/plain"}]"#;
-        let messages = batch_from(array).expect("array");
+        let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let messages = batch_from(array, Some(traceparent)).expect("array");
         assert_eq!(messages.len(), 2);
+        assert!(
+            messages.iter().all(|m| m.traceparent.as_deref() == Some(traceparent)),
+            "the request's trace"
+        );
         assert_eq!(messages[1].idempotency_key.as_deref(), Some("k"));
         let lines = b"{\"body\": \"a\"}\n\n{\"body\": \"b\", \"delay\": \"1m\"}\n";
-        let messages = batch_from(lines).expect("lines");
+        let messages = batch_from(lines, None).expect("lines");
         assert_eq!((messages[0].payload.as_ref(), messages[1].not_before.is_some()), (&b"a"[..], true));
-        assert!(batch_from(b"{\"body\": 1}").expect_err("bad").starts_with("line 1"));
-        assert!(batch_from(b"[]").is_err());
+        assert!(batch_from(b"{\"body\": 1}", None).expect_err("bad").starts_with("line 1"));
+        assert!(batch_from(b"[]", None).is_err());
+    }
+
+    #[test]
+    fn only_a_well_shaped_traceparent_is_kept() {
+        let with = |value: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("traceparent", value.parse().expect("value"));
+            traceparent(&headers)
+        };
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(with(good).as_deref(), Some(good));
+        assert_eq!(with("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"), None);
+        assert_eq!(with("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7"), None);
+        assert_eq!(traceparent(&HeaderMap::new()), None);
     }
 
     #[test]

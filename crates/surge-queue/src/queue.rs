@@ -38,6 +38,8 @@ pub struct NewMessage {
     pub idempotency_key: Option<String>,
     /// Not delivered before this time.
     pub not_before: Option<SystemTime>,
+    /// The W3C `traceparent` of the request that published it; deliveries carry it on.
+    pub traceparent: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -22,6 +22,8 @@ const ACK: u8 = 2;
 const RETRY: u8 = 3;
 const DEAD: u8 = 4;
 const REDRIVE: u8 = 5;
+/// A publish that carries the W3C trace context of the request that made it.
+const PUBLISH_TRACED: u8 = 6;
 
 /// A message as the log holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +37,8 @@ pub struct Stored {
     pub attempts: u32,
     pub content_type: Option<String>,
     pub idempotency_key: Option<String>,
+    /// The `traceparent` of the request that published it.
+    pub traceparent: Option<String>,
     pub payload: Bytes,
 }
 
@@ -56,13 +60,17 @@ impl Record {
         let mut payload_at = None;
         match self {
             Record::Publish(stored) => {
-                out.put_u8(PUBLISH);
+                // Untraced messages keep the first layout, which every version reads.
+                out.put_u8(if stored.traceparent.is_some() { PUBLISH_TRACED } else { PUBLISH });
                 out.put_u64_le(stored.id);
                 out.put_u64_le(stored.enqueued_at);
                 out.put_u64_le(stored.ready_at);
                 out.put_u32_le(stored.attempts);
                 put_text(out, stored.content_type.as_deref().unwrap_or(""));
                 put_text(out, stored.idempotency_key.as_deref().unwrap_or(""));
+                if let Some(traceparent) = &stored.traceparent {
+                    put_text(out, traceparent);
+                }
                 out.put_u32_le(u32::try_from(stored.payload.len()).unwrap_or(u32::MAX));
                 payload_at = Some(out.len());
                 out.extend_from_slice(&stored.payload);
@@ -169,19 +177,28 @@ fn read_with(bytes: &[u8], with_payload: bool) -> Read {
 fn parse(body: &[u8], with_payload: bool) -> Option<(Record, Option<usize>)> {
     let mut fields = Fields { bytes: body, at: 0 };
     let record = match fields.u8()? {
-        PUBLISH => {
+        kind @ (PUBLISH | PUBLISH_TRACED) => {
             let id = fields.u64()?;
             let enqueued_at = fields.u64()?;
             let ready_at = fields.u64()?;
             let attempts = fields.u32()?;
             let content_type = Some(fields.text()?).filter(|t| !t.is_empty());
             let idempotency_key = Some(fields.text()?).filter(|k| !k.is_empty());
+            let traceparent = if kind == PUBLISH_TRACED { Some(fields.text()?) } else { None };
             let length = fields.u32()? as usize;
             let payload_at = fields.at;
             let payload = fields.take(length)?;
             let payload = if with_payload { Bytes::copy_from_slice(payload) } else { Bytes::new() };
-            let stored =
-                Stored { id, enqueued_at, ready_at, attempts, content_type, idempotency_key, payload };
+            let stored = Stored {
+                id,
+                enqueued_at,
+                ready_at,
+                attempts,
+                content_type,
+                idempotency_key,
+                traceparent,
+                payload,
+            };
             return fields.done().then_some((Record::Publish(stored), Some(payload_at)));
         }
         ACK => Record::Ack { id: fields.u64()? },
@@ -235,21 +252,32 @@ mod tests {
     use super::*;
 
     fn publish() -> Record {
-        Record::Publish(Stored {
+        Record::Publish(stored())
+    }
+
+    fn stored() -> Stored {
+        Stored {
             id: 7,
             enqueued_at: 1_700_000_000_000,
             ready_at: 1_700_000_030_000,
             attempts: 2,
             content_type: Some("application/json".into()),
             idempotency_key: Some("order-42".into()),
+            traceparent: None,
             payload: Bytes::from_static(b"{\"total\":12}"),
-        })
+        }
+    }
+
+    fn traced() -> Record {
+        let traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+        Record::Publish(Stored { id: 8, traceparent, ..stored() })
     }
 
     #[test]
     fn every_kind_reads_back_as_written() {
         let records = [
             publish(),
+            traced(),
             Record::Ack { id: 7 },
             Record::Retry { id: 7, attempts: 3, ready_at: 99, error: "answered 500".into() },
             Record::Dead { id: 7, attempts: 5, error: "timed out after 30s".into() },

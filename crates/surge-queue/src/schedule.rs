@@ -18,6 +18,7 @@ pub fn tick_message(schedule: &ScheduleConfig, tick: i64) -> NewMessage {
         content_type: schedule.content_type.clone(),
         idempotency_key: Some(format!("schedule:{}:{tick}", schedule.name)),
         not_before: None,
+        traceparent: None,
     }
 }
 

@@ -47,6 +47,7 @@ enum Status {
 struct Entry {
     location: Location,
     content_type: Option<Arc<str>>,
+    traceparent: Option<Arc<str>>,
     enqueued_at: u64,
     attempts: u32,
     status: Status,
@@ -66,6 +67,8 @@ pub struct Delivery {
     pub attempt: u32,
     pub location: Location,
     pub content_type: Option<Arc<str>>,
+    /// The `traceparent` of the request that published it.
+    pub traceparent: Option<Arc<str>>,
     pub enqueued_at: u64,
     /// When the lease ends.
     pub until: u64,
@@ -209,6 +212,7 @@ impl QueueState {
         let entry = Entry {
             location,
             content_type: stored.content_type.as_deref().map(Arc::from),
+            traceparent: stored.traceparent.as_deref().map(Arc::from),
             enqueued_at: stored.enqueued_at,
             attempts: stored.attempts,
             status: Status::Ready { at: stored.ready_at },
@@ -261,6 +265,7 @@ impl QueueState {
                 attempt: entry.attempts + 1,
                 location: entry.location,
                 content_type: entry.content_type.clone(),
+                traceparent: entry.traceparent.clone(),
                 enqueued_at: entry.enqueued_at,
                 until,
             });
@@ -492,6 +497,7 @@ impl QueueState {
             attempts: entry.attempts,
             content_type: entry.content_type.as_deref().map(str::to_owned),
             idempotency_key: entry.key.as_deref().map(str::to_owned),
+            traceparent: entry.traceparent.as_deref().map(str::to_owned),
             payload: bytes::Bytes::new(),
         })
     }

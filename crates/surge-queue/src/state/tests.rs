@@ -20,6 +20,7 @@ fn stored(id: u64, at: u64, key: Option<&str>) -> Stored {
         attempts: 0,
         content_type: None,
         idempotency_key: key.map(str::to_owned),
+        traceparent: None,
         payload: Bytes::new(),
     }
 }
