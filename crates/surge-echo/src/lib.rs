@@ -27,8 +27,8 @@
 //! (`status=500&delay=2s`) to answer as told, or `fail_while=FILE` to fail while FILE exists,
 //! or `settle=later` to answer 202 at once and settle the lease itself (renew, then ack, after
 //! the delay) through `x-surge-lease-url`. With `SURGE_ECHO_JOURNAL=FILE`, each message it
-//! answers appends `MESSAGE-ID ATTEMPT STATUS INSTANCE` to that file, so tests can count every
-//! delivery.
+//! answers appends `MESSAGE-ID ATTEMPT STATUS INSTANCE TRACEPARENT` to that file, so tests can
+//! count every delivery and see the trace it belongs to.
 
 mod body;
 mod knobs;
@@ -337,6 +337,7 @@ async fn work(request: Request<Incoming>, echo: &Echo) -> Response<EchoBody> {
         |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned();
     let (id, attempt) = (field("x-surge-message-id"), field("x-surge-attempt"));
     let (lease_url, lease_token) = (field("x-surge-lease-url"), field("x-surge-lease-token"));
+    let traceparent = field("traceparent");
     let body = match request.into_body().collect().await {
         Ok(body) => body.to_bytes(),
         Err(_) => return text(StatusCode::BAD_REQUEST, "the body broke off\n"),
@@ -369,7 +370,7 @@ async fn work(request: Request<Incoming>, echo: &Echo) -> Response<EchoBody> {
         return text(StatusCode::ACCEPTED, "taken; settled later\n");
     }
     if let Some(journal) = &echo.journal {
-        let line = format!("{id} {attempt} {} {}\n", status.as_u16(), echo.instance);
+        let line = format!("{id} {attempt} {} {} {traceparent}\n", status.as_u16(), echo.instance);
         if let Err(err) = write_journal(journal, &line) {
             return text(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot write the journal: {err}\n"));
         }
