@@ -9,6 +9,11 @@ const SVG_NS = "http://www.w3.org/2000/svg";
 const $ = (sel) => document.querySelector(sel);
 const enc = encodeURIComponent;
 
+// Script errors are kept where a test (or a curious user) can read them.
+window.__surgeErrors = [];
+addEventListener("error", (e) => window.__surgeErrors.push(String(e.message)));
+addEventListener("unhandledrejection", (e) => window.__surgeErrors.push(String(e.reason)));
+
 let token = sessionStorage.getItem(TOKEN_KEY) || "";
 let last = null; // the newest sample
 let historyLoaded = false;

@@ -1,6 +1,7 @@
 //! Launches the real `surge` binary with real `surge-echo` instances on loopback.
 #![allow(dead_code)] // each test file uses a different part of the harness
 
+pub mod browser;
 pub mod pem;
 pub mod queues;
 
