@@ -301,3 +301,116 @@ routes = [{ prefix = "/upload", max_body = "1GiB" }, { prefix = "/small", max_bo
         "CIDR",
     );
 }
+
+#[test]
+fn alerts_alerting_and_the_access_log_are_read_with_their_defaults() {
+    let source = format!(
+        r#"[gateway]
+access_log = "logs/access.log"
+access_log_format = "combined"
+{GOOD_SERVICE}
+[alerts.api_errors]
+when = "error_ratio"
+service = "api"
+above = 0.05
+for = "30s"
+severity = "critical"
+
+[alerts.slow]
+when = "p99"
+above = "250ms"
+window = "5m"
+
+[alerts.dead]
+when = "dead_letters"
+
+[alerting]
+webhooks = [{{ url = "http://127.0.0.1:9093/api/v2/alerts" }}, {{ url = "https://hooks.example/x", format = "json" }}]
+"#
+    );
+    let config = surge_config::parse(&source, Path::new("/etc/surge/surge.toml")).expect("valid");
+    use std::time::Duration;
+    use surge_config::{AlertRule, Severity, WebhookFormat};
+    let log = config.gateway.access_log.as_ref().expect("an access log");
+    assert_eq!(log.target, surge_config::AccessLogTarget::File("/etc/surge/logs/access.log".into()));
+    assert_eq!(log.format, surge_config::AccessLogFormat::Combined);
+    assert!(config.gateway.request_ids, "on by default");
+    let [errors, slow, dead] = &config.alerts[..] else { panic!("three alerts: {:?}", config.alerts) };
+    assert_eq!(
+        errors.rule,
+        AlertRule::ErrorRatio { service: Some("api".into()), above: 0.05, window: Duration::from_secs(60) }
+    );
+    assert_eq!((errors.for_, errors.severity), (Duration::from_secs(30), Severity::Critical));
+    assert_eq!(
+        slow.rule,
+        AlertRule::Latency {
+            service: None,
+            above: Duration::from_millis(250),
+            window: Duration::from_secs(300)
+        }
+    );
+    assert_eq!((slow.for_, slow.severity), (Duration::ZERO, Severity::Warning));
+    assert_eq!(dead.rule, AlertRule::DeadLetters { queue: None, above: 0 });
+    let formats: Vec<WebhookFormat> = config.alerting.webhooks.iter().map(|hook| hook.format).collect();
+    assert_eq!(formats, [WebhookFormat::Alertmanager, WebhookFormat::Json]);
+    assert_eq!(config.alerting.repeat, Duration::from_secs(60));
+}
+
+#[test]
+fn alert_mistakes_name_their_key() {
+    let alert = |body: &str| format!("{GOOD_SERVICE}\n[alerts.x]\n{body}\n");
+    // GOOD_SERVICE is four lines (with its leading newline); the table is on line 6.
+    let cases = [
+        (alert("for = \"1m\""), "alerts.x.when", 6, "missing: say what to watch"),
+        (alert("when = \"cpu\""), "alerts.x.when", 7, "\"cpu\" is not a rule"),
+        (
+            alert("when = \"error_ratio\"\nabove = 0.1\nqueue = \"jobs\""),
+            "alerts.x.queue",
+            9,
+            "does not apply",
+        ),
+        (
+            alert("when = \"error_ratio\"\nabove = 0.1\nservice = \"web\""),
+            "alerts.x.service",
+            9,
+            "no service or worker pool is named `web`",
+        ),
+        (alert("when = \"error_ratio\"\nabove = 5"), "alerts.x.above", 8, "a share from 0"),
+        (alert("when = \"error_ratio\""), "alerts.x.above", 6, "missing: the share of answers"),
+        (alert("when = \"p99\"\nabove = 250"), "alerts.x.above", 8, "a duration with a unit"),
+        (alert("when = \"p99\"\nabove = \"1s\"\nwindow = \"1h\""), "alerts.x.window", 9, "at most 15m"),
+        (alert("when = \"at_max\"\nabove = 1"), "alerts.x.above", 8, "does not apply"),
+        (alert("when = \"crash_loop\"\nseverity = \"page\""), "alerts.x.severity", 8, "not a severity"),
+        (alert("when = \"certificate_expiry\""), "alerts.x.when", 7, "no `tls`"),
+        (alert("when = \"dead_letters\"\nabove = -1"), "alerts.x.above", 8, "a whole number"),
+        (
+            format!("{GOOD_SERVICE}\n[alerting]\nwebhooks = [{{ url = \"ftp://x\" }}]\n"),
+            "alerting.webhooks[0].url",
+            7,
+            "an http:// or https:// URL",
+        ),
+        (
+            format!(
+                "{GOOD_SERVICE}\n[alerting]\nwebhooks = [{{ url = \"http://x\", format = \"slack\" }}]\n"
+            ),
+            "alerting.webhooks[0].format",
+            7,
+            "not a format",
+        ),
+        (
+            format!("[gateway]\naccess_log_format = \"json\"\n{GOOD_SERVICE}"),
+            "gateway.access_log_format",
+            2,
+            "needs `gateway.access_log`",
+        ),
+        (
+            format!("[gateway]\naccess_log = \"stdout\"\naccess_log_format = \"apache\"\n{GOOD_SERVICE}"),
+            "gateway.access_log_format",
+            3,
+            "not a format",
+        ),
+    ];
+    for (source, key, line, words) in cases {
+        assert_single(&source, key, line, words);
+    }
+}

@@ -80,7 +80,7 @@ impl Validator<'_> {
                 self.error(span, format!("{key}.{field}"), format!("does not apply to when = \"{kind}\""));
             }
         }
-        let service = raw.service.and_then(|service| {
+        let service = raw.service.filter(|_| service_rule).and_then(|service| {
             if subjects.pools.contains(&service.get_ref().as_str()) {
                 return Some(service.into_inner());
             }
@@ -92,7 +92,7 @@ impl Validator<'_> {
             );
             None
         });
-        let queue = raw.queue.and_then(|queue| {
+        let queue = raw.queue.filter(|_| queue_rule).and_then(|queue| {
             if subjects.queues.contains(&queue.get_ref().as_str()) {
                 return Some(queue.into_inner());
             }
