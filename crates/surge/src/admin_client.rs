@@ -4,7 +4,7 @@ use std::path::Path;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request, StatusCode};
+use hyper::{Method, Request};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use serde::de::DeserializeOwned;
@@ -88,6 +88,15 @@ impl AdminClient {
         Ok(AdminClient { base, token, client: Client::builder(TokioExecutor::new()).build_http() })
     }
 
+    /// The dashboard's address, with the token in its fragment (which a browser never sends
+    /// anywhere: the page moves it into its session storage).
+    pub fn dashboard_url(&self) -> String {
+        match &self.token {
+            Some(token) => format!("{}/#token={token}", self.base),
+            None => format!("{}/", self.base),
+        }
+    }
+
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, String> {
         self.send(Method::GET, path, Bytes::new()).await
     }
@@ -116,7 +125,7 @@ impl AdminClient {
         })?;
         let status = response.status();
         let body = response.into_body().collect().await.map_err(|err| err.to_string())?.to_bytes();
-        if status != StatusCode::OK {
+        if !status.is_success() {
             let message = serde_json::from_slice::<surge_admin::api::ErrorResponse>(&body)
                 .map(|e| e.error)
                 .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());

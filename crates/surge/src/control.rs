@@ -1,6 +1,8 @@
 //! `surge status` and `surge scale`: talk to a running surge through its admin API.
 
-use surge_admin::api::{ReloadResponse, ScaleRequest, ScaleResponse, ServiceSample, StatusResponse};
+use surge_admin::api::{
+    DrainResponse, ReloadResponse, ScaleRequest, ScaleResponse, ServiceSample, StatusResponse,
+};
 
 use surge_queue::http::{DeadLettersResponse, DeadRequest, DeadResponse, QueueStatus, QueuesResponse};
 
@@ -39,6 +41,22 @@ pub fn scale(args: &AdminArgs, service: &str, instances: u32) -> Result<(), Fail
     let path = format!("/services/{service}/scale");
     let answer: ScaleResponse = block_on(client.post(&path, &ScaleRequest { instances }))?;
     println!("{}: desired instances set to {}", answer.service, answer.desired);
+    Ok(())
+}
+
+pub fn drain(args: &AdminArgs, service: &str, instance: &str) -> Result<(), Failure> {
+    let client = AdminClient::new(args.admin.as_deref(), &args.config)?;
+    let path = format!("/services/{service}/instances/{instance}/drain");
+    let answer: DrainResponse = block_on(client.post(&path, &serde_json::json!({})))?;
+    println!("{}: {} draining; another instance takes its place", answer.service, answer.instance);
+    Ok(())
+}
+
+pub fn dashboard(args: &AdminArgs) -> Result<(), Failure> {
+    let client = AdminClient::new(args.admin.as_deref(), &args.config)?;
+    // Reachable, or say so now rather than in the browser.
+    let _: serde_json::Value = block_on(client.get("/overview"))?;
+    println!("{}", client.dashboard_url());
     Ok(())
 }
 

@@ -50,6 +50,21 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Stop one instance gracefully (its requests finish first); the pool starts another in its
+    /// place
+    Drain {
+        /// The service, as named in [services.NAME] or [workers.NAME]
+        service: String,
+        /// The instance, as `surge status` lists it (`web-3`)
+        instance: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Print the address of the live dashboard of a running surge, with the admin token
+    Dashboard {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Make a running surge read its configuration again and apply it without dropping requests
     Reload {
         #[command(flatten)]
@@ -147,6 +162,8 @@ fn main() -> ExitCode {
         Command::Check(args) => check::run(&args.config),
         Command::Status { admin, json } => control::status(&admin, json),
         Command::Scale { service, instances, admin } => control::scale(&admin, &service, instances),
+        Command::Drain { service, instance, admin } => control::drain(&admin, &service, &instance),
+        Command::Dashboard { admin } => control::dashboard(&admin),
         Command::Reload { admin } => control::reload(&admin),
         Command::Queues { action, admin } => control::queues(&admin, action),
         Command::Load(args) => load::run(args),

@@ -281,16 +281,17 @@ async fn the_dashboard_data_and_draining_one_instance() {
     assert_eq!(log.status, StatusCode::OK);
     let lines = log.json()["lines"].as_array().cloned().unwrap_or_default();
     assert!(!lines.is_empty(), "surge-echo says it is listening: {lines:?}");
-    let json = [("content-type", "application/json")];
-    let drain = format!("/services/web/instances/{}/drain", victim.id);
-    let drained = surge.admin(Method::POST, &drain, &json, Bytes::from_static(b"{}")).await;
-    assert_eq!(drained.status, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&drained.body));
+    let drained = surge.cli(&["drain", "web", &victim.id]);
+    assert!(drained.status.success(), "{}", String::from_utf8_lossy(&drained.stderr));
+    assert!(String::from_utf8_lossy(&drained.stdout).contains("draining"));
     surge
         .wait_for("a replacement, ready", |services| {
             let web = &services[0];
             !web.instances.iter().any(|i| i.id == victim.id) && common::ready_count(web) == 2
         })
         .await;
+    let json = [("content-type", "application/json")];
+    let drain = format!("/services/web/instances/{}/drain", victim.id);
     let again = surge.admin(Method::POST, &drain, &json, Bytes::from_static(b"{}")).await;
     assert_eq!(again.status, StatusCode::NOT_FOUND, "it is gone");
     let unknown =
