@@ -413,8 +413,11 @@ function updateService(tr, p) {
   setAttr(f.reason, "title", a ? `${a.reason || ""}\nmetric ${a.metric}, target ${a.target}` : null);
   f.panic.hidden = !(a && a.panic);
   const t = p.traffic || {};
-  for (const k of ["rps", "p50_ms", "p99_ms"]) setText(f[k], fmt1(t[k]));
-  for (const k of ["in_flight", "waiting", "requests_total"]) setText(f[k], fmtInt(t[k]));
+  // A worker pool's work comes from its queue, not through the gateway: no request rates.
+  const routed = p.kind !== "worker";
+  for (const k of ["rps", "p50_ms", "p99_ms"]) setText(f[k], routed ? fmt1(t[k]) : DASH);
+  for (const k of ["in_flight", "waiting"]) setText(f[k], fmtInt(t[k]));
+  setText(f.requests_total, routed ? fmtInt(t.requests_total) : DASH);
   setText(f.error_ratio, fmtPct(t.error_ratio));
   f.error_ratio.classList.toggle("bad", t.error_ratio >= 0.05);
   f.error_ratio.classList.toggle("warn", t.error_ratio > 0 && t.error_ratio < 0.05);
