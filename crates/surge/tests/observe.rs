@@ -162,6 +162,97 @@ webhooks = [
     assert!(surge.log().contains("alert web_errors resolved"));
 }
 
+/// A real Alertmanager (Debian's prometheus-alertmanager) on a free port, stopped when dropped.
+struct Alertmanager {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Alertmanager {
+    async fn start() -> Alertmanager {
+        let dir = tempfile::tempdir().expect("dir");
+        let config = dir.path().join("alertmanager.yml");
+        std::fs::write(&config, "route:\n  receiver: nobody\nreceivers:\n  - name: nobody\n")
+            .expect("config");
+        let port =
+            std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        let child = Command::new("prometheus-alertmanager")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.path={}", dir.path().display()))
+            .arg(format!("--web.listen-address={addr}"))
+            .arg("--cluster.listen-address=")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus-alertmanager runs (Debian's package; .ci/run installs it)");
+        let alertmanager = Alertmanager { child, addr, _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while alertmanager.alerts().await.is_none() {
+            assert!(Instant::now() < deadline, "Alertmanager did not come up");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        alertmanager
+    }
+
+    /// The alerts it holds, as its API lists them.
+    async fn alerts(&self) -> Option<Vec<serde_json::Value>> {
+        let url = format!("http://{}/api/v2/alerts", self.addr);
+        let answer = send(&common::http_client(), Method::GET, &url, &[], Bytes::new()).await.ok()?;
+        (answer.status == StatusCode::OK).then(|| answer.json().as_array().cloned().unwrap_or_default())
+    }
+
+    /// Waits until its `web_errors` alert is in `state` ("active"), or gone or resolved.
+    async fn wait(&self, active: bool, surge: &Surge) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let alerts = self.alerts().await.unwrap_or_default();
+            let held = alerts.iter().any(|alert| {
+                alert["labels"]["alertname"] == "web_errors" && alert["status"]["state"] == "active"
+            });
+            if held == active {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Alertmanager never had it active={active}: {alerts:?}\n{}",
+                surge.log()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Drop for Alertmanager {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alertmanager_itself_takes_the_alerts() {
+    let alertmanager = Alertmanager::start().await;
+    let alerts = format!(
+        "{WEB}\n[alerts.web_errors]\nwhen = \"error_ratio\"\nabove = 0.5\nwindow = \"2s\"\n\n\
+         [alerting]\nwebhooks = [{{ url = \"http://{}/api/v2/alerts\" }}]\n",
+        alertmanager.addr
+    );
+    let surge = Surge::start(&alerts).await;
+    let (failing, stop) = (Arc::new(AtomicBool::new(true)), Arc::new(AtomicBool::new(false)));
+    let load = traffic(&surge, Arc::clone(&failing), Arc::clone(&stop));
+    alertmanager.wait(true, &surge).await;
+    let held = alertmanager.alerts().await.unwrap_or_default();
+    let alert = held.iter().find(|a| a["labels"]["alertname"] == "web_errors").expect("the alert");
+    assert_eq!(alert["labels"]["service"], "web");
+    assert_eq!(alert["labels"]["severity"], "warning");
+    failing.store(false, Ordering::SeqCst);
+    alertmanager.wait(false, &surge).await;
+    stop.store(true, Ordering::SeqCst);
+    let _ = load.await;
+}
+
 /// The metric names a file mentions.
 fn metric_names(text: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
