@@ -1,0 +1,117 @@
+//! `shop`: the reference shop's services and their one-time setup, in one binary. Surge runs
+//! each service as a pool of `shop serve SERVICE` instances (docs/shop.md):
+//!
+//! - `shop setup`: create each service's database (if missing), run its migrations, and write
+//!   the admin token the catalog purges the gateway's cache with;
+//! - `shop serve users|catalog|orders|payments|provider|notifications`: one instance, on `$PORT`;
+//! - `shop seed`: generate users, products and orders for benchmarks and the index tests.
+//!
+//! Settings come from the environment, so one surge.toml sets them for every instance:
+//! `SHOP_POSTGRES` (server URL), `SHOP_DATABASE_PREFIX` (`shop_`), `SHOP_DB_CONNECTIONS`,
+//! `SHOP_REDIS`, `SHOP_GATEWAY`, `SHOP_ADMIN_URL`, `SHOP_ADMIN_TOKEN_FILE`.
+
+mod app;
+mod catalog;
+mod client;
+mod db;
+mod notifications;
+mod orders;
+mod payments;
+mod provider;
+mod seed;
+mod settings;
+mod users;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use settings::Settings;
+
+#[derive(Parser)]
+#[command(name = "shop", version, about = "The reference shop's services, run by Surge")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the databases (if missing), run every service's migrations, and write the admin
+    /// token file (if missing)
+    Setup,
+    /// Serve one service on $PORT
+    Serve { service: Service },
+    /// Fill the databases with generated users, products and orders
+    Seed {
+        #[arg(long, default_value_t = 100_000)]
+        users: i64,
+        #[arg(long, default_value_t = 10_000)]
+        products: i64,
+        #[arg(long, default_value_t = 1_000_000)]
+        orders: i64,
+    },
+}
+
+/// The shop's services; each owns the database named after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Service {
+    Users,
+    Catalog,
+    Orders,
+    Payments,
+    /// The card processor stand-in.
+    Provider,
+    Notifications,
+}
+
+impl Service {
+    pub const ALL: [Service; 6] = [
+        Service::Users,
+        Service::Catalog,
+        Service::Orders,
+        Service::Payments,
+        Service::Provider,
+        Service::Notifications,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Service::Users => "users",
+            Service::Catalog => "catalog",
+            Service::Orders => "orders",
+            Service::Payments => "payments",
+            Service::Provider => "provider",
+            Service::Notifications => "notifications",
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SHOP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(false).init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let settings = Settings::from_env()?;
+        match cli.command {
+            Command::Setup => db::setup(&settings).await,
+            Command::Serve { service } => app::serve(service, &settings).await,
+            Command::Seed { users, products, orders } => seed::run(&settings, users, products, orders).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
