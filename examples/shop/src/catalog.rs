@@ -7,10 +7,13 @@
 //! only while its stock covers the quantity), is keyed by the order, so asking twice holds
 //! once, and is released at most once.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::app::{body, ApiError, ApiResult};
+use crate::aside::Aside;
+use crate::client::Gateway;
+use crate::settings::Settings;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -21,11 +24,6 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sqlx::PgPool;
-use surge_cache::{Cache, CacheConfig};
-
-use crate::app::{body, ApiError, ApiResult};
-use crate::client::Gateway;
-use crate::settings::Settings;
 
 /// How long the gateway may serve a product page without asking (a change purges it sooner).
 const PRODUCT_MAX_AGE: &str = "public, max-age=30";
@@ -228,23 +226,14 @@ impl Purger {
 
 pub struct Catalog {
     repo: CatalogRepo,
-    cache: Arc<Cache>,
+    cache: Aside,
     purger: Option<Purger>,
 }
 
 impl Catalog {
     pub async fn new(pool: PgPool, settings: &Settings) -> Arc<Catalog> {
-        let config = CacheConfig {
-            redis: settings.redis.clone(),
-            negative_ttl: Some(Duration::from_secs(5)),
-            // Named after the database, so two shops sharing a Redis never see each other's entries.
-            ..CacheConfig::new(&settings.database(crate::Service::Catalog), Duration::from_secs(60))
-        };
-        Arc::new(Catalog {
-            repo: CatalogRepo::new(pool),
-            cache: Cache::open(config).await,
-            purger: Purger::from_settings(settings),
-        })
+        let cache = Aside::open(settings, crate::Service::Catalog, Duration::from_secs(60)).await;
+        Arc::new(Catalog { repo: CatalogRepo::new(pool), cache, purger: Purger::from_settings(settings) })
     }
 
     async fn changed(&self, id: i64) {
@@ -314,24 +303,15 @@ async fn create(State(catalog): State<Arc<Catalog>>, bytes: Bytes) -> ApiResult<
 }
 
 async fn product(State(catalog): State<Arc<Catalog>>, Path(id): Path<i64>) -> ApiResult<Response> {
-    let loaded = AtomicBool::new(false);
-    let found = catalog
-        .cache
-        .get_or_load(&format!("product:{id}"), async || -> ApiResult<Option<bytes::Bytes>> {
-            loaded.store(true, Ordering::Relaxed);
-            let product = catalog.repo.get(id).await?;
-            Ok(product.map(|product| bytes::Bytes::from(serde_json::to_vec(&product).unwrap_or_default())))
-        })
-        .await
-        .map_err(|err| (*err).clone())?;
+    let (found, source) =
+        catalog.cache.read(&format!("product:{id}"), async || catalog.repo.get(id).await).await?;
     let Some(json) = found else { return Err(ApiError::NotFound(format!("no product {id}"))) };
-    let source = if loaded.load(Ordering::Relaxed) { "miss" } else { "hit" };
     let tags = format!("product-{id} products");
     let headers = [
         ("content-type", "application/json".to_owned()),
         ("cache-control", PRODUCT_MAX_AGE.to_owned()),
         ("cache-tag", tags),
-        ("x-shop-cache", source.to_owned()),
+        ("x-shop-cache", source.as_str().to_owned()),
     ];
     Ok((headers, json).into_response())
 }

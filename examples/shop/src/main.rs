@@ -8,9 +8,10 @@
 //!
 //! Settings come from the environment, so one surge.toml sets them for every instance:
 //! `SHOP_POSTGRES` (server URL), `SHOP_DATABASE_PREFIX` (`shop_`), `SHOP_DB_CONNECTIONS`,
-//! `SHOP_REDIS`, `SHOP_GATEWAY`, `SHOP_ADMIN_URL`, `SHOP_ADMIN_TOKEN_FILE`.
+//! `SHOP_REDIS`, `SHOP_CACHE` (`off` turns the cache-aside off), `SHOP_GATEWAY`, `SHOP_ADMIN_URL`, `SHOP_ADMIN_TOKEN_FILE`.
 
 mod app;
+mod aside;
 mod catalog;
 mod client;
 mod db;

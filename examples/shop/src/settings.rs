@@ -17,6 +17,8 @@ pub struct Settings {
     pub db_connections: u32,
     /// The Redis tier of the cache-aside reads; `None`: in-process only.
     pub redis: Option<String>,
+    /// Whether profile and product reads go through the cache-aside (`SHOP_CACHE=off`: not).
+    pub cache: bool,
     /// Where the other services are reached: Surge's gateway.
     pub gateway: String,
     /// The admin API, for purging the gateway's cache when products change.
@@ -51,6 +53,11 @@ impl Settings {
             db_connections: u32::try_from(parse("SHOP_DB_CONNECTIONS", 4)?)
                 .map_err(|_| "SHOP_DB_CONNECTIONS is too large".to_owned())?,
             redis: var("SHOP_REDIS"),
+            cache: match var("SHOP_CACHE").as_deref() {
+                None | Some("on") => true,
+                Some("off") => false,
+                Some(other) => return Err(format!("SHOP_CACHE={other:?}: \"on\" (the default) or \"off\"")),
+            },
             gateway: var("SHOP_GATEWAY")
                 .unwrap_or_else(|| "http://127.0.0.1:8088".into())
                 .trim_end_matches('/')

@@ -3,10 +3,12 @@
 //! and an update invalidates the profile in every instance. Each answer to a profile read says
 //! where it came from in `x-shop-cache: hit | miss`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::app::{body, ApiError, ApiResult};
+use crate::aside::Aside;
+use crate::settings::Settings;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -16,10 +18,6 @@ use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
-use surge_cache::{Cache, CacheConfig};
-
-use crate::app::{body, ApiError, ApiResult};
-use crate::settings::Settings;
 
 #[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
 pub struct User {
@@ -90,18 +88,13 @@ impl UserRepo {
 /// database of their own).
 pub struct Users {
     repo: UserRepo,
-    cache: Arc<Cache>,
+    cache: Aside,
 }
 
 impl Users {
     pub async fn new(pool: PgPool, settings: &Settings) -> Arc<Users> {
-        let config = CacheConfig {
-            redis: settings.redis.clone(),
-            negative_ttl: Some(Duration::from_secs(5)),
-            // Named after the database, so two shops sharing a Redis never see each other's entries.
-            ..CacheConfig::new(&settings.database(crate::Service::Users), Duration::from_secs(60))
-        };
-        Arc::new(Users { repo: UserRepo::new(pool), cache: Cache::open(config).await })
+        let cache = Aside::open(settings, crate::Service::Users, Duration::from_secs(60)).await;
+        Arc::new(Users { repo: UserRepo::new(pool), cache })
     }
 }
 
@@ -156,19 +149,9 @@ async fn sign_up(State(users): State<Arc<Users>>, bytes: Bytes) -> ApiResult<Res
 }
 
 async fn profile(State(users): State<Arc<Users>>, Path(id): Path<i64>) -> ApiResult<Response> {
-    let loaded = AtomicBool::new(false);
-    let found = users
-        .cache
-        .get_or_load(&format!("user:{id}"), async || -> ApiResult<Option<bytes::Bytes>> {
-            loaded.store(true, Ordering::Relaxed);
-            let user = users.repo.get(id).await?;
-            Ok(user.map(|user| bytes::Bytes::from(serde_json::to_vec(&user).unwrap_or_default())))
-        })
-        .await
-        .map_err(|err| (*err).clone())?;
+    let (found, source) = users.cache.read(&format!("user:{id}"), async || users.repo.get(id).await).await?;
     let Some(json) = found else { return Err(ApiError::NotFound(format!("no user {id}"))) };
-    let source = if loaded.load(Ordering::Relaxed) { "miss" } else { "hit" };
-    Ok(([("content-type", "application/json"), ("x-shop-cache", source)], json).into_response())
+    Ok(([("content-type", "application/json"), ("x-shop-cache", source.as_str())], json).into_response())
 }
 
 async fn update(State(users): State<Arc<Users>>, Path(id): Path<i64>, bytes: Bytes) -> ApiResult<Response> {

@@ -167,3 +167,27 @@ async fn a_charge_is_made_once_even_when_the_processor_never_answers() {
     assert_eq!(refund.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&refund.body));
     assert_eq!(shop.databases.number("provider", "SELECT count(*) FROM charges WHERE refunded").await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_away_reads_fall_through_to_the_database() {
+    // The users service's cache tier points at a port where nothing answers.
+    let shop = Shop::start(|config| {
+        config.replacen("SHOP_REDIS = \"redis://127.0.0.1:6379\"", "SHOP_REDIS = \"redis://127.0.0.1:1\"", 1)
+    })
+    .await;
+    let signed = shop.post("/users", json!({ "email": "kay@example.com", "name": "Kay" })).await;
+    let id = signed.json()["id"].as_i64().expect("an id");
+    let first = shop.get(&format!("/users/{id}")).await;
+    assert_eq!((first.status, first.header("x-shop-cache")), (StatusCode::OK, "miss"));
+    let second = shop.get(&format!("/users/{id}")).await;
+    assert_eq!(
+        (second.status, second.header("x-shop-cache")),
+        (StatusCode::OK, "hit"),
+        "the in-process tier"
+    );
+    let updated =
+        shop.request(Method::PATCH, &format!("/users/{id}"), &[], Some(json!({ "name": "Alan Kay" }))).await;
+    assert_eq!(updated.status, StatusCode::OK);
+    let third = shop.get(&format!("/users/{id}")).await;
+    assert_eq!(third.json()["name"], "Alan Kay", "invalidated locally without Redis");
+}
