@@ -130,6 +130,15 @@ async fn health(axum::Extension(pool): axum::Extension<PgPool>) -> Response {
     }
 }
 
+/// The request's `Idempotency-Key`: 1 to 200 characters of text, trimmed; `None` without one.
+pub fn idempotency_key(headers: &axum::http::HeaderMap) -> ApiResult<Option<String>> {
+    match headers.get("idempotency-key").map(|value| value.to_str().map(str::trim)) {
+        None => Ok(None),
+        Some(Ok(key)) if !key.is_empty() && key.len() <= 200 => Ok(Some(key.to_owned())),
+        Some(_) => Err(ApiError::BadRequest("Idempotency-Key is 1 to 200 characters of text".into())),
+    }
+}
+
 /// A JSON body, or a 400 that says what is wrong with it.
 pub fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
     serde_json::from_slice(bytes)

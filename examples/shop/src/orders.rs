@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sqlx::PgPool;
 
-use crate::app::{body, ApiError, ApiResult};
+use crate::app::{body, idempotency_key, ApiError, ApiResult};
 use crate::catalog::Item;
 use crate::client::Gateway;
 use crate::settings::Settings;
@@ -245,11 +245,7 @@ fn checked_items(items: &[Item]) -> ApiResult<()> {
 }
 
 async fn place(State(orders): State<Arc<Orders>>, headers: HeaderMap, bytes: Bytes) -> ApiResult<Response> {
-    let key = match headers.get("idempotency-key").map(|value| value.to_str()) {
-        None => None,
-        Some(Ok(key)) if !key.trim().is_empty() && key.len() <= 200 => Some(key.trim().to_owned()),
-        Some(_) => return Err(ApiError::BadRequest("Idempotency-Key is 1 to 200 characters of text".into())),
-    };
+    let key = idempotency_key(&headers)?;
     if let Some(key) = &key {
         if let Some(first) = orders.repo.by_key(key).await? {
             return Ok((StatusCode::CREATED, Json(first)).into_response());

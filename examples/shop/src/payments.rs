@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sqlx::PgPool;
 
-use crate::app::{body, ApiError, ApiResult};
+use crate::app::{body, idempotency_key, ApiError, ApiResult};
 use crate::client::Gateway;
 use crate::settings::Settings;
 
@@ -226,12 +226,8 @@ async fn charge(
     if request.amount_cents <= 0 {
         return Err(ApiError::invalid("amount_cents", "a charge is for more than nothing"));
     }
-    let key = match headers.get("idempotency-key").map(|value| value.to_str()) {
-        Some(Ok(key)) if !key.trim().is_empty() && key.len() <= 200 => key.trim().to_owned(),
-        Some(_) => return Err(ApiError::BadRequest("Idempotency-Key is 1 to 200 characters of text".into())),
-        // One charge per order unless the caller says otherwise.
-        None => format!("order-{}", request.order_id),
-    };
+    // One charge per order unless the caller says otherwise.
+    let key = idempotency_key(&headers)?.unwrap_or_else(|| format!("order-{}", request.order_id));
     let mut charge = payments.repo.intend(request.order_id, request.amount_cents, &key).await?;
     if charge.status == "unknown" {
         let outcome = payments.charge_at_processor(&charge, &request.card).await?;

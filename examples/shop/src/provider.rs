@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sqlx::PgPool;
 
-use crate::app::{body, ApiError, ApiResult};
+use crate::app::{body, idempotency_key, ApiError, ApiResult};
 
 #[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
 pub struct Charge {
@@ -104,23 +104,14 @@ fn answer(charge: &Charge) -> Response {
     (status, Json(charge)).into_response()
 }
 
-fn idempotency_key(headers: &HeaderMap) -> ApiResult<String> {
-    headers
-        .get("idempotency-key")
-        .and_then(|value| value.to_str().ok())
-        .map(str::trim)
-        .filter(|key| !key.is_empty() && key.len() <= 200)
-        .map(str::to_owned)
-        .ok_or_else(|| ApiError::BadRequest("every charge needs an Idempotency-Key".into()))
-}
-
 async fn charge(
     State(provider): State<Arc<Provider>>,
     headers: HeaderMap,
     bytes: Bytes,
 ) -> ApiResult<Response> {
     tokio::time::sleep(provider.knobs.latency).await;
-    let key = idempotency_key(&headers)?;
+    let key = idempotency_key(&headers)?
+        .ok_or_else(|| ApiError::BadRequest("every charge needs an Idempotency-Key".into()))?;
     let request: ChargeRequest = body(&bytes)?;
     if request.amount_cents <= 0 {
         return Err(ApiError::invalid("amount_cents", "a charge is for more than nothing"));

@@ -173,7 +173,17 @@ impl Shop {
         headers: &[(&str, &str)],
         body: Option<serde_json::Value>,
     ) -> Answer {
-        let mut request = Request::builder().method(method).uri(format!("{}{path}", self.gateway));
+        self.exchange(method, &format!("{}{path}", self.gateway), headers, body).await
+    }
+
+    async fn exchange(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Option<serde_json::Value>,
+    ) -> Answer {
+        let mut request = Request::builder().method(method).uri(url);
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
@@ -185,7 +195,7 @@ impl Shop {
             None => Bytes::new(),
         };
         let response = self.client.request(request.body(Full::new(body)).expect("request")).await;
-        let response = response.unwrap_or_else(|e| panic!("{path}: {e:?}"));
+        let response = response.unwrap_or_else(|e| panic!("{url}: {e:?}"));
         let (parts, body) = response.into_parts();
         let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         Answer { status: parts.status, headers: parts.headers, body }
@@ -214,12 +224,7 @@ impl Shop {
 
     /// `/status` of the admin API.
     pub async fn status(&self) -> serde_json::Value {
-        let url = format!("{}/status", self.admin);
-        let request =
-            Request::get(url).header("host", "127.0.0.1").body(Full::new(Bytes::new())).expect("request");
-        let response = self.client.request(request).await.expect("admin API");
-        let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-        serde_json::from_slice(&body).expect("status JSON")
+        self.exchange(Method::GET, &format!("{}/status", self.admin), &[], None).await.json()
     }
 
     /// Waits until every pool has as many ready instances as it wants.
