@@ -116,7 +116,8 @@ def instances(sample):
 
 def start(work, gateway_cache, cache_aside):
     config = (ROOT / "examples/shop/surge.toml").read_text()
-    token = Path(work) / "admin.token"
+    # Where [admin] token_file (relative to surge.toml) looks.
+    token = Path(work) / ".surge" / "admin.token"
     config = config.replace("examples/shop/.surge/admin.token", str(token))
     if not gateway_cache:
         config = config.replace(', cache = { grace = "30s" }', "")
