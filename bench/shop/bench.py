@@ -35,7 +35,7 @@ USERS = os.environ.get("USERS", "100000")
 PRODUCTS = os.environ.get("PRODUCTS", "10000")
 ORDERS = os.environ.get("ORDERS", "1000000")
 STEP = int(os.environ.get("STEP", "20"))
-RATES = [int(r) for r in os.environ.get("RATES", "100 200 400 600 800 1000 1300 1600 2000 2500 3000").split()]
+RATES = [int(r) for r in os.environ.get("RATES", "250 500 1000 1500 2000 3000 4000 5000 6500 8000").split()]
 P99_LIMIT_MS = 100.0
 GATEWAY = "127.0.0.1:8088"
 ADMIN = "127.0.0.1:9988"
@@ -121,6 +121,9 @@ def start(work, gateway_cache, cache_aside):
     config = config.replace("examples/shop/.surge/admin.token", str(token))
     if not gateway_cache:
         config = config.replace(', cache = { grace = "30s" }', "")
+    # The load generator is one client standing for many: the per-client limit on /orders
+    # would answer most of its orders 429 (cheaply), which is not the work being measured.
+    config = config.replace(', rate_limit = { rate = 100, per = "1s", burst = 200 }', "")
     path = Path(work) / "surge.toml"
     path.write_text(config)
     env = dict(os.environ, SHOP_DATABASE_PREFIX=PREFIX, SHOP_ADMIN_TOKEN_FILE=str(token))
@@ -166,17 +169,23 @@ def run_variant(work, name, gateway_cache, cache_aside):
             elapsed = time.time() - t0
             p99 = report["latency_ms"]["p99"]
             failed = report["errors"] / max(report["sent"], 1)
+            outcomes = {}
+            for kind in report["kinds"]:
+                for outcome, count in kind["outcomes"].items():
+                    outcomes[outcome] = outcomes.get(outcome, 0) + count
+            answered_2xx = sum(n for o, n in outcomes.items() if o.startswith("2")) / max(report["sent"], 1)
             step = {
                 "rate": rate,
                 "achieved": report["achieved_rate"],
                 "p99": p99,
                 "failed": failed,
                 "cores": used / elapsed,
+                "ok": answered_2xx,
                 "instances": instances(status()),
             }
             steps.append(step)
             print(f"  {name}: {rate}/s -> {step['achieved']:.0f}/s, p99 {p99:.1f} ms, "
-                  f"{failed:.1%} failed, {step['cores']:.2f} cores, {step['instances']}", flush=True)
+                  f"{failed:.1%} failed, {answered_2xx:.1%} 2xx, {step['cores']:.2f} cores, {step['instances']}", flush=True)
             if p99 > P99_LIMIT_MS or failed >= 0.01:
                 break
     finally:
@@ -209,9 +218,10 @@ def main():
         f"(examples/shop/scenarios/browse.toml) on {USERS} users, {PRODUCTS} products and {ORDERS} orders, "
         "release builds, everything on this machine's 2 cores (the load generator too). The best step is the "
         "highest rate whose p99 stayed at or under 100 ms with under 1% failed; cores are the CPU time of "
-        "surge, the shop's instances, PostgreSQL and Redis over the step.\n",
-        "| variant | best step (req/s achieved) | p99 ms | cores used | req/s per core | instances (ready) at that step | first step past the limit |",
-        "|---|---|---|---|---|---|---|",
+        "surge, the shop's instances, PostgreSQL and Redis over the step. The per-client rate limit on /orders is "
+        "off for the run (the generator is one client standing for many).\n",
+        "| variant | best step (req/s achieved) | answered 2xx | p99 ms | cores used | req/s per core | instances (ready) at that step | first step past the limit |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, steps in results:
         good = [s for s in steps if s["p99"] <= P99_LIMIT_MS and s["failed"] < 0.01]
@@ -219,12 +229,12 @@ def main():
         past = (f"{bad[0]['rate']}/s: p99 {bad[0]['p99']:.0f} ms, {bad[0]['failed']:.1%} failed" if bad
                 else "none within the rates tried")
         if not good:
-            lines.append(f"| {name} | none | | | | | {past} |")
+            lines.append(f"| {name} | none | | | | | | {past} |")
             continue
         best = good[-1]
         pools = ", ".join(f"{k} {v}" for k, v in sorted(best["instances"].items()))
         per_core = best["achieved"] / best["cores"] if best["cores"] > 0 else 0
-        lines.append(f"| {name} | {best['achieved']:.0f} | {best['p99']:.1f} | {best['cores']:.2f} | "
+        lines.append(f"| {name} | {best['achieved']:.0f} | {best['ok']:.1%} | {best['p99']:.1f} | {best['cores']:.2f} | "
                      f"{per_core:.0f} | {pools} | {past} |")
     text = "\n".join(lines) + "\n"
     print(text)
