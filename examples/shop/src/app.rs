@@ -12,7 +12,7 @@ use serde_json::json;
 use sqlx::PgPool;
 
 use crate::settings::Settings;
-use crate::{catalog, notifications, orders, payments, provider, users, Service};
+use crate::{catalog, notifications, orders, payments, provider, relay, users, Service};
 
 /// Why a request failed, as the client is told.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -102,6 +102,7 @@ pub async fn serve(service: Service, settings: &Settings) -> Result<(), String> 
         Service::Orders => orders::router(orders::Orders::new(pool.clone(), settings)),
         Service::Payments => payments::router(payments::Payments::new(pool.clone(), settings)),
         Service::Provider => provider::router(provider::Provider::new(pool.clone())),
+        Service::Relay => relay::router(relay::Relay::new(pool.clone(), settings)?),
         Service::Notifications => {
             let sender = Arc::new(notifications::TableSender::new(pool.clone()));
             notifications::router(notifications::Notifications::new(pool.clone(), sender))

@@ -22,6 +22,7 @@ fn migrator(service: Service) -> sqlx::migrate::Migrator {
         Service::Payments => sqlx::migrate!("migrations/payments"),
         Service::Provider => sqlx::migrate!("migrations/provider"),
         Service::Notifications => sqlx::migrate!("migrations/notifications"),
+        Service::Relay => migrator(Service::Orders),
     }
 }
 

@@ -4,7 +4,8 @@
 //! - `shop setup`: create each service's database (if missing), run its migrations, and write
 //!   the admin token the catalog purges the gateway's cache with;
 //! - `shop serve users|catalog|orders|payments|provider|notifications`: one instance, on `$PORT`;
-//! - `shop seed`: generate users, products and orders for benchmarks and the index tests.
+//! - `shop seed`: generate users, products and orders for benchmarks and the index tests;
+//! - `shop rebuild-read-model`: make the orders' read model again from their events.
 //!
 //! Settings come from the environment, so one surge.toml sets them for every instance:
 //! `SHOP_POSTGRES` (server URL), `SHOP_DATABASE_PREFIX` (`shop_`), `SHOP_DB_CONNECTIONS`,
@@ -13,12 +14,16 @@
 mod app;
 mod aside;
 mod catalog;
+mod checkout;
 mod client;
 mod db;
+mod events;
 mod notifications;
 mod orders;
 mod payments;
 mod provider;
+mod relay;
+mod saga;
 mod seed;
 mod settings;
 mod users;
@@ -43,6 +48,8 @@ enum Command {
     Setup,
     /// Serve one service on $PORT
     Serve { service: Service },
+    /// Make the orders' read model again from their events
+    RebuildReadModel,
     /// Fill the databases with generated users, products and orders
     Seed {
         #[arg(long, default_value_t = 100_000)]
@@ -64,9 +71,12 @@ pub enum Service {
     /// The card processor stand-in.
     Provider,
     Notifications,
+    /// Publishes the orders database's outbox to Surge's queues.
+    Relay,
 }
 
 impl Service {
+    /// The services that own a database.
     pub const ALL: [Service; 6] = [
         Service::Users,
         Service::Catalog,
@@ -84,6 +94,15 @@ impl Service {
             Service::Payments => "payments",
             Service::Provider => "provider",
             Service::Notifications => "notifications",
+            Service::Relay => "relay",
+        }
+    }
+
+    /// The service whose database this one uses: its own, but for the relay (the orders').
+    pub fn owner(self) -> Service {
+        match self {
+            Service::Relay => Service::Orders,
+            owner => owner,
         }
     }
 }
@@ -106,6 +125,12 @@ fn main() -> ExitCode {
             Command::Setup => db::setup(&settings).await,
             Command::Serve { service } => app::serve(service, &settings).await,
             Command::Seed { users, products, orders } => seed::run(&settings, users, products, orders).await,
+            Command::RebuildReadModel => {
+                let pool = db::pool(&settings, Service::Orders)?;
+                let orders = events::rebuild(&pool).await.map_err(|err| err.to_string())?;
+                tracing::info!("order_summaries made again from the events of {orders} orders");
+                Ok(())
+            }
         }
     });
     match result {

@@ -21,6 +21,8 @@ use sqlx::PgPool;
 use crate::app::{body, idempotency_key, ApiError, ApiResult};
 use crate::catalog::Item;
 use crate::client::Gateway;
+use crate::events;
+use crate::saga::{self, Event};
 use crate::settings::Settings;
 
 /// The most items one order may hold.
@@ -85,20 +87,26 @@ impl OrderRepo {
         Ok(Some(OrderJson { order, items }))
     }
 
-    pub async fn by_key(&self, key: &str) -> ApiResult<Option<OrderJson>> {
-        let id: Option<i64> = sqlx::query_scalar("SELECT id FROM orders WHERE idempotency_key = $1")
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await?;
-        match id {
-            Some(id) => self.get(id).await,
-            None => Ok(None),
-        }
+    /// The answer the order placed with `key` was given.
+    pub async fn by_key(&self, key: &str) -> ApiResult<Option<serde_json::Value>> {
+        let answer: Option<Option<serde_json::Value>> =
+            sqlx::query_scalar("SELECT first_answer FROM orders WHERE idempotency_key = $1")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(answer.flatten())
     }
 
-    /// Records the order and its lines in one transaction; a key already used by a concurrent
-    /// request gets that request's order.
-    pub async fn place(&self, user_id: i64, lines: &[Line], key: Option<&str>) -> ApiResult<OrderJson> {
+    /// Records the order, its lines, its first event and the answer it is given (which a repeat
+    /// with the same key gets again), and asks for the saga's first step (through the outbox),
+    /// all in one transaction. A key already used by a concurrent request gets that one's answer.
+    pub async fn place(
+        &self,
+        user_id: i64,
+        lines: &[Line],
+        card: &str,
+        key: Option<&str>,
+    ) -> ApiResult<serde_json::Value> {
         let amount: i64 = lines.iter().map(|line| line.price_cents * i64::from(line.quantity)).sum();
         let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query_scalar::<_, i64>(
@@ -127,8 +135,19 @@ impl OrderRepo {
                 .execute(&mut *tx)
                 .await?;
         }
+        let placed = Event::Placed { user_id, amount_cents: amount, card: card.to_owned() };
+        events::append(&mut tx, id, &saga::State::default(), &[placed], Some(saga::Step::Reserve)).await?;
+        let order: Order =
+            sqlx::query_as(&format!("{ORDER} WHERE id = $1")).bind(id).fetch_one(&mut *tx).await?;
+        let answer = serde_json::to_value(OrderJson { order, items: lines.to_vec() })
+            .map_err(|err| ApiError::Internal(err.to_string()))?;
+        sqlx::query("UPDATE orders SET first_answer = $2 WHERE id = $1")
+            .bind(id)
+            .bind(&answer)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
-        self.get(id).await?.ok_or_else(|| ApiError::Internal("the order vanished".into()))
+        Ok(answer)
     }
 
     pub async fn of_user(
@@ -159,6 +178,8 @@ impl OrderRepo {
 pub struct Orders {
     repo: OrderRepo,
     services: Gateway,
+    /// For the checkout's steps, on the services' internal routes.
+    internal: Gateway,
 }
 
 impl Orders {
@@ -166,7 +187,27 @@ impl Orders {
         Arc::new(Orders {
             repo: OrderRepo::new(pool),
             services: Gateway::new(&settings.gateway, settings.call_timeout),
+            internal: Gateway::internal(&settings.gateway, settings.call_timeout),
         })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.repo.pool
+    }
+
+    pub fn internal(&self) -> &Gateway {
+        &self.internal
+    }
+
+    /// An order's items, as the catalog's reservation takes them.
+    pub async fn items(&self, order_id: i64) -> ApiResult<Vec<Item>> {
+        let rows: Vec<(i64, i32)> = sqlx::query_as(
+            "SELECT product_id, quantity FROM order_items WHERE order_id = $1 ORDER BY product_id",
+        )
+        .bind(order_id)
+        .fetch_all(&self.repo.pool)
+        .await?;
+        Ok(rows.into_iter().map(|(product_id, quantity)| Item { product_id, quantity }).collect())
     }
 
     /// The user must exist: a 404 from the users service is the client's mistake.
@@ -216,8 +257,11 @@ pub fn router(orders: Arc<Orders>) -> Router {
         .route("/orders/{id}", get(order))
         .route("/reports/monthly-sales", get(monthly_sales))
         .route("/reports/monthly-sales/refresh", post(refresh))
-        // The worker pool's delivery path: a schedule's message asks for a refresh.
+        // The worker pools' delivery paths: a schedule's message asks for a refresh; the
+        // checkout saga's steps; the read model's projection.
         .route("/jobs/refresh-sales", post(refresh))
+        .route("/jobs/checkout", post(crate::checkout::checkout))
+        .route("/jobs/project", post(crate::checkout::project))
         .with_state(orders)
 }
 
@@ -226,6 +270,13 @@ pub fn router(orders: Arc<Orders>) -> Router {
 struct Placing {
     user_id: i64,
     items: Vec<Item>,
+    /// The card to charge (the processor stand-in's test cards); a good one by default.
+    #[serde(default = "good_card")]
+    card: String,
+}
+
+fn good_card() -> String {
+    "4242424242424242".to_owned()
 }
 
 fn checked_items(items: &[Item]) -> ApiResult<()> {
@@ -253,9 +304,12 @@ async fn place(State(orders): State<Arc<Orders>>, headers: HeaderMap, bytes: Byt
     }
     let placing: Placing = body(&bytes)?;
     checked_items(&placing.items)?;
+    if placing.card.len() != 16 || !placing.card.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ApiError::invalid("card", "a card number is 16 digits"));
+    }
     orders.check_user(placing.user_id).await?;
     let lines = orders.price(&placing.items).await?;
-    let order = orders.repo.place(placing.user_id, &lines, key.as_deref()).await?;
+    let order = orders.repo.place(placing.user_id, &lines, &placing.card, key.as_deref()).await?;
     Ok((StatusCode::CREATED, Json(order)).into_response())
 }
 

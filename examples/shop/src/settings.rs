@@ -71,7 +71,7 @@ impl Settings {
 
     /// The database a service owns.
     pub fn database(&self, service: Service) -> String {
-        format!("{}{}", self.database_prefix, service.name())
+        format!("{}{}", self.database_prefix, service.owner().name())
     }
 
     /// Its URL.
