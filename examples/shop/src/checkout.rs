@@ -62,12 +62,14 @@ pub async fn checkout(
     let pool = orders.pool();
     let state = saga::fold(&events::load(&mut *pool.acquire().await?, job.order_id).await?);
     if saga::pending(&state) != Some(job.step) {
+        tracing::info!("duplicate absorbed: order {} no longer waits for {:?}", job.order_id, job.step);
         return Ok(done("nothing: the order does not wait for this step"));
     }
     let outcome = orders.run(job.step, job.order_id, &state).await?;
     let decision = saga::decide(&state, &outcome);
     let mut tx = pool.begin().await?;
     if !events::first_time(&mut tx, &message).await? {
+        tracing::info!("duplicate absorbed: message {message} was applied");
         return Ok(done("nothing: this message was applied"));
     }
     match events::append(&mut tx, job.order_id, &state, &decision.events, decision.next).await {

@@ -162,6 +162,28 @@ impl Shop {
         shop
     }
 
+    /// Kills surge with SIGKILL (its instances die with it) and starts it again on the same
+    /// configuration; returns once every pool is ready.
+    pub async fn kill_and_restart(&mut self) {
+        let _ = self.surge.kill();
+        let _ = self.surge.wait();
+        self.surge = spawn_surge(&self.dir.path().join("surge.toml"), &self.databases.prefix, &self.log);
+        self.wait_ready().await;
+    }
+
+    /// The pids of a pool's running instances.
+    pub async fn pids(&self, pool: &str) -> Vec<u32> {
+        let status = self.status().await;
+        let pools = status["services"].as_array().cloned().unwrap_or_default();
+        let found = pools.iter().find(|p| p["service"] == pool).cloned().unwrap_or_default();
+        let instances = found["instances"].as_array().cloned().unwrap_or_default();
+        instances
+            .iter()
+            .filter(|i| i["state"] == "ready")
+            .filter_map(|i| i["pid"].as_u64().and_then(|pid| u32::try_from(pid).ok()))
+            .collect()
+    }
+
     pub fn log(&self) -> String {
         self.log.lock().unwrap_or_else(|p| p.into_inner()).join("\n")
     }
