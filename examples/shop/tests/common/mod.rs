@@ -4,6 +4,8 @@
 //! (`shoptest_PID_N_users`, ...) and are dropped when it ends.
 #![allow(dead_code)] // each test file uses a different part of the harness
 
+pub mod chaos;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
