@@ -38,7 +38,7 @@ pub struct ProjectJob {
 }
 
 /// The delivery's message id: what makes applying it once checkable.
-fn message_id(headers: &HeaderMap) -> ApiResult<String> {
+pub(crate) fn message_id(headers: &HeaderMap) -> ApiResult<String> {
     headers
         .get("x-surge-message-id")
         .and_then(|value| value.to_str().ok())

@@ -11,6 +11,7 @@
 //! `SHOP_POSTGRES` (server URL), `SHOP_DATABASE_PREFIX` (`shop_`), `SHOP_DB_CONNECTIONS`,
 //! `SHOP_REDIS`, `SHOP_CACHE` (`off` turns the cache-aside off), `SHOP_GATEWAY`, `SHOP_ADMIN_URL`, `SHOP_ADMIN_TOKEN_FILE`.
 
+mod analytics;
 mod app;
 mod aside;
 mod catalog;

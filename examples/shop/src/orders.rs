@@ -42,6 +42,8 @@ pub struct Line {
     pub product_id: i64,
     pub quantity: i32,
     pub price_cents: i64,
+    /// The product's category when the order was placed.
+    pub category: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -79,7 +81,7 @@ impl OrderRepo {
             return Ok(None);
         };
         let items = sqlx::query_as(
-            "SELECT product_id, quantity, price_cents FROM order_items WHERE order_id = $1 ORDER BY product_id",
+            "SELECT product_id, quantity, price_cents, category FROM order_items WHERE order_id = $1 ORDER BY product_id",
         )
         .bind(id)
         .fetch_all(&self.pool)
@@ -127,11 +129,14 @@ impl OrderRepo {
             Err(err) => return Err(err.into()),
         };
         for line in lines {
-            sqlx::query("INSERT INTO order_items (order_id, product_id, quantity, price_cents) VALUES ($1, $2, $3, $4)")
+            sqlx::query(
+                "INSERT INTO order_items (order_id, product_id, quantity, price_cents, category) VALUES ($1, $2, $3, $4, $5)",
+            )
                 .bind(id)
                 .bind(line.product_id)
                 .bind(line.quantity)
                 .bind(line.price_cents)
+                .bind(&line.category)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -236,6 +241,7 @@ impl Orders {
                         product_id: item.product_id,
                         quantity: item.quantity,
                         price_cents: product.price_cents,
+                        category: product.category,
                     });
                 }
                 StatusCode::NOT_FOUND => {
@@ -262,6 +268,9 @@ pub fn router(orders: Arc<Orders>) -> Router {
         .route("/jobs/refresh-sales", post(refresh))
         .route("/jobs/checkout", post(crate::checkout::checkout))
         .route("/jobs/project", post(crate::checkout::project))
+        .route("/jobs/count-sales", post(crate::analytics::count))
+        .route("/reports/sales-by-category", post(crate::analytics::start))
+        .route("/reports/sales-by-category/{job}", get(crate::analytics::result))
         .with_state(orders)
 }
 

@@ -84,9 +84,11 @@ pub async fn run(settings: &Settings, users: i64, products: i64, orders: i64) ->
     .await?;
     run_sql(
         &mut db,
-        "INSERT INTO order_items (order_id, product_id, quantity, price_cents) \
-         SELECT id, 1 + (random() * ($2 - 1))::BIGINT, 1, amount_cents FROM orders WHERE id > $1",
-        &[first, product_count],
+        // Product P is in the category `shop seed` gave it: 'category ' || (P % 20 + 1).
+        "INSERT INTO order_items (order_id, product_id, quantity, price_cents, category) \
+         SELECT id, product, 1, amount_cents, 'category ' || (product % $3 + 1) \
+         FROM (SELECT id, amount_cents, 1 + (random() * ($2 - 1))::BIGINT AS product FROM orders WHERE id > $1) o",
+        &[first, product_count, CATEGORIES],
     )
     .await?;
     run_sql(&mut db, "ANALYZE orders", &[]).await?;

@@ -78,7 +78,7 @@ async fn with_every_pool_at_its_max_the_connections_stay_within_the_budget() {
         "SELECT count(*) FROM pg_stat_activity WHERE datname LIKE '{}%'",
         shop.databases.prefix.replace('_', "\\_")
     );
-    let budget = 76; // docs/shop.md: 4×4 + 4×4 + 4×4 + 1×1 + 3×3 + 2×3 + 2×2 + 1×2 + 2×2 + 1×2
+    let budget = 80; // docs/shop.md: 4×4 + 4×4 + 4×4 + 1×1 + 3×3 + 2×3 + 2×2 + 1×2 + 2×2 + 1×2 + 4×1
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut seen = 0;
     while Instant::now() < deadline {
@@ -99,5 +99,38 @@ async fn with_every_pool_at_its_max_the_connections_stay_within_the_budget() {
     let instances: usize = status["services"]
         .as_array()
         .map_or(0, |pools| pools.iter().map(|pool| pool["instances"].as_array().map_or(0, Vec::len)).sum());
-    assert_eq!(instances, 4 + 4 + 4 + 3 + 2 + 2 + 1 + 1 + 2 + 1, "every pool at its max");
+    assert_eq!(instances, 4 + 4 + 4 + 3 + 2 + 2 + 1 + 1 + 2 + 1 + 4, "every pool at its max");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sales_by_category_over_the_worker_pool_equal_the_sql_group_by() {
+    let shop = Shop::start(|config| config).await;
+    shop.databases.shop(&["seed", "--users", "2000", "--products", "200", "--orders", "30000"], &[]);
+    let started =
+        shop.request(hyper::Method::POST, "/reports/sales-by-category?partitions=12", &[], None).await;
+    assert_eq!(started.status, hyper::StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&started.body));
+    let job = started.json()["job_id"].as_i64().expect("a job");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let result = loop {
+        let answer = shop.get(&format!("/reports/sales-by-category/{job}")).await;
+        if answer.status == hyper::StatusCode::OK {
+            break answer.json();
+        }
+        assert!(Instant::now() < deadline, "the job did not finish: {}\n{}", answer.json(), shop.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut connection = shop.databases.connect("orders").await;
+    let expected: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT i.category, count(*) FROM order_items i JOIN orders o ON o.id = i.order_id \
+         WHERE o.status = 'paid' GROUP BY i.category ORDER BY i.category",
+    )
+    .fetch_all(&mut connection)
+    .await
+    .expect("GROUP BY");
+    let counted: Vec<(String, i64)> = result["sales"]
+        .as_object()
+        .map(|sales| sales.iter().map(|(category, n)| (category.clone(), n.as_i64().unwrap_or(-1))).collect())
+        .unwrap_or_default();
+    assert_eq!(counted, expected);
+    assert_eq!(expected.iter().map(|(_, n)| n).sum::<i64>(), 30_000);
 }
