@@ -141,8 +141,11 @@ impl Shop {
         let (gateway, admin) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
         let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("surge.toml");
         let config = std::fs::read_to_string(shipped).expect("examples/shop/surge.toml");
+        // The gateway's shared cache tier is keyed by host and port: tests one after another on
+        // the same port would see each other's pages. Each test's gateway keeps its own.
         let config = tweak(
             config
+                .replace("[store]\nredis = \"redis://127.0.0.1:6379\"\n", "")
                 .replace("127.0.0.1:8088", &gateway)
                 .replace("127.0.0.1:9988", &admin)
                 .replace("examples/shop/.surge/admin.token", &token.display().to_string()),
