@@ -114,8 +114,12 @@ def instances(sample):
     }
 
 
-def start(work, gateway_cache, cache_aside):
+def start(work, gateway_cache, cache_aside, tweak=None):
+    """surge up on the shipped configuration in `work`, the caches as asked, `tweak` applied to
+    its text; returns once every pool is ready."""
     config = (ROOT / "examples/shop/surge.toml").read_text()
+    if tweak:
+        config = tweak(config)
     # Where [admin] token_file (relative to surge.toml) looks.
     token = Path(work) / ".surge" / "admin.token"
     config = config.replace("examples/shop/.surge/admin.token", str(token))
@@ -189,17 +193,20 @@ def run_variant(work, name, gateway_cache, cache_aside):
             if p99 > P99_LIMIT_MS or failed >= 0.01:
                 break
     finally:
-        surge.terminate()
-        try:
-            surge.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            surge.kill()
+        stop(surge)
     return steps
 
 
-def main():
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
+def stop(surge):
+    surge.terminate()
+    try:
+        surge.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        surge.kill()
+
+
+def prepare():
+    """The shopbench_ databases, set up, and seeded unless they hold users already."""
     print(f"seeding {USERS} users, {PRODUCTS} products, {ORDERS} orders (prefix {PREFIX})", flush=True)
     shop("setup")
     counts = subprocess.run(
@@ -207,6 +214,12 @@ def main():
         capture_output=True, text=True).stdout.strip()
     if counts in ("", "0"):
         shop("seed", "--users", USERS, "--products", PRODUCTS, "--orders", ORDERS)
+
+
+def main():
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    prepare()
     results = []
     for name, gateway_cache, cache_aside in VARIANTS:
         with tempfile.TemporaryDirectory() as work:
