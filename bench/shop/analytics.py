@@ -76,7 +76,7 @@ def main():
                 bench.stop(surge)
     lines = [
         f"\n## bench/shop/analytics.py, {datetime.date.today()} (commit {commit})\n",
-        f"`python3 bench/shop/analytics.py` after `bench/shop/run.sh` (PARTITIONS={PARTITIONS}, ROUNDS={ROUNDS}): "
+        f"`python3 bench/shop/analytics.py` with release binaries (`cargo build --release -p surge -p surge-shop`; PARTITIONS={PARTITIONS}, ROUNDS={ROUNDS}): "
         f"sales by category over {bench.ORDERS} orders, one message a range, each counted by a worker of the "
         "`analytics` pool fixed at 1, 2 or 4 instances; the job's own time from its start to its last range "
         "counted, median of the rounds. This machine has 2 cores, shared by PostgreSQL, surge and the workers.\n",

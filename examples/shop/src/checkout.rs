@@ -38,14 +38,25 @@ pub struct ProjectJob {
 }
 
 /// The delivery's message id: what makes applying it once checkable.
+/// A redelivery is logged on the way (the chaos test counts them).
 pub(crate) fn message_id(headers: &HeaderMap) -> ApiResult<String> {
-    headers
+    let message = headers
         .get("x-surge-message-id")
         .and_then(|value| value.to_str().ok())
         .map(|id| {
             format!("{}:{id}", headers.get("x-surge-queue").and_then(|q| q.to_str().ok()).unwrap_or(""))
         })
-        .ok_or_else(|| ApiError::BadRequest("a job is delivered by Surge, with x-surge-message-id".into()))
+        .ok_or_else(|| ApiError::BadRequest("a job is delivered by Surge, with x-surge-message-id".into()))?;
+    log_redelivery(headers, &message);
+    Ok(message)
+}
+
+fn log_redelivery(headers: &HeaderMap, message: &str) {
+    let attempt =
+        headers.get("x-surge-attempt").and_then(|v| v.to_str().ok()).and_then(|a| a.parse::<u32>().ok());
+    if let Some(attempt) = attempt.filter(|attempt| *attempt > 1) {
+        tracing::info!("redelivery: attempt {attempt} of message {message}");
+    }
 }
 
 fn done(what: &str) -> Response {

@@ -309,12 +309,10 @@ pub async fn chaos(backend: Backend<'_>) {
 
     let log = shop.log();
     let absorbed = log.matches("duplicate absorbed").count();
-    let retried: u64 = status["queues"]
-        .as_array()
-        .map_or(0, |queues| queues.iter().filter_map(|q| q["retried"].as_u64()).sum());
+    let redelivered = log.matches("redelivery: attempt").count();
     eprintln!(
         "chaos: {total} orders ({paid} paid, {cancelled} cancelled, {rejected} rejected); kills {kills:?}; \
-         {retried} deliveries retried since surge last started; {absorbed} duplicate deliveries absorbed; \
+         {redelivered} redeliveries; {absorbed} duplicate deliveries absorbed; \
          {cancelled} compensations (stock released)"
     );
 }
