@@ -11,17 +11,6 @@ use common::Shop;
 use hyper::StatusCode;
 use serde_json::json;
 
-async fn product(shop: &Shop, name: &str, price_cents: i64, stock: i32) -> i64 {
-    let made = shop
-        .post(
-            "/products",
-            json!({ "name": name, "category": "tea", "price_cents": price_cents, "stock": stock }),
-        )
-        .await;
-    assert_eq!(made.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&made.body));
-    made.json()["id"].as_i64().expect("an id")
-}
-
 /// Waits until order `id`'s status is one of `done`; returns it.
 async fn settled(shop: &Shop, id: i64, done: &[&str]) -> String {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -43,8 +32,8 @@ async fn orders_are_paid_cancelled_or_rejected_and_the_books_agree() {
         ["id"]
         .as_i64()
         .expect("a user");
-    let tea = product(&shop, "Green tea", 500, 10).await;
-    let pot = product(&shop, "Teapot", 2500, 1).await;
+    let tea = shop.product("Green tea", 500, 10).await;
+    let pot = shop.product("Teapot", 2500, 1).await;
     let place = |items: serde_json::Value, card: &str| {
         shop.post("/orders", json!({ "user_id": user, "items": items, "card": card }))
     };

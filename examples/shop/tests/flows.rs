@@ -9,17 +9,6 @@ use common::Shop;
 use hyper::{Method, StatusCode};
 use serde_json::json;
 
-async fn product(shop: &Shop, name: &str, price_cents: i64, stock: i32) -> i64 {
-    let made = shop
-        .post(
-            "/products",
-            json!({ "name": name, "category": "tea", "price_cents": price_cents, "stock": stock }),
-        )
-        .await;
-    assert_eq!(made.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&made.body));
-    made.json()["id"].as_i64().expect("an id")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sign_up_read_update_order_and_report() {
     let shop = Shop::start(|config| config).await;
@@ -46,8 +35,8 @@ async fn sign_up_read_update_order_and_report() {
     assert_eq!(found.json()["id"], id);
 
     // Products: cached by the gateway, purged by tag when one changes.
-    let tea = product(&shop, "Green tea", 450, 100).await;
-    let pot = product(&shop, "Teapot", 2500, 10).await;
+    let tea = shop.product("Green tea", 450, 100).await;
+    let pot = shop.product("Teapot", 2500, 10).await;
     let page = shop.get(&format!("/products/{tea}")).await;
     assert_eq!(page.header("cache-tag"), format!("product-{tea} products"));
     let again = shop.get(&format!("/products/{tea}")).await;

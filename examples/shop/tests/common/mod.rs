@@ -232,6 +232,18 @@ impl Shop {
         self.request(Method::GET, path, &[], None).await
     }
 
+    /// A product in the category "tea", made through the public API; its id.
+    pub async fn product(&self, name: &str, price_cents: i64, stock: i32) -> i64 {
+        let made = self
+            .post(
+                "/products",
+                serde_json::json!({ "name": name, "category": "tea", "price_cents": price_cents, "stock": stock }),
+            )
+            .await;
+        assert_eq!(made.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&made.body));
+        made.json()["id"].as_i64().expect("an id")
+    }
+
     pub async fn post(&self, path: &str, body: serde_json::Value) -> Answer {
         self.request(Method::POST, path, &[], Some(body)).await
     }
