@@ -5,6 +5,8 @@
 //! announce to the outbox, and (for a delivered message) records the message's id: a crash
 //! anywhere leaves all or nothing, and a redelivery finds its id and does nothing twice.
 
+use chrono::{DateTime, Utc};
+use serde::Serialize;
 use serde_json::json;
 use sqlx::{PgConnection, PgPool};
 
@@ -101,6 +103,24 @@ pub async fn project(connection: &mut PgConnection, order_id: i64) -> ApiResult<
     .execute(connection)
     .await?;
     Ok(())
+}
+
+/// One order as the read model has it.
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct Summary {
+    pub order_id: i64,
+    pub status: String,
+    pub amount_cents: i64,
+    /// How many events it was folded from.
+    pub events: i32,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A user's orders from the read model, newest first (on `idx_summary_user`).
+pub async fn history(pool: &PgPool, user_id: i64, limit: i64) -> ApiResult<Vec<Summary>> {
+    let query = "SELECT order_id, status, amount_cents, events, updated_at FROM order_summaries \
+                 WHERE user_id = $1 ORDER BY order_id DESC LIMIT $2";
+    Ok(sqlx::query_as(query).bind(user_id).bind(limit).fetch_all(pool).await?)
 }
 
 /// `shop rebuild-read-model`: the read model dropped and made again from every order's events.

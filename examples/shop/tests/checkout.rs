@@ -110,6 +110,15 @@ async fn orders_are_paid_cancelled_or_rejected_and_the_books_agree() {
         assert!(Instant::now() < deadline, "the read model lags\n{}", shop.log());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The user's order list is read from it.
+    let history = shop.get(&format!("/orders/history?user_id={user}")).await.json();
+    let listed: Vec<(i64, &str)> = history["orders"]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|order| (order["order_id"].as_i64().unwrap_or(0), order["status"].as_str().unwrap_or("")))
+        .collect();
+    assert_eq!(listed, [(short, "rejected"), (declined, "cancelled"), (paid, "paid")], "{history}");
     let live = shop.databases.number("orders", "SELECT hashtext(string_agg(order_id || status || amount_cents || events, ',' ORDER BY order_id))::BIGINT FROM order_summaries").await;
     let rebuilt = shop.databases.shop(&["rebuild-read-model"], &[]);
     assert!(rebuilt.contains("3 orders"), "{rebuilt}");
