@@ -113,11 +113,12 @@ fn restart_broker() {
 }
 
 pub async fn chaos(backend: Backend<'_>) {
-    // One good card in five is declined at random by the processor.
+    // One good card in five is declined at random by the processor, which takes 150 ms a call:
+    // a charge is in flight long enough for kills to land in the middle of one.
     let mut shop = Shop::start(|config| {
         let config = config.replace(
             "SHOP_PROVIDER_LATENCY = \"20ms\"",
-            "SHOP_PROVIDER_LATENCY = \"20ms\", SHOP_PROVIDER_DECLINE_RATE = \"0.2\"",
+            "SHOP_PROVIDER_LATENCY = \"150ms\", SHOP_PROVIDER_DECLINE_RATE = \"0.2\"",
         );
         match backend {
             Backend::Embedded => config,
