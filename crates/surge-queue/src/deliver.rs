@@ -207,7 +207,11 @@ async fn send(
             pool.report(&mut slot, true);
             // Kept first, so that the job is never gone without its answer.
             if job {
-                queue.keep_answer(id, JobAnswer { status, headers: end_to_end(headers), body });
+                let answer = JobAnswer { status, headers: end_to_end(headers), body };
+                if let Err(err) = queue.keep_answer(id, answer).await {
+                    settle_failure(queue, &delivery, &format!("its answer cannot be kept: {err}")).await;
+                    return;
+                }
             }
             if queue.ack(id, delivery.token).await.is_err() {
                 tracing::debug!(

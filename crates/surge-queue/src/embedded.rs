@@ -56,7 +56,11 @@ impl Embedded {
         settings: Settings,
     ) -> Result<(Embedded, Recovered), OpenError> {
         let mut state = QueueState::new(settings, now_ms().saturating_mul(1_000));
-        let (log, recovered) = Log::open(dir, core.limits.segment_size, &mut state)?;
+        let (log, recovered) =
+            Log::open(dir, core.limits.segment_size, |record, _, location| match (record, location) {
+                (Record::Publish(stored), Some(location)) => state.admit(stored, location),
+                (record, _) => state.replay(record),
+            })?;
         // Time-based, in case the records of the newest ids went with their segments.
         state.ids_above(now_ms() << 10);
         let oldest = state.oldest_segment_in_use().unwrap_or(1);

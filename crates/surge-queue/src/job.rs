@@ -1,11 +1,9 @@
 //! Async request-reply: a request to an `async` route becomes a message whose payload is the
 //! request itself (`message/http`: its head as HTTP/1.1 writes it, then its body). The worker
 //! gets that request as it was sent, and its answer is kept for `GET /jobs/ID` for the queue's
-//! `result_ttl` (in memory: after a restart a job still runs, but an answer given before it is
-//! gone).
+//! `result_ttl`, on disk before the message is acked (crate::answers), so a restart loses none.
 
-use std::collections::{HashMap, VecDeque};
-use std::time::{Duration, Instant};
+use std::collections::{BTreeSet, HashMap};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
@@ -83,32 +81,39 @@ pub struct JobAnswer {
     pub body: Bytes,
 }
 
-/// Answers kept until they expire, oldest first.
+/// Answers kept until they expire (times in ms since the epoch, so that answers read back
+/// after a restart keep theirs).
 #[derive(Debug, Default)]
 pub struct Answers {
-    by_id: HashMap<u64, JobAnswer>,
-    expiry: VecDeque<(Instant, u64)>,
+    by_id: HashMap<u64, (u64, JobAnswer)>,
+    /// (expires at, id), soonest first.
+    expiry: BTreeSet<(u64, u64)>,
 }
 
 impl Answers {
-    pub fn keep(&mut self, id: u64, answer: JobAnswer, ttl: Duration, now: Instant) {
+    /// Keeps `answer` until `expires_at`; a second answer to the same job replaces the first.
+    pub fn keep(&mut self, id: u64, answer: JobAnswer, expires_at: u64, now: u64) {
         self.forget_expired(now);
-        if self.by_id.insert(id, answer).is_none() {
-            self.expiry.push_back((now + ttl, id));
+        if expires_at <= now {
+            return;
         }
+        if let Some((before, _)) = self.by_id.insert(id, (expires_at, answer)) {
+            self.expiry.remove(&(before, id));
+        }
+        self.expiry.insert((expires_at, id));
     }
 
-    pub fn get(&mut self, id: u64, now: Instant) -> Option<JobAnswer> {
+    pub fn get(&mut self, id: u64, now: u64) -> Option<JobAnswer> {
         self.forget_expired(now);
-        self.by_id.get(&id).cloned()
+        self.by_id.get(&id).map(|(_, answer)| answer.clone())
     }
 
-    fn forget_expired(&mut self, now: Instant) {
-        while let Some(&(expires, id)) = self.expiry.front() {
+    fn forget_expired(&mut self, now: u64) {
+        while let Some(&(expires, id)) = self.expiry.first() {
             if expires > now {
                 break;
             }
-            self.expiry.pop_front();
+            self.expiry.pop_first();
             self.by_id.remove(&id);
         }
     }
@@ -164,12 +169,24 @@ mod tests {
     #[test]
     fn answers_expire_after_their_time() {
         let mut answers = Answers::default();
-        let now = Instant::now();
         let answer =
             JobAnswer { status: StatusCode::OK, headers: HeaderMap::new(), body: Bytes::from("done") };
-        answers.keep(7, answer.clone(), Duration::from_secs(60), now);
-        assert_eq!(answers.get(7, now + Duration::from_secs(59)), Some(answer));
-        assert_eq!(answers.get(7, now + Duration::from_secs(60)), None);
+        answers.keep(7, answer.clone(), 60_000, 0);
+        assert_eq!(answers.get(7, 59_999), Some(answer.clone()));
+        assert_eq!(answers.get(7, 60_000), None);
+        answers.keep(8, answer.clone(), 10, 20);
+        assert_eq!(answers.get(8, 20), None, "an answer read back after its time is not kept");
+    }
+
+    #[test]
+    fn a_later_answer_replaces_the_first_with_its_own_time() {
+        let mut answers = Answers::default();
+        let first = JobAnswer { status: StatusCode::OK, headers: HeaderMap::new(), body: Bytes::from("one") };
+        let second = JobAnswer { body: Bytes::from("two"), ..first.clone() };
+        answers.keep(7, first, 100, 0);
+        answers.keep(7, second.clone(), 500, 50);
+        assert_eq!(answers.get(7, 200), Some(second), "the first's expiry no longer applies");
+        assert_eq!(answers.get(7, 500), None);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! (`state`) that recovery rebuilds by replaying the log (`log`).
 
 mod amqp;
+mod answers;
 pub mod deliver;
 mod embedded;
 pub mod http;

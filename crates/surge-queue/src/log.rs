@@ -17,7 +17,7 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use crate::record::{self, Read, Record};
-use crate::state::{Location, QueueState};
+use crate::state::Location;
 
 /// A segment is closed once it holds this much and the next one is started.
 pub const SEGMENT_SIZE: u64 = 64 * 1024 * 1024;
@@ -86,11 +86,12 @@ impl Drop for Log {
 }
 
 impl Log {
-    /// Opens the log in `dir` (made if missing), replaying every record into `state`.
+    /// Opens the log in `dir` (made if missing), handing every record to `replay` in order,
+    /// with the segment it is in and, for a publish, where its payload is.
     pub fn open(
         dir: &Path,
         segment_size: u64,
-        state: &mut QueueState,
+        mut replay: impl FnMut(&Record, u64, Option<Location>),
     ) -> Result<(Log, Recovered), OpenError> {
         let io_error = |path: &Path| {
             let path = path.to_owned();
@@ -114,17 +115,12 @@ impl Log {
                 match record::read_without_payload(&bytes[at..]) {
                     Read::Record { record, length, payload_at } => {
                         recovered.records += 1;
-                        match (&record, payload_at) {
-                            (Record::Publish(stored), Some(payload_at)) => {
-                                let location = Location {
-                                    segment: number,
-                                    offset: (at + payload_at) as u64,
-                                    len: payload_len(&bytes[at..], payload_at),
-                                };
-                                state.admit(stored, location);
-                            }
-                            (record, _) => state.replay(record),
-                        }
+                        let location = payload_at.map(|payload_at| Location {
+                            segment: number,
+                            offset: (at + payload_at) as u64,
+                            len: payload_len(&bytes[at..], payload_at),
+                        });
+                        replay(&record, number, location);
                         at += length;
                     }
                     Read::Short if at == bytes.len() => break,
@@ -347,6 +343,11 @@ pub fn repair(dir: &Path) -> Result<Vec<Repaired>, OpenError> {
         if let Some(done) = repair_segment(dir, &path, &bytes).map_err(io_error(&path))? {
             repaired.push(done);
         }
+    }
+    // The jobs' answers are a log of the same kind, in a folder of its own.
+    let answers = dir.join("answers");
+    if answers.is_dir() {
+        repaired.extend(repair(&answers)?);
     }
     Ok(repaired)
 }

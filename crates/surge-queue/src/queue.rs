@@ -5,15 +5,16 @@
 
 use std::path::Path;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tokio::sync::Notify;
 
 use crate::amqp::Amqp;
+use crate::answers::AnswerStore;
 use crate::embedded::Embedded;
-use crate::job::{job_id, Answers, JobAnswer, JobJson};
+use crate::job::{job_id, JobAnswer, JobJson};
 use crate::log::{OpenError, Recovered};
 use crate::state::{Counts, DeadLetter, Delivery, Failed, Settings, Stale};
 
@@ -138,8 +139,8 @@ pub(crate) struct Core {
     pub limits: Limits,
     pub totals: Totals,
     pub latencies: Latencies,
-    /// Workers' answers to async requests, and a wake-up for those waiting for one.
-    answers: Mutex<Answers>,
+    /// Workers' answers to async requests (on disk), and a wake-up for those waiting for one.
+    answers: AnswerStore,
     answered: Notify,
     /// The key job ids are tagged with, kept in the queue's folder so ids outlive restarts.
     job_key: aws_lc_rs::hmac::Key,
@@ -247,7 +248,7 @@ impl Core {
             limits,
             totals: Totals::default(),
             latencies: Latencies::default(),
-            answers: Mutex::new(Answers::default()),
+            answers: AnswerStore::open(dir)?,
             answered: Notify::new(),
             job_key: job_key(dir)?,
         })
@@ -393,12 +394,12 @@ impl Queue {
         u64::from_le_bytes(first)
     }
 
-    /// Keeps a worker's answer to an async request, for `GET /jobs/ID`.
-    pub fn keep_answer(&self, id: u64, answer: JobAnswer) {
-        let mut answers = self.core.answers.lock().unwrap_or_else(|p| p.into_inner());
-        answers.keep(id, answer, self.core.limits.result_ttl, std::time::Instant::now());
-        drop(answers);
+    /// Keeps a worker's answer to an async request, for `GET /jobs/ID`; returns once it is on
+    /// disk.
+    pub async fn keep_answer(&self, id: u64, answer: JobAnswer) -> std::io::Result<()> {
+        self.core.answers.keep(id, answer, self.core.limits.result_ttl).await?;
         self.core.answered.notify_waiters();
+        Ok(())
     }
 
     /// A job's answer, waiting for it up to `wait`; or where the job is.
@@ -408,9 +409,7 @@ impl Queue {
             let answered = self.core.answered.notified();
             tokio::pin!(answered);
             answered.as_mut().enable();
-            if let Some(answer) =
-                self.core.answers.lock().unwrap_or_else(|p| p.into_inner()).get(id, std::time::Instant::now())
-            {
+            if let Some(answer) = self.core.answers.get(id) {
                 return Ok(answer);
             }
             let status = on_backend!(self, store => store.job_status(id)).unwrap_or(JobStatus {

@@ -24,6 +24,8 @@ const DEAD: u8 = 4;
 const REDRIVE: u8 = 5;
 /// A publish that carries the W3C trace context of the request that made it.
 const PUBLISH_TRACED: u8 = 6;
+/// A worker's answer to a job (only in a queue's answers log, never in its message log).
+const ANSWER: u8 = 7;
 
 /// A message as the log holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,10 +47,32 @@ pub struct Stored {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
     Publish(Stored),
-    Ack { id: u64 },
-    Retry { id: u64, attempts: u32, ready_at: u64, error: String },
-    Dead { id: u64, attempts: u32, error: String },
-    Redrive { id: u64 },
+    Ack {
+        id: u64,
+    },
+    Retry {
+        id: u64,
+        attempts: u32,
+        ready_at: u64,
+        error: String,
+    },
+    Dead {
+        id: u64,
+        attempts: u32,
+        error: String,
+    },
+    Redrive {
+        id: u64,
+    },
+    /// A worker's answer to the job of message `id`, kept until `expires_at` (ms since the
+    /// epoch); `fields` are the answer's header fields, in order.
+    Answer {
+        id: u64,
+        expires_at: u64,
+        status: u16,
+        fields: Vec<(String, Bytes)>,
+        body: Bytes,
+    },
 }
 
 impl Record {
@@ -95,6 +119,23 @@ impl Record {
             Record::Redrive { id } => {
                 out.put_u8(REDRIVE);
                 out.put_u64_le(*id);
+            }
+            Record::Answer { id, expires_at, status, fields, body } => {
+                out.put_u8(ANSWER);
+                out.put_u64_le(*id);
+                out.put_u64_le(*expires_at);
+                out.put_u16_le(*status);
+                // Fields past what a u16 counts are left out; a job's answer never has so many.
+                let fields = &fields[..fields.len().min(u16::MAX as usize)];
+                out.put_u16_le(fields.len() as u16);
+                for (name, value) in fields {
+                    put_text(out, name);
+                    let value = &value[..value.len().min(u16::MAX as usize)];
+                    out.put_u16_le(value.len() as u16);
+                    out.extend_from_slice(value);
+                }
+                out.put_u32_le(u32::try_from(body.len()).unwrap_or(u32::MAX));
+                out.extend_from_slice(body);
             }
         }
         let body = &out[start + FRAME..];
@@ -210,6 +251,22 @@ fn parse(body: &[u8], with_payload: bool) -> Option<(Record, Option<usize>)> {
         },
         DEAD => Record::Dead { id: fields.u64()?, attempts: fields.u32()?, error: fields.text()? },
         REDRIVE => Record::Redrive { id: fields.u64()? },
+        // Read whole whatever was asked: answers are read back only when their log is opened.
+        ANSWER => {
+            let id = fields.u64()?;
+            let expires_at = fields.u64()?;
+            let status = fields.u16()?;
+            let count = fields.u16()?;
+            let mut answer_fields = Vec::with_capacity(usize::from(count));
+            for _ in 0..count {
+                let name = fields.text()?;
+                let length = usize::from(fields.u16()?);
+                answer_fields.push((name, Bytes::copy_from_slice(fields.take(length)?)));
+            }
+            let length = fields.u32()? as usize;
+            let body = Bytes::copy_from_slice(fields.take(length)?);
+            Record::Answer { id, expires_at, status, fields: answer_fields, body }
+        }
         _ => return None,
     };
     fields.done().then_some((record, None))
@@ -282,6 +339,16 @@ mod tests {
             Record::Retry { id: 7, attempts: 3, ready_at: 99, error: "answered 500".into() },
             Record::Dead { id: 7, attempts: 5, error: "timed out after 30s".into() },
             Record::Redrive { id: 7 },
+            Record::Answer {
+                id: 7,
+                expires_at: 1_700_000_060_000,
+                status: 201,
+                fields: vec![
+                    ("content-type".into(), Bytes::from_static(b"text/plain")),
+                    ("x-bin".into(), Bytes::from_static(b"\xff")),
+                ],
+                body: Bytes::from_static(b"made"),
+            },
         ];
         let mut log = Vec::new();
         for record in &records {

@@ -417,10 +417,12 @@ impl QueueState {
             | Record::Retry { id, .. }
             | Record::Dead { id, .. }
             | Record::Redrive { id } => *id,
+            // Answers have a log of their own; one here changes no message.
+            Record::Answer { .. } => return,
         };
         self.next_id = self.next_id.max(id + 1);
         match record {
-            Record::Publish(_) => {}
+            Record::Publish(_) | Record::Answer { .. } => {}
             Record::Ack { id } => self.remove(*id),
             Record::Retry { id, attempts, ready_at, error } => {
                 if let Some(entry) = self.messages.get_mut(id) {

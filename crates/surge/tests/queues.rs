@@ -412,7 +412,7 @@ async fn a_full_disk_fails_publishes_cleanly_and_loses_nothing_acknowledged() {
 }
 
 async fn an_async_route_answers_202_and_the_job_result_is_fetched(store: Store) {
-    let surge = Surge::start(&format!(
+    let mut surge = Surge::start(&format!(
         r#"
 [queues.reports]
 max_attempts = 2
@@ -450,6 +450,13 @@ queue = "reports"
     // Forwarded as an instance's request is: the client's own claim replaced.
     assert_eq!(echoed["headers"]["x-forwarded-for"], "127.0.0.1");
     assert_eq!(echoed["body_bytes"], 5);
+
+    // The answer outlives a crash of surge: it was on disk before its message was acked.
+    surge.kill_and_restart(&[]);
+    let again = surge.request(Method::GET, &location, &[], Bytes::new()).await;
+    assert_eq!(again.status, StatusCode::OK, "{}", String::from_utf8_lossy(&again.body));
+    assert_eq!(again.headers.get("x-surge-job-state").map(|v| v.as_bytes()), Some(&b"done"[..]));
+    assert_eq!(again.json()["path"], "/reports/7");
 
     // A job the worker keeps failing ends dead, and says why.
     let accepted = surge.request(Method::POST, "/reports/x?status=500", &[], Bytes::new()).await;
