@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -185,13 +185,14 @@ impl Stored {
         u32::try_from(key.len() + headers + self.body.len() + self.encoded.len() + 256).unwrap_or(u32::MAX)
     }
 
-    /// Its Redis form: a version byte, its generation, when it was stored, the status, the
-    /// fields and the body.
+    /// Its Redis form: a version byte, its generation, when it was stored, its freshness
+    /// lifetime (a soft purge shortens it), the status, the fields and the body.
     fn encode(&self) -> Vec<u8> {
         let mut out = BytesMut::with_capacity(self.body.len() + 512);
-        out.put_u8(2);
+        out.put_u8(3);
         out.put_u64(self.generation);
         out.put_u64(self.stored_at.duration_since(UNIX_EPOCH).map_or(0, |since| since.as_millis() as u64));
+        out.put_u64(u64::try_from(self.storable.lifetime.as_millis()).unwrap_or(u64::MAX));
         out.put_u16(self.status.as_u16());
         out.put_u32(self.headers.len() as u32);
         for (name, value) in &self.headers {
@@ -210,11 +211,19 @@ impl Stored {
         let mut input = bytes;
         let need = |input: &[u8], n: usize| (input.remaining() >= n).then_some(());
         need(input, 1 + 8 + 8 + 2 + 4)?;
-        if input.get_u8() != 2 {
+        // Version 2 had no lifetime: the fields' is the whole of it.
+        let version = input.get_u8();
+        if !matches!(version, 2 | 3) {
             return None;
         }
         let generation = input.get_u64();
         let stored_at = UNIX_EPOCH + Duration::from_millis(input.get_u64());
+        let lifetime = if version == 3 {
+            need(input, 8 + 2 + 4)?;
+            Duration::from_millis(input.get_u64())
+        } else {
+            Duration::MAX
+        };
         let status = StatusCode::from_u16(input.get_u16()).ok()?;
         let fields = input.get_u32();
         let mut headers = HeaderMap::new();
@@ -232,7 +241,8 @@ impl Stored {
             headers.append(name, value);
         }
         let body = Bytes::copy_from_slice(input);
-        let storable = rules::storable(&Method::GET, &HeaderMap::new(), status, &headers, policy).ok()?;
+        let mut storable = rules::storable(&Method::GET, &HeaderMap::new(), status, &headers, policy).ok()?;
+        storable.lifetime = storable.lifetime.min(lifetime);
         let tags = tags(&headers);
         let encoded = Encoded::of(status, &headers, &body);
         Some(Stored { status, headers, body, storable, stored_at, tags, encoded, generation })
@@ -367,7 +377,15 @@ pub struct ResponseCache {
     /// tier: their local tiers hold copies too.
     bus: Option<Arc<OnceLock<ConnectionManager>>>,
     metrics: Arc<ResponseMetrics>,
+    /// Purges and forgets so far, here or told by another node. A fetch that began before one
+    /// does not store its answer: it may be what was purged. Stores read it, purges write it,
+    /// so none falls between a purge's look at the tier and its count.
+    purges: RwLock<u64>,
 }
+
+/// Where the purges stood when a fetch began (see [`ResponseCache::fetch_began`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PurgeMark(u64);
 
 /// Whether a request fetches its key for the others, or waits for whoever does.
 pub enum Joined {
@@ -412,7 +430,15 @@ impl ResponseCache {
                 }
             })
             .build();
-        Arc::new(ResponseCache { settings, local, flights: Mutex::new(HashMap::new()), redis, bus, metrics })
+        Arc::new(ResponseCache {
+            settings,
+            local,
+            flights: Mutex::new(HashMap::new()),
+            redis,
+            bus,
+            metrics,
+            purges: RwLock::new(0),
+        })
     }
 
     pub fn settings(&self) -> &ResponseSettings {
@@ -460,6 +486,7 @@ impl ResponseCache {
             return local;
         }
         let Some(mut redis) = self.redis() else { return local };
+        let began = self.fetch_began();
         // Most responses vary by nothing: ask for the list and that object at once.
         let no_variant = object_key(base, request, &[]);
         let mut pipe = redis::pipe();
@@ -483,8 +510,12 @@ impl ResponseCache {
         };
         ResponseMetrics::count(&self.metrics.redis_hits);
         let stored = Arc::new(stored);
-        self.local.insert(format!("v\0{base}"), Slot::Vary(Arc::new(varying)));
-        self.local.insert(key, Slot::Object(Arc::clone(&stored)));
+        // Read before a purge that came meanwhile: served to this request, not kept.
+        let purges = self.purges.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if *purges == began.0 {
+            self.local.insert(format!("v\0{base}"), Slot::Vary(Arc::new(varying)));
+            self.local.insert(key, Slot::Object(Arc::clone(&stored)));
+        }
         Lookup::Found(stored)
     }
 
@@ -503,10 +534,29 @@ impl ResponseCache {
         Joined::Leader(Flight { cache: Arc::clone(self), key: base.to_owned(), _done: done })
     }
 
-    /// Keeps a response to a request for `base`, here and (in the background) in Redis. It
-    /// joins the key's generation if the key has one varying by the same fields, else starts
-    /// one.
-    pub fn store(self: &Arc<Self>, base: &str, request: &HeaderMap, mut stored: Stored) {
+    /// Marks the start of a fetch upstream, for [`ResponseCache::store`].
+    pub fn fetch_began(&self) -> PurgeMark {
+        PurgeMark(*self.purges.read().unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
+
+    fn purged_since(&self, began: PurgeMark) -> bool {
+        self.fetch_began() != began
+    }
+
+    /// Keeps a response to a request for `base`, here and (in the background) in Redis,
+    /// unless a purge came after its fetch `began`; says whether it did. It joins the key's
+    /// generation if the key has one varying by the same fields, else starts one.
+    pub fn store(
+        self: &Arc<Self>,
+        base: &str,
+        request: &HeaderMap,
+        mut stored: Stored,
+        began: PurgeMark,
+    ) -> bool {
+        let purges = self.purges.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if *purges != began.0 {
+            return false;
+        }
         let fields: Arc<[HeaderName]> = stored.storable.vary.iter().cloned().collect();
         let vary_key = format!("v\0{base}");
         let varying = match self.local.get(&vary_key) {
@@ -520,14 +570,21 @@ impl ResponseCache {
         self.local.invalidate(&format!("p\0{base}"));
         self.local.insert(vary_key, Slot::Vary(Arc::clone(&varying)));
         self.local.insert(key.clone(), Slot::Object(Arc::clone(&stored)));
+        drop(purges);
         if self.redis().is_some() && stored.body.len() as u64 <= self.settings.max_object {
             let (cache, base) = (Arc::clone(self), base.to_owned());
-            tokio::spawn(async move { cache.write_redis(&base, &key, &varying, &stored).await });
+            tokio::spawn(async move { cache.write_redis(&base, &key, &varying, &stored, began).await });
         }
+        true
     }
 
-    async fn write_redis(&self, base: &str, key: &str, varying: &Varying, stored: &Stored) {
+    async fn write_redis(&self, base: &str, key: &str, varying: &Varying, stored: &Stored, began: PurgeMark) {
         let Some(mut redis) = self.redis() else { return };
+        // A purge since the local store: not written (one racing this very write can still
+        // miss it, within one Redis round trip).
+        if self.purged_since(began) {
+            return;
+        }
         let keep = stored.keep_for(SystemTime::now());
         let millis = u64::try_from(keep.as_millis()).unwrap_or(u64::MAX).max(1);
         let mut pipe = redis::pipe();
@@ -547,7 +604,7 @@ impl ResponseCache {
     /// starts a new generation, so no variant stored before is served again.
     pub fn forget(self: &Arc<Self>, base: &str) {
         let vary = format!("v\0{base}");
-        self.local.invalidate(&vary);
+        self.forget_local(&vary);
         let (cache, base) = (Arc::clone(self), base.to_owned());
         tokio::spawn(async move {
             if let Some(mut redis) = cache.redis() {
@@ -572,8 +629,14 @@ impl ResponseCache {
             Heard::Purge(what, soft) => {
                 self.purge_local(what, *soft);
             }
-            Heard::Forget(base) => self.local.invalidate(&format!("v\0{base}")),
+            Heard::Forget(base) => self.forget_local(&format!("v\0{base}")),
         }
+    }
+
+    fn forget_local(&self, vary: &str) {
+        let mut purges = self.purges.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        *purges += 1;
+        self.local.invalidate(vary);
     }
 
     /// Remembers that `base`'s response could not be stored: its requests go upstream at once
@@ -587,7 +650,7 @@ impl ResponseCache {
     pub async fn purge(&self, what: &Purge, soft: bool) -> usize {
         let mut purged = self.purge_local(what, soft);
         if let Some(mut redis) = self.redis() {
-            purged += self.purge_redis(&mut redis, what).await;
+            purged += self.purge_redis(&mut redis, what, soft).await;
         }
         self.tell_others(&Heard::Purge(what.clone(), soft)).await;
         purged
@@ -595,6 +658,8 @@ impl ResponseCache {
 
     /// Purges what matches in the local tier: drops it, or (soft) makes it stale.
     pub fn purge_local(&self, what: &Purge, soft: bool) -> usize {
+        let mut purges = self.purges.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        *purges += 1;
         let now = SystemTime::now();
         let matching: Vec<(String, Arc<Stored>)> = self
             .local
@@ -611,6 +676,7 @@ impl ResponseCache {
                 self.local.invalidate(key);
             }
         }
+        drop(purges);
         self.metrics.purged.fetch_add(matching.len() as u64, Ordering::Relaxed);
         matching.len()
     }
@@ -641,16 +707,19 @@ impl ResponseCache {
         Some(rules::key(scheme, host, path, uri.query(), self.settings.sort_query, &[]))
     }
 
-    async fn purge_redis(&self, redis: &mut ConnectionManager, what: &Purge) -> usize {
+    async fn purge_redis(&self, redis: &mut ConnectionManager, what: &Purge, soft: bool) -> usize {
         let keys: Vec<String> = match what {
             Purge::Tag(tag) => {
                 let set = self.redis_key(&format!("t\0{tag}"));
                 let mut members = redis::cmd("SMEMBERS");
                 members.arg(&set);
                 let found = self.redis_call("purge", members.query_async::<Vec<String>>(redis)).await;
-                let mut delete = redis::cmd("DEL");
-                delete.arg(&set);
-                self.redis_call("purge", delete.query_async::<()>(redis)).await;
+                // A soft purge leaves the objects, so their tag still names them.
+                if !soft {
+                    let mut delete = redis::cmd("DEL");
+                    delete.arg(&set);
+                    self.redis_call("purge", delete.query_async::<()>(redis)).await;
+                }
                 found.unwrap_or_default()
             }
             Purge::Url(url) | Purge::Prefix(url) => {
@@ -662,9 +731,46 @@ impl ResponseCache {
         if keys.is_empty() {
             return 0;
         }
+        if soft {
+            return self.make_stale_in_redis(redis, keys).await;
+        }
         let mut delete = redis::cmd("DEL");
         delete.arg(&keys);
         self.redis_call("purge", delete.query_async::<usize>(redis)).await.unwrap_or(0)
+    }
+
+    /// A soft purge in Redis: each object written back stale (`XX`: not brought back should
+    /// it have gone meanwhile), kept as long as a stale copy may serve. Returns how many.
+    async fn make_stale_in_redis(&self, redis: &mut ConnectionManager, keys: Vec<String>) -> usize {
+        let mut read = redis::pipe();
+        for key in &keys {
+            read.get(key);
+        }
+        let Some(objects) = self.redis_call("purge", read.query_async::<Vec<Option<Vec<u8>>>>(redis)).await
+        else {
+            return 0;
+        };
+        let policy = self.settings.policy.clone();
+        // Decoding compresses textual bodies: CPU work, off the runtime's threads.
+        let rewritten = tokio::task::spawn_blocking(move || {
+            let now = SystemTime::now();
+            keys.into_iter()
+                .zip(objects)
+                .filter_map(|(key, bytes)| {
+                    let stale = Stored::decode(&bytes?, &policy)?.made_stale(now);
+                    let keep = u64::try_from(stale.keep_for(now).as_millis()).unwrap_or(u64::MAX).max(1);
+                    Some((key, stale.encode(), keep))
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        let mut write = redis::pipe();
+        for (key, bytes, keep) in &rewritten {
+            write.cmd("SET").arg(key).arg(bytes).arg("XX").arg("PX").arg(*keep).ignore();
+        }
+        self.redis_call("purge", write.query_async::<()>(redis)).await;
+        rewritten.len()
     }
 
     /// Redis's objects under `base` (exactly it, with any key fields and variants, when
@@ -961,6 +1067,18 @@ mod tests {
         for cut in 0..encoded.len() - original.body.len() {
             assert!(Stored::decode(&encoded[..cut], &Policy::default()).is_none(), "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn a_soft_purged_response_stays_stale_in_its_redis_form() {
+        let original = stored(&[("cache-control", "max-age=60, stale-while-revalidate=30")], b"hello");
+        let now = original.stored_at + Duration::from_secs(10);
+        assert!(original.ttl_left(now) > 0);
+        let stale = original.made_stale(now);
+        let back = Stored::decode(&stale.encode(), &Policy::default()).expect("decodes");
+        assert!(back.ttl_left(now) <= 0, "fresh again after Redis: {}", back.ttl_left(now));
+        assert_eq!(back.body, original.body);
+        assert!(stale.keep_for(now) >= Duration::from_secs(30), "kept while it may serve stale");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use http::header::{
 use http::request::Parts;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::Body;
-use surge_cache::responses::{Joined, Lookup, ResponseCache, ResponseMetrics, Stored};
+use surge_cache::responses::{Joined, Lookup, PurgeMark, ResponseCache, ResponseMetrics, Stored};
 use surge_cache::rules::{self, Handled, Use};
 use tower::ServiceExt;
 
@@ -194,6 +194,7 @@ impl Fetch {
                 headers.insert(ask, value.clone());
             }
         }
+        let began = self.cache.fetch_began();
         let Ok(response) = self.stack.clone().oneshot(outgoing).await;
         let now = SystemTime::now();
         let status = response.status();
@@ -207,10 +208,10 @@ impl Fetch {
                     let once = stale.revalidated(confirmed, storable, now);
                     return answered(&once, &parts, now, &forwarded(why, status, false, collapsed, None));
                 };
-                self.cache.store(&self.base, &parts.headers, refreshed.clone());
+                let stored = self.cache.store(&self.base, &parts.headers, refreshed.clone(), began);
                 drop(flight);
                 ResponseMetrics::count(&self.metrics().hits);
-                let handled = forwarded(why, status, true, collapsed, Some(refreshed.ttl_left(now)));
+                let handled = forwarded(why, status, stored, collapsed, Some(refreshed.ttl_left(now)));
                 return answered(&refreshed, &parts, now, &handled);
             }
             if is_failure(status) && rules::usable_on_error(&stale.storable, stale.stored_at, now) {
@@ -246,6 +247,7 @@ impl Fetch {
             headers: head.headers.clone(),
             storable,
             received: now,
+            began,
             flight,
         };
         let length = length.unwrap_or(0);
@@ -458,6 +460,8 @@ struct Recorder {
     headers: HeaderMap,
     storable: rules::Storable,
     received: SystemTime,
+    /// Where the purges stood when the request went upstream.
+    began: PurgeMark,
     /// The waiting requests wake when this is dropped: stored or not.
     flight: Option<surge_cache::responses::Flight>,
 }
@@ -509,7 +513,7 @@ impl Recorder {
     }
 
     async fn store(self, body: Bytes) {
-        let Recorder { cache, base, request, status, headers, storable, received, flight } = self;
+        let Recorder { cache, base, request, status, headers, storable, received, began, flight } = self;
         // Compressing (once per stored response) is CPU work: off the runtime's threads.
         let stored = if rules::compressible(status, &headers, body.len()) {
             let made =
@@ -521,7 +525,7 @@ impl Recorder {
         } else {
             Stored::new(status, headers, body, storable, received)
         };
-        cache.store(&base, &request, stored);
+        cache.store(&base, &request, stored, began);
         drop(flight);
     }
 }

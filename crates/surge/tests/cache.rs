@@ -378,6 +378,101 @@ async fn two_nodes_share_responses_and_purges_through_redis() {
     assert_eq!(malformed.status, StatusCode::BAD_REQUEST);
 }
 
+/// A soft purge marks stale, in Redis too: a node that never held the response serves it stale
+/// while it is refreshed, rather than fetching anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_soft_purge_leaves_a_stale_copy_in_redis_for_every_node() {
+    let dir = tempfile::tempdir().expect("dir");
+    let log = dir.path().join("requests.log");
+    let shared = format!(
+        "{}\n[store]\nredis = \"redis://127.0.0.1:6379\"\n",
+        service(&log, r#"[{ prefix = "/", cache = {} }]"#, "")
+    );
+    let one = Surge::start(&shared).await;
+    let tag = unique("tag");
+    let target = format!(
+        "/{}?{}&{}",
+        unique("page"),
+        header_knob("cache-control", "max-age=300, stale-while-revalidate=120"),
+        header_knob("cache-tag", &tag)
+    );
+    let headers = [("host", "shop.test")];
+    let first = one.request(Method::GET, &target, &headers, Bytes::new()).await;
+    assert_eq!(cache_status(&first), "surge; fwd=miss; fwd-status=200; stored");
+    let redis = redis::Client::open("redis://127.0.0.1:6379").expect("redis url");
+    let mut redis = redis.get_multiplexed_async_connection().await.expect("redis");
+    let pattern = format!("surge-http-cache:web:/:o\0http://shop.test{}*", target.replace('?', "\\?"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis::cmd("KEYS")
+        .arg(&pattern)
+        .query_async::<Vec<String>>(&mut redis)
+        .await
+        .expect("KEYS")
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "node one never wrote {pattern} to Redis");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let body = Bytes::from(format!(r#"{{"tag": "{tag}", "soft": true}}"#));
+    let purged = one.admin(Method::POST, "/cache/purge", &[("content-type", "application/json")], body).await;
+    assert_eq!(purged.status, StatusCode::OK, "{}", String::from_utf8_lossy(&purged.body));
+
+    // Node two starts after the purge: all it can know of the response is Redis's copy.
+    let two = Surge::start(&shared).await;
+    let stale = two.request(Method::GET, &target, &headers, Bytes::new()).await;
+    assert_eq!(stale.status, StatusCode::OK);
+    let status = cache_status(&stale);
+    assert!(status.starts_with("surge; hit; ttl=-") || status.ends_with("ttl=0"), "node two: {status}");
+    // Served stale, it is refreshed upstream behind the client's back.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while upstream_count(&log, &target) < 2 {
+        assert!(Instant::now() < deadline, "the stale copy was never refreshed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A purge that lands while the key's answer is on its way must not be undone by that answer:
+/// the request that went gets it, but it is not stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_during_a_fetch_keeps_that_answer_from_being_stored() {
+    let dir = tempfile::tempdir().expect("dir");
+    let log = dir.path().join("requests.log");
+    let surge = Surge::start(&service(&log, r#"[{ prefix = "/", cache = {} }]"#, "")).await;
+    let tag = unique("tag");
+    let target = format!(
+        "/{}?delay=1s&{}&{}",
+        unique("slow"),
+        header_knob("cache-control", "max-age=300"),
+        header_knob("cache-tag", &tag)
+    );
+    let headers = [("host", "shop.test")];
+    let purge_meanwhile = async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while upstream_count(&log, &target) == 0 {
+            assert!(Instant::now() < deadline, "the request never reached the instance");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let body = Bytes::from(format!(r#"{{"tag": "{tag}"}}"#));
+        surge.admin(Method::POST, "/cache/purge", &[("content-type", "application/json")], body).await
+    };
+    let (first, purged) =
+        tokio::join!(surge.request(Method::GET, &target, &headers, Bytes::new()), purge_meanwhile);
+    assert_eq!(first.status, StatusCode::OK);
+    // Nothing was stored yet when it came: nothing found.
+    assert_eq!(purged.status, StatusCode::NOT_FOUND, "{}", String::from_utf8_lossy(&purged.body));
+    let second = surge.request(Method::GET, &target, &headers, Bytes::new()).await;
+    assert!(
+        cache_status(&second).contains("fwd=miss"),
+        "served what came before the purge: {}",
+        cache_status(&second)
+    );
+    assert_eq!(upstream_count(&log, &target), 2);
+    // The answer fetched after the purge is stored as usual.
+    let third = surge.request(Method::GET, &target, &headers, Bytes::new()).await;
+    assert!(cache_status(&third).starts_with("surge; hit"), "{}", cache_status(&third));
+    assert_eq!(upstream_count(&log, &target), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn textual_responses_are_served_compressed_to_clients_that_accept_it() {
     use std::io::Read;
