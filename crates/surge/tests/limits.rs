@@ -189,3 +189,75 @@ async fn an_open_websocket_counts_against_the_per_client_limit() {
     let refused = exchange(&surge, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
     assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
 }
+
+fn http2_client<B>(
+) -> hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, B>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+/// HTTP/2 streams are bounded as HTTP/1.1 requests are: a body that stops coming gets 408, not
+/// held against the instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_body_that_stops_coming_gets_408() {
+    let surge = Surge::start_with(GATEWAY, SERVICES, |_| {}).await;
+    let request = hyper::Request::post(surge.url("/upload")).body(Stalling(false)).expect("request");
+    let response = tokio::time::timeout(Duration::from_secs(20), http2_client().request(request))
+        .await
+        .expect("answered while the body was still open")
+        .expect("an HTTP/2 answer");
+    assert_eq!(response.version(), hyper::Version::HTTP_2);
+    assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+    let status = surge.service("web").await;
+    assert!(status.instances.iter().all(|i| i.ejections == 0 && i.in_flight == 0), "{status:#?}");
+}
+
+/// Three bytes of a request body, then nothing, ever.
+struct Stalling(bool);
+
+impl http_body::Body for Stalling {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        if std::mem::replace(&mut self.0, true) {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(b"abc")))))
+        }
+    }
+}
+
+/// An HTTP/2 client that grants no window for a large answer holds no instance: after
+/// send_timeout the response is given up and the instance's slot is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_stops_reading_frees_the_instance() {
+    let surge = Surge::start_with(GATEWAY, SERVICES, |_| {}).await;
+    let request = hyper::Request::get(surge.url("/x?bytes=200000000"))
+        .body(http_body_util::Empty::<Bytes>::new())
+        .expect("request");
+    let response = http2_client().request(request).await.expect("an HTTP/2 answer");
+    assert_eq!(response.status(), StatusCode::OK);
+    // Its body is never read, so the client never opens its window again.
+    surge
+        .wait_for("the answer under way", |pools| {
+            pools.iter().any(|p| p.instances.iter().any(|i| i.in_flight == 1))
+        })
+        .await;
+    surge
+        .wait_for("the instance's slot freed", |pools| {
+            pools.iter().all(|p| p.instances.iter().all(|i| i.in_flight == 0))
+        })
+        .await;
+    drop(response);
+    assert_eq!(surge.get("/x").await.status, StatusCode::OK, "still serving");
+}

@@ -2,6 +2,7 @@
 //! body as the connection reads it, and, for an upgrade, the raw connection once the `101` is
 //! written.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -68,12 +69,16 @@ pub enum ClientBody {
         body: Incoming,
         limit: u64,
         read: u64,
+        /// How long the client may send nothing (`gateway.body_timeout`), and since when it
+        /// has been waited for.
+        stall: std::time::Duration,
+        waiting: Option<Pin<Box<tokio::time::Sleep>>>,
     },
 }
 
 impl ClientBody {
-    pub(crate) fn http2(body: Incoming) -> Self {
-        ClientBody::Http2 { body, limit: u64::MAX, read: 0 }
+    pub(crate) fn http2(body: Incoming, stall: std::time::Duration) -> Self {
+        ClientBody::Http2 { body, limit: u64::MAX, read: 0, stall, waiting: None }
     }
 
     /// Refuses a body that says it is longer than `max`, and fails one that turns out so.
@@ -101,19 +106,32 @@ impl Body for ClientBody {
         let frame = match self.get_mut() {
             ClientBody::Empty => return Poll::Ready(None),
             ClientBody::Http1(body) => Pin::new(body).poll_frame(cx),
-            ClientBody::Http2 { body, limit, read } => {
-                Pin::new(body).poll_frame(cx).map(|frame| match frame {
-                    Some(Ok(frame)) => {
-                        *read += frame.data_ref().map_or(0, |data| data.len() as u64);
-                        if *read > *limit {
-                            Some(Err(Box::new(BodyError::TooLarge(*limit)) as BoxError))
-                        } else {
-                            Some(Ok(frame))
+            ClientBody::Http2 { body, limit, read, stall, waiting } => match Pin::new(body).poll_frame(cx) {
+                Poll::Ready(frame) => {
+                    *waiting = None;
+                    Poll::Ready(match frame {
+                        Some(Ok(frame)) => {
+                            *read += frame.data_ref().map_or(0, |data| data.len() as u64);
+                            if *read > *limit {
+                                Some(Err(Box::new(BodyError::TooLarge(*limit)) as BoxError))
+                            } else {
+                                Some(Ok(frame))
+                            }
                         }
+                        other => other.map(|frame| frame.map_err(Into::into)),
+                    })
+                }
+                // Nothing came: the stream's wait is bounded as an HTTP/1.1 body's is.
+                Poll::Pending => {
+                    let timer = waiting.get_or_insert_with(|| Box::pin(tokio::time::sleep(*stall)));
+                    match timer.as_mut().poll(cx) {
+                        Poll::Ready(()) => {
+                            Poll::Ready(Some(Err(Box::new(BodyError::Stalled(*stall)) as BoxError)))
+                        }
+                        Poll::Pending => Poll::Pending,
                     }
-                    other => other.map(|frame| frame.map_err(Into::into)),
-                })
-            }
+                }
+            },
         };
         frame.map_err(|err| Box::new(ClientBodyError(err)) as BoxError)
     }

@@ -8,6 +8,7 @@ mod h1;
 mod head;
 mod io;
 mod proxy_protocol;
+mod send_stall;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -32,6 +33,7 @@ pub use io::{
 
 use crate::tls::TlsSocket;
 use crate::wire::{BoxError, Prefixed, Socket};
+use send_stall::Watched;
 
 /// What the server needs of the service behind it: one is cloned per connection and called
 /// for one request at a time on it.
@@ -314,9 +316,10 @@ async fn serve_h2<S, B, C>(
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         use tower::ServiceExt;
         opened.fetch_add(1, Ordering::Relaxed);
-        let mut request = request.map(ClientBody::http2);
+        let mut request = request.map(|body| ClientBody::http2(body, timeouts.body));
         request.extensions_mut().insert(client.clone());
-        service.clone().oneshot(request)
+        let answered = service.clone().oneshot(request);
+        async move { Ok::<_, S::Error>(answered.await?.map(|body| Watched::new(body, timeouts.send))) }
     });
     let idle = crate::wire::until_unchanged(&streams, timeouts.keepalive);
     // Stated rather than left to hyper's defaults: streams at once per connection, the head
