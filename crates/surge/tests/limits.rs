@@ -171,6 +171,40 @@ async fn a_trusted_balancer_names_the_client_with_the_proxy_protocol() {
     assert_eq!(bare, "", "answered a connection without a PROXY header");
 }
 
+/// A connection through a load balancer speaking the PROXY protocol for `client`, with one
+/// request sent: the connection, and the first bytes of its answer.
+async fn proxied(surge: &Surge, client: &str) -> (TcpStream, String) {
+    let mut socket = TcpStream::connect(surge.gateway).await.expect("connect");
+    let request = format!("PROXY TCP4 {client} 127.0.0.1 40000 80\r\nGET /held HTTP/1.1\r\nHost: a\r\n\r\n");
+    socket.write_all(request.as_bytes()).await.expect("write");
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = tokio::time::timeout(Duration::from_secs(20), socket.read(&mut buf))
+        .await
+        .expect("answered")
+        .unwrap_or(0);
+    let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+    (socket, answer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_trusted_proxy_the_limit_counts_its_clients_not_the_proxy() {
+    // Without the PROXY protocol a trusted proxy's connections carry many clients: not capped.
+    let trusted = "max_connections_per_client = 1\ntrusted_proxies = [\"127.0.0.1\"]\n";
+    let surge = Surge::start_with(trusted, ONE, |_| {}).await;
+    let _first = held_connection(&surge).await;
+    let _second = held_connection(&surge).await;
+
+    // With it, each connection counts for the client its header names.
+    let surge = Surge::start_with(&format!("{trusted}proxy_protocol = true\n"), ONE, |_| {}).await;
+    let (_ada, answer) = proxied(&surge, "203.0.113.7").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let (_bob, answer) = proxied(&surge, "203.0.113.8").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "another client through the same proxy: {answer}");
+    let (_again, answer) = proxied(&surge, "203.0.113.7").await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "the first client's second connection: {answer}");
+    assert!(answer.contains(r#""error":"too_many_connections""#), "{answer}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_websocket_counts_against_the_per_client_limit() {
     let surge = Surge::start_with("max_connections_per_client = 1\n", ONE, |_| {}).await;

@@ -67,10 +67,13 @@ pub struct Listening {
     /// Past this many open connections the listener stops accepting until one closes: the
     /// kernel's backlog holds the rest, as back-pressure, instead of refusing them.
     pub max_connections: usize,
-    /// Past this many from one address a new connection is answered 503 and closed.
+    /// Past this many from one client a new connection is answered 503 and closed.
     pub max_per_client: Option<u32>,
-    /// Each connection opens with a PROXY protocol header, and must come from one of these.
-    pub proxy_protocol: Option<Arc<Vec<ipnet::IpNet>>>,
+    /// Load balancers in front of the gateway: their connections carry many clients, so they
+    /// are not counted as one unless the PROXY protocol names the client.
+    pub trusted_proxies: Arc<Vec<ipnet::IpNet>>,
+    /// Each connection opens with a PROXY protocol header, and must come from a trusted proxy.
+    pub proxy_protocol: bool,
 }
 
 impl Listening {
@@ -80,7 +83,8 @@ impl Listening {
             timeouts: config.client_timeouts,
             max_connections: config.max_connections,
             max_per_client: config.max_connections_per_client,
-            proxy_protocol: config.proxy_protocol.then(|| Arc::new(config.trusted_proxies.clone())),
+            trusted_proxies: Arc::new(config.trusted_proxies.clone()),
+            proxy_protocol: config.proxy_protocol,
         }
     }
 }
@@ -102,8 +106,8 @@ pub async fn serve<S, B>(
     let (stopping, stop) = watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
     let slots = Arc::new(tokio::sync::Semaphore::new(listening.max_connections));
-    let per_client = listening.max_per_client.map(PerClient::new);
-    let Listening { tls, timeouts, proxy_protocol, .. } = listening;
+    let per_client = listening.max_per_client.map(|max| Arc::new(PerClient::new(max)));
+    let Listening { tls, timeouts, trusted_proxies, proxy_protocol, .. } = listening;
     loop {
         let slot = tokio::select! {
             slot = Arc::clone(&slots).acquire_owned() => match slot {
@@ -116,23 +120,22 @@ pub async fn serve<S, B>(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let client_slot = match &per_client {
-                        None => None,
-                        Some(per_client) => match per_client.admit(peer.ip()) {
-                            Some(client_slot) => Some(client_slot),
-                            None => {
-                                tokio::spawn(too_many_connections(stream, tls.is_none()));
-                                continue;
-                            }
-                        },
-                    };
                     let (service, stop) = (service.clone(), stop.clone());
-                    let (tls, proxy_protocol) = (tls.clone(), proxy_protocol.clone());
-                    let held = (slot, client_slot);
+                    let (tls, trusted, per_client) = (tls.clone(), Arc::clone(&trusted_proxies), per_client.clone());
                     tokio::spawn(async move {
-                        let Some(client) = client_of(&stream, peer, proxy_protocol.as_deref(), timeouts.head).await else {
+                        let proxy = trusted.iter().any(|net| net.contains(&peer.ip().to_canonical()));
+                        let Some(client) = client_of(&stream, peer, proxy_protocol.then_some(proxy), timeouts.head).await else {
                             return;
                         };
+                        // Counted by the client it carries; a trusted proxy without the PROXY
+                        // protocol speaks for many, so it is not counted as one.
+                        let counted = per_client.filter(|_| proxy_protocol || !proxy);
+                        let client_slot = match counted.map(|per_client| per_client.admit(client.ip())) {
+                            None => None,
+                            Some(Some(client_slot)) => Some(client_slot),
+                            Some(None) => return too_many_connections(stream, tls.is_none()).await,
+                        };
+                        let held = (slot, client_slot);
                         // The slots go with the connection, to an upgrade's tunnel if it has one.
                         let held: Held = Box::new(held);
                         match tls {
@@ -161,17 +164,17 @@ pub async fn serve<S, B>(
     }
 }
 
-/// The client a connection serves: its peer, or with the PROXY protocol the client its header
-/// names (`None`: a peer that may not send one, or a header that is not one).
+/// The client a connection serves: its peer, or with the PROXY protocol (`Some`: whether the
+/// peer is a trusted proxy) the client its header names (`None`: a peer that may not send one,
+/// or a header that is not one).
 async fn client_of(
     stream: &TcpStream,
     peer: SocketAddr,
-    proxy_protocol: Option<&Vec<ipnet::IpNet>>,
+    proxy_protocol: Option<bool>,
     timeout: Duration,
 ) -> Option<SocketAddr> {
     let Some(trusted) = proxy_protocol else { return Some(peer) };
-    let ip = peer.ip().to_canonical();
-    if !trusted.iter().any(|net| net.contains(&ip)) {
+    if !trusted {
         tracing::warn!("{peer} is not in gateway.trusted_proxies, so it may not send PROXY headers: closed");
         return None;
     }
