@@ -103,8 +103,8 @@ impl PoolLoad {
         self.arrivals.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Arrivals since the last call, which resets the count.
-    pub(crate) fn take_arrivals(&self) -> u64 {
+    /// Arrivals since the last call, which resets the count: the autoscaler's reading.
+    pub fn take_arrivals(&self) -> u64 {
         self.arrivals.swap(0, Ordering::Relaxed)
     }
 

@@ -100,9 +100,7 @@ where
                 what: "a request was sent before it had an instance",
             })));
         };
-        if request.tried.is_empty() {
-            self.pool.load().arrived();
-        } else if request.tried.contains(&in_flight.instance().id) {
+        if request.tried.contains(&in_flight.instance().id) {
             if let Some(other) = choose(&self.pool, &self.balancer, &request.tried) {
                 in_flight.cancel();
                 in_flight = other;

@@ -8,6 +8,7 @@
 //! | [`timeout::RequestTimeout`] | `timeouts.request` (504), waiting included; the deadline for the tries |
 //! | [`forward::Forward`] | hop-by-hop headers out, `X-Forwarded-*` in |
 //! | [`upgrade::Upgrade`] | after a `101`, the two connections spliced |
+//! | [`arrival::CountArrival`] | the request's arrival, counted for the autoscaler before it waits |
 //! | [`prepare::PrepareBody`] | small bodies read whole (replayable), the rest streamed; readiness stops here |
 //! | `tower::retry::Retry` with [`retry::RetryPolicy`] | another try elsewhere, within the budget, with backoff |
 //! | [`buffer::WaitBuffer`] | waiting for capacity, bounded in count and time (503) |
@@ -19,6 +20,7 @@
 //! Each layer's future is a plain state machine; only the endpoint's try and the reading of a
 //! small body are boxed.
 
+mod arrival;
 mod balance;
 mod breaker;
 mod budget;
@@ -50,11 +52,15 @@ pub type ServiceStack = metrics::RecordMetrics<
         timeout::RequestTimeout<
             forward::Forward<
                 upgrade::Upgrade<
-                    prepare::PrepareBody<
-                        Retry<
-                            retry::RetryPolicy,
-                            buffer::WaitBuffer<
-                                balance::Balance<breaker::Breaker<timeout::TryTimeout<endpoint::Endpoint>>>,
+                    arrival::CountArrival<
+                        prepare::PrepareBody<
+                            Retry<
+                                retry::RetryPolicy,
+                                buffer::WaitBuffer<
+                                    balance::Balance<
+                                        breaker::Breaker<timeout::TryTimeout<endpoint::Endpoint>>,
+                                    >,
+                                >,
                             >,
                         >,
                     >,
@@ -85,6 +91,7 @@ pub fn build(pool: &Arc<Pool>, metrics: &GatewayMetrics) -> ServiceStack {
         })
         .layer(forward::ForwardLayer)
         .layer(upgrade::UpgradeLayer { idle: config.timeouts.tunnel_idle })
+        .layer(arrival::CountArrivalLayer(Arc::clone(pool)))
         .layer(prepare::PrepareBodyLayer)
         .layer(RetryLayer::new(retry::RetryPolicy::new(retries)))
         .layer(buffer::WaitBufferLayer(Arc::clone(pool)))
