@@ -378,8 +378,9 @@ pub struct ResponseCache {
     bus: Option<Arc<OnceLock<ConnectionManager>>>,
     metrics: Arc<ResponseMetrics>,
     /// Purges and forgets so far, here or told by another node. A fetch that began before one
-    /// does not store its answer: it may be what was purged. Stores read it, purges write it,
-    /// so none falls between a purge's look at the tier and its count.
+    /// does not store its answer: it may be what was purged. A store checks it and inserts
+    /// under the read lock, so a store either lands before a purge's count (and its scan,
+    /// which comes after, finds it) or sees the new count and keeps nothing.
     purges: RwLock<u64>,
 }
 
@@ -611,6 +612,8 @@ impl ResponseCache {
                 let mut delete = redis::cmd("DEL");
                 delete.arg(cache.redis_key(&vary));
                 cache.redis_call("forget", delete.query_async::<()>(&mut redis)).await;
+                // As after a purge: a Redis read from before the DEL is not kept.
+                cache.count_purge();
             }
             cache.tell_others(&Heard::Forget(base)).await;
         });
@@ -634,9 +637,13 @@ impl ResponseCache {
     }
 
     fn forget_local(&self, vary: &str) {
-        let mut purges = self.purges.write().unwrap_or_else(|poisoned| poisoned.into_inner());
-        *purges += 1;
+        self.count_purge();
         self.local.invalidate(vary);
+    }
+
+    /// One more purge: fetches begun before it keep nothing.
+    fn count_purge(&self) {
+        *self.purges.write().unwrap_or_else(|poisoned| poisoned.into_inner()) += 1;
     }
 
     /// Remembers that `base`'s response could not be stored: its requests go upstream at once
@@ -651,6 +658,9 @@ impl ResponseCache {
         let mut purged = self.purge_local(what, soft);
         if let Some(mut redis) = self.redis() {
             purged += self.purge_redis(&mut redis, what, soft).await;
+            // A Redis read that began before the purge reached Redis (after the local one)
+            // may have the old copy: counted again, so it is not kept here.
+            self.count_purge();
         }
         self.tell_others(&Heard::Purge(what.clone(), soft)).await;
         purged
@@ -658,8 +668,7 @@ impl ResponseCache {
 
     /// Purges what matches in the local tier: drops it, or (soft) makes it stale.
     pub fn purge_local(&self, what: &Purge, soft: bool) -> usize {
-        let mut purges = self.purges.write().unwrap_or_else(|poisoned| poisoned.into_inner());
-        *purges += 1;
+        self.count_purge();
         let now = SystemTime::now();
         let matching: Vec<(String, Arc<Stored>)> = self
             .local
@@ -676,7 +685,6 @@ impl ResponseCache {
                 self.local.invalidate(key);
             }
         }
-        drop(purges);
         self.metrics.purged.fetch_add(matching.len() as u64, Ordering::Relaxed);
         matching.len()
     }

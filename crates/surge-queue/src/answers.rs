@@ -4,7 +4,7 @@
 //! Memory holds them as well, for `GET /jobs/ID`; a segment is deleted once every answer in it
 //! has expired.
 
-use std::collections::VecDeque;
+use std::collections::BTreeMap;
 use std::io;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -17,7 +17,7 @@ use http::StatusCode;
 use crate::job::{Answers, JobAnswer};
 use crate::log::{Log, OpenError};
 use crate::now_ms;
-use crate::record::Record;
+use crate::record::{Record, MAX_PAYLOAD};
 
 /// Answers are short-lived: small segments let expired ones leave the disk soon.
 const SEGMENT_SIZE: u64 = 8 * 1024 * 1024;
@@ -29,25 +29,26 @@ pub(crate) struct AnswerStore {
 
 struct Kept {
     answers: Answers,
-    /// Each segment's latest expiry (ms since the epoch), oldest segment first.
-    segments: VecDeque<(u64, u64)>,
+    /// Each segment's latest expiry (ms since the epoch). By segment, not by arrival: two
+    /// answers either side of a new segment may be noted in either order.
+    segments: BTreeMap<u64, u64>,
 }
 
 impl Kept {
     fn note(&mut self, segment: u64, expires_at: u64) {
-        match self.segments.back_mut() {
-            Some((last, latest)) if *last == segment => *latest = (*latest).max(expires_at),
-            _ => self.segments.push_back((segment, expires_at)),
-        }
+        let latest = self.segments.entry(segment).or_insert(expires_at);
+        *latest = (*latest).max(expires_at);
     }
 
     /// The segment before which every answer has expired, when that frees one (the segment
     /// being written is never deleted).
     fn expired_before(&mut self, now: u64) -> Option<u64> {
         let mut cut = None;
-        while self.segments.len() > 1 && self.segments.front().is_some_and(|&(_, latest)| latest <= now) {
-            self.segments.pop_front();
-            cut = self.segments.front().map(|&(segment, _)| segment);
+        while self.segments.len() > 1
+            && self.segments.first_key_value().is_some_and(|(_, latest)| *latest <= now)
+        {
+            self.segments.pop_first();
+            cut = self.segments.first_key_value().map(|(segment, _)| *segment);
         }
         cut
     }
@@ -57,8 +58,9 @@ impl AnswerStore {
     /// Opens the answers kept in `dir`/answers, reading back those not yet expired.
     pub fn open(dir: &Path) -> Result<AnswerStore, OpenError> {
         let now = now_ms();
-        let mut kept = Kept { answers: Answers::default(), segments: VecDeque::new() };
-        let (log, _) = Log::open(&dir.join("answers"), SEGMENT_SIZE, |record, segment, _| {
+        let mut kept = Kept { answers: Answers::default(), segments: BTreeMap::new() };
+        let folder = dir.join("answers");
+        let (log, recovered) = Log::open(&folder, SEGMENT_SIZE, |record, segment, _| {
             if let Record::Answer { id, expires_at, status, fields, body } = record {
                 kept.note(segment, *expires_at);
                 if let Some(answer) = from_record(*status, fields, body) {
@@ -66,6 +68,19 @@ impl AnswerStore {
                 }
             }
         })?;
+        if let Some((path, at, dropped)) = &recovered.torn_tail {
+            tracing::warn!(
+                "{}: dropped {dropped} bytes of a job answer cut short at offset {at}",
+                path.display()
+            );
+        }
+        if let Some(repaired) = &recovered.repaired {
+            tracing::warn!(
+                "{}: damaged; kept its whole answers, the file as it was is {}",
+                repaired.path.display(),
+                repaired.original.display()
+            );
+        }
         let store = AnswerStore { log, kept: Mutex::new(kept) };
         store.delete_expired(now);
         Ok(store)
@@ -75,8 +90,15 @@ impl AnswerStore {
         self.kept.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Keeps `answer` for `ttl`; returns once it is on disk.
+    /// Keeps `answer` for `ttl`; returns once it is on disk. An answer larger than a message
+    /// may be is refused: the log could not read it back.
     pub async fn keep(&self, id: u64, answer: JobAnswer, ttl: Duration) -> io::Result<()> {
+        if answer.body.len() as u64 > MAX_PAYLOAD {
+            return Err(io::Error::other(format!(
+                "the answer's body is {} bytes, more than the {MAX_PAYLOAD} an answer may have",
+                answer.body.len()
+            )));
+        }
         let expires_at = now_ms().saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
         let mut bytes = Vec::with_capacity(answer.body.len() + 256);
         to_record(id, expires_at, &answer).encode(&mut bytes);
@@ -154,17 +176,29 @@ mod tests {
         assert_eq!(store.get(9), None);
     }
 
+    #[tokio::test]
+    async fn an_answer_too_large_to_read_back_is_refused() {
+        let dir = tempfile::tempdir().expect("folder");
+        let store = AnswerStore::open(dir.path()).expect("open");
+        let huge = JobAnswer { body: Bytes::from(vec![b'x'; MAX_PAYLOAD as usize + 1]), ..answer("") };
+        let refused = store.keep(7, huge, Duration::from_secs(60)).await.expect_err("refused");
+        assert!(refused.to_string().contains("more than"), "{refused}");
+        assert_eq!(store.get(7), None);
+    }
+
     #[test]
     fn a_segment_goes_once_every_answer_in_it_has_expired() {
-        let mut kept = Kept { answers: Answers::default(), segments: VecDeque::new() };
+        let mut kept = Kept { answers: Answers::default(), segments: BTreeMap::new() };
         kept.note(1, 100);
-        kept.note(1, 300);
         kept.note(2, 400);
+        // Noted after segment 2's, though written before it.
+        kept.note(1, 300);
         kept.note(3, 500);
         assert_eq!(kept.expired_before(299), None, "segment 1 holds an answer until 300");
         assert_eq!(kept.expired_before(300), Some(2));
-        assert_eq!(kept.expired_before(1_000), Some(3), "the segment being written stays");
-        assert_eq!(kept.segments, [(3, 500)]);
+        assert_eq!(kept.expired_before(450), Some(3), "segment 2's answers are all gone at 450");
+        assert_eq!(kept.expired_before(1_000), None, "the segment being written stays");
+        assert_eq!(kept.segments, BTreeMap::from([(3, 500)]));
     }
 
     #[tokio::test]

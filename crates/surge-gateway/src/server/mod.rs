@@ -133,7 +133,11 @@ pub async fn serve<S, B>(
                         let client_slot = match counted.map(|per_client| per_client.admit(client.ip())) {
                             None => None,
                             Some(Some(client_slot)) => Some(client_slot),
-                            Some(None) => return too_many_connections(stream, tls.is_none()).await,
+                            Some(None) => {
+                                // Refused: its place under max_connections is free at once.
+                                drop(slot);
+                                return too_many_connections(stream, tls.is_none()).await;
+                            }
                         };
                         let held = (slot, client_slot);
                         // The slots go with the connection, to an upgrade's tunnel if it has one.

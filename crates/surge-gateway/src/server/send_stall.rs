@@ -4,8 +4,10 @@
 //! for as long as its connection lives. Each response body is watched instead: once it has
 //! handed hyper a piece and is not asked for the next within `gateway.send_timeout`, it is
 //! dropped, which frees what it held, and the stream fails when hyper polls it again. Waiting
-//! on the instance is not the client's doing and is not bounded here. The HTTP/1.1 path bounds
-//! the same wait in its writer.
+//! on the instance is not the client's doing and is not bounded here. hyper asks for the next
+//! piece once the last has gone through the client's window, so pieces are handed over at most
+//! 16 KiB at a time: a client that reads slowly, but reads, is not taken for one that stopped.
+//! The HTTP/1.1 path bounds the same wait in its writer.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -18,14 +20,29 @@ use tokio::time::Instant;
 
 use crate::wire::BoxError;
 
+/// The most handed to hyper at once: an HTTP/2 frame's default size.
+const PIECE: usize = 16 * 1024;
+
 pub(crate) struct Watched<B> {
     shared: Arc<Mutex<Shared<B>>>,
     limit: Duration,
+    /// Ended with the body, rather than left to notice at its next wake-up.
+    watcher: Option<tokio::task::AbortHandle>,
+}
+
+impl<B> Drop for Watched<B> {
+    fn drop(&mut self) {
+        if let Some(watcher) = self.watcher.take() {
+            watcher.abort();
+        }
+    }
 }
 
 struct Shared<B> {
     /// `None` once given up on.
     body: Option<B>,
+    /// What is left of a piece larger than [`PIECE`].
+    rest: Bytes,
     /// When the last piece was handed over, while the next has not been asked for.
     handed_at: Option<Instant>,
 }
@@ -41,11 +58,11 @@ where
     /// Watches `body` (on the runtime it is called on) for a client that stops reading.
     pub(crate) fn new(body: B, limit: Duration) -> Self {
         let done = body.is_end_stream();
-        let shared = Arc::new(Mutex::new(Shared { body: Some(body), handed_at: None }));
-        if !done {
-            tokio::spawn(watch(Arc::downgrade(&shared), limit, Instant::now() + limit));
-        }
-        Watched { shared, limit }
+        let shared = Arc::new(Mutex::new(Shared { body: Some(body), rest: Bytes::new(), handed_at: None }));
+        let watcher = (!done).then(|| {
+            tokio::spawn(watch(Arc::downgrade(&shared), limit, Instant::now() + limit)).abort_handle()
+        });
+        Watched { shared, limit, watcher }
     }
 }
 
@@ -63,7 +80,10 @@ async fn watch<B>(shared: Weak<Mutex<Shared<B>>>, limit: Duration, first: Instan
                 tracing::debug!(
                     "HTTP/2 response: the client read nothing for {limit:?} (gateway.send_timeout)"
                 );
-                shared.body = None;
+                let body = shared.body.take();
+                // Dropped outside the lock: it gives back the instance's slot and connection.
+                drop(shared);
+                drop(body);
                 return;
             }
             Some(at) => wake = at + limit,
@@ -85,26 +105,51 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let limit = self.limit;
-        let mut shared = lock(&self.shared);
+        let mut guard = lock(&self.shared);
+        // The guard's fields, borrowed apart.
+        let shared = &mut *guard;
         shared.handed_at = None;
         let Some(body) = shared.body.as_mut() else {
             let cut = format!("the client read nothing for {limit:?} (gateway.send_timeout)");
             return Poll::Ready(Some(Err(cut.into())));
         };
-        let polled = Pin::new(body).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(_))) = &polled {
-            shared.handed_at = Some(Instant::now());
-        }
-        polled.map(|frame| frame.map(|frame| frame.map_err(Into::into)))
+        let trailers = if shared.rest.is_empty() {
+            match Pin::new(body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        shared.rest = data;
+                        None
+                    }
+                    Err(trailers) => Some(trailers),
+                },
+                other => return other.map(|frame| frame.map(|frame| frame.map_err(Into::into))),
+            }
+        } else {
+            None
+        };
+        let frame = trailers.unwrap_or_else(|| {
+            let size = shared.rest.len().min(PIECE);
+            Frame::data(shared.rest.split_to(size))
+        });
+        shared.handed_at = Some(Instant::now());
+        Poll::Ready(Some(Ok(frame)))
     }
 
     fn is_end_stream(&self) -> bool {
         // A body given up on is not ended: the next poll reports why.
-        lock(&self.shared).body.as_ref().is_some_and(Body::is_end_stream)
+        let shared = lock(&self.shared);
+        shared.rest.is_empty() && shared.body.as_ref().is_some_and(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        lock(&self.shared).body.as_ref().map_or_else(SizeHint::default, Body::size_hint)
+        let shared = lock(&self.shared);
+        let mut hint = shared.body.as_ref().map_or_else(SizeHint::default, Body::size_hint);
+        let rest = shared.rest.len() as u64;
+        if let Some(upper) = hint.upper() {
+            hint.set_upper(upper.saturating_add(rest));
+        }
+        hint.set_lower(hint.lower().saturating_add(rest));
+        hint
     }
 }
 
@@ -160,6 +205,24 @@ mod tests {
         assert_eq!(Arc::strong_count(&alive), 1, "dropped at the limit: the instance's slot is free");
         let cut = watched.frame().await.expect("an answer").expect_err("the stream fails");
         assert!(cut.to_string().contains("gateway.send_timeout"), "{cut}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_large_piece_is_handed_over_16_kib_at_a_time() {
+        let alive = Arc::new(());
+        let large = Bytes::from(vec![b'x'; 40 * 1024]);
+        let body = Upstream { pieces: vec![large], _alive: Arc::clone(&alive) };
+        let mut watched = Watched::new(body, Duration::from_secs(60));
+        let mut sizes = Vec::new();
+        for _ in 0..3 {
+            let piece = watched.frame().await.expect("a piece").expect("data");
+            sizes.push(piece.into_data().map(|data| data.len()).unwrap_or(0));
+            // Each piece takes the client 59 s: slow, but it reads.
+            tokio::time::advance(Duration::from_secs(59)).await;
+            settle().await;
+        }
+        assert_eq!(sizes, [16 * 1024, 16 * 1024, 8 * 1024]);
+        assert_eq!(Arc::strong_count(&alive), 2, "a client that reads is never cut off");
     }
 
     #[tokio::test(start_paused = true)]
