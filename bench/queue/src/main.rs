@@ -93,6 +93,31 @@ async fn merged(publishers: Vec<tokio::task::JoinHandle<Histogram<u64>>>) -> His
     latency
 }
 
+/// `publishers` tasks, each publishing with `publish` (one awaiting its confirmation at a time)
+/// for `duration`: the latencies of all.
+async fn publish_for<F, P>(publishers: usize, duration: Duration, publish: F) -> Histogram<u64>
+where
+    F: Fn() -> P + Clone + Send + 'static,
+    P: std::future::Future<Output = ()> + Send,
+{
+    let deadline = Instant::now() + duration;
+    let tasks = (0..publishers)
+        .map(|_| {
+            let publish = publish.clone();
+            tokio::spawn(async move {
+                let mut latency = histogram();
+                while Instant::now() < deadline {
+                    let began = Instant::now();
+                    publish().await;
+                    let _ = latency.record(began.elapsed().as_micros() as u64);
+                }
+                latency
+            })
+        })
+        .collect();
+    merged(tasks).await
+}
+
 fn fsync_latency(dir: &Path) -> Histogram<u64> {
     use std::io::Write;
     let mut file = std::fs::File::create(dir.join("fsync-probe")).expect("probe file");
@@ -111,24 +136,16 @@ async fn embedded(dir: &Path, publishers: usize, size: usize, duration: Duration
     let folder = tempfile::tempdir_in(dir).expect("queue folder");
     let (queue, _) = Queue::open("bench", folder.path(), SETTINGS, limits()).expect("open");
     let payload = Bytes::from(vec![b'x'; size]);
-    let deadline = Instant::now() + duration;
     let start = Instant::now();
-    let tasks: Vec<_> = (0..publishers)
-        .map(|_| {
-            let (queue, payload) = (Arc::clone(&queue), payload.clone());
-            tokio::spawn(async move {
-                let mut latency = histogram();
-                while Instant::now() < deadline {
-                    let began = Instant::now();
-                    let message = NewMessage { payload: payload.clone(), ..NewMessage::default() };
-                    queue.publish(vec![message]).await.expect("publish");
-                    let _ = latency.record(began.elapsed().as_micros() as u64);
-                }
-                latency
-            })
-        })
-        .collect();
-    let latency = merged(tasks).await;
+    let publisher = Arc::clone(&queue);
+    let latency = publish_for(publishers, duration, move || {
+        let (queue, payload) = (Arc::clone(&publisher), payload.clone());
+        async move {
+            let message = NewMessage { payload, ..NewMessage::default() };
+            queue.publish(vec![message]).await.expect("publish");
+        }
+    })
+    .await;
     let elapsed = start.elapsed().as_secs_f64();
     let published = latency.len();
     let drain = Instant::now();
@@ -458,24 +475,16 @@ async fn jetstream(server: &NatsServer, publishers: usize, size: usize, duration
     };
     let bench = context.create_stream(config).await.expect("stream");
     let payload = Bytes::from(vec![b'x'; size]);
-    let deadline = Instant::now() + duration;
     let start = Instant::now();
-    let tasks: Vec<_> = (0..publishers)
-        .map(|_| {
-            let (context, payload) = (context.clone(), payload.clone());
-            tokio::spawn(async move {
-                let mut latency = histogram();
-                while Instant::now() < deadline {
-                    let began = Instant::now();
-                    let ack = context.publish("bench", payload.clone()).await.expect("publish");
-                    ack.await.expect("JetStream acknowledged the publish");
-                    let _ = latency.record(began.elapsed().as_micros() as u64);
-                }
-                latency
-            })
-        })
-        .collect();
-    let latency = merged(tasks).await;
+    let publisher = context.clone();
+    let latency = publish_for(publishers, duration, move || {
+        let (context, payload) = (publisher.clone(), payload.clone());
+        async move {
+            let ack = context.publish("bench", payload).await.expect("publish");
+            ack.await.expect("JetStream acknowledged the publish");
+        }
+    })
+    .await;
     let elapsed = start.elapsed().as_secs_f64();
     let published = latency.len();
     let consumer = bench

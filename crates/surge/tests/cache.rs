@@ -318,14 +318,36 @@ async fn memory_stays_within_its_bound_under_many_distinct_keys() {
     assert_eq!(value("surge_http_cache_stores_total{route=\"web:/\"}"), 200.0);
 }
 
+/// The cached service, its shared tier in this machine's Redis.
+fn shared_through_redis(log: &Path) -> String {
+    format!(
+        "{}\n[store]\nredis = \"redis://127.0.0.1:6379\"\n",
+        service(log, r#"[{ prefix = "/", cache = {} }]"#, "")
+    )
+}
+
+/// Waits until a node has written its response for `target` (of `shop.test`) to Redis, which
+/// it does in the background after answering.
+async fn until_in_redis(target: &str) {
+    let redis = redis::Client::open("redis://127.0.0.1:6379").expect("redis url");
+    let mut redis = redis.get_multiplexed_async_connection().await.expect("redis");
+    let pattern = format!("surge-http-cache:web:/:o\0http://shop.test{}*", target.replace('?', "\\?"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query_async(&mut redis).await.expect("KEYS");
+        if !keys.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no node wrote {pattern} to Redis");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_share_responses_and_purges_through_redis() {
     let dir = tempfile::tempdir().expect("dir");
     let log = dir.path().join("requests.log");
-    let shared = format!(
-        "{}\n[store]\nredis = \"redis://127.0.0.1:6379\"\n",
-        service(&log, r#"[{ prefix = "/", cache = {} }]"#, "")
-    );
+    let shared = shared_through_redis(&log);
     let (one, two) = (Surge::start(&shared).await, Surge::start(&shared).await);
     let tag = unique("tag");
     let target = format!(
@@ -339,18 +361,7 @@ async fn two_nodes_share_responses_and_purges_through_redis() {
     }
     assert_eq!(cache_status(&get(&one, &target).await), "surge; fwd=miss; fwd-status=200; stored");
     // Node one writes Redis in the background; once it is there, node two finds it.
-    let redis = redis::Client::open("redis://127.0.0.1:6379").expect("redis url");
-    let mut redis = redis.get_multiplexed_async_connection().await.expect("redis");
-    let pattern = format!("surge-http-cache:web:/:o\0http://shop.test{}*", target.replace('?', "\\?"));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query_async(&mut redis).await.expect("KEYS");
-        if !keys.is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "node one never wrote {pattern} to Redis");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_in_redis(&target).await;
     let status = cache_status(&get(&two, &target).await);
     assert!(status.starts_with("surge; hit"), "node two: {status}");
     assert_eq!(upstream_count(&log, &target), 1, "node two answered from node one's response");
@@ -384,10 +395,7 @@ async fn two_nodes_share_responses_and_purges_through_redis() {
 async fn a_soft_purge_leaves_a_stale_copy_in_redis_for_every_node() {
     let dir = tempfile::tempdir().expect("dir");
     let log = dir.path().join("requests.log");
-    let shared = format!(
-        "{}\n[store]\nredis = \"redis://127.0.0.1:6379\"\n",
-        service(&log, r#"[{ prefix = "/", cache = {} }]"#, "")
-    );
+    let shared = shared_through_redis(&log);
     let one = Surge::start(&shared).await;
     let tag = unique("tag");
     let target = format!(
@@ -399,20 +407,7 @@ async fn a_soft_purge_leaves_a_stale_copy_in_redis_for_every_node() {
     let headers = [("host", "shop.test")];
     let first = one.request(Method::GET, &target, &headers, Bytes::new()).await;
     assert_eq!(cache_status(&first), "surge; fwd=miss; fwd-status=200; stored");
-    let redis = redis::Client::open("redis://127.0.0.1:6379").expect("redis url");
-    let mut redis = redis.get_multiplexed_async_connection().await.expect("redis");
-    let pattern = format!("surge-http-cache:web:/:o\0http://shop.test{}*", target.replace('?', "\\?"));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while redis::cmd("KEYS")
-        .arg(&pattern)
-        .query_async::<Vec<String>>(&mut redis)
-        .await
-        .expect("KEYS")
-        .is_empty()
-    {
-        assert!(Instant::now() < deadline, "node one never wrote {pattern} to Redis");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_in_redis(&target).await;
     let body = Bytes::from(format!(r#"{{"tag": "{tag}", "soft": true}}"#));
     let purged = one.admin(Method::POST, "/cache/purge", &[("content-type", "application/json")], body).await;
     assert_eq!(purged.status, StatusCode::OK, "{}", String::from_utf8_lossy(&purged.body));
