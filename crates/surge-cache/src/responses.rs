@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -512,8 +512,7 @@ impl ResponseCache {
         ResponseMetrics::count(&self.metrics.redis_hits);
         let stored = Arc::new(stored);
         // Read before a purge that came meanwhile: served to this request, not kept.
-        let purges = self.purges.read().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if *purges == began.0 {
+        if let Some(_unpurged) = self.unpurged_since(began) {
             self.local.insert(format!("v\0{base}"), Slot::Vary(Arc::new(varying)));
             self.local.insert(key, Slot::Object(Arc::clone(&stored)));
         }
@@ -540,8 +539,11 @@ impl ResponseCache {
         PurgeMark(*self.purges.read().unwrap_or_else(|poisoned| poisoned.into_inner()))
     }
 
-    fn purged_since(&self, began: PurgeMark) -> bool {
-        self.fetch_began() != began
+    /// The purge count, held still, if no purge came since `began`: what is inserted while it
+    /// is held cannot fall between a purge's count and its scan.
+    fn unpurged_since(&self, began: PurgeMark) -> Option<RwLockReadGuard<'_, u64>> {
+        let purges = self.purges.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        (*purges == began.0).then_some(purges)
     }
 
     /// Keeps a response to a request for `base`, here and (in the background) in Redis,
@@ -554,10 +556,7 @@ impl ResponseCache {
         mut stored: Stored,
         began: PurgeMark,
     ) -> bool {
-        let purges = self.purges.read().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if *purges != began.0 {
-            return false;
-        }
+        let Some(unpurged) = self.unpurged_since(began) else { return false };
         let fields: Arc<[HeaderName]> = stored.storable.vary.iter().cloned().collect();
         let vary_key = format!("v\0{base}");
         let varying = match self.local.get(&vary_key) {
@@ -571,7 +570,7 @@ impl ResponseCache {
         self.local.invalidate(&format!("p\0{base}"));
         self.local.insert(vary_key, Slot::Vary(Arc::clone(&varying)));
         self.local.insert(key.clone(), Slot::Object(Arc::clone(&stored)));
-        drop(purges);
+        drop(unpurged);
         if self.redis().is_some() && stored.body.len() as u64 <= self.settings.max_object {
             let (cache, base) = (Arc::clone(self), base.to_owned());
             tokio::spawn(async move { cache.write_redis(&base, &key, &varying, &stored, began).await });
@@ -583,7 +582,7 @@ impl ResponseCache {
         let Some(mut redis) = self.redis() else { return };
         // A purge since the local store: not written (one racing this very write can still
         // miss it, within one Redis round trip).
-        if self.purged_since(began) {
+        if self.unpurged_since(began).is_none() {
             return;
         }
         let keep = stored.keep_for(SystemTime::now());

@@ -103,12 +103,24 @@ async fn a_client_that_stops_reading_is_cut_off() {
 
 /// A connection that has had one request answered, so the gateway surely holds it.
 async fn held_connection(surge: &Surge) -> TcpStream {
-    let mut socket = TcpStream::connect(surge.gateway).await.expect("connect");
-    socket.write_all(b"GET /held HTTP/1.1\r\nHost: a\r\n\r\n").await.expect("write");
-    let mut buf = vec![0u8; 64 * 1024];
-    let n = socket.read(&mut buf).await.expect("read");
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"), "held connection served");
+    let (socket, answer) = opened(surge, "").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "held connection served");
     socket
+}
+
+/// A connection with `GET /held` sent on it (after `preamble`, such as a PROXY header): the
+/// connection, and the first bytes of its answer.
+async fn opened(surge: &Surge, preamble: &str) -> (TcpStream, String) {
+    let mut socket = TcpStream::connect(surge.gateway).await.expect("connect");
+    let request = format!("{preamble}GET /held HTTP/1.1\r\nHost: a\r\n\r\n");
+    socket.write_all(request.as_bytes()).await.expect("write");
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = tokio::time::timeout(Duration::from_secs(20), socket.read(&mut buf))
+        .await
+        .expect("answered")
+        .unwrap_or(0);
+    let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+    (socket, answer)
 }
 
 const ONE: &str = "[services.web]\ncommand = \"{echo}\"\nroutes = [\"/\"]\n";
@@ -174,16 +186,7 @@ async fn a_trusted_balancer_names_the_client_with_the_proxy_protocol() {
 /// A connection through a load balancer speaking the PROXY protocol for `client`, with one
 /// request sent: the connection, and the first bytes of its answer.
 async fn proxied(surge: &Surge, client: &str) -> (TcpStream, String) {
-    let mut socket = TcpStream::connect(surge.gateway).await.expect("connect");
-    let request = format!("PROXY TCP4 {client} 127.0.0.1 40000 80\r\nGET /held HTTP/1.1\r\nHost: a\r\n\r\n");
-    socket.write_all(request.as_bytes()).await.expect("write");
-    let mut buf = vec![0u8; 64 * 1024];
-    let n = tokio::time::timeout(Duration::from_secs(20), socket.read(&mut buf))
-        .await
-        .expect("answered")
-        .unwrap_or(0);
-    let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
-    (socket, answer)
+    opened(surge, &format!("PROXY TCP4 {client} 127.0.0.1 40000 80\r\n")).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -107,9 +107,17 @@ impl Body for ClientBody {
             ClientBody::Empty => return Poll::Ready(None),
             ClientBody::Http1(body) => Pin::new(body).poll_frame(cx),
             ClientBody::Http2 { body, limit, read, stall, waiting } => match Pin::new(body).poll_frame(cx) {
-                Poll::Ready(frame) => {
+                // Nothing came: the stream's wait is bounded as an HTTP/1.1 body's is.
+                Poll::Pending => {
+                    let timer = waiting.get_or_insert_with(|| Box::pin(tokio::time::sleep(*stall)));
+                    timer
+                        .as_mut()
+                        .poll(cx)
+                        .map(|()| Some(Err(Box::new(BodyError::Stalled(*stall)) as BoxError)))
+                }
+                polled => {
                     *waiting = None;
-                    Poll::Ready(match frame {
+                    polled.map(|frame| match frame {
                         Some(Ok(frame)) => {
                             *read += frame.data_ref().map_or(0, |data| data.len() as u64);
                             if *read > *limit {
@@ -120,16 +128,6 @@ impl Body for ClientBody {
                         }
                         other => other.map(|frame| frame.map_err(Into::into)),
                     })
-                }
-                // Nothing came: the stream's wait is bounded as an HTTP/1.1 body's is.
-                Poll::Pending => {
-                    let timer = waiting.get_or_insert_with(|| Box::pin(tokio::time::sleep(*stall)));
-                    match timer.as_mut().poll(cx) {
-                        Poll::Ready(()) => {
-                            Poll::Ready(Some(Err(Box::new(BodyError::Stalled(*stall)) as BoxError)))
-                        }
-                        Poll::Pending => Poll::Pending,
-                    }
                 }
             },
         };

@@ -123,7 +123,9 @@ pub async fn serve<S, B>(
                     let (service, stop) = (service.clone(), stop.clone());
                     let (tls, trusted, per_client) = (tls.clone(), Arc::clone(&trusted_proxies), per_client.clone());
                     tokio::spawn(async move {
-                        let proxy = trusted.iter().any(|net| net.contains(&peer.ip().to_canonical()));
+                        // Looked up only where the PROXY protocol or the per-client cap asks.
+                        let proxy = (proxy_protocol || per_client.is_some())
+                            && trusted.iter().any(|net| net.contains(&peer.ip().to_canonical()));
                         let Some(client) = client_of(&stream, peer, proxy_protocol.then_some(proxy), timeouts.head).await else {
                             return;
                         };
