@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use http::header::{
     HeaderName, ACCEPT_ENCODING, AGE, AUTHORIZATION, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_TYPE, DATE,
-    ETAG, EXPIRES, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED, SET_COOKIE, VARY,
+    ETAG, EXPIRES, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, LAST_MODIFIED, RANGE, SET_COOKIE, VARY,
 };
 use http::{HeaderMap, Method, StatusCode};
 
@@ -557,6 +557,66 @@ pub fn etag_listed(wanted: &str, tag: &str) -> bool {
 pub fn same_entity(one: &str, other: &str) -> bool {
     let weak = |tag: &str| tag.trim().trim_start_matches("W/").to_owned();
     weak(one) == weak(other)
+}
+
+/// What a request's `Range` asks of a stored representation `length` bytes long (RFC 9110
+/// §14.2), given the representation's fields (for `If-Range`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ByteRange {
+    /// The whole: no `Range`, one that is ignored (not `bytes`, malformed, several ranges,
+    /// which this cache does not answer as multipart), or an `If-Range` that no longer holds.
+    Whole,
+    /// Bytes `first..=last`, both within the representation.
+    Part { first: u64, last: u64 },
+    /// No byte asked for exists: 416.
+    Unsatisfiable,
+}
+
+pub fn byte_range(request: &HeaderMap, response: &HeaderMap, length: u64) -> ByteRange {
+    let Some(range) = request.get(RANGE).and_then(|v| v.to_str().ok()) else { return ByteRange::Whole };
+    if let Some(condition) = request.get(IF_RANGE).and_then(|v| v.to_str().ok()) {
+        if !if_range_holds(condition.trim(), response) {
+            return ByteRange::Whole;
+        }
+    }
+    let Some((unit, spec)) = range.split_once('=') else { return ByteRange::Whole };
+    if !unit.trim().eq_ignore_ascii_case("bytes") || spec.contains(',') {
+        return ByteRange::Whole;
+    }
+    let Some((first, last)) = spec.trim().split_once('-') else { return ByteRange::Whole };
+    let number = |text: &str| -> Option<u64> {
+        (!text.is_empty() && text.bytes().all(|b| b.is_ascii_digit())).then(|| text.parse().ok()).flatten()
+    };
+    match (first, last) {
+        ("", suffix) => match number(suffix) {
+            Some(0) => ByteRange::Unsatisfiable,
+            Some(_) if length == 0 => ByteRange::Unsatisfiable,
+            Some(suffix) => ByteRange::Part { first: length.saturating_sub(suffix), last: length - 1 },
+            None => ByteRange::Whole,
+        },
+        (first, "") => match number(first) {
+            Some(first) if first >= length => ByteRange::Unsatisfiable,
+            Some(first) => ByteRange::Part { first, last: length - 1 },
+            None => ByteRange::Whole,
+        },
+        (first, last) => match (number(first), number(last)) {
+            (Some(first), Some(last)) if first > last => ByteRange::Whole,
+            (Some(first), Some(_)) if first >= length => ByteRange::Unsatisfiable,
+            (Some(first), Some(last)) => ByteRange::Part { first, last: last.min(length - 1) },
+            _ => ByteRange::Whole,
+        },
+    }
+}
+
+/// `If-Range` (RFC 9110 §13.1.5): an entity tag that matches the representation's strongly,
+/// or exactly its `Last-Modified` date.
+fn if_range_holds(condition: &str, response: &HeaderMap) -> bool {
+    let field = |name| response.get(name).and_then(|v: &http::HeaderValue| v.to_str().ok());
+    if condition.starts_with('"') || condition.starts_with("W/") {
+        return field(ETAG)
+            .is_some_and(|tag| !tag.starts_with("W/") && !condition.starts_with("W/") && tag == condition);
+    }
+    field(LAST_MODIFIED).is_some_and(|modified| modified == condition)
 }
 
 /// How the cache handled a response, for `Cache-Status` (RFC 9211).

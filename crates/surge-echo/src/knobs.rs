@@ -12,6 +12,9 @@ pub(crate) struct Knobs {
     pub bytes: Option<u64>,
     /// `header=NAME:VALUE` (VALUE percent-decoded), added to the response; repeatable.
     pub headers: Vec<(String, String)>,
+    /// `fail_once=FILE`: a bare 500 if FILE does not exist yet (and it is made), so that the
+    /// first of several requests fails and the rest do not.
+    pub fail_once: Option<std::path::PathBuf>,
 }
 
 impl Knobs {
@@ -37,6 +40,7 @@ impl Knobs {
                         decoded.split_once(':').ok_or_else(|| format!("header={value} is not NAME:VALUE"))?;
                     knobs.headers.push((field.to_owned(), text.to_owned()));
                 }
+                "fail_once" => knobs.fail_once = Some(percent_decode(value).into()),
                 _ => {}
             }
         }
@@ -72,6 +76,7 @@ mod tests {
                 status: Some(StatusCode::SERVICE_UNAVAILABLE),
                 bytes: Some(100),
                 headers: vec![("cache-control".into(), "max-age=60, public".into())],
+                fail_once: None,
             }
         );
         assert_eq!(Knobs::parse("").expect("empty"), Knobs::default());

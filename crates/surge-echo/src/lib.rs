@@ -4,7 +4,8 @@
 //! query and headers, or with knobs in the query string:
 //! `?delay=50ms` waits, `?cpu=5ms` busy-works, `?status=503` sets the status, `?bytes=N`
 //! streams an N-byte body, `?header=NAME:VALUE` (percent-encoded, repeatable) adds a response
-//! field; a request whose `If-None-Match` matches the `ETag` so added is answered 304.
+//! field, `?fail_once=FILE` answers a bare 500 unless FILE exists (and makes it); a request
+//! whose `If-None-Match` matches the `ETag` so added is answered 304.
 //! With `SURGE_ECHO_REQUEST_LOG=FILE`, every request but health checks appends
 //! `METHOD TARGET INSTANCE` to FILE, so tests can count what reached the instances.
 //! `/healthz` answers 200. Every response carries
@@ -269,6 +270,11 @@ async fn respond(request: Request<Incoming>) -> Response<EchoBody> {
     }
     if let Some(cpu) = knobs.cpu {
         busy_work(cpu);
+    }
+    if let Some(marker) = &knobs.fail_once {
+        if std::fs::OpenOptions::new().write(true).create_new(true).open(marker).is_ok() {
+            return text(StatusCode::INTERNAL_SERVER_ERROR, "failing once\n");
+        }
     }
     let mut response = shaped(&parts, &knobs, body_bytes);
     // A knob's field replaces the echo's own (Content-Type, say); repeated, it is appended.

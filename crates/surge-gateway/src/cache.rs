@@ -12,20 +12,21 @@ use std::time::SystemTime;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{
-    HeaderName, HeaderValue, AGE, CONTENT_ENCODING, CONTENT_LENGTH, ETAG, IF_MATCH, IF_MODIFIED_SINCE,
-    IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE, LAST_MODIFIED, RANGE, VARY,
+    HeaderName, HeaderValue, ACCEPT_RANGES, AGE, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_RANGE, ETAG,
+    IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE, LAST_MODIFIED, RANGE, VARY,
 };
 use http::request::Parts;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::Body;
 use surge_cache::responses::{Joined, Lookup, PurgeMark, ResponseCache, ResponseMetrics, Stored};
-use surge_cache::rules::{self, Handled, Use};
+use surge_cache::rules::{self, ByteRange, Handled, Use};
 use tower::ServiceExt;
 
 use crate::body::GatewayBody;
 use crate::server::ClientBody;
 use crate::stack::ServiceStack;
 use crate::wire::BoxError;
+use crate::GatewayError;
 
 /// How long a response being stored may go without a byte before it is given up: the task
 /// reading it lives on when its client has gone.
@@ -49,13 +50,14 @@ const NOT_MODIFIED_FIELDS: [HeaderName; 7] = [
 pub(crate) async fn serve(
     cache: Arc<ResponseCache>,
     stack: ServiceStack,
+    service: Arc<str>,
     request: Request<ClientBody>,
     host: String,
 ) -> Response<GatewayBody> {
     let (parts, body) = request.into_parts();
     let tls = parts.extensions.get::<crate::server::ClientAddr>().is_some_and(|client| client.tls);
     let base = cache.key(if tls { "https" } else { "http" }, &host, &parts.uri, &parts.headers);
-    let fetch = Fetch { cache, stack, base };
+    let fetch = Fetch { cache, stack, service, base };
     if parts.method != Method::GET && parts.method != Method::HEAD {
         return fetch.other_method(parts, body).await;
     }
@@ -93,6 +95,8 @@ fn only_if_cached(request: &HeaderMap) -> bool {
 struct Fetch {
     cache: Arc<ResponseCache>,
     stack: ServiceStack,
+    /// The service behind the route, named in errors.
+    service: Arc<str>,
     base: String,
 }
 
@@ -115,8 +119,14 @@ impl Fetch {
     /// The request upstream as the client sent it (its Range and conditions kept), the
     /// answer not stored.
     async fn passed(self, parts: Parts, body: ClientBody, why: &'static str) -> Response<GatewayBody> {
+        // An instance that does not take ranges answers 200: the part is cut here.
+        let asked = parts.headers.contains_key(RANGE).then(|| (parts.method.clone(), parts.headers.clone()));
         let Ok(response) = self.stack.clone().oneshot(Request::from_parts(parts, body)).await;
-        self.counted_miss(response, why, false, false)
+        let response = self.counted_miss(response, why, false, false);
+        match &asked {
+            Some((method, headers)) => ranged(response, method, headers),
+            None => response,
+        }
     }
 
     /// POST, PUT, DELETE and the rest go upstream; one that succeeds makes what is stored for
@@ -133,7 +143,10 @@ impl Fetch {
     }
 
     /// A miss (or a stale entry to revalidate): the first request for the key goes upstream,
-    /// the others wait for its answer, then are served what it stored.
+    /// the others wait for its answer, then are served what it stored. When it stored nothing
+    /// because the instance failed, the next in line goes and the rest wait for it in turn (as
+    /// nginx's `proxy_cache_lock`), so a failing service is not stormed; when the answer was one
+    /// that may not be stored, they all go at once.
     async fn collapsed(
         self,
         parts: Parts,
@@ -141,32 +154,42 @@ impl Fetch {
         stale: Option<Arc<Stored>>,
         why: &'static str,
     ) -> Response<GatewayBody> {
-        match self.cache.join(&self.base) {
-            Joined::Leader(flight) => {
-                // Stored while this request looked and joined: no need to go.
-                let now = SystemTime::now();
-                if let Lookup::Found(stored) = self.cache.lookup_local(&self.base, &parts.headers) {
-                    if self.usable(&stored, &parts.headers, now) == Use::Fresh {
-                        drop(flight);
-                        return self.hit(&stored, &parts, now);
+        let deadline = tokio::time::Instant::now() + self.cache.settings().collapse_timeout;
+        let mut waited = false;
+        loop {
+            match self.cache.join(&self.base) {
+                Joined::Leader(flight) => {
+                    // Stored while this request looked and joined: no need to go.
+                    let now = SystemTime::now();
+                    if let Lookup::Found(stored) = self.cache.lookup_local(&self.base, &parts.headers) {
+                        if self.usable(&stored, &parts.headers, now) == Use::Fresh {
+                            drop(flight);
+                            return self.hit(&stored, &parts, now);
+                        }
+                    }
+                    return self.upstream(parts, body, stale, why, Some(flight), waited).await;
+                }
+                Joined::Follower(mut done) => {
+                    let too_long = tokio::time::timeout_at(deadline, done.changed()).await.is_err();
+                    waited = true;
+                    let now = SystemTime::now();
+                    match self.cache.lookup_local(&self.base, &parts.headers) {
+                        Lookup::Found(stored) => {
+                            let usable = self.usable(&stored, &parts.headers, now);
+                            if matches!(usable, Use::Fresh | Use::Stale | Use::StaleWhileRevalidate) {
+                                ResponseMetrics::count(&self.metrics().collapsed);
+                                let handled =
+                                    forwarded(why, stored.status, false, true, Some(stored.ttl_left(now)));
+                                return answered(&stored, &parts, now, &handled);
+                            }
+                        }
+                        Lookup::Pass => return self.upstream(parts, body, stale, why, None, true).await,
+                        Lookup::Miss => {}
+                    }
+                    if too_long {
+                        return self.upstream(parts, body, stale, why, None, true).await;
                     }
                 }
-                self.upstream(parts, body, stale, why, Some(flight), false).await
-            }
-            Joined::Follower(mut done) => {
-                let waited = self.cache.settings().collapse_timeout;
-                let _ = tokio::time::timeout(waited, done.changed()).await;
-                let now = SystemTime::now();
-                if let Lookup::Found(stored) = self.cache.lookup_local(&self.base, &parts.headers) {
-                    let usable = self.usable(&stored, &parts.headers, now);
-                    if matches!(usable, Use::Fresh | Use::Stale | Use::StaleWhileRevalidate) {
-                        ResponseMetrics::count(&self.metrics().collapsed);
-                        let handled = forwarded(why, stored.status, false, true, Some(stored.ttl_left(now)));
-                        return answered(&stored, &parts, now, &handled);
-                    }
-                }
-                // Not storable, or too slow: this one goes itself.
-                self.upstream(parts, body, stale, why, None, true).await
             }
         }
     }
@@ -234,10 +257,23 @@ impl Fetch {
         let storable = match storable {
             Ok(storable) if fits => storable,
             _ => {
-                self.cache.pass(&self.base);
-                return self.counted_miss(response, why, false, collapsed);
+                // A failure is no reason to stop collapsing: the next request tries again.
+                if !is_failure(status) {
+                    self.cache.pass(&self.base);
+                }
+                let response = self.counted_miss(response, why, false, collapsed);
+                return ranged(response, &parts.method, &parts.headers);
             }
         };
+        let length = length.unwrap_or(0);
+        let condition_holds =
+            rules::not_modified(&parts.headers, response.headers()) && status == StatusCode::OK;
+        // A client that takes a compressed body is answered from the stored response, which
+        // is compressed once whole: it waits for all of it (at most `max_object`).
+        let compressed = !condition_holds
+            && rules::preferred_coding(&parts.headers).is_some()
+            && rules::compressible(status, response.headers(), usize::try_from(length).unwrap_or(usize::MAX));
+        let instance = response.body().instance_id().unwrap_or("-").to_owned();
         let (head, body) = response.into_parts();
         let recorder = Recorder {
             cache: Arc::clone(&self.cache),
@@ -250,18 +286,36 @@ impl Fetch {
             began,
             flight,
         };
-        let length = length.unwrap_or(0);
+        if compressed {
+            let (answer, whole) = tokio::sync::oneshot::channel();
+            tokio::spawn(recorder.store_while_reading(body, length, Reader::Whole(answer)));
+            ResponseMetrics::count(&self.metrics().misses);
+            let outcome = whole.await.unwrap_or_else(|_| Err("the cache's reader stopped".into()));
+            let now = SystemTime::now();
+            return match outcome {
+                Ok((stored, kept)) => {
+                    let handled = forwarded(why, status, kept, collapsed, Some(stored.ttl_left(now)));
+                    answered(&stored, &parts, now, &handled)
+                }
+                Err(cause) => {
+                    let cause = cause.to_string();
+                    let failed =
+                        GatewayError::Upstream { service: self.service.to_string(), instance, cause };
+                    let mut response = failed.into_response();
+                    set_cache_status(response.headers_mut(), &forwarded(why, status, false, collapsed, None));
+                    response
+                }
+            };
+        }
         let (to_client, frames) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(recorder.store_while_streaming(body, length, to_client));
-        let response = if rules::not_modified(&parts.headers, &head.headers) && head.status == StatusCode::OK
-        {
+        tokio::spawn(recorder.store_while_reading(body, length, Reader::Streaming(to_client)));
+        if condition_holds {
             // The client's condition holds for what came: a 304 to it; the body is still read
             // and stored.
-            not_modified_by(&head.headers)
-        } else {
-            Response::from_parts(head, GatewayBody::streaming(Streamed { frames, left: length }))
-        };
-        self.counted_miss(response, why, true, collapsed)
+            return self.counted_miss(not_modified_by(&head.headers), why, true, collapsed);
+        }
+        let streamed = Response::from_parts(head, GatewayBody::streaming(Streamed { frames, left: length }));
+        ranged(self.counted_miss(streamed, why, true, collapsed), &parts.method, &parts.headers)
     }
 
     fn counted_miss(
@@ -293,8 +347,12 @@ impl Fetch {
         let Joined::Leader(flight) = self.cache.join(&self.base) else { return };
         let mut parts = parts.clone();
         parts.method = Method::GET;
-        let fetch =
-            Fetch { cache: Arc::clone(&self.cache), stack: self.stack.clone(), base: self.base.clone() };
+        let fetch = Fetch {
+            cache: Arc::clone(&self.cache),
+            stack: self.stack.clone(),
+            service: Arc::clone(&self.service),
+            base: self.base.clone(),
+        };
         let stale = Arc::clone(stale);
         // The answer is dropped: what is stored is read and kept without it.
         tokio::spawn(async move {
@@ -326,9 +384,9 @@ fn set_cache_status(headers: &mut HeaderMap, handled: &Handled) {
     }
 }
 
-/// [`answer`] with its `Cache-Status`.
+/// [`answer`], cut to the range asked for, with its `Cache-Status`.
 fn answered(stored: &Stored, parts: &Parts, now: SystemTime, handled: &Handled) -> Response<GatewayBody> {
-    let mut response = answer(stored, parts, now);
+    let mut response = ranged(answer(stored, parts, now), &parts.method, &parts.headers);
     set_cache_status(response.headers_mut(), handled);
     response
 }
@@ -377,6 +435,91 @@ fn answer(stored: &Stored, parts: &Parts, now: SystemTime) -> Response<GatewayBo
         }
     }
     response
+}
+
+/// A whole 200 to a GET, cut to the part its `Range` asks for (206), or 416 when none of that
+/// exists; a whole 200 says that ranges may be asked for.
+fn ranged(
+    mut response: Response<GatewayBody>,
+    method: &Method,
+    request: &HeaderMap,
+) -> Response<GatewayBody> {
+    let length = response.body().size_hint().exact();
+    let (Some(length), StatusCode::OK, &Method::GET) = (length, response.status(), method) else {
+        return response;
+    };
+    response.headers_mut().insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    let range = rules::byte_range(request, response.headers(), length);
+    let (content_range, status) = match range {
+        ByteRange::Whole => return response,
+        ByteRange::Part { first, last } => {
+            (format!("bytes {first}-{last}/{length}"), StatusCode::PARTIAL_CONTENT)
+        }
+        ByteRange::Unsatisfiable => (format!("bytes */{length}"), StatusCode::RANGE_NOT_SATISFIABLE),
+    };
+    let (mut head, body) = response.into_parts();
+    head.status = status;
+    if let Ok(value) = HeaderValue::from_str(&content_range) {
+        head.headers.insert(CONTENT_RANGE, value);
+    }
+    let body = match range {
+        ByteRange::Part { first, last } => {
+            head.headers.insert(CONTENT_LENGTH, HeaderValue::from(last - first + 1));
+            GatewayBody::streaming(Part { body, skip: first, left: last - first + 1 })
+        }
+        _ => {
+            head.headers.remove(CONTENT_LENGTH);
+            GatewayBody::full(Bytes::new())
+        }
+    };
+    Response::from_parts(head, body)
+}
+
+pin_project_lite::pin_project! {
+    /// Bytes `skip..skip + left` of a body.
+    struct Part {
+        #[pin]
+        body: GatewayBody,
+        skip: u64,
+        left: u64,
+    }
+}
+
+impl Body for Part {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        while *this.left > 0 {
+            let Some(frame) = std::task::ready!(this.body.as_mut().poll_frame(cx)) else {
+                return std::task::Poll::Ready(Some(Err("the response ended before the range did".into())));
+            };
+            let Ok(mut data) = frame?.into_data() else { continue };
+            let length = data.len() as u64;
+            if *this.skip >= length {
+                *this.skip -= length;
+                continue;
+            }
+            data = data.slice(*this.skip as usize..);
+            *this.skip = 0;
+            data.truncate(usize::try_from(*this.left).unwrap_or(usize::MAX));
+            *this.left -= data.len() as u64;
+            return std::task::Poll::Ready(Some(Ok(http_body::Frame::data(data))));
+        }
+        std::task::Poll::Ready(None)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.left)
+    }
 }
 
 /// `Vary: Accept-Encoding`, unless the response says it already (or `*`).
@@ -466,67 +609,87 @@ struct Recorder {
     flight: Option<surge_cache::responses::Flight>,
 }
 
+/// Who the body read from the instance is for, besides the cache.
+enum Reader {
+    /// A client it streams to as it comes.
+    Streaming(tokio::sync::mpsc::UnboundedSender<Result<Bytes, BoxError>>),
+    /// A client answered from the stored response (compressed) once the body is whole: it
+    /// gets that response, and whether the cache kept it.
+    Whole(tokio::sync::oneshot::Sender<Result<(Stored, bool), BoxError>>),
+}
+
+impl Reader {
+    fn piece(&self, data: Bytes) {
+        // A client gone is no reason to stop: the others wait for this.
+        if let Reader::Streaming(to_client) = self {
+            let _ = to_client.send(Ok(data));
+        }
+    }
+
+    fn fail(self, cause: BoxError) {
+        match self {
+            Reader::Streaming(to_client) => drop(to_client.send(Err(cause))),
+            Reader::Whole(answer) => drop(answer.send(Err(cause))),
+        }
+    }
+}
+
 impl Recorder {
-    async fn store_while_streaming(
-        self,
-        mut body: GatewayBody,
-        length: u64,
-        to_client: tokio::sync::mpsc::UnboundedSender<Result<Bytes, BoxError>>,
-    ) {
+    async fn store_while_reading(self, mut body: GatewayBody, length: u64, reader: Reader) {
         use http_body_util::BodyExt;
         let mut kept = BytesMut::with_capacity(usize::try_from(length).unwrap_or(0));
         // The last piece waits until the response is stored: a client that has it all and
         // asks again finds it there.
         let mut last = None;
         loop {
-            let Ok(frame) = tokio::time::timeout(BODY_STALL, body.frame()).await else {
-                let _ = to_client
-                    .send(Err(format!("no byte of the instance's response for {BODY_STALL:?}").into()));
-                return;
-            };
-            let Some(frame) = frame else { break };
-            match frame {
-                Ok(frame) => {
-                    let Ok(data) = frame.into_data() else { continue };
-                    kept.extend_from_slice(&data);
-                    if kept.len() as u64 >= length {
-                        last = Some(data);
-                        break;
-                    }
-                    // A client gone is no reason to stop: the others wait for this.
-                    let _ = to_client.send(Ok(data));
+            let frame = match tokio::time::timeout(BODY_STALL, body.frame()).await {
+                Err(_) => {
+                    return reader
+                        .fail(format!("no byte of the instance's response for {BODY_STALL:?}").into())
                 }
-                Err(err) => {
-                    let _ = to_client.send(Err(err));
-                    return;
+                Ok(None) => break,
+                Ok(Some(Err(err))) => return reader.fail(err),
+                Ok(Some(Ok(frame))) => frame,
+            };
+            let Ok(data) = frame.into_data() else { continue };
+            kept.extend_from_slice(&data);
+            if kept.len() as u64 >= length {
+                last = Some(data);
+                break;
+            }
+            reader.piece(data);
+        }
+        let whole = kept.len() as u64 == length && length <= self.cache.settings().max_object;
+        let stored = if whole { self.store(kept.freeze()).await } else { None };
+        match reader {
+            Reader::Streaming(to_client) => {
+                if let Some(last) = last {
+                    let _ = to_client.send(Ok(last));
                 }
             }
-        }
-        if kept.len() as u64 == length && length <= self.cache.settings().max_object {
-            self.store(kept.freeze()).await;
-        }
-        if let Some(last) = last {
-            let _ = to_client.send(Ok(last));
+            Reader::Whole(answer) => {
+                let _ = answer.send(stored.ok_or_else(|| "the instance's response ended early".into()));
+            }
         }
         // To its end, so that the connection it came on can serve again.
         while let Some(Ok(_)) = body.frame().await {}
     }
 
-    async fn store(self, body: Bytes) {
+    /// Stores the response: the response as stored, and whether the cache kept it (a purge
+    /// since its fetch began keeps it out).
+    async fn store(self, body: Bytes) -> Option<(Stored, bool)> {
         let Recorder { cache, base, request, status, headers, storable, received, began, flight } = self;
         // Compressing (once per stored response) is CPU work: off the runtime's threads.
         let stored = if rules::compressible(status, &headers, body.len()) {
             let made =
                 tokio::task::spawn_blocking(move || Stored::new(status, headers, body, storable, received));
-            match made.await {
-                Ok(stored) => stored,
-                Err(_) => return,
-            }
+            made.await.ok()?
         } else {
             Stored::new(status, headers, body, storable, received)
         };
-        cache.store(&base, &request, stored, began);
+        let kept = cache.store(&base, &request, stored.clone(), began);
         drop(flight);
+        Some((stored, kept))
     }
 }
 

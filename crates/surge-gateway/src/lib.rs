@@ -69,8 +69,8 @@ pub struct Gateway {
 
 /// Who answers a route.
 enum Serves {
-    /// A service, through its stack (its index in `Gateway::services`).
-    Service(usize),
+    /// A service, through its stack (its index in `Gateway::services`), and its name.
+    Service(usize, Arc<str>),
     /// A static folder; the route's prefix comes off the path.
     Files { site: Arc<files::StaticSite>, prefix: String },
 }
@@ -135,7 +135,7 @@ impl Gateway {
                 (
                     route.clone(),
                     RouteTarget {
-                        serves: Serves::Service(index),
+                        serves: Serves::Service(index, service.name.as_str().into()),
                         retry: route.retry,
                         limit,
                         max_body,
@@ -239,8 +239,8 @@ impl Gateway {
                 }),
             };
         }
-        let service = match &target.serves {
-            Serves::Service(service) => *service,
+        let (service, service_name) = match &target.serves {
+            Serves::Service(index, name) => (*index, name),
             Serves::Files { site, prefix } => {
                 let (site, prefix) = (Arc::clone(site), prefix.clone());
                 return Handled::Limited {
@@ -251,12 +251,13 @@ impl Gateway {
         let stack = gateway.services[service].clone();
         if let (Some(cache), Some(host)) = (&target.cache, cache_host) {
             let (gateway, cache, limit) = (Arc::clone(gateway), Arc::clone(cache), target.limit.clone());
+            let service = Arc::clone(service_name);
             return Handled::Limited {
                 response: Box::pin(async move {
                     if let Some(refused) = gateway.over_limit(limit.as_ref(), &request).await {
                         return refused;
                     }
-                    cache::serve(cache, stack, request, host).await
+                    cache::serve(cache, stack, service, request, host).await
                 }),
             };
         }

@@ -480,15 +480,30 @@ async fn textual_responses_are_served_compressed_to_clients_that_accept_it() {
         header_knob("cache-control", "max-age=60"),
         header_knob("etag", "\"p1\"")
     );
+    // A miss is compressed too: the client is answered from what is stored once it is whole.
+    let cold = target.replace("/page?", "/cold-page?");
+    let first = surge.request(Method::GET, &cold, &[("accept-encoding", "gzip")], Bytes::new()).await;
+    assert!(
+        cache_status(&first).starts_with("surge; fwd=miss; fwd-status=200; stored"),
+        "{}",
+        cache_status(&first)
+    );
+    assert_eq!(first.headers["content-encoding"], "gzip");
+    let mut unzipped = Vec::new();
+    flate2::read::GzDecoder::new(&first.body[..]).read_to_end(&mut unzipped).expect("gunzip");
+    assert_eq!(unzipped.len(), 20000);
+    assert_eq!(upstream_count(&log, &cold), 1);
+
     let identity = surge.get(&target).await;
     assert_eq!(identity.body.len(), 20000);
+    assert_eq!(unzipped, identity.body, "the same body, compressed");
     let gzip = surge.request(Method::GET, &target, &[("accept-encoding", "gzip")], Bytes::new()).await;
     assert!(cache_status(&gzip).contains("hit"), "{}", cache_status(&gzip));
     assert_eq!(gzip.headers["content-encoding"], "gzip");
     assert_eq!(gzip.headers["etag"], "W/\"p1\"", "another representation: a weak tag");
     assert!(gzip.headers["vary"].to_str().expect("ascii").contains("accept-encoding"));
     assert!(gzip.body.len() < identity.body.len() / 10, "{} bytes", gzip.body.len());
-    let mut unzipped = Vec::new();
+    unzipped.clear();
     flate2::read::GzDecoder::new(&gzip.body[..]).read_to_end(&mut unzipped).expect("gunzip");
     assert_eq!(unzipped, identity.body);
 
@@ -513,6 +528,89 @@ async fn textual_responses_are_served_compressed_to_clients_that_accept_it() {
     let blob = surge.request(Method::GET, &binary, &[("accept-encoding", "gzip")], Bytes::new()).await;
     assert!(!blob.headers.contains_key("content-encoding"));
     assert_eq!(upstream_count(&log, &target), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranges_are_cut_from_stored_and_passed_through_responses() {
+    let dir = tempfile::tempdir().expect("dir");
+    let log = dir.path().join("requests.log");
+    let routes = r#"[{ prefix = "/", cache = { max_object = "16KiB" } }]"#;
+    let surge = Surge::start(&service(&log, routes, "")).await;
+    let target = format!(
+        "/blob?bytes=10000&{}&{}",
+        header_knob("cache-control", "max-age=60"),
+        header_knob("etag", "\"b1\"")
+    );
+    let range = async |target: &str, fields: &[(&str, &str)]| {
+        surge.request(Method::GET, target, fields, Bytes::new()).await
+    };
+    // A cold key: the whole response is fetched and stored, the client gets its part.
+    let cold = range(&target, &[("range", "bytes=100-199")]).await;
+    assert_eq!(cold.status, StatusCode::PARTIAL_CONTENT);
+    assert!(
+        cache_status(&cold).starts_with("surge; fwd=miss; fwd-status=200; stored"),
+        "{}",
+        cache_status(&cold)
+    );
+    assert_eq!(cold.headers["content-range"], "bytes 100-199/10000");
+    let whole = surge.get(&target).await;
+    assert!(cache_status(&whole).contains("hit"), "{}", cache_status(&whole));
+    assert_eq!(whole.headers["accept-ranges"], "bytes");
+    assert_eq!(cold.body, whole.body.slice(100..200));
+    // Hits: a suffix, a range past the end (416), an If-Range that no longer holds (200).
+    let suffix = range(&target, &[("range", "bytes=-10")]).await;
+    assert_eq!((suffix.status, suffix.body.clone()), (StatusCode::PARTIAL_CONTENT, whole.body.slice(9990..)));
+    let past = range(&target, &[("range", "bytes=20000-")]).await;
+    assert_eq!(past.status, StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(past.headers["content-range"], "bytes */10000");
+    assert!(past.body.is_empty());
+    let changed = range(&target, &[("range", "bytes=0-9"), ("if-range", "\"b0\"")]).await;
+    assert_eq!((changed.status, changed.body.len()), (StatusCode::OK, 10000));
+    let same = range(&target, &[("range", "bytes=0-9"), ("if-range", "\"b1\"")]).await;
+    assert_eq!((same.status, same.body.clone()), (StatusCode::PARTIAL_CONTENT, whole.body.slice(..10)));
+    assert_eq!(upstream_count(&log, &target), 1, "every range from the one stored response");
+
+    // Larger than max_object: passed through, still cut to the range asked for (the instance
+    // does not take ranges), the first time and after.
+    let large = format!("/large?bytes=1000000&{}", header_knob("cache-control", "max-age=60"));
+    for _ in 0..2 {
+        let part = range(&large, &[("range", "bytes=500000-500099")]).await;
+        assert_eq!(part.status, StatusCode::PARTIAL_CONTENT, "{}", cache_status(&part));
+        assert_eq!(part.headers["content-range"], "bytes 500000-500099/1000000");
+        assert_eq!(part.body.len(), 100);
+        assert!(cache_status(&part).starts_with("surge; fwd=miss"), "{}", cache_status(&part));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failed_fetch_the_waiting_requests_go_one_at_a_time() {
+    let dir = tempfile::tempdir().expect("dir");
+    let log = dir.path().join("requests.log");
+    let routes = r#"[{ prefix = "/", cache = { collapse_timeout = "20s" } }]"#;
+    let surge = Surge::start(&service(&log, routes, "")).await;
+    // The first request to reach the instance fails; every later one would succeed.
+    let marker = dir.path().join("failed-once");
+    let target = format!(
+        "/flaky?delay=300ms&fail_once={}&{}",
+        marker.display(),
+        header_knob("cache-control", "max-age=60")
+    );
+    let url = surge.url(&target);
+    let client = common::http_client();
+    let requests = (0..20).map(|_| {
+        let (client, url) = (client.clone(), url.clone());
+        tokio::spawn(async move { common::send(&client, Method::GET, &url, &[], Bytes::new()).await })
+    });
+    let mut statuses = std::collections::BTreeMap::new();
+    for request in requests.collect::<Vec<_>>() {
+        let answer = request.await.expect("task").expect("answer");
+        *statuses.entry(answer.status.as_u16()).or_insert(0) += 1;
+    }
+    // The failure sent the next waiting request, whose answer was stored for all the others;
+    // had they all gone at once, each would have reached the instance.
+    assert_eq!(statuses.get(&500), Some(&1), "{statuses:?}");
+    assert_eq!(statuses.get(&200), Some(&19), "{statuses:?}");
+    assert_eq!(upstream_count(&log, &target), 2, "{statuses:?}");
 }
 
 /// A Redis of the test's own, on a free port, that it can stop.

@@ -526,6 +526,69 @@ fn conditional_requests_are_answered_not_modified_by_the_validators() {
 }
 
 #[test]
+fn ranges_are_cut_from_the_stored_body() {
+    let response = fields(&[("etag", "\"v1\""), ("last-modified", "Tue, 01 Dec 2026 12:00:00 GMT")]);
+    let part = |first, last| ByteRange::Part { first, last };
+    // (what, request fields, representation length, what is sent)
+    let rows: Vec<(&str, Fields, u64, ByteRange)> = vec![
+        ("no range", vec![], 100, ByteRange::Whole),
+        ("first to last", vec![("range", "bytes=0-9")], 100, part(0, 9)),
+        ("one byte", vec![("range", "bytes=5-5")], 100, part(5, 5)),
+        ("last past the end is cut", vec![("range", "bytes=90-1000")], 100, part(90, 99)),
+        ("from a byte on", vec![("range", "bytes=40-")], 100, part(40, 99)),
+        ("the last bytes", vec![("range", "bytes=-10")], 100, part(90, 99)),
+        ("more last bytes than there are", vec![("range", "bytes=-500")], 100, part(0, 99)),
+        ("the unit in capitals, spaces around", vec![("range", "Bytes= 1-2 ")], 100, part(1, 2)),
+        ("first past the end", vec![("range", "bytes=100-")], 100, ByteRange::Unsatisfiable),
+        ("first past the end, with a last", vec![("range", "bytes=200-300")], 100, ByteRange::Unsatisfiable),
+        ("no last bytes", vec![("range", "bytes=-0")], 100, ByteRange::Unsatisfiable),
+        ("anything of nothing", vec![("range", "bytes=-5")], 0, ByteRange::Unsatisfiable),
+        ("last before first is ignored", vec![("range", "bytes=9-1")], 100, ByteRange::Whole),
+        ("several ranges are ignored", vec![("range", "bytes=0-1,5-6")], 100, ByteRange::Whole),
+        ("another unit is ignored", vec![("range", "items=0-1")], 100, ByteRange::Whole),
+        ("a sign is not a digit", vec![("range", "bytes=+1-2")], 100, ByteRange::Whole),
+        (
+            "a number too large is ignored",
+            vec![("range", "bytes=0-99999999999999999999")],
+            100,
+            ByteRange::Whole,
+        ),
+        ("no dash", vec![("range", "bytes=5")], 100, ByteRange::Whole),
+        ("If-Range with the tag", vec![("range", "bytes=0-1"), ("if-range", "\"v1\"")], 100, part(0, 1)),
+        (
+            "If-Range with another tag",
+            vec![("range", "bytes=0-1"), ("if-range", "\"v2\"")],
+            100,
+            ByteRange::Whole,
+        ),
+        (
+            "If-Range compares strongly",
+            vec![("range", "bytes=0-1"), ("if-range", "W/\"v1\"")],
+            100,
+            ByteRange::Whole,
+        ),
+        (
+            "If-Range with the date",
+            vec![("range", "bytes=0-1"), ("if-range", "Tue, 01 Dec 2026 12:00:00 GMT")],
+            100,
+            part(0, 1),
+        ),
+        (
+            "If-Range with another date",
+            vec![("range", "bytes=0-1"), ("if-range", "Wed, 02 Dec 2026 12:00:00 GMT")],
+            100,
+            ByteRange::Whole,
+        ),
+    ];
+    for (what, request, length, expected) in rows {
+        assert_eq!(byte_range(&fields(&request), &response, length), expected, "{what}");
+    }
+    let weak = fields(&[("etag", "W/\"v1\"")]);
+    let request = fields(&[("range", "bytes=0-1"), ("if-range", "W/\"v1\"")]);
+    assert_eq!(byte_range(&request, &weak, 100), ByteRange::Whole, "a weak tag never holds for If-Range");
+}
+
+#[test]
 fn cache_status_says_what_happened() {
     assert_eq!(cache_status("surge", &Handled::Hit { ttl_left: 42 }), "surge; hit; ttl=42");
     assert_eq!(cache_status("surge", &Handled::Hit { ttl_left: -3 }), "surge; hit; ttl=-3");
