@@ -119,8 +119,19 @@ const KEEP_TO_REVALIDATE: Duration = Duration::from_secs(60);
 const PASS_FOR: Duration = Duration::from_secs(30);
 /// How long the list of fields a key varies by is kept.
 const VARY_FOR: Duration = Duration::from_secs(24 * 3600);
-/// Redis sets of a tag's keys live this long after their last addition.
-const TAG_FOR: Duration = Duration::from_secs(24 * 3600);
+/// Objects to read, rewrite or delete in Redis per round trip of a purge, so that a purge of
+/// many large objects holds a bounded number of them at once.
+const PURGE_BATCH: usize = 64;
+
+/// Names an object under a tag in Redis: a sorted set of object keys, each scored with the time
+/// (ms since the epoch) its object expires. Members whose objects are gone are dropped, and the
+/// set expires with its last object, so it neither grows without end nor outlives what it names.
+const TAG_OBJECT: &str = r"
+redis.call('ZADD', KEYS[1], 'GT', ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+if last[2] then redis.call('PEXPIREAT', KEYS[1], last[2]) end
+";
 
 impl Stored {
     /// A response as received `now`, when the rules let it be stored.
@@ -591,12 +602,30 @@ impl ResponseCache {
         let vary_key = self.redis_key(&format!("v\0{base}"));
         pipe.cmd("SET").arg(&vary_key).arg(varying.encode()).arg("PX").arg(millis).ignore();
         pipe.cmd("SET").arg(self.redis_key(key)).arg(stored.encode()).arg("PX").arg(millis).ignore();
-        for tag in &stored.tags {
-            let tag_key = self.redis_key(&format!("t\0{tag}"));
-            pipe.sadd(&tag_key, self.redis_key(key)).ignore();
-            pipe.pexpire(&tag_key, TAG_FOR.as_millis() as i64).ignore();
-        }
+        self.tag_in_redis(&mut pipe, &self.redis_key(key), stored, keep);
         self.redis_call("write", pipe.query_async::<()>(&mut redis)).await;
+    }
+
+    /// Adds to `pipe` the naming of the Redis object `key` under each of its tags, for `keep`.
+    fn tag_in_redis(&self, pipe: &mut redis::Pipeline, key: &str, stored: &Stored, keep: Duration) {
+        let now = SystemTime::now();
+        let millis = |time: SystemTime| time.duration_since(UNIX_EPOCH).map_or(0, |since| since.as_millis());
+        let (expires, now) = (millis(now + keep), millis(now));
+        for tag in &stored.tags {
+            let set = self.tag_key(tag);
+            pipe.cmd("EVAL")
+                .arg(TAG_OBJECT)
+                .arg(1)
+                .arg(set)
+                .arg(key)
+                .arg(expires as u64)
+                .arg(now as u64)
+                .ignore();
+        }
+    }
+
+    fn tag_key(&self, tag: &str) -> String {
+        self.redis_key(&format!("T\0{tag}"))
     }
 
     /// Forgets what is stored for `base` (after a request that changed it): at once here, and
@@ -717,9 +746,10 @@ impl ResponseCache {
     async fn purge_redis(&self, redis: &mut ConnectionManager, what: &Purge, soft: bool) -> usize {
         let keys: Vec<String> = match what {
             Purge::Tag(tag) => {
-                let set = self.redis_key(&format!("t\0{tag}"));
-                let mut members = redis::cmd("SMEMBERS");
-                members.arg(&set);
+                let set = self.tag_key(tag);
+                let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| since.as_millis());
+                let mut members = redis::cmd("ZRANGE");
+                members.arg(&set).arg(now as u64).arg("+inf").arg("BYSCORE");
                 let found = self.redis_call("purge", members.query_async::<Vec<String>>(redis)).await;
                 // A soft purge leaves the objects, so their tag still names them.
                 if !soft {
@@ -738,16 +768,22 @@ impl ResponseCache {
         if keys.is_empty() {
             return 0;
         }
-        if soft {
-            return self.make_stale_in_redis(redis, keys).await;
+        let mut purged = 0;
+        for batch in keys.chunks(PURGE_BATCH) {
+            purged += if soft {
+                self.make_stale_in_redis(redis, batch.to_vec()).await
+            } else {
+                let mut delete = redis::cmd("DEL");
+                delete.arg(batch);
+                self.redis_call("purge", delete.query_async::<usize>(redis)).await.unwrap_or(0)
+            };
         }
-        let mut delete = redis::cmd("DEL");
-        delete.arg(&keys);
-        self.redis_call("purge", delete.query_async::<usize>(redis)).await.unwrap_or(0)
+        purged
     }
 
     /// A soft purge in Redis: each object written back stale (`XX`: not brought back should
-    /// it have gone meanwhile), kept as long as a stale copy may serve. Returns how many.
+    /// it have gone meanwhile), kept as long as a stale copy may serve, and named by its tags
+    /// for as long. Returns how many.
     async fn make_stale_in_redis(&self, redis: &mut ConnectionManager, keys: Vec<String>) -> usize {
         let mut read = redis::pipe();
         for key in &keys {
@@ -765,16 +801,18 @@ impl ResponseCache {
                 .zip(objects)
                 .filter_map(|(key, bytes)| {
                     let stale = Stored::decode(&bytes?, &policy)?.made_stale(now);
-                    let keep = u64::try_from(stale.keep_for(now).as_millis()).unwrap_or(u64::MAX).max(1);
-                    Some((key, stale.encode(), keep))
+                    let keep = stale.keep_for(now).max(Duration::from_millis(1));
+                    Some((key, stale, keep))
                 })
                 .collect::<Vec<_>>()
         })
         .await
         .unwrap_or_default();
         let mut write = redis::pipe();
-        for (key, bytes, keep) in &rewritten {
-            write.cmd("SET").arg(key).arg(bytes).arg("XX").arg("PX").arg(*keep).ignore();
+        for (key, stale, keep) in &rewritten {
+            let millis = u64::try_from(keep.as_millis()).unwrap_or(u64::MAX);
+            write.cmd("SET").arg(key).arg(stale.encode()).arg("XX").arg("PX").arg(millis).ignore();
+            self.tag_in_redis(&mut write, key, stale, *keep);
         }
         self.redis_call("purge", write.query_async::<()>(redis)).await;
         rewritten.len()

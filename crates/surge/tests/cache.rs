@@ -362,6 +362,21 @@ async fn two_nodes_share_responses_and_purges_through_redis() {
     assert_eq!(cache_status(&get(&one, &target).await), "surge; fwd=miss; fwd-status=200; stored");
     // Node one writes Redis in the background; once it is there, node two finds it.
     until_in_redis(&target).await;
+    // The tag names the object in Redis for as long as the object lives (300 s fresh), no longer.
+    let redis = redis::Client::open("redis://127.0.0.1:6379").expect("redis url");
+    let mut redis = redis.get_multiplexed_async_connection().await.expect("redis");
+    let tag_set = format!("surge-http-cache:web:/:T\0{tag}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (named, lifetime) = loop {
+        let named: usize = redis::cmd("ZCARD").arg(&tag_set).query_async(&mut redis).await.expect("ZCARD");
+        let lifetime: i64 = redis::cmd("PTTL").arg(&tag_set).query_async(&mut redis).await.expect("PTTL");
+        if named > 0 || Instant::now() > deadline {
+            break (named, lifetime);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(named, 1, "the tag names the one object");
+    assert!((290_000..=300_000).contains(&lifetime), "the tag's set lives {lifetime} ms");
     let status = cache_status(&get(&two, &target).await);
     assert!(status.starts_with("surge; hit"), "node two: {status}");
     assert_eq!(upstream_count(&log, &target), 1, "node two answered from node one's response");
