@@ -326,6 +326,12 @@ impl Coding {
 /// The coding a request's `Accept-Encoding` prefers among brotli and gzip: the higher q-value,
 /// brotli on a tie (it is smaller); `q=0` refuses one, `*` stands for any not named.
 pub fn preferred_coding(request: &HeaderMap) -> Option<Coding> {
+    codings_by_preference(request).into_iter().next()
+}
+
+/// The codings among brotli and gzip that a request accepts, the preferred first (see
+/// [`preferred_coding`]).
+pub fn codings_by_preference(request: &HeaderMap) -> Vec<Coding> {
     let (mut brotli, mut gzip, mut any) = (None::<f32>, None::<f32>, None::<f32>);
     for value in request.get_all(ACCEPT_ENCODING) {
         let Ok(text) = value.to_str() else { continue };
@@ -346,13 +352,11 @@ pub fn preferred_coding(request: &HeaderMap) -> Option<Coding> {
     }
     let brotli = brotli.or(any).unwrap_or(0.0);
     let gzip = gzip.or(any).unwrap_or(0.0);
-    if brotli > 0.0 && brotli >= gzip {
-        Some(Coding::Brotli)
-    } else if gzip > 0.0 {
-        Some(Coding::Gzip)
-    } else {
-        None
-    }
+    let mut accepted: Vec<(f32, Coding)> =
+        [(brotli, Coding::Brotli), (gzip, Coding::Gzip)].into_iter().filter(|(q, _)| *q > 0.0).collect();
+    // Stable: brotli stays first on a tie.
+    accepted.sort_by(|a, b| b.0.total_cmp(&a.0));
+    accepted.into_iter().map(|(_, coding)| coding).collect()
 }
 
 /// Whether a stored response is worth compressing for clients: a 200 of a textual type, at

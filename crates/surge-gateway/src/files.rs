@@ -1,17 +1,23 @@
 //! Static content: `[static.NAME]` folders served as files by tower-http's `ServeDir`
-//! (`Last-Modified`, `Range`, precompressed `.br`/`.gz` siblings), with what it lacks added
-//! here: a weak `ETag` from the file's size and time and the 304 it earns, `Cache-Control` per
-//! file name pattern (`immutable` for fingerprinted names), an optional index file, and the
-//! refusals: other methods, NUL bytes, `..`, and symbolic links that lead out of the root.
-//! Folders are never listed.
+//! (`Last-Modified`, `If-Modified-Since`, `Range`), with what it lacks added here: a weak `ETag`
+//! from the file's size and time and the 304 it earns, precompressed `.br`/`.gz` siblings,
+//! `Cache-Control` per file name pattern (`immutable` for fingerprinted names), an optional
+//! index file, and the refusals: other methods, NUL bytes, `..`, and symbolic links that lead
+//! out of the root. Folders are never listed.
+//!
+//! The file (or sibling) is opened here and where it really is checked on the open descriptor;
+//! `ServeDir` then reads that very file through `/proc/self/fd`. So a link swapped in between
+//! the check and the read cannot lead it out of the root.
 
+use std::os::fd::AsRawFd;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 use bytes::Bytes;
 use http::header::{
-    HeaderValue, ACCEPT_ENCODING, ALLOW, CACHE_CONTROL, ETAG, IF_MODIFIED_SINCE, IF_NONE_MATCH, VARY,
+    HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_TYPE, ETAG, IF_MODIFIED_SINCE,
+    IF_NONE_MATCH, VARY,
 };
 use http::{Method, Request, Response, StatusCode};
 use surge_cache::rules;
@@ -25,6 +31,9 @@ use crate::GatewayError;
 /// What fingerprinted names are answered with: they never change, a new build has new names.
 const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 
+/// Where the process's open files can be opened again, each by its descriptor's number.
+const OPEN_FILES: &str = "/proc/self/fd";
+
 pub(crate) struct StaticSite {
     /// The root as the kernel resolves it, to tell a link that leads out of it.
     root: PathBuf,
@@ -37,10 +46,7 @@ pub(crate) struct StaticSite {
 impl StaticSite {
     pub(crate) fn new(config: &surge_config::StaticConfig) -> StaticSite {
         let root = std::fs::canonicalize(&config.root).unwrap_or_else(|_| config.root.clone());
-        let serve = ServeDir::new(&root)
-            .precompressed_br()
-            .precompressed_gzip()
-            .append_index_html_on_directories(false);
+        let serve = ServeDir::new(OPEN_FILES).append_index_html_on_directories(false);
         let cache_control = config
             .cache_control
             .iter()
@@ -117,19 +123,24 @@ pub(crate) async fn serve(
         if parts.headers.contains_key(IF_NONE_MATCH) {
             parts.headers.remove(IF_MODIFIED_SINCE);
         }
-        // ServeDir opens a `.br` or `.gz` sibling itself, following links: one that leads out
-        // of the root means this file is sent as it is.
-        if !siblings_inside(&resolved, &site.root).await {
-            parts.headers.remove(ACCEPT_ENCODING);
-        }
-        let served_path = resolved.strip_prefix(&site.root).map(Path::to_path_buf).unwrap_or_default();
-        let target = format!("/{}", encode_path(&served_path));
-        match target.parse() {
+        let Some((file, coding)) = open_preferred(&site.root, &resolved, &parts.headers).await else {
+            return not_found(parts.uri.path());
+        };
+        match format!("/{}", file.as_raw_fd()).parse() {
             Ok(uri) => parts.uri = uri,
-            Err(_) => return not_found(&target),
+            Err(_) => return not_found(parts.uri.path()),
         }
         let Ok(response) = site.serve.clone().oneshot(Request::from_parts(parts, ())).await;
-        response.map(GatewayBody::streaming)
+        // ServeDir has its own descriptor by now.
+        drop(file);
+        let mut response = response.map(GatewayBody::streaming);
+        let headers = response.headers_mut();
+        let kind = mime_guess::from_path(&resolved).first_raw().unwrap_or("application/octet-stream");
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static(kind));
+        if let Some(coding) = coding {
+            headers.insert(CONTENT_ENCODING, HeaderValue::from_static(coding.token()));
+        }
+        response
     };
     let headers = response.headers_mut();
     if let Some(etag) = etag.and_then(|etag| HeaderValue::from_str(&etag).ok()) {
@@ -143,18 +154,37 @@ pub(crate) async fn serve(
     response
 }
 
-/// Whether the precompressed siblings of `file` that exist stay inside `root`.
-async fn siblings_inside(file: &Path, root: &Path) -> bool {
-    for extension in ["br", "gz"] {
+/// The file to send for `file`: its precompressed sibling in the coding the client prefers
+/// among those it accepts and that exist, else the file itself; each opened only if it is
+/// under `root` (a sibling that leads out is passed over).
+async fn open_preferred(
+    root: &Path,
+    file: &Path,
+    request: &http::HeaderMap,
+) -> Option<(tokio::fs::File, Option<rules::Coding>)> {
+    for coding in rules::codings_by_preference(request) {
         let mut sibling = file.as_os_str().to_owned();
-        sibling.push(".");
-        sibling.push(extension);
-        let sibling = PathBuf::from(sibling);
-        if tokio::fs::symlink_metadata(&sibling).await.is_ok() && inside(root, &sibling).await.is_none() {
-            return false;
+        sibling.push(match coding {
+            rules::Coding::Brotli => ".br",
+            rules::Coding::Gzip => ".gz",
+        });
+        if let Some(opened) = open_inside(root, Path::new(&sibling)).await {
+            return Some((opened, Some(coding)));
         }
     }
-    true
+    Some((open_inside(root, file).await?, None))
+}
+
+/// `path` opened, if what was opened is a regular file under `root`. The check is on the
+/// descriptor (where the kernel says the open file is), not on the path, so no link swapped in
+/// meanwhile gets past it; and the open does not wait on a FIFO planted there.
+async fn open_inside(root: &Path, path: &Path) -> Option<tokio::fs::File> {
+    let mut options = tokio::fs::OpenOptions::new();
+    options.read(true).custom_flags(libc::O_NONBLOCK);
+    let file = options.open(path).await.ok()?;
+    let opened = tokio::fs::read_link(format!("{OPEN_FILES}/{}", file.as_raw_fd())).await.ok()?;
+    let regular = file.metadata().await.ok()?.is_file();
+    (regular && opened.starts_with(root)).then_some(file)
 }
 
 /// What `path` resolves to, links followed, and its metadata, if it exists under `root`: a
@@ -193,15 +223,6 @@ fn percent_decode(text: &str) -> Option<String> {
         .all(|rest| rest.len() >= 2 && rest.as_bytes()[..2].iter().all(u8::is_ascii_hexdigit));
     well_formed.then_some(())?;
     percent_encoding::percent_decode_str(text).decode_utf8().ok().map(|decoded| decoded.into_owned())
-}
-
-/// Every byte but unreserved ones and `/` is escaped in a request target made from a path.
-const PATH_ESCAPED: &percent_encoding::AsciiSet =
-    &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~').remove(b'/');
-
-/// A path as a request target again.
-fn encode_path(path: &Path) -> String {
-    percent_encoding::utf8_percent_encode(&path.to_string_lossy(), PATH_ESCAPED).to_string()
 }
 
 /// `W/"SIZE-MTIME"`, both in hex: changes when the file does, the same on every node serving
@@ -265,6 +286,29 @@ mod tests {
             assert_eq!(relative_path(refused, "/assets"), None, "{refused}");
         }
         assert_eq!(relative_path("/other/x", "/assets"), None);
+    }
+
+    #[tokio::test]
+    async fn only_regular_files_that_are_really_under_the_root_are_opened() {
+        let dir = tempfile::tempdir().expect("dir");
+        let root = dir.path().join("public");
+        std::fs::create_dir(&root).expect("root");
+        let root = std::fs::canonicalize(&root).expect("canonical root");
+        std::fs::write(root.join("app.css"), "body {}").expect("file");
+        std::fs::write(dir.path().join("secret.txt"), "not for you").expect("secret");
+        std::os::unix::fs::symlink(root.join("app.css"), root.join("alias.css")).expect("link in");
+        std::os::unix::fs::symlink(dir.path().join("secret.txt"), root.join("leak.txt")).expect("link out");
+        let made = std::process::Command::new("mkfifo").arg(root.join("pipe")).status().expect("mkfifo");
+        assert!(made.success(), "mkfifo");
+        assert!(open_inside(&root, &root.join("app.css")).await.is_some());
+        assert!(open_inside(&root, &root.join("alias.css")).await.is_some(), "a link that stays inside");
+        assert!(open_inside(&root, &root.join("leak.txt")).await.is_none(), "a link out");
+        assert!(open_inside(&root, &root).await.is_none(), "a folder");
+        assert!(
+            open_inside(&root, &root.join("pipe")).await.is_none(),
+            "a FIFO, without waiting for a writer"
+        );
+        assert!(open_inside(&root, &root.join("missing")).await.is_none());
     }
 
     #[test]

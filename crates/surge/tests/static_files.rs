@@ -26,6 +26,7 @@ fn write_site(dir: &Path) {
     std::fs::create_dir_all(public.join("sub")).expect("folders");
     std::fs::write(public.join("app.css"), "body { color: teal }\n").expect("css");
     std::fs::write(public.join("app.css.br"), "brotli bytes").expect("br sibling");
+    std::fs::write(public.join("app.css.gz"), "gzip bytes").expect("gz sibling");
     std::fs::write(public.join("app.3f2a9c1b.js"), "console.log(1)\n").expect("js");
     std::fs::write(public.join("index.html"), "<h1>shop</h1>\n").expect("index");
     std::fs::write(public.join("sub").join("notes.txt"), "notes\n").expect("notes");
@@ -43,6 +44,7 @@ async fn files_are_served_with_validators_ranges_and_precompressed_siblings() {
     let css = surge.get("/assets/app.css").await;
     assert_eq!(css.status, StatusCode::OK);
     assert_eq!(css.body, "body { color: teal }\n");
+    assert_eq!(css.headers["content-type"], "text/css");
     assert!(css.headers.contains_key("last-modified"));
     let etag = css.headers["etag"].to_str().expect("ascii").to_owned();
     assert!(etag.starts_with("W/\""), "{etag}");
@@ -69,6 +71,13 @@ async fn files_are_served_with_validators_ranges_and_precompressed_siblings() {
     assert_eq!(brotli.status, StatusCode::OK);
     assert_eq!(brotli.headers["content-encoding"], "br");
     assert_eq!(brotli.body, "brotli bytes");
+    assert_eq!(brotli.headers["content-type"], "text/css", "the type of the file, not of its sibling");
+    let preferred = [("accept-encoding", "br;q=0.5, gzip")];
+    let gzip = surge.request(Method::GET, "/assets/app.css", &preferred, Bytes::new()).await;
+    assert_eq!(
+        (gzip.headers["content-encoding"].to_str().ok(), &gzip.body[..]),
+        (Some("gzip"), &b"gzip bytes"[..])
+    );
 
     let fingerprinted = surge.get("/assets/app.3f2a9c1b.js").await;
     assert_eq!(fingerprinted.headers["cache-control"], "public, max-age=31536000, immutable");

@@ -626,6 +626,10 @@ fn the_preferred_coding_follows_accept_encoding() {
     assert_eq!(coding("*"), Some(Coding::Brotli));
     assert_eq!(coding("*;q=0, gzip"), Some(Coding::Gzip));
     assert_eq!(preferred_coding(&HeaderMap::new()), None);
+    let all = |value: &str| codings_by_preference(&fields(&[("accept-encoding", value)]));
+    assert_eq!(all("gzip, br"), [Coding::Brotli, Coding::Gzip]);
+    assert_eq!(all("br;q=0.5, gzip"), [Coding::Gzip, Coding::Brotli]);
+    assert_eq!(all("gzip, br;q=0"), [Coding::Gzip]);
     let vary = [HeaderName::from_static("accept-encoding")];
     let of = |value: &str| variant(&fields(&[("accept-encoding", value)]), &vary);
     assert_eq!(
