@@ -136,7 +136,7 @@ def median_of(rounds):
     for hits in rounds:
         for size, connections, name, m in hits:
             by_key.setdefault((size, connections, name), []).append(m)
-    return [(size, connections, name, bench.median(ms, ("rps", "p50", "p99", "cpu_us")))
+    return [(size, connections, name, bench.median(ms, ("rps", "p50", "p99", "cpu_us", "sys_us", "busy_cache", "busy_client")))
             for (size, connections, name), ms in by_key.items()]
 
 
@@ -151,6 +151,7 @@ def hits_and_storm(work, origin_port, name, start, hits, storms):
         bench.wrk(url, 16, bench.SHARED_CORE, "2s")  # fills the cache, warms up
         for connections in CONNECTIONS:
             m = bench.measure(process, url, connections)
+            m["busy_cache"], m["busy_client"] = m[f"busy_{bench.PROXY_CORE}"], m[f"busy_{bench.SHARED_CORE}"]
             hits.append((size, connections, name, m))
             print(f"{name:8} {size:>6} B {connections:>3} conns {m['rps']:>10,.0f} req/s  p50 {m['p50']:.2f} ms"
                   f"  p99 {m['p99']:.2f} ms  cpu {m['cpu_us']:.1f} µs/req", file=sys.stderr)
@@ -177,11 +178,12 @@ def report(hits, storms):
         f"`bench/cache/run.sh` (DURATION={DURATION}, ROUNDS={ROUNDS}, medians): cache hits, wrk closed loop; each cache pinned to core "
         f"{bench.PROXY_CORE} (Varnish `thread_pools=1`, nginx `worker_processes 1` with `proxy_cache`, Surge's "
         f"runtime sees one core), the nginx origin and wrk on core {bench.SHARED_CORE}. Ratios are to Varnish "
-        "(higher req/s is better; lower latency and CPU are better). CPU is the cache's user + system time per request.",
+        "(higher req/s is better; lower latency and CPU are better). CPU is the cache's user + system time per request, "
+        "kernel its system time alone; busy is how much of each core was in use (the cache's, and wrk's with the origin's).",
         "",
         "| body | conns | cache | req/s | × varnish | × nginx | p50 ms | p99 ms | p99 × varnish | p99 × nginx "
-        "| CPU µs/req | CPU × varnish |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| CPU µs/req | CPU × varnish | kernel µs/req | busy cache core | busy client core |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     index = {(s, c, n): m for s, c, n, m in hits}
     for size in SIZES:
@@ -195,7 +197,8 @@ def report(hits, storms):
                     f"| {body} | {connections} | {name} | {m['rps']:,.0f} | {m['rps'] / base['rps']:.2f} "
                     f"| {m['rps'] / other['rps']:.2f} | {m['p50']:.2f} | {m['p99']:.2f} "
                     f"| {m['p99'] / base['p99']:.2f} | {m['p99'] / other['p99']:.2f} | {m['cpu_us']:.1f} "
-                    f"| {m['cpu_us'] / base['cpu_us']:.2f} |"
+                    f"| {m['cpu_us'] / base['cpu_us']:.2f} | {m['sys_us']:.1f} | {m['busy_cache']:.0%} "
+                    f"| {m['busy_client']:.0%} |"
                 )
     lines += [
         "",

@@ -66,15 +66,32 @@ def process_tree(pid):
 
 def cpu_seconds(pid):
     """User + system CPU time of a process tree, all threads included."""
-    total = 0
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid):
+    """User and system CPU time of a process tree, all threads included, apart."""
+    user = system = 0
     for p in process_tree(pid):
         try:
             with open(f"/proc/{p}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
+            user += int(fields[11])
+            system += int(fields[12])
         except OSError:
             pass
-    return total / CLOCK_TICKS
+    return user / CLOCK_TICKS, system / CLOCK_TICKS
+
+
+def core_times(core):
+    """(busy, total) clock ticks of one core since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith(f"cpu{core} "):
+                ticks = [int(t) for t in line.split()[1:]]
+                idle = ticks[3] + ticks[4]  # idle, iowait
+                return sum(ticks) - idle, sum(ticks)
+    return 0, 1
 
 
 def rss_kib(pid):
@@ -117,9 +134,16 @@ def wrk(url, connections, core, duration=None, headers=()):
 
 def measure(process, url, connections, duration=None, headers=()):
     """wrk against `url`, with the CPU time `process` (and its children) spent per request."""
-    before = cpu_seconds(process.pid)
+    before = cpu_split(process.pid)
+    cores_before = {core: core_times(core) for core in (SHARED_CORE, PROXY_CORE)}
     m = wrk(url, connections, SHARED_CORE, duration, headers)
-    m["cpu_us"] = (cpu_seconds(process.pid) - before) / max(m["requests"], 1) * 1e6
+    user, system = (after - then for after, then in zip(cpu_split(process.pid), before))
+    requests = max(m["requests"], 1)
+    m["cpu_us"] = (user + system) / requests * 1e6
+    m["sys_us"] = system / requests * 1e6
+    for core, (busy, total) in cores_before.items():
+        busy_now, total_now = core_times(core)
+        m[f"busy_{core}"] = (busy_now - busy) / max(total_now - total, 1)
     return m
 
 
