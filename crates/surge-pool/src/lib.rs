@@ -39,7 +39,9 @@ use supervisor::{Command, Supervisor};
 pub type Snapshot = arc_swap::Guard<Arc<Vec<Arc<Instance>>>>;
 
 pub struct Pool {
-    config: Arc<ServiceConfig>,
+    name: String,
+    /// Swapped by a reload that rolls the pool onto a new configuration.
+    config: ArcSwap<ServiceConfig>,
     ready: ArcSwap<Vec<Arc<Instance>>>,
     all: ArcSwap<Vec<Arc<Instance>>>,
     desired: AtomicU32,
@@ -94,7 +96,8 @@ impl Pool {
     ) -> Pool {
         Pool {
             desired: AtomicU32::new(desired),
-            config: Arc::new(config),
+            name: config.name.clone(),
+            config: ArcSwap::from_pointee(config),
             ready: ArcSwap::default(),
             all: ArcSwap::default(),
             failures: AtomicU32::new(0),
@@ -130,11 +133,12 @@ impl Pool {
     }
 
     pub fn name(&self) -> &str {
-        &self.config.name
+        &self.name
     }
 
-    pub fn config(&self) -> &ServiceConfig {
-        &self.config
+    /// The configuration the pool runs now (a roll onto a new one swaps it at its start).
+    pub fn config(&self) -> arc_swap::Guard<Arc<ServiceConfig>> {
+        self.config.load()
     }
 
     /// The instances that take traffic now.
@@ -150,7 +154,7 @@ impl Pool {
     /// Whether an instance is on its way, so that a request may wait for one: the pool is
     /// autoscaled (it scales from zero on demand) or asked to run instances.
     pub fn expects_instances(&self) -> bool {
-        self.config.autoscale.is_some() || self.desired.load(Ordering::SeqCst) > 0
+        self.config.load().autoscale.is_some() || self.desired.load(Ordering::SeqCst) > 0
     }
 
     /// Tells the supervisor a request is waiting (an autoscaled pool at zero starts one now).
@@ -173,7 +177,7 @@ impl Pool {
             return;
         }
         let streak = instance.record_failure(probe);
-        let policy = OutlierPolicy::from(&self.config.outlier);
+        let policy = OutlierPolicy::from(&self.config.load().outlier);
         if streak < policy.consecutive_failures {
             return;
         }
@@ -210,6 +214,18 @@ impl Pool {
         let (reply, answer) = oneshot::channel();
         let shutting_down = || ScaleError::ShuttingDown { service: self.name().to_owned() };
         self.commands.send(Command::Scale { count, reply }).await.map_err(|_| shutting_down())?;
+        answer.await.map_err(|_| shutting_down())?
+    }
+
+    /// Rolls the pool onto `config`, one instance at a time: a new instance is launched, and
+    /// once it is ready an old one drains, until none is left (a rolling update with one
+    /// extra instance and none unavailable). Returns once the first new instance is ready, or
+    /// with why it failed, in which case the pool went back to the configuration it had.
+    pub async fn roll(&self, config: ServiceConfig) -> Result<(), String> {
+        let (reply, answer) = oneshot::channel();
+        let shutting_down = || format!("service `{}` is shutting down", self.name());
+        let command = Command::Roll { config: Arc::new(config), reply };
+        self.commands.send(command).await.map_err(|_| shutting_down())?;
         answer.await.map_err(|_| shutting_down())?
     }
 
@@ -257,12 +273,13 @@ impl Pool {
                 uptime_ms: u64::try_from(instance.launched.elapsed().as_millis()).unwrap_or(u64::MAX),
             })
             .collect();
+        let config = self.config.load();
         PoolStatus {
-            service: self.config.name.clone(),
+            service: self.name.clone(),
             desired: self.desired.load(Ordering::Relaxed),
-            min: self.config.instances.min,
-            max: self.config.instances.max,
-            balance: self.config.balance.as_str().to_owned(),
+            min: config.instances.min,
+            max: config.instances.max,
+            balance: config.balance.as_str().to_owned(),
             failures,
             crash_looping: failures >= plan::CRASH_LOOP_THRESHOLD,
             restarts: self.restarts.load(Ordering::Relaxed),
@@ -280,11 +297,14 @@ pub struct Pools {
     metrics: PoolMetrics,
 }
 
-/// What a reload changes among the pools: pools started for new or changed services, to be
-/// put in service once ready, and the pools they replace or that are no longer configured.
+/// What a reload changes among the pools: pools started for new services (and changed ones
+/// that cannot be rolled), to be put in service once ready; pools kept whose instances are to
+/// be replaced one at a time with their new configuration; and the pools replaced or no longer
+/// configured.
 pub struct Reconfiguration {
     pub pools: Vec<Arc<Pool>>,
     pub started: Vec<Arc<Pool>>,
+    pub rolled: Vec<(Arc<Pool>, ServiceConfig)>,
     pub retired: Vec<Arc<Pool>>,
 }
 
@@ -311,9 +331,14 @@ impl Pools {
         let current = self.current.load_full();
         let mut pools = Vec::new();
         let mut started = Vec::new();
+        let mut rolled = Vec::new();
         for service in services {
             match current.iter().find(|pool| pool.name() == service.name) {
-                Some(pool) if same_pool(pool.config(), service) => pools.push(Arc::clone(pool)),
+                Some(pool) if same_pool(&pool.config(), service) => pools.push(Arc::clone(pool)),
+                Some(pool) if rollable(&pool.config(), service) => {
+                    pools.push(Arc::clone(pool));
+                    rolled.push((Arc::clone(pool), service.clone()));
+                }
                 _ => {
                     let pool = Pool::start(service.clone(), Arc::clone(&self.driver), self.metrics.clone());
                     started.push(Arc::clone(&pool));
@@ -326,7 +351,7 @@ impl Pools {
             .filter(|pool| !pools.iter().any(|kept| Arc::ptr_eq(kept, pool)))
             .cloned()
             .collect();
-        Reconfiguration { pools, started, retired }
+        Reconfiguration { pools, started, rolled, retired }
     }
 
     /// Makes `pools` the deployment's pools.
@@ -352,6 +377,13 @@ pub async fn stop_all(pools: &[Arc<Pool>]) {
     for pool in stopping {
         let _ = pool.await;
     }
+}
+
+/// Whether a pool started for `running` can be rolled onto `wanted` in place: both launch
+/// their instances (a pool of upstreams, or one becoming so, is replaced whole).
+fn rollable(running: &ServiceConfig, wanted: &ServiceConfig) -> bool {
+    use surge_config::Backend;
+    matches!((&running.backend, &wanted.backend), (Backend::Command { .. }, Backend::Command { .. }))
 }
 
 /// Whether a pool started for `running` serves `wanted` as is: every setting but the routes

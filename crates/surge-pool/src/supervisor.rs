@@ -50,6 +50,21 @@ pub(crate) enum Command {
         id: String,
         cause: String,
     },
+    /// Replace the instances one at a time with ones of this configuration; the reply comes
+    /// once the first new one is ready, or failed (and the pool went back).
+    Roll {
+        config: Arc<ServiceConfig>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// A roll onto a new configuration whose first instance is not ready yet: what to go back
+/// to should it fail, and who waits to hear.
+struct Roll {
+    previous: Arc<ServiceConfig>,
+    previous_generation: u64,
+    previous_desired: u32,
+    reply: oneshot::Sender<Result<(), String>>,
 }
 
 enum Event {
@@ -75,6 +90,9 @@ enum Source {
 
 struct Member {
     key: u64,
+    /// The configuration it was launched with: older than the pool's means it is to be
+    /// replaced.
+    generation: u64,
     instance: Arc<Instance>,
     control: Arc<dyn InstanceControl>,
     /// Set once surge decided to stop it, so its exit is expected.
@@ -99,6 +117,9 @@ pub(crate) struct Supervisor {
     /// Set by a shutdown command: who to tell once every instance has stopped.
     shutdown_waiters: Option<Vec<oneshot::Sender<()>>>,
     autoscaler: Option<Autoscaler>,
+    /// Counts the configurations the pool was rolled onto.
+    generation: u64,
+    roll: Option<Roll>,
     events_tx: mpsc::UnboundedSender<Event>,
     events_rx: mpsc::UnboundedReceiver<Event>,
     commands: mpsc::Receiver<Command>,
@@ -112,7 +133,7 @@ impl Supervisor {
         commands: mpsc::Receiver<Command>,
     ) -> Self {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
-        let config = Arc::clone(&pool.config);
+        let config = pool.config.load_full();
         let autoscaler = config.autoscale.clone().map(Autoscaler::new);
         let labels = ServiceLabels { service: config.name.clone() };
         // Expose the counter at zero from the start, so rate() works from the first scrape.
@@ -142,6 +163,8 @@ impl Supervisor {
             restart_at: None,
             shutdown_waiters: None,
             autoscaler,
+            generation: 0,
+            roll: None,
             events_tx,
             events_rx,
             commands,
@@ -242,13 +265,78 @@ impl Supervisor {
                 };
                 let _ = reply.send(result);
             }
+            Command::Roll { config, reply } => self.roll_onto(config, reply),
             Command::Shutdown { reply } => {
+                if let Some(roll) = self.roll.take() {
+                    let _ = roll.reply.send(Err(format!("service `{}` is shutting down", self.service())));
+                }
                 self.shutdown_waiters.get_or_insert_with(Vec::new).push(reply);
                 for index in 0..self.members.len() {
                     self.drain(index);
                 }
             }
         }
+    }
+
+    /// Starts replacing the instances with ones of `config`, one at a time (see `reconcile`).
+    fn roll_onto(&mut self, config: Arc<ServiceConfig>, reply: oneshot::Sender<Result<(), String>>) {
+        if self.shutdown_waiters.is_some() {
+            let _ = reply.send(Err(format!("service `{}` is shutting down", self.service())));
+            return;
+        }
+        if let Some(overtaken) = self.roll.take() {
+            let _ = overtaken.reply.send(Err("overtaken by a newer configuration".to_owned()));
+        }
+        let previous_desired = self.pool.desired.load(Ordering::SeqCst);
+        let previous = self.configure(config);
+        let previous_generation = self.generation;
+        self.generation += 1;
+        tracing::info!("{}: rolling onto the new configuration, one instance at a time", self.service());
+        self.roll = Some(Roll { previous, previous_generation, previous_desired, reply });
+    }
+
+    /// Makes `config` the pool's, with what is built from it; returns the one it replaces.
+    fn configure(&mut self, config: Arc<ServiceConfig>) -> Arc<ServiceConfig> {
+        let previous = std::mem::replace(&mut self.config, Arc::clone(&config));
+        self.pool.config.store(Arc::clone(&config));
+        self.prober = Prober::new(&config);
+        if format!("{:?}", previous.autoscale) != format!("{:?}", config.autoscale) {
+            self.autoscaler = config.autoscale.clone().map(Autoscaler::new);
+        }
+        // A pool not autoscaled runs its new initial count; any pool stays within its bounds.
+        let desired = match &config.autoscale {
+            None if previous.instances != config.instances => config.instances.initial,
+            _ => self.pool.desired.load(Ordering::SeqCst).clamp(config.instances.min, config.instances.max),
+        };
+        self.pool.desired.store(desired, Ordering::SeqCst);
+        // Failures of the old configuration say nothing of the new one.
+        self.failures = 0;
+        self.restart_at = None;
+        previous
+    }
+
+    /// The first instance of a roll failed: back to the configuration before it, whose
+    /// instances still serve; the new ones go.
+    fn roll_failed(&mut self, why: String) {
+        let Some(roll) = self.roll.take() else { return };
+        tracing::error!(
+            "{}: the new configuration's first instance failed ({why}); back to the configuration in use",
+            self.service()
+        );
+        self.configure(roll.previous);
+        self.pool.desired.store(roll.previous_desired, Ordering::SeqCst);
+        self.generation = roll.previous_generation;
+        for index in 0..self.members.len() {
+            if self.members[index].generation > self.generation {
+                self.drain(index);
+            }
+        }
+        let _ = roll.reply.send(Err(why));
+    }
+
+    /// Whether a failed instance was the first of a roll onto a new configuration.
+    fn is_canary(&self, generation: u64) -> bool {
+        self.roll.is_some() && generation == self.generation
     }
 
     fn event(&mut self, event: Event) {
@@ -335,6 +423,9 @@ impl Supervisor {
             tracing::info!("{id} stopped ({})", exit.description);
             return;
         }
+        if self.is_canary(member.generation) {
+            return self.roll_failed(format!("{id} {}", exit.description));
+        }
         tracing::warn!("{id} {} unexpectedly; replacing it", exit.description);
         if member.ready_since.is_some_and(|since| since.elapsed() >= STABLE_AFTER) {
             self.failures = 0;
@@ -353,6 +444,8 @@ impl Supervisor {
         let start_timeout = self.config.lifecycle.start_timeout;
         let health_path = self.config.health.path.clone();
         let mut timed_out = 0;
+        let mut canary_failed = None;
+        let canary_generation = self.roll.as_ref().map(|_| self.generation);
         for member in &mut self.members {
             let instance = &member.instance;
             if member.stopping
@@ -371,9 +464,19 @@ impl Supervisor {
             instance.set_state(InstanceState::Stopping);
             member.control.kill();
             timed_out += 1;
+            if canary_generation == Some(member.generation) {
+                canary_failed = Some(format!(
+                    "{} did not pass its health check (GET {health_path}) within start_timeout \
+                     {start_timeout:?}; last attempt: {last}",
+                    instance.id
+                ));
+            }
         }
         for _ in 0..timed_out {
             self.record_failure();
+        }
+        if let Some(why) = canary_failed {
+            self.roll_failed(why);
         }
 
         let stable = self.members.iter().any(|m| {
@@ -497,34 +600,77 @@ impl Supervisor {
             return;
         }
         if self.shutdown_waiters.is_none() {
+            self.answer_roll();
             let desired = self.pool.desired.load(Ordering::SeqCst) as usize;
             let live: Vec<usize> = (0..self.members.len())
                 .filter(|&i| !self.members[i].stopping && self.members[i].instance.state().is_live())
                 .collect();
+            let old: Vec<usize> =
+                live.iter().copied().filter(|&i| self.members[i].generation < self.generation).collect();
             let backoff_over = self.restart_at.is_none_or(|at| Instant::now() >= at);
             if live.len() < desired && backoff_over {
                 for _ in live.len()..desired {
                     self.launch();
                 }
+            } else if !old.is_empty() {
+                // A roll: one new instance at a time, and an old one goes only once it is ready.
+                let new_starting = live.iter().any(|&i| {
+                    let member = &self.members[i];
+                    member.generation == self.generation && member.instance.state() == InstanceState::Starting
+                });
+                if !new_starting && live.len() > desired {
+                    let candidates = self.candidates(&old);
+                    for victim in scale_in::choose_victims(&candidates, 1) {
+                        self.drain(old[victim]);
+                    }
+                } else if !new_starting && backoff_over {
+                    self.launch();
+                }
             } else if live.len() > desired {
-                let candidates: Vec<Candidate> = live
-                    .iter()
-                    .map(|&i| {
-                        let instance = &self.members[i].instance;
-                        let standing = match instance.state() {
-                            InstanceState::Starting => Standing::Starting,
-                            InstanceState::Ready => Standing::Ready,
-                            _ => Standing::Unhealthy,
-                        };
-                        Candidate { standing, in_flight: instance.in_flight() }
-                    })
-                    .collect();
+                let candidates = self.candidates(&live);
                 for victim in scale_in::choose_victims(&candidates, live.len() - desired) {
                     self.drain(live[victim]);
                 }
             }
         }
         self.publish();
+    }
+
+    /// Tells whoever started a roll that its first instance is ready (or that there is none
+    /// to wait for: a pool at zero).
+    fn answer_roll(&mut self) {
+        if self.roll.is_none() {
+            return;
+        }
+        let generation = self.generation;
+        let ready = self
+            .members
+            .iter()
+            .any(|m| !m.stopping && m.generation == generation && m.instance.state() == InstanceState::Ready);
+        let nothing_to_replace = self.pool.desired.load(Ordering::SeqCst) == 0
+            && self.members.iter().all(|m| m.stopping || m.generation == generation);
+        if ready || nothing_to_replace {
+            if let Some(roll) = self.roll.take() {
+                tracing::info!("{}: the new configuration's first instance is ready", self.service());
+                let _ = roll.reply.send(Ok(()));
+            }
+        }
+    }
+
+    /// The members at `indices` as scale-in sees them.
+    fn candidates(&self, indices: &[usize]) -> Vec<Candidate> {
+        indices
+            .iter()
+            .map(|&i| {
+                let instance = &self.members[i].instance;
+                let standing = match instance.state() {
+                    InstanceState::Starting => Standing::Starting,
+                    InstanceState::Ready => Standing::Ready,
+                    _ => Standing::Unhealthy,
+                };
+                Candidate { standing, in_flight: instance.in_flight() }
+            })
+            .collect()
     }
 
     fn launch(&mut self) {
@@ -555,6 +701,9 @@ impl Supervisor {
             Err(err) => {
                 tracing::error!("{}: {err}", spec.instance_id);
                 self.record_failure();
+                if self.roll.is_some() {
+                    self.roll_failed(format!("{}: {err}", spec.instance_id));
+                }
             }
         }
     }
@@ -590,6 +739,7 @@ impl Supervisor {
 
         self.members.push(Member {
             key,
+            generation: self.generation,
             instance,
             control: Arc::from(launched.control),
             stopping: false,

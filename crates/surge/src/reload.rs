@@ -3,15 +3,18 @@
 //! go back to whoever asked, as `surge check` would print them.
 //!
 //! Order matters for losing nothing: certificates are checked before anything changes; pools
-//! for new and changed services start and become ready while the old ones still serve; then
-//! the gateway is swapped whole (requests in flight finish on the one they began on); only
-//! then do the pools no longer wanted drain and stop.
+//! for new services start and become ready while the old ones still serve; a changed service
+//! keeps its pool, whose instances are replaced one at a time (a new one ready before an old
+//! one drains), and the reload goes on once the first new one is ready; then the gateway is
+//! swapped whole (requests in flight finish on the one they began on); only then do the pools
+//! no longer wanted drain and stop. A changed service that cannot be rolled (upstreams) gets a
+//! whole new pool, made ready before the swap.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use surge_config::Config;
+use surge_config::{Config, ServiceConfig};
 use surge_gateway::{Gateway, LiveGateway, Shared};
 use surge_pool::{Pool, Pools};
 
@@ -51,7 +54,11 @@ impl Running {
             _ => None,
         };
         let change = self.pools.reconfigure(&config.pools());
-        if let Err(problem) = ready_or_not(&change.started).await {
+        let mut ready = ready_or_not(&change.started).await;
+        if ready.is_ok() {
+            ready = rolled_or_not(&change.rolled).await;
+        }
+        if let Err(problem) = ready {
             surge_pool::stop_all(&change.started).await;
             return Err(format!("{problem}; the configuration in use stays"));
         }
@@ -62,7 +69,8 @@ impl Running {
         let gateway = Gateway::new(&config, &change.pools, &self.shared, Some(&previous));
         self.gateway.store(Arc::new(gateway));
         self.pools.install(change.pools);
-        let summary = summary(&change.started, &change.retired, &self.config, &config);
+        let rolled: Vec<&str> = change.rolled.iter().map(|(pool, _)| pool.name()).collect();
+        let summary = summary(&change.started, &rolled, &change.retired, &self.config, &config);
         tokio::spawn(retire(change.retired));
         self.observer.configure(&config);
         // After logrotate moved the file, a reload starts a new one (as nginx -s reopen).
@@ -134,6 +142,41 @@ fn queue_shapes(config: &Config) -> Vec<String> {
         .collect()
 }
 
+/// Rolls each pool in `rolled` onto its new configuration, side by side, until each has its
+/// first new instance ready. If one fails, those that got that far are rolled back (in the
+/// background: their old instances still serve meanwhile) and the failure is the answer.
+async fn rolled_or_not(rolled: &[(Arc<Pool>, ServiceConfig)]) -> Result<(), String> {
+    let mut rolling = tokio::task::JoinSet::new();
+    for (pool, config) in rolled {
+        let (pool, config, previous) =
+            (Arc::clone(pool), config.clone(), ServiceConfig::clone(&pool.config()));
+        rolling.spawn(async move { (pool.roll(config).await, pool, previous) });
+    }
+    let (mut failure, mut done) = (None, Vec::new());
+    while let Some(outcome) = rolling.join_next().await {
+        match outcome {
+            Ok((Ok(()), pool, previous)) => done.push((pool, previous)),
+            Ok((Err(why), pool, _)) => {
+                failure = Some(format!(
+                    "service `{}`: the new configuration's first instance failed: {why} \
+                     (its old instances keep serving)",
+                    pool.name()
+                ))
+            }
+            Err(err) => failure = Some(format!("rolling a service failed: {err}")),
+        }
+    }
+    let Some(failure) = failure else { return Ok(()) };
+    for (pool, previous) in done {
+        tokio::spawn(async move {
+            if let Err(why) = pool.roll(previous).await {
+                tracing::error!("service `{}`: rolling back failed too: {why}", pool.name());
+            }
+        });
+    }
+    Err(failure)
+}
+
 /// Waits until every pool in `started` has its instances ready, each within its start
 /// timeout; they start side by side.
 async fn ready_or_not(started: &[Arc<Pool>]) -> Result<(), String> {
@@ -162,16 +205,27 @@ async fn ready_or_not(started: &[Arc<Pool>]) -> Result<(), String> {
     Ok(())
 }
 
-fn summary(started: &[Arc<Pool>], retired: &[Arc<Pool>], before: &Config, after: &Config) -> String {
+fn summary(
+    started: &[Arc<Pool>],
+    rolled: &[&str],
+    retired: &[Arc<Pool>],
+    before: &Config,
+    after: &Config,
+) -> String {
     let names = |pools: &[Arc<Pool>]| pools.iter().map(|p| p.name().to_owned()).collect::<Vec<_>>();
     let (started, retired) = (names(started), names(retired));
-    let replaced: Vec<&String> = started.iter().filter(|name| retired.contains(name)).collect();
-    let added: Vec<&String> = started.iter().filter(|name| !retired.contains(name)).collect();
-    let removed: Vec<&String> = retired.iter().filter(|name| !started.contains(name)).collect();
+    let mut replaced: Vec<String> = started
+        .iter()
+        .filter(|name| retired.contains(name))
+        .map(|name| format!("{name} (whole pool)"))
+        .collect();
+    replaced.extend(rolled.iter().map(|name| format!("{name} (one instance at a time)")));
+    let added: Vec<String> = started.iter().filter(|name| !retired.contains(name)).cloned().collect();
+    let removed: Vec<String> = retired.iter().filter(|name| !started.contains(name)).cloned().collect();
     let routes = |config: &Config| config.services.iter().map(|s| s.routes.len()).sum::<usize>();
-    let list = |names: &[&String]| match names {
+    let list = |names: &[String]| match names {
         [] => "none".to_owned(),
-        names => names.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(", "),
+        names => names.join(", "),
     };
     format!(
         "services added: {}; replaced: {}; removed: {}; routes: {} before, {} now",

@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{http_client, send, Surge, ECHO};
 use hyper::{Method, StatusCode};
+use surge_admin::api::InstanceState;
 
 /// The services of the `round`th configuration: `web` changes its environment every round (so
 /// its pool is replaced), `extra` comes and goes, and the routes change with it.
@@ -111,6 +112,78 @@ async fn ten_reloads_under_load_lose_no_request() {
     let status = surge.status().await;
     let names: Vec<&str> = status.iter().map(|s| s.service.as_str()).collect();
     assert_eq!(names, ["web"], "{status:?}");
+}
+
+/// A changed service keeps its pool: its instances are replaced one at a time, a new one
+/// ready before an old one drains, so the pool never has fewer ready instances than it should
+/// nor more than one extra.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_service_is_replaced_one_instance_at_a_time() {
+    let web = |round: usize| {
+        format!(
+            "[services.web]\ncommand = \"{{echo}}\"\nroutes = [\"/\"]\ninstances = {{ min = 3, max = 3 }}\n\
+             env = {{ ROUND = \"{round}\", SURGE_ECHO_STARTUP = \"300ms\" }}\n"
+        )
+    };
+    let surge = Surge::start(&web(0)).await;
+    let first: Vec<String> = surge.service("web").await.instances.iter().map(|i| i.id.clone()).collect();
+    assert_eq!(first.len(), 3);
+
+    rewrite(&surge, &web(1).replace("{echo}", ECHO));
+    let output = surge.cli(&["reload"]);
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(said.contains("replaced: web (one instance at a time)"), "{said}");
+    // Watched until no instance of the first configuration is left.
+    let (mut most_live, mut fewest_ready, mut looks, mut mixed) = (0, usize::MAX, 0, false);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let last = loop {
+        let web = surge.service("web").await;
+        let live = web.instances.iter().filter(|i| i.state.is_live()).count();
+        let ready = web.instances.iter().filter(|i| i.state == InstanceState::Ready).count();
+        (most_live, fewest_ready, looks) = (most_live.max(live), fewest_ready.min(ready), looks + 1);
+        let old_left = web.instances.iter().any(|i| first.contains(&i.id));
+        let serving = |old: bool| {
+            web.instances.iter().any(|i| i.state == InstanceState::Ready && first.contains(&i.id) == old)
+        };
+        mixed |= serving(true) && serving(false);
+        if !old_left && ready == 3 {
+            break web;
+        }
+        assert!(std::time::Instant::now() < deadline, "the roll did not end: {web:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(most_live <= 4, "at most one extra instance at a time: {most_live} live at once");
+    assert_eq!(fewest_ready, 3, "never fewer ready instances than the pool runs ({looks} looks)");
+    assert!(mixed, "old and new instances served side by side in one pool ({looks} looks)");
+    assert_eq!(last.instances.len(), 3, "{last:?}");
+}
+
+/// A change whose new instance cannot start is refused: the old instances keep serving, and
+/// the pool is back on the configuration in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_whose_first_new_instance_fails_is_rolled_back() {
+    let surge = Surge::start(&services(0).replace(ECHO, "{echo}")).await;
+    let first: Vec<String> = surge.service("web").await.instances.iter().map(|i| i.id.clone()).collect();
+    rewrite(
+        &surge,
+        "[services.web]\ncommand = \"false\"\nroutes = [\"/\"]\ninstances = { min = 2, max = 2 }\n",
+    );
+    let output = surge.cli(&["reload"]);
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{}", String::from_utf8_lossy(&output.stdout));
+    assert!(said.contains("service `web`: the new configuration's first instance failed"), "{said}");
+    assert!(said.contains("the configuration in use stays"), "{said}");
+    assert_eq!(surge.get("/").await.status, StatusCode::OK);
+    let web = surge
+        .wait_for("the failed instance gone", |status| {
+            status[0].instances.iter().all(|i| first.contains(&i.id) || !i.state.is_live())
+        })
+        .await;
+    let serving: Vec<&str> =
+        web[0].instances.iter().filter(|i| i.state == InstanceState::Ready).map(|i| i.id.as_str()).collect();
+    assert_eq!(serving.len(), 2, "{web:?}");
+    assert!(serving.iter().all(|id| first.iter().any(|f| f == id)), "{web:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -98,7 +98,7 @@ pub fn build(pool: &Arc<Pool>, metrics: &GatewayMetrics) -> ServiceStack {
         .layer(balance::BalanceLayer(Arc::clone(pool)))
         .layer(breaker::BreakerLayer(Arc::clone(pool)))
         .layer(timeout::TryTimeoutLayer { per_try: config.timeouts.per_try, service })
-        .service(endpoint::Endpoint::new(config))
+        .service(endpoint::Endpoint::new(&config))
 }
 
 #[cfg(test)]
