@@ -7,8 +7,9 @@
 //! keeps its pool, whose instances are replaced one at a time (a new one ready before an old
 //! one drains), and the reload goes on once the first new one is ready; then the gateway is
 //! swapped whole (requests in flight finish on the one they began on); only then do the pools
-//! no longer wanted drain and stop. A changed service that cannot be rolled (upstreams) gets a
-//! whole new pool, made ready before the swap.
+//! no longer wanted drain and stop, once no request that took the old gateway can reach them.
+//! A changed service that cannot be rolled (upstreams) gets a whole new pool, made ready before
+//! the swap.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -82,20 +83,21 @@ impl Running {
     }
 }
 
-/// Stops the pools a reload left behind, once they are quiet. A request that took the old
-/// gateway just before the swap still reaches its pool: the instances keep serving until no
-/// request is in flight or waiting there for a few looks in a row (or the pools' drain timeout
-/// passes), and only then drain and stop.
+/// Stops the pools a reload left behind once nothing can reach them. A request that took the
+/// old gateway just before the swap holds a copy of its service's stack, and with it the pool:
+/// so a retired pool is stopped only once no one but this task and its supervisor holds it and
+/// nothing is in flight or waiting there (or its drain timeout has passed), then it drains.
 async fn retire(pools: Vec<Arc<Pool>>) {
     const LOOK: Duration = Duration::from_millis(100);
-    const QUIET_LOOKS: u32 = 3;
+    /// This task's reference and the pool supervisor's.
+    const OWN_REFERENCES: usize = 2;
     let patience = pools.iter().map(|pool| pool.config().lifecycle.drain_timeout).max().unwrap_or_default();
     let deadline = tokio::time::Instant::now() + patience;
-    let mut quiet = 0;
-    while quiet < QUIET_LOOKS && tokio::time::Instant::now() < deadline {
+    let unreachable = |pool: &Arc<Pool>| {
+        Arc::strong_count(pool) <= OWN_REFERENCES && pool.load().active() == 0 && pool.load().waiting() == 0
+    };
+    while !pools.iter().all(unreachable) && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(LOOK).await;
-        let idle = pools.iter().all(|pool| pool.load().active() == 0 && pool.load().waiting() == 0);
-        quiet = if idle { quiet + 1 } else { 0 };
     }
     surge_pool::stop_all(&pools).await;
 }

@@ -84,7 +84,12 @@ async fn ten_reloads_under_load_lose_no_request() {
     let surge = Surge::start(&services(0).replace(ECHO, "{echo}")).await;
     let (stop, tally) = (Arc::new(AtomicBool::new(false)), Arc::new(Tally::default()));
     let workers = load(&surge, &stop, &tally);
+    let mut removed_instances = Vec::new();
     for round in 1..=10 {
+        if round % 2 == 0 {
+            let extra = surge.status().await.into_iter().filter(|s| s.service == "extra").collect::<Vec<_>>();
+            removed_instances.extend(common::pids(&extra));
+        }
         rewrite(&surge, &services(round));
         let output = surge.cli(&["reload"]);
         let said = String::from_utf8_lossy(&output.stdout);
@@ -112,6 +117,9 @@ async fn ten_reloads_under_load_lose_no_request() {
     let status = surge.status().await;
     let names: Vec<&str> = status.iter().map(|s| s.service.as_str()).collect();
     assert_eq!(names, ["web"], "{status:?}");
+    // Once nothing could reach them (well before their 30 s drain timeout).
+    assert_eq!(removed_instances.len(), 5, "one instance of `extra` removed in each even round");
+    assert_eq!(common::survivors(&removed_instances, Duration::from_secs(10)), Vec::<u32>::new());
 }
 
 /// A changed service keeps its pool: its instances are replaced one at a time, a new one
