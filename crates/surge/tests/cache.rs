@@ -52,6 +52,23 @@ fn unique(name: &str) -> String {
     format!("{name}-{nanos}-{}", std::process::id())
 }
 
+/// `count` GETs of `target` sent at once, each on its own task; their answers.
+async fn all_at_once(surge: &Surge, target: &str, count: usize) -> Vec<Answer> {
+    let url = surge.url(target);
+    let client = common::http_client();
+    let requests: Vec<_> = (0..count)
+        .map(|_| {
+            let (client, url) = (client.clone(), url.clone());
+            tokio::spawn(async move { common::send(&client, Method::GET, &url, &[], Bytes::new()).await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for request in requests {
+        answers.push(request.await.expect("task").expect("answer"));
+    }
+    answers
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_misses_for_one_key_make_one_upstream_request() {
     let dir = tempfile::tempdir().expect("dir");
@@ -60,15 +77,8 @@ async fn a_thousand_concurrent_misses_for_one_key_make_one_upstream_request() {
         Surge::start(&service(&log, r#"[{ prefix = "/", cache = { collapse_timeout = "20s" } }]"#, "")).await;
     // The instance takes a while, so that every request arrives while the first is upstream.
     let target = format!("/hot?delay=500ms&{}", header_knob("cache-control", "max-age=60"));
-    let url = surge.url(&target);
-    let client = common::http_client();
-    let requests = (0..1000).map(|_| {
-        let (client, url) = (client.clone(), url.clone());
-        tokio::spawn(async move { common::send(&client, Method::GET, &url, &[], Bytes::new()).await })
-    });
     let mut statuses = std::collections::BTreeMap::new();
-    for request in requests.collect::<Vec<_>>() {
-        let answer = request.await.expect("task").expect("answer");
+    for answer in all_at_once(&surge, &target, 1000).await {
         assert_eq!(answer.status, StatusCode::OK, "{}", String::from_utf8_lossy(&answer.body));
         let status = cache_status(&answer);
         let kind = if status.contains("collapsed") {
@@ -610,15 +620,8 @@ async fn after_a_failed_fetch_the_waiting_requests_go_one_at_a_time() {
         marker.display(),
         header_knob("cache-control", "max-age=60")
     );
-    let url = surge.url(&target);
-    let client = common::http_client();
-    let requests = (0..20).map(|_| {
-        let (client, url) = (client.clone(), url.clone());
-        tokio::spawn(async move { common::send(&client, Method::GET, &url, &[], Bytes::new()).await })
-    });
     let mut statuses = std::collections::BTreeMap::new();
-    for request in requests.collect::<Vec<_>>() {
-        let answer = request.await.expect("task").expect("answer");
+    for answer in all_at_once(&surge, &target, 20).await {
         *statuses.entry(answer.status.as_u16()).or_insert(0) += 1;
     }
     // The failure sent the next waiting request, whose answer was stored for all the others;
