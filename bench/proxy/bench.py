@@ -306,9 +306,9 @@ backend backend
     return work.spawn(["haproxy", "-f", conf], PROXY_CORE)
 
 
-def surge_config(work, port, backend_port, health=f'path = "/{SIZES[0]}"', gateway=""):
+def surge_config(work, port, backend_port, health=f'path = "/{SIZES[0]}"', gateway="", routes='["/"]'):
     """A surge.toml that puts `backend_port` behind a gateway on `port` (with more `gateway`
-    keys, if given); its path."""
+    keys, if given, and `routes`); its path."""
     conf = work.path(f"surge-{port}.toml")
     with open(conf, "w") as f:
         f.write(f"""
@@ -319,7 +319,7 @@ listen = "127.0.0.1:{port}"
 listen = "127.0.0.1:{free_port()}"
 [services.backend]
 upstreams = ["127.0.0.1:{backend_port}"]
-routes = ["/"]
+routes = {routes}
 health = {{ {health} }}
 """)
     return conf

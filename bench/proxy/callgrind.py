@@ -9,6 +9,9 @@ the requests. Usage:
 
     bench/proxy/callgrind.py [SURGE_BINARY ...]     # default: target/release/surge
 
+With ROUTE=cache the route caches what nginx answers (`default_ttl`, nginx sends no freshness),
+so every counted request is a cache hit: the instructions of the response cache's hit path.
+
 Each binary given is measured in turn, so a before and an after can be compared in one run.
 With KEEP=DIR the dumps stay in DIR, for `callgrind_annotate --inclusive=yes DIR/FILE`.
 Needs nginx, h2load (nghttp2-client) and valgrind.
@@ -27,6 +30,8 @@ from bench import SURGE, SIZES, Work, free_port, nginx_origin, surge_config, wai
 
 REQUESTS = int(os.environ.get("REQUESTS", "20000"))
 CONNECTIONS = int(os.environ.get("CONNECTIONS", "16"))
+ROUTES = {"proxy": '["/"]', "cache": '[{ prefix = "/", cache = { default_ttl = "1h" } }]'}[
+    os.environ.get("ROUTE", "proxy")]
 SIZE = SIZES[0]
 
 
@@ -41,7 +46,7 @@ def total_instructions(dump):
 def measure(work, binary, origin_port):
     port = free_port()
     # Health checks once a minute, so that they are not in the count.
-    conf = surge_config(work, port, origin_port, health=f'path = "/{SIZE}", interval = "60s"')
+    conf = surge_config(work, port, origin_port, health=f'path = "/{SIZE}", interval = "60s"', routes=ROUTES)
     out = work.path(f"callgrind-{port}")
     process = work.spawn(
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p", "--dump-instr=no",
@@ -79,8 +84,8 @@ def main():
         wait_port(origin_port, "the nginx backend")
         for binary in binaries:
             per_request = measure(work, binary, origin_port)
-            print(f"{binary}: {per_request:,.0f} instructions per request "
-                  f"({REQUESTS} requests of {SIZE} B over {CONNECTIONS} connections)")
+            print(f"{binary}: {per_request:,.0f} instructions per request ({os.environ.get('ROUTE', 'proxy')}, "
+                  f"{REQUESTS} requests of {SIZE} B over {CONNECTIONS} connections)")
     finally:
         work.close()
 

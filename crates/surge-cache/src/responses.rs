@@ -479,14 +479,14 @@ impl ResponseCache {
 
     /// What the local tier has for a request to `base`.
     pub fn lookup_local(&self, base: &str, request: &HeaderMap) -> Lookup {
-        match self.local.get(&format!("v\0{base}")) {
+        match self.local.get(&local_key("v", base)) {
             Some(Slot::Vary(varying)) => match self.local.get(&object_key(base, request, &varying.fields)) {
                 Some(Slot::Object(stored)) if stored.generation == varying.generation => {
                     Lookup::Found(stored)
                 }
                 _ => Lookup::Miss,
             },
-            _ if self.local.contains_key(&format!("p\0{base}")) => Lookup::Pass,
+            _ if self.local.contains_key(&local_key("p", base)) => Lookup::Pass,
             _ => Lookup::Miss,
         }
     }
@@ -502,7 +502,7 @@ impl ResponseCache {
         // Most responses vary by nothing: ask for the list and that object at once.
         let no_variant = object_key(base, request, &[]);
         let mut pipe = redis::pipe();
-        pipe.get(self.redis_key(&format!("v\0{base}"))).get(self.redis_key(&no_variant));
+        pipe.get(self.redis_key(&local_key("v", base))).get(self.redis_key(&no_variant));
         let asked = pipe.query_async::<(Option<String>, Option<Vec<u8>>)>(&mut redis);
         let Some((varying, mut object)) = self.redis_call("read", asked).await else { return local };
         let Some(varying) = varying.as_deref().and_then(Varying::decode) else { return Lookup::Miss };
@@ -524,7 +524,7 @@ impl ResponseCache {
         let stored = Arc::new(stored);
         // Read before a purge that came meanwhile: served to this request, not kept.
         if let Some(_unpurged) = self.unpurged_since(began) {
-            self.local.insert(format!("v\0{base}"), Slot::Vary(Arc::new(varying)));
+            self.local.insert(local_key("v", base), Slot::Vary(Arc::new(varying)));
             self.local.insert(key, Slot::Object(Arc::clone(&stored)));
         }
         Lookup::Found(stored)
@@ -569,7 +569,7 @@ impl ResponseCache {
     ) -> bool {
         let Some(unpurged) = self.unpurged_since(began) else { return false };
         let fields: Arc<[HeaderName]> = stored.storable.vary.iter().cloned().collect();
-        let vary_key = format!("v\0{base}");
+        let vary_key = local_key("v", base);
         let varying = match self.local.get(&vary_key) {
             Some(Slot::Vary(varying)) if varying.fields == fields => varying,
             _ => Arc::new(Varying { fields, generation: fastrand::u64(..) }),
@@ -578,7 +578,7 @@ impl ResponseCache {
         let key = object_key(base, request, &varying.fields);
         let stored = Arc::new(stored);
         ResponseMetrics::count(&self.metrics.stored);
-        self.local.invalidate(&format!("p\0{base}"));
+        self.local.invalidate(&local_key("p", base));
         self.local.insert(vary_key, Slot::Vary(Arc::clone(&varying)));
         self.local.insert(key.clone(), Slot::Object(Arc::clone(&stored)));
         drop(unpurged);
@@ -599,7 +599,7 @@ impl ResponseCache {
         let keep = stored.keep_for(SystemTime::now());
         let millis = u64::try_from(keep.as_millis()).unwrap_or(u64::MAX).max(1);
         let mut pipe = redis::pipe();
-        let vary_key = self.redis_key(&format!("v\0{base}"));
+        let vary_key = self.redis_key(&local_key("v", base));
         pipe.cmd("SET").arg(&vary_key).arg(varying.encode()).arg("PX").arg(millis).ignore();
         pipe.cmd("SET").arg(self.redis_key(key)).arg(stored.encode()).arg("PX").arg(millis).ignore();
         self.tag_in_redis(&mut pipe, &self.redis_key(key), stored, keep);
@@ -632,7 +632,7 @@ impl ResponseCache {
     /// in the background in Redis and on the other nodes. The next response stored for it
     /// starts a new generation, so no variant stored before is served again.
     pub fn forget(self: &Arc<Self>, base: &str) {
-        let vary = format!("v\0{base}");
+        let vary = local_key("v", base);
         self.forget_local(&vary);
         let (cache, base) = (Arc::clone(self), base.to_owned());
         tokio::spawn(async move {
@@ -660,7 +660,7 @@ impl ResponseCache {
             Heard::Purge(what, soft) => {
                 self.purge_local(what, *soft);
             }
-            Heard::Forget(base) => self.forget_local(&format!("v\0{base}")),
+            Heard::Forget(base) => self.forget_local(&local_key("v", base)),
         }
     }
 
@@ -677,7 +677,7 @@ impl ResponseCache {
     /// Remembers that `base`'s response could not be stored: its requests go upstream at once
     /// for a while, rather than each waiting for the one before.
     pub fn pass(&self, base: &str) {
-        self.local.insert(format!("p\0{base}"), Slot::Pass);
+        self.local.insert(local_key("p", base), Slot::Pass);
     }
 
     /// Purges what matches here, in Redis, and on every node sharing it. Returns how many
@@ -821,8 +821,8 @@ impl ResponseCache {
     /// Redis's objects under `base` (exactly it, with any key fields and variants, when
     /// `exact`; else anything starting with it).
     async fn scan_objects(&self, redis: &mut ConnectionManager, base: &str, exact: bool) -> Vec<String> {
-        let pattern = format!("{}*", glob_escape(&self.redis_key(&format!("o\0{base}"))));
-        let exact_base = self.redis_key(&format!("o\0{base}"));
+        let pattern = format!("{}*", glob_escape(&self.redis_key(&local_key("o", base))));
+        let exact_base = self.redis_key(&local_key("o", base));
         let (mut cursor, mut found) = (0u64, Vec::new());
         loop {
             let mut scan = redis::cmd("SCAN");
@@ -864,8 +864,24 @@ impl ResponseCache {
     }
 }
 
+/// The local tier's key of `kind` (`v`: the fields a URL varies by, `p`: a URL whose answers
+/// pass, `o`: an object) for `base`. Built by hand rather than by `format!`: it is on every
+/// hit's path.
+fn local_key(kind: &str, base: &str) -> String {
+    let mut key = String::with_capacity(kind.len() + 1 + base.len() + 1);
+    key.push_str(kind);
+    key.push('\0');
+    key.push_str(base);
+    key
+}
+
 fn object_key(base: &str, request: &HeaderMap, vary: &[HeaderName]) -> String {
-    format!("o\0{base}\0{}", rules::variant(request, vary))
+    let variant = rules::variant(request, vary);
+    let mut key = local_key("o", base);
+    key.reserve(1 + variant.len());
+    key.push('\0');
+    key.push_str(&variant);
+    key
 }
 
 /// `text` matched literally by a Redis glob pattern.

@@ -49,7 +49,7 @@ const NOT_MODIFIED_FIELDS: [HeaderName; 7] = [
 /// Answers a request to a cached route.
 pub(crate) async fn serve(
     cache: Arc<ResponseCache>,
-    stack: ServiceStack,
+    stack: StackOf,
     service: Arc<str>,
     request: Request<ClientBody>,
     host: String,
@@ -58,11 +58,17 @@ pub(crate) async fn serve(
     let tls = parts.extensions.get::<crate::server::ClientAddr>().is_some_and(|client| client.tls);
     let base = cache.key(if tls { "https" } else { "http" }, &host, &parts.uri, &parts.headers);
     let fetch = Fetch { cache, stack, service, base };
+    // What goes upstream is boxed: the hit path's future stays small, so the one boxed per
+    // request (and moved about) is.
     if parts.method != Method::GET && parts.method != Method::HEAD {
-        return fetch.other_method(parts, body).await;
+        return Box::pin(fetch.other_method(parts, body)).await;
     }
     let now = SystemTime::now();
-    match fetch.cache.lookup(&fetch.base, &parts.headers).await {
+    let found = match fetch.cache.lookup_local(&fetch.base, &parts.headers) {
+        Lookup::Miss => Box::pin(fetch.cache.lookup(&fetch.base, &parts.headers)).await,
+        found => found,
+    };
+    match found {
         Lookup::Found(stored) => {
             match fetch.usable(&stored, &parts.headers, now) {
                 Use::Fresh => fetch.hit(&stored, &parts, now),
@@ -74,16 +80,18 @@ pub(crate) async fn serve(
                 // What must be revalidated may not be served without asking (RFC 9111 §5.2.1.7).
                 Use::Revalidate if only_if_cached(&parts.headers) => fetch.not_cached(),
                 // A HEAD neither revalidates nor refreshes what GET stored.
-                Use::Revalidate if parts.method == Method::HEAD => fetch.passed(parts, body, "stale").await,
-                Use::Revalidate => fetch.collapsed(parts, body, Some(stored), "stale").await,
+                Use::Revalidate if parts.method == Method::HEAD => {
+                    Box::pin(fetch.passed(parts, body, "stale")).await
+                }
+                Use::Revalidate => Box::pin(fetch.collapsed(parts, body, Some(stored), "stale")).await,
             }
         }
         Lookup::Miss | Lookup::Pass if only_if_cached(&parts.headers) => fetch.not_cached(),
         // A HEAD is answered from GET's entry, but does not fill it; a key whose answers lately
         // could not be stored goes upstream as the client sent it.
-        Lookup::Pass => fetch.passed(parts, body, "miss").await,
-        Lookup::Miss if parts.method == Method::HEAD => fetch.passed(parts, body, "miss").await,
-        Lookup::Miss => fetch.collapsed(parts, body, None, "miss").await,
+        Lookup::Pass => Box::pin(fetch.passed(parts, body, "miss")).await,
+        Lookup::Miss if parts.method == Method::HEAD => Box::pin(fetch.passed(parts, body, "miss")).await,
+        Lookup::Miss => Box::pin(fetch.collapsed(parts, body, None, "miss")).await,
     }
 }
 
@@ -92,9 +100,23 @@ fn only_if_cached(request: &HeaderMap) -> bool {
 }
 
 /// One request's business with the cache.
+/// A service's stack, taken from the gateway only for a request that goes upstream (a hit
+/// needs none).
+#[derive(Clone)]
+pub(crate) struct StackOf {
+    pub(crate) gateway: Arc<crate::Gateway>,
+    pub(crate) index: usize,
+}
+
+impl StackOf {
+    fn get(&self) -> ServiceStack {
+        self.gateway.services[self.index].clone()
+    }
+}
+
 struct Fetch {
     cache: Arc<ResponseCache>,
-    stack: ServiceStack,
+    stack: StackOf,
     /// The service behind the route, named in errors.
     service: Arc<str>,
     base: String,
@@ -121,7 +143,7 @@ impl Fetch {
     async fn passed(self, parts: Parts, body: ClientBody, why: &'static str) -> Response<GatewayBody> {
         // An instance that does not take ranges answers 200: the part is cut here.
         let asked = parts.headers.contains_key(RANGE).then(|| (parts.method.clone(), parts.headers.clone()));
-        let Ok(response) = self.stack.clone().oneshot(Request::from_parts(parts, body)).await;
+        let Ok(response) = self.stack.get().oneshot(Request::from_parts(parts, body)).await;
         let response = self.counted_miss(response, why, false, false);
         match &asked {
             Some((method, headers)) => ranged(response, method, headers),
@@ -133,7 +155,7 @@ impl Fetch {
     /// its URL out of date (RFC 9111 §4.4), so it is dropped here.
     async fn other_method(self, parts: Parts, body: ClientBody) -> Response<GatewayBody> {
         let unsafe_method = !matches!(parts.method, Method::OPTIONS | Method::TRACE);
-        let Ok(mut response) = self.stack.clone().oneshot(Request::from_parts(parts, body)).await;
+        let Ok(mut response) = self.stack.get().oneshot(Request::from_parts(parts, body)).await;
         let status = response.status();
         if unsafe_method && (status.is_success() || status.is_redirection()) {
             self.cache.forget(&self.base);
@@ -218,7 +240,7 @@ impl Fetch {
             }
         }
         let began = self.cache.fetch_began();
-        let Ok(response) = self.stack.clone().oneshot(outgoing).await;
+        let Ok(response) = self.stack.get().oneshot(outgoing).await;
         let now = SystemTime::now();
         let status = response.status();
         if let Some(stale) = stale {

@@ -248,19 +248,19 @@ impl Gateway {
                 };
             }
         };
-        let stack = gateway.services[service].clone();
         if let (Some(cache), Some(host)) = (&target.cache, cache_host) {
             let (gateway, cache, limit) = (Arc::clone(gateway), Arc::clone(cache), target.limit.clone());
-            let service = Arc::clone(service_name);
+            let name = Arc::clone(service_name);
             return Handled::Limited {
                 response: Box::pin(async move {
                     if let Some(refused) = gateway.over_limit(limit.as_ref(), &request).await {
                         return refused;
                     }
-                    cache::serve(cache, stack, service, request, host).await
+                    cache::serve(cache, cache::StackOf { gateway, index: service }, name, request, host).await
                 }),
             };
         }
+        let stack = gateway.services[service].clone();
         let Some(limit) = &target.limit else {
             return Handled::Stack { response: stack.oneshot(request) };
         };
