@@ -101,12 +101,15 @@ pub fn identify(headers: &mut HeaderMap) -> RequestIds {
         }
     };
     headers.insert(TRACEPARENT.clone(), trace.header());
-    let kept = match headers.get_all(&REQUEST_ID).iter().collect::<Vec<_>>().as_slice() {
-        [one] if is_sane_request_id(one.as_bytes()) => Some((*one).clone()),
+    let mut given = headers.get_all(&REQUEST_ID).iter();
+    let kept = match (given.next(), given.next()) {
+        (Some(one), None) if is_sane_request_id(one.as_bytes()) => Some(one.clone()),
         _ => None,
     };
     let request_id = kept.unwrap_or_else(|| {
-        HeaderValue::from_str(&trace.trace_id_hex()).unwrap_or_else(|_| HeaderValue::from_static("-"))
+        let mut text = [0u8; 32];
+        hex_into(&trace.trace_id, &mut text);
+        HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("-"))
     });
     headers.insert(REQUEST_ID.clone(), request_id.clone());
     RequestIds { request_id, trace }

@@ -148,8 +148,25 @@ pub async fn write_all(
     }
     match stall {
         None => socket.flushed().await,
-        Some(stall) => tokio::time::timeout(stall, socket.flushed()).await.map_err(|_| stalled())?,
+        Some(stall) => bounded(stall, socket.flushed()).await.map_err(|_| stalled())?,
     }
+}
+
+/// `future` within `limit`. Polled once first without a timer: what is ready at once (most
+/// writes and flushes, a request head already in the buffer) costs no timer, which is set up
+/// only for what has to wait.
+pub(crate) async fn bounded<F: Future>(
+    limit: std::time::Duration,
+    future: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    let mut future = std::pin::pin!(future);
+    // Polling with a waker that does nothing loses no wake-up: a pending future is polled
+    // again below, with the task's waker, before anything waits on it.
+    let polled = future.as_mut().poll(&mut Context::from_waker(std::task::Waker::noop()));
+    if let Poll::Ready(output) = polled {
+        return Ok(output);
+    }
+    tokio::time::timeout(limit, future).await
 }
 
 /// A connection handed on with bytes already read from it, which it yields first: a client's

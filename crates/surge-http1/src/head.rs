@@ -282,8 +282,9 @@ impl Spans {
     }
 }
 
-/// Fields a proxy adds to a request (`X-Forwarded-For/-Proto/-Host`, and a Host for HTTP/2).
-const PROXY_FIELDS: usize = 4;
+/// Fields a proxy adds to a request (`X-Forwarded-For/-Proto/-Host`, a Host for HTTP/2, and
+/// a request id and `traceparent`), so that adding them does not grow the map.
+const PROXY_FIELDS: usize = 6;
 
 #[cfg(test)]
 mod tests {

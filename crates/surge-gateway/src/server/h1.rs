@@ -60,6 +60,10 @@ pub(super) async fn serve<S: HttpService<B>, B: ResponseBody, C: Socket>(
 ) -> Handoff<C> {
     let mut buf = BytesMut::new();
     let mut first = true;
+    // One timer for the connection's idle waits, moved to each wait's deadline: cheaper than
+    // a new one per request.
+    let idle = tokio::time::sleep(timeouts.head);
+    tokio::pin!(idle);
     loop {
         if buf.is_empty() {
             // Idle: wait for the next request holding no buffer. A read that drained the
@@ -69,13 +73,14 @@ pub(super) async fn serve<S: HttpService<B>, B: ResponseBody, C: Socket>(
             // are really there.
             let idle_until =
                 tokio::time::Instant::now() + if first { timeouts.head } else { timeouts.keepalive };
+            idle.as_mut().reset(idle_until);
             loop {
                 buf = BytesMut::new();
                 tokio::select! {
                     biased;
                     ready = socket.readable() => if ready.is_err() { return Handoff::Closed },
                     _ = shutdown.changed() => return close(socket).await,
-                    () = tokio::time::sleep_until(idle_until) => return close(socket).await,
+                    () = &mut idle => return close(socket).await,
                 }
                 buf.reserve(HEAD_BUFFER);
                 match read_now(&socket, &mut buf) {
@@ -86,7 +91,7 @@ pub(super) async fn serve<S: HttpService<B>, B: ResponseBody, C: Socket>(
                 }
             }
         }
-        let head = match tokio::time::timeout(timeouts.head, read_head(&socket, &mut buf, first)).await {
+        let head = match crate::wire::bounded(timeouts.head, read_head(&socket, &mut buf, first)).await {
             Ok(Ok(Some(HeadRead::Head(head)))) => head,
             Ok(Ok(Some(HeadRead::Http2))) => return Handoff::Http2(Prefixed::new(buf.freeze(), socket)),
             Ok(Err(err)) => {
