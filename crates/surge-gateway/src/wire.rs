@@ -209,3 +209,20 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::bounded;
+
+    #[tokio::test(start_paused = true)]
+    async fn bounded_runs_what_is_ready_at_once_and_times_out_what_waits_too_long() {
+        assert_eq!(bounded(Duration::from_secs(1), async { 7 }).await.ok(), Some(7));
+        // Pending at the first poll (made with a waker that does nothing), then woken for real.
+        let within = bounded(Duration::from_secs(2), tokio::time::sleep(Duration::from_secs(1))).await;
+        assert!(within.is_ok(), "a wait shorter than the limit is not lost");
+        let too_long = bounded(Duration::from_secs(1), std::future::pending::<()>()).await;
+        assert!(too_long.is_err());
+    }
+}
