@@ -99,6 +99,15 @@ async fn retire(pools: Vec<Arc<Pool>>) {
     while !pools.iter().all(unreachable) && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(LOOK).await;
     }
+    let names: Vec<&str> = pools.iter().map(|pool| pool.name()).collect();
+    if pools.iter().all(unreachable) {
+        tracing::info!("retired pools of {}: no request can reach them; stopping", names.join(", "));
+    } else {
+        tracing::warn!(
+            "retired pools of {}: still reachable after their drain timeout {patience:?}; stopping",
+            names.join(", ")
+        );
+    }
     surge_pool::stop_all(&pools).await;
 }
 

@@ -228,15 +228,18 @@ impl Surge {
 
     /// Polls the status until `done` holds; fails the test after 20 s.
     pub async fn wait_for(&self, what: &str, done: impl Fn(&[PoolStatus]) -> bool) -> Vec<PoolStatus> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let status = self.status().await;
-            if done(&status) {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}: {status:#?}\n{}", self.log());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        until(
+            what,
+            async || self.status().await,
+            |status| done(status),
+            |status| format!("{status:#?}\n{}", self.log()),
+        )
+        .await
+    }
+
+    /// Waits until the log says what `done` looks for; the log.
+    pub async fn wait_for_log(&self, what: &str, done: impl Fn(&str) -> bool) -> String {
+        until(what, async || self.log(), |log| done(log), |log| log.clone()).await
     }
 
     /// Runs the `surge` command line against this instance's admin API.
@@ -295,6 +298,25 @@ pub async fn send(
     let (parts, body) = response.into_parts();
     let body = body.collect().await.map_err(|e| format!("{url}: body: {e}"))?.to_bytes();
     Ok(Answer { status: parts.status, headers: parts.headers, body })
+}
+
+/// Looks again every 50 ms until `done` holds, for at most 20 s (a guard against hanging, not a
+/// bound the test asserts); what was seen last.
+async fn until<T>(
+    what: &str,
+    mut look: impl AsyncFnMut() -> T,
+    done: impl Fn(&T) -> bool,
+    show: impl Fn(&T) -> String,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let seen = look().await;
+        if done(&seen) {
+            return seen;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}: {}", show(&seen));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 pub fn ready_count(service: &PoolStatus) -> usize {
