@@ -558,16 +558,17 @@ impl ResponseCache {
     }
 
     /// Keeps a response to a request for `base`, here and (in the background) in Redis,
-    /// unless a purge came after its fetch `began`; says whether it did. It joins the key's
-    /// generation if the key has one varying by the same fields, else starts one.
+    /// unless a purge came after its fetch `began`; returns it, shared, and whether it was
+    /// kept. It joins the key's generation if the key has one varying by the same fields, else
+    /// starts one.
     pub fn store(
         self: &Arc<Self>,
         base: &str,
         request: &HeaderMap,
         mut stored: Stored,
         began: PurgeMark,
-    ) -> bool {
-        let Some(unpurged) = self.unpurged_since(began) else { return false };
+    ) -> (Arc<Stored>, bool) {
+        let Some(unpurged) = self.unpurged_since(began) else { return (Arc::new(stored), false) };
         let fields: Arc<[HeaderName]> = stored.storable.vary.iter().cloned().collect();
         let vary_key = local_key("v", base);
         let varying = match self.local.get(&vary_key) {
@@ -583,10 +584,10 @@ impl ResponseCache {
         self.local.insert(key.clone(), Slot::Object(Arc::clone(&stored)));
         drop(unpurged);
         if self.redis().is_some() && stored.body.len() as u64 <= self.settings.max_object {
-            let (cache, base) = (Arc::clone(self), base.to_owned());
-            tokio::spawn(async move { cache.write_redis(&base, &key, &varying, &stored, began).await });
+            let (cache, base, written) = (Arc::clone(self), base.to_owned(), Arc::clone(&stored));
+            tokio::spawn(async move { cache.write_redis(&base, &key, &varying, &written, began).await });
         }
-        true
+        (stored, true)
     }
 
     async fn write_redis(&self, base: &str, key: &str, varying: &Varying, stored: &Stored, began: PurgeMark) {
@@ -609,23 +610,15 @@ impl ResponseCache {
     /// Adds to `pipe` the naming of the Redis object `key` under each of its tags, for `keep`.
     fn tag_in_redis(&self, pipe: &mut redis::Pipeline, key: &str, stored: &Stored, keep: Duration) {
         let now = SystemTime::now();
-        let millis = |time: SystemTime| time.duration_since(UNIX_EPOCH).map_or(0, |since| since.as_millis());
-        let (expires, now) = (millis(now + keep), millis(now));
+        let (expires, now) = (epoch_millis(now + keep), epoch_millis(now));
         for tag in &stored.tags {
             let set = self.tag_key(tag);
-            pipe.cmd("EVAL")
-                .arg(TAG_OBJECT)
-                .arg(1)
-                .arg(set)
-                .arg(key)
-                .arg(expires as u64)
-                .arg(now as u64)
-                .ignore();
+            pipe.cmd("EVAL").arg(TAG_OBJECT).arg(1).arg(set).arg(key).arg(expires).arg(now).ignore();
         }
     }
 
     fn tag_key(&self, tag: &str) -> String {
-        self.redis_key(&format!("T\0{tag}"))
+        self.redis_key(&local_key("T", tag))
     }
 
     /// Forgets what is stored for `base` (after a request that changed it): at once here, and
@@ -747,9 +740,8 @@ impl ResponseCache {
         let keys: Vec<String> = match what {
             Purge::Tag(tag) => {
                 let set = self.tag_key(tag);
-                let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| since.as_millis());
                 let mut members = redis::cmd("ZRANGE");
-                members.arg(&set).arg(now as u64).arg("+inf").arg("BYSCORE");
+                members.arg(&set).arg(epoch_millis(SystemTime::now())).arg("+inf").arg("BYSCORE");
                 let found = self.redis_call("purge", members.query_async::<Vec<String>>(redis)).await;
                 // A soft purge leaves the objects, so their tag still names them.
                 if !soft {
@@ -864,14 +856,19 @@ impl ResponseCache {
     }
 }
 
-/// The local tier's key of `kind` (`v`: the fields a URL varies by, `p`: a URL whose answers
-/// pass, `o`: an object) for `base`. Built by hand rather than by `format!`: it is on every
-/// hit's path.
-fn local_key(kind: &str, base: &str) -> String {
-    let mut key = String::with_capacity(kind.len() + 1 + base.len() + 1);
+/// Milliseconds since the epoch, as Redis scores and expiry times take them.
+fn epoch_millis(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH).map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The key of `kind` for `name`, in the local tier and (under the route's prefix) in Redis:
+/// `v` the fields a URL varies by, `p` a URL whose answers pass, `o` an object, `T` a tag's
+/// set (Redis only). Built by hand rather than by `format!`: it is on every hit's path.
+fn local_key(kind: &str, name: &str) -> String {
+    let mut key = String::with_capacity(kind.len() + 1 + name.len() + 1);
     key.push_str(kind);
     key.push('\0');
-    key.push_str(base);
+    key.push_str(name);
     key
 }
 

@@ -50,14 +50,13 @@ const NOT_MODIFIED_FIELDS: [HeaderName; 7] = [
 pub(crate) async fn serve(
     cache: Arc<ResponseCache>,
     stack: StackOf,
-    service: Arc<str>,
     request: Request<ClientBody>,
     host: String,
 ) -> Response<GatewayBody> {
     let (parts, body) = request.into_parts();
     let tls = parts.extensions.get::<crate::server::ClientAddr>().is_some_and(|client| client.tls);
     let base = cache.key(if tls { "https" } else { "http" }, &host, &parts.uri, &parts.headers);
-    let fetch = Fetch { cache, stack, service, base };
+    let fetch = Fetch { cache, stack, base };
     // What goes upstream is boxed: the hit path's future stays small, so the one boxed per
     // request (and moved about) is.
     if parts.method != Method::GET && parts.method != Method::HEAD {
@@ -99,13 +98,13 @@ fn only_if_cached(request: &HeaderMap) -> bool {
     rules::directives(request).only_if_cached
 }
 
-/// One request's business with the cache.
 /// A service's stack, taken from the gateway only for a request that goes upstream (a hit
-/// needs none).
+/// needs none), and the service's name, for errors.
 #[derive(Clone)]
 pub(crate) struct StackOf {
     pub(crate) gateway: Arc<crate::Gateway>,
     pub(crate) index: usize,
+    pub(crate) service: Arc<str>,
 }
 
 impl StackOf {
@@ -114,11 +113,10 @@ impl StackOf {
     }
 }
 
+/// One request's business with the cache.
 struct Fetch {
     cache: Arc<ResponseCache>,
     stack: StackOf,
-    /// The service behind the route, named in errors.
-    service: Arc<str>,
     base: String,
 }
 
@@ -253,10 +251,10 @@ impl Fetch {
                     let once = stale.revalidated(confirmed, storable, now);
                     return answered(&once, &parts, now, &forwarded(why, status, false, collapsed, None));
                 };
-                let stored = self.cache.store(&self.base, &parts.headers, refreshed.clone(), began);
+                let (refreshed, kept) = self.cache.store(&self.base, &parts.headers, refreshed, began);
                 drop(flight);
                 ResponseMetrics::count(&self.metrics().hits);
-                let handled = forwarded(why, status, stored, collapsed, Some(refreshed.ttl_left(now)));
+                let handled = forwarded(why, status, kept, collapsed, Some(refreshed.ttl_left(now)));
                 return answered(&refreshed, &parts, now, &handled);
             }
             if is_failure(status) && rules::usable_on_error(&stale.storable, stale.stored_at, now) {
@@ -295,7 +293,7 @@ impl Fetch {
         let compressed = !condition_holds
             && rules::preferred_coding(&parts.headers).is_some()
             && rules::compressible(status, response.headers(), usize::try_from(length).unwrap_or(usize::MAX));
-        let instance = response.body().instance_id().unwrap_or("-").to_owned();
+        let instance = compressed.then(|| response.body().instance_id().unwrap_or("-").to_owned());
         let (head, body) = response.into_parts();
         let recorder = Recorder {
             cache: Arc::clone(&self.cache),
@@ -320,9 +318,8 @@ impl Fetch {
                     answered(&stored, &parts, now, &handled)
                 }
                 Err(cause) => {
-                    let cause = cause.to_string();
-                    let failed =
-                        GatewayError::Upstream { service: self.service.to_string(), instance, cause };
+                    let (service, instance) = (self.stack.service.to_string(), instance.unwrap_or_default());
+                    let failed = GatewayError::Upstream { service, instance, cause: cause.to_string() };
                     let mut response = failed.into_response();
                     set_cache_status(response.headers_mut(), &forwarded(why, status, false, collapsed, None));
                     response
@@ -369,12 +366,8 @@ impl Fetch {
         let Joined::Leader(flight) = self.cache.join(&self.base) else { return };
         let mut parts = parts.clone();
         parts.method = Method::GET;
-        let fetch = Fetch {
-            cache: Arc::clone(&self.cache),
-            stack: self.stack.clone(),
-            service: Arc::clone(&self.service),
-            base: self.base.clone(),
-        };
+        let fetch =
+            Fetch { cache: Arc::clone(&self.cache), stack: self.stack.clone(), base: self.base.clone() };
         let stale = Arc::clone(stale);
         // The answer is dropped: what is stored is read and kept without it.
         tokio::spawn(async move {
@@ -637,7 +630,7 @@ enum Reader {
     Streaming(tokio::sync::mpsc::UnboundedSender<Result<Bytes, BoxError>>),
     /// A client answered from the stored response (compressed) once the body is whole: it
     /// gets that response, and whether the cache kept it.
-    Whole(tokio::sync::oneshot::Sender<Result<(Stored, bool), BoxError>>),
+    Whole(tokio::sync::oneshot::Sender<Result<(Arc<Stored>, bool), BoxError>>),
 }
 
 impl Reader {
@@ -699,7 +692,7 @@ impl Recorder {
 
     /// Stores the response: the response as stored, and whether the cache kept it (a purge
     /// since its fetch began keeps it out).
-    async fn store(self, body: Bytes) -> Option<(Stored, bool)> {
+    async fn store(self, body: Bytes) -> Option<(Arc<Stored>, bool)> {
         let Recorder { cache, base, request, status, headers, storable, received, began, flight } = self;
         // Compressing (once per stored response) is CPU work: off the runtime's threads.
         let stored = if rules::compressible(status, &headers, body.len()) {
@@ -709,9 +702,9 @@ impl Recorder {
         } else {
             Stored::new(status, headers, body, storable, received)
         };
-        let kept = cache.store(&base, &request, stored.clone(), began);
+        let stored = cache.store(&base, &request, stored, began);
         drop(flight);
-        Some((stored, kept))
+        Some(stored)
     }
 }
 

@@ -256,7 +256,8 @@ impl Gateway {
                     if let Some(refused) = gateway.over_limit(limit.as_ref(), &request).await {
                         return refused;
                     }
-                    cache::serve(cache, cache::StackOf { gateway, index: service }, name, request, host).await
+                    let stack = cache::StackOf { gateway, index: service, service: name };
+                    cache::serve(cache, stack, request, host).await
                 }),
             };
         }

@@ -194,6 +194,10 @@ impl Supervisor {
         &self.config.name
     }
 
+    fn shutting_down(&self) -> String {
+        format!("service `{}` is shutting down", self.service())
+    }
+
     fn command(&mut self, command: Command) {
         match command {
             Command::Refused { id, cause } => {
@@ -268,7 +272,7 @@ impl Supervisor {
             Command::Roll { config, reply } => self.roll_onto(config, reply),
             Command::Shutdown { reply } => {
                 if let Some(roll) = self.roll.take() {
-                    let _ = roll.reply.send(Err(format!("service `{}` is shutting down", self.service())));
+                    let _ = roll.reply.send(Err(self.shutting_down()));
                 }
                 self.shutdown_waiters.get_or_insert_with(Vec::new).push(reply);
                 for index in 0..self.members.len() {
@@ -281,7 +285,7 @@ impl Supervisor {
     /// Starts replacing the instances with ones of `config`, one at a time (see `reconcile`).
     fn roll_onto(&mut self, config: Arc<ServiceConfig>, reply: oneshot::Sender<Result<(), String>>) {
         if self.shutdown_waiters.is_some() {
-            let _ = reply.send(Err(format!("service `{}` is shutting down", self.service())));
+            let _ = reply.send(Err(self.shutting_down()));
             return;
         }
         if let Some(overtaken) = self.roll.take() {
@@ -300,7 +304,7 @@ impl Supervisor {
         let previous = std::mem::replace(&mut self.config, Arc::clone(&config));
         self.pool.config.store(Arc::clone(&config));
         self.prober = Prober::new(&config);
-        if format!("{:?}", previous.autoscale) != format!("{:?}", config.autoscale) {
+        if previous.autoscale != config.autoscale {
             self.autoscaler = config.autoscale.clone().map(Autoscaler::new);
         }
         // A pool not autoscaled runs its new initial count; any pool stays within its bounds.
