@@ -8,7 +8,6 @@ mod cpu;
 mod driver;
 mod health;
 mod instance;
-mod load;
 mod metrics;
 mod outlier;
 pub mod plan;
@@ -27,11 +26,11 @@ use tokio::sync::{mpsc, oneshot};
 pub use driver::{Driver, Exit, InstanceControl, LaunchError, LaunchSpec, Launched, OutputTail};
 pub use health::error_chain;
 pub use instance::{InFlight, Instance, InstanceState};
-pub use load::{PoolLoad, Ticket, WaitQueue, Waiting};
 pub use metrics::PoolMetrics;
 pub use outlier::OutlierPolicy;
 pub use process::ProcessDriver;
 pub use status::{AutoscaleStatus, InstanceStatus, PoolStatus};
+pub use surge_scale::load::{PoolLoad, Ticket, WaitQueue, Waiting};
 
 use supervisor::{Command, Supervisor};
 

@@ -20,15 +20,15 @@ use crate::plan::{self, CRASH_LOOP_THRESHOLD, STABLE_AFTER};
 use crate::status::AutoscaleStatus;
 use crate::upstreams::{self, Endpoint};
 use crate::{DrainError, Pool, ScaleError};
+use surge_scale::autoscaler::{self, Autoscaler, Instances};
 use surge_scale::scale_in::{self, Candidate, Standing};
-use surge_scale::{Policy, Signals, SurgePolicy};
+use surge_scale::SurgePolicy;
 
 /// How often a starting instance is probed: fast, so new capacity serves as soon as it can.
 const STARTUP_PROBE_PERIOD: Duration = Duration::from_millis(50);
-/// Waiting requests trigger a decision at most this often.
-const EARLIEST_DECISION: Duration = Duration::from_millis(200);
-/// Housekeeping cadence: start timeouts, restart backoff, crash-loop recovery.
-const TICK: Duration = Duration::from_millis(100);
+/// Housekeeping cadence: start timeouts, restart backoff, crash-loop recovery, and the
+/// autoscaler's samples.
+const TICK: Duration = autoscaler::SAMPLE_PERIOD;
 
 pub(crate) enum Command {
     Scale {
@@ -116,7 +116,7 @@ pub(crate) struct Supervisor {
     restart_at: Option<Instant>,
     /// Set by a shutdown command: who to tell once every instance has stopped.
     shutdown_waiters: Option<Vec<oneshot::Sender<()>>>,
-    autoscaler: Option<Autoscaler>,
+    autoscaler: Option<Autoscaling>,
     /// Counts the configurations the pool was rolled onto.
     generation: u64,
     roll: Option<Roll>,
@@ -134,7 +134,7 @@ impl Supervisor {
     ) -> Self {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let config = pool.config.load_full();
-        let autoscaler = config.autoscale.clone().map(Autoscaler::new);
+        let autoscaler = config.autoscale.clone().map(Autoscaling::new);
         let labels = ServiceLabels { service: config.name.clone() };
         // Expose the counter at zero from the start, so rate() works from the first scrape.
         let _ = metrics.restarts.get_or_create(&labels);
@@ -213,20 +213,20 @@ impl Supervisor {
                 }
             }
             Command::Demand => {
-                if self.autoscaler.is_none() || self.shutdown_waiters.is_some() {
+                if self.shutdown_waiters.is_some() {
                     return;
                 }
-                if self.pool.desired.load(Ordering::SeqCst) == 0 {
+                let Some(autoscaling) = &mut self.autoscaler else { return };
+                let current = self.pool.desired.load(Ordering::SeqCst);
+                let demand = autoscaling.autoscaler.demand(autoscaling.started.elapsed(), current);
+                if demand.desired != current {
                     tracing::info!("{}: scaling from zero: a request is waiting", self.service());
-                    self.pool.desired.store(1, Ordering::SeqCst);
+                    self.pool.desired.store(demand.desired, Ordering::SeqCst);
                 }
                 // Requests are waiting: decide now rather than at the next tick, so a burst is
                 // answered the moment it arrives.
-                if let Some(autoscaler) = &mut self.autoscaler {
-                    if autoscaler.last_decision.elapsed() >= EARLIEST_DECISION {
-                        autoscaler.decide_now = true;
-                        self.autoscale();
-                    }
+                if demand.decide {
+                    self.autoscale();
                 }
             }
             Command::Scale { count, reply } => {
@@ -305,7 +305,7 @@ impl Supervisor {
         self.pool.config.store(Arc::clone(&config));
         self.prober = Prober::new(&config);
         if previous.autoscale != config.autoscale {
-            self.autoscaler = config.autoscale.clone().map(Autoscaler::new);
+            self.autoscaler = config.autoscale.clone().map(Autoscaling::new);
         }
         // A pool not autoscaled runs its new initial count; any pool stays within its bounds.
         let desired = match &config.autoscale {
@@ -375,8 +375,8 @@ impl Supervisor {
                     member.ready_since = Some(Instant::now());
                     let startup = instance.launched.elapsed();
                     tracing::info!("{} is ready after {startup:?}", instance.id);
-                    if let Some(autoscaler) = &mut self.autoscaler {
-                        autoscaler.last_startup = Some(startup);
+                    if let Some(autoscaling) = &mut self.autoscaler {
+                        autoscaling.autoscaler.instance_ready(startup);
                     }
                 } else if member.passed_checks >= healthy_threshold
                     && instance.transition(InstanceState::Unhealthy, InstanceState::Ready)
@@ -419,9 +419,6 @@ impl Supervisor {
             return;
         };
         let member = self.members.remove(position);
-        if let Some(autoscaler) = &mut self.autoscaler {
-            autoscaler.served_by_gone += member.instance.served();
-        }
         let id = &member.instance.id;
         if member.stopping {
             tracing::info!("{id} stopped ({})", exit.description);
@@ -498,50 +495,28 @@ impl Supervisor {
 
     /// Samples the load every tick and decides once per policy period.
     fn autoscale(&mut self) {
-        let Some(autoscaler) = &mut self.autoscaler else { return };
+        let Some(autoscaling) = &mut self.autoscaler else { return };
         if self.shutdown_waiters.is_some() {
             return;
         }
-        let in_flight: usize = self.members.iter().map(|m| m.instance.in_flight()).sum();
-        // Requests waiting in the gateway, and messages waiting in a worker pool's queue.
-        let waiting = self.pool.load.waiting() + self.pool.load.backlog();
-        autoscaler.concurrency_sum += (in_flight + waiting) as f64;
-        autoscaler.waiting_sum += waiting as f64;
-        autoscaler.concurrency_samples += 1;
-        let elapsed = autoscaler.last_decision.elapsed();
-        if elapsed < autoscaler.policy.period() && !std::mem::take(&mut autoscaler.decide_now) {
-            return;
-        }
-        let seconds = elapsed.as_secs_f64();
-        let served: u64 =
-            autoscaler.served_by_gone + self.members.iter().map(|m| m.instance.served()).sum::<u64>();
-        let pids: Vec<u32> = self.members.iter().filter_map(|m| m.instance.pid).collect();
-        let cpu_seconds = crate::cpu::process_tree_seconds(&pids);
-        let count =
-            |state| self.members.iter().filter(|m| !m.stopping && m.instance.state() == state).count() as u32;
-        let signals = Signals {
-            now: autoscaler.started.elapsed(),
-            ready: count(InstanceState::Ready),
-            starting: count(InstanceState::Starting),
-            concurrency: autoscaler.concurrency_sum / f64::from(autoscaler.concurrency_samples.max(1)),
-            rps: served.saturating_sub(autoscaler.served_before) as f64 / seconds,
-            arrivals: self.pool.load.take_arrivals() as f64 / seconds,
-            waiting: autoscaler.waiting_sum / f64::from(autoscaler.concurrency_samples.max(1)),
-            service_time: self.pool.load.take_mean_service().map(|d| d.as_secs_f64()),
-            latency_p95: self.pool.load.take_quantile(0.95).map(|d| d.as_secs_f64()),
-            // CPU of the instances that were there both times: a new one counts from its start.
-            cpu: ((cpu_seconds - autoscaler.cpu_before).max(0.0)) / seconds,
-            startup: autoscaler.last_startup,
+        let members = &self.members;
+        // Read when a decision is due: the CPU time comes from /proc.
+        let instances = || {
+            let count =
+                |state| members.iter().filter(|m| !m.stopping && m.instance.state() == state).count() as u32;
+            let pids: Vec<u32> = members.iter().filter_map(|m| m.instance.pid).collect();
+            Instances {
+                ready: count(InstanceState::Ready),
+                starting: count(InstanceState::Starting),
+                cpu_seconds: crate::cpu::process_tree_seconds(&pids),
+            }
         };
-        autoscaler.served_before = served;
-        autoscaler.cpu_before = cpu_seconds;
-        autoscaler.concurrency_sum = 0.0;
-        autoscaler.waiting_sum = 0.0;
-        autoscaler.concurrency_samples = 0;
-        autoscaler.last_decision = Instant::now();
-
         let current = self.pool.desired.load(Ordering::SeqCst);
-        let decision = autoscaler.policy.decide(&signals, current);
+        let now = autoscaling.started.elapsed();
+        let autoscaler = &mut autoscaling.autoscaler;
+        let Some((signals, decision)) = autoscaler.sample(now, &self.pool.load, instances, current) else {
+            return;
+        };
         if decision.desired != current {
             tracing::info!(
                 "{}: autoscale {current} → {} ({})",
@@ -553,8 +528,8 @@ impl Supervisor {
         }
         self.metrics.panic.get_or_create(&self.labels).set(i64::from(decision.panic));
         *self.pool.autoscale_status.lock().unwrap_or_else(|p| p.into_inner()) = Some(AutoscaleStatus {
-            metric: autoscaler.policy.config().metric.as_str().to_owned(),
-            target: autoscaler.policy.config().target,
+            metric: autoscaler.policy().config().metric.as_str().to_owned(),
+            target: autoscaler.policy().config().target,
             panic: decision.panic,
             reason: decision.reason,
             concurrency: signals.concurrency,
@@ -804,38 +779,17 @@ impl Supervisor {
     }
 }
 
-/// The live side of autoscaling: the policy and what it needs to turn counters into rates.
-struct Autoscaler {
-    policy: SurgePolicy,
-    started: Instant,
-    last_decision: Instant,
-    concurrency_sum: f64,
-    waiting_sum: f64,
-    concurrency_samples: u32,
-    /// Requests served by instances that have since gone, so rates survive their exit.
-    served_by_gone: u64,
-    served_before: u64,
-    cpu_before: f64,
-    /// Launch to ready of the latest instance that became ready.
-    last_startup: Option<Duration>,
-    /// Requests are waiting: decide at once instead of at the next period.
-    decide_now: bool,
+/// The live side of autoscaling: the shared sampling loop and the clock it runs on.
+struct Autoscaling {
+    started: tokio::time::Instant,
+    autoscaler: Autoscaler<SurgePolicy>,
 }
 
-impl Autoscaler {
+impl Autoscaling {
     fn new(config: surge_scale::ScaleConfig) -> Self {
-        Autoscaler {
-            policy: SurgePolicy::new(config),
-            started: Instant::now(),
-            last_decision: Instant::now(),
-            concurrency_sum: 0.0,
-            waiting_sum: 0.0,
-            concurrency_samples: 0,
-            served_by_gone: 0,
-            served_before: 0,
-            cpu_before: 0.0,
-            last_startup: None,
-            decide_now: false,
+        Autoscaling {
+            started: tokio::time::Instant::now(),
+            autoscaler: Autoscaler::new(SurgePolicy::new(config)),
         }
     }
 }

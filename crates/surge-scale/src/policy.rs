@@ -89,6 +89,27 @@ pub trait Policy {
     fn period(&self) -> Duration;
     /// The desired count, given the signals and the count desired so far.
     fn decide(&mut self, signals: &Signals, current: u32) -> Decision;
+    /// Whether a request that waits for an instance brings the next decision forward. Surge
+    /// sits in the request path and sees it; the classic autoscalers poll on their period.
+    fn decides_on_demand(&self) -> bool {
+        false
+    }
+}
+
+/// A policy lent out (the simulator drives one it does not own).
+impl<P: Policy + ?Sized> Policy for &mut P {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+    fn period(&self) -> Duration {
+        (**self).period()
+    }
+    fn decide(&mut self, signals: &Signals, current: u32) -> Decision {
+        (**self).decide(signals, current)
+    }
+    fn decides_on_demand(&self) -> bool {
+        (**self).decides_on_demand()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -244,6 +265,10 @@ impl SurgePolicy {
 impl Policy for SurgePolicy {
     fn name(&self) -> &str {
         "surge"
+    }
+
+    fn decides_on_demand(&self) -> bool {
+        true
     }
 
     /// The tick, or every 200 ms while requests wait for an instance (as the live supervisor

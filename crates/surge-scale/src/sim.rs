@@ -1,22 +1,29 @@
 //! The simulator: a pool under a policy, in virtual time, deterministic from a seed.
 //!
-//! Requests arrive on a shape's schedule and go to a ready instance with a free slot, picked by
-//! the gateway's balancer (`surge-balance`, least in flight), or wait in the gateway's queue
-//! (first come, first served), as in Surge. A request that waited longer than `max_wait` is
-//! dropped. Service times are a fixed part plus an exponential part. New instances serve after
-//! `startup`; a scale-in stops the instances the live supervisor would
-//! ([`crate::scale_in::choose_victims`]), which finish their requests first. The policy sees
-//! exact time-weighted signals every period and its answer is applied at once.
+//! It runs the live code for everything but time and processes. Requests arrive on a shape's
+//! schedule and are recorded in the pool's [`PoolLoad`], as the gateway records them. Each
+//! takes a slot on the ready instance the gateway's balancer picks (`surge-balance`, least in
+//! flight), or waits in the pool's [`WaitQueue`](crate::load::WaitQueue), first come first
+//! served and woken as the gateway's requests are, within the buffer's bounds (`buffer`
+//! requests, `max_wait_s`), past which it is dropped. The [`Autoscaler`] samples the load every
+//! [`SAMPLE_PERIOD`] and decides as the pool supervisor does, a waiting request bringing the
+//! decision forward; a scale-in stops the instances the supervisor would
+//! ([`scale_in::choose_victims`]), which finish their requests first. Service times are a fixed
+//! part plus an exponential part; new instances serve after `startup`.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::task::Waker;
 use std::time::Duration;
 
 use serde::Serialize;
 
 use surge_balance::{Balancer, Load};
 
-use crate::policy::{Policy, Signals};
+use crate::autoscaler::{Autoscaler, Instances, SAMPLE_PERIOD};
+use crate::load::{PoolLoad, Ticket, Waiting};
+use crate::policy::Policy;
 use crate::scale_in::{self, Candidate, Standing};
 
 /// The pool being simulated.
@@ -29,7 +36,9 @@ pub struct Model {
     /// Service time: this much, plus an exponential part of mean `service_extra_s`.
     pub service_base_s: f64,
     pub service_extra_s: f64,
-    /// A request waiting longer than this is dropped.
+    /// The gateway's buffer: at most `buffer` requests wait for an instance, each at most
+    /// `max_wait_s` (`buffer.requests` and `buffer.timeout`); the others are dropped.
+    pub buffer: usize,
     pub max_wait_s: f64,
     pub initial: u32,
     pub min: u32,
@@ -45,6 +54,7 @@ impl Default for Model {
             slots: 4,
             service_base_s: 0.1,
             service_extra_s: 0.1,
+            buffer: 1000,
             max_wait_s: 30.0,
             initial: 2,
             min: 1,
@@ -110,7 +120,31 @@ enum Event {
     Ready {
         instance: usize,
     },
-    Tick,
+    /// The supervisor's tick: the autoscaler samples the load.
+    Sample,
+    /// A waiting request's buffer timeout.
+    GiveUp {
+        request: u64,
+    },
+}
+
+/// A request waiting for an instance: its place in the queue and in the buffer's count.
+struct Pending {
+    arrival: u64,
+    ticket: Option<Ticket>,
+    waiting: Option<Waiting>,
+}
+
+/// Wakes a simulated request: puts it on the list the simulator polls next.
+struct Wake {
+    request: u64,
+    woken: Arc<Mutex<Vec<u64>>>,
+}
+
+impl std::task::Wake for Wake {
+    fn wake(self: Arc<Self>) {
+        self.woken.lock().unwrap_or_else(|p| p.into_inner()).push(self.request);
+    }
 }
 
 const NS: f64 = 1e9;
@@ -119,7 +153,7 @@ fn ns(seconds: f64) -> u64 {
     (seconds * NS).max(0.0) as u64
 }
 
-struct Sim<'a> {
+struct Sim<'a, 'p> {
     model: &'a Model,
     rng: fastrand::Rng,
     now: u64,
@@ -127,17 +161,15 @@ struct Sim<'a> {
     /// Ready instances, oldest first.
     ready: Vec<usize>,
     balancer: Balancer,
-    queue: VecDeque<u64>,
+    load: Arc<PoolLoad>,
+    autoscaler: Autoscaler<&'p mut dyn Policy>,
+    pending: HashMap<u64, Pending>,
+    woken: Arc<Mutex<Vec<u64>>>,
+    next_request: u64,
     events: BinaryHeap<Reverse<(u64, u64, Event)>>,
     sequence: u64,
-    // Integrals since the last tick, for the policy's signals.
-    demand_integral: f64,
+    /// Slot-seconds of service so far: the instances' CPU time, in slots.
     busy_integral: f64,
-    completed_since_tick: u32,
-    latencies_since_tick: Vec<f32>,
-    arrivals_since_tick: u32,
-    waiting_integral: f64,
-    service_since_tick: f64,
     // Per second.
     seconds: Vec<Second>,
     latencies_this_second: Vec<f32>,
@@ -147,7 +179,7 @@ struct Sim<'a> {
     desired: u32,
 }
 
-impl Sim<'_> {
+impl Sim<'_, '_> {
     fn schedule(&mut self, at: u64, event: Event) {
         self.sequence += 1;
         self.events.push(Reverse((at, self.sequence, event)));
@@ -161,16 +193,17 @@ impl Sim<'_> {
         self.instances.iter().filter(|i| i.state != State::Gone).count() as u32
     }
 
-    /// Moves the clock, integrating what the signals and the bill need.
+    fn count(&self, state: State) -> u32 {
+        self.instances.iter().filter(|i| i.state == state).count() as u32
+    }
+
+    /// Moves the clock, integrating what the CPU reading and the bill need.
     fn advance(&mut self, to: u64) {
         while self.now < to {
             let second_end = (self.now / 1_000_000_000 + 1) * 1_000_000_000;
             let step_end = to.min(second_end);
             let dt = (step_end - self.now) as f64 / NS;
-            let busy = f64::from(self.in_service());
-            self.demand_integral += (busy + self.queue.len() as f64) * dt;
-            self.waiting_integral += self.queue.len() as f64 * dt;
-            self.busy_integral += busy * dt;
+            self.busy_integral += f64::from(self.in_service()) * dt;
             self.instance_integral += f64::from(self.paid()) * dt;
             self.now = step_end;
             if self.now == second_end {
@@ -219,53 +252,105 @@ impl Sim<'_> {
         );
         let Some(index) = picked.map(|i| ready[i]) else { return false };
         self.instances[index].busy += 1;
+        self.load.started();
         let service = self.service_time();
         self.schedule(self.now + service, Event::Completion { instance: index, arrival, service });
         true
     }
 
-    /// Serves waiting requests while slots are free; drops those that waited too long.
-    fn drain_queue(&mut self) {
-        let max_wait = ns(self.model.max_wait_s);
-        while let Some(&arrival) = self.queue.front() {
-            if self.now.saturating_sub(arrival) > max_wait {
-                self.queue.pop_front();
-                self.dropped += 1;
-                self.current_second().dropped += 1;
-                continue;
+    fn drop_request(&mut self) {
+        self.dropped += 1;
+        self.current_second().dropped += 1;
+    }
+
+    /// What the gateway's wait buffer and balancer do when a request is polled for readiness:
+    /// take a slot if no one waits ahead (or it was woken), else queue (first come, first
+    /// served) and count in the buffer, or be turned away when the buffer is full.
+    fn poll(&mut self, id: u64) {
+        let Some(mut request) = self.pending.remove(&id) else { return };
+        let load = Arc::clone(&self.load);
+        let queue = load.queue();
+        let may_take = request.ticket.is_some() || queue.is_empty();
+        let mut started = may_take && self.start_on_free_slot(request.arrival);
+        if !started {
+            let waker = Waker::from(Arc::new(Wake { request: id, woken: Arc::clone(&self.woken) }));
+            queue.wait(&mut request.ticket, &waker);
+            // A slot freed between the look and the queueing.
+            started = may_take && self.start_on_free_slot(request.arrival);
+        }
+        if started {
+            if let Some(ticket) = request.ticket {
+                queue.leave(ticket, true);
             }
-            if !self.start_on_free_slot(arrival) {
-                break;
+            return;
+        }
+        if request.waiting.is_none() {
+            let Some(waiting) = load.wait(self.model.buffer) else {
+                if let Some(ticket) = request.ticket {
+                    queue.leave(ticket, false);
+                }
+                return self.drop_request();
+            };
+            request.waiting = Some(waiting);
+            self.schedule(self.now + ns(self.model.max_wait_s), Event::GiveUp { request: id });
+            self.pending.insert(id, request);
+            let now = Duration::from_nanos(self.now);
+            let demand = self.autoscaler.demand(now, self.desired);
+            if demand.desired != self.desired {
+                self.desired = demand.desired;
+                self.resize(demand.desired);
             }
-            self.queue.pop_front();
+            if demand.decide {
+                self.sample();
+            }
+            return;
+        }
+        self.pending.insert(id, request);
+    }
+
+    /// Polls the requests woken since the last look, in the order they were woken.
+    fn poll_woken(&mut self) {
+        loop {
+            let woken = std::mem::take(&mut *self.woken.lock().unwrap_or_else(|p| p.into_inner()));
+            if woken.is_empty() {
+                return;
+            }
+            for id in woken {
+                self.poll(id);
+            }
         }
     }
 
     fn arrive(&mut self) {
         self.requests += 1;
-        self.arrivals_since_tick += 1;
+        self.load.arrived();
         self.current_second().arrivals += 1;
-        let now = self.now;
-        if self.queue.is_empty() && self.start_on_free_slot(now) {
-            return;
+        let id = self.next_request;
+        self.next_request += 1;
+        self.pending.insert(id, Pending { arrival: self.now, ticket: None, waiting: None });
+        self.poll(id);
+    }
+
+    fn give_up(&mut self, id: u64) {
+        let Some(request) = self.pending.remove(&id) else { return };
+        if let Some(ticket) = request.ticket {
+            self.load.queue().leave(ticket, false);
         }
-        self.queue.push_back(now);
-        self.drain_queue();
+        self.drop_request();
     }
 
     fn complete(&mut self, index: usize, arrival: u64, service: u64) {
-        self.service_since_tick += service as f64 / NS;
         let latency = ((self.now - arrival) as f64 / NS) as f32;
         self.latencies_this_second.push(latency);
-        self.latencies_since_tick.push(latency);
-        self.completed_since_tick += 1;
         self.current_second().completed += 1;
         let instance = &mut self.instances[index];
         instance.busy -= 1;
         if instance.state == State::Draining && instance.busy == 0 {
             instance.state = State::Gone;
         }
-        self.drain_queue();
+        self.load.ended();
+        self.load.finished(Duration::from_nanos(service));
+        self.load.queue().wake_one();
     }
 
     fn launch(&mut self) {
@@ -273,6 +358,15 @@ impl Sim<'_> {
         let index = self.instances.len() - 1;
         let at = self.now + ns(self.model.startup_s);
         self.schedule(at, Event::Ready { instance: index });
+    }
+
+    fn became_ready(&mut self, index: usize) {
+        if self.instances[index].state == State::Starting {
+            self.instances[index].state = State::Ready;
+            self.ready.push(index);
+            self.autoscaler.instance_ready(Duration::from_secs_f64(self.model.startup_s));
+            self.load.queue().wake_all();
+        }
     }
 
     /// Applies a desired count: launches, or stops the instances the live supervisor would
@@ -305,37 +399,19 @@ impl Sim<'_> {
         self.ready.retain(|&i| instances[i].state == State::Ready);
     }
 
-    fn tick(&mut self, policy: &mut dyn Policy, last_tick: &mut u64) {
-        let dt = ((self.now - *last_tick) as f64 / NS).max(1e-9);
-        *last_tick = self.now;
-        let count = |state| self.instances.iter().filter(|i| i.state == state).count() as u32;
-        let signals = Signals {
-            now: Duration::from_nanos(self.now),
-            ready: count(State::Ready),
-            starting: count(State::Starting),
-            concurrency: self.demand_integral / dt,
-            rps: f64::from(self.completed_since_tick) / dt,
-            arrivals: f64::from(self.arrivals_since_tick) / dt,
-            waiting: self.waiting_integral / dt,
-            service_time: (self.completed_since_tick > 0)
-                .then(|| self.service_since_tick / f64::from(self.completed_since_tick)),
-            latency_p95: (!self.latencies_since_tick.is_empty())
-                .then(|| percentile(&mut self.latencies_since_tick, 0.95)),
-            cpu: self.busy_integral / dt / f64::from(self.model.slots),
-            // Every instance takes the model's start-up time, the initial ones included.
-            startup: Some(Duration::from_secs_f64(self.model.startup_s)),
+    /// The supervisor's tick: one sample, and a decision when one is due.
+    fn sample(&mut self) {
+        let instances = Instances {
+            ready: self.count(State::Ready),
+            starting: self.count(State::Starting),
+            cpu_seconds: self.busy_integral / f64::from(self.model.slots),
         };
-        self.demand_integral = 0.0;
-        self.busy_integral = 0.0;
-        self.completed_since_tick = 0;
-        self.latencies_since_tick.clear();
-        self.arrivals_since_tick = 0;
-        self.waiting_integral = 0.0;
-        self.service_since_tick = 0.0;
-        let desired = policy.decide(&signals, self.desired).desired.clamp(self.model.min, self.model.max);
-        self.desired = desired;
-        self.resize(desired);
-        self.drain_queue();
+        let now = Duration::from_nanos(self.now);
+        let Some((_, decision)) = self.autoscaler.sample(now, &self.load, || instances, self.desired) else {
+            return;
+        };
+        self.desired = decision.desired.clamp(self.model.min, self.model.max);
+        self.resize(self.desired);
     }
 }
 
@@ -356,6 +432,7 @@ pub fn simulate(
     length: Duration,
     seed: u64,
 ) -> Run {
+    let name = policy.name().to_owned();
     let mut sim = Sim {
         model,
         rng: fastrand::Rng::with_seed(seed),
@@ -363,16 +440,14 @@ pub fn simulate(
         instances: Vec::new(),
         ready: Vec::new(),
         balancer: Balancer::default(),
-        queue: VecDeque::new(),
+        load: Arc::default(),
+        autoscaler: Autoscaler::new(policy),
+        pending: HashMap::new(),
+        woken: Arc::default(),
+        next_request: 0,
         events: BinaryHeap::new(),
         sequence: 0,
-        demand_integral: 0.0,
         busy_integral: 0.0,
-        completed_since_tick: 0,
-        latencies_since_tick: Vec::new(),
-        arrivals_since_tick: 0,
-        waiting_integral: 0.0,
-        service_since_tick: 0.0,
         seconds: Vec::new(),
         latencies_this_second: Vec::new(),
         instance_integral: 0.0,
@@ -386,9 +461,8 @@ pub fn simulate(
         sim.ready.push(index);
     }
     let end = length.as_nanos() as u64;
-    let period = |policy: &dyn Policy| policy.period().as_nanos().max(1) as u64;
-    sim.schedule(period(policy), Event::Tick);
-    let mut last_tick = 0;
+    let sample_period = SAMPLE_PERIOD.as_nanos() as u64;
+    sim.schedule(0, Event::Sample);
     let mut arrivals = arrivals.map(|at| at.as_nanos() as u64).take_while(|&at| at < end).peekable();
 
     loop {
@@ -407,34 +481,25 @@ pub fn simulate(
         if next_arrival == Some(at) && next_event.is_none_or(|event| at <= event) {
             arrivals.next();
             sim.arrive();
-            continue;
-        }
-        let Some(Reverse((_, _, event))) = sim.events.pop() else { break };
-        match event {
-            Event::Completion { instance, arrival, service } => sim.complete(instance, arrival, service),
-            Event::Ready { instance } => {
-                if sim.instances[instance].state == State::Starting {
-                    sim.instances[instance].state = State::Ready;
-                    sim.ready.push(instance);
-                    sim.drain_queue();
+        } else {
+            let Some(Reverse((_, _, event))) = sim.events.pop() else { break };
+            match event {
+                Event::Completion { instance, arrival, service } => sim.complete(instance, arrival, service),
+                Event::Ready { instance } => sim.became_ready(instance),
+                Event::Sample => {
+                    sim.sample();
+                    sim.schedule(sim.now + sample_period, Event::Sample);
                 }
-            }
-            Event::Tick => {
-                sim.tick(policy, &mut last_tick);
-                let next = sim.now + period(policy);
-                sim.schedule(next, Event::Tick);
+                Event::GiveUp { request } => sim.give_up(request),
             }
         }
+        sim.poll_woken();
     }
     sim.advance(end);
-    // Whatever still waits at the end never got served in time.
-    let max_wait = ns(model.max_wait_s);
-    let late = sim.queue.iter().filter(|&&arrival| end.saturating_sub(arrival) > max_wait).count() as u64;
-    sim.dropped += late;
 
     let desired: Vec<u32> = sim.seconds.iter().map(|s| s.desired).collect();
     Run {
-        policy: policy.name().to_owned(),
+        policy: name,
         reversals: reversals(&desired),
         requests: sim.requests,
         dropped: sim.dropped,
@@ -559,7 +624,7 @@ mod tests {
         fn period(&self) -> Duration {
             Duration::from_secs(1)
         }
-        fn decide(&mut self, _: &Signals, _: u32) -> crate::Decision {
+        fn decide(&mut self, _: &crate::Signals, _: u32) -> crate::Decision {
             let desired = self.0[self.1.min(self.0.len() - 1)];
             self.1 += 1;
             crate::Decision { desired, panic: false, reason: String::new() }

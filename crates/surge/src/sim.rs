@@ -41,6 +41,10 @@ pub struct SimArgs {
     /// ... plus an exponential part of this mean
     #[arg(long, default_value = "100ms", value_parser = surge_config::parse_duration)]
     service_extra: Duration,
+    /// Requests that may wait for an instance at once (the gateway's `buffer.requests`); more
+    /// are turned away
+    #[arg(long, default_value_t = 1000)]
+    buffer: usize,
     /// Fewest instances
     #[arg(long, default_value_t = 1)]
     min: u32,
@@ -71,6 +75,7 @@ pub fn run(args: SimArgs) -> Result<(), Failure> {
         slots: args.slots,
         service_base_s: args.service.as_secs_f64(),
         service_extra_s: args.service_extra.as_secs_f64(),
+        buffer: args.buffer,
         min: args.min,
         max: args.max,
         ..Model::default()
@@ -81,7 +86,7 @@ pub fn run(args: SimArgs) -> Result<(), Failure> {
     let scenarios = scenarios(&args, &model)?;
     eprintln!(
         "surge sim: {} scenario{} x {} policies; instances serve {} at once, {:.0} ms each on average \
-         ({:.0} req/s), start in {:?}; SLO p99 <= {:?}",
+         ({:.0} req/s), start in {:?}; at most {} wait, {:?} each; SLO p99 <= {:?}",
         scenarios.len(),
         if scenarios.len() == 1 { "" } else { "s" },
         suite::policies(&model).len(),
@@ -89,6 +94,8 @@ pub fn run(args: SimArgs) -> Result<(), Failure> {
         (model.service_base_s + model.service_extra_s) * 1e3,
         model.capacity(),
         args.startup,
+        model.buffer,
+        Duration::from_secs_f64(model.max_wait_s),
         args.slo
     );
 

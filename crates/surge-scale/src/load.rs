@@ -1,5 +1,6 @@
-//! What the data path tells the autoscaler: requests waiting for an instance, and how long
-//! finished requests took. Lock-free: recorded on every request, read once a second.
+//! What the data path tells the autoscaler: requests that arrived, are in flight or wait for an
+//! instance (and the queue they wait in), and how long finished requests took. Lock-free:
+//! recorded on every request, read at each decision. The simulator records into the same type.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -50,6 +51,13 @@ impl Default for PoolLoad {
     }
 }
 
+/// Requests finished in a period, and the mean time they spent at an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Finished {
+    pub count: u64,
+    pub mean_service: Option<Duration>,
+}
+
 /// One request waiting in the gateway's buffer, for as long as it lives.
 #[derive(Debug)]
 pub struct Waiting(Arc<PoolLoad>);
@@ -65,11 +73,11 @@ impl PoolLoad {
         self.active.load(Ordering::SeqCst)
     }
 
-    pub(crate) fn started(&self) {
+    pub fn started(&self) {
         self.active.fetch_add(1, Ordering::SeqCst);
     }
 
-    pub(crate) fn ended(&self) {
+    pub fn ended(&self) {
         self.active.fetch_sub(1, Ordering::SeqCst);
     }
 
@@ -83,7 +91,7 @@ impl PoolLoad {
     }
 
     /// Work waiting for the pool outside it, now.
-    pub(crate) fn backlog(&self) -> usize {
+    pub fn backlog(&self) -> usize {
         let backlog = self.backlog.lock().unwrap_or_else(|p| p.into_inner()).clone();
         backlog.map_or(0, |Backlog(count)| count())
     }
@@ -108,15 +116,15 @@ impl PoolLoad {
         self.arrivals.swap(0, Ordering::Relaxed)
     }
 
-    /// The mean time at an instance of requests finished since the last call, which resets it.
-    pub(crate) fn take_mean_service(&self) -> Option<Duration> {
+    /// The requests finished since the last call, which resets the count.
+    pub fn take_finished(&self) -> Finished {
         let count = self.services.swap(0, Ordering::Relaxed);
         let micros = self.service_micros.swap(0, Ordering::Relaxed);
-        (count > 0).then(|| Duration::from_micros(micros / count))
+        Finished { count, mean_service: (count > 0).then(|| Duration::from_micros(micros / count)) }
     }
 
     /// A request finished: record its latency.
-    pub(crate) fn finished(&self, latency: Duration) {
+    pub fn finished(&self, latency: Duration) {
         let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         self.service_micros.fetch_add(micros, Ordering::Relaxed);
         self.services.fetch_add(1, Ordering::Relaxed);
@@ -129,14 +137,14 @@ impl PoolLoad {
     }
 
     /// The `quantile` of the latencies recorded since the last call, which clears them.
-    pub(crate) fn take_quantile(&self, quantile: f64) -> Option<Duration> {
+    pub fn take_quantile(&self, quantile: f64) -> Option<Duration> {
         self.latency.take().quantile(quantile)
     }
 }
 
 /// Requests waiting for capacity (a free slot on a ready instance), in arrival order. A freed
 /// slot wakes the first; new instances wake all. A woken request that finds no slot after all
-/// goes back to the front, and one that leaves after it was woken passes the wake-up on, so no
+/// goes back to its place in line (ahead of those that came after it), and one that leaves after it was woken passes the wake-up on, so no
 /// wake-up is lost to a request that could not use it.
 #[derive(Debug, Default)]
 pub struct WaitQueue {
@@ -166,13 +174,17 @@ impl WaitQueue {
     }
 
     /// Queues a request that found no slot, or updates its waker if it is queued already. A
-    /// request that was woken and still found no slot goes back to the front.
+    /// request that was woken and still found no slot goes back to its place in line.
     pub fn wait(&self, ticket: &mut Option<Ticket>, waker: &Waker) {
         let mut waiters = self.lock();
         match *ticket {
             Some(Ticket(id)) => match waiters.queue.iter_mut().find(|(queued, _)| *queued == id) {
                 Some((_, queued)) => queued.clone_from(waker),
-                None => waiters.queue.push_front((id, waker.clone())),
+                None => {
+                    // Back to its place: the queue is in ticket order, which is arrival order.
+                    let place = waiters.queue.partition_point(|(queued, _)| *queued < id);
+                    waiters.queue.insert(place, (id, waker.clone()));
+                }
             },
             None => {
                 let id = waiters.next_ticket;
@@ -275,6 +287,26 @@ mod tests {
         queue.leave(tickets[0].expect("queued"), true);
         queue.wake_one();
         assert_eq!([wakes(&first.0), wakes(&second.0), wakes(&third.0)], [2, 1, 0]);
+    }
+
+    #[test]
+    fn requests_woken_together_go_back_to_their_places() {
+        let queue = WaitQueue::default();
+        let waiters = [counting(), counting(), counting(), counting()];
+        let mut tickets = [None; 4];
+        for (ticket, (_, waker)) in tickets.iter_mut().zip(&waiters) {
+            queue.wait(ticket, waker);
+        }
+        // An instance came up: all four look; the first takes the only slot, and the other
+        // three come back in whatever order they were polled, the last first.
+        queue.wake_all();
+        queue.leave(tickets[0].expect("queued"), true);
+        for i in [3, 1, 2] {
+            queue.wait(&mut tickets[i], &waiters[i].1);
+        }
+        queue.wake_one();
+        let wakes_now: Vec<usize> = waiters.iter().map(|(counter, _)| wakes(counter)).collect();
+        assert_eq!(wakes_now, [1, 2, 1, 1], "the second in line, not the last to come back, goes next");
     }
 
     #[test]
