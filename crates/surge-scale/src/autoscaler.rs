@@ -98,7 +98,10 @@ impl<P: Policy> Autoscaler<P> {
         self.waiting_sum += waiting as f64;
         self.samples += 1;
         let elapsed = now.saturating_sub(self.last_decision);
-        if elapsed < self.policy.period() && !std::mem::take(&mut self.decide_now) {
+        // Taken whichever way the decision comes, or a period's decision would leave it set and
+        // the next sample would decide again over a period of nothing (rates divided by ~0).
+        let decide_now = std::mem::take(&mut self.decide_now);
+        if elapsed < self.policy.period() && !decide_now {
             return None;
         }
         let seconds = elapsed.as_secs_f64().max(f64::EPSILON);
@@ -182,7 +185,12 @@ mod tests {
         assert_eq!(decision.desired, 1, "{}", decision.reason);
         assert!(!autoscaler.demand(ms(400), 1).decide, "100 ms after the last decision");
         assert!(autoscaler.sample(ms(400), &load, || instances, 1).is_none());
+        // Requests wait, so the policy's own period is 200 ms now too: the decision is due
+        // either way, and the next sample still waits its turn.
         assert!(autoscaler.demand(ms(500), 1).decide);
+        assert!(autoscaler.sample(ms(500), &load, || instances, 1).is_some());
+        assert!(!autoscaler.demand(ms(500), 1).decide);
+        assert!(autoscaler.sample(ms(600), &load, || instances, 1).is_none(), "100 ms later");
         drop(waiting);
     }
 }
