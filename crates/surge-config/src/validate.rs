@@ -612,7 +612,7 @@ impl Validator<'_> {
                     span,
                     format!("{key}.{name}"),
                     "is no longer a setting: the policy has no panic mode; a rise in load counts \
-                     in full once it has held for `persistence` (default 2s), see docs/autoscaling.md",
+                     in full once it has held for `persistence` (default 1s), see docs/autoscaling.md",
                 );
             }
         }

@@ -1,9 +1,9 @@
-//! Surge's default policy: the offered work of each period, square-root staffed, counted in
-//! full once a rise has held for `persistence`; a backlog asks only for what the ready
+//! Surge's default policy: the offered work of the last second, square-root staffed, counted
+//! in full once a rise has held for `persistence`; a backlog asks only for what the ready
 //! instances cannot clear within one start-up; scale-down waits for `scale_down_delay`, within
 //! rate limits, a tolerance band and the instance bounds, and an idle pool goes to zero after
-//! its idle window. The tick is one second, because Surge sits in the request path and sees
-//! load the moment it arrives.
+//! its idle window. The tick is one second (200 ms while requests wait for an instance),
+//! because Surge sits in the request path and sees load the moment it arrives.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -121,8 +121,8 @@ pub struct ScaleConfig {
     /// Fraction of `target` to aim at. For concurrency the default is 1.0, because square-root
     /// staffing already leaves the headroom; for rps, 0.7 (Knative's).
     pub utilization: f64,
-    /// A rise in load counts in full once it has held this long; before that it may at most
-    /// double the pool.
+    /// A rise in load counts in full once it has held this long (in every decision from one
+    /// this long ago on); before that it may at most double the pool.
     pub persistence: Duration,
     /// At most this many times the ready and starting instances in one decision (up), and at
     /// least the ready instances divided by `max_scale_down_rate` (down).
@@ -146,11 +146,11 @@ impl Default for ScaleConfig {
             metric: Metric::Concurrency,
             target: 10.0,
             utilization: 1.0,
-            persistence: Duration::from_secs(2),
+            persistence: Duration::from_secs(1),
             max_scale_up_rate: 10.0,
             max_scale_down_rate: 2.0,
             scale_down_delay: Duration::from_secs(30),
-            tolerance: 0.1,
+            tolerance: 0.15,
             idle_window: Duration::from_secs(30),
             tick: Duration::from_secs(1),
             min: 1,
@@ -170,14 +170,19 @@ const UNCONFIRMED_RISE: f64 = 2.0;
 /// Once new instances are up, what the ready ones left of a backlog is cleared within this.
 const BACKLOG_CLEARANCE_S: f64 = 1.0;
 
+/// The latest load is the mean over this much time: decisions come every 200 ms while
+/// requests wait, and 200 ms of bursty arrivals say little about the next second.
+const RECENT: Duration = Duration::from_secs(1);
+
 /// Weight of the newest period in the smoothed service time.
 const SERVICE_SMOOTHING: f64 = 0.3;
 
 /// Surge's policy. Sizes the pool for the load it can expect rather than for the last second
 /// (the figures that chose each part are in docs/autoscaling.md):
 ///
-/// - load is the offered work of each period: arrivals × service time (Little's law), for
-///   which square-root staffing gives the instances;
+/// - load is the offered work of the last second: arrivals × service time (Little's law), for
+///   which square-root staffing gives the instances; decisions every 200 ms still look at the
+///   whole second, so arrivals bunched within it count as their mean;
 /// - a rise counts in full once it has held for `persistence`; before that it may at most
 ///   double the pool, so a one-second burst does not start instances that come up after it;
 /// - requests already waiting ask for the instances that clear what the ready ones cannot
@@ -190,6 +195,8 @@ pub struct SurgePolicy {
     config: ScaleConfig,
     /// (time, pool-wide load in metric units), oldest first, spanning `persistence`.
     samples: VecDeque<(Duration, f64)>,
+    /// (end, length, load) of the periods that reach into the last [`RECENT`], oldest first.
+    recent: VecDeque<(Duration, Duration, f64)>,
     /// Recommendations of the scale-down delay window.
     recommendations: VecDeque<(Duration, u32)>,
     /// Mean service time in seconds, smoothed over the periods that finished requests.
@@ -197,7 +204,7 @@ pub struct SurgePolicy {
     last_request: Option<Duration>,
     /// The ready and starting instances when the rise not yet held began.
     rise_base: Option<u32>,
-    decided: bool,
+    last_decision: Option<Duration>,
     /// Requests were waiting at the last decision: decide again soon.
     urgent: bool,
 }
@@ -207,11 +214,12 @@ impl SurgePolicy {
         SurgePolicy {
             config,
             samples: VecDeque::new(),
+            recent: VecDeque::new(),
             recommendations: VecDeque::new(),
             service_time: None,
             last_request: None,
             rise_base: None,
-            decided: false,
+            last_decision: None,
             urgent: false,
         }
     }
@@ -244,6 +252,26 @@ impl SurgePolicy {
             (Metric::Rps, _) if signals.arrivals > 0.0 => signals.arrivals,
             (Metric::Rps, _) => signals.rps,
             (metric, _) => metric.observe(signals),
+        }
+    }
+
+    /// The mean load over the last [`RECENT`], each period weighted by how much of it falls
+    /// within.
+    fn recent_load(&mut self, now: Duration, load: f64) -> f64 {
+        let length = self.last_decision.map_or(RECENT, |last| now.saturating_sub(last));
+        self.recent.push_back((now, length.max(Duration::from_millis(1)), load));
+        while self.recent.front().is_some_and(|(end, _, _)| now.saturating_sub(*end) >= RECENT) {
+            self.recent.pop_front();
+        }
+        let (weighted, total) =
+            self.recent.iter().fold((0.0, 0.0), |(weighted, total), (end, length, load)| {
+                let within = (*length).min(RECENT.saturating_sub(now.saturating_sub(*end))).as_secs_f64();
+                (weighted + within * load, total + within)
+            });
+        if total > 0.0 {
+            weighted / total
+        } else {
+            load
         }
     }
 
@@ -294,10 +322,14 @@ impl Policy for SurgePolicy {
         if signals.concurrency > 0.0 || signals.arrivals > 0.0 || signals.rps > 0.0 {
             self.last_request = Some(now);
         }
-        let load = self.load(signals);
-        self.samples.push_back((now, load));
+        let this_period = self.load(signals);
+        let load = self.recent_load(now, this_period);
+        let first_decision = self.last_decision.replace(now).is_none();
+        // The window reaches back to the decision `persistence` ago, so that at one decision a
+        // second the rise must show in two of them.
+        self.samples.push_back((now, this_period));
         while self.samples.len() > 1
-            && self.samples.front().is_some_and(|(at, _)| now.saturating_sub(*at) >= config.persistence)
+            && self.samples.front().is_some_and(|(at, _)| now.saturating_sub(*at) > config.persistence)
         {
             self.samples.pop_front();
         }
@@ -351,7 +383,7 @@ impl Policy for SurgePolicy {
 
         // Scale-down stabilisation: the highest recommendation of the delay window. The count
         // the pool started with counts as one, so a new pool is not cut at its first decision.
-        if !std::mem::replace(&mut self.decided, true) {
+        if first_decision {
             self.recommendations.push_back((now, current));
         }
         self.recommendations.push_back((now, desired));
@@ -466,7 +498,8 @@ mod tests {
 
     #[test]
     fn decisions_every_200_ms_do_not_compound_the_cap_on_a_rise_not_yet_held() {
-        let mut policy = SurgePolicy::new(config());
+        // A long persistence, so that the rise stays unconfirmed over many decisions.
+        let mut policy = SurgePolicy::new(ScaleConfig { persistence: secs(2), ..config() });
         run(&mut policy, 0, &[200.0; 60], 4);
         let mut current = 4;
         for tenth in (600..610).step_by(2) {
@@ -478,6 +511,52 @@ mod tests {
             current = policy.decide(&at, current).desired;
             assert!(current <= 8, "at {tenth} tenths the pool went to {current}");
         }
+    }
+
+    /// Decisions every 200 ms from `start_ms`, with one arrival rate per period and the
+    /// requests waiting at each; the pool follows each decision at once.
+    fn run_urgent(
+        policy: &mut SurgePolicy,
+        start_ms: u64,
+        periods: &[(f64, f64)],
+        mut current: u32,
+    ) -> Vec<u32> {
+        let mut counts = Vec::new();
+        for (i, &(rate, waiting)) in periods.iter().enumerate() {
+            let at = Signals {
+                now: Duration::from_millis(start_ms + 200 * i as u64),
+                ..signals(0, current, rate, waiting)
+            };
+            current = policy.decide(&at, current).desired;
+            counts.push(current);
+        }
+        counts
+    }
+
+    #[test]
+    fn a_sustained_ten_fold_step_is_answered_in_full_once_it_has_held_a_second() {
+        let mut policy = SurgePolicy::new(config());
+        run(&mut policy, 0, &[200.0; 60], 4);
+        // From 59 s, 2000 requests/s; the 3 instances serve 300 a second, so the rest wait
+        // (340 more every 200 ms) and the supervisor decides every 200 ms.
+        let periods: Vec<(f64, f64)> = (1..=6).map(|i| (2000.0, 340.0 * f64::from(i))).collect();
+        let counts = run_urgent(&mut policy, 59_200, &periods, 3);
+        // 200 busy slots need 23 instances. Until the rise has held for a second, the pool
+        // grows with the requests that wait; then it is sized in full, and for the backlog.
+        assert!(counts.windows(2).all(|w| w[1] >= w[0]) && counts[0] < 23, "{counts:?}");
+        assert!(counts[5] >= 23, "in full 1.2 s after the step: {counts:?}");
+    }
+
+    #[test]
+    fn arrivals_bunched_within_a_second_count_as_the_second_s_mean() {
+        let mut policy = SurgePolicy::new(config());
+        // Every second, all of its 200 requests come in one 200 ms period (1000 a second
+        // there), none in the other four; a few wait at each bunch.
+        let periods: Vec<(f64, f64)> =
+            (0..50).map(|i| if i % 5 == 4 { (1000.0, 5.0) } else { (0.0, 0.0) }).collect();
+        let counts = run_urgent(&mut policy, 200, &periods, 3);
+        // 200 requests/s of 100 ms need 3 instances; 1000/s would ask for 13.
+        assert!(counts.iter().all(|&c| c == 3), "{counts:?}");
     }
 
     #[test]
