@@ -18,7 +18,11 @@ enum HpaMetric {
 
 /// Kubernetes HPA (autoscaling/v2 defaults): a 15 s sync period, tolerance 0.1, scale-up by
 /// at most 100% or 4 pods per 15 s (whichever is more), and a 300 s scale-down stabilisation
-/// window. CPU is averaged over the last 30 s (metrics-server's 15 s resolution plus the
+/// window. In kubernetes/kubernetes: the usage ratio and tolerance in
+/// `pkg/controller/podautoscaler/replica_calculator.go`, the rate limits and the stabilisation
+/// (the highest recommendation of the window) in `horizontal.go`
+/// (`normalizeDesiredReplicasWithBehaviors`), the defaults in
+/// `pkg/apis/autoscaling/v2/defaults.go`. CPU is averaged over the last 30 s (metrics-server's 15 s resolution plus the
 /// kubelet's averaging window).
 #[derive(Debug, Clone)]
 pub struct Hpa {
@@ -43,8 +47,9 @@ impl Hpa {
         Hpa::with(HpaMetric::Cpu { target }, "hpa-cpu", min, max)
     }
 
-    /// KEDA scaling on queue length (requests waiting or in flight), polled every 30 s, with a
-    /// target per instance, through the HPA it drives.
+    /// KEDA scaling on queue length (requests waiting or in flight), polled every 30 s (the
+    /// `pollingInterval` default of kedacore/keda's scale loop, `pkg/scaling/scale_handler.go`),
+    /// with an AverageValue target per instance, through the HPA it drives.
     pub fn keda(target_per_pod: f64, min: u32, max: u32) -> Self {
         let poll = Duration::from_secs(30);
         Hpa::with(HpaMetric::External { target_per_pod, poll }, "keda-queue", min, max)
@@ -200,7 +205,8 @@ impl Policy for Kpa {
     }
 }
 
-/// AWS target tracking on CPU: one datapoint a minute; scale out when three in a row are above
+/// AWS target tracking on CPU, as the EC2 Auto Scaling user guide's "Target tracking scaling
+/// policies" describes the alarms it creates: one datapoint a minute; scale out when three in a row are above
 /// the target, scale in when fifteen in a row are below 90% of it (the low alarm), with the
 /// default 300 s scale-in cooldown. Capacity moves to `ceil(current × value / target)`.
 #[derive(Debug, Clone)]

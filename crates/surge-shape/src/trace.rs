@@ -117,11 +117,10 @@ mod tests {
     }
 
     #[test]
-    fn the_shared_azure_trace_parses() {
-        let path =
-            concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data/traces/azure-llm-2023-code.csv");
+    fn the_azure_trace_in_the_repository_parses() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../data/traces/azure-llm-2023-code.csv");
         let Ok(text) = std::fs::read_to_string(path) else {
-            panic!("the shared trace is missing at {path}");
+            panic!("the trace is missing at {path}");
         };
         let arrivals = parse(&text).expect("parses");
         let rows = text.lines().filter(|line| line.starts_with("2023-")).count();

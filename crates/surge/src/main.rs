@@ -89,7 +89,7 @@ enum Command {
     Load(load::LoadArgs),
     /// Simulate Surge's autoscaler against HPA, Knative, KEDA and AWS in virtual time
     #[command(after_help = "Examples:\n  surge sim\n  surge sim --scenario step --plot step.svg\n  \
-        surge sim --trace ../shared/data/traces/azure-llm-2023-code.csv --scale 20")]
+        surge sim --trace data/traces/azure-llm-2023-code.csv --scale 20")]
     Sim(sim::SimArgs),
 }
 

@@ -112,9 +112,8 @@ fn a_step_scenario_reports_both_rates() {
 fn a_trace_replay_sends_the_trace_request_count() {
     let echo = Echo::start();
     let dir = tempfile::tempdir().expect("dir");
-    let trace =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/traces/azure-llm-2023-code.csv");
-    let text = std::fs::read_to_string(&trace).expect("the shared trace");
+    let trace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/traces/azure-llm-2023-code.csv");
+    let text = std::fs::read_to_string(&trace).expect("the trace in data/traces");
     let rows = text.lines().filter(|line| line.starts_with("2023-")).count();
     let scenario = dir.path().join("trace.toml");
     std::fs::write(
