@@ -295,6 +295,31 @@ mod tests {
     }
 
     #[test]
+    fn kpa_panics_at_twice_the_ready_pods_and_does_not_scale_down_until_a_stable_window_passes() {
+        // Knative's docs: panic when the panic window (6 s) asks for at least 200% of the ready
+        // pods; in panic the pod count never decreases; panic ends once the panic condition has
+        // not held for a stable window (60 s).
+        let mut kpa = Kpa::new(10.0, 1.0, 1, 100);
+        let mut current = 2;
+        for second in (0..60).step_by(2) {
+            current = kpa.decide(&at(second, current, 0.0, 15.0), current).desired;
+        }
+        assert_eq!(current, 2, "15 in flight on pods of 10: two pods, no panic");
+        let burst = kpa.decide(&at(60, 2, 0.0, 100.0), current);
+        assert!(burst.panic, "{}", burst.reason);
+        // The panic window's mean (15, 15, 100) asks for 5 pods: at least twice the 2 ready.
+        assert_eq!(burst.desired, 5);
+        current = burst.desired;
+        // Back to 15 in flight: in panic, the count holds for 60 s after the last crossing.
+        for second in (62..120).step_by(2) {
+            let decision = kpa.decide(&at(second, current, 0.0, 15.0), current);
+            assert!(decision.panic && decision.desired == 5, "at {second} s: {decision:?}");
+        }
+        let calm = kpa.decide(&at(120, 5, 0.0, 15.0), current);
+        assert!(!calm.panic && calm.desired < 5, "{calm:?}");
+    }
+
+    #[test]
     fn aws_needs_three_high_minutes() {
         let mut aws = AwsTargetTracking::cpu(0.7, 1, 100);
         let decisions: Vec<u32> = (0..3).map(|m| aws.decide(&at(m * 60, 2, 2.0, 0.0), 2).desired).collect();
