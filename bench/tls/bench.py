@@ -86,7 +86,8 @@ def run(work):
                       file=sys.stderr)
     results = []
     for name, measured in rounds.items():
-        kept, fresh = (bench.median([m[i] for m in measured], ("rps", "p99", "cpu_us")) for i in (0, 1))
+        keys = ("rps", "p99", "cpu_us", f"busy_{bench.PROXY_CORE}", f"busy_{bench.SHARED_CORE}")
+        kept, fresh = (bench.median([m[i] for m in measured], keys) for i in (0, 1))
         results.append((name, suites[name], kept, fresh))
     report(results)
 
@@ -104,17 +105,20 @@ def report(results):
         f"terminating TLS with one ECDSA P-256 certificate, in front of nginx serving {SIZE} B; each proxy one "
         f"worker pinned to core {bench.PROXY_CORE}, backend and wrk on core {bench.SHARED_CORE}. `handshakes` "
         "sends `Connection: close`, so every request is a new connection with a full handshake. "
-        "CPU is the proxy's user + system time per request. Ratios are to nginx.",
+        "CPU is the proxy's user + system time per request; busy is how much of each core was in use "
+        "(the proxy's, and the one wrk and the backend share). Ratios are to nginx.",
         "",
-        "| proxy | negotiated | mode | req/s | × nginx | p99 ms | p99 × nginx | CPU µs/req | CPU × nginx |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| proxy | negotiated | mode | req/s | × nginx | p99 ms | p99 × nginx | CPU µs/req | CPU × nginx "
+        "| busy proxy core | busy client core |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, suite, kept, fresh in results:
         for what, m in [("keep-alive", kept), ("handshakes", fresh)]:
             b = base[what]
             lines.append(
                 f"| {name} | {suite} | {what} | {m['rps']:,.0f} | {m['rps'] / b['rps']:.2f} | {m['p99']:.2f} "
-                f"| {m['p99'] / b['p99']:.2f} | {m['cpu_us']:.1f} | {m['cpu_us'] / b['cpu_us']:.2f} |"
+                f"| {m['p99'] / b['p99']:.2f} | {m['cpu_us']:.1f} | {m['cpu_us'] / b['cpu_us']:.2f} "
+                f"| {m[f'busy_{bench.PROXY_CORE}']:.0%} | {m[f'busy_{bench.SHARED_CORE}']:.0%} |"
             )
     lines.append("")
     table = "\n".join(lines) + "\n"
