@@ -216,7 +216,7 @@ impl Supervisor {
                 if self.shutdown_waiters.is_some() {
                     return;
                 }
-                let Some(autoscaling) = &mut self.autoscaler else { return };
+                let Some(autoscaling) = &self.autoscaler else { return };
                 let current = self.pool.desired.load(Ordering::SeqCst);
                 let demand = autoscaling.autoscaler.demand(autoscaling.started.elapsed(), current);
                 if demand.desired != current {
@@ -226,7 +226,7 @@ impl Supervisor {
                 // Requests are waiting: decide now rather than at the next tick, so a burst is
                 // answered the moment it arrives.
                 if demand.decide {
-                    self.autoscale();
+                    self.autoscale(true);
                 }
             }
             Command::Scale { count, reply } => {
@@ -437,7 +437,7 @@ impl Supervisor {
     /// Start timeouts, clearing the failure count once an instance has proved stable, and
     /// the autoscaler's sampling and decisions.
     fn housekeeping(&mut self) {
-        self.autoscale();
+        self.autoscale(false);
         if let Source::Upstreams { .. } = self.source {
             // An upstream cannot be replaced: it stays out of rotation until it passes a check.
             return;
@@ -493,8 +493,9 @@ impl Supervisor {
         }
     }
 
-    /// Samples the load every tick and decides once per policy period.
-    fn autoscale(&mut self) {
+    /// Samples the load every tick and decides once per policy period, or now (`early`) when a
+    /// waiting request asked for it.
+    fn autoscale(&mut self, early: bool) {
         let Some(autoscaling) = &mut self.autoscaler else { return };
         if self.shutdown_waiters.is_some() {
             return;
@@ -514,7 +515,8 @@ impl Supervisor {
         let current = self.pool.desired.load(Ordering::SeqCst);
         let now = autoscaling.started.elapsed();
         let autoscaler = &mut autoscaling.autoscaler;
-        let Some((signals, decision)) = autoscaler.sample(now, &self.pool.load, instances, current) else {
+        let Some((signals, decision)) = autoscaler.sample(now, &self.pool.load, instances, current, early)
+        else {
             return;
         };
         if decision.desired != current {

@@ -45,8 +45,6 @@ pub struct Autoscaler<P> {
     cpu_before: f64,
     /// Launch to ready of the latest instance that became ready.
     last_startup: Option<Duration>,
-    /// Requests are waiting: decide at the next sample instead of at the end of the period.
-    decide_now: bool,
 }
 
 impl<P: Policy> Autoscaler<P> {
@@ -59,7 +57,6 @@ impl<P: Policy> Autoscaler<P> {
             samples: 0,
             cpu_before: 0.0,
             last_startup: None,
-            decide_now: false,
         }
     }
 
@@ -74,23 +71,24 @@ impl<P: Policy> Autoscaler<P> {
 
     /// A request began to wait for an instance, with `current` instances desired: a pool at
     /// zero starts one at once, and, for a policy that [decides on
-    /// demand](Policy::decides_on_demand), the next sample decides, unless the last decision is
-    /// more recent than [`EARLIEST_DECISION`].
-    pub fn demand(&mut self, now: Duration, current: u32) -> Demand {
-        if self.policy.decides_on_demand() && now.saturating_sub(self.last_decision) >= EARLIEST_DECISION {
-            self.decide_now = true;
-        }
-        Demand { desired: current.max(1), decide: self.decide_now }
+    /// demand](Policy::decides_on_demand), a sample taken now decides (`early`), unless the last
+    /// decision is more recent than [`EARLIEST_DECISION`].
+    pub fn demand(&self, now: Duration, current: u32) -> Demand {
+        let decide =
+            self.policy.decides_on_demand() && now.saturating_sub(self.last_decision) >= EARLIEST_DECISION;
+        Demand { desired: current.max(1), decide }
     }
 
-    /// Takes one sample of `load`; when a decision is due, builds the signals (reading
-    /// `instances` then) and decides from the `current` desired count.
+    /// Takes one sample of `load`; when a decision is due (the policy's period is over, or
+    /// `early`, as a [demand](Self::demand) asks), builds the signals (reading `instances` then)
+    /// and decides from the `current` desired count.
     pub fn sample(
         &mut self,
         now: Duration,
         load: &PoolLoad,
         instances: impl FnOnce() -> Instances,
         current: u32,
+        early: bool,
     ) -> Option<(Signals, Decision)> {
         // Requests waiting in the gateway, and messages waiting in a worker pool's queue.
         let waiting = load.waiting() + load.backlog();
@@ -98,10 +96,7 @@ impl<P: Policy> Autoscaler<P> {
         self.waiting_sum += waiting as f64;
         self.samples += 1;
         let elapsed = now.saturating_sub(self.last_decision);
-        // Taken whichever way the decision comes, or a period's decision would leave it set and
-        // the next sample would decide again over a period of nothing (rates divided by ~0).
-        let decide_now = std::mem::take(&mut self.decide_now);
-        if elapsed < self.policy.period() && !decide_now {
+        if elapsed < self.policy.period() && !early {
             return None;
         }
         let seconds = elapsed.as_secs_f64().max(f64::EPSILON);
@@ -164,7 +159,7 @@ mod tests {
                     load.finished(ms(500));
                 }
             }
-            decisions.push(autoscaler.sample(ms(tenth * 100), &load, || instances, 2));
+            decisions.push(autoscaler.sample(ms(tenth * 100), &load, || instances, 2, false));
         }
         assert!(decisions[..9].iter().all(Option::is_none), "only at the end of the 1 s period");
         let (signals, _) = decisions[9].clone().expect("decided at 1 s");
@@ -180,17 +175,18 @@ mod tests {
         let waiting = load.wait(10).expect("room");
         let instances = Instances::default();
         assert_eq!(autoscaler.demand(ms(300), 0), Demand { desired: 1, decide: true }, "from zero at once");
-        let (signals, decision) = autoscaler.sample(ms(300), &load, || instances, 0).expect("decided now");
+        let (signals, decision) =
+            autoscaler.sample(ms(300), &load, || instances, 0, true).expect("decided now");
         assert_eq!(signals.waiting, 1.0);
         assert_eq!(decision.desired, 1, "{}", decision.reason);
         assert!(!autoscaler.demand(ms(400), 1).decide, "100 ms after the last decision");
-        assert!(autoscaler.sample(ms(400), &load, || instances, 1).is_none());
+        assert!(autoscaler.sample(ms(400), &load, || instances, 1, false).is_none());
         // Requests wait, so the policy's own period is 200 ms now too: the decision is due
         // either way, and the next sample still waits its turn.
         assert!(autoscaler.demand(ms(500), 1).decide);
-        assert!(autoscaler.sample(ms(500), &load, || instances, 1).is_some());
+        assert!(autoscaler.sample(ms(500), &load, || instances, 1, true).is_some());
         assert!(!autoscaler.demand(ms(500), 1).decide);
-        assert!(autoscaler.sample(ms(600), &load, || instances, 1).is_none(), "100 ms later");
+        assert!(autoscaler.sample(ms(600), &load, || instances, 1, false).is_none(), "100 ms later");
         drop(waiting);
     }
 }

@@ -193,10 +193,10 @@ const SERVICE_SMOOTHING: f64 = 0.3;
 #[derive(Debug, Clone)]
 pub struct SurgePolicy {
     config: ScaleConfig,
-    /// (time, pool-wide load in metric units), oldest first, spanning `persistence`.
-    samples: VecDeque<(Duration, f64)>,
-    /// (end, length, load) of the periods that reach into the last [`RECENT`], oldest first.
-    recent: VecDeque<(Duration, Duration, f64)>,
+    /// (end, pool-wide load in metric units) of each period since the one before the
+    /// `persistence` window and the last [`RECENT`], oldest first; a period starts where the
+    /// one before it ends.
+    periods: VecDeque<(Duration, f64)>,
     /// Recommendations of the scale-down delay window.
     recommendations: VecDeque<(Duration, u32)>,
     /// Mean service time in seconds, smoothed over the periods that finished requests.
@@ -204,7 +204,6 @@ pub struct SurgePolicy {
     last_request: Option<Duration>,
     /// The ready and starting instances when the rise not yet held began.
     rise_base: Option<u32>,
-    last_decision: Option<Duration>,
     /// Requests were waiting at the last decision: decide again soon.
     urgent: bool,
 }
@@ -213,13 +212,11 @@ impl SurgePolicy {
     pub fn new(config: ScaleConfig) -> Self {
         SurgePolicy {
             config,
-            samples: VecDeque::new(),
-            recent: VecDeque::new(),
+            periods: VecDeque::new(),
             recommendations: VecDeque::new(),
             service_time: None,
             last_request: None,
             rise_base: None,
-            last_decision: None,
             urgent: false,
         }
     }
@@ -255,23 +252,48 @@ impl SurgePolicy {
         }
     }
 
-    /// The mean load over the last [`RECENT`], each period weighted by how much of it falls
-    /// within.
-    fn recent_load(&mut self, now: Duration, load: f64) -> f64 {
-        let length = self.last_decision.map_or(RECENT, |last| now.saturating_sub(last));
-        self.recent.push_back((now, length.max(Duration::from_millis(1)), load));
-        while self.recent.front().is_some_and(|(end, _, _)| now.saturating_sub(*end) >= RECENT) {
-            self.recent.pop_front();
+    /// Records the load of the period ending `now`, keeping the periods the persistence
+    /// window and the recent mean need.
+    fn record(&mut self, now: Duration, load: f64) {
+        self.periods.push_back((now, load));
+        let persistence = self.config.persistence;
+        // The oldest goes once it is out of the persistence window and the next one no longer
+        // reaches into the last second (it needs the oldest's end as its start).
+        while self.periods.len() > 1
+            && self.periods.front().is_some_and(|(end, _)| now.saturating_sub(*end) > persistence)
+            && self.periods.get(1).is_some_and(|(end, _)| now.saturating_sub(*end) >= RECENT)
+        {
+            self.periods.pop_front();
         }
-        let (weighted, total) =
-            self.recent.iter().fold((0.0, 0.0), |(weighted, total), (end, length, load)| {
-                let within = (*length).min(RECENT.saturating_sub(now.saturating_sub(*end))).as_secs_f64();
-                (weighted + within * load, total + within)
-            });
-        if total > 0.0 {
-            weighted / total
-        } else {
-            load
+    }
+
+    /// The lowest load of the periods within `persistence`: what has held.
+    fn held_load(&self, now: Duration) -> f64 {
+        let persistence = self.config.persistence;
+        self.periods
+            .iter()
+            .filter(|(end, _)| now.saturating_sub(*end) <= persistence)
+            .map(|(_, load)| *load)
+            .fold(f64::INFINITY, f64::min)
+    }
+
+    /// The mean load over the last [`RECENT`], each period weighted by how much of it falls
+    /// within (the first period of all counts as a whole [`RECENT`] long).
+    fn recent_load(&self, now: Duration) -> f64 {
+        let mut start = None;
+        let (mut weighted, mut total) = (0.0, 0.0);
+        for &(end, load) in &self.periods {
+            let length =
+                start.map_or(RECENT, |start| end.saturating_sub(start)).max(Duration::from_millis(1));
+            start = Some(end);
+            let within = length.min(RECENT.saturating_sub(now.saturating_sub(end))).as_secs_f64();
+            weighted += within * load;
+            total += within;
+        }
+        match self.periods.back() {
+            Some(_) if total > 0.0 => weighted / total,
+            Some((_, load)) => *load,
+            None => 0.0,
         }
     }
 
@@ -322,19 +344,13 @@ impl Policy for SurgePolicy {
         if signals.concurrency > 0.0 || signals.arrivals > 0.0 || signals.rps > 0.0 {
             self.last_request = Some(now);
         }
-        let this_period = self.load(signals);
-        let load = self.recent_load(now, this_period);
-        let first_decision = self.last_decision.replace(now).is_none();
-        // The window reaches back to the decision `persistence` ago, so that at one decision a
-        // second the rise must show in two of them.
-        self.samples.push_back((now, this_period));
-        while self.samples.len() > 1
-            && self.samples.front().is_some_and(|(at, _)| now.saturating_sub(*at) > config.persistence)
-        {
-            self.samples.pop_front();
-        }
-        // The load that held over the whole persistence window, and what the latest asks.
-        let held = self.samples.iter().map(|(_, value)| *value).fold(f64::INFINITY, f64::min);
+        let first_decision = self.periods.is_empty();
+        self.record(now, self.load(signals));
+        // The load that held over the whole persistence window (reaching back to the decision
+        // `persistence` ago, so that at one decision a second the rise must show in two), and
+        // what the last second asks.
+        let held = self.held_load(now);
+        let load = self.recent_load(now);
         let backlog = self.backlog(signals, load);
         let ready = signals.ready;
         let for_held = self.needed(held + backlog, ready);

@@ -301,7 +301,7 @@ impl Sim<'_, '_> {
                 self.resize(demand.desired);
             }
             if demand.decide {
-                self.sample();
+                self.sample(true);
             }
             return;
         }
@@ -399,15 +399,16 @@ impl Sim<'_, '_> {
         self.ready.retain(|&i| instances[i].state == State::Ready);
     }
 
-    /// The supervisor's tick: one sample, and a decision when one is due.
-    fn sample(&mut self) {
+    /// The supervisor's tick (or a demand, `early`): one sample, and a decision when one is due.
+    fn sample(&mut self, early: bool) {
         let instances = Instances {
             ready: self.count(State::Ready),
             starting: self.count(State::Starting),
             cpu_seconds: self.busy_integral / f64::from(self.model.slots),
         };
         let now = Duration::from_nanos(self.now);
-        let Some((_, decision)) = self.autoscaler.sample(now, &self.load, || instances, self.desired) else {
+        let Some((_, decision)) = self.autoscaler.sample(now, &self.load, || instances, self.desired, early)
+        else {
             return;
         };
         self.desired = decision.desired.clamp(self.model.min, self.model.max);
@@ -487,7 +488,7 @@ pub fn simulate(
                 Event::Completion { instance, arrival, service } => sim.complete(instance, arrival, service),
                 Event::Ready { instance } => sim.became_ready(instance),
                 Event::Sample => {
-                    sim.sample();
+                    sim.sample(false);
                     sim.schedule(sim.now + sample_period, Event::Sample);
                 }
                 Event::GiveUp { request } => sim.give_up(request),
