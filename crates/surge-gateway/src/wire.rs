@@ -152,21 +152,44 @@ pub async fn write_all(
     }
 }
 
-/// `future` within `limit`. Polled once first without a timer: what is ready at once (most
-/// writes and flushes, a request head already in the buffer) costs no timer, which is set up
-/// only for what has to wait.
-pub(crate) async fn bounded<F: Future>(
-    limit: std::time::Duration,
-    future: F,
-) -> Result<F::Output, tokio::time::error::Elapsed> {
-    let mut future = std::pin::pin!(future);
-    // Polling with a waker that does nothing loses no wake-up: a pending future is polled
-    // again below, with the task's waker, before anything waits on it.
-    let polled = future.as_mut().poll(&mut Context::from_waker(std::task::Waker::noop()));
-    if let Poll::Ready(output) = polled {
-        return Ok(output);
+/// `future` within `limit`. The timer is set up only when `future` first has to wait: what is
+/// ready at once (most writes and flushes, a request head already in the buffer) costs none.
+/// A future of its own rather than an `async fn` around `tokio::time::timeout`, whose state
+/// held `future` twice: this one sits inside every connection's task while it reads a head.
+pub(crate) fn bounded<F: Future>(limit: std::time::Duration, future: F) -> Bounded<F> {
+    Bounded { future, timer: None, limit }
+}
+
+/// `future` took longer than its limit.
+#[derive(Debug)]
+pub(crate) struct Elapsed;
+
+pin_project_lite::pin_project! {
+    pub(crate) struct Bounded<F> {
+        #[pin]
+        future: F,
+        #[pin]
+        timer: Option<tokio::time::Sleep>,
+        limit: std::time::Duration,
     }
-    tokio::time::timeout(limit, future).await
+}
+
+impl<F: Future> Future for Bounded<F> {
+    type Output = Result<F::Output, Elapsed>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if let Poll::Ready(output) = this.future.poll(cx) {
+            return Poll::Ready(Ok(output));
+        }
+        if this.timer.is_none() {
+            this.timer.set(Some(tokio::time::sleep(*this.limit)));
+        }
+        match this.timer.as_pin_mut().map(|timer| timer.poll(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready(Err(Elapsed)),
+            _ => Poll::Pending,
+        }
+    }
 }
 
 /// A connection handed on with bytes already read from it, which it yields first: a client's
@@ -219,7 +242,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn bounded_runs_what_is_ready_at_once_and_times_out_what_waits_too_long() {
         assert_eq!(bounded(Duration::from_secs(1), async { 7 }).await.ok(), Some(7));
-        // Pending at the first poll (made with a waker that does nothing), then woken for real.
+        // Pending at the first poll, which sets the timer, then woken within the limit.
         let within = bounded(Duration::from_secs(2), tokio::time::sleep(Duration::from_secs(1))).await;
         assert!(within.is_ok(), "a wait shorter than the limit is not lost");
         let too_long = bounded(Duration::from_secs(1), std::future::pending::<()>()).await;

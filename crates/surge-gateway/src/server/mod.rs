@@ -108,6 +108,7 @@ pub async fn serve<S, B>(
     let slots = Arc::new(tokio::sync::Semaphore::new(listening.max_connections));
     let per_client = listening.max_per_client.map(|max| Arc::new(PerClient::new(max)));
     let Listening { tls, timeouts, trusted_proxies, proxy_protocol, .. } = listening;
+    let accepting = Accepting { service, stop, tls, timeouts, trusted_proxies, proxy_protocol, per_client };
     loop {
         let slot = tokio::select! {
             slot = Arc::clone(&slots).acquire_owned() => match slot {
@@ -120,37 +121,7 @@ pub async fn serve<S, B>(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let (service, stop) = (service.clone(), stop.clone());
-                    let (tls, trusted, per_client) = (tls.clone(), Arc::clone(&trusted_proxies), per_client.clone());
-                    tokio::spawn(async move {
-                        // Looked up only where the PROXY protocol or the per-client cap asks.
-                        let proxy = (proxy_protocol || per_client.is_some())
-                            && trusted.iter().any(|net| net.contains(&peer.ip().to_canonical()));
-                        let Some(client) = client_of(&stream, peer, proxy_protocol.then_some(proxy), timeouts.head).await else {
-                            return;
-                        };
-                        // Counted by the client it carries; a trusted proxy without the PROXY
-                        // protocol speaks for many, so it is not counted as one.
-                        let counted = per_client.filter(|_| proxy_protocol || !proxy);
-                        let client_slot = match counted.map(|per_client| per_client.admit(client.ip())) {
-                            None => None,
-                            Some(Some(client_slot)) => Some(client_slot),
-                            Some(None) => {
-                                // Refused: its place under max_connections is free at once.
-                                drop(slot);
-                                return too_many_connections(stream, tls.is_none()).await;
-                            }
-                        };
-                        let held = (slot, client_slot);
-                        // The slots go with the connection, to an upgrade's tunnel if it has one.
-                        let held: Held = Box::new(held);
-                        match tls {
-                            None => {
-                                connection(service, stream, ClientAddr::new(client), timeouts, stop, Some(held)).await
-                            }
-                            Some(tls) => tls_connection(service, tls, stream, client, timeouts, stop, held).await,
-                        }
-                    });
+                    tokio::spawn(accepting.clone().serve(stream, peer, slot));
                 }
                 Err(err) => {
                     // Out of file descriptors, most likely: back off instead of spinning.
@@ -161,12 +132,65 @@ pub async fn serve<S, B>(
             _ = &mut shutdown => break,
         }
     }
-    drop((listener, stop));
+    drop((listener, accepting));
     let _ = stopping.send(true);
     if tokio::time::timeout(drain_timeout, stopping.closed()).await.is_err() {
         tracing::warn!(
             "requests still open after gateway.shutdown_timeout ({drain_timeout:?}); closing them"
         );
+    }
+}
+
+/// What each accepted connection needs from its listener.
+#[derive(Clone)]
+struct Accepting<S> {
+    service: S,
+    stop: watch::Receiver<bool>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    timeouts: ClientTimeouts,
+    trusted_proxies: Arc<Vec<ipnet::IpNet>>,
+    proxy_protocol: bool,
+    per_client: Option<Arc<PerClient>>,
+}
+
+impl<S> Accepting<S> {
+    /// One accepted connection, from its PROXY header and limits to its last request: the
+    /// task it runs in holds this future, so a connection that waits idle costs its size.
+    async fn serve<B>(self, stream: TcpStream, peer: SocketAddr, slot: tokio::sync::OwnedSemaphorePermit)
+    where
+        S: HttpService<B>,
+        B: ResponseBody,
+    {
+        let Accepting { service, stop, tls, timeouts, trusted_proxies, proxy_protocol, per_client } = self;
+        // Looked up only where the PROXY protocol or the per-client cap asks.
+        let proxy = (proxy_protocol || per_client.is_some())
+            && trusted_proxies.iter().any(|net| net.contains(&peer.ip().to_canonical()));
+        // Boxed, like every rare path below: the PROXY header's buffer, a TLS session and a
+        // refusal would otherwise enlarge every connection's task (a task is as large as its
+        // largest state).
+        let Some(client) =
+            Box::pin(client_of(&stream, peer, proxy_protocol.then_some(proxy), timeouts.head)).await
+        else {
+            return;
+        };
+        // Counted by the client it carries; a trusted proxy without the PROXY protocol speaks
+        // for many, so it is not counted as one.
+        let counted = per_client.filter(|_| proxy_protocol || !proxy);
+        let client_slot = match counted.map(|per_client| per_client.admit(client.ip())) {
+            None => None,
+            Some(Some(client_slot)) => Some(client_slot),
+            Some(None) => {
+                // Refused: its place under max_connections is free at once.
+                drop(slot);
+                return Box::pin(too_many_connections(stream, tls.is_none())).await;
+            }
+        };
+        // The slots go with the connection, to an upgrade's tunnel if it has one.
+        let held: Held = Box::new((slot, client_slot));
+        match tls {
+            None => connection(service, stream, ClientAddr::new(client), timeouts, stop, Some(held)).await,
+            Some(tls) => Box::pin(tls_connection(service, tls, stream, client, timeouts, stop, held)).await,
+        }
     }
 }
 
