@@ -6,11 +6,13 @@
 //! and flags, and gets the gateway's own span as its parent; an invalid or missing one starts a
 //! new, sampled trace. The rules are the W3C Trace Context recommendation's, level 1.
 
+use bytes::Bytes;
 use http::header::HeaderName;
 use http::{HeaderMap, HeaderValue};
 
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// The longest client request id kept; longer ones are replaced.
 const MAX_REQUEST_ID: usize = 200;
@@ -61,8 +63,9 @@ impl TraceContext {
         Some(TraceContext { trace_id, parent_id, flags })
     }
 
-    /// As `traceparent` says it, version `00`.
-    pub fn header(&self) -> HeaderValue {
+    /// As `traceparent` says it, version `00`, in one buffer whose bytes 3..35 are the trace id
+    /// in hex.
+    fn text(&self) -> Bytes {
         let mut text = [0u8; 55];
         text[..3].copy_from_slice(b"00-");
         hex_into(&self.trace_id, &mut text[3..35]);
@@ -70,7 +73,7 @@ impl TraceContext {
         hex_into(&self.parent_id, &mut text[36..52]);
         text[52] = b'-';
         hex_into(&[self.flags], &mut text[53..55]);
-        HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static(""))
+        Bytes::copy_from_slice(&text)
     }
 
     pub fn trace_id_hex(&self) -> String {
@@ -94,24 +97,31 @@ pub fn identify(headers: &mut HeaderMap) -> RequestIds {
     let trace = match received {
         Some(context) => context.child(),
         None => {
-            // An invalid one, or several, must not reach the instance beside ours.
-            headers.remove(&TRACEPARENT);
-            headers.remove("tracestate");
+            // An invalid one's state must not reach the instance beside ours (the invalid
+            // one itself, or several, are replaced below).
+            headers.remove(&TRACESTATE);
             TraceContext::start()
         }
     };
-    headers.insert(TRACEPARENT.clone(), trace.header());
+    let traceparent = trace.text();
     let mut given = headers.get_all(&REQUEST_ID).iter();
     let kept = match (given.next(), given.next()) {
         (Some(one), None) if is_sane_request_id(one.as_bytes()) => Some(one.clone()),
         _ => None,
     };
-    let request_id = kept.unwrap_or_else(|| {
-        let mut text = [0u8; 32];
-        hex_into(&trace.trace_id, &mut text);
-        HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("-"))
-    });
-    headers.insert(REQUEST_ID.clone(), request_id.clone());
+    let request_id = match kept {
+        Some(id) => id,
+        None => {
+            // The trace id, as the traceparent already spells it: no second buffer.
+            let id = HeaderValue::from_maybe_shared(traceparent.slice(3..35))
+                .unwrap_or_else(|_| HeaderValue::from_static("-"));
+            headers.insert(REQUEST_ID.clone(), id.clone());
+            id
+        }
+    };
+    let traceparent =
+        HeaderValue::from_maybe_shared(traceparent).unwrap_or_else(|_| HeaderValue::from_static(""));
+    headers.insert(TRACEPARENT.clone(), traceparent);
     RequestIds { request_id, trace }
 }
 
@@ -154,7 +164,7 @@ mod tests {
         let context = TraceContext::parse(GIVEN.as_bytes()).expect("valid");
         assert_eq!(context.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(context.flags, 1);
-        assert_eq!(context.header(), GIVEN);
+        assert_eq!(context.text(), GIVEN);
         let refused = [
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra", // 00 has no more fields
             "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",       // version ff
