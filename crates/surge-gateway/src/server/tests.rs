@@ -59,9 +59,18 @@ struct Client {
 fn connect<B: super::ResponseBody>(service: impl HttpService<B>) -> Client {
     let (socket, server_side) = UnixStream::pair().expect("socket pair");
     let (stop, stopping) = watch::channel(false);
-    let client = ClientAddr::new("192.0.2.7:4321".parse().expect("address"));
-    tokio::spawn(connection(service, server_side, client, ClientTimeouts::default(), stopping, None));
+    tokio::spawn(serve(service, server_side, stopping));
     Client { socket, stop }
+}
+
+/// The server's side of a connection from 192.0.2.7:4321, with the default timeouts.
+async fn serve<B: super::ResponseBody>(
+    mut service: impl HttpService<B>,
+    socket: UnixStream,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let client = ClientAddr::new("192.0.2.7:4321".parse().expect("address"));
+    connection(&mut service, socket, &client, &ClientTimeouts::default(), &mut stopping, &mut None).await;
 }
 
 impl Client {
@@ -296,8 +305,7 @@ async fn an_idle_http2_connection_is_closed_after_the_keepalive_timeout() {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let (socket, server_side) = UnixStream::pair().expect("socket pair");
     let (_stop, stopping) = watch::channel(false);
-    let client = ClientAddr::new("192.0.2.7:4321".parse().expect("address"));
-    tokio::spawn(connection(echo(), server_side, client, ClientTimeouts::default(), stopping, None));
+    tokio::spawn(serve(echo(), server_side, stopping));
     let (mut sender, connection) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(socket)).await.expect("h2");
     let connection = tokio::spawn(connection);
