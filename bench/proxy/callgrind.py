@@ -9,6 +9,10 @@ the requests. Usage:
 
     bench/proxy/callgrind.py [SURGE_BINARY ...]     # default: target/release/surge
 
+The word `nginx` in place of a binary counts nginx proxying the same way (one worker, no master
+process, its keep-alive pool to the backend as bench/proxy configures it), for comparison;
+ROUTE does not apply to it.
+
 With ROUTE=cache the route caches what nginx answers (`default_ttl`, nginx sends no freshness),
 so every counted request is a cache hit: the instructions of the response cache's hit path.
 
@@ -26,7 +30,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench import SURGE, SIZES, Work, free_port, nginx_origin, surge_config, wait_port  # noqa: E402
+from bench import SURGE, SIZES, Work, free_port, nginx_origin, nginx_proxy, surge_config, wait_port  # noqa: E402
 
 REQUESTS = int(os.environ.get("REQUESTS", "20000"))
 CONNECTIONS = int(os.environ.get("CONNECTIONS", "16"))
@@ -43,16 +47,29 @@ def total_instructions(dump):
     sys.exit(f"bench/proxy/callgrind: no totals in {dump}")
 
 
-def measure(work, binary, origin_port):
-    port = free_port()
+def command(work, binary, port, origin_port):
+    """What runs under valgrind: surge, or nginx in one process."""
+    if binary == "nginx":
+        work.stop(nginx_proxy(work, port, origin_port))  # writes its configuration
+        conf = work.path(f"proxy-{port}.conf")
+        with open(conf) as f:
+            text = f.read().replace("daemon off;", "daemon off;\nmaster_process off;")
+        with open(conf, "w") as f:
+            f.write(text)
+        return ["nginx", "-c", conf, "-p", work.dir]
     # Health checks once a minute, so that they are not in the count.
     conf = surge_config(work, port, origin_port, health=f'path = "/{SIZE}", interval = "60s"', routes=ROUTES)
+    return [binary, "up", "-c", conf]
+
+
+def measure(work, binary, origin_port):
+    port = free_port()
     out = work.path(f"callgrind-{port}")
     process = work.spawn(
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p", "--dump-instr=no",
-         "--compress-strings=no", "--compress-pos=no",
-         binary, "up", "-c", conf], "1", env={"SURGE_LOG": "warn"})
-    wait_port(port, "surge under valgrind", timeout=120)
+         "--compress-strings=no", "--compress-pos=no", *command(work, binary, port, origin_port)],
+        "1", env={"SURGE_LOG": "warn"})
+    wait_port(port, f"{binary} under valgrind", timeout=120)
     url = f"http://127.0.0.1:{port}/{SIZE}"
     # Warm up: connections to the backend made, buffers sized.
     subprocess.run(["h2load", "--h1", "-n", "2000", "-c", str(CONNECTIONS), url], capture_output=True, check=True)
