@@ -433,10 +433,13 @@ def report(results, idle):
         f"{PROXY_CORE} (nginx `worker_processes 1`, HAProxy `nbthread 1`, Surge's runtime sees one core), "
         f"backend and wrk on core {SHARED_CORE}; `direct` is wrk on core {PROXY_CORE} against the backend. "
         "Ratios are to nginx (higher req/s is better; lower latency and CPU are better). "
-        "CPU is the proxy's user + system time per request.",
+        "CPU is the proxy's user + system time per request, `kernel` the system part of it; "
+        f"`core {SHARED_CORE}` is how busy the core wrk and the backend share was (near 100%: they, not "
+        "the proxy, set the pace).",
         "",
-        "| backend | body | conns | target | req/s | × nginx | p50 ms | p99 ms | p99 × nginx | CPU µs/req | CPU × nginx |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| backend | body | conns | target | req/s | × nginx | p50 ms | p99 ms | p99 × nginx | CPU µs/req "
+        f"| kernel µs/req | CPU × nginx | core {SHARED_CORE} |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     index = {(b, s, c, t): m for b, s, c, t, m in results}
     keys = []
@@ -448,11 +451,14 @@ def report(results, idle):
         for target in ["direct", "nginx", "haproxy", "surge"]:
             m = index[(backend, size, connections, target)]
             cpu_cell = "-" if m["cpu_us"] is None else f"{m['cpu_us']:.1f}"
+            kernel_cell = "-" if m["cpu_us"] is None else f"{m['sys_us']:.1f}"
+            busy_cell = "-" if m["cpu_us"] is None else f"{m[f'busy_{SHARED_CORE}']:.0%}"
             cpu_ratio = "-" if m["cpu_us"] is None else f"{m['cpu_us'] / base['cpu_us']:.2f}"
             body = f"{size} B" if size < 1024 else f"{size // 1024} KiB"
             lines.append(
                 f"| {backend} | {body} | {connections} | {target} | {m['rps']:,.0f} | {m['rps'] / base['rps']:.2f} "
-                f"| {m['p50']:.2f} | {m['p99']:.2f} | {m['p99'] / base['p99']:.2f} | {cpu_cell} | {cpu_ratio} |"
+                f"| {m['p50']:.2f} | {m['p99']:.2f} | {m['p99'] / base['p99']:.2f} | {cpu_cell} | {kernel_cell} "
+                f"| {cpu_ratio} | {busy_cell} |"
             )
     lines += [
         "",
