@@ -3,6 +3,7 @@
 //! buffer and no request state, so an idle keep-alive connection costs a small task and a
 //! socket (nginx's design; hyper keeps its buffers for the connection's life).
 
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -50,75 +51,91 @@ pub(super) enum Handoff<C> {
 
 /// Serves requests on `socket` until the client closes, an exchange ends the connection, or
 /// shutdown begins.
-pub(super) async fn serve<S: HttpService<B>, B: ResponseBody, C: Socket>(
-    service: &mut S,
+///
+/// The connection's task holds this future while it waits, so it is kept small: a plain `fn`
+/// returning an `async` block: an `async fn` keeps its arguments twice, as they came and as
+/// the locals they are moved into.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn would hold its arguments twice in a future every connection's task keeps"
+)]
+pub(super) fn serve<'a, S: HttpService<B>, B: ResponseBody, C: Socket>(
+    service: &'a mut S,
     socket: C,
-    client: &ClientAddr,
-    timeouts: &ClientTimeouts,
-    shutdown: &mut watch::Receiver<bool>,
-    held: &mut Option<Held>,
-) -> Handoff<C> {
-    let mut buf = BytesMut::new();
-    let mut first = true;
-    // One timer for the connection's idle waits, moved to each wait's deadline: cheaper than
-    // a new one per request.
-    let idle = tokio::time::sleep(timeouts.head);
-    tokio::pin!(idle);
-    loop {
-        if buf.is_empty() {
-            // Idle: wait for the next request holding no buffer. A read that drained the
-            // socket cleared its readiness, so this waits for the kernel's word; readiness
-            // left by a read that filled its buffer costs one read that finds nothing, after
-            // which the wait goes on to the same deadline. A buffer is kept only once bytes
-            // are really there.
-            let idle_until =
-                tokio::time::Instant::now() + if first { timeouts.head } else { timeouts.keepalive };
-            idle.as_mut().reset(idle_until);
-            loop {
-                buf = BytesMut::new();
-                tokio::select! {
-                    biased;
-                    ready = socket.readable() => if ready.is_err() { return Handoff::Closed },
-                    _ = shutdown.changed() => return close(socket).await,
-                    () = &mut idle => return close(socket).await,
+    client: &'a ClientAddr,
+    timeouts: &'a ClientTimeouts,
+    shutdown: &'a mut watch::Receiver<bool>,
+    held: &'a mut Option<Held>,
+) -> impl Future<Output = Handoff<C>> + 'a {
+    async move {
+        let mut buf = BytesMut::new();
+        let mut first = true;
+        // One timer for the connection's idle waits, moved to each wait's deadline: cheaper
+        // than a new one per request.
+        let idle = tokio::time::sleep(timeouts.head);
+        tokio::pin!(idle);
+        loop {
+            if buf.is_empty() {
+                // Idle: wait for the next request holding no buffer. A read that drained the
+                // socket cleared its readiness, so this waits for the kernel's word; readiness
+                // left by a read that filled its buffer costs one read that finds nothing,
+                // after which the wait goes on to the same deadline. A buffer is kept only
+                // once bytes are really there.
+                let idle_until =
+                    tokio::time::Instant::now() + if first { timeouts.head } else { timeouts.keepalive };
+                idle.as_mut().reset(idle_until);
+                loop {
+                    buf = BytesMut::new();
+                    tokio::select! {
+                        biased;
+                        ready = socket.readable() => if ready.is_err() { return Handoff::Closed },
+                        _ = shutdown.changed() => return close(socket).await,
+                        () = &mut idle => return close(socket).await,
+                    }
+                    buf.reserve(HEAD_BUFFER);
+                    match read_now(&socket, &mut buf) {
+                        Ok(0) => return Handoff::Closed,
+                        Ok(_) => break,
+                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(_) => return Handoff::Closed,
+                    }
                 }
-                buf.reserve(HEAD_BUFFER);
-                match read_now(&socket, &mut buf) {
-                    Ok(0) => return Handoff::Closed,
-                    Ok(_) => break,
-                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(_) => return Handoff::Closed,
+            }
+            let refused = match crate::wire::bounded(timeouts.head, read_head(&socket, &mut buf, first)).await
+            {
+                Ok(Ok(Some(HeadRead::Head(head)))) => {
+                    first = false;
+                    let keep_alive = !*shutdown.borrow();
+                    match Box::pin(exchange(service, &socket, &mut buf, head, client, timeouts, keep_alive))
+                        .await
+                    {
+                        Outcome::KeepAlive if !*shutdown.borrow() => continue,
+                        Outcome::KeepAlive | Outcome::Close => None,
+                        Outcome::CloseUnread => {
+                            Box::pin(linger(socket)).await;
+                            return Handoff::Closed;
+                        }
+                        Outcome::Upgraded(upgrade) => {
+                            let tunnel = Prefixed::new(buf.split().freeze(), socket);
+                            let _ = upgrade.send(match held.take() {
+                                Some(held) => Box::new(Holding::new(tunnel, held)),
+                                None => Box::new(tunnel),
+                            });
+                            return Handoff::Closed;
+                        }
+                    }
                 }
-            }
-        }
-        let head = match crate::wire::bounded(timeouts.head, read_head(&socket, &mut buf, first)).await {
-            Ok(Ok(Some(HeadRead::Head(head)))) => head,
-            Ok(Ok(Some(HeadRead::Http2))) => return Handoff::Http2(Prefixed::new(buf.freeze(), socket)),
-            Ok(Err(err)) => {
-                Box::pin(refuse(socket, err, timeouts.send)).await;
-                return Handoff::Closed;
-            }
-            Ok(Ok(None)) | Err(_) => return Handoff::Closed,
-        };
-        first = false;
-        let keep_alive = !*shutdown.borrow();
-        let outcome =
-            Box::pin(exchange(service, &socket, &mut buf, head, client, timeouts, keep_alive)).await;
-        match outcome {
-            Outcome::KeepAlive if !*shutdown.borrow() => {}
-            Outcome::KeepAlive | Outcome::Close => return close(socket).await,
-            Outcome::CloseUnread => {
-                Box::pin(linger(socket)).await;
-                return Handoff::Closed;
-            }
-            Outcome::Upgraded(upgrade) => {
-                let tunnel = Prefixed::new(buf.split().freeze(), socket);
-                let _ = upgrade.send(match held.take() {
-                    Some(held) => Box::new(Holding::new(tunnel, held)),
-                    None => Box::new(tunnel),
-                });
-                return Handoff::Closed;
-            }
+                Ok(Ok(Some(HeadRead::Http2))) => return Handoff::Http2(Prefixed::new(buf.freeze(), socket)),
+                Ok(Err(err)) => Some(err),
+                Ok(Ok(None)) | Err(_) => return Handoff::Closed,
+            };
+            return match refused {
+                Some(err) => {
+                    Box::pin(refuse(socket, err, timeouts.send)).await;
+                    Handoff::Closed
+                }
+                None => close(socket).await,
+            };
         }
     }
 }

@@ -156,49 +156,61 @@ struct Accepting<S> {
 impl<S> Accepting<S> {
     /// One accepted connection, from its PROXY header and limits to its last request: the
     /// task it runs in holds this future, so a connection that waits idle costs its size.
-    /// Its fields are used in place, never moved into locals: a future keeps a slot for each
-    /// local as well as for what it was called with.
-    async fn serve<B>(mut self, stream: TcpStream, peer: SocketAddr, slot: tokio::sync::OwnedSemaphorePermit)
+    /// Its fields are used in place, never moved into locals, and it is a plain `fn` returning
+    /// an `async` block: a future keeps a slot for each local as well as for what it was
+    /// called with, and an `async fn` moves its arguments into locals.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn would hold its arguments twice in a future every connection's task keeps"
+    )]
+    fn serve<B>(
+        mut self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        slot: tokio::sync::OwnedSemaphorePermit,
+    ) -> impl Future<Output = ()>
     where
         S: HttpService<B>,
         B: ResponseBody,
     {
-        let proxy_protocol = self.proxy_protocol;
-        // Looked up only where the PROXY protocol or the per-client cap asks.
-        let proxy = (proxy_protocol || self.per_client.is_some())
-            && self.trusted_proxies.iter().any(|net| net.contains(&peer.ip().to_canonical()));
-        // Boxed, like every rare path below: the PROXY header's buffer, a TLS session and a
-        // refusal would otherwise enlarge every connection's task (a task is as large as its
-        // largest state).
-        let Some(client) =
-            Box::pin(client_of(&stream, peer, proxy_protocol.then_some(proxy), self.timeouts.head)).await
-        else {
-            return;
-        };
-        // Counted by the client it carries; a trusted proxy without the PROXY protocol speaks
-        // for many, so it is not counted as one.
-        let counted = self.per_client.take().filter(|_| proxy_protocol || !proxy);
-        let client_slot = match counted.map(|per_client| per_client.admit(client.ip())) {
-            None => None,
-            Some(Some(client_slot)) => Some(client_slot),
-            Some(None) => {
-                // Refused: its place under max_connections is free at once.
-                drop(slot);
-                return Box::pin(too_many_connections(stream, self.tls.is_none())).await;
-            }
-        };
-        // The slots go with the connection, to an upgrade's tunnel if it has one.
-        let mut held: Option<Held> = Some(Box::new((slot, client_slot)));
-        match self.tls.take() {
-            None => {
-                let client = ClientAddr::new(client);
-                connection(&mut self.service, stream, &client, &self.timeouts, &mut self.stop, &mut held)
-                    .await
-            }
-            Some(tls) => {
-                let tls_connection =
-                    tls_connection(self.service, tls, stream, client, self.timeouts, self.stop, held);
-                Box::pin(tls_connection).await
+        async move {
+            let proxy_protocol = self.proxy_protocol;
+            // Looked up only where the PROXY protocol or the per-client cap asks.
+            let proxy = (proxy_protocol || self.per_client.is_some())
+                && self.trusted_proxies.iter().any(|net| net.contains(&peer.ip().to_canonical()));
+            // Boxed, like every rare path below: the PROXY header's buffer, a TLS session and a
+            // refusal would otherwise enlarge every connection's task (a task is as large as its
+            // largest state).
+            let Some(client) =
+                Box::pin(client_of(&stream, peer, proxy_protocol.then_some(proxy), self.timeouts.head)).await
+            else {
+                return;
+            };
+            // Counted by the client it carries; a trusted proxy without the PROXY protocol speaks
+            // for many, so it is not counted as one.
+            let counted = self.per_client.take().filter(|_| proxy_protocol || !proxy);
+            let client_slot = match counted.map(|per_client| per_client.admit(client.ip())) {
+                None => None,
+                Some(Some(client_slot)) => Some(client_slot),
+                Some(None) => {
+                    // Refused: its place under max_connections is free at once.
+                    drop(slot);
+                    return Box::pin(too_many_connections(stream, self.tls.is_none())).await;
+                }
+            };
+            // The slots go with the connection, to an upgrade's tunnel if it has one.
+            let mut held: Option<Held> = Some(Box::new((slot, client_slot)));
+            match self.tls.take() {
+                None => {
+                    let client = ClientAddr::new(client);
+                    connection(&mut self.service, stream, &client, &self.timeouts, &mut self.stop, &mut held)
+                        .await
+                }
+                Some(tls) => {
+                    let tls_connection =
+                        tls_connection(self.service, tls, stream, client, self.timeouts, self.stop, held);
+                    Box::pin(tls_connection).await
+                }
             }
         }
     }
@@ -285,24 +297,33 @@ async fn too_many_connections(mut stream: TcpStream, plain: bool) {
 
 /// Serves one client connection until it closes or `stop` turns true; `held` goes with it,
 /// to its tunnel if it is upgraded.
-pub async fn connection<S, B, C>(
-    service: &mut S,
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn would hold its arguments twice in a future every connection's task keeps"
+)]
+pub fn connection<'a, S, B, C>(
+    service: &'a mut S,
     socket: C,
-    client: &ClientAddr,
-    timeouts: &ClientTimeouts,
-    stop: &mut watch::Receiver<bool>,
-    held: &mut Option<Held>,
-) where
+    client: &'a ClientAddr,
+    timeouts: &'a ClientTimeouts,
+    stop: &'a mut watch::Receiver<bool>,
+    held: &'a mut Option<Held>,
+) -> impl Future<Output = ()> + 'a
+where
     S: HttpService<B>,
     B: ResponseBody,
     C: Socket,
 {
-    let handoff = h1::serve(service, socket, client, timeouts, stop, held).await;
-    let h1::Handoff::Http2(stream) = handoff else {
-        return;
-    };
-    // Boxed: hyper's HTTP/2 connection is large, and most connections never need it.
-    Box::pin(serve_h2(service.clone(), stream, client.clone(), *timeouts, stop.clone())).await;
+    // A plain `fn` returning an `async` block, as `h1::serve` is, so that the arguments are
+    // held once.
+    async move {
+        let handoff = h1::serve(service, socket, client, timeouts, stop, held).await;
+        let h1::Handoff::Http2(stream) = handoff else {
+            return;
+        };
+        // Boxed: hyper's HTTP/2 connection is large, and most connections never need it.
+        Box::pin(serve_h2(service.clone(), stream, client.clone(), *timeouts, stop.clone())).await;
+    }
 }
 
 /// Serves one client connection over TLS, once its handshake is done.
