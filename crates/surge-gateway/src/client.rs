@@ -161,7 +161,9 @@ impl Http1Client {
         write_request_head(&mut head, &parts.method, target, host, fields, extra, length);
         let (connection, reused) = match self.checkout(addr) {
             Some(connection) => (connection, true),
-            None => (self.connect(addr, name).await?, false),
+            // Boxed: connecting (a TLS handshake too) is large and rare, and inline it would
+            // enlarge every request's future, which is moved and boxed per request.
+            None => (Box::pin(self.connect(addr, name)).await?, false),
         };
         match self.exchange(connection, addr, &head, &whole, pump, &parts.method).await {
             Ok(response) => Ok(response),

@@ -218,16 +218,18 @@ struct Receiving {
 }
 
 /// One request and its response. Boxed by the caller, so that a connection between requests
-/// holds none of this state.
-async fn exchange<S: HttpService<B>, B: ResponseBody>(
-    service: &mut S,
-    socket: &impl Socket,
-    buf: &mut BytesMut,
+/// holds none of this state. A plain `fn`: the head is taken apart before the future is made,
+/// so the future, boxed and moved per request, holds only the parts it needs (an `async fn`
+/// would hold the head too).
+fn exchange<'a, S: HttpService<B>, B: ResponseBody>(
+    service: &'a mut S,
+    socket: &'a impl Socket,
+    buf: &'a mut BytesMut,
     head: RequestHead,
-    client: &ClientAddr,
-    timeouts: &ClientTimeouts,
+    client: &'a ClientAddr,
+    timeouts: &'a ClientTimeouts,
     keep_alive: bool,
-) -> Outcome {
+) -> impl Future<Output = Outcome> + 'a {
     let RequestHead { request, framing, keep_alive: client_keeps, expect_continue, upgrade } = head;
     let exchange = Exchange {
         head_request: request.method() == Method::HEAD,
@@ -250,47 +252,52 @@ async fn exchange<S: HttpService<B>, B: ResponseBody>(
         sender
     });
 
-    let mut receiving = Receiving { decoder, wanted: false, broken: false };
-    let progress = Progress::default();
-    let responded = {
-        let receive =
-            receive_body(socket, buf, &mut receiving, sender, expect_continue, &progress, timeouts.body);
-        let respond = async {
-            let Ok(()) = std::future::poll_fn(|cx| service.poll_ready(cx)).await;
-            let Ok(response) = service.call(request).await;
-            write_response(socket, response, &exchange, &progress, timeouts.send).await
+    async move {
+        let mut receiving = Receiving { decoder, wanted: false, broken: false };
+        let progress = Progress::default();
+        let responded = {
+            let receive =
+                receive_body(socket, buf, &mut receiving, sender, expect_continue, &progress, timeouts.body);
+            let respond = async {
+                let Ok(()) = std::future::poll_fn(|cx| service.poll_ready(cx)).await;
+                let Ok(response) = service.call(request).await;
+                write_response(socket, response, &exchange, &progress, timeouts.send).await
+            };
+            tokio::pin!(receive, respond);
+            let mut received = false;
+            loop {
+                tokio::select! {
+                    biased;
+                    responded = &mut respond => break responded,
+                    () = &mut receive, if !received => received = true,
+                }
+            }
         };
-        tokio::pin!(receive, respond);
-        let mut received = false;
-        loop {
-            tokio::select! {
-                biased;
-                responded = &mut respond => break responded,
-                () = &mut receive, if !received => received = true,
+        let Ok(end) = responded else { return Outcome::Close };
+        if let (true, Some(upgrade)) = (end.switched, upgrade) {
+            return Outcome::Upgraded(upgrade);
+        }
+        let unread = !receiving.decoder.is_done();
+        if !end.keep_alive || receiving.broken {
+            return if unread { Outcome::CloseUnread } else { Outcome::Close };
+        }
+        if unread {
+            // Answered without the whole body: a client waiting for `100 Continue` may never send
+            // it; any other's rest is read and dropped, if short, to keep the connection.
+            let short = receiving.decoder.remaining().is_some_and(|r| r <= DRAIN_LIMIT);
+            if (expect_continue && !receiving.wanted) || !short {
+                return Outcome::CloseUnread;
+            }
+            // Boxed: rare, and inline it would not share its space with the exchange's own.
+            let drained =
+                Box::pin(tokio::time::timeout(DRAIN_TIMEOUT, drain(socket, buf, &mut receiving.decoder)))
+                    .await;
+            if !matches!(drained, Ok(Ok(()))) {
+                return Outcome::CloseUnread;
             }
         }
-    };
-    let Ok(end) = responded else { return Outcome::Close };
-    if let (true, Some(upgrade)) = (end.switched, upgrade) {
-        return Outcome::Upgraded(upgrade);
+        Outcome::KeepAlive
     }
-    let unread = !receiving.decoder.is_done();
-    if !end.keep_alive || receiving.broken {
-        return if unread { Outcome::CloseUnread } else { Outcome::Close };
-    }
-    if unread {
-        // Answered without the whole body: a client waiting for `100 Continue` may never send
-        // it; any other's rest is read and dropped, if short, to keep the connection.
-        let short = receiving.decoder.remaining().is_some_and(|r| r <= DRAIN_LIMIT);
-        if (expect_continue && !receiving.wanted) || !short {
-            return Outcome::CloseUnread;
-        }
-        let drained = tokio::time::timeout(DRAIN_TIMEOUT, drain(socket, buf, &mut receiving.decoder)).await;
-        if !matches!(drained, Ok(Ok(()))) {
-            return Outcome::CloseUnread;
-        }
-    }
-    Outcome::KeepAlive
 }
 
 /// Feeds the request body to its reader, once it is asked for and one piece ahead at most.
