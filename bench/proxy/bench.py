@@ -240,6 +240,12 @@ http {{
 
 def nginx_proxy(work, port, backend_port, tls=None):
     """nginx proxying to `backend_port`; with `tls` = (certificate, key), over HTTPS (h2 by ALPN)."""
+    return work.spawn(["nginx", "-c", nginx_proxy_conf(work, port, backend_port, tls), "-p", work.dir], PROXY_CORE)
+
+
+def nginx_proxy_conf(work, port, backend_port, tls=None, one_process=False):
+    """The configuration `nginx_proxy` runs; with `one_process`, the worker's work is done by
+    the master itself (for tools that follow one process, such as valgrind)."""
     listen = f"127.0.0.1:{port} backlog=4096"
     tls_lines = ""
     if tls:
@@ -253,6 +259,7 @@ def nginx_proxy(work, port, backend_port, tls=None):
 worker_processes 1;
 worker_rlimit_nofile 20000;
 daemon off;
+{'master_process off;' if one_process else ''}
 pid {work.path(f'proxy-{port}.pid')};
 error_log {work.path('proxy-error.log')};
 events {{ worker_connections 19000; }}
@@ -278,7 +285,7 @@ http {{
   }}
 }}
 """)
-    return work.spawn(["nginx", "-c", conf, "-p", work.dir], PROXY_CORE)
+    return conf
 
 
 def haproxy(work, port, backend_port):
@@ -450,10 +457,12 @@ def report(results, idle):
         base = index[(backend, size, connections, "nginx")]
         for target in ["direct", "nginx", "haproxy", "surge"]:
             m = index[(backend, size, connections, target)]
-            cpu_cell = "-" if m["cpu_us"] is None else f"{m['cpu_us']:.1f}"
-            kernel_cell = "-" if m["cpu_us"] is None else f"{m['sys_us']:.1f}"
-            busy_cell = "-" if m["cpu_us"] is None else f"{m[f'busy_{SHARED_CORE}']:.0%}"
-            cpu_ratio = "-" if m["cpu_us"] is None else f"{m['cpu_us'] / base['cpu_us']:.2f}"
+            if m["cpu_us"] is None:  # wrk straight at the backend: no proxy to measure
+                cpu_cell = kernel_cell = cpu_ratio = busy_cell = "-"
+            else:
+                cpu_cell, kernel_cell = f"{m['cpu_us']:.1f}", f"{m['sys_us']:.1f}"
+                cpu_ratio = f"{m['cpu_us'] / base['cpu_us']:.2f}"
+                busy_cell = f"{m[f'busy_{SHARED_CORE}']:.0%}"
             body = f"{size} B" if size < 1024 else f"{size // 1024} KiB"
             lines.append(
                 f"| {backend} | {body} | {connections} | {target} | {m['rps']:,.0f} | {m['rps'] / base['rps']:.2f} "

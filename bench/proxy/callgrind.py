@@ -30,7 +30,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench import SURGE, SIZES, Work, free_port, nginx_origin, nginx_proxy, surge_config, wait_port  # noqa: E402
+from bench import SURGE, SIZES, Work, free_port, nginx_origin, nginx_proxy_conf, surge_config, wait_port  # noqa: E402
 
 REQUESTS = int(os.environ.get("REQUESTS", "20000"))
 CONNECTIONS = int(os.environ.get("CONNECTIONS", "16"))
@@ -50,13 +50,7 @@ def total_instructions(dump):
 def command(work, binary, port, origin_port):
     """What runs under valgrind: surge, or nginx in one process."""
     if binary == "nginx":
-        work.stop(nginx_proxy(work, port, origin_port))  # writes its configuration
-        conf = work.path(f"proxy-{port}.conf")
-        with open(conf) as f:
-            text = f.read().replace("daemon off;", "daemon off;\nmaster_process off;")
-        with open(conf, "w") as f:
-            f.write(text)
-        return ["nginx", "-c", conf, "-p", work.dir]
+        return ["nginx", "-c", nginx_proxy_conf(work, port, origin_port, one_process=True), "-p", work.dir]
     # Health checks once a minute, so that they are not in the count.
     conf = surge_config(work, port, origin_port, health=f'path = "/{SIZE}", interval = "60s"', routes=ROUTES)
     return [binary, "up", "-c", conf]

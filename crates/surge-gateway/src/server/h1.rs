@@ -52,9 +52,9 @@ pub(super) enum Handoff<C> {
 /// Serves requests on `socket` until the client closes, an exchange ends the connection, or
 /// shutdown begins.
 ///
-/// The connection's task holds this future while it waits, so it is kept small: a plain `fn`
-/// returning an `async` block: an `async fn` keeps its arguments twice, as they came and as
-/// the locals they are moved into.
+/// The connection's task holds this future while it waits, so it is kept small: it is a plain
+/// `fn` returning an `async` block, since an `async fn` keeps its arguments twice (as they came
+/// and as the locals they are moved into).
 #[expect(
     clippy::manual_async_fn,
     reason = "an async fn would hold its arguments twice in a future every connection's task keeps"
@@ -101,41 +101,35 @@ pub(super) fn serve<'a, S: HttpService<B>, B: ResponseBody, C: Socket>(
                     }
                 }
             }
-            let refused = match crate::wire::bounded(timeouts.head, read_head(&socket, &mut buf, first)).await
-            {
-                Ok(Ok(Some(HeadRead::Head(head)))) => {
-                    first = false;
-                    let keep_alive = !*shutdown.borrow();
-                    match Box::pin(exchange(service, &socket, &mut buf, head, client, timeouts, keep_alive))
-                        .await
-                    {
-                        Outcome::KeepAlive if !*shutdown.borrow() => continue,
-                        Outcome::KeepAlive | Outcome::Close => None,
-                        Outcome::CloseUnread => {
-                            Box::pin(linger(socket)).await;
-                            return Handoff::Closed;
-                        }
-                        Outcome::Upgraded(upgrade) => {
-                            let tunnel = Prefixed::new(buf.split().freeze(), socket);
-                            let _ = upgrade.send(match held.take() {
-                                Some(held) => Box::new(Holding::new(tunnel, held)),
-                                None => Box::new(tunnel),
-                            });
-                            return Handoff::Closed;
-                        }
-                    }
-                }
+            let head = match crate::wire::bounded(timeouts.head, read_head(&socket, &mut buf, first)).await {
+                Ok(Ok(Some(HeadRead::Head(head)))) => head,
                 Ok(Ok(Some(HeadRead::Http2))) => return Handoff::Http2(Prefixed::new(buf.freeze(), socket)),
-                Ok(Err(err)) => Some(err),
+                Ok(Err(err)) => {
+                    Box::pin(refuse(socket, err, timeouts.send)).await;
+                    return Handoff::Closed;
+                }
                 Ok(Ok(None)) | Err(_) => return Handoff::Closed,
             };
-            return match refused {
-                Some(err) => {
-                    Box::pin(refuse(socket, err, timeouts.send)).await;
-                    Handoff::Closed
+            first = false;
+            let keep_alive = !*shutdown.borrow();
+            let outcome =
+                Box::pin(exchange(service, &socket, &mut buf, head, client, timeouts, keep_alive)).await;
+            match outcome {
+                Outcome::KeepAlive if !*shutdown.borrow() => {}
+                Outcome::KeepAlive | Outcome::Close => return close(socket).await,
+                Outcome::CloseUnread => {
+                    Box::pin(linger(socket)).await;
+                    return Handoff::Closed;
                 }
-                None => close(socket).await,
-            };
+                Outcome::Upgraded(upgrade) => {
+                    let tunnel = Prefixed::new(buf.split().freeze(), socket);
+                    let _ = upgrade.send(match held.take() {
+                        Some(held) => Box::new(Holding::new(tunnel, held)),
+                        None => Box::new(tunnel),
+                    });
+                    return Handoff::Closed;
+                }
+            }
         }
     }
 }

@@ -314,8 +314,6 @@ where
     B: ResponseBody,
     C: Socket,
 {
-    // A plain `fn` returning an `async` block, as `h1::serve` is, so that the arguments are
-    // held once.
     async move {
         let handoff = h1::serve(service, socket, client, timeouts, stop, held).await;
         let h1::Handoff::Http2(stream) = handoff else {
