@@ -15,6 +15,13 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+/// jemalloc, for its per-thread caches: a proxied request's larger allocations (its exchange's
+/// and its try's futures, over a kilobyte each) took glibc's slow path. 40,814 -> 38,621
+/// instructions per request (bench/proxy/callgrind.py), with the same resident memory holding
+/// 10,000 idle connections (bench/RESULTS.md).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "surge",
