@@ -280,7 +280,7 @@ impl Spans {
     /// The header map, its values slices of `head` (no copies), with room for `extra` more
     /// fields (a proxy adds its own) so that adding them does not grow it.
     fn header_map(&self, head: &Bytes, extra: usize) -> Result<HeaderMap, String> {
-        let mut headers = crate::spare::header_map(self.len + extra);
+        let mut headers = HeaderMap::with_capacity(self.len + extra);
         for &[name_start, name_end, value_start, value_end] in &self.offsets[..self.len] {
             let name = &head[name_start as usize..name_end as usize];
             let name = HeaderName::from_bytes(name)

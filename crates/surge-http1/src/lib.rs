@@ -7,7 +7,6 @@
 //! - [`head`]: request and response heads into `http` types, with their body framing.
 //! - [`decode`]: the body state machine (length, chunked, until close).
 //! - [`encode`]: request and response heads onto the wire.
-//! - [`spare`]: header maps kept per thread for the next head, once a head is on the wire.
 //!
 //! Strictness follows hyper's and nginx's: ambiguous framing is refused, not guessed, because a
 //! proxy and the server behind it reading one message two ways is how requests are smuggled.
@@ -16,7 +15,6 @@ pub mod decode;
 pub mod encode;
 pub mod fields;
 pub mod head;
-pub mod spare;
 
 pub use decode::{DecodeError, Decoded, Decoder};
 pub use encode::{BodyFraming, ChunkSizeLine, Decimal, Exchange};

@@ -418,7 +418,7 @@ async fn write_response<B: ResponseBody>(
     progress: &Progress,
     stall: Duration,
 ) -> io::Result<ResponseEnd> {
-    let (mut parts, mut body) = response.into_parts();
+    let (parts, mut body) = response.into_parts();
     // A request body that failed leaves the connection unusable: say so in the head.
     let exchange = &Exchange {
         keep_alive: exchange.keep_alive && !progress.body_failed.load(Ordering::Relaxed),
@@ -429,7 +429,6 @@ async fn write_response<B: ResponseBody>(
     // Room for a typical head: an instance's dozen fields and ours.
     let mut head = Vec::with_capacity(512);
     write_response_head(&mut head, parts.status, &parts.headers, framing, exchange, &head::http_date());
-    surge_http1::spare::recycle(std::mem::take(&mut parts.headers));
     progress.head_started.store(true, Ordering::Relaxed);
     let end = ResponseEnd { keep_alive: exchange.keep_alive && framing != BodyFraming::Close, switched };
     if framing == BodyFraming::None {

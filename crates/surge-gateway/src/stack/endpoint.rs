@@ -137,7 +137,7 @@ impl Clients {
             }
             (_, body) => {
                 // This client needs the head to own: the first try has it alone, a retry copies it.
-                let mut parts = parts.into_owned();
+                let mut parts = Arc::try_unwrap(parts).unwrap_or_else(|shared| (*shared).clone());
                 // Instances speak their service's protocol, whatever the client spoke.
                 parts.version = self.version;
                 parts.uri = instance_uri(&parts.uri, &instance);

@@ -31,7 +31,7 @@ pub struct Deadline(pub Instant);
 /// count (a retry's copy costs no allocation), the body kept or streamed, and what the tries
 /// so far have learnt.
 pub struct Outbound {
-    pub parts: SharedHead,
+    pub parts: Arc<Parts>,
     pub body: Payload<ClientBody>,
     /// When the request's time is up (from [`Deadline`]), read once.
     pub deadline: Option<Instant>,
@@ -42,47 +42,17 @@ pub struct Outbound {
 impl Outbound {
     pub fn new(parts: Parts, body: Payload<ClientBody>) -> Self {
         let deadline = parts.extensions.get::<Deadline>().map(|deadline| deadline.0);
-        Outbound { parts: SharedHead(Arc::new(parts)), body, deadline, tried: Vec::new() }
+        Outbound { parts: Arc::new(parts), body, deadline, tried: Vec::new() }
     }
 
     /// A copy for another try; a streamed body can be sent only once.
     pub fn try_clone(&self) -> Option<Self> {
         Some(Outbound {
-            parts: SharedHead(Arc::clone(&self.parts.0)),
+            parts: Arc::clone(&self.parts),
             body: self.body.try_clone()?,
             deadline: self.deadline,
             tried: self.tried.clone(),
         })
-    }
-}
-
-/// A request's head as its tries share it. The last copy dropped hands the header map back for
-/// reuse (`surge_http1::spare`): by then the head is on the wire.
-pub struct SharedHead(Arc<Parts>);
-
-impl SharedHead {
-    /// The head to own: the only copy's, taken, or else a copy of it.
-    pub fn into_owned(mut self) -> Parts {
-        match Arc::get_mut(&mut self.0) {
-            Some(parts) => std::mem::replace(parts, Request::new(()).into_parts().0),
-            None => Parts::clone(&self.0),
-        }
-    }
-}
-
-impl std::ops::Deref for SharedHead {
-    type Target = Parts;
-
-    fn deref(&self) -> &Parts {
-        &self.0
-    }
-}
-
-impl Drop for SharedHead {
-    fn drop(&mut self) {
-        if let Some(parts) = Arc::get_mut(&mut self.0) {
-            surge_http1::spare::recycle(std::mem::take(&mut parts.headers));
-        }
     }
 }
 
