@@ -74,7 +74,11 @@ pub(super) fn serve<'a, S: HttpService<B>, B: ResponseBody, C: Socket>(
         // than a new one per request.
         let idle = tokio::time::sleep(timeouts.head);
         tokio::pin!(idle);
-        loop {
+        // Only a refused head leaves the loop: it is answered after it, where the loop's
+        // state is gone. Answered inside the match on the read, the whole read result (248
+        // bytes) was kept in the future, and its layout reserved room for it in every state,
+        // the idle wait's too.
+        let refused = loop {
             if buf.is_empty() {
                 // Idle: wait for the next request holding no buffer. A read that drained the
                 // socket cleared its readiness, so this waits for the kernel's word; readiness
@@ -104,10 +108,7 @@ pub(super) fn serve<'a, S: HttpService<B>, B: ResponseBody, C: Socket>(
             let head = match crate::wire::bounded(timeouts.head, read_head(&socket, &mut buf, first)).await {
                 Ok(Ok(Some(HeadRead::Head(head)))) => head,
                 Ok(Ok(Some(HeadRead::Http2))) => return Handoff::Http2(Prefixed::new(buf.freeze(), socket)),
-                Ok(Err(err)) => {
-                    Box::pin(refuse(socket, err, timeouts.send)).await;
-                    return Handoff::Closed;
-                }
+                Ok(Err(err)) => break err,
                 Ok(Ok(None)) | Err(_) => return Handoff::Closed,
             };
             first = false;
@@ -130,7 +131,9 @@ pub(super) fn serve<'a, S: HttpService<B>, B: ResponseBody, C: Socket>(
                     return Handoff::Closed;
                 }
             }
-        }
+        };
+        Box::pin(refuse(socket, refused, timeouts.send)).await;
+        Handoff::Closed
     }
 }
 

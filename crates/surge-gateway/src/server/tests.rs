@@ -341,7 +341,8 @@ async fn an_accepted_connection_s_future_holds_no_rare_path_inline() {
     };
     let serving = accepting.serve(stream, peer, slot);
     let size = std::mem::size_of_val(&serving);
-    // A TLS session inline made it about 10 KiB; the plain connection's own state is under 1.5 KiB.
-    assert!(size <= 1536, "an accepted connection's future takes {size} bytes");
+    // A TLS session inline made it about 10 KiB, a refused head's read result kept beside the
+    // idle wait 1,392 bytes; the plain connection's own state is 1,136 bytes (debug build).
+    assert!(size <= 1152, "an accepted connection's future takes {size} bytes");
     drop((serving, dialed));
 }
