@@ -243,9 +243,10 @@ pub fn response_decoder(status: StatusCode, head_request: bool, facts: &Fields) 
     }
 }
 
-/// Room for a head's fields, left unwritten: httparse fills what it finds, and writing
-/// `MAX_HEADERS` empty fields first cost more than parsing a typical head's dozen.
-fn unfilled_fields<'b>() -> [MaybeUninit<httparse::Header<'b>>; MAX_HEADERS] {
+/// Room for a head's fields, left unwritten, for httparse's `*_with_uninit_headers` parses: it
+/// fills what it finds, and writing `MAX_HEADERS` empty fields first cost more than parsing a
+/// typical head's dozen.
+pub fn unfilled_fields<'b>() -> [MaybeUninit<httparse::Header<'b>>; MAX_HEADERS] {
     [const { MaybeUninit::uninit() }; MAX_HEADERS]
 }
 

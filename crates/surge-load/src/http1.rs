@@ -55,9 +55,14 @@ impl ResponseReader {
     /// Reads a head off `buf`: `Ok(false)` until one is complete. Interim answers such as
     /// `100 Continue` are skipped: the real one follows.
     fn read_head(&mut self, buf: &mut BytesMut) -> Result<bool, Malformed> {
-        let mut fields = [httparse::EMPTY_HEADER; surge_http1::MAX_HEADERS];
-        let mut response = httparse::Response::new(&mut fields);
-        let length = match response.parse(buf) {
+        let mut fields = surge_http1::head::unfilled_fields();
+        let mut response = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut response,
+            buf,
+            &mut fields,
+        );
+        let length = match parsed {
             Ok(httparse::Status::Complete(length)) => length,
             Ok(httparse::Status::Partial) if buf.len() > surge_http1::MAX_HEAD_BYTES => {
                 return Err(Malformed("response head larger than 64 KiB".into()))
