@@ -365,6 +365,9 @@ impl Socket for UpstreamStream {
     async fn readable(&self) -> std::io::Result<()> {
         either!(self, s => s.readable().await)
     }
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        either!(self, s => Socket::poll_read_ready(s, cx))
+    }
     async fn writable(&self) -> std::io::Result<()> {
         either!(self, s => s.writable().await)
     }

@@ -203,12 +203,16 @@ impl Write for Kernel<'_> {
 
 impl Socket for TlsSocket {
     async fn readable(&self) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_read_ready(cx)).await
+    }
+
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             match self.lock().fill(&self.tcp) {
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                result => return result.map(drop),
+                result => return Poll::Ready(result.map(drop)),
             }
-            self.tcp.readable().await?;
+            ready!(self.tcp.poll_read_ready(cx))?;
         }
     }
 

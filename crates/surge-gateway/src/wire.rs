@@ -17,6 +17,9 @@ pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 pub trait Socket: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static {
     fn readable(&self) -> impl Future<Output = io::Result<()>> + Send;
+    /// Readiness without a future to keep: the socket holds the waker itself, one for reads,
+    /// so it serves only a socket one task reads (an idle connection's wait).
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
     fn writable(&self) -> impl Future<Output = io::Result<()>> + Send;
     /// Waits until every byte written is in the kernel's hands: at once for a plain socket,
     /// after the encrypted bytes still held for a TLS one.
@@ -40,6 +43,9 @@ macro_rules! socket {
         impl Socket for $type {
             fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
                 <$type>::readable(self)
+            }
+            fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                <$type>::poll_read_ready(self, cx)
             }
             fn writable(&self) -> impl Future<Output = io::Result<()>> + Send {
                 <$type>::writable(self)

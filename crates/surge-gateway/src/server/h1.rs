@@ -42,31 +42,28 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 
-/// How a connection ended on the HTTP/1.1 side.
-pub(super) enum Handoff<C> {
-    Closed,
-    /// The client opened with the HTTP/2 preface: serve it as h2c from these bytes on.
-    Http2(Prefixed<C>),
-}
-
 /// Serves requests on `socket` until the client closes, an exchange ends the connection, or
-/// shutdown begins.
+/// shutdown begins; a client that opens with the HTTP/2 preface is handed to the HTTP/2
+/// server.
 ///
-/// The connection's task holds this future while it waits, so it is kept small: it is a plain
-/// `fn` returning an `async` block, since an `async fn` keeps its arguments twice (as they came
-/// and as the locals they are moved into).
+/// This future is the connection's task, held for as long as the connection is open, so it
+/// is kept small: what it is given it owns and uses in place (a plain `fn` returning an
+/// `async` block, since an `async fn` keeps its arguments twice, as they came and as the
+/// locals they are moved into), it waits for a request with no future for the socket's
+/// readiness, and everything from the request's first bytes to its response runs in one
+/// boxed future, which exists only while a request does.
 #[expect(
     clippy::manual_async_fn,
     reason = "an async fn would hold its arguments twice in a future every connection's task keeps"
 )]
-pub(super) fn serve<'a, S: HttpService<B>, B: ResponseBody, C: Socket>(
-    service: &'a mut S,
+pub(super) fn serve<S: HttpService<B>, B: ResponseBody, C: Socket>(
+    mut service: S,
     socket: C,
-    client: &'a ClientAddr,
-    timeouts: &'a ClientTimeouts,
-    shutdown: &'a mut watch::Receiver<bool>,
-    held: &'a mut Option<Held>,
-) -> impl Future<Output = Handoff<C>> + 'a {
+    client: ClientAddr,
+    timeouts: ClientTimeouts,
+    mut shutdown: watch::Receiver<bool>,
+    mut held: Option<Held>,
+) -> impl Future<Output = ()> {
     async move {
         let mut buf = BytesMut::new();
         let mut first = true;
@@ -74,66 +71,105 @@ pub(super) fn serve<'a, S: HttpService<B>, B: ResponseBody, C: Socket>(
         // than a new one per request.
         let idle = tokio::time::sleep(timeouts.head);
         tokio::pin!(idle);
-        // Only a refused head leaves the loop: it is answered after it, where the loop's
-        // state is gone. Answered inside the match on the read, the whole read result (248
-        // bytes) was kept in the future, and its layout reserved room for it in every state,
-        // the idle wait's too.
-        let refused = loop {
+        let ending = loop {
             if buf.is_empty() {
-                // Idle: wait for the next request holding no buffer. A read that drained the
-                // socket cleared its readiness, so this waits for the kernel's word; readiness
-                // left by a read that filled its buffer costs one read that finds nothing,
-                // after which the wait goes on to the same deadline. A buffer is kept only
-                // once bytes are really there.
                 let idle_until =
                     tokio::time::Instant::now() + if first { timeouts.head } else { timeouts.keepalive };
                 idle.as_mut().reset(idle_until);
-                loop {
-                    buf = BytesMut::new();
-                    tokio::select! {
-                        biased;
-                        ready = socket.readable() => if ready.is_err() { return Handoff::Closed },
-                        _ = shutdown.changed() => return close(socket).await,
-                        () = &mut idle => return close(socket).await,
-                    }
-                    buf.reserve(HEAD_BUFFER);
-                    match read_now(&socket, &mut buf) {
-                        Ok(0) => return Handoff::Closed,
-                        Ok(_) => break,
-                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(_) => return Handoff::Closed,
-                    }
+                match wait_for_request(&socket, &mut buf, &mut shutdown, idle.as_mut()).await {
+                    Waited::Bytes => {}
+                    Waited::Gone => return,
+                    Waited::Close => break Ending::Close,
                 }
             }
-            let head = match crate::wire::bounded(timeouts.head, read_head(&socket, &mut buf, first)).await {
-                Ok(Ok(Some(HeadRead::Head(head)))) => head,
-                Ok(Ok(Some(HeadRead::Http2))) => return Handoff::Http2(Prefixed::new(buf.freeze(), socket)),
-                Ok(Err(err)) => break err,
-                Ok(Ok(None)) | Err(_) => return Handoff::Closed,
+            // In a block of its own, so that the outcome (a refused head's error with it) is
+            // gone before the connection's next wait, and takes no room in it.
+            let ending = {
+                let outcome =
+                    Box::pin(request(&mut service, &socket, &mut buf, first, &client, &timeouts, &shutdown))
+                        .await;
+                first = false;
+                match outcome {
+                    Outcome::KeepAlive if !*shutdown.borrow() => continue,
+                    Outcome::KeepAlive | Outcome::Close => Ending::Close,
+                    Outcome::Gone => return,
+                    Outcome::CloseUnread => Ending::Linger,
+                    Outcome::Refused(err) => Ending::Refuse(err),
+                    Outcome::Http2 => Ending::Http2,
+                    Outcome::Upgraded(upgrade) => {
+                        let tunnel = Prefixed::new(buf.split().freeze(), socket);
+                        let _ = upgrade.send(match held.take() {
+                            Some(held) => Box::new(Holding::new(tunnel, held)),
+                            None => Box::new(tunnel),
+                        });
+                        return;
+                    }
+                }
             };
-            first = false;
-            let keep_alive = !*shutdown.borrow();
-            let outcome =
-                Box::pin(exchange(service, &socket, &mut buf, head, client, timeouts, keep_alive)).await;
-            match outcome {
-                Outcome::KeepAlive if !*shutdown.borrow() => {}
-                Outcome::KeepAlive | Outcome::Close => return close(socket).await,
-                Outcome::CloseUnread => {
-                    Box::pin(linger(socket)).await;
-                    return Handoff::Closed;
-                }
-                Outcome::Upgraded(upgrade) => {
-                    let tunnel = Prefixed::new(buf.split().freeze(), socket);
-                    let _ = upgrade.send(match held.take() {
-                        Some(held) => Box::new(Holding::new(tunnel, held)),
-                        None => Box::new(tunnel),
-                    });
-                    return Handoff::Closed;
-                }
-            }
+            break ending;
         };
-        Box::pin(refuse(socket, refused, timeouts.send)).await;
-        Handoff::Closed
+        // Every way out is boxed: each is taken once per connection, and inline they would
+        // enlarge the future every idle connection keeps.
+        match ending {
+            Ending::Close => Box::pin(close(socket)).await,
+            Ending::Linger => Box::pin(linger(socket)).await,
+            Ending::Refuse(err) => Box::pin(refuse(socket, err, timeouts.send)).await,
+            Ending::Http2 => {
+                let stream = Prefixed::new(buf.freeze(), socket);
+                Box::pin(super::serve_h2(service, stream, client, timeouts, shutdown)).await;
+            }
+        }
+    }
+}
+
+/// How a connection that is not simply gone ends.
+enum Ending {
+    Close,
+    /// Close, though the client may still be sending a request body.
+    Linger,
+    /// Answer a head that cannot be served, then close.
+    Refuse(HeadError),
+    /// The client opened with the HTTP/2 preface: serve it as h2c from these bytes on.
+    Http2,
+}
+
+/// How a wait for the next request ended.
+enum Waited {
+    /// `buf` holds the first bytes of a request.
+    Bytes,
+    /// The client closed, or the socket failed.
+    Gone,
+    /// Shutdown began, or the client was idle too long.
+    Close,
+}
+
+/// Waits for the next request's first bytes holding no buffer. A read that drained the socket
+/// cleared its readiness, so this waits for the kernel's word; readiness left by a read that
+/// filled its buffer costs one read that finds nothing, after which the wait goes on to the
+/// same deadline. A buffer is kept only once bytes are really there.
+async fn wait_for_request(
+    socket: &impl Socket,
+    buf: &mut BytesMut,
+    shutdown: &mut watch::Receiver<bool>,
+    mut idle: std::pin::Pin<&mut tokio::time::Sleep>,
+) -> Waited {
+    loop {
+        *buf = BytesMut::new();
+        tokio::select! {
+            biased;
+            ready = std::future::poll_fn(|cx| socket.poll_read_ready(cx)) => if ready.is_err() {
+                return Waited::Gone;
+            },
+            _ = shutdown.changed() => return Waited::Close,
+            () = &mut idle => return Waited::Close,
+        }
+        buf.reserve(HEAD_BUFFER);
+        match read_now(socket, buf) {
+            Ok(0) => return Waited::Gone,
+            Ok(_) => return Waited::Bytes,
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return Waited::Gone,
+        }
     }
 }
 
@@ -195,10 +231,16 @@ struct Progress {
     body_failed: AtomicBool,
 }
 
-/// How an exchange left the connection.
+/// How a request left the connection.
 enum Outcome {
     KeepAlive,
     Close,
+    /// The client closed, or its head did not come in time.
+    Gone,
+    /// The head cannot be served.
+    Refused(HeadError),
+    /// The client opened with the HTTP/2 preface.
+    Http2,
     /// Close, though the client may still be sending the request body.
     CloseUnread,
     /// `101 Switching Protocols` was written: the connection now belongs to the upgrade.
@@ -214,24 +256,30 @@ struct Receiving {
     broken: bool,
 }
 
-/// One request and its response. Boxed by the caller, so that a connection between requests
-/// holds none of this state. A plain `fn`: the head is taken apart before the future is made,
-/// so the future, boxed and moved per request, holds only the parts it needs (an `async fn`
-/// would hold the head too).
-fn exchange<'a, S: HttpService<B>, B: ResponseBody>(
-    service: &'a mut S,
-    socket: &'a impl Socket,
-    buf: &'a mut BytesMut,
-    head: RequestHead,
-    client: &'a ClientAddr,
-    timeouts: &'a ClientTimeouts,
-    keep_alive: bool,
-) -> impl Future<Output = Outcome> + 'a {
+/// One request, from its first bytes in `buf` to its response. Boxed by the caller, so that a
+/// connection between requests holds none of this state; one future from the head's read to
+/// the response, so that nothing of it is moved from future to future. `shutdown`, once true,
+/// makes it the connection's last.
+async fn request<S: HttpService<B>, B: ResponseBody>(
+    service: &mut S,
+    socket: &impl Socket,
+    buf: &mut BytesMut,
+    first: bool,
+    client: &ClientAddr,
+    timeouts: &ClientTimeouts,
+    shutdown: &watch::Receiver<bool>,
+) -> Outcome {
+    let head = match crate::wire::bounded(timeouts.head, read_head(socket, buf, first)).await {
+        Ok(Ok(Some(HeadRead::Head(head)))) => head,
+        Ok(Ok(Some(HeadRead::Http2))) => return Outcome::Http2,
+        Ok(Err(err)) => return Outcome::Refused(err),
+        Ok(Ok(None)) | Err(_) => return Outcome::Gone,
+    };
     let RequestHead { request, framing, keep_alive: client_keeps, expect_continue, upgrade } = head;
     let exchange = Exchange {
         head_request: request.method() == Method::HEAD,
         version: request.version(),
-        keep_alive: keep_alive && client_keeps,
+        keep_alive: !*shutdown.borrow() && client_keeps,
     };
     let decoder = framing.decoder();
     let (body, sender) = match framing {
@@ -248,53 +296,49 @@ fn exchange<'a, S: HttpService<B>, B: ResponseBody>(
         request.extensions_mut().insert(client_side);
         sender
     });
-
-    async move {
-        let mut receiving = Receiving { decoder, wanted: false, broken: false };
-        let progress = Progress::default();
-        let responded = {
-            let receive =
-                receive_body(socket, buf, &mut receiving, sender, expect_continue, &progress, timeouts.body);
-            let respond = async {
-                let Ok(()) = std::future::poll_fn(|cx| service.poll_ready(cx)).await;
-                let Ok(response) = service.call(request).await;
-                write_response(socket, response, &exchange, &progress, timeouts.send).await
-            };
-            tokio::pin!(receive, respond);
-            let mut received = false;
-            loop {
-                tokio::select! {
-                    biased;
-                    responded = &mut respond => break responded,
-                    () = &mut receive, if !received => received = true,
-                }
-            }
+    let mut receiving = Receiving { decoder, wanted: false, broken: false };
+    let progress = Progress::default();
+    let responded = {
+        let receive =
+            receive_body(socket, buf, &mut receiving, sender, expect_continue, &progress, timeouts.body);
+        let respond = async {
+            let Ok(()) = std::future::poll_fn(|cx| service.poll_ready(cx)).await;
+            let Ok(response) = service.call(request).await;
+            write_response(socket, response, &exchange, &progress, timeouts.send).await
         };
-        let Ok(end) = responded else { return Outcome::Close };
-        if let (true, Some(upgrade)) = (end.switched, upgrade) {
-            return Outcome::Upgraded(upgrade);
-        }
-        let unread = !receiving.decoder.is_done();
-        if !end.keep_alive || receiving.broken {
-            return if unread { Outcome::CloseUnread } else { Outcome::Close };
-        }
-        if unread {
-            // Answered without the whole body: a client waiting for `100 Continue` may never send
-            // it; any other's rest is read and dropped, if short, to keep the connection.
-            let short = receiving.decoder.remaining().is_some_and(|r| r <= DRAIN_LIMIT);
-            if (expect_continue && !receiving.wanted) || !short {
-                return Outcome::CloseUnread;
-            }
-            // Boxed: rare, and inline it would not share its space with the exchange's own.
-            let drained =
-                Box::pin(tokio::time::timeout(DRAIN_TIMEOUT, drain(socket, buf, &mut receiving.decoder)))
-                    .await;
-            if !matches!(drained, Ok(Ok(()))) {
-                return Outcome::CloseUnread;
+        tokio::pin!(receive, respond);
+        let mut received = false;
+        loop {
+            tokio::select! {
+                biased;
+                responded = &mut respond => break responded,
+                () = &mut receive, if !received => received = true,
             }
         }
-        Outcome::KeepAlive
+    };
+    let Ok(end) = responded else { return Outcome::Close };
+    if let (true, Some(upgrade)) = (end.switched, upgrade) {
+        return Outcome::Upgraded(upgrade);
     }
+    let unread = !receiving.decoder.is_done();
+    if !end.keep_alive || receiving.broken {
+        return if unread { Outcome::CloseUnread } else { Outcome::Close };
+    }
+    if unread {
+        // Answered without the whole body: a client waiting for `100 Continue` may never send
+        // it; any other's rest is read and dropped, if short, to keep the connection.
+        let short = receiving.decoder.remaining().is_some_and(|r| r <= DRAIN_LIMIT);
+        if (expect_continue && !receiving.wanted) || !short {
+            return Outcome::CloseUnread;
+        }
+        // Boxed: rare, and inline it would not share its space with the exchange's own.
+        let drained =
+            Box::pin(tokio::time::timeout(DRAIN_TIMEOUT, drain(socket, buf, &mut receiving.decoder))).await;
+        if !matches!(drained, Ok(Ok(()))) {
+            return Outcome::CloseUnread;
+        }
+    }
+    Outcome::KeepAlive
 }
 
 /// Feeds the request body to its reader, once it is asked for and one piece ahead at most.
@@ -362,9 +406,8 @@ async fn receive_body(
 
 /// Ends a connection the gateway is done with: over TLS a close_notify goes first, so the
 /// client can tell the end of a response delimited by the close from a cut.
-async fn close<C: Socket>(socket: C) -> Handoff<C> {
+async fn close(socket: impl Socket) {
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, socket.close()).await;
-    Handoff::Closed
 }
 
 /// Closes a connection the client may still be sending on: half-close, then read and drop

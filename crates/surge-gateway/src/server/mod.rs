@@ -121,7 +121,7 @@ pub async fn serve<S, B>(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(accepting.clone().serve(stream, peer, slot));
+                    accepting.accept(stream, peer, slot);
                 }
                 Err(err) => {
                     // Out of file descriptors, most likely: back off instead of spinning.
@@ -154,78 +154,100 @@ struct Accepting<S> {
 }
 
 impl<S> Accepting<S> {
-    /// One accepted connection, from its PROXY header and limits to its last request: the
-    /// task it runs in holds this future, so a connection that waits idle costs its size.
-    /// Its fields are used in place, never moved into locals, and it is a plain `fn` returning
-    /// an `async` block: a future keeps a slot for each local as well as for what it was
-    /// called with, and an `async fn` moves its arguments into locals.
-    #[expect(
-        clippy::manual_async_fn,
-        reason = "an async fn would hold its arguments twice in a future every connection's task keeps"
-    )]
-    fn serve<B>(
-        mut self,
-        stream: TcpStream,
-        peer: SocketAddr,
-        slot: tokio::sync::OwnedSemaphorePermit,
-    ) -> impl Future<Output = ()>
+    /// Takes an accepted connection on: at once, or with the PROXY protocol once its header
+    /// names the client.
+    fn accept<B>(&self, stream: TcpStream, peer: SocketAddr, slot: tokio::sync::OwnedSemaphorePermit)
     where
         S: HttpService<B>,
         B: ResponseBody,
     {
-        async move {
-            let proxy_protocol = self.proxy_protocol;
-            // Looked up only where the PROXY protocol or the per-client cap asks.
-            let proxy = (proxy_protocol || self.per_client.is_some())
-                && self.trusted_proxies.iter().any(|net| net.contains(&peer.ip().to_canonical()));
-            // Boxed, like every rare path below: the PROXY header's buffer, a TLS session and a
-            // refusal would otherwise enlarge every connection's task (a task is as large as its
-            // largest state).
-            let Some(client) =
-                Box::pin(client_of(&stream, peer, proxy_protocol.then_some(proxy), self.timeouts.head)).await
-            else {
+        // Looked up only where the PROXY protocol or the per-client cap asks.
+        let proxy = (self.proxy_protocol || self.per_client.is_some())
+            && self.trusted_proxies.iter().any(|net| net.contains(&peer.ip().to_canonical()));
+        if !self.proxy_protocol {
+            return self.admit(stream, peer, proxy, slot);
+        }
+        // A task of its own, which ends once the header is read: the PROXY header's buffer
+        // takes no room in the connection's task.
+        let accepting = self.clone();
+        tokio::spawn(async move {
+            if let Some(client) = client_of(&stream, peer, proxy, accepting.timeouts.head).await {
+                accepting.admit(stream, client, proxy, slot);
+            }
+        });
+    }
+
+    /// Counts a connection from `client` (`proxy`: whose peer is a trusted proxy) against
+    /// its client's cap, then starts serving it in a task of its own.
+    fn admit<B>(
+        &self,
+        stream: TcpStream,
+        client: SocketAddr,
+        proxy: bool,
+        slot: tokio::sync::OwnedSemaphorePermit,
+    ) where
+        S: HttpService<B>,
+        B: ResponseBody,
+    {
+        // Counted by the client it carries; a trusted proxy without the PROXY protocol speaks
+        // for many, so it is not counted as one.
+        let counted = self.per_client.as_ref().filter(|_| self.proxy_protocol || !proxy);
+        let client_slot = match counted.map(|per_client| per_client.admit(client.ip())) {
+            None => None,
+            Some(Some(client_slot)) => Some(client_slot),
+            Some(None) => {
+                // Refused: its place under max_connections is free at once.
+                drop(slot);
+                tokio::spawn(too_many_connections(stream, self.tls.is_none()));
                 return;
-            };
-            // Counted by the client it carries; a trusted proxy without the PROXY protocol speaks
-            // for many, so it is not counted as one.
-            let counted = self.per_client.take().filter(|_| proxy_protocol || !proxy);
-            let client_slot = match counted.map(|per_client| per_client.admit(client.ip())) {
-                None => None,
-                Some(Some(client_slot)) => Some(client_slot),
-                Some(None) => {
-                    // Refused: its place under max_connections is free at once.
-                    drop(slot);
-                    return Box::pin(too_many_connections(stream, self.tls.is_none())).await;
-                }
-            };
-            // The slots go with the connection, to an upgrade's tunnel if it has one.
-            let mut held: Option<Held> = Some(Box::new((slot, client_slot)));
-            match self.tls.take() {
-                None => {
-                    let client = ClientAddr::new(client);
-                    connection(&mut self.service, stream, &client, &self.timeouts, &mut self.stop, &mut held)
-                        .await
-                }
-                Some(tls) => {
-                    let tls_connection =
-                        tls_connection(self.service, tls, stream, client, self.timeouts, self.stop, held);
-                    Box::pin(tls_connection).await
-                }
+            }
+        };
+        // The slots go with the connection, to an upgrade's tunnel if it has one.
+        let held: Option<Held> = Some(Box::new((slot, client_slot)));
+        match &self.tls {
+            None => {
+                tokio::spawn(self.plain_connection(stream, client, held));
+            }
+            Some(tls) => {
+                let client = ClientAddr::over_tls(client);
+                let (service, stop) = (self.service.clone(), self.stop.clone());
+                tokio::spawn(tls_connection(
+                    service,
+                    Arc::clone(tls),
+                    stream,
+                    client,
+                    self.timeouts,
+                    stop,
+                    held,
+                ));
             }
         }
     }
+
+    /// A plain connection's task: the future every idle keep-alive connection costs.
+    fn plain_connection<B>(
+        &self,
+        stream: TcpStream,
+        client: SocketAddr,
+        held: Option<Held>,
+    ) -> impl Future<Output = ()> + use<S, B>
+    where
+        S: HttpService<B>,
+        B: ResponseBody,
+    {
+        let client = ClientAddr::new(client);
+        h1::serve(self.service.clone(), stream, client, self.timeouts, self.stop.clone(), held)
+    }
 }
 
-/// The client a connection serves: its peer, or with the PROXY protocol (`Some`: whether the
-/// peer is a trusted proxy) the client its header names (`None`: a peer that may not send one,
-/// or a header that is not one).
+/// The client a connection with the PROXY protocol serves, from a `trusted` peer: the one its
+/// header names (`None`: a peer that may not send one, or a header that is not one).
 async fn client_of(
     stream: &TcpStream,
     peer: SocketAddr,
-    proxy_protocol: Option<bool>,
+    trusted: bool,
     timeout: Duration,
 ) -> Option<SocketAddr> {
-    let Some(trusted) = proxy_protocol else { return Some(peer) };
     if !trusted {
         tracing::warn!("{peer} is not in gateway.trusted_proxies, so it may not send PROXY headers: closed");
         return None;
@@ -295,44 +317,15 @@ async fn too_many_connections(mut stream: TcpStream, plain: bool) {
     let _ = stream.shutdown().await;
 }
 
-/// Serves one client connection until it closes or `stop` turns true; `held` goes with it,
-/// to its tunnel if it is upgraded.
-#[expect(
-    clippy::manual_async_fn,
-    reason = "an async fn would hold its arguments twice in a future every connection's task keeps"
-)]
-pub fn connection<'a, S, B, C>(
-    service: &'a mut S,
-    socket: C,
-    client: &'a ClientAddr,
-    timeouts: &'a ClientTimeouts,
-    stop: &'a mut watch::Receiver<bool>,
-    held: &'a mut Option<Held>,
-) -> impl Future<Output = ()> + 'a
-where
-    S: HttpService<B>,
-    B: ResponseBody,
-    C: Socket,
-{
-    async move {
-        let handoff = h1::serve(service, socket, client, timeouts, stop, held).await;
-        let h1::Handoff::Http2(stream) = handoff else {
-            return;
-        };
-        // Boxed: hyper's HTTP/2 connection is large, and most connections never need it.
-        Box::pin(serve_h2(service.clone(), stream, client.clone(), *timeouts, stop.clone())).await;
-    }
-}
-
 /// Serves one client connection over TLS, once its handshake is done.
 async fn tls_connection<S, B>(
-    mut service: S,
+    service: S,
     tls: Arc<rustls::ServerConfig>,
     stream: TcpStream,
-    client: SocketAddr,
+    client: ClientAddr,
     timeouts: ClientTimeouts,
-    mut stop: watch::Receiver<bool>,
-    mut held: Option<Held>,
+    stop: watch::Receiver<bool>,
+    held: Option<Held>,
 ) where
     S: HttpService<B>,
     B: ResponseBody,
@@ -340,15 +333,14 @@ async fn tls_connection<S, B>(
     let socket = match TlsSocket::accept(tls, stream).await {
         Ok(socket) => socket,
         Err(err) => {
-            tracing::debug!("TLS handshake with {client}: {err}");
+            tracing::debug!("TLS handshake with {}: {err}", client.addr);
             return;
         }
     };
-    let client = ClientAddr::over_tls(client);
     if socket.negotiated_h2() {
-        Box::pin(serve_h2(service, Prefixed::new(Bytes::new(), socket), client, timeouts, stop)).await;
+        serve_h2(service, Prefixed::new(Bytes::new(), socket), client, timeouts, stop).await;
     } else {
-        connection(&mut service, socket, &client, &timeouts, &mut stop, &mut held).await;
+        h1::serve(service, socket, client, timeouts, stop, held).await;
     }
 }
 
