@@ -6,6 +6,7 @@
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -60,7 +61,7 @@ pub(super) fn serve<S: HttpService<B>, B: ResponseBody, C: Socket>(
     mut service: S,
     socket: C,
     client: ClientAddr,
-    timeouts: ClientTimeouts,
+    timeouts: Arc<ClientTimeouts>,
     mut shutdown: watch::Receiver<bool>,
     mut held: Option<Held>,
 ) -> impl Future<Output = ()> {
@@ -71,15 +72,34 @@ pub(super) fn serve<S: HttpService<B>, B: ResponseBody, C: Socket>(
         // than a new one per request.
         let idle = tokio::time::sleep(timeouts.head);
         tokio::pin!(idle);
-        let ending = loop {
+        let ending = 'serving: loop {
             if buf.is_empty() {
                 let idle_until =
                     tokio::time::Instant::now() + if first { timeouts.head } else { timeouts.keepalive };
                 idle.as_mut().reset(idle_until);
-                match wait_for_request(&socket, &mut buf, &mut shutdown, idle.as_mut()).await {
-                    Waited::Bytes => {}
-                    Waited::Gone => return,
-                    Waited::Close => break Ending::Close,
+                // Waits for the next request's first bytes holding no buffer. A read that
+                // drained the socket cleared its readiness, so this waits for the kernel's word;
+                // readiness left by a read that filled its buffer costs one read that finds
+                // nothing, after which the wait goes on to the same deadline. A buffer is kept
+                // only once bytes are really there. The socket's readiness is polled, not
+                // awaited as a future the wait would keep.
+                loop {
+                    buf = BytesMut::new();
+                    tokio::select! {
+                        biased;
+                        ready = std::future::poll_fn(|cx| socket.poll_read_ready(cx)) => if ready.is_err() {
+                            return;
+                        },
+                        _ = shutdown.changed() => break 'serving Ending::Close,
+                        () = &mut idle => break 'serving Ending::Close,
+                    }
+                    buf.reserve(HEAD_BUFFER);
+                    match read_now(&socket, &mut buf) {
+                        Ok(0) => return,
+                        Ok(_) => break,
+                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(_) => return,
+                    }
                 }
             }
             // In a block of its own, so that the outcome (a refused head's error with it) is
@@ -116,7 +136,7 @@ pub(super) fn serve<S: HttpService<B>, B: ResponseBody, C: Socket>(
             Ending::Refuse(err) => Box::pin(refuse(socket, err, timeouts.send)).await,
             Ending::Http2 => {
                 let stream = Prefixed::new(buf.freeze(), socket);
-                Box::pin(super::serve_h2(service, stream, client, timeouts, shutdown)).await;
+                Box::pin(super::serve_h2(service, stream, client, *timeouts, shutdown)).await;
             }
         }
     }
@@ -131,46 +151,6 @@ enum Ending {
     Refuse(HeadError),
     /// The client opened with the HTTP/2 preface: serve it as h2c from these bytes on.
     Http2,
-}
-
-/// How a wait for the next request ended.
-enum Waited {
-    /// `buf` holds the first bytes of a request.
-    Bytes,
-    /// The client closed, or the socket failed.
-    Gone,
-    /// Shutdown began, or the client was idle too long.
-    Close,
-}
-
-/// Waits for the next request's first bytes holding no buffer. A read that drained the socket
-/// cleared its readiness, so this waits for the kernel's word; readiness left by a read that
-/// filled its buffer costs one read that finds nothing, after which the wait goes on to the
-/// same deadline. A buffer is kept only once bytes are really there.
-async fn wait_for_request(
-    socket: &impl Socket,
-    buf: &mut BytesMut,
-    shutdown: &mut watch::Receiver<bool>,
-    mut idle: std::pin::Pin<&mut tokio::time::Sleep>,
-) -> Waited {
-    loop {
-        *buf = BytesMut::new();
-        tokio::select! {
-            biased;
-            ready = std::future::poll_fn(|cx| socket.poll_read_ready(cx)) => if ready.is_err() {
-                return Waited::Gone;
-            },
-            _ = shutdown.changed() => return Waited::Close,
-            () = &mut idle => return Waited::Close,
-        }
-        buf.reserve(HEAD_BUFFER);
-        match read_now(socket, buf) {
-            Ok(0) => return Waited::Gone,
-            Ok(_) => return Waited::Bytes,
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => return Waited::Gone,
-        }
-    }
 }
 
 #[expect(

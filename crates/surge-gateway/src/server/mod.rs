@@ -108,6 +108,7 @@ pub async fn serve<S, B>(
     let slots = Arc::new(tokio::sync::Semaphore::new(listening.max_connections));
     let per_client = listening.max_per_client.map(|max| Arc::new(PerClient::new(max)));
     let Listening { tls, timeouts, trusted_proxies, proxy_protocol, .. } = listening;
+    let timeouts = Arc::new(timeouts);
     let accepting = Accepting { service, stop, tls, timeouts, trusted_proxies, proxy_protocol, per_client };
     loop {
         let slot = tokio::select! {
@@ -147,7 +148,8 @@ struct Accepting<S> {
     service: S,
     stop: watch::Receiver<bool>,
     tls: Option<Arc<rustls::ServerConfig>>,
-    timeouts: ClientTimeouts,
+    /// Shared: a connection keeps a pointer, not its own copy.
+    timeouts: Arc<ClientTimeouts>,
     trusted_proxies: Arc<Vec<ipnet::IpNet>>,
     proxy_protocol: bool,
     per_client: Option<Arc<PerClient>>,
@@ -216,7 +218,7 @@ impl<S> Accepting<S> {
                     Arc::clone(tls),
                     stream,
                     client,
-                    self.timeouts,
+                    Arc::clone(&self.timeouts),
                     stop,
                     held,
                 ));
@@ -236,7 +238,7 @@ impl<S> Accepting<S> {
         B: ResponseBody,
     {
         let client = ClientAddr::new(client);
-        h1::serve(self.service.clone(), stream, client, self.timeouts, self.stop.clone(), held)
+        h1::serve(self.service.clone(), stream, client, Arc::clone(&self.timeouts), self.stop.clone(), held)
     }
 }
 
@@ -323,7 +325,7 @@ async fn tls_connection<S, B>(
     tls: Arc<rustls::ServerConfig>,
     stream: TcpStream,
     client: ClientAddr,
-    timeouts: ClientTimeouts,
+    timeouts: Arc<ClientTimeouts>,
     stop: watch::Receiver<bool>,
     held: Option<Held>,
 ) where
@@ -338,7 +340,7 @@ async fn tls_connection<S, B>(
         }
     };
     if socket.negotiated_h2() {
-        serve_h2(service, Prefixed::new(Bytes::new(), socket), client, timeouts, stop).await;
+        serve_h2(service, Prefixed::new(Bytes::new(), socket), client, *timeouts, stop).await;
     } else {
         h1::serve(service, socket, client, timeouts, stop, held).await;
     }

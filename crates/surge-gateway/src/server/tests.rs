@@ -70,7 +70,8 @@ async fn serve<B: super::ResponseBody>(
     stopping: watch::Receiver<bool>,
 ) {
     let client = ClientAddr::new("192.0.2.7:4321".parse().expect("address"));
-    super::h1::serve(service, socket, client, ClientTimeouts::default(), stopping, None).await;
+    let timeouts = std::sync::Arc::new(ClientTimeouts::default());
+    super::h1::serve(service, socket, client, timeouts, stopping, None).await;
 }
 
 impl Client {
@@ -333,7 +334,7 @@ async fn a_connection_s_future_holds_no_request_state_inline() {
         service: echo(),
         stop: watch::channel(false).1,
         tls: None,
-        timeouts: ClientTimeouts::default(),
+        timeouts: Default::default(),
         trusted_proxies: Default::default(),
         proxy_protocol: false,
         per_client: None,
