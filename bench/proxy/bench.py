@@ -94,13 +94,15 @@ def core_times(core):
     return 0, 1
 
 
-def rss_kib(pid):
+def rss_kib(pid, field="VmRSS"):
+    """Resident KiB of `pid` and its children: all of it, or one of /proc's parts of it
+    (`RssAnon`: the processes' own memory; `RssFile`: pages mapped from files, their code)."""
     total = 0
     for p in process_tree(pid):
         try:
             with open(f"/proc/{p}/status") as f:
                 for line in f:
-                    if line.startswith("VmRSS:"):
+                    if line.startswith(field + ":"):
                         total += int(line.split()[1])
         except OSError:
             pass
@@ -406,14 +408,14 @@ def run(work):
         process = start(work, port, origin_port)
         wait_port(port, name)
         time.sleep(0.5)
-        baseline = rss_kib(process.pid)
+        baseline, baseline_anon = rss_kib(process.pid), rss_kib(process.pid, "RssAnon")
         sockets, answered = hold_idle_connections(port, IDLE_CONNECTIONS, f"/{SIZES[0]}")
         time.sleep(1)
-        held = rss_kib(process.pid)
+        held, held_anon = rss_kib(process.pid), rss_kib(process.pid, "RssAnon")
         for s in sockets:
             s.close()
         work.stop(process)
-        idle.append((name, baseline, held, answered))
+        idle.append((name, baseline, held, baseline_anon, held_anon, answered))
         print(f"{name}: {baseline / 1024:.1f} MiB idle, {held / 1024:.1f} MiB with {answered} idle connections",
               file=sys.stderr)
 
@@ -473,11 +475,12 @@ def report(results, idle):
         "",
         f"Resident memory holding {IDLE_CONNECTIONS:,} idle keep-alive client connections (one request answered on each):",
         "",
-        "| proxy | RSS before | RSS holding them | connections answered |",
-        "|---|---|---|---|",
+        "| proxy | RSS before | RSS holding them | anonymous before | anonymous holding them | connections answered |",
+        "|---|---|---|---|---|---|",
     ]
-    for name, baseline, held, answered in idle:
-        lines.append(f"| {name} | {baseline / 1024:.1f} MiB | {held / 1024:.1f} MiB | {answered:,} |")
+    for name, baseline, held, baseline_anon, held_anon, answered in idle:
+        lines.append(f"| {name} | {baseline / 1024:.1f} MiB | {held / 1024:.1f} MiB | {baseline_anon / 1024:.1f} MiB "
+                     f"| {held_anon / 1024:.1f} MiB | {answered:,} |")
     lines.append("")
     table = "\n".join(lines) + "\n"
     print(table)
