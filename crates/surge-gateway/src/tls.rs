@@ -203,7 +203,13 @@ impl Write for Kernel<'_> {
 
 impl Socket for TlsSocket {
     async fn readable(&self) -> io::Result<()> {
-        std::future::poll_fn(|cx| self.poll_read_ready(cx)).await
+        loop {
+            match self.lock().fill(&self.tcp) {
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                result => return result.map(drop),
+            }
+            self.tcp.readable().await?;
+        }
     }
 
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -161,7 +161,7 @@ pub async fn write_all(
 /// `future` within `limit`. The timer is set up only when `future` first has to wait: what is
 /// ready at once (most writes and flushes, a request head already in the buffer) costs none.
 /// A future of its own rather than an `async fn` around `tokio::time::timeout`, whose state
-/// held `future` twice: this one sits inside every connection's task while it reads a head.
+/// held `future` twice: this one sits in every request's future while it reads a head.
 pub(crate) fn bounded<F: Future>(limit: std::time::Duration, future: F) -> Bounded<F> {
     Bounded { future, timer: None, limit }
 }

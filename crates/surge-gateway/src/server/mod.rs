@@ -200,7 +200,12 @@ impl<S> Accepting<S> {
             Some(None) => {
                 // Refused: its place under max_connections is free at once.
                 drop(slot);
-                tokio::spawn(too_many_connections(stream, self.tls.is_none()));
+                // Holding a receiver, as connections do, so that a drain waits for the answer.
+                let (stop, plain) = (self.stop.clone(), self.tls.is_none());
+                tokio::spawn(async move {
+                    too_many_connections(stream, plain).await;
+                    drop(stop);
+                });
                 return;
             }
         };
@@ -340,7 +345,9 @@ async fn tls_connection<S, B>(
         }
     };
     if socket.negotiated_h2() {
-        serve_h2(service, Prefixed::new(Bytes::new(), socket), client, *timeouts, stop).await;
+        // Boxed: hyper's HTTP/2 connection is large, and inline it would enlarge the task of
+        // every TLS connection, HTTP/1.1 ones too.
+        Box::pin(serve_h2(service, Prefixed::new(Bytes::new(), socket), client, *timeouts, stop)).await;
     } else {
         h1::serve(service, socket, client, timeouts, stop, held).await;
     }
