@@ -94,19 +94,22 @@ def core_times(core):
     return 0, 1
 
 
-def rss_kib(pid, field="VmRSS"):
-    """Resident KiB of `pid` and its children: all of it, or one of /proc's parts of it
-    (`RssAnon`: the processes' own memory; `RssFile`: pages mapped from files, their code)."""
-    total = 0
+def rss_kib(pid):
+    """Resident KiB of `pid` and its children, read once: (all of it, the anonymous part).
+    The anonymous part is the processes' own memory; the rest is pages mapped from files,
+    their code."""
+    total, anonymous = 0, 0
     for p in process_tree(pid):
         try:
             with open(f"/proc/{p}/status") as f:
                 for line in f:
-                    if line.startswith(field + ":"):
+                    if line.startswith("VmRSS:"):
                         total += int(line.split()[1])
+                    elif line.startswith("RssAnon:"):
+                        anonymous += int(line.split()[1])
         except OSError:
             pass
-    return total
+    return total, anonymous
 
 
 def to_ms(text):
@@ -408,10 +411,10 @@ def run(work):
         process = start(work, port, origin_port)
         wait_port(port, name)
         time.sleep(0.5)
-        baseline, baseline_anon = rss_kib(process.pid), rss_kib(process.pid, "RssAnon")
+        baseline, baseline_anon = rss_kib(process.pid)
         sockets, answered = hold_idle_connections(port, IDLE_CONNECTIONS, f"/{SIZES[0]}")
         time.sleep(1)
-        held, held_anon = rss_kib(process.pid), rss_kib(process.pid, "RssAnon")
+        held, held_anon = rss_kib(process.pid)
         for s in sockets:
             s.close()
         work.stop(process)

@@ -78,6 +78,15 @@ impl TlsSocket {
         self.lock().tls.alpn_protocol() == Some(b"h2")
     }
 
+    /// Readiness as far as the bytes already received tell: `None` when the kernel must be
+    /// waited for (its readiness then cleared).
+    fn filled(&self) -> Option<io::Result<()>> {
+        match self.lock().fill(&self.tcp) {
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => None,
+            result => Some(result.map(drop)),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // The state is only ever used by the connection's own task; a panic there ends the
         // connection, so a poisoned lock is simply taken over.
@@ -204,9 +213,8 @@ impl Write for Kernel<'_> {
 impl Socket for TlsSocket {
     async fn readable(&self) -> io::Result<()> {
         loop {
-            match self.lock().fill(&self.tcp) {
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                result => return result.map(drop),
+            if let Some(filled) = self.filled() {
+                return filled;
             }
             self.tcp.readable().await?;
         }
@@ -214,9 +222,8 @@ impl Socket for TlsSocket {
 
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
-            match self.lock().fill(&self.tcp) {
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                result => return Poll::Ready(result.map(drop)),
+            if let Some(filled) = self.filled() {
+                return Poll::Ready(filled);
             }
             ready!(self.tcp.poll_read_ready(cx))?;
         }

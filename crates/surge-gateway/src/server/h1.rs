@@ -102,31 +102,26 @@ pub(super) fn serve<S: HttpService<B>, B: ResponseBody, C: Socket>(
                     }
                 }
             }
-            // In a block of its own, so that the outcome (a refused head's error with it) is
-            // gone before the connection's next wait, and takes no room in it.
-            let ending = {
-                let outcome =
-                    Box::pin(request(&mut service, &socket, &mut buf, first, &client, &timeouts, &shutdown))
-                        .await;
-                first = false;
-                match outcome {
-                    Outcome::KeepAlive if !*shutdown.borrow() => continue,
-                    Outcome::KeepAlive | Outcome::Close => Ending::Close,
-                    Outcome::Gone => return,
-                    Outcome::CloseUnread => Ending::Linger,
-                    Outcome::Refused(err) => Ending::Refuse(err),
-                    Outcome::Http2 => Ending::Http2,
-                    Outcome::Upgraded(upgrade) => {
-                        let tunnel = Prefixed::new(buf.split().freeze(), socket);
-                        let _ = upgrade.send(match held.take() {
-                            Some(held) => Box::new(Holding::new(tunnel, held)),
-                            None => Box::new(tunnel),
-                        });
-                        return;
-                    }
+            let outcome =
+                Box::pin(request(&mut service, &socket, &mut buf, first, &client, &timeouts, &shutdown))
+                    .await;
+            first = false;
+            break match outcome {
+                Outcome::KeepAlive if !*shutdown.borrow() => continue,
+                Outcome::KeepAlive | Outcome::Close => Ending::Close,
+                Outcome::Gone => return,
+                Outcome::CloseUnread => Ending::Linger,
+                Outcome::Refused(err) => Ending::Refuse(err),
+                Outcome::Http2 => Ending::Http2,
+                Outcome::Upgraded(upgrade) => {
+                    let tunnel = Prefixed::new(buf.split().freeze(), socket);
+                    let _ = upgrade.send(match held.take() {
+                        Some(held) => Box::new(Holding::new(tunnel, held)),
+                        None => Box::new(tunnel),
+                    });
+                    return;
                 }
             };
-            break ending;
         };
         // Every way out is boxed: each is taken once per connection, and inline they would
         // enlarge the future every idle connection keeps.
