@@ -7,13 +7,13 @@ use std::future::Future;
 use std::io::{self, IoSlice};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use http::{Method, Response, StatusCode};
 use http_body_util::BodyExt;
 use tokio::io::AsyncReadExt;
-use tokio::sync::watch;
 
 use surge_config::ClientTimeouts;
 use surge_http1::encode::{response_framing, write_response_head};
@@ -22,6 +22,7 @@ use surge_http1::{
     BodyFraming, ChunkSizeLine, Decoded, Decoder, Exchange, HeadError, RequestFraming, RequestHead,
 };
 
+use super::drain::Watch;
 use super::head;
 use super::io::{
     request_body, BodyError, BodySender, ClientAddr, ClientBody, ClientUpgrade, Held, Holding, Upgraded,
@@ -62,7 +63,7 @@ pub(super) fn serve<S: HttpService<B>, B: ResponseBody, C: Socket>(
     socket: C,
     client: ClientAddr,
     timeouts: Arc<ClientTimeouts>,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: Watch,
     mut held: Option<Held>,
 ) -> impl Future<Output = ()> {
     async move {
@@ -85,13 +86,20 @@ pub(super) fn serve<S: HttpService<B>, B: ResponseBody, C: Socket>(
                 // awaited as a future the wait would keep.
                 loop {
                     buf = BytesMut::new();
-                    tokio::select! {
-                        biased;
-                        ready = std::future::poll_fn(|cx| socket.poll_read_ready(cx)) => if ready.is_err() {
-                            return;
-                        },
-                        _ = shutdown.changed() => break 'serving Ending::Close,
-                        () = &mut idle => break 'serving Ending::Close,
+                    // One poll over all three, not a `select!`, which would keep its futures.
+                    let woke = std::future::poll_fn(|cx| {
+                        if let Poll::Ready(ready) = socket.poll_read_ready(cx) {
+                            return Poll::Ready(Some(ready));
+                        }
+                        if shutdown.poll_draining(cx).is_ready() || idle.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(None);
+                        }
+                        Poll::Pending
+                    });
+                    match woke.await {
+                        Some(Ok(())) => {}
+                        Some(Err(_)) => return,
+                        None => break 'serving Ending::Close,
                     }
                     buf.reserve(HEAD_BUFFER);
                     match read_now(&socket, &mut buf) {
@@ -107,7 +115,7 @@ pub(super) fn serve<S: HttpService<B>, B: ResponseBody, C: Socket>(
                     .await;
             first = false;
             break match outcome {
-                Outcome::KeepAlive if !*shutdown.borrow() => continue,
+                Outcome::KeepAlive if !shutdown.is_draining() => continue,
                 Outcome::KeepAlive | Outcome::Close => Ending::Close,
                 Outcome::Gone => return,
                 Outcome::CloseUnread => Ending::Linger,
@@ -242,7 +250,7 @@ async fn request<S: HttpService<B>, B: ResponseBody>(
     first: bool,
     client: &ClientAddr,
     timeouts: &ClientTimeouts,
-    shutdown: &watch::Receiver<bool>,
+    shutdown: &Watch,
 ) -> Outcome {
     let head = match crate::wire::bounded(timeouts.head, read_head(socket, buf, first)).await {
         Ok(Ok(Some(HeadRead::Head(head)))) => head,
@@ -254,7 +262,7 @@ async fn request<S: HttpService<B>, B: ResponseBody>(
     let exchange = Exchange {
         head_request: request.method() == Method::HEAD,
         version: request.version(),
-        keep_alive: !*shutdown.borrow() && client_keeps,
+        keep_alive: !shutdown.is_draining() && client_keeps,
     };
     let decoder = framing.decoder();
     let (body, sender) = match framing {

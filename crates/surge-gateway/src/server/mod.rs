@@ -4,6 +4,7 @@
 //! server. Every request carries the client's [`ClientAddr`] in its extensions, and an
 //! upgrade request a [`ClientUpgrade`].
 
+mod drain;
 mod h1;
 mod head;
 mod io;
@@ -23,7 +24,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use surge_config::ClientTimeouts;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 
 #[cfg(test)]
 pub(crate) use io::{test_body, test_body_of};
@@ -101,9 +101,9 @@ pub async fn serve<S, B>(
     S: HttpService<B>,
     B: ResponseBody,
 {
-    // Every connection holds a receiver: `true` asks it to finish its request and close, and
-    // the sender sees all receivers gone once every connection has.
-    let (stopping, stop) = watch::channel(false);
+    // Every connection holds a watch: the drain asks it to finish its request and close, and
+    // the signal sees all watches gone once every connection has.
+    let (stopping, stop) = drain::Signal::new();
     let mut shutdown = std::pin::pin!(shutdown);
     let slots = Arc::new(tokio::sync::Semaphore::new(listening.max_connections));
     let per_client = listening.max_per_client.map(|max| Arc::new(PerClient::new(max)));
@@ -134,8 +134,8 @@ pub async fn serve<S, B>(
         }
     }
     drop((listener, accepting));
-    let _ = stopping.send(true);
-    if tokio::time::timeout(drain_timeout, stopping.closed()).await.is_err() {
+    stopping.drain();
+    if tokio::time::timeout(drain_timeout, stopping.drained()).await.is_err() {
         tracing::warn!(
             "requests still open after gateway.shutdown_timeout ({drain_timeout:?}); closing them"
         );
@@ -146,7 +146,7 @@ pub async fn serve<S, B>(
 #[derive(Clone)]
 struct Accepting<S> {
     service: S,
-    stop: watch::Receiver<bool>,
+    stop: drain::Watch,
     tls: Option<Arc<rustls::ServerConfig>>,
     /// Shared: a connection keeps a pointer, not its own copy.
     timeouts: Arc<ClientTimeouts>,
@@ -331,7 +331,7 @@ async fn tls_connection<S, B>(
     stream: TcpStream,
     client: ClientAddr,
     timeouts: Arc<ClientTimeouts>,
-    stop: watch::Receiver<bool>,
+    stop: drain::Watch,
     held: Option<Held>,
 ) where
     S: HttpService<B>,
@@ -367,7 +367,7 @@ async fn serve_h2<S, B, C>(
     stream: Prefixed<C>,
     client: ClientAddr,
     timeouts: ClientTimeouts,
-    mut stop: watch::Receiver<bool>,
+    mut stop: drain::Watch,
 ) where
     S: HttpService<B>,
     B: ResponseBody,
@@ -404,7 +404,7 @@ async fn serve_h2<S, B, C>(
             }
             return;
         }
-        () = async { drop(stop.wait_for(|stopping| *stopping).await) } => {}
+        () = stop.draining() => {}
         () = idle => {}
     }
     // GOAWAY; open streams finish first.
