@@ -36,8 +36,8 @@ struct Shared {
 }
 
 impl Shared {
-    /// The lock is held only for a slab operation, which cannot leave the slab inconsistent,
-    /// so a panic elsewhere while holding it poisons nothing that matters.
+    /// The lock is held only for slab operations, which cannot leave the slab inconsistent, so
+    /// a poisoned lock guards nothing broken.
     fn wakers(&self) -> MutexGuard<'_, Slab<Option<Waker>>> {
         self.wakers.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -61,18 +61,29 @@ impl Signal {
 
     /// Tells every watch, now and later, that the drain has begun.
     pub(crate) fn drain(&self) {
-        self.shared.draining.store(true, Ordering::SeqCst);
-        for (_, waker) in self.shared.wakers().iter() {
-            if let Some(waker) = waker {
-                waker.wake_by_ref();
-            }
+        if self.shared.draining.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // Woken after the lock is released: the woken connections drop their watches, which
+        // takes it again. Their wakers are not needed again, the flag being set.
+        let wakers: Vec<Waker> =
+            self.shared.wakers().iter_mut().filter_map(|(_, waker)| waker.take()).collect();
+        for waker in wakers {
+            waker.wake();
         }
     }
 
     /// Resolves once every watch has been dropped.
     pub(crate) async fn drained(&self) {
-        while !self.shared.wakers().is_empty() {
-            self.shared.all_dropped.notified().await;
+        loop {
+            // Enabled before the check, so that a last drop in between is not missed.
+            let notified = self.shared.all_dropped.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.shared.wakers().is_empty() {
+                return;
+            }
+            notified.await;
         }
     }
 }
@@ -95,9 +106,10 @@ impl Watch {
         }
         if !self.registered.as_ref().is_some_and(|waker| waker.will_wake(cx.waker())) {
             let waker = cx.waker().clone();
-            if let Some(entry) = self.shared.wakers().get_mut(self.key) {
-                *entry = Some(waker.clone());
-            }
+            // The waker it replaces is dropped after the lock is released.
+            let replaced =
+                self.shared.wakers().get_mut(self.key).and_then(|entry| entry.replace(waker.clone()));
+            drop(replaced);
             self.registered = Some(waker);
             // A drain that began before the registration may have missed it; one that began
             // after sees it, since both take the lock.
@@ -121,57 +133,67 @@ impl Clone for Watch {
 
 impl Drop for Watch {
     fn drop(&mut self) {
-        let mut wakers = self.shared.wakers();
-        wakers.try_remove(self.key);
-        if wakers.is_empty() {
-            self.shared.all_dropped.notify_one();
+        let (removed, last) = {
+            let mut wakers = self.shared.wakers();
+            (wakers.try_remove(self.key), wakers.is_empty())
+        };
+        debug_assert!(removed.is_some(), "a watch's entry lives as long as the watch");
+        if last {
+            self.shared.all_dropped.notify_waiters();
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
-    #[tokio::test]
+    /// Under paused time a wait that is never woken runs into this bound instead of hanging.
+    const NEVER: Duration = Duration::from_secs(3600);
+
+    #[tokio::test(start_paused = true)]
     async fn a_waiting_watch_is_woken_by_the_drain_and_stays_draining() {
         let (signal, mut watch) = Signal::new();
         let mut late = watch.clone();
-        let waiting = tokio::spawn(async move {
-            watch.draining().await;
-            watch.is_draining()
-        });
+        let waiting = tokio::spawn(async move { tokio::time::timeout(NEVER, watch.draining()).await });
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished(), "the watch waits until the drain begins");
+        assert!(signal.shared.wakers().iter().any(|(_, waker)| waker.is_some()), "its waker is registered");
         signal.drain();
-        assert!(waiting.await.expect("the waiting task"), "woken, it sees the drain");
+        assert!(waiting.await.expect("the waiting task").is_ok(), "the drain wakes it");
         // A watch first polled after the drain began is ready at once.
-        late.draining().await;
+        assert!(late.poll_draining(&mut Context::from_waker(Waker::noop())).is_ready());
+        assert!(late.is_draining());
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn drained_resolves_once_every_watch_is_dropped() {
         let (signal, watch) = Signal::new();
         let other = watch.clone();
-        signal.drain();
-        let drained = tokio::spawn(async move { signal.drained().await });
+        let signal = Arc::new(signal);
+        let drained = tokio::spawn({
+            let signal = Arc::clone(&signal);
+            async move { tokio::time::timeout(NEVER, signal.drained()).await }
+        });
         drop(watch);
         tokio::task::yield_now().await;
         assert!(!drained.is_finished(), "one watch is still held");
         drop(other);
-        drained.await.expect("drained");
+        assert!(drained.await.expect("the waiting task").is_ok(), "the last drop ends the wait");
     }
 
-    #[tokio::test]
-    async fn dropping_the_signal_starts_the_drain() {
+    #[test]
+    fn dropping_the_signal_starts_the_drain() {
         let (signal, mut watch) = Signal::new();
         drop(signal);
         assert!(watch.is_draining());
-        watch.draining().await;
+        assert!(watch.poll_draining(&mut Context::from_waker(Waker::noop())).is_ready());
     }
 
     #[test]
     fn a_watch_takes_a_pointer_a_key_and_a_waker() {
-        assert_eq!(std::mem::size_of::<Watch>(), 32);
+        assert_eq!(std::mem::size_of::<Watch>(), 4 * std::mem::size_of::<usize>());
     }
 }

@@ -241,8 +241,8 @@ struct Receiving {
 
 /// One request, from its first bytes in `buf` to its response. Boxed by the caller, so that a
 /// connection between requests holds none of this state; one future from the head's read to
-/// the response, so that nothing of it is moved from future to future. `shutdown`, once true,
-/// makes it the connection's last.
+/// the response, so that nothing of it is moved from future to future. `shutdown`, once
+/// draining, makes it the connection's last.
 async fn request<S: HttpService<B>, B: ResponseBody>(
     service: &mut S,
     socket: &impl Socket,

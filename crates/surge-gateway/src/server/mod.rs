@@ -200,7 +200,7 @@ impl<S> Accepting<S> {
             Some(None) => {
                 // Refused: its place under max_connections is free at once.
                 drop(slot);
-                // Holding a receiver, as connections do, so that a drain waits for the answer.
+                // Holding a watch, as connections do, so that a drain waits for the answer.
                 let (stop, plain) = (self.stop.clone(), self.tls.is_none());
                 tokio::spawn(async move {
                     too_many_connections(stream, plain).await;
