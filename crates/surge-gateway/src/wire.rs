@@ -15,6 +15,14 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
+/// `make`'s future in a box allocated first, so that the future is built where it stays:
+/// `Box::pin(make())` builds it on the stack and copies it into the box, which for a request's
+/// future (3.7 KiB) was 1% of a proxied request's instructions.
+#[inline(always)]
+pub(crate) fn boxed<F: Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
+    Box::into_pin(Box::write(Box::new_uninit(), make()))
+}
+
 pub trait Socket: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static {
     fn readable(&self) -> impl Future<Output = io::Result<()>> + Send;
     /// Readiness without a future to keep: the socket holds the waker itself, one for reads,

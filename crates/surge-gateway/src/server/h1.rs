@@ -29,7 +29,7 @@ use super::io::{
 };
 use super::{HttpService, ResponseBody};
 use crate::problem::problem;
-use crate::wire::{read_buf, read_now, write_all, BoxError, Prefixed, Socket};
+use crate::wire::{boxed, read_buf, read_now, write_all, BoxError, Prefixed, Socket};
 
 /// The first read buffer for a request head (nginx: 1 KiB; a malloc of this size is served from
 /// its per-thread cache); it grows up to `surge_http1::MAX_HEAD_BYTES`.
@@ -111,7 +111,7 @@ pub(super) fn serve<S: HttpService<B>, B: ResponseBody, C: Socket>(
                 }
             }
             let outcome =
-                Box::pin(request(&mut service, &socket, &mut buf, first, &client, &timeouts, &shutdown))
+                boxed(|| request(&mut service, &socket, &mut buf, first, &client, &timeouts, &shutdown))
                     .await;
             first = false;
             break match outcome {

@@ -95,7 +95,7 @@ impl Service<Try> for Endpoint {
 
     fn call(&mut self, attempt: Try) -> Self::Future {
         let clients = Arc::clone(&self.inner);
-        Box::pin(async move { clients.send(attempt).await })
+        crate::wire::boxed(|| async move { clients.send(attempt).await })
     }
 }
 
