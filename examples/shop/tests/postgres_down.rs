@@ -64,7 +64,7 @@ async fn postgres_away_for_seconds_gives_503s_then_the_shop_recovers() {
         load.push(tokio::spawn(async move {
             let mut n = 0u64;
             while !stop.load(Ordering::SeqCst) {
-                let answer = if n % 2 == 0 {
+                let answer = if n.is_multiple_of(2) {
                     shop.get(&format!("/users/{user}")).await
                 } else {
                     let email = format!("load-{worker}-{n}@example.com");
