@@ -31,7 +31,7 @@ struct Shared {
     draining: AtomicBool,
     /// One entry per live watch: the waker of the task that last polled it.
     wakers: Mutex<Slab<Option<Waker>>>,
-    /// Told when the last watch is dropped (a permit, if the signal is not waiting yet).
+    /// Told when the last watch is dropped; `drained` enables its wait before it checks.
     all_dropped: Notify,
 }
 

@@ -211,11 +211,10 @@ impl<S> Accepting<S> {
         };
         // The slots go with the connection, to an upgrade's tunnel if it has one. Boxed as
         // they are: the listener's slot alone takes 16 bytes, with a client's 48.
-        let held: Held = match client_slot {
+        let held: Option<Held> = Some(match client_slot {
             None => Box::new(slot),
             Some(client_slot) => Box::new((slot, client_slot)),
-        };
-        let held = Some(held);
+        });
         match &self.tls {
             None => {
                 tokio::spawn(self.plain_connection(stream, client, held));
