@@ -205,7 +205,12 @@ impl Instance {
     }
 
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.launched.elapsed().as_millis()).unwrap_or(u64::MAX).max(1)
+        self.ms_at(Instant::now())
+    }
+
+    /// `at`, as milliseconds since launch (never 0, which means "not set").
+    fn ms_at(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.launched).as_millis()).unwrap_or(u64::MAX).max(1)
     }
 
     /// Whether the breaker lets traffic through: `None` while ejected, `Some(true)` for the one
@@ -245,8 +250,8 @@ impl Instance {
         }
     }
 
-    fn observe_latency(&self, seconds: f64) {
-        let now = self.now_ms();
+    fn observe_latency(&self, seconds: f64, at: Instant) {
+        let now = self.ms_at(at);
         let elapsed = now.saturating_sub(self.latency_updated_ms.swap(now, Ordering::Relaxed)) as f64 / 1e3;
         let estimate = surge_balance::peak_ewma(self.latency_estimate(), elapsed, seconds, LATENCY_DECAY);
         // Concurrent updates may overwrite each other: an estimate tolerates a lost sample.
@@ -271,7 +276,7 @@ impl Instance {
 
     /// A request failed; returns the failure streak, counting a failed probe as a full one.
     pub(crate) fn record_failure(&self, probe: bool) -> u32 {
-        self.observe_latency(FAILURE_LATENCY);
+        self.observe_latency(FAILURE_LATENCY, Instant::now());
         let streak = self.breaker.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         if probe {
             u32::MAX
@@ -353,9 +358,11 @@ impl Drop for InFlight {
         instance.in_flight.fetch_sub(1, Ordering::SeqCst);
         instance.load.ended();
         if !self.cancelled {
-            let latency = self.started.elapsed();
+            // One clock reading for both the latency and the estimate's age.
+            let now = Instant::now();
+            let latency = now.saturating_duration_since(self.started);
             instance.served.fetch_add(1, Ordering::Relaxed);
-            instance.observe_latency(latency.as_secs_f64());
+            instance.observe_latency(latency.as_secs_f64(), now);
             instance.load.finished(latency);
         }
         // Only once the slot is free, so the request woken for it finds it.

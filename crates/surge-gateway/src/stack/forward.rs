@@ -81,16 +81,29 @@ pub(crate) fn rewrite_request<B>(request: &mut Request<B>) {
         .cloned()
         .or_else(|| request.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
     let headers = request.headers_mut();
-    strip_hop_by_hop(headers);
-    strip_claims(headers, trusted);
+    let mut names = Names::scan(headers, trusted);
+    if remove_hop_by_hop(headers, names.hop_by_hop) {
+        // The Connection header named fields of its own, which may have been any of these.
+        names = Names::scan(headers, trusted);
+    }
+    if names.claims {
+        strip_claims(headers, trusted);
+        // What a client may not set is gone; a trusted proxy's stays.
+        names.forwarded_for &= trusted;
+        names.forwarded_proto &= trusted;
+        names.forwarded_host &= trusted;
+    }
     if let Some(protocol) = upgrade {
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(UPGRADE, protocol);
     }
     if let Some(ip) = forwarded_for {
         // Every field of the chain, in order (a proxy may have sent several).
-        let earlier: Vec<&str> =
-            headers.get_all(X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
+        let earlier: Vec<&str> = if names.forwarded_for {
+            headers.get_all(X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect()
+        } else {
+            Vec::new()
+        };
         let value = match earlier.as_slice() {
             [] => Some(ip),
             earlier => {
@@ -102,31 +115,64 @@ pub(crate) fn rewrite_request<B>(request: &mut Request<B>) {
             headers.insert(X_FORWARDED_FOR, value);
         }
     }
-    if !headers.contains_key(X_FORWARDED_PROTO) {
+    if !names.forwarded_proto {
         headers.insert(X_FORWARDED_PROTO, proto);
     }
     if let Some(host) = original_host {
         // An HTTP/2 request names its host in the URI only: instances get it as Host.
-        if !headers.contains_key(HOST) {
+        if !names.host {
             headers.insert(HOST, host.clone());
         }
-        if !headers.contains_key(X_FORWARDED_HOST) {
+        if !names.forwarded_host {
             headers.insert(X_FORWARDED_HOST, host);
         }
     }
 }
 
-/// Drops the fields a client may not set: `x-surge-*` always, and the proxies' own unless it
-/// is a trusted proxy. One pass over the names finds them; most requests have none.
-fn strip_claims(headers: &mut HeaderMap, trusted: bool) {
-    let claimed = |name: &HeaderName| {
-        let name = name.as_str();
-        name.starts_with("x-surge-") || (!trusted && SET_BY_PROXIES.contains(&name))
-    };
-    if !headers.keys().any(claimed) {
-        return;
+/// What one pass over a request's field names finds, so that the rewrite looks none of them
+/// up by hashing (each lookup was a few hundred instructions of a proxied request).
+#[derive(Default)]
+struct Names {
+    hop_by_hop: [bool; HOP_BY_HOPS],
+    /// A field the client may not set (see `strip_claims`).
+    claims: bool,
+    forwarded_for: bool,
+    forwarded_proto: bool,
+    forwarded_host: bool,
+    host: bool,
+}
+
+impl Names {
+    fn scan(headers: &HeaderMap, trusted: bool) -> Self {
+        let mut names = Names::default();
+        for name in headers.keys() {
+            if let Some(i) = hop_by_hop_index(name) {
+                names.hop_by_hop[i] = true;
+                continue;
+            }
+            if name == HOST {
+                names.host = true;
+                continue;
+            }
+            names.claims |= is_claimed(name, trusted);
+            names.forwarded_for |= name == X_FORWARDED_FOR;
+            names.forwarded_proto |= name == X_FORWARDED_PROTO;
+            names.forwarded_host |= name == X_FORWARDED_HOST;
+        }
+        names
     }
-    let names: Vec<HeaderName> = headers.keys().filter(|name| claimed(name)).cloned().collect();
+}
+
+/// Whether a client may not set this field: `x-surge-*` never, and the proxies' own only
+/// as a trusted proxy.
+fn is_claimed(name: &HeaderName, trusted: bool) -> bool {
+    let name = name.as_str();
+    name.starts_with("x-surge-") || (!trusted && SET_BY_PROXIES.contains(&name))
+}
+
+/// Drops the fields a client may not set (`is_claimed`).
+fn strip_claims(headers: &mut HeaderMap, trusted: bool) {
+    let names: Vec<HeaderName> = headers.keys().filter(|name| is_claimed(name, trusted)).cloned().collect();
     for name in names {
         headers.remove(name);
     }
@@ -163,8 +209,9 @@ const SET_BY_PROXIES: &[&str] = &[
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+const HOP_BY_HOPS: usize = 7;
 /// The headers that describe one connection, not the message (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 7] =
+const HOP_BY_HOP: [HeaderName; HOP_BY_HOPS] =
     [CONNECTION, KEEP_ALIVE, PROXY_CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE];
 
 /// Whether a name this long could be one of `HOP_BY_HOP` (2, 7, 10, 16 or 17 bytes; a test
@@ -173,20 +220,30 @@ fn is_hop_by_hop_length(length: usize) -> bool {
     matches!(length, 2 | 7 | 10 | 16 | 17)
 }
 
-/// Removes the hop-by-hop headers, including any the Connection header names. One pass over
-/// the names (cheap comparisons of standard headers) finds which are present; most messages
-/// carry none, or only `Connection: keep-alive`.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let mut present = [false; 7];
-    for name in headers.keys() {
-        // Most names are passed over on their length alone.
-        if !is_hop_by_hop_length(name.as_str().len()) {
-            continue;
-        }
-        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
-            present[i] = true;
-        }
+/// Which of `HOP_BY_HOP` `name` is. Most names are passed over on their length alone; the
+/// rest are cheap comparisons of standard headers.
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    if !is_hop_by_hop_length(name.as_str().len()) {
+        return None;
     }
+    HOP_BY_HOP.iter().position(|hop| hop == name)
+}
+
+/// Removes the hop-by-hop headers, including any the Connection header names. One pass over
+/// the names finds which are present; most messages carry none, or only
+/// `Connection: keep-alive`.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let mut present = [false; HOP_BY_HOPS];
+    for i in headers.keys().filter_map(hop_by_hop_index) {
+        present[i] = true;
+    }
+    remove_hop_by_hop(headers, present);
+}
+
+/// Removes the hop-by-hop headers that are `present`, and those the Connection header names;
+/// returns whether it named any other than the hop-by-hop ones.
+fn remove_hop_by_hop(headers: &mut HeaderMap, present: [bool; HOP_BY_HOPS]) -> bool {
+    let mut named_others = false;
     if present[0] {
         // Connection's own tokens: those that are not hop-by-hop already name extra headers.
         let named: Vec<HeaderName> = headers
@@ -199,7 +256,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
             .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
             .collect();
         for name in named {
-            headers.remove(name);
+            named_others |= headers.remove(name).is_some();
         }
     }
     for (name, present) in HOP_BY_HOP.iter().zip(present) {
@@ -207,6 +264,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
+    named_others
 }
 
 #[cfg(test)]
@@ -294,6 +352,26 @@ mod tests {
             !headers.contains_key("x-surge-deadline-ms"),
             "a trusted proxy cannot set the gateway's own fields"
         );
+    }
+
+    #[test]
+    fn fields_the_connection_header_names_are_gone_before_the_forwarding_ones_are_set() {
+        let named = [
+            ("connection", "x-forwarded-proto, host"),
+            ("host", "shop.example"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "other.example"),
+        ];
+        let mut proxied = request(&named, false);
+        if let Some(client) = proxied.extensions_mut().get_mut::<ClientAddr>() {
+            client.trusted = true;
+        }
+        rewrite_request(&mut proxied);
+        let headers = proxied.headers();
+        assert_eq!(headers["x-forwarded-proto"], "http", "the proxy's own, named hop-by-hop, replaced");
+        assert_eq!(headers["host"], "shop.example", "put back: instances route on it");
+        assert_eq!(headers["x-forwarded-host"], "other.example", "a trusted proxy's, kept");
+        assert!(!headers.contains_key("connection"));
     }
 
     #[test]
