@@ -282,14 +282,22 @@ async fn request<S: HttpService<B>, B: ResponseBody>(
     let mut receiving = Receiving { decoder, wanted: false, broken: false };
     let progress = Progress::default();
     let responded = {
-        let receive =
-            receive_body(socket, buf, &mut receiving, sender, expect_continue, &progress, timeouts.body);
-        let respond = async {
+        // Pinned where they are built: `tokio::pin!` on a future already built moved it, and
+        // `respond`'s space (the service's future within) is nearly 2 KiB.
+        let mut receive = std::pin::pin!(receive_body(
+            socket,
+            buf,
+            &mut receiving,
+            sender,
+            expect_continue,
+            &progress,
+            timeouts.body
+        ));
+        let mut respond = std::pin::pin!(async {
             let Ok(()) = std::future::poll_fn(|cx| service.poll_ready(cx)).await;
             let Ok(response) = service.call(request).await;
             write_response(socket, response, &exchange, &progress, timeouts.send).await
-        };
-        tokio::pin!(receive, respond);
+        });
         let mut received = false;
         loop {
             tokio::select! {
