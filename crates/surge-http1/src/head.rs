@@ -83,6 +83,10 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
     let mut fields = unfilled_fields();
     let mut parsed = httparse::Request::new(&mut []);
     let length = match parsed.parse_with_uninit_headers(buf, &mut fields) {
+        // A head is refused at the same size whether it came whole or in pieces.
+        Ok(httparse::Status::Complete(length)) if length >= MAX_HEAD_BYTES => {
+            return Err(HeadError::TooLarge)
+        }
         Ok(httparse::Status::Complete(length)) => length,
         Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD_BYTES => return Err(HeadError::TooLarge),
         Ok(httparse::Status::Partial) => return Ok(None),
@@ -194,6 +198,9 @@ pub fn parse_response(
         buf,
         &mut fields,
     ) {
+        Ok(httparse::Status::Complete(length)) if length >= MAX_HEAD_BYTES => {
+            return Err(FramingError::HeadTooLarge)
+        }
         Ok(httparse::Status::Complete(length)) => length,
         Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD_BYTES => {
             return Err(FramingError::HeadTooLarge)
@@ -258,17 +265,23 @@ fn span(buf: &[u8], part: &[u8]) -> Range<usize> {
 
 /// Where the fields httparse found in `buf` lie, as name and value offsets, so both can share
 /// the head's bytes once it is split off. On the stack: a head has at most `MAX_HEADERS`
-/// fields, and a head is at most `MAX_HEAD_BYTES`, so offsets fit in `u32`.
+/// fields, and is refused from `MAX_HEAD_BYTES` on, so offsets fit in `u16`. Small matters:
+/// this is built and moved twice per proxied request (its request and its response).
 struct Spans {
     /// Name start and end, value start and end.
-    offsets: [[u32; 4]; MAX_HEADERS],
+    offsets: [[u16; 4]; MAX_HEADERS],
     len: usize,
 }
 
+const _: () = assert!(MAX_HEAD_BYTES <= u16::MAX as usize + 1, "a head's offsets must fit in u16");
+
 impl Spans {
+    /// `buf`'s fields; the head they are in is shorter than `MAX_HEAD_BYTES`.
     fn of(fields: &[httparse::Header<'_>], buf: &[u8]) -> Self {
         let mut spans = Spans { offsets: [[0; 4]; MAX_HEADERS], len: 0 };
-        let offset = |range: Range<usize>| [range.start as u32, range.end as u32];
+        // Every field lies within the head, which the caller checked is shorter than
+        // `MAX_HEAD_BYTES`: no offset is cut short.
+        let offset = |range: Range<usize>| [range.start as u16, range.end as u16];
         for (slot, field) in spans.offsets.iter_mut().zip(fields) {
             let ([name_start, name_end], [value_start, value_end]) =
                 (offset(span(buf, field.name.as_bytes())), offset(span(buf, field.value)));
@@ -335,6 +348,13 @@ mod tests {
         assert!(parse("GET / HTTP/1.1\r\nHost: x\r\n").expect("valid").is_none());
         let huge = format!("GET / HTTP/1.1\r\nX-Big: {}", "a".repeat(MAX_HEAD_BYTES));
         assert_eq!(parse(&huge).err(), Some(HeadError::TooLarge));
+        // Whole in one read, it is refused all the same; one byte shorter, it is served.
+        let whole =
+            |value: usize| format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(value));
+        let limit = MAX_HEAD_BYTES - whole(0).len();
+        assert_eq!(parse(&whole(limit)).err(), Some(HeadError::TooLarge));
+        let largest = head(&whole(limit - 1));
+        assert_eq!(largest.request.headers()["x-big"].len(), limit - 1, "its last field's value whole");
         let many: String = (0..=MAX_HEADERS).map(|i| format!("X-{i}: 1\r\n")).collect();
         let err = parse(&format!("GET / HTTP/1.1\r\n{many}\r\n")).err();
         assert_eq!(err, Some(HeadError::TooManyHeaders));
@@ -522,5 +542,12 @@ mod tests {
         ] {
             assert!(parse_response(&mut BytesMut::from(bad), &Method::GET).is_err(), "{bad:?}");
         }
+        let huge = format!("HTTP/1.1 200 OK\r\nX-Big: {}\r\n\r\n", "a".repeat(MAX_HEAD_BYTES));
+        let refused = parse_response(&mut BytesMut::from(huge.as_str()), &Method::GET);
+        assert_eq!(
+            refused.err(),
+            Some(FramingError::HeadTooLarge),
+            "whole in one read, too large all the same"
+        );
     }
 }
