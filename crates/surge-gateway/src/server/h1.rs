@@ -5,6 +5,7 @@
 
 use std::future::Future;
 use std::io::{self, IoSlice};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
@@ -40,6 +41,9 @@ const BODY_BUFFER: usize = 64 * 1024;
 /// connection can be kept; a longer one closes it.
 const DRAIN_LIMIT: u64 = 256 * 1024;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+/// How much earlier than its deadline an idle wait's timer may stay rather than be moved
+/// (nginx: 300 ms); at most a quarter of the timeout, so a short one is not cut short.
+const IDLE_TIMER_SLACK: Duration = Duration::from_millis(300);
 
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
@@ -75,9 +79,7 @@ pub(super) fn serve<S: HttpService<B>, B: ResponseBody, C: Socket>(
         tokio::pin!(idle);
         let ending = 'serving: loop {
             if buf.is_empty() {
-                let idle_until =
-                    tokio::time::Instant::now() + if first { timeouts.head } else { timeouts.keepalive };
-                idle.as_mut().reset(idle_until);
+                set_idle_timer(idle.as_mut(), if first { timeouts.head } else { timeouts.keepalive });
                 // Waits for the next request's first bytes holding no buffer. A read that
                 // drained the socket cleared its readiness, so this waits for the kernel's word;
                 // readiness left by a read that filled its buffer costs one read that finds
@@ -142,6 +144,18 @@ pub(super) fn serve<S: HttpService<B>, B: ResponseBody, C: Socket>(
                 Box::pin(super::serve_h2(service, stream, client, *timeouts, shutdown)).await;
             }
         }
+    }
+}
+
+/// Sets the idle wait's timer to `timeout` from now. It is moved only if that is more than a
+/// moment later (nginx's lazy timers): between back-to-back requests it stays put, as moving
+/// it takes the timer wheel's lock, and the wait may end up to that moment early. A function,
+/// so that none of this is kept in the connection's future.
+fn set_idle_timer(idle: Pin<&mut tokio::time::Sleep>, timeout: Duration) {
+    let until = tokio::time::Instant::now() + timeout;
+    let deadline = idle.deadline();
+    if deadline > until || until - deadline > IDLE_TIMER_SLACK.min(timeout / 4) {
+        idle.reset(until);
     }
 }
 
@@ -528,5 +542,33 @@ async fn write_response<B: ResponseBody>(
             Err(io::Error::other("the response body ended before its Content-Length"))
         }
         _ => Ok(end),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_timer_is_moved_only_when_its_deadline_would_be_more_than_a_moment_late() {
+        let keepalive = Duration::from_secs(5);
+        let idle = tokio::time::sleep(keepalive);
+        tokio::pin!(idle);
+        let set = idle.deadline();
+        tokio::time::advance(IDLE_TIMER_SLACK / 2).await;
+        set_idle_timer(idle.as_mut(), keepalive);
+        assert_eq!(idle.deadline(), set, "kept: it ends the wait at most the slack early");
+        tokio::time::advance(IDLE_TIMER_SLACK).await;
+        set_idle_timer(idle.as_mut(), keepalive);
+        assert_eq!(idle.deadline(), tokio::time::Instant::now() + keepalive, "moved");
+        // A shorter timeout than the one set is never waited past.
+        set_idle_timer(idle.as_mut(), Duration::from_secs(1));
+        assert_eq!(idle.deadline(), tokio::time::Instant::now() + Duration::from_secs(1));
+        // A short timeout is cut short by a quarter of itself at most.
+        let short = Duration::from_millis(100);
+        set_idle_timer(idle.as_mut(), short);
+        tokio::time::advance(short / 2).await;
+        set_idle_timer(idle.as_mut(), short);
+        assert_eq!(idle.deadline(), tokio::time::Instant::now() + short, "50 ms late is more than a quarter");
     }
 }
