@@ -151,6 +151,7 @@ pub(super) fn serve<S: HttpService<B>, B: ResponseBody, C: Socket>(
 /// moment later (nginx's lazy timers): between back-to-back requests it stays put, as moving
 /// it takes the timer wheel's lock, and the wait may end up to that moment early. A function,
 /// so that none of this is kept in the connection's future.
+#[inline]
 fn set_idle_timer(idle: Pin<&mut tokio::time::Sleep>, timeout: Duration) {
     let until = tokio::time::Instant::now() + timeout;
     let deadline = idle.deadline();

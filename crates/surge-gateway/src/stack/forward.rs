@@ -246,15 +246,18 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, present: [bool; HOP_BY_HOPS]) -> b
     let mut named_others = false;
     if present[0] {
         // Connection's own tokens: those that are not hop-by-hop already name extra headers.
-        let named: Vec<HeaderName> = headers
-            .get_all(CONNECTION)
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(','))
-            .map(str::trim)
-            .filter(|token| !["close", "keep-alive", "upgrade"].iter().any(|t| token.eq_ignore_ascii_case(t)))
-            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
-            .collect();
+        // Read as bytes: nearly every response says `keep-alive`, and this runs for each.
+        let mut named = Vec::new();
+        for value in headers.get_all(CONNECTION) {
+            for token in value.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                if [&b"close"[..], b"keep-alive", b"upgrade"].iter().any(|t| token.eq_ignore_ascii_case(t)) {
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(token) {
+                    named.push(name);
+                }
+            }
+        }
         for name in named {
             named_others |= headers.remove(name).is_some();
         }
@@ -283,8 +286,10 @@ mod tests {
         let mut headers = HeaderMap::new();
         for (name, value) in [
             ("connection", "keep-alive, x-private"),
+            ("connection", " Upgrade ,X-Other,, "),
             ("keep-alive", "timeout=5"),
             ("x-private", "1"),
+            ("x-other", "1"),
             ("transfer-encoding", "chunked"),
             ("upgrade", "websocket"),
             ("x-kept", "yes"),
