@@ -23,7 +23,8 @@ pub use head::{HeadError, RequestFraming, RequestHead, ResponseHead};
 
 /// The most header fields one head may carry (hyper's limit too).
 pub const MAX_HEADERS: usize = 100;
-/// The most bytes a head may take (nginx allows 4 × 8 KiB for requests; hyper about 400 KiB).
+/// A head of this many bytes or more is refused (nginx allows 4 × 8 KiB for requests; hyper
+/// about 400 KiB).
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// A message whose framing cannot be trusted.
@@ -33,7 +34,7 @@ pub enum FramingError {
     InvalidContentLength,
     #[error("conflicting Content-Length values")]
     ConflictingContentLength,
-    #[error("head larger than {} KiB", MAX_HEAD_BYTES / 1024)]
+    #[error("head of {} KiB or more", MAX_HEAD_BYTES / 1024)]
     HeadTooLarge,
     #[error("malformed head: {0}")]
     Malformed(String),

@@ -73,8 +73,8 @@ pub(super) fn serve<S: HttpService<B>, B: ResponseBody, C: Socket>(
     async move {
         let mut buf = BytesMut::new();
         let mut first = true;
-        // One timer for the connection's idle waits, moved to each wait's deadline: cheaper
-        // than a new one per request.
+        // One timer for the connection's idle waits, moved lazily to each wait's deadline
+        // (`set_idle_timer`): cheaper than a new one per request.
         let idle = tokio::time::sleep(timeouts.head);
         tokio::pin!(idle);
         let ending = 'serving: loop {
@@ -147,10 +147,11 @@ pub(super) fn serve<S: HttpService<B>, B: ResponseBody, C: Socket>(
     }
 }
 
-/// Sets the idle wait's timer to `timeout` from now. It is moved only if that is more than a
-/// moment later (nginx's lazy timers): between back-to-back requests it stays put, as moving
-/// it takes the timer wheel's lock, and the wait may end up to that moment early. A function,
-/// so that none of this is kept in the connection's future.
+/// Sets the idle wait's timer to `timeout` from now: moved if that is earlier than where it is,
+/// or more than min(`IDLE_TIMER_SLACK`, timeout / 4) later (nginx's lazy timers), so a wait
+/// ends at most that much early, never late. Between back-to-back requests it stays put, as
+/// moving it takes the timer wheel's lock. A function, so that none of this is kept in the
+/// connection's future.
 #[inline]
 fn set_idle_timer(idle: Pin<&mut tokio::time::Sleep>, timeout: Duration) {
     let until = tokio::time::Instant::now() + timeout;
@@ -551,7 +552,7 @@ mod tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
-    async fn the_idle_timer_is_moved_only_when_its_deadline_would_be_more_than_a_moment_late() {
+    async fn the_idle_timer_is_moved_only_when_it_would_fire_more_than_a_moment_early() {
         let keepalive = Duration::from_secs(5);
         let idle = tokio::time::sleep(keepalive);
         tokio::pin!(idle);
@@ -568,8 +569,12 @@ mod tests {
         // A short timeout is cut short by a quarter of itself at most.
         let short = Duration::from_millis(100);
         set_idle_timer(idle.as_mut(), short);
-        tokio::time::advance(short / 2).await;
+        let set = idle.deadline();
+        tokio::time::advance(short / 4).await;
         set_idle_timer(idle.as_mut(), short);
-        assert_eq!(idle.deadline(), tokio::time::Instant::now() + short, "50 ms late is more than a quarter");
+        assert_eq!(idle.deadline(), set, "25 ms early is a quarter: kept");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        set_idle_timer(idle.as_mut(), short);
+        assert_eq!(idle.deadline(), tokio::time::Instant::now() + short, "26 ms early is more: moved");
     }
 }

@@ -81,12 +81,12 @@ pub(crate) fn rewrite_request<B>(request: &mut Request<B>) {
         .cloned()
         .or_else(|| request.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
     let headers = request.headers_mut();
-    let mut names = Names::scan(headers, trusted);
+    let mut names = PresentFields::scan(headers, trusted);
     if remove_hop_by_hop(headers, names.hop_by_hop) {
         // The Connection header named fields of its own, which may have been any of these.
-        names = Names::scan(headers, trusted);
+        names = PresentFields::scan(headers, trusted);
     }
-    if names.claims {
+    if names.claimed {
         strip_claims(headers, trusted);
         // What a client may not set is gone; a trusted proxy's stays.
         names.forwarded_for &= trusted;
@@ -132,19 +132,19 @@ pub(crate) fn rewrite_request<B>(request: &mut Request<B>) {
 /// What one pass over a request's field names finds, so that the rewrite looks none of them
 /// up by hashing (each lookup was a few hundred instructions of a proxied request).
 #[derive(Default)]
-struct Names {
-    hop_by_hop: [bool; HOP_BY_HOPS],
+struct PresentFields {
+    hop_by_hop: [bool; HOP_BY_HOP_COUNT],
     /// A field the client may not set (see `strip_claims`).
-    claims: bool,
+    claimed: bool,
     forwarded_for: bool,
     forwarded_proto: bool,
     forwarded_host: bool,
     host: bool,
 }
 
-impl Names {
+impl PresentFields {
     fn scan(headers: &HeaderMap, trusted: bool) -> Self {
-        let mut names = Names::default();
+        let mut names = PresentFields::default();
         for name in headers.keys() {
             if let Some(i) = hop_by_hop_index(name) {
                 names.hop_by_hop[i] = true;
@@ -154,7 +154,7 @@ impl Names {
                 names.host = true;
                 continue;
             }
-            names.claims |= is_claimed(name, trusted);
+            names.claimed |= is_claimed(name, trusted);
             names.forwarded_for |= name == X_FORWARDED_FOR;
             names.forwarded_proto |= name == X_FORWARDED_PROTO;
             names.forwarded_host |= name == X_FORWARDED_HOST;
@@ -163,8 +163,8 @@ impl Names {
     }
 }
 
-/// Whether a client may not set this field: `x-surge-*` never, and the proxies' own only
-/// as a trusted proxy.
+/// Whether this field is one a client may not set: `x-surge-*` always, and the proxies' own
+/// unless the client is a trusted proxy.
 fn is_claimed(name: &HeaderName, trusted: bool) -> bool {
     let name = name.as_str();
     name.starts_with("x-surge-") || (!trusted && SET_BY_PROXIES.contains(&name))
@@ -209,9 +209,10 @@ const SET_BY_PROXIES: &[&str] = &[
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-const HOP_BY_HOPS: usize = 7;
+/// `HOP_BY_HOP.len()`, which an array's length cannot name (`HeaderName` has a destructor).
+const HOP_BY_HOP_COUNT: usize = 7;
 /// The headers that describe one connection, not the message (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; HOP_BY_HOPS] =
+const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] =
     [CONNECTION, KEEP_ALIVE, PROXY_CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE];
 
 /// Whether a name this long could be one of `HOP_BY_HOP` (2, 7, 10, 16 or 17 bytes; a test
@@ -233,7 +234,7 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
 /// the names finds which are present; most messages carry none, or only
 /// `Connection: keep-alive`.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let mut present = [false; HOP_BY_HOPS];
+    let mut present = [false; HOP_BY_HOP_COUNT];
     for i in headers.keys().filter_map(hop_by_hop_index) {
         present[i] = true;
     }
@@ -241,12 +242,14 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Removes the hop-by-hop headers that are `present`, and those the Connection header names;
-/// returns whether it named any other than the hop-by-hop ones.
-fn remove_hop_by_hop(headers: &mut HeaderMap, present: [bool; HOP_BY_HOPS]) -> bool {
-    let mut named_others = false;
+/// returns whether it removed one the Connection header named (a scan of the names made
+/// before is then stale).
+fn remove_hop_by_hop(headers: &mut HeaderMap, present: [bool; HOP_BY_HOP_COUNT]) -> bool {
+    let mut removed_named = false;
     if present[0] {
         // Connection's own tokens: those that are not hop-by-hop already name extra headers.
-        // Read as bytes: nearly every response says `keep-alive`, and this runs for each.
+        // Read as bytes: nearly every response says `keep-alive`, and this runs for each. A
+        // value with bytes beyond ASCII still names the fields its valid tokens name.
         let mut named = Vec::new();
         for value in headers.get_all(CONNECTION) {
             for token in value.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii) {
@@ -259,7 +262,7 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, present: [bool; HOP_BY_HOPS]) -> b
             }
         }
         for name in named {
-            named_others |= headers.remove(name).is_some();
+            removed_named |= headers.remove(name).is_some();
         }
     }
     for (name, present) in HOP_BY_HOP.iter().zip(present) {
@@ -267,7 +270,7 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, present: [bool; HOP_BY_HOPS]) -> b
             headers.remove(name);
         }
     }
-    named_others
+    removed_named
 }
 
 #[cfg(test)]
@@ -297,6 +300,10 @@ mod tests {
         ] {
             headers.append(name, HeaderValue::from_static(value));
         }
+        // A value with a byte beyond ASCII still names what its valid tokens name.
+        headers
+            .append("connection", HeaderValue::from_bytes(b"x-secret, \xff").expect("obs-text is a value"));
+        headers.append("x-secret", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut headers);
         let mut left: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
         left.sort();
@@ -363,7 +370,7 @@ mod tests {
     fn fields_the_connection_header_names_are_gone_before_the_forwarding_ones_are_set() {
         let named = [
             ("connection", "x-forwarded-proto, host"),
-            ("host", "shop.example"),
+            ("host", "front.example"),
             ("x-forwarded-proto", "https"),
             ("x-forwarded-host", "other.example"),
         ];
@@ -374,9 +381,20 @@ mod tests {
         rewrite_request(&mut proxied);
         let headers = proxied.headers();
         assert_eq!(headers["x-forwarded-proto"], "http", "the proxy's own, named hop-by-hop, replaced");
-        assert_eq!(headers["host"], "shop.example", "put back: instances route on it");
+        assert_eq!(headers["host"], "front.example", "the client's Host put back: instances route on it");
         assert_eq!(headers["x-forwarded-host"], "other.example", "a trusted proxy's, kept");
         assert!(!headers.contains_key("connection"));
+
+        let named = [
+            ("connection", "x-surge-deadline-ms"),
+            ("x-surge-deadline-ms", "1"),
+            ("x-forwarded-proto", "https"),
+        ];
+        let mut direct = request(&named, false);
+        rewrite_request(&mut direct);
+        let headers = direct.headers();
+        assert!(!headers.contains_key("x-surge-deadline-ms"));
+        assert_eq!(headers["x-forwarded-proto"], "http", "a client's claim, replaced");
     }
 
     #[test]
