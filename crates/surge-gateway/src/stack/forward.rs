@@ -88,10 +88,6 @@ pub(crate) fn rewrite_request<B>(request: &mut Request<B>) {
     }
     if names.claimed {
         strip_claims(headers, trusted);
-        // What a client may not set is gone; a trusted proxy's stays.
-        names.forwarded_for &= trusted;
-        names.forwarded_proto &= trusted;
-        names.forwarded_host &= trusted;
     }
     if let Some(protocol) = upgrade {
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
@@ -130,7 +126,8 @@ pub(crate) fn rewrite_request<B>(request: &mut Request<B>) {
 }
 
 /// What one pass over a request's field names finds, so that the rewrite looks none of them
-/// up by hashing (each lookup was a few hundred instructions of a proxied request).
+/// up by hashing (each lookup was a few hundred instructions of a proxied request). The
+/// forwarding fields count only where they stay: a client's claim to them is dropped.
 #[derive(Default)]
 struct PresentFields {
     hop_by_hop: [bool; HOP_BY_HOP_COUNT],
@@ -154,7 +151,10 @@ impl PresentFields {
                 names.host = true;
                 continue;
             }
-            names.claimed |= is_claimed(name, trusted);
+            if is_claimed(name, trusted) {
+                names.claimed = true;
+                continue;
+            }
             names.forwarded_for |= name == X_FORWARDED_FOR;
             names.forwarded_proto |= name == X_FORWARDED_PROTO;
             names.forwarded_host |= name == X_FORWARDED_HOST;
