@@ -248,9 +248,23 @@ def nginx_proxy(work, port, backend_port, tls=None):
     return work.spawn(["nginx", "-c", nginx_proxy_conf(work, port, backend_port, tls), "-p", work.dir], PROXY_CORE)
 
 
-def nginx_proxy_conf(work, port, backend_port, tls=None, one_process=False):
+# The fields Surge adds to a proxied request and its answer by default (a request id, a W3C
+# `traceparent`, `X-Forwarded-*` and the time left), made by nginx, so that both proxies can be
+# counted doing the same work. nginx's span id is the request id's first half, not random.
+NGINX_SURGE_FIELDS = """
+      proxy_set_header X-Request-ID $request_id;
+      proxy_set_header traceparent 00-$request_id-$span_id-01;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto $scheme;
+      proxy_set_header X-Forwarded-Host $host;
+      proxy_set_header X-Surge-Deadline-Ms 60000;
+      add_header X-Request-ID $request_id always;"""
+
+
+def nginx_proxy_conf(work, port, backend_port, tls=None, one_process=False, surge_fields=False):
     """The configuration `nginx_proxy` runs; with `one_process`, the worker's work is done by
-    the master itself (for tools that follow one process, such as valgrind)."""
+    the master itself (for tools that follow one process, such as valgrind); with
+    `surge_fields`, nginx adds what Surge adds (`NGINX_SURGE_FIELDS`)."""
     listen = f"127.0.0.1:{port} backlog=4096"
     tls_lines = ""
     if tls:
@@ -273,6 +287,7 @@ http {{
   keepalive_requests 10000000;
   client_body_temp_path {work.dir}; proxy_temp_path {work.dir}; fastcgi_temp_path {work.dir};
   uwsgi_temp_path {work.dir}; scgi_temp_path {work.dir};
+  {'map $request_id $span_id { "~^(?<half>.{16})" $half; }' if surge_fields else ''}
   upstream backend {{
     least_conn;
     server 127.0.0.1:{backend_port};
@@ -285,7 +300,7 @@ http {{
     location / {{
       proxy_pass http://backend;
       proxy_http_version 1.1;
-      proxy_set_header Connection "";
+      proxy_set_header Connection "";{NGINX_SURGE_FIELDS if surge_fields else ''}
     }}
   }}
 }}

@@ -11,7 +11,12 @@ the requests. Usage:
 
 The word `nginx` in place of a binary counts nginx proxying the same way (one worker, no master
 process, its keep-alive pool to the backend as bench/proxy configures it), for comparison;
-ROUTE does not apply to it.
+ROUTE does not apply to it. `nginx+fields` counts nginx also adding the fields Surge adds by
+default (request id, `traceparent`, `X-Forwarded-*`, the time left; bench.py's
+NGINX_SURGE_FIELDS), so that both do the same work.
+
+With GATEWAY set, its text is added to the `[gateway]` table of Surge's configuration, such as
+GATEWAY='request_ids = false' (no request id or `traceparent` made).
 
 With ROUTE=cache the route caches what nginx answers (`default_ttl`, nginx sends no freshness),
 so every counted request is a cache hit: the instructions of the response cache's hit path.
@@ -49,10 +54,12 @@ def total_instructions(dump):
 
 def command(work, binary, port, origin_port):
     """What runs under valgrind: surge, or nginx in one process."""
-    if binary == "nginx":
-        return ["nginx", "-c", nginx_proxy_conf(work, port, origin_port, one_process=True), "-p", work.dir]
+    if binary in ("nginx", "nginx+fields"):
+        conf = nginx_proxy_conf(work, port, origin_port, one_process=True, surge_fields=binary == "nginx+fields")
+        return ["nginx", "-c", conf, "-p", work.dir]
     # Health checks once a minute, so that they are not in the count.
-    conf = surge_config(work, port, origin_port, health=f'path = "/{SIZE}", interval = "60s"', routes=ROUTES)
+    conf = surge_config(work, port, origin_port, health=f'path = "/{SIZE}", interval = "60s"',
+                        gateway=os.environ.get("GATEWAY", ""), routes=ROUTES)
     return [binary, "up", "-c", conf]
 
 

@@ -18,6 +18,8 @@ pub struct Fields {
     pub upgrade: bool,
     /// How many Host fields there are (a request must have exactly one, RFC 9112 §3.2).
     pub hosts: u8,
+    /// Where the last Host field is among the fields.
+    pub host_index: Option<usize>,
 }
 
 /// The transfer codings a message lists, in order, across all its Transfer-Encoding fields.
@@ -52,7 +54,7 @@ impl Fields {
     /// since requests and responses are framed by different rules.
     pub fn scan(fields: &[httparse::Header<'_>]) -> Result<Self, FramingError> {
         let mut facts = Fields::default();
-        for field in fields {
+        for (index, field) in fields.iter().enumerate() {
             let name = field.name.as_bytes();
             // The length picks the one name a field could be, so most fields cost one compare.
             let wanted: &[u8] = match name.len() {
@@ -105,7 +107,10 @@ impl Fields {
                 b"expect" => {
                     facts.expect_continue |= field.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
                 }
-                b"host" => facts.hosts = facts.hosts.saturating_add(1),
+                b"host" => {
+                    facts.hosts = facts.hosts.saturating_add(1);
+                    facts.host_index = Some(index);
+                }
                 _ => facts.upgrade = true,
             }
         }
@@ -197,7 +202,7 @@ mod tests {
         .expect("valid");
         assert_eq!(fields.connection, Connection { close: true, keep_alive: true, upgrade: true });
         assert!(fields.expect_continue && fields.upgrade);
-        assert_eq!(fields.hosts, 2);
+        assert_eq!((fields.hosts, fields.host_index), (2, Some(5)));
         assert!(!scan(&[("Expect", "100-continue-later")]).expect("valid").expect_continue);
     }
 }
