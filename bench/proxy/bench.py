@@ -6,7 +6,8 @@ fixed body, and surge-echo), each response size and each connection count, wrk m
 backend directly and then through each proxy. Every proxy runs one worker (one process or one
 thread) pinned to core 1; the backend and wrk share core 0, the same for every proxy. Reports
 requests/s, p50 and p99, and the proxy's CPU time per request (from /proc), each as a ratio to
-nginx; then the resident memory of each proxy holding 10,000 idle keep-alive client
+nginx. `nginx+fields` is nginx made to add the fields Surge adds by default, so that Surge's
+CPU can also be set against nginx doing the same work. Then the resident memory of each proxy holding 10,000 idle keep-alive client
 connections. Appends a dated table to bench/RESULTS.md.
 """
 
@@ -248,6 +249,12 @@ def nginx_proxy(work, port, backend_port, tls=None):
     return work.spawn(["nginx", "-c", nginx_proxy_conf(work, port, backend_port, tls), "-p", work.dir], PROXY_CORE)
 
 
+def nginx_proxy_with_surge_fields(work, port, backend_port):
+    """nginx proxying to `backend_port` and adding what Surge adds (`NGINX_SURGE_FIELDS`)."""
+    conf = nginx_proxy_conf(work, port, backend_port, surge_fields=True)
+    return work.spawn(["nginx", "-c", conf, "-p", work.dir], PROXY_CORE)
+
+
 # The fields Surge adds to a proxied request and its answer by default (a request id, a W3C
 # `traceparent`, `X-Forwarded-*` and the time left), made by nginx, so that both proxies can be
 # counted doing the same work. nginx's span id is the request id's first half, not random.
@@ -396,7 +403,8 @@ def run(work):
         ("nginx", origin_port, lambda size: f"/{size}"),
         ("surge-echo", echo_port, lambda size: f"/?bytes={size}"),
     ]
-    proxies = [("nginx", nginx_proxy), ("haproxy", haproxy), ("surge", surge)]
+    proxies = [("nginx", nginx_proxy), ("nginx+fields", nginx_proxy_with_surge_fields), ("haproxy", haproxy),
+               ("surge", surge)]
 
     results = []  # (backend, size, connections, target, measurement)
     for backend, backend_port, path_of in backends:
@@ -422,6 +430,8 @@ def run(work):
 
     idle = []
     for name, start in proxies:
+        if name == "nginx+fields":  # the same as nginx with no request in flight
+            continue
         port = free_port()
         process = start(work, port, origin_port)
         wait_port(port, name)
@@ -460,13 +470,16 @@ def report(results, idle):
         f"{PROXY_CORE} (nginx `worker_processes 1`, HAProxy `nbthread 1`, Surge's runtime sees one core), "
         f"backend and wrk on core {SHARED_CORE}; `direct` is wrk on core {PROXY_CORE} against the backend. "
         "Ratios are to nginx (higher req/s is better; lower latency and CPU are better). "
+        "`nginx+fields` is nginx adding the fields Surge adds to each request and answer by default "
+        "(request id, `traceparent`, `X-Forwarded-*`, time left; `NGINX_SURGE_FIELDS` in bench.py), "
+        "and the last column is Surge's CPU per request against it: the two doing the same work. "
         "CPU is the proxy's user + system time per request, `kernel` the system part of it; "
         f"`core {SHARED_CORE}` is how busy the core wrk and the backend share was (near 100%: they, not "
         "the proxy, set the pace).",
         "",
         "| backend | body | conns | target | req/s | × nginx | p50 ms | p99 ms | p99 × nginx | CPU µs/req "
-        f"| kernel µs/req | CPU × nginx | core {SHARED_CORE} |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| kernel µs/req | CPU × nginx | core {SHARED_CORE} | CPU × nginx+fields |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     index = {(b, s, c, t): m for b, s, c, t, m in results}
     keys = []
@@ -475,7 +488,8 @@ def report(results, idle):
             keys.append((backend, size, connections))
     for backend, size, connections in keys:
         base = index[(backend, size, connections, "nginx")]
-        for target in ["direct", "nginx", "haproxy", "surge"]:
+        same_work = index[(backend, size, connections, "nginx+fields")]
+        for target in ["direct", "nginx", "nginx+fields", "haproxy", "surge"]:
             m = index[(backend, size, connections, target)]
             if m["cpu_us"] is None:  # wrk straight at the backend: no proxy to measure
                 cpu_cell = kernel_cell = cpu_ratio = busy_cell = "-"
@@ -483,11 +497,12 @@ def report(results, idle):
                 cpu_cell, kernel_cell = f"{m['cpu_us']:.1f}", f"{m['sys_us']:.1f}"
                 cpu_ratio = f"{m['cpu_us'] / base['cpu_us']:.2f}"
                 busy_cell = f"{m[f'busy_{SHARED_CORE}']:.0%}"
+            same_work_cell = f"{m['cpu_us'] / same_work['cpu_us']:.2f}" if target == "surge" else "-"
             body = f"{size} B" if size < 1024 else f"{size // 1024} KiB"
             lines.append(
                 f"| {backend} | {body} | {connections} | {target} | {m['rps']:,.0f} | {m['rps'] / base['rps']:.2f} "
                 f"| {m['p50']:.2f} | {m['p99']:.2f} | {m['p99'] / base['p99']:.2f} | {cpu_cell} | {kernel_cell} "
-                f"| {cpu_ratio} | {busy_cell} |"
+                f"| {cpu_ratio} | {busy_cell} | {same_work_cell} |"
             )
     lines += [
         "",
