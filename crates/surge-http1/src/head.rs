@@ -196,20 +196,10 @@ pub fn parse_response(
 ) -> Result<Option<ResponseHead>, FramingError> {
     let mut fields = unfilled_fields();
     let mut parsed = httparse::Response::new(&mut []);
-    let length = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
-        &mut parsed,
-        buf,
-        &mut fields,
-    ) {
-        Ok(httparse::Status::Complete(length)) if length >= MAX_HEAD_BYTES => {
-            return Err(FramingError::HeadTooLarge)
-        }
-        Ok(httparse::Status::Complete(length)) => length,
-        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD_BYTES => {
-            return Err(FramingError::HeadTooLarge)
-        }
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(err) => return Err(FramingError::Malformed(err.to_string())),
+    let parse =
+        httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut parsed, buf, &mut fields);
+    let Some(length) = response_head_length(parse, buf.len())? else {
+        return Ok(None);
     };
     let status = StatusCode::from_u16(parsed.code.unwrap_or_default())
         .map_err(|_| FramingError::Malformed("invalid status code".into()))?;
@@ -233,6 +223,22 @@ pub fn parse_response(
     *response.version_mut() = version;
     *response.headers_mut() = headers;
     Ok(Some(ResponseHead::Final { response, decoder, keep_alive }))
+}
+
+/// The length of the response head httparse found in `buffered` bytes, `None` while it is
+/// incomplete. A head is refused from `MAX_HEAD_BYTES` on, whether it came whole or in pieces:
+/// the rule for every reader of responses (the gateway's client and `surge load`).
+#[inline(always)]
+pub fn response_head_length(
+    parse: httparse::Result<usize>,
+    buffered: usize,
+) -> Result<Option<usize>, FramingError> {
+    match parse {
+        Ok(httparse::Status::Complete(length)) if length < MAX_HEAD_BYTES => Ok(Some(length)),
+        Ok(httparse::Status::Partial) if buffered < MAX_HEAD_BYTES => Ok(None),
+        Ok(_) => Err(FramingError::HeadTooLarge),
+        Err(err) => Err(FramingError::Malformed(err.to_string())),
+    }
 }
 
 /// How a response body is delimited (RFC 9112 §6.3): none after HEAD, 1xx, 204 and 304;

@@ -4,7 +4,7 @@
 //! what gets measured.
 
 use bytes::{Buf, BytesMut};
-use surge_http1::head::response_decoder;
+use surge_http1::head::{response_decoder, response_head_length};
 use surge_http1::{Decoder, Fields};
 
 /// How far a response has been read.
@@ -57,18 +57,15 @@ impl ResponseReader {
     fn read_head(&mut self, buf: &mut BytesMut) -> Result<bool, Malformed> {
         let mut fields = surge_http1::head::unfilled_fields();
         let mut response = httparse::Response::new(&mut []);
-        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        let parse = httparse::ParserConfig::default().parse_response_with_uninit_headers(
             &mut response,
             buf,
             &mut fields,
         );
-        let length = match parsed {
-            Ok(httparse::Status::Complete(length)) => length,
-            Ok(httparse::Status::Partial) if buf.len() > surge_http1::MAX_HEAD_BYTES => {
-                return Err(Malformed("response head larger than 64 KiB".into()))
-            }
-            Ok(httparse::Status::Partial) => return Ok(false),
-            Err(err) => return Err(Malformed(format!("invalid response head: {err}"))),
+        let Some(length) =
+            response_head_length(parse, buf.len()).map_err(|err| Malformed(err.to_string()))?
+        else {
+            return Ok(false);
         };
         let status = response.code.unwrap_or(0);
         let http10 = response.version == Some(0);
@@ -184,6 +181,22 @@ mod tests {
         assert!(read(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", 50, false).0.is_err());
         assert!(read(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", 50, false).0.is_err());
         assert!(read(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 50, false).0.is_err());
+    }
+
+    #[test]
+    fn a_head_is_refused_from_64_kib_on_whole_or_in_pieces() {
+        // A head of exactly `length` bytes: one padding field sized to fit.
+        let head = |length: usize| {
+            let start = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nx-pad: ";
+            let padding = "a".repeat(length - start.len() - "\r\n\r\n".len());
+            format!("{start}{padding}\r\n\r\n").into_bytes()
+        };
+        let limit = surge_http1::MAX_HEAD_BYTES;
+        for step in [limit * 2, 1000] {
+            assert_eq!(read(&head(limit - 1), step, false).0, done(200, true), "step {step}");
+            let refused = read(&head(limit), step, false).0;
+            assert_eq!(refused, Err(Malformed("head of 64 KiB or more".into())), "step {step}");
+        }
     }
 
     #[test]
