@@ -49,7 +49,7 @@ pub struct Connection {
 }
 
 impl Fields {
-    /// Reads the fields of a head httparse parsed. Only Content-Length can be wrong here (not
+    /// Reads the fields of a head httparse parsed (and so checked: see `is_lower`). Only Content-Length can be wrong here (not
     /// a number, or numbers that differ); what the codings mean is for the caller to judge,
     /// since requests and responses are framed by different rules.
     pub fn scan(fields: &[httparse::Header<'_>]) -> Result<Self, FramingError> {
@@ -66,7 +66,7 @@ impl Fields {
                 4 => b"host",
                 _ => continue,
             };
-            if !name.eq_ignore_ascii_case(wanted) {
+            if !is_lower(name, wanted) {
                 continue;
             }
             match wanted {
@@ -87,7 +87,7 @@ impl Fields {
                     for coding in list(field.value) {
                         // A coding may carry parameters (`gzip;q=1`): its name is what counts.
                         let name = coding.split(|&b| b == b';').next().unwrap_or_default().trim_ascii();
-                        let chunked = name.eq_ignore_ascii_case(b"chunked");
+                        let chunked = is_lower(name, b"chunked");
                         codings.count += 1;
                         codings.chunked += usize::from(chunked);
                         codings.chunked_last = chunked;
@@ -95,17 +95,17 @@ impl Fields {
                 }
                 b"connection" => {
                     for token in list(field.value) {
-                        if token.eq_ignore_ascii_case(b"close") {
+                        if is_lower(token, b"close") {
                             facts.connection.close = true;
-                        } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        } else if is_lower(token, b"keep-alive") {
                             facts.connection.keep_alive = true;
-                        } else if token.eq_ignore_ascii_case(b"upgrade") {
+                        } else if is_lower(token, b"upgrade") {
                             facts.connection.upgrade = true;
                         }
                     }
                 }
                 b"expect" => {
-                    facts.expect_continue |= field.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+                    facts.expect_continue |= is_lower(field.value.trim_ascii(), b"100-continue");
                 }
                 b"host" => {
                     facts.hosts = facts.hosts.saturating_add(1);
@@ -116,6 +116,14 @@ impl Fields {
         }
         Ok(facts)
     }
+}
+
+/// `text` is `lower` (lower-case letters, digits and '-') in any case. Setting bit 0x20 turns
+/// only these bytes into such a character: the letter in either case, the digit or '-' itself,
+/// and control bytes (0x0D to '-', 0x10-0x19 to the digits), which httparse accepts in no name
+/// or value. So the compare is exact for what it parsed, at half the cost of a case fold.
+fn is_lower(text: &[u8], lower: &[u8]) -> bool {
+    text.len() == lower.len() && text.iter().zip(lower).all(|(&byte, &wanted)| byte | 0x20 == wanted)
 }
 
 /// The non-empty elements of a comma-separated list, trimmed (RFC 9110 §5.6.1).
@@ -144,6 +152,22 @@ mod tests {
         let headers: Vec<httparse::Header<'_>> =
             fields.iter().map(|(name, value)| httparse::Header { name, value: value.as_bytes() }).collect();
         Fields::scan(&headers)
+    }
+
+    #[test]
+    fn is_lower_is_a_case_fold_for_every_byte_httparse_accepts() {
+        // httparse takes tab, 0x20-0x7E and 0x80-0xFF in a value, and fewer in a name.
+        let accepted = (0u8..=255).filter(|&b| b == b'\t' || b >= 0x20 && b != 0x7f);
+        let wanted: Vec<u8> = (b'a'..=b'z').chain(b'0'..=b'9').chain([b'-']).collect();
+        for byte in accepted {
+            for &lower in &wanted {
+                let folded = byte.eq_ignore_ascii_case(&lower);
+                assert_eq!(is_lower(&[byte], &[lower]), folded, "{byte:#04x} against {:?}", lower as char);
+            }
+        }
+        // What httparse refuses can be misread, which is why only its fields come here.
+        assert!(is_lower(b"\r", b"-"));
+        assert!(!is_lower(b"Close", b"closed") && is_lower(b"KEEP-Alive", b"keep-alive"));
     }
 
     #[test]
