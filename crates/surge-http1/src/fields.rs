@@ -1,6 +1,6 @@
 //! The header fields that frame a message and decide its connection's fate, read in one pass
 //! over a parsed head: Content-Length, Transfer-Encoding, Connection, Expect, Upgrade, and
-//! how many Host fields a request has.
+//! how many Host fields a request has and where the last one is.
 
 use crate::FramingError;
 
@@ -18,7 +18,7 @@ pub struct Fields {
     pub upgrade: bool,
     /// How many Host fields there are (a request must have exactly one, RFC 9112 §3.2).
     pub hosts: u8,
-    /// Where the last Host field is among the fields.
+    /// The index of the last Host field in the slice `scan` read.
     pub host_index: Option<usize>,
 }
 
@@ -49,7 +49,8 @@ pub struct Connection {
 }
 
 impl Fields {
-    /// Reads the fields of a head httparse parsed (and so checked: see `is_lower`). Only Content-Length can be wrong here (not
+    /// Reads the fields of a head as httparse returns them: every name a token, no value with
+    /// a control byte but tab (`matches_lowercase` relies on it). Only Content-Length can be wrong here (not
     /// a number, or numbers that differ); what the codings mean is for the caller to judge,
     /// since requests and responses are framed by different rules.
     pub fn scan(fields: &[httparse::Header<'_>]) -> Result<Self, FramingError> {
@@ -66,7 +67,7 @@ impl Fields {
                 4 => b"host",
                 _ => continue,
             };
-            if !is_lower(name, wanted) {
+            if !matches_lowercase(name, wanted) {
                 continue;
             }
             match wanted {
@@ -87,7 +88,7 @@ impl Fields {
                     for coding in list(field.value) {
                         // A coding may carry parameters (`gzip;q=1`): its name is what counts.
                         let name = coding.split(|&b| b == b';').next().unwrap_or_default().trim_ascii();
-                        let chunked = is_lower(name, b"chunked");
+                        let chunked = matches_lowercase(name, b"chunked");
                         codings.count += 1;
                         codings.chunked += usize::from(chunked);
                         codings.chunked_last = chunked;
@@ -95,17 +96,17 @@ impl Fields {
                 }
                 b"connection" => {
                     for token in list(field.value) {
-                        if is_lower(token, b"close") {
+                        if matches_lowercase(token, b"close") {
                             facts.connection.close = true;
-                        } else if is_lower(token, b"keep-alive") {
+                        } else if matches_lowercase(token, b"keep-alive") {
                             facts.connection.keep_alive = true;
-                        } else if is_lower(token, b"upgrade") {
+                        } else if matches_lowercase(token, b"upgrade") {
                             facts.connection.upgrade = true;
                         }
                     }
                 }
                 b"expect" => {
-                    facts.expect_continue |= is_lower(field.value.trim_ascii(), b"100-continue");
+                    facts.expect_continue |= matches_lowercase(field.value.trim_ascii(), b"100-continue");
                 }
                 b"host" => {
                     facts.hosts = facts.hosts.saturating_add(1);
@@ -118,12 +119,14 @@ impl Fields {
     }
 }
 
-/// `text` is `lower` (lower-case letters, digits and '-') in any case. Setting bit 0x20 turns
+/// `text` is `lowercase` (lower-case letters, digits and '-') in any case. Setting bit 0x20 turns
 /// only these bytes into such a character: the letter in either case, the digit or '-' itself,
 /// and control bytes (0x0D to '-', 0x10-0x19 to the digits), which httparse accepts in no name
 /// or value. So the compare is exact for what it parsed, at half the cost of a case fold.
-fn is_lower(text: &[u8], lower: &[u8]) -> bool {
-    text.len() == lower.len() && text.iter().zip(lower).all(|(&byte, &wanted)| byte | 0x20 == wanted)
+fn matches_lowercase(text: &[u8], lowercase: &[u8]) -> bool {
+    debug_assert!(lowercase.iter().all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'));
+    text.len() == lowercase.len()
+        && text.iter().zip(lowercase).all(|(&byte, &wanted)| (byte | 0x20) == wanted)
 }
 
 /// The non-empty elements of a comma-separated list, trimmed (RFC 9110 §5.6.1).
@@ -162,12 +165,16 @@ mod tests {
         for byte in accepted {
             for &lower in &wanted {
                 let folded = byte.eq_ignore_ascii_case(&lower);
-                assert_eq!(is_lower(&[byte], &[lower]), folded, "{byte:#04x} against {:?}", lower as char);
+                assert_eq!(
+                    matches_lowercase(&[byte], &[lower]),
+                    folded,
+                    "{byte:#04x} against {:?}",
+                    lower as char
+                );
             }
         }
-        // What httparse refuses can be misread, which is why only its fields come here.
-        assert!(is_lower(b"\r", b"-"));
-        assert!(!is_lower(b"Close", b"closed") && is_lower(b"KEEP-Alive", b"keep-alive"));
+        // A byte httparse refuses could be misread (CR as '-'): only its fields come here.
+        assert!(!matches_lowercase(b"Close", b"closed") && matches_lowercase(b"KEEP-Alive", b"keep-alive"));
     }
 
     #[test]

@@ -82,16 +82,9 @@ fn malformed(what: impl Into<String>) -> HeadError {
 pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadError> {
     let mut fields = unfilled_fields();
     let mut parsed = httparse::Request::new(&mut []);
-    let length = match parsed.parse_with_uninit_headers(buf, &mut fields) {
-        // A head is refused at the same size whether it came whole or in pieces.
-        Ok(httparse::Status::Complete(length)) if length >= MAX_HEAD_BYTES => {
-            return Err(HeadError::TooLarge)
-        }
-        Ok(httparse::Status::Complete(length)) => length,
-        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD_BYTES => return Err(HeadError::TooLarge),
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
-        Err(err) => return Err(malformed(err.to_string())),
+    let parse = parsed.parse_with_uninit_headers(buf, &mut fields);
+    let Some(length) = head_length(parse, buf.len())? else {
+        return Ok(None);
     };
     let method = parsed.method.map(str::as_bytes).unwrap_or_default();
     // Methods are case-sensitive and every standard one is upper case: `get` is not GET, and
@@ -124,7 +117,8 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
         headers.insert(http::header::HOST, host);
     } else if let Some(index) = facts.host_index {
         // Checked where it lies in the head: parsing a copy cost an allocation per request.
-        let [_, _, start, end] = spans.offsets[index];
+        let [name_start, name_end, start, end] = spans.offsets[index];
+        debug_assert!(head[usize::from(name_start)..usize::from(name_end)].eq_ignore_ascii_case(b"host"));
         let host = head.slice(usize::from(start)..usize::from(end));
         if !host.is_empty()
             && (host.contains(&b'@') || http::uri::Authority::from_maybe_shared(host).is_err())
@@ -198,7 +192,7 @@ pub fn parse_response(
     let mut parsed = httparse::Response::new(&mut []);
     let parse =
         httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut parsed, buf, &mut fields);
-    let Some(length) = response_head_length(parse, buf.len())? else {
+    let Some(length) = head_length(parse, buf.len())? else {
         return Ok(None);
     };
     let status = StatusCode::from_u16(parsed.code.unwrap_or_default())
@@ -225,19 +219,44 @@ pub fn parse_response(
     Ok(Some(ResponseHead::Final { response, decoder, keep_alive }))
 }
 
-/// The length of the response head httparse found in `buffered` bytes, `None` while it is
-/// incomplete. A head is refused from `MAX_HEAD_BYTES` on, whether it came whole or in pieces:
-/// the rule for every reader of responses (the gateway's client and `surge load`).
+/// The length of the head httparse found in `buffered` bytes, `None` while it is incomplete.
+/// A head is refused from `MAX_HEAD_BYTES` on, whether it came whole or in pieces: the one rule
+/// of every HTTP/1.1 head reader on this crate (the gateway's server and client, `surge load`).
 #[inline(always)]
-pub fn response_head_length(
-    parse: httparse::Result<usize>,
-    buffered: usize,
-) -> Result<Option<usize>, FramingError> {
+pub fn head_length(parse: httparse::Result<usize>, buffered: usize) -> Result<Option<usize>, Unreadable> {
     match parse {
         Ok(httparse::Status::Complete(length)) if length < MAX_HEAD_BYTES => Ok(Some(length)),
         Ok(httparse::Status::Partial) if buffered < MAX_HEAD_BYTES => Ok(None),
-        Ok(_) => Err(FramingError::HeadTooLarge),
-        Err(err) => Err(FramingError::Malformed(err.to_string())),
+        Ok(_) => Err(Unreadable::TooLarge),
+        Err(err) => Err(Unreadable::Invalid(err)),
+    }
+}
+
+/// Why a head cannot be read: what `head_length` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unreadable {
+    /// `MAX_HEAD_BYTES` or more.
+    TooLarge,
+    /// Not HTTP/1.x, as httparse says.
+    Invalid(httparse::Error),
+}
+
+impl From<Unreadable> for HeadError {
+    fn from(unreadable: Unreadable) -> Self {
+        match unreadable {
+            Unreadable::TooLarge => HeadError::TooLarge,
+            Unreadable::Invalid(httparse::Error::TooManyHeaders) => HeadError::TooManyHeaders,
+            Unreadable::Invalid(err) => malformed(err.to_string()),
+        }
+    }
+}
+
+impl From<Unreadable> for FramingError {
+    fn from(unreadable: Unreadable) -> Self {
+        match unreadable {
+            Unreadable::TooLarge => FramingError::HeadTooLarge,
+            Unreadable::Invalid(err) => FramingError::Malformed(err.to_string()),
+        }
     }
 }
 
@@ -364,6 +383,11 @@ mod tests {
         assert_eq!(parse(&whole(limit)).err(), Some(HeadError::TooLarge));
         let largest = head(&whole(limit - 1));
         assert_eq!(largest.request.headers()["x-big"].len(), limit - 1, "its last field's value whole");
+        // In pieces: still waiting one byte short of the limit, refused at it.
+        let unfinished = |length: usize| format!("GET / HTTP/1.1\r\nX-Big: {}", "a".repeat(length - 23));
+        assert_eq!(unfinished(MAX_HEAD_BYTES).len(), MAX_HEAD_BYTES);
+        assert!(matches!(parse(&unfinished(MAX_HEAD_BYTES - 1)), Ok(None)), "one byte short, it waits");
+        assert_eq!(parse(&unfinished(MAX_HEAD_BYTES)).err(), Some(HeadError::TooLarge));
         let many: String = (0..=MAX_HEADERS).map(|i| format!("X-{i}: 1\r\n")).collect();
         let err = parse(&format!("GET / HTTP/1.1\r\n{many}\r\n")).err();
         assert_eq!(err, Some(HeadError::TooManyHeaders));
@@ -563,5 +587,28 @@ mod tests {
             panic!("a 200 is final")
         };
         assert_eq!(largest.headers()["x-big"].len(), limit - 1, "its last field's value whole");
+        let unfinished = |length: usize| format!("HTTP/1.1 200 OK\r\nX-Big: {}", "a".repeat(length - 24));
+        assert_eq!(unfinished(MAX_HEAD_BYTES).len(), MAX_HEAD_BYTES);
+        let waiting =
+            parse_response(&mut BytesMut::from(unfinished(MAX_HEAD_BYTES - 1).as_str()), &Method::GET);
+        assert!(matches!(waiting, Ok(None)), "one byte short of the limit, it waits");
+        let refused = parse_response(&mut BytesMut::from(unfinished(MAX_HEAD_BYTES).as_str()), &Method::GET);
+        assert_eq!(refused.err(), Some(FramingError::HeadTooLarge));
+    }
+
+    #[test]
+    fn one_size_rule_for_a_head_whole_or_in_pieces() {
+        use httparse::Status::{Complete, Partial};
+        let below = MAX_HEAD_BYTES - 1;
+        assert_eq!(head_length(Ok(Complete(below)), below), Ok(Some(below)));
+        assert_eq!(head_length(Ok(Complete(MAX_HEAD_BYTES)), MAX_HEAD_BYTES), Err(Unreadable::TooLarge));
+        assert_eq!(head_length(Ok(Partial), below), Ok(None));
+        assert_eq!(head_length(Ok(Partial), MAX_HEAD_BYTES), Err(Unreadable::TooLarge));
+        let invalid = Err(httparse::Error::Token);
+        assert_eq!(head_length(invalid, 3), Err(Unreadable::Invalid(httparse::Error::Token)));
+        assert_eq!(
+            HeadError::from(Unreadable::Invalid(httparse::Error::TooManyHeaders)),
+            HeadError::TooManyHeaders
+        );
     }
 }

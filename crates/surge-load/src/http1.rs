@@ -4,8 +4,8 @@
 //! what gets measured.
 
 use bytes::{Buf, BytesMut};
-use surge_http1::head::{response_decoder, response_head_length};
-use surge_http1::{Decoder, Fields};
+use surge_http1::head::{head_length, response_decoder};
+use surge_http1::{Decoder, Fields, FramingError};
 
 /// How far a response has been read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,7 +63,7 @@ impl ResponseReader {
             &mut fields,
         );
         let Some(length) =
-            response_head_length(parse, buf.len()).map_err(|err| Malformed(err.to_string()))?
+            head_length(parse, buf.len()).map_err(|err| Malformed(FramingError::from(err).to_string()))?
         else {
             return Ok(false);
         };
@@ -192,11 +192,16 @@ mod tests {
             format!("{start}{padding}\r\n\r\n").into_bytes()
         };
         let limit = surge_http1::MAX_HEAD_BYTES;
+        let too_large = Err(Malformed(FramingError::HeadTooLarge.to_string()));
         for step in [limit * 2, 1000] {
             assert_eq!(read(&head(limit - 1), step, false).0, done(200, true), "step {step}");
-            let refused = read(&head(limit), step, false).0;
-            assert_eq!(refused, Err(Malformed("head of 64 KiB or more".into())), "step {step}");
+            assert_eq!(read(&head(limit), step, false).0, too_large, "step {step}");
         }
+        // Unfinished: one byte short of the limit it waits for more, at the limit it is refused.
+        let unfinished = |length: usize| head(limit * 2)[..length].to_vec();
+        let mut reader = ResponseReader::new(false);
+        assert_eq!(reader.feed(&mut BytesMut::from(&unfinished(limit - 1)[..])), Ok(Progress::NeedMore));
+        assert_eq!(ResponseReader::new(false).feed(&mut BytesMut::from(&unfinished(limit)[..])), too_large);
     }
 
     #[test]
