@@ -6,9 +6,10 @@ fixed body, and surge-echo), each response size and each connection count, wrk m
 backend directly and then through each proxy. Every proxy runs one worker (one process or one
 thread) pinned to core 1; the backend and wrk share core 0, the same for every proxy. Reports
 requests/s, p50 and p99, and the proxy's CPU time per request (from /proc), each as a ratio to
-nginx. `nginx+fields` is nginx made to add the fields Surge adds by default, so that Surge's
-CPU can also be set against nginx doing the same work. Then the resident memory of each proxy holding 10,000 idle keep-alive client
-connections. Appends a dated table to bench/RESULTS.md.
+nginx. `nginx+fields` is nginx made to add the fields Surge adds by default, so that
+Surge's CPU can also be set against nginx doing the same work. Then the resident memory of
+each proxy holding 10,000 idle keep-alive client connections. Appends a dated table to
+bench/RESULTS.md.
 """
 
 import os
@@ -257,7 +258,10 @@ def nginx_proxy_with_surge_fields(work, port, backend_port):
 
 # The fields Surge adds to a proxied request and its answer by default (a request id, a W3C
 # `traceparent`, `X-Forwarded-*` and the time left), made by nginx, so that both proxies can be
-# counted doing the same work. nginx's span id is the request id's first half, not random.
+# counted doing about the same work. Not quite the same: the span id is the request id's first
+# half, taken by a regex; `$host` is lower-cased and without its port where Surge copies Host;
+# `X-Forwarded-For` extends a client's where Surge replaces an untrusted client's; the time
+# left is a constant.
 NGINX_SURGE_FIELDS = """
       proxy_set_header X-Request-ID $request_id;
       proxy_set_header traceparent 00-$request_id-$span_id-01;
@@ -418,7 +422,7 @@ def run(work):
                 for connections in CONNECTIONS:
                     m = measure(process, f"http://127.0.0.1:{port}{path_of(size)}", connections)
                     results.append((backend, size, connections, name, m))
-                    print(f"{backend:10} {size:>6} B {connections:>3} conns  {name:8} {m['rps']:>10,.0f} req/s"
+                    print(f"{backend:10} {size:>6} B {connections:>3} conns  {name:12} {m['rps']:>10,.0f} req/s"
                           f"  p50 {m['p50']:.2f} ms  p99 {m['p99']:.2f} ms  cpu {m['cpu_us']:.1f} µs/req",
                           file=sys.stderr)
             work.stop(process)

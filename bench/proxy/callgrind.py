@@ -16,7 +16,7 @@ default (request id, `traceparent`, `X-Forwarded-*`, the time left; bench.py's
 NGINX_SURGE_FIELDS), so that both do the same work.
 
 With GATEWAY set, its text is added to the `[gateway]` table of Surge's configuration, such as
-GATEWAY='request_ids = false' (no request id or `traceparent` made).
+GATEWAY='request_ids = false' (no request id or `traceparent` made); nginx ignores it.
 
 With ROUTE=cache the route caches what nginx answers (`default_ttl`, nginx sends no freshness),
 so every counted request is a cache hit: the instructions of the response cache's hit path.
