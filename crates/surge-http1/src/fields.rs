@@ -46,6 +46,8 @@ pub struct Connection {
     pub close: bool,
     pub keep_alive: bool,
     pub upgrade: bool,
+    /// Another token: a field this hop's Connection names, to be removed with it.
+    pub names_fields: bool,
 }
 
 impl Fields {
@@ -102,6 +104,8 @@ impl Fields {
                             facts.connection.keep_alive = true;
                         } else if matches_lowercase(token, b"upgrade") {
                             facts.connection.upgrade = true;
+                        } else {
+                            facts.connection.names_fields = true;
                         }
                     }
                 }
@@ -231,7 +235,8 @@ mod tests {
             ("host", "b"),
         ])
         .expect("valid");
-        assert_eq!(fields.connection, Connection { close: true, keep_alive: true, upgrade: true });
+        let said = Connection { close: true, keep_alive: true, upgrade: true, names_fields: true };
+        assert_eq!(fields.connection, said);
         assert!(fields.expect_continue && fields.upgrade);
         assert_eq!((fields.hosts, fields.host_index), (2, Some(5)));
         assert!(!scan(&[("Expect", "100-continue-later")]).expect("valid").expect_continue);

@@ -106,7 +106,7 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
     let spans = Spans::of(parsed.headers, buf);
     let head = buf.split_to(length).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target)).map_err(|_| malformed("invalid request target"))?;
-    let mut headers = spans.header_map(&head, PROXY_FIELDS).map_err(malformed)?;
+    let mut headers = spans.header_map(&head, PROXY_FIELDS, false).map_err(malformed)?;
     if let Some(authority) = uri.authority() {
         // The absolute form's authority is the request's host, whatever Host says (§3.2.2);
         // userinfo has no place in it (RFC 9110 §4.2.4).
@@ -206,7 +206,11 @@ pub fn parse_response(
     let decoder = response_decoder(status, *request_method == Method::HEAD, &facts);
     let spans = Spans::of(parsed.headers, buf);
     let head = buf.split_to(length).freeze();
-    let headers = spans.header_map(&head, 0).map_err(FramingError::Malformed)?;
+    // A Connection field that names no other field speaks of this hop alone, and what it says
+    // is in `keep_alive`: left out here, as nginx's proxy leaves it out, it costs no insert now
+    // and no removal when the answer is forwarded. A 101's stays for the upgrade.
+    let without_connection = !facts.connection.names_fields && status != StatusCode::SWITCHING_PROTOCOLS;
+    let headers = spans.header_map(&head, 0, without_connection).map_err(FramingError::Malformed)?;
     let keep_alive = !matches!(decoder, Decoder::UntilClose { .. })
         && match version {
             Version::HTTP_10 => facts.connection.keep_alive,
@@ -320,11 +324,15 @@ impl Spans {
     }
 
     /// The header map, its values slices of `head` (no copies), with room for `extra` more
-    /// fields (a proxy adds its own) so that adding them does not grow it.
-    fn header_map(&self, head: &Bytes, extra: usize) -> Result<HeaderMap, String> {
+    /// fields (a proxy adds its own) so that adding them does not grow it; the Connection
+    /// fields left out when `without_connection`.
+    fn header_map(&self, head: &Bytes, extra: usize, without_connection: bool) -> Result<HeaderMap, String> {
         let mut headers = HeaderMap::with_capacity(self.len + extra);
         for &[name_start, name_end, value_start, value_end] in &self.offsets[..self.len] {
             let name = &head[name_start as usize..name_end as usize];
+            if without_connection && name.eq_ignore_ascii_case(b"connection") {
+                continue;
+            }
             let name = HeaderName::from_bytes(name)
                 .map_err(|_| format!("invalid header name {:?}", String::from_utf8_lossy(name)))?;
             let value = head.slice(value_start as usize..value_end as usize);
@@ -527,6 +535,29 @@ mod tests {
 
     fn response(text: &str, method: Method) -> ResponseHead {
         parse_response(&mut BytesMut::from(text), &method).expect("valid").expect("complete")
+    }
+
+    #[test]
+    fn a_connection_field_about_this_hop_alone_is_left_out_of_an_answer() {
+        let headers = |text: &str| match response(text, Method::GET) {
+            ResponseHead::Final { response, keep_alive, .. } => (response.headers().clone(), keep_alive),
+            ResponseHead::Interim => panic!("a final answer"),
+        };
+        let (kept_alive, keep_alive) =
+            headers("HTTP/1.1 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 0\r\n\r\n");
+        assert!(!kept_alive.contains_key("connection") && keep_alive);
+        let (closed, keep_alive) =
+            headers("HTTP/1.1 200 OK\r\nconnection: close\r\nContent-Length: 0\r\n\r\n");
+        assert!(!closed.contains_key("connection") && !keep_alive);
+        // Naming a field, it stays, so that the field it names goes with it when forwarded.
+        let named = "HTTP/1.1 200 OK\r\nConnection: close\r\nConnection: x-hop\r\nX-Hop: 1\r\nContent-Length: 0\r\n\r\n";
+        let (named, _) = headers(named);
+        assert_eq!(named.get_all("connection").iter().count(), 2);
+        assert!(named.contains_key("x-hop"));
+        // A 101's stays for the upgrade.
+        let (switched, _) =
+            headers("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n");
+        assert_eq!(switched["connection"], "Upgrade");
     }
 
     #[test]
