@@ -106,7 +106,10 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
     let spans = Spans::of(parsed.headers, buf);
     let head = buf.split_to(length).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target)).map_err(|_| malformed("invalid request target"))?;
-    let mut headers = spans.header_map(&head, PROXY_FIELDS, false).map_err(malformed)?;
+    // As for an answer (`parse_response`): a Connection field that only says keep-alive or
+    // close is about this hop, and what it says is in `keep_alive`. An upgrade's stays.
+    let without_connection = !facts.connection.names_fields && !facts.connection.upgrade;
+    let mut headers = spans.header_map(&head, PROXY_FIELDS, without_connection).map_err(malformed)?;
     if let Some(authority) = uri.authority() {
         // The absolute form's authority is the request's host, whatever Host says (§3.2.2);
         // userinfo has no place in it (RFC 9110 §4.2.4).
@@ -535,6 +538,19 @@ mod tests {
 
     fn response(text: &str, method: Method) -> ResponseHead {
         parse_response(&mut BytesMut::from(text), &method).expect("valid").expect("complete")
+    }
+
+    #[test]
+    fn a_connection_field_about_this_hop_alone_is_left_out_of_a_request() {
+        let kept_alive = head("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+        assert!(!kept_alive.request.headers().contains_key("connection") && kept_alive.keep_alive);
+        let closed = head("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+        assert!(!closed.request.headers().contains_key("connection") && !closed.keep_alive);
+        let named = head("GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, x-hop\r\nX-Hop: 1\r\n\r\n");
+        assert_eq!(named.request.headers()["connection"], "keep-alive, x-hop");
+        let upgrade = head("GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n");
+        assert_eq!(upgrade.request.headers()["connection"], "Upgrade");
+        assert!(upgrade.upgrade);
     }
 
     #[test]
