@@ -46,8 +46,10 @@ pub struct Connection {
     pub close: bool,
     pub keep_alive: bool,
     pub upgrade: bool,
-    /// Another token: a field this hop's Connection names, to be removed with it.
-    pub names_fields: bool,
+    /// A token other than these three, in any Connection field (a field name or not): the
+    /// Connection fields must then be kept, so that whoever strips hop-by-hop fields removes
+    /// the fields they name.
+    pub other_tokens: bool,
 }
 
 impl Fields {
@@ -105,7 +107,7 @@ impl Fields {
                         } else if matches_lowercase(token, b"upgrade") {
                             facts.connection.upgrade = true;
                         } else {
-                            facts.connection.names_fields = true;
+                            facts.connection.other_tokens = true;
                         }
                     }
                 }
@@ -235,7 +237,14 @@ mod tests {
             ("host", "b"),
         ])
         .expect("valid");
-        let said = Connection { close: true, keep_alive: true, upgrade: true, names_fields: true };
+        let said = Connection { close: true, keep_alive: true, upgrade: true, other_tokens: true };
+        let only_keep_alive = scan(&[("Connection", ", ,keep-alive")]).expect("valid").connection;
+        assert!(only_keep_alive.keep_alive && !only_keep_alive.other_tokens);
+        let other = |value: &[u8]| {
+            let headers = [httparse::Header { name: "connection", value }];
+            Fields::scan(&headers).expect("valid").connection.other_tokens
+        };
+        assert!(other(b"close, \xff") && other(b"a b") && !other(b"Close"));
         assert_eq!(fields.connection, said);
         assert!(fields.expect_continue && fields.upgrade);
         assert_eq!((fields.hosts, fields.host_index), (2, Some(5)));

@@ -78,7 +78,9 @@ fn malformed(what: impl Into<String>) -> HeadError {
 }
 
 /// Parses the request head at the start of `buf`. On success the head's bytes are split off
-/// `buf`, which keeps what follows; `Ok(None)` means the head is not complete yet.
+/// `buf`, which keeps what follows; `Ok(None)` means the head is not complete yet. Connection
+/// fields that only say keep-alive or close are left out of the headers (`keep_alive` holds
+/// what they say); any other token, an upgrade's included, keeps them all.
 pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadError> {
     let mut fields = unfilled_fields();
     let mut parsed = httparse::Request::new(&mut []);
@@ -106,9 +108,10 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
     let spans = Spans::of(parsed.headers, buf);
     let head = buf.split_to(length).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target)).map_err(|_| malformed("invalid request target"))?;
-    // As for an answer (`parse_response`): a Connection field that only says keep-alive or
-    // close is about this hop, and what it says is in `keep_alive`. An upgrade's stays.
-    let without_connection = !facts.connection.names_fields && !facts.connection.upgrade;
+    // As for an answer (`parse_response`): Connection fields that only say keep-alive or close
+    // are about this hop, and what they say is in `keep_alive`. An upgrade's stay.
+    let said = facts.connection;
+    let without_connection = (said.keep_alive || said.close) && !said.other_tokens && !said.upgrade;
     let mut headers = spans.header_map(&head, PROXY_FIELDS, without_connection).map_err(malformed)?;
     if let Some(authority) = uri.authority() {
         // The absolute form's authority is the request's host, whatever Host says (§3.2.2);
@@ -187,6 +190,8 @@ pub enum ResponseHead {
 
 /// Parses the response head at the start of `buf`, splitting it off; `Ok(None)`: incomplete.
 /// `request_method` is the method of the request it answers (a HEAD's answer has no body).
+/// Connection fields that only say keep-alive or close are left out of the headers
+/// (`keep_alive` holds what they say), except a 101's; any other token keeps them all.
 pub fn parse_response(
     buf: &mut BytesMut,
     request_method: &Method,
@@ -209,10 +214,13 @@ pub fn parse_response(
     let decoder = response_decoder(status, *request_method == Method::HEAD, &facts);
     let spans = Spans::of(parsed.headers, buf);
     let head = buf.split_to(length).freeze();
-    // A Connection field that names no other field speaks of this hop alone, and what it says
-    // is in `keep_alive`: left out here, as nginx's proxy leaves it out, it costs no insert now
-    // and no removal when the answer is forwarded. A 101's stays for the upgrade.
-    let without_connection = !facts.connection.names_fields && status != StatusCode::SWITCHING_PROTOCOLS;
+    // Connection fields that only say keep-alive or close speak of this hop alone, and what
+    // they say is in `keep_alive`: left out here, as nginx's proxy leaves them out, they cost
+    // no insert now and no removal when the answer is forwarded. A 101's are left as they
+    // came, as the gateway leaves an upgrade's Connection and Upgrade.
+    let said = facts.connection;
+    let without_connection =
+        (said.keep_alive || said.close) && !said.other_tokens && status != StatusCode::SWITCHING_PROTOCOLS;
     let headers = spans.header_map(&head, 0, without_connection).map_err(FramingError::Malformed)?;
     let keep_alive = !matches!(decoder, Decoder::UntilClose { .. })
         && match version {
@@ -551,6 +559,20 @@ mod tests {
         let upgrade = head("GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n");
         assert_eq!(upgrade.request.headers()["connection"], "Upgrade");
         assert!(upgrade.upgrade);
+        // Without the upgrade token there is no upgrade: Connection goes, Upgrade stays for
+        // the gateway to strip; the token without an Upgrade field keeps Connection.
+        let no_token =
+            head("GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\nUpgrade: websocket\r\n\r\n");
+        assert!(!no_token.request.headers().contains_key("connection") && !no_token.upgrade);
+        assert!(no_token.request.headers().contains_key("upgrade"));
+        let no_field = head("GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\n\r\n");
+        assert!(no_field.request.headers().contains_key("connection") && !no_field.upgrade);
+        // Two fields, one naming a field: both stay.
+        let two = head("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\nConnection: x-hop\r\n\r\n");
+        assert_eq!(two.request.headers().get_all("connection").iter().count(), 2);
+        // No token at all says nothing: kept, for the gateway to strip.
+        let empty = head("GET / HTTP/1.1\r\nHost: a\r\nConnection: ,\r\n\r\n");
+        assert!(empty.request.headers().contains_key("connection"));
     }
 
     #[test]
@@ -565,6 +587,9 @@ mod tests {
         let (closed, keep_alive) =
             headers("HTTP/1.1 200 OK\r\nconnection: close\r\nContent-Length: 0\r\n\r\n");
         assert!(!closed.contains_key("connection") && !keep_alive);
+        let (mixed, keep_alive) =
+            headers("HTTP/1.1 200 OK\r\nConnection: keep-alive, Upgrade\r\nContent-Length: 0\r\n\r\n");
+        assert!(!mixed.contains_key("connection") && keep_alive);
         // Naming a field, it stays, so that the field it names goes with it when forwarded.
         let named = "HTTP/1.1 200 OK\r\nConnection: close\r\nConnection: x-hop\r\nX-Hop: 1\r\nContent-Length: 0\r\n\r\n";
         let (named, _) = headers(named);

@@ -231,8 +231,8 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
 }
 
 /// Removes the hop-by-hop headers, including any the Connection header names. One pass over
-/// the names finds which are present; most messages carry none, or only
-/// `Connection: keep-alive`.
+/// the names finds which are present; most messages carry none: an HTTP/1 message's
+/// Connection that only said keep-alive or close was left out as it was read.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let mut present = [false; HOP_BY_HOP_COUNT];
     for i in headers.keys().filter_map(hop_by_hop_index) {
@@ -248,8 +248,8 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, present: [bool; HOP_BY_HOP_COUNT])
     let mut removed_named = false;
     if present[0] {
         // Connection's own tokens: those that are not hop-by-hop already name extra headers.
-        // Read as bytes: nearly every response says `keep-alive`, and this runs for each. A
-        // value with bytes beyond ASCII still names the fields its valid tokens name.
+        // Read as bytes, without a UTF-8 check. A value with bytes beyond ASCII still names
+        // the fields its valid tokens name.
         let mut named = Vec::new();
         for value in headers.get_all(CONNECTION) {
             for token in value.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii) {
@@ -276,6 +276,43 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, present: [bool; HOP_BY_HOP_COUNT])
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leaving_a_connection_field_out_as_it_is_read_changes_nothing_forwarded() {
+        use surge_http1::head::{parse_response, ResponseHead};
+        let values: [&[u8]; 9] = [
+            b"keep-alive",
+            b"close",
+            b"Keep-Alive, Upgrade",
+            b" , close ,",
+            b",",
+            b"keep-alive, x-a",
+            b"close, \xff",
+            b"upgrade",
+            b"KEEP-ALIVE, Close",
+        ];
+        let mut left_out = 0;
+        for value in values {
+            let mut text = b"HTTP/1.1 200 OK\r\nConnection: ".to_vec();
+            text.extend_from_slice(value);
+            text.extend_from_slice(
+                b"\r\nX-A: 1\r\nClose: 1\r\nKeep-Alive: timeout=5\r\nContent-Length: 0\r\n\r\n",
+            );
+            let parsed = parse_response(&mut bytes::BytesMut::from(&text[..]), &http::Method::GET);
+            let Ok(Some(ResponseHead::Final { response, .. })) = parsed else { panic!("a final answer") };
+            // What the gateway forwards from the map as read, and from the whole map.
+            let mut read = response.headers().clone();
+            let mut whole = read.clone();
+            if !whole.contains_key(CONNECTION) {
+                left_out += 1;
+                whole.append(CONNECTION, HeaderValue::from_bytes(value).expect("a field value"));
+            }
+            strip_hop_by_hop(&mut read);
+            strip_hop_by_hop(&mut whole);
+            assert_eq!(read, whole, "{:?}", String::from_utf8_lossy(value));
+        }
+        assert_eq!(left_out, 5, "all but those with another token or none");
+    }
 
     #[test]
     fn every_hop_by_hop_name_passes_the_length_filter() {
