@@ -12,6 +12,7 @@ each proxy holding 10,000 idle keep-alive client connections. Appends a dated ta
 bench/RESULTS.md.
 """
 
+import functools
 import os
 import re
 import shutil
@@ -245,14 +246,10 @@ http {{
     return work.spawn(["nginx", "-c", conf, "-p", work.dir], SHARED_CORE)
 
 
-def nginx_proxy(work, port, backend_port, tls=None):
-    """nginx proxying to `backend_port`; with `tls` = (certificate, key), over HTTPS (h2 by ALPN)."""
-    return work.spawn(["nginx", "-c", nginx_proxy_conf(work, port, backend_port, tls), "-p", work.dir], PROXY_CORE)
-
-
-def nginx_proxy_with_surge_fields(work, port, backend_port):
-    """nginx proxying to `backend_port` and adding what Surge adds (`NGINX_SURGE_FIELDS`)."""
-    conf = nginx_proxy_conf(work, port, backend_port, surge_fields=True)
+def nginx_proxy(work, port, backend_port, tls=None, surge_fields=False):
+    """nginx proxying to `backend_port`; with `tls` = (certificate, key), over HTTPS (h2 by ALPN);
+    with `surge_fields`, adding what Surge adds (`NGINX_SURGE_FIELDS`)."""
+    conf = nginx_proxy_conf(work, port, backend_port, tls, surge_fields=surge_fields)
     return work.spawn(["nginx", "-c", conf, "-p", work.dir], PROXY_CORE)
 
 
@@ -407,8 +404,8 @@ def run(work):
         ("nginx", origin_port, lambda size: f"/{size}"),
         ("surge-echo", echo_port, lambda size: f"/?bytes={size}"),
     ]
-    proxies = [("nginx", nginx_proxy), ("nginx+fields", nginx_proxy_with_surge_fields), ("haproxy", haproxy),
-               ("surge", surge)]
+    proxies = [("nginx", nginx_proxy), ("nginx+fields", functools.partial(nginx_proxy, surge_fields=True)),
+               ("haproxy", haproxy), ("surge", surge)]
 
     results = []  # (backend, size, connections, target, measurement)
     for backend, backend_port, path_of in backends:

@@ -52,11 +52,20 @@ pub struct Connection {
     pub other_tokens: bool,
 }
 
+impl Connection {
+    /// The Connection fields say keep-alive or close and name no field (an `upgrade` token
+    /// aside, for the caller to weigh): they speak of this hop alone, and what they say is
+    /// read, so a parser may leave them out of the headers.
+    pub fn only_this_hop(&self) -> bool {
+        (self.keep_alive || self.close) && !self.other_tokens
+    }
+}
+
 impl Fields {
     /// Reads the fields of a head as httparse returns them: every name a token, no value with
-    /// a control byte but tab (`matches_lowercase` relies on it). Only Content-Length can be wrong here (not
-    /// a number, or numbers that differ); what the codings mean is for the caller to judge,
-    /// since requests and responses are framed by different rules.
+    /// a control byte but tab (`matches_lowercase` relies on it). Only Content-Length can be
+    /// wrong here (not a number, or numbers that differ); what the codings mean is for the
+    /// caller to judge, since requests and responses are framed by different rules.
     pub fn scan(fields: &[httparse::Header<'_>]) -> Result<Self, FramingError> {
         let mut facts = Fields::default();
         for (index, field) in fields.iter().enumerate() {
@@ -164,8 +173,9 @@ mod tests {
     }
 
     #[test]
-    fn is_lower_is_a_case_fold_for_every_byte_httparse_accepts() {
-        // httparse takes tab, 0x20-0x7E and 0x80-0xFF in a value, and fewer in a name.
+    fn matches_lowercase_is_a_case_fold_for_every_byte_httparse_accepts() {
+        // httparse takes tab, 0x20-0x7E and 0x80-0xFF in a value, and fewer in a name. A byte
+        // it refuses could be misread (CR as '-'): only its fields come here.
         let accepted = (0u8..=255).filter(|&b| b == b'\t' || b >= 0x20 && b != 0x7f);
         let wanted: Vec<u8> = (b'a'..=b'z').chain(b'0'..=b'9').chain([b'-']).collect();
         for byte in accepted {
@@ -179,7 +189,7 @@ mod tests {
                 );
             }
         }
-        // A byte httparse refuses could be misread (CR as '-'): only its fields come here.
+        // Lengths must match; case need not.
         assert!(!matches_lowercase(b"Close", b"closed") && matches_lowercase(b"KEEP-Alive", b"keep-alive"));
     }
 

@@ -108,10 +108,8 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
     let spans = Spans::of(parsed.headers, buf);
     let head = buf.split_to(length).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target)).map_err(|_| malformed("invalid request target"))?;
-    // As for an answer (`parse_response`): Connection fields that only say keep-alive or close
-    // are about this hop, and what they say is in `keep_alive`. An upgrade's stay.
-    let said = facts.connection;
-    let without_connection = (said.keep_alive || said.close) && !said.other_tokens && !said.upgrade;
+    // As for an answer (`parse_response`); an upgrade's stay.
+    let without_connection = facts.connection.only_this_hop() && !facts.connection.upgrade;
     let mut headers = spans.header_map(&head, PROXY_FIELDS, without_connection).map_err(malformed)?;
     if let Some(authority) = uri.authority() {
         // The absolute form's authority is the request's host, whatever Host says (§3.2.2);
@@ -218,9 +216,7 @@ pub fn parse_response(
     // they say is in `keep_alive`: left out here, as nginx's proxy leaves them out, they cost
     // no insert now and no removal when the answer is forwarded. A 101's are left as they
     // came, as the gateway leaves an upgrade's Connection and Upgrade.
-    let said = facts.connection;
-    let without_connection =
-        (said.keep_alive || said.close) && !said.other_tokens && status != StatusCode::SWITCHING_PROTOCOLS;
+    let without_connection = facts.connection.only_this_hop() && status != StatusCode::SWITCHING_PROTOCOLS;
     let headers = spans.header_map(&head, 0, without_connection).map_err(FramingError::Malformed)?;
     let keep_alive = !matches!(decoder, Decoder::UntilClose { .. })
         && match version {
